@@ -1,0 +1,1 @@
+"""prunekit's command line (installed as ``prunekit.cli``): argument parsing only, no logic."""

@@ -1,0 +1,278 @@
+"""Layer-wise sequential engine: statistics -> solve -> propagate, one decoder layer at a time.
+
+The engine knows no method: it asks the method for a statistics accumulator per Linear and
+for a solve over (weight, statistics, recipe). Weights stay on the CPU; each decoder layer
+moves to the compute device in turn. The forward kwargs of every decoder layer (position
+embeddings, masks; Gemma-3 alternates sliding and full attention) are captured once from the
+model's own forward, so no architecture's signature is hard-coded.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from prunekit.errors import ConfigError
+from prunekit.methods import Method
+from prunekit.models import find_decoder_layers, linear_sublayers
+from prunekit.recipe import Recipe
+
+
+class _StopLayer(Exception):
+    """Raised by the last statistics hook: the rest of the layer's forward is not needed."""
+
+
+@dataclass
+class ModuleResult:
+    name: str
+    shape: tuple[int, int]
+    sparsity: float  # fraction of exact zeros after solving
+    relative_error: float | None  # ‖(W−W′)X‖²/‖WX‖² on the first propagated batch
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LayerResult:
+    index: int
+    skipped: bool
+    seconds: float
+    modules: list[ModuleResult] = field(default_factory=list)
+
+
+def parse_skip_layers(spec: str | None, num_layers: int) -> set[int]:
+    """``first``, ``last`` and/or layer indices (negative counts from the end), comma-separated."""
+    if not spec:
+        return set()
+    skipped = set()
+    for part in spec.split(","):
+        part = part.strip()
+        if part == "first":
+            skipped.add(0)
+        elif part == "last":
+            skipped.add(num_layers - 1)
+        else:
+            try:
+                index = int(part)
+            except ValueError:
+                raise ConfigError(f"--skip-layers: '{part}' is not 'first', 'last' or a layer index") from None
+            if not -num_layers <= index < num_layers:
+                raise ConfigError(f"--skip-layers: layer {index} does not exist (the model has {num_layers} layers)")
+            skipped.add(index % num_layers)
+    return skipped
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to_device(v, device) for v in value)
+    if isinstance(value, list):
+        return [_to_device(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
+
+
+@contextmanager
+def _layers_replaced_by_recorders(layers: torch.nn.ModuleList, record: Callable[[int, torch.Tensor, dict], None]):
+    """Temporarily replace each decoder layer's forward by an identity that records its inputs."""
+
+    def make(index: int):
+        def forward(*args, **kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            record(index, hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"})
+            return hidden
+
+        return forward
+
+    for i, layer in enumerate(layers):
+        layer.forward = make(i)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+def capture_layer_inputs(
+    model: torch.nn.Module, input_ids: torch.Tensor, batch_size: int
+) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    """Inputs of the first decoder layer per micro-batch, and the forward kwargs of every layer.
+
+    Kwargs depend on the sequence shape, not on content; they are captured from a batch of one
+    and broadcast over the batch dimension.
+    """
+    _, layers = find_decoder_layers(model)
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    kwargs_per_layer: list[dict[str, Any]] = [{} for _ in layers]
+    inputs: list[torch.Tensor] = []
+
+    def record_kwargs(index, hidden, kwargs):
+        kwargs.pop("past_key_values", None)
+        kwargs.pop("past_key_value", None)
+        kwargs["use_cache"] = False
+        kwargs_per_layer[index] = kwargs
+
+    def record_inputs(index, hidden, kwargs):
+        if index == 0:
+            inputs.append(hidden.detach())
+
+    with torch.no_grad():
+        with _layers_replaced_by_recorders(layers, record_kwargs):
+            base(input_ids=input_ids[:1], use_cache=False)
+        with _layers_replaced_by_recorders(layers, record_inputs):
+            for start in range(0, input_ids.shape[0], batch_size):
+                base(input_ids=input_ids[start : start + batch_size], use_cache=False)
+    return inputs, kwargs_per_layer
+
+
+def _layer_output(result: Any) -> torch.Tensor:
+    return result[0] if isinstance(result, (tuple, list)) else result
+
+
+def run_layer(layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    return _layer_output(layer(hidden, **kwargs))
+
+
+class Engine:
+    """Apply one method to every decoder layer of a model, sequentially."""
+
+    def __init__(
+        self,
+        method: Method,
+        recipe: Recipe,
+        device: torch.device | str = "cpu",
+        skip_layers: set[int] | None = None,
+        batch_size: int | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ):
+        self.method = method
+        self.recipe = recipe
+        self.device = torch.device(device)
+        self.skip_layers = skip_layers or set()
+        self.batch_size = batch_size
+        self.progress = progress
+
+    def _batch_size(self, seqlen: int) -> int:
+        return self.batch_size or max(1, 8192 // seqlen)
+
+    def run(self, model: torch.nn.Module, input_ids: torch.Tensor | None) -> list[LayerResult]:
+        _, layers = find_decoder_layers(model)
+        if self.method.needs_calibration and input_ids is None:
+            raise ConfigError(f"method '{self.method.name}' needs calibration data (--calib)")
+        if input_ids is None:
+            results = []
+            for index, layer in enumerate(layers):
+                results.append(self._solve_without_data(index, layer))
+                if self.progress:
+                    self.progress(index + 1, len(layers))
+            return results
+        batch = self._batch_size(input_ids.shape[1])
+        with torch.no_grad():
+            hidden, kwargs_per_layer = capture_layer_inputs(model, input_ids, batch)
+            hidden = [h.to(self.device) for h in hidden]
+            results = []
+            for index, layer in enumerate(layers):
+                start = time.perf_counter()
+                kwargs = _to_device(kwargs_per_layer[index], self.device)
+                layer.to(self.device)
+                if index in self.skip_layers:
+                    hidden = [run_layer(layer, h, kwargs) for h in hidden]
+                    result = LayerResult(index, True, 0.0)
+                else:
+                    statistics = self._collect_statistics(layer, hidden, kwargs)
+                    dense = {name: m.weight.detach().clone() for name, m in linear_sublayers(layer).items()}
+                    infos = self._solve_layer(layer, statistics)
+                    hidden, errors = self._propagate(layer, hidden, kwargs, dense)
+                    result = LayerResult(index, False, 0.0, self._module_results(layer, infos, errors))
+                    del dense, statistics
+                layer.to("cpu")
+                result.seconds = time.perf_counter() - start
+                results.append(result)
+                if self.progress:
+                    self.progress(index + 1, len(layers))
+        return results
+
+    def _collect_statistics(self, layer, hidden, kwargs) -> dict[str, Any]:
+        if not self.method.needs_calibration:
+            return {}
+        linears = linear_sublayers(layer)
+        statistics = {name: self.method.new_statistics(m.in_features, self.device) for name, m in linears.items()}
+        order: list[str] = []
+        last: list[str | None] = [None]
+
+        def hook(name):
+            def pre_hook(module, args):
+                statistics[name].update(args[0].detach())
+                if last[0] is None:
+                    order.append(name)
+                elif name == last[0]:
+                    raise _StopLayer
+
+            return pre_hook
+
+        handles = [m.register_forward_pre_hook(hook(name)) for name, m in linears.items()]
+        try:
+            for i, h in enumerate(hidden):
+                try:
+                    run_layer(layer, h, kwargs)
+                except _StopLayer:
+                    pass
+                if i == 0:
+                    last[0] = order[-1] if order else None
+        finally:
+            for handle in handles:
+                handle.remove()
+        return statistics
+
+    def _solve_layer(self, layer, statistics) -> dict[str, dict[str, Any]]:
+        infos = {}
+        for name, module in linear_sublayers(layer).items():
+            solution = self.method.solve(module.weight.detach(), statistics.get(name), self.recipe)
+            module.weight.data.copy_(solution.weight.to(module.weight.dtype))
+            infos[name] = solution.info
+        return infos
+
+    def _propagate(self, layer, hidden, kwargs, dense) -> tuple[list[torch.Tensor], dict[str, float]]:
+        """Run the solved layer to produce the next layer's inputs; measure each Linear's error on batch 0."""
+        linears = linear_sublayers(layer)
+        errors: dict[str, float] = {}
+
+        def hook(name):
+            def pre_hook(module, args):
+                x = args[0].detach()
+                reference = torch.nn.functional.linear(x, dense[name]).float()
+                delta = torch.nn.functional.linear(x, dense[name] - module.weight).float()
+                denominator = reference.square().sum().item()
+                errors[name] = delta.square().sum().item() / denominator if denominator > 0 else 0.0
+
+            return pre_hook
+
+        outputs = []
+        for i, h in enumerate(hidden):
+            handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()] if i == 0 else []
+            try:
+                outputs.append(run_layer(layer, h, kwargs))
+            finally:
+                for handle in handles:
+                    handle.remove()
+        return outputs, errors
+
+    def _module_results(self, layer, infos, errors) -> list[ModuleResult]:
+        results = []
+        for name, module in linear_sublayers(layer).items():
+            weight = module.weight.detach()
+            sparsity = float((weight == 0).sum().item() / weight.numel())
+            results.append(ModuleResult(name, tuple(weight.shape), sparsity, errors.get(name), infos.get(name, {})))
+        return results
+
+    def _solve_without_data(self, index: int, layer) -> LayerResult:
+        start = time.perf_counter()
+        if index in self.skip_layers:
+            return LayerResult(index, True, 0.0)
+        infos = self._solve_layer(layer, {})
+        return LayerResult(index, False, time.perf_counter() - start, self._module_results(layer, infos, {}))

@@ -1,0 +1,73 @@
+"""Method registry. The engine asks the registry for a method by name and knows nothing else.
+
+A method is (1) an optional statistics accumulator, one per Linear, updated with the
+Linear's inputs, and (2) a solve function over (weight, statistics, recipe) that returns
+the new weight and the pruning mask.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+
+from prunekit.errors import ConfigError
+from prunekit.recipe import Recipe
+
+
+class Statistics(Protocol):
+    def update(self, x: torch.Tensor) -> None:
+        """Accumulate inputs ``x`` of shape [sequences, tokens, in_features] (or [tokens, in_features])."""
+
+
+@dataclass
+class Solution:
+    weight: torch.Tensor  # float32, same shape as the input weight
+    mask: torch.Tensor | None  # bool, True = pruned; None for quantization
+    info: dict  # method-specific diagnostics (e.g. SparseGPT loss, damping used)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    kind: str  # "prune" or "quantize"
+    description: str
+    new_statistics: Callable[[int, torch.device], Statistics] | None
+    solve: Callable[[torch.Tensor, Statistics | None, Recipe], Solution]
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.new_statistics is not None
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    _REGISTRY[method.name] = method
+    return method
+
+
+def _load_builtins() -> None:
+    from prunekit.methods import magnitude, sparsegpt, wanda  # noqa: F401  (they register themselves)
+
+    try:
+        from prunekit.methods import gptq  # noqa: F401
+    except ImportError:
+        pass
+
+
+def get_method(name: str) -> Method:
+    _load_builtins()
+    if name not in _REGISTRY:
+        hint = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+        did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
+        raise ConfigError(f"unknown method '{name}'{did_you_mean}; choose one of: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def available_methods(kind: str | None = None) -> list[str]:
+    _load_builtins()
+    return sorted(name for name, m in _REGISTRY.items() if kind is None or m.kind == kind)

@@ -1,0 +1,215 @@
+"""Resolve what the user calls a MODEL (local dir, GGUF file, Hub id, ``embedded:NAME``) and load it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prunekit.errors import ConfigError, ModelError
+from prunekit.io import atomic_directory, cache_dir
+
+EMBEDDED_PREFIX = "embedded:"
+HUB_ALLOW_PATTERNS = [
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "*.bin",
+    "*.bin.index.json",
+    "config.json",
+    "generation_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "*.model",
+    "*.tiktoken",
+    "chat_template.*",
+    "prunekit.json",
+    "results.json",
+    "README.md",
+]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelSource:
+    """Where a model came from: what the user typed, the local dir it resolved to, and the Hub revision."""
+
+    spec: str
+    path: Path
+    kind: str  # "local", "hub", "gguf", "embedded"
+    revision: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"spec": self.spec, "path": str(self.path), "kind": self.kind, "revision": self.revision, **self.extra}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ConfigError(f"unknown --dtype '{name}'; choose one of: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ConfigError(f"unknown --device '{device}': use auto, cpu or cuda[:i]") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} was asked for, but no CUDA device is available; use --device cpu")
+    return dev
+
+
+def _file_fingerprint(path: Path) -> str:
+    stat = path.stat()
+    return hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def convert_gguf(gguf_path: Path, target: Path) -> Path:
+    """Load a GGUF file with transformers (de-quantizing it) and save it as a safetensors model dir."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        import gguf  # noqa: F401
+    except ImportError as err:
+        raise ModelError("loading a GGUF file needs the 'gguf' package: pip install 'prunekit[demo]'") from err
+    with atomic_directory(target, overwrite=True) as staging:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+        )
+        # A model loaded from GGUF is flagged quantized; the weights are plain fp32 now, so clear the flag.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "prunekit-source.json").write_text(json.dumps({"gguf": str(gguf_path)}) + "\n")
+    return target
+
+
+def _gguf_model_dir(gguf_path: Path) -> Path:
+    target = cache_dir("models") / f"gguf-{gguf_path.stem}-{_file_fingerprint(gguf_path)}"
+    if not (target / "config.json").exists():
+        convert_gguf(gguf_path, target)
+    return target
+
+
+def _embedded_model_dir(name: str) -> Path:
+    from prunekit.embedded import embedded_model_dir
+
+    return embedded_model_dir(name)
+
+
+def _hub_snapshot(repo_id: str, revision: str | None) -> tuple[Path, str | None]:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        path = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS)
+    except RepositoryNotFoundError as err:
+        raise ModelError(f"Hub repository '{repo_id}' was not found (or is private: log in with `hf auth login`)") from err
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
+        raise ModelError(
+            f"could not download '{repo_id}' from the Hugging Face Hub ({type(err).__name__}); "
+            "check the id and your network, or pass a local model directory"
+        ) from err
+    path = Path(path)
+    return path, path.name  # snapshot folders are named by commit sha
+
+
+def resolve_model(spec: str, revision: str | None = None) -> ModelSource:
+    """Turn a MODEL argument into a local directory with config and weights."""
+    spec = str(spec)
+    if spec.startswith(EMBEDDED_PREFIX):
+        return ModelSource(spec, _embedded_model_dir(spec[len(EMBEDDED_PREFIX):]), "embedded")
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(spec, _gguf_model_dir(path), "gguf", extra={"gguf_file": str(path.resolve())})
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelError(f"model directory '{spec}' has no config.json; is it a Hugging Face model folder?")
+        return ModelSource(spec, path.resolve(), "local")
+    looks_local = spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").split("/", 1)[-1] or path.suffix
+    if _HUB_ID.match(spec) and not looks_local:
+        local, sha = _hub_snapshot(spec, revision)
+        return ModelSource(spec, local, "hub", revision=sha)
+    raise ModelError(
+        f"model '{spec}' not found: give a local model directory, a .gguf file, a Hub id such as "
+        "'google/gemma-3-270m', or 'embedded:gemma-3-270m'"
+    )
+
+
+def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(source.path), trust_remote_code=trust_remote_code)
+
+
+def load_model(
+    spec: str | ModelSource,
+    dtype: str | torch.dtype = "float32",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+):
+    """Load (model on CPU in eval mode, tokenizer, ModelSource). Weights stay on CPU; the engine moves layers."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    source = spec if isinstance(spec, ModelSource) else resolve_model(spec, revision)
+    torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    try:
+        config = AutoConfig.from_pretrained(str(source.path), trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(source.path), config=config, dtype=torch_dtype, trust_remote_code=trust_remote_code
+        )
+    except ValueError as err:
+        raise ModelError(f"cannot load '{source.spec}' as a causal language model: {err}") from err
+    model.eval()
+    model.config.use_cache = False
+    tokenizer = load_tokenizer(source, trust_remote_code)
+    return model, tokenizer, source
+
+
+def text_config(config):
+    """The decoder's own config (multimodal configs nest it as ``text_config``)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def find_decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """Find the list of decoder layers generically: the ModuleList of num_hidden_layers blocks with Linears."""
+    n_layers = getattr(text_config(model.config), "num_hidden_layers", None)
+    candidates = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 0:
+            if n_layers is not None and len(module) != n_layers:
+                continue
+            if any(isinstance(m, torch.nn.Linear) for m in module[0].modules()):
+                candidates.append((name, module))
+    if not candidates:
+        raise ModelError(f"could not find the decoder layers of {type(model).__name__}")
+    return min(candidates, key=lambda item: item[0].count("."))
+
+
+def linear_sublayers(layer: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    return {name: m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A content hash of a tokenizer (vocabulary, merges, normalizer, special tokens)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        payload = backend.to_str()
+    else:
+        payload = json.dumps(sorted(tokenizer.get_vocab().items()))
+    extra = json.dumps([tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id])
+    return hashlib.sha256((payload + extra).encode()).hexdigest()[:16]

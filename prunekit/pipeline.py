@@ -1,0 +1,218 @@
+"""``prunekit.prune``: model + method + calibration -> pruned checkpoint with ``prunekit.json``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shlex
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prunekit.calibration import build_calibration_set
+from prunekit.engine import Engine, LayerResult, parse_skip_layers
+from prunekit.errors import ConfigError
+from prunekit.io import atomic_directory, read_versioned, versioned, write_json_atomic
+from prunekit.methods import get_method
+from prunekit.models import find_decoder_layers, load_model, resolve_device
+from prunekit.progress import progress_bar
+from prunekit.recipe import Quantization, Recipe, parse_pattern
+
+CHECKPOINT_RECORD = "prunekit.json"
+MODULE_NAMES = {  # canonical module names of analysis-spec §0.4
+    "self_attn.q_proj": "q",
+    "self_attn.k_proj": "k",
+    "self_attn.v_proj": "v",
+    "self_attn.o_proj": "attn.out",
+    "mlp.gate_proj": "ffn.gate",
+    "mlp.up_proj": "ffn.up",
+    "mlp.down_proj": "ffn.down",
+}
+
+
+@dataclass
+class PruneResult:
+    model: torch.nn.Module
+    tokenizer: Any
+    record: dict[str, Any]
+    out: Path | None
+
+
+def library_versions() -> dict[str, str]:
+    import transformers
+
+    from prunekit import __version__
+
+    return {"prunekit": __version__, "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def run_identity(
+    model: str, revision: str | None, recipe: Recipe, calib: str | None, calib_source: str | None,
+    nsamples: int, seqlen: int, seed: int, dtype: str, skip_layers: str | None,
+) -> tuple[dict[str, Any], str]:
+    """The canonical description of a run and its hash (what names a run in sweeps and on the Hub)."""
+    identity = {
+        "model": model,
+        "revision": revision,
+        "recipe": recipe.to_json(),
+        "calibration": None if calib is None else {"calib": calib, "source": calib_source, "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
+        "dtype": dtype,
+        "skip_layers": skip_layers or None,
+    }
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    return identity, digest
+
+
+def reproduce_command(model: str, recipe: Recipe, calib, calib_source, nsamples, seqlen, seed, dtype, skip_layers) -> str:
+    verb = "quantize" if recipe.quantization is not None else "prune"
+    parts = ["prunekit", verb, model]
+    if recipe.quantization is not None:
+        q = recipe.quantization
+        parts += ["--bits", str(q.bits), "--group-size", str(q.group_size)] + (["--act-order"] if q.act_order else [])
+    else:
+        parts += ["--method", recipe.method]
+        parts += ["--pattern", recipe.pattern.name] if recipe.pattern.is_nm else ["--sparsity", f"{recipe.pattern.sparsity:g}"]
+    if calib is not None:
+        parts += ["--calib", calib, "--calib-source", calib_source, "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--seed", str(seed)]
+    parts += ["--dtype", dtype]
+    if skip_layers:
+        parts += ["--skip-layers", skip_layers]
+    parts += ["--out", "OUT"]
+    return shlex.join(parts)
+
+
+def summarize_layers(layers: list[LayerResult]) -> dict[str, Any]:
+    per_module: dict[str, list[float]] = {}
+    zeros = total = 0
+    for layer in layers:
+        for module in layer.modules:
+            numel = module.shape[0] * module.shape[1]
+            zeros += module.sparsity * numel
+            total += numel
+            per_module.setdefault(MODULE_NAMES.get(module.name, module.name), []).append(module.sparsity)
+    return {
+        "overall": zeros / total if total else 0.0,
+        "per_module": {name: sum(v) / len(v) for name, v in per_module.items()},
+        "per_layer": [asdict(layer) for layer in layers],
+    }
+
+
+def check_output_dir(out: str | Path | None, overwrite: bool) -> Path | None:
+    if out is None:
+        return None
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ConfigError(f"output directory '{out}' is not empty; pass --overwrite to replace it or choose another --out")
+    return out
+
+
+def prune(
+    model: str,
+    method: str = "wanda",
+    sparsity: float | None = None,
+    pattern: str | None = None,
+    calib: str | None = "en",
+    calib_source: str = "embedded",
+    nsamples: int = 128,
+    seqlen: int = 2048,
+    seed: int = 0,
+    out: str | Path | None = None,
+    dtype: str = "float32",
+    device: str = "auto",
+    skip_layers: str | None = None,
+    overwrite: bool = False,
+    quantization: Quantization | None = None,
+    batch_size: int | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> PruneResult:
+    """Prune (or quantize) ``model`` and optionally write the checkpoint to ``out``.
+
+    Mirrors ``prunekit prune``; returns the pruned model, its tokenizer and the record that
+    is written as ``prunekit.json``.
+    """
+    started = time.perf_counter()
+    method_obj = get_method(method)
+    if method_obj.kind == "quantize":
+        recipe = Recipe(method, quantization=quantization or Quantization())
+    else:
+        recipe = Recipe(method, pattern=parse_pattern(sparsity, pattern))
+    if not method_obj.needs_calibration:
+        calib = calib  # magnitude may run without calibration (then no per-layer error is measured)
+    elif calib is None:
+        raise ConfigError(f"method '{method}' needs calibration text: pass --calib LANG")
+    out_path = check_output_dir(out, overwrite)
+    compute_device = resolve_device(device)
+
+    t0 = time.perf_counter()
+    loaded, tokenizer, source = load_model(model, dtype, trust_remote_code=trust_remote_code, revision=revision)
+    _, layers = find_decoder_layers(loaded)
+    skipped = parse_skip_layers(skip_layers, len(layers))
+    timings = {"load_s": time.perf_counter() - t0}
+
+    t0 = time.perf_counter()
+    calib_set = None
+    if calib is not None:
+        calib_set = build_calibration_set(tokenizer, calib, calib_source, nsamples, seqlen, seed)
+    timings["calibration_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    verb = "quantizing" if method_obj.kind == "quantize" else "pruning"
+    with progress_bar(f"{verb} {method} layers", len(layers), progress) as update:
+        engine = Engine(method_obj, recipe, compute_device, skipped, batch_size, update)
+        layer_results = engine.run(loaded, None if calib_set is None else calib_set.input_ids)
+    timings["prune_s"] = time.perf_counter() - t0
+
+    identity, run_id = run_identity(
+        source.spec, source.revision, recipe, calib, calib_source if calib else None, nsamples, seqlen, seed, dtype, skip_layers
+    )
+    config = loaded.config
+    record = versioned(
+        "prunekit-checkpoint",
+        {
+            "run_id": run_id,
+            "identity": identity,
+            "recipe": recipe.to_json() | {"kind": method_obj.kind},
+            "base_model": source.to_json()
+            | {"model_type": config.model_type, "architectures": config.architectures, "dtype": dtype,
+               "num_layers": len(layers), "name_or_path": getattr(config, "_name_or_path", "")},
+            "calibration": None if calib_set is None else calib_set.provenance() | {"spec": calib},
+            "skip_layers": sorted(skipped),
+            "device": str(compute_device),
+            "sparsity": summarize_layers(layer_results),
+            "timings": timings,
+            "versions": library_versions(),
+            "command": reproduce_command(source.spec, recipe, calib, calib_source, nsamples, seqlen, seed, dtype, skip_layers),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        },
+    )
+    if out_path is not None:
+        t0 = time.perf_counter()
+        save_checkpoint(loaded, tokenizer, record, out_path, overwrite)
+        timings["save_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - started
+    if out_path is not None:
+        write_json_atomic(out_path / CHECKPOINT_RECORD, record)
+    return PruneResult(loaded, tokenizer, record, out_path)
+
+
+def save_checkpoint(model, tokenizer, record: dict[str, Any], out: Path, overwrite: bool) -> Path:
+    """Write safetensors weights, config, tokenizer and prunekit.json into ``out`` atomically."""
+    replace = overwrite or (out.is_dir() and not any(out.iterdir()))
+    with atomic_directory(out, overwrite=replace) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        write_json_atomic(staging / CHECKPOINT_RECORD, record)
+    return out
+
+
+def read_record(checkpoint: str | Path) -> dict[str, Any] | None:
+    """The ``prunekit.json`` of a checkpoint dir, or None for a model prunekit did not write."""
+    path = Path(checkpoint) / CHECKPOINT_RECORD
+    return read_versioned(path, "prunekit-checkpoint") if path.exists() else None
