@@ -21,9 +21,22 @@ STUDY_LANGS = ["ar", "de", "en", "es", "ru", "sw", "zh"]
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
-    """Keep calibration/dense caches of the tests out of the user's cache (the embedded model is reused)."""
-    os.environ["PRUNEKIT_CACHE_TESTS"] = str(tmp_path_factory.mktemp("prunekit-cache"))
+    """Keep calibration and dense caches of the tests out of the user's cache; the converted
+    embedded model (a one-time ~1 min conversion) is shared with the user's cache."""
+    user_models = Path(os.environ.get("PRUNEKIT_CACHE", Path.home() / ".cache" / "prunekit")) / "models"
+    user_models.mkdir(parents=True, exist_ok=True)
+    root = tmp_path_factory.mktemp("prunekit-cache")
+    (root / "models").symlink_to(user_models, target_is_directory=True)
+    os.environ["PRUNEKIT_CACHE"] = str(root)
     yield
+
+
+@pytest.fixture(scope="session")
+def embedded_gemma() -> Path:
+    """The real Gemma-3-270M as a safetensors model dir (converted once from the demo extra's GGUF)."""
+    from prunekit.models import resolve_model
+
+    return resolve_model("embedded:gemma-3-270m").path
 
 
 def train_tokenizer(vocab_size: int = 512):
