@@ -17,11 +17,12 @@ import torch
 from prunekit.calibration import build_calibration_set
 from prunekit.engine import Engine, LayerResult, parse_skip_layers
 from prunekit.errors import ConfigError
+from prunekit.languages import parse_languages
 from prunekit.io import atomic_directory, read_versioned, versioned, write_json_atomic
 from prunekit.methods import get_method
 from prunekit.models import find_decoder_layers, load_model, resolve_device
 from prunekit.progress import progress_bar
-from prunekit.recipe import Quantization, Recipe, parse_pattern
+from prunekit.recipe import Quantization, Recipe, parse_pattern, validate_quantization
 
 CHECKPOINT_RECORD = "prunekit.json"
 MODULE_NAMES = {  # canonical module names of analysis-spec §0.4
@@ -74,6 +75,8 @@ def reproduce_command(model: str, recipe: Recipe, calib, calib_source, nsamples,
     if recipe.quantization is not None:
         q = recipe.quantization
         parts += ["--bits", str(q.bits), "--group-size", str(q.group_size)] + (["--act-order"] if q.act_order else [])
+        parts += (["--dynamic-groups"] if q.act_order and not q.static_groups else []) + (["--symmetric"] if q.symmetric else [])
+        parts += ["--method", recipe.method] if recipe.method != "gptq" else []
     else:
         parts += ["--method", recipe.method]
         parts += ["--pattern", recipe.pattern.name] if recipe.pattern.is_nm else ["--sparsity", f"{recipe.pattern.sparsity:g}"]
@@ -140,13 +143,15 @@ def prune(
     started = time.perf_counter()
     method_obj = get_method(method)
     if method_obj.kind == "quantize":
-        recipe = Recipe(method, quantization=quantization or Quantization())
+        recipe = Recipe(method, quantization=validate_quantization(quantization or Quantization()))
     else:
         recipe = Recipe(method, pattern=parse_pattern(sparsity, pattern))
-    if not method_obj.needs_calibration:
-        calib = calib  # magnitude may run without calibration (then no per-layer error is measured)
-    elif calib is None:
+    if calib is not None:
+        parse_languages(calib)  # fail on an unknown language before loading anything
+    elif method_obj.needs_calibration:
         raise ConfigError(f"method '{method}' needs calibration text: pass --calib LANG")
+    if calib is not None and (nsamples < 1 or seqlen < 2):
+        raise ConfigError(f"--nsamples must be >= 1 and --seqlen >= 2 (got {nsamples} and {seqlen})")
     out_path = check_output_dir(out, overwrite)
     compute_device = resolve_device(device)
 

@@ -84,7 +84,9 @@ def tiny_config(arch: str, vocab_size: int, **overrides):
     if arch == "cohere":
         return CohereConfig(**common)
     if arch == "gemma3":
-        return Gemma3TextConfig(**common, head_dim=16, sliding_window=16, layer_types=None, query_pre_attn_scalar=16)
+        common.setdefault("layer_types", ["sliding_attention", "full_attention"] * (common["num_hidden_layers"] // 2)
+                          + ["sliding_attention"] * (common["num_hidden_layers"] % 2))
+        return Gemma3TextConfig(**common, head_dim=16, sliding_window=16, query_pre_attn_scalar=16)
     raise ValueError(arch)
 
 

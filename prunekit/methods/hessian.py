@@ -48,5 +48,5 @@ def damped_inverse_cholesky(H: torch.Tensor, dampening: float, max_tries: int = 
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
             if int(info) == 0 and torch.isfinite(U).all():
                 return U, fraction
-        fraction *= 10.0
+        fraction = max(fraction * 10.0, 0.01)
     raise RuntimeError(f"Hessian is not positive definite even with damping {fraction:g}·mean(diag H)")
