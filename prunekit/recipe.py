@@ -56,11 +56,92 @@ def parse_pattern(sparsity: float | None, pattern: str | None = None) -> Pattern
 
 @dataclass(frozen=True)
 class Quantization:
+    """Weight quantization: ``bits`` per weight, one min-max grid per ``group_size`` input columns of a
+    row (-1: one grid per row), asymmetric unless ``symmetric``. ``act_order`` processes columns by
+    descending diag(H); with it, ``static_groups`` fixes the group grids on the weights before any
+    update (groups stay contiguous in the original column order). Without ``act_order`` groups are
+    always contiguous and fitted as GPTQ reaches them (``static_groups`` has no effect)."""
+
     bits: int = 4
     group_size: int = 128
     act_order: bool = False
     static_groups: bool = True
     symmetric: bool = False
+
+    @property
+    def slug(self) -> str:
+        """Canonical short name: ``w4g128``, ``w8`` (per-channel), ``w4g128-act``, ``w4g128-actdyn``, ``-sym``."""
+        name = f"w{self.bits}" + (f"g{self.group_size}" if self.group_size != -1 else "")
+        if self.act_order:
+            name += "-act" if self.static_groups else "-actdyn"
+        if self.symmetric:
+            name += "-sym"
+        return name
+
+
+QUANTIZATION_BITS = (2, 3, 4, 8)
+QUANTIZE_METHODS = ("gptq", "rtn")  # method names whose sweep names carry a quantization slug
+
+
+def parse_quantization(
+    bits: int = 4,
+    group_size: int = 128,
+    act_order: bool = False,
+    static_groups: bool = True,
+    symmetric: bool = False,
+) -> Quantization:
+    """Validate ``--bits`` / ``--group-size`` (and friends) and build the Quantization."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in QUANTIZATION_BITS:
+        raise ConfigError(f"--bits must be one of {', '.join(map(str, QUANTIZATION_BITS))} (the study uses 4 and 8), got {bits}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or not (group_size > 0 or group_size == -1):
+        raise ConfigError(
+            f"--group-size must be a positive number of input columns (e.g. 128) or -1 for one grid per output row, got {group_size}"
+        )
+    return Quantization(int(bits), int(group_size), bool(act_order), bool(static_groups), bool(symmetric))
+
+
+def validate_quantization(quantization: Quantization) -> Quantization:
+    """Check a Quantization built by hand (the Python API) the same way as the CLI flags."""
+    return parse_quantization(
+        quantization.bits, quantization.group_size, quantization.act_order, quantization.static_groups, quantization.symmetric
+    )
+
+
+_QUANT_SLUG = re.compile(r"^w(\d+)(?:g(\d+))?((?:-(?:act|actdyn|sym))*)$")
+
+
+def quantization_from_name(name: str) -> Quantization | None:
+    """The Quantization named by a sweep method name, or None for a pruning method.
+
+    ``gptq-w4g128`` -> 4 bits, groups of 128; ``gptq-w8`` -> 8 bits, one grid per row;
+    suffixes ``-act`` (act-order, static groups), ``-actdyn`` (act-order, groups refitted in
+    activation order), ``-sym`` (symmetric grid). Plain ``gptq`` means the defaults (w4g128).
+    The method is the part before the first '-' (see ``split_method_name``).
+    """
+    method, _, slug = name.strip().partition("-")
+    if method not in QUANTIZE_METHODS:
+        return None
+    if not slug:
+        return Quantization()
+    match = _QUANT_SLUG.match(slug)
+    if not match:
+        raise ConfigError(
+            f"malformed quantization method name '{name}': use {method}-w<bits>[g<group>][-act][-sym], e.g. {method}-w4g128"
+        )
+    suffixes = set(filter(None, match.group(3).split("-")))
+    if {"act", "actdyn"} <= suffixes:
+        raise ConfigError(f"'{name}': use either -act (static groups) or -actdyn, not both")
+    group = int(match.group(2)) if match.group(2) is not None else -1
+    return parse_quantization(
+        int(match.group(1)), group, act_order=bool(suffixes & {"act", "actdyn"}),
+        static_groups="actdyn" not in suffixes, symmetric="sym" in suffixes,
+    )
+
+
+def split_method_name(name: str) -> tuple[str, Quantization | None]:
+    """``gptq-w4g128`` -> ("gptq", Quantization(4, 128)); ``wanda`` -> ("wanda", None)."""
+    quantization = quantization_from_name(name)
+    return (name.strip().partition("-")[0] if quantization is not None else name.strip()), quantization
 
 
 @dataclass(frozen=True)

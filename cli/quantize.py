@@ -1,0 +1,103 @@
+"""``prunekit quantize``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from prunekit.cli.app import app, user_errors
+
+stdout = Console()
+
+
+def print_quantize_summary(record: dict, out: Path | None) -> None:
+    """Per layer and module: the relative output error ‖(W−W′)X‖²/‖WX‖² on the first calibration batch."""
+    from prunekit.pipeline import MODULE_NAMES
+
+    recipe = record["recipe"]
+    q = recipe["quantization"]
+    group = "per-channel" if q["group_size"] == -1 else f"group size {q['group_size']}"
+    layers = record["sparsity"]["per_layer"]
+    table = Table(
+        title=f"{recipe['method']} {q['bits']}-bit, {group} · {record['base_model']['spec']}",
+        caption="relative output error ‖(W−W′)X‖²/‖WX‖² per module (first calibration batch)",
+    )
+    table.add_column("layer", justify="right")
+    order = list(MODULE_NAMES)
+    modules = sorted({m["name"] for layer in layers for m in layer["modules"]}, key=lambda n: (order.index(n) if n in order else len(order), n))
+    for name in modules:
+        table.add_column(MODULE_NAMES.get(name, name), justify="right")
+    for layer in layers:
+        cells = {m["name"]: m for m in layer["modules"]}
+        row = [str(layer["index"])]
+        for name in modules:
+            if layer["skipped"] or name not in cells:
+                row.append("skipped" if layer["skipped"] else "-")
+                continue
+            err = cells[name]["relative_error"]
+            row.append("-" if err is None else f"{err:.1e}")
+        table.add_row(*row)
+    stdout.print(table)
+    timings = record["timings"]
+    stdout.print(
+        f"load {timings['load_s']:.1f}s, calibration {timings['calibration_s']:.1f}s, quantization {timings['prune_s']:.1f}s"
+    )
+    if out is not None:
+        stdout.print(
+            f"checkpoint written to [bold]{out}[/bold] (fake-quantized weights in the model's dtype; "
+            "prunekit.json holds the quantization and the full record)"
+        )
+
+
+@app.command()
+@user_errors
+def quantize(
+    model: str = typer.Argument(..., help="Local model dir, .gguf file, Hub id (org/name) or embedded:gemma-3-270m."),
+    bits: int = typer.Option(4, "--bits", "-b", help="Bits per weight: 4 or 8 (the study's), also 2 or 3."),
+    group_size: int = typer.Option(128, "--group-size", "-g", help="Input columns sharing one grid (scale, zero point); -1 = one grid per output row."),
+    act_order: bool = typer.Option(False, "--act-order", help="Quantize columns by descending Hessian diagonal (groups stay fixed: static groups)."),
+    dynamic_groups: bool = typer.Option(False, "--dynamic-groups", help="With --act-order: refit groups in activation order instead of fixing them first."),
+    symmetric: bool = typer.Option(False, "--symmetric", help="Symmetric grid ±max|w| (default: asymmetric min-max)."),
+    method: str = typer.Option("gptq", "--method", "-m", help="gptq (error feedback, needs calibration) or rtn (round-to-nearest baseline)."),
+    calib: Optional[str] = typer.Option("en", "--calib", "-c", help="Calibration language: a code (de), a mix (en+de, equal shares) or 'all' (the study's seven)."),
+    calib_source: str = typer.Option("embedded", "--calib-source", help="mc4 (streamed with datasets), embedded (prunekit's own texts) or a PATH (.txt/.jsonl/.parquet, or a dir with one file per language)."),
+    nsamples: int = typer.Option(128, "--nsamples", help="Number of calibration sequences."),
+    seqlen: int = typer.Option(2048, "--seqlen", help="Tokens per calibration sequence."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the calibration sampling."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint directory (written atomically)."),
+    dtype: str = typer.Option("float32", "--dtype", help="bfloat16, float16 or float32: the dtype of the model and of the saved weights (statistics are always fp32)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:i]: where each decoder layer is computed."),
+    skip_layers: Optional[str] = typer.Option(None, "--skip-layers", help="Layers kept in full precision: 'first', 'last' and/or indices, comma-separated."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out directory."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Calibration sequences per forward (default: ~8192 tokens)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the Hub (off by default)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
+) -> None:
+    """Quantize MODEL's weights with GPTQ layer by layer, calibrated on text in one language or a mix.
+
+    The checkpoint holds fake-quantized weights in --dtype (every group of a row takes at most 2^bits values), so plain transformers loads and evaluates it like any pruned model.
+
+    Example: prunekit quantize embedded:gemma-3-270m --bits 4 --group-size 128 --calib sw --nsamples 32 --seqlen 256 --out gemma-sw-w4g128
+    """
+    from prunekit.errors import ConfigError
+    from prunekit.methods import get_method
+    from prunekit.pipeline import prune as run_prune
+    from prunekit.recipe import parse_quantization
+
+    quantization = parse_quantization(bits, group_size, act_order, static_groups=not dynamic_groups, symmetric=symmetric)
+    if dynamic_groups and not act_order:
+        raise ConfigError("--dynamic-groups only applies with --act-order")
+    if get_method(method).kind != "quantize":
+        raise ConfigError(f"'{method}' is a pruning method: use `prunekit prune --method {method}`")
+    result = run_prune(
+        model, method=method, quantization=quantization, calib=calib, calib_source=calib_source,
+        nsamples=nsamples, seqlen=seqlen, seed=seed, out=out, dtype=dtype, device=device,
+        skip_layers=skip_layers, overwrite=overwrite, batch_size=batch_size,
+        trust_remote_code=trust_remote_code, progress=not quiet,
+    )
+    if not quiet:
+        print_quantize_summary(result.record, result.out)

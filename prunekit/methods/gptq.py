@@ -1,0 +1,162 @@
+"""GPTQ (Frantar et al. 2023): weight quantization with OBS error feedback, and its no-feedback
+baseline round-to-nearest (RTN).
+
+Both write fake-quantized (dequantized) fp32 weights: every group of ``group_size`` input columns
+of a row holds at most 2^bits distinct values ``scale·(q − zero)``, q ∈ {0 … 2^bits − 1}.
+
+Reference semantics (IST-DASLab/gptq ``fasterquant``), matched here:
+- H = 2/n·XXᵀ (``HessianStats``); dead inputs (diag H = 0) get H[d,d] = 1 and W[:,d] = 0;
+  damping ``recipe.dampening``·mean(diag H); Hinv = upper Cholesky factor of (H + λI)⁻¹.
+- min-max grid per output row: [min(w, 0), max(w, 0)] split into 2^bits − 1 steps, zero point
+  round(−min/scale); symmetric: ±max|w|, zero point 2^(bits−1).
+- groups: the grid is refitted when column j with j % group_size == 0 is reached, on the
+  columns j … j+group_size of W as it stands then (the lazy batch updates of earlier blocks
+  applied, the in-block updates not yet: exactly the reference); ``group_size = -1`` fits one
+  grid per row on the unmodified weights.
+- act-order: columns are processed by descending diag(H) (stable sort); with static groups the
+  grids are fitted on the (dead-column-zeroed) weights before permuting, and column j uses the
+  grid of its original group. Without static groups, groups are refitted in processing order.
+- loss per layer = Σ (w − q)²/d²/2.
+Deliberate difference: a symmetric grid is always ±max|w| (the reference leaves the lower end at 0
+for a group with no negative weight, which clips its upper half; llm-compressor does as here).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from prunekit.methods import Method, Solution, register
+from prunekit.methods.hessian import HessianStats, damped_inverse_cholesky, prepare_hessian
+from prunekit.recipe import Quantization, Recipe
+
+
+def minmax_grid(x: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point [rows, 1] of the per-row min-max grid of ``x`` [rows, columns]."""
+    maxq = 2**bits - 1
+    x = x.float()
+    xmin = torch.clamp(x.amin(dim=1), max=0.0)
+    xmax = torch.clamp(x.amax(dim=1), min=0.0)
+    if symmetric:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = -xmax
+    flat = (xmin == 0) & (xmax == 0)  # an all-zero row: any grid holds 0 exactly
+    xmin = torch.where(flat, torch.full_like(xmin, -1.0), xmin)
+    xmax = torch.where(flat, torch.full_like(xmax, 1.0), xmax)
+    scale = (xmax - xmin) / maxq
+    if symmetric:
+        zero = torch.full_like(scale, (maxq + 1) / 2)
+    else:
+        zero = torch.round(-xmin / scale)
+    return scale.unsqueeze(1), zero.unsqueeze(1)
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Round ``x`` onto the grid ``scale·(q − zero)``, q ∈ [0, 2^bits − 1], and dequantize."""
+    q = torch.clamp(torch.round(x / scale) + zero, 0, 2**bits - 1)
+    return scale * (q - zero)
+
+
+def _group_grids(W: torch.Tensor, quantization: Quantization) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zero points [rows, groups] of contiguous groups of ``W``, fitted now."""
+    scales, zeros = [], []
+    for start in range(0, W.shape[1], quantization.group_size):
+        scale, zero = minmax_grid(W[:, start : start + quantization.group_size], quantization.bits, quantization.symmetric)
+        scales.append(scale)
+        zeros.append(zero)
+    return torch.cat(scales, dim=1), torch.cat(zeros, dim=1)
+
+
+@contextmanager
+def _full_fp32_matmul():
+    """The reference disables TF32: the error feedback needs full fp32 products."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def _info(quantization: Quantization, **extra) -> dict:
+    return {
+        "bits": quantization.bits,
+        "group_size": quantization.group_size,
+        "act_order": quantization.act_order,
+        "static_groups": quantization.act_order and quantization.static_groups and quantization.group_size != -1,
+        "symmetric": quantization.symmetric,
+        **extra,
+    }
+
+
+def gptq_solve(weight: torch.Tensor, hessian: torch.Tensor, recipe: Recipe) -> Solution:
+    """Quantize ``weight`` [out, in] given H [in, in]; returns fp32 fake-quantized weights."""
+    quantization = recipe.quantization or Quantization()
+    bits, group_size = quantization.bits, quantization.group_size
+    with _full_fp32_matmul():
+        dead = int((torch.diag(hessian) == 0).sum())
+        if group_size == -1:  # one grid per row, fitted on the weights as given (reference)
+            scale, zero = minmax_grid(weight, bits, quantization.symmetric)
+        W, H = prepare_hessian(weight, hessian)
+        rows, cols = W.shape
+        static = quantization.act_order and quantization.static_groups and group_size != -1
+        if static:
+            static_scales, static_zeros = _group_grids(W, quantization)
+        perm = None
+        if quantization.act_order:
+            perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+            W = W[:, perm]
+            H = H[perm][:, perm]
+        Hinv, damping = damped_inverse_cholesky(H, recipe.dampening)
+        Q = torch.zeros_like(W)
+        losses = torch.zeros(rows, dtype=torch.float32, device=W.device)
+        bs = recipe.blocksize
+        for i1 in range(0, cols, bs):
+            i2 = min(i1 + bs, cols)
+            W1 = W[:, i1:i2].clone()
+            Hinv1 = Hinv[i1:i2, i1:i2]
+            Err1 = torch.zeros_like(W1)
+            for i in range(i2 - i1):
+                j = i1 + i
+                if static:
+                    group = int(perm[j]) // group_size
+                    scale, zero = static_scales[:, group : group + 1], static_zeros[:, group : group + 1]
+                elif group_size != -1 and j % group_size == 0:
+                    scale, zero = minmax_grid(W[:, j : j + group_size], bits, quantization.symmetric)
+                w = W1[:, i]
+                d = Hinv1[i, i]
+                q = fake_quantize(w.unsqueeze(1), scale, zero, bits).squeeze(1)
+                Q[:, j] = q
+                losses += (w - q).square() / d.square() / 2
+                err = (w - q) / d
+                W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+                Err1[:, i] = err
+            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        if perm is not None:
+            Q = Q[:, torch.argsort(perm)]
+    return Solution(Q, None, _info(quantization, loss=float(losses.sum()), damping=damping, dead_columns=dead))
+
+
+def rtn_quantize(weight: torch.Tensor, quantization: Quantization) -> torch.Tensor:
+    """Round-to-nearest on the same min-max grids (contiguous groups), no error feedback."""
+    W = weight.float()
+    if quantization.group_size == -1:
+        scale, zero = minmax_grid(W, quantization.bits, quantization.symmetric)
+        return fake_quantize(W, scale, zero, quantization.bits)
+    scales, zeros = _group_grids(W, quantization)
+    index = torch.arange(W.shape[1], device=W.device) // quantization.group_size
+    return fake_quantize(W, scales[:, index], zeros[:, index], quantization.bits)
+
+
+def solve(weight: torch.Tensor, stats: HessianStats, recipe: Recipe) -> Solution:
+    return gptq_solve(weight, stats.hessian, recipe)
+
+
+def solve_rtn(weight: torch.Tensor, stats: None, recipe: Recipe) -> Solution:
+    quantization = recipe.quantization or Quantization()
+    return Solution(rtn_quantize(weight, quantization), None, _info(quantization))
+
+
+register(Method("gptq", "quantize", "GPTQ: quantization with Hessian error feedback", HessianStats, solve))
+register(Method("rtn", "quantize", "round-to-nearest quantization baseline (no calibration needed)", None, solve_rtn))
