@@ -1,0 +1,144 @@
+"""SNR and pruning error of hidden states (study D.1), the dense cache, and model pairing errors."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from prunekit.errors import ModelError
+from prunekit.evaluation import COUNTERS, DenseReference, evaluate, pruning_error_and_snr
+from prunekit.evaluation.hidden_states import summarize
+from prunekit.models import load_model
+from tests.conftest import TATOEBA, train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def texts_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("eval-texts")
+    for lang in ("en", "de"):
+        lines = (TATOEBA / f"{lang}.txt").read_text(encoding="utf-8").splitlines()[:12]
+        (root / f"{lang}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def perturbed_llama(tiny_llama, tmp_path_factory) -> Path:
+    """tiny_llama with only decoder layer 1 changed (its MLP down projection)."""
+    model, tok, _ = load_model(str(tiny_llama))
+    with torch.no_grad():
+        weight = model.model.layers[1].mlp.down_proj.weight
+        weight.mul_((torch.arange(weight.numel()).reshape(weight.shape) % 2).float())  # prune every other weight
+    out = tmp_path_factory.mktemp("perturbed") / "llama-l1"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def _reference(h: torch.Tensor, p: torch.Tensor) -> tuple[float, float]:
+    """D.1 written out element by element in plain Python."""
+    n, d = len(h), len(h[0])
+    mu = sum(math.sqrt(sum(float(x) ** 2 for x in row)) for row in h) / n
+    pe = sum(((float(h[i][j]) - float(p[i][j])) / mu) ** 2 for i in range(n) for j in range(d)) / (n * d)
+    energy = sum((float(h[i][j]) / mu) ** 2 for i in range(n) for j in range(d)) / (n * d)
+    return pe, 10 * math.log10(energy / pe)
+
+
+def test_pe_and_snr_match_hand_computed_values():
+    h = torch.tensor([[3.0, 4.0], [0.0, 2.0]])  # norms 5 and 2 -> mu = 3.5
+    p = torch.tensor([[3.0, 3.0], [1.0, 2.0]])  # squared differences sum to 2
+    got = pruning_error_and_snr(h, p)
+    assert got["mu"] == pytest.approx(3.5)
+    assert got["pruning_error"] == pytest.approx(2 / (2 * 2 * 3.5**2))  # 1/(Nd) Σ (Δ/μ)²
+    assert got["energy"] == pytest.approx(29 / (2 * 2 * 3.5**2))
+    assert got["snr_db"] == pytest.approx(10 * math.log10(29 / 2))
+    torch.manual_seed(0)
+    h, p = torch.randn(7, 5), torch.randn(7, 5)
+    pe, snr = _reference(h, p)
+    got = pruning_error_and_snr(h, p)
+    assert got["pruning_error"] == pytest.approx(pe, rel=1e-12)
+    assert got["snr_db"] == pytest.approx(snr, rel=1e-12)
+
+
+def test_identical_states_give_zero_error_and_infinite_snr():
+    h = torch.randn(4, 3)
+    got = pruning_error_and_snr(h, h.clone())
+    assert got["pruning_error"] == 0.0 and got["snr_db"] == math.inf
+    summary = summarize([got, {"snr_db": 10.0, "pruning_error": 0.5}])
+    assert summary["snr_db"] == math.inf and summary["pruning_error"] == 0.25
+    assert summary["snr_db_finite_layers"] == 10.0 and summary["identical_layers"] == 1
+
+
+def test_dense_model_against_itself_has_pe_zero_and_snr_inf(tiny_llama, texts_dir):
+    res = evaluate(tiny_llama, dense=str(tiny_llama), langs="en", ppl_source=str(texts_dir), seqlen=32,
+                   device="cpu", progress=False, snr_tokens=96)
+    hidden = res["hidden_states"]["en"]
+    assert hidden["pruning_error"] == 0.0 and hidden["snr_db"] == math.inf
+    assert hidden["per_layer"]["pruning_error"] == [0.0, 0.0, 0.0]
+    assert hidden["exclude_bos"] is True and hidden["tokens"] == 96 - 3  # 3 windows of 32, BOS not counted
+
+
+def test_perturbing_layer_one_leaves_layer_zero_exact_and_the_dense_pass_is_cached(
+    tiny_llama, perturbed_llama, texts_dir, monkeypatch
+):
+    kwargs = dict(dense=str(tiny_llama), langs="en,de", ppl_source=str(texts_dir), seqlen=32, device="cpu",
+                  progress=False, snr_tokens=64)
+    before = COUNTERS["dense_passes"]
+    first = evaluate(perturbed_llama, **kwargs)
+    assert COUNTERS["dense_passes"] == before + 2  # one dense pass per language
+    for lang in ("en", "de"):
+        layers = first["hidden_states"][lang]["per_layer"]
+        assert layers["pruning_error"][0] == 0.0 and layers["snr_db"][0] == math.inf
+        assert layers["pruning_error"][1] > 0 and math.isfinite(layers["snr_db"][1])
+        assert layers["pruning_error"][2] > 0
+        assert first["hidden_states"][lang]["dense_cache"]["status"] == "computed"
+
+    # A second checkpoint against the same dense model: no dense forward, the dense weights are not even loaded.
+    monkeypatch.setattr(DenseReference, "model", lambda self: pytest.fail("the dense model was loaded again"))
+    second = evaluate(tiny_llama, **kwargs)
+    assert COUNTERS["dense_passes"] == before + 2
+    assert {second["hidden_states"][lang]["dense_cache"]["status"] for lang in ("en", "de")} == {"hit"}
+    assert second["hidden_states"]["en"]["pruning_error"] == 0.0
+    again = evaluate(perturbed_llama, **kwargs)
+    assert again["hidden_states"]["de"]["per_layer"] == first["hidden_states"]["de"]["per_layer"]
+
+
+def test_including_bos_is_recorded_and_counts_the_bos_positions(tiny_llama, perturbed_llama, texts_dir):
+    res = evaluate(perturbed_llama, dense=str(tiny_llama), langs="de", ppl_source=str(texts_dir), seqlen=32,
+                   device="cpu", progress=False, snr_tokens=64, exclude_bos=False)
+    hidden = res["hidden_states"]["de"]
+    assert hidden["exclude_bos"] is False and hidden["tokens"] == 64
+    assert res["settings"]["exclude_bos"] is False
+
+
+def test_results_without_dense_have_empty_hidden_states(tiny_llama, texts_dir):
+    res = evaluate(tiny_llama, langs="en", ppl_source=str(texts_dir), seqlen=32, device="cpu", progress=False)
+    assert res["hidden_states"] == {} and res["dense"] is None
+
+
+def test_different_architecture_or_tokenizer_is_a_clear_model_error(tiny_models, tmp_path, texts_dir):
+    with pytest.raises(ModelError, match="different architectures"):
+        evaluate(tiny_models["llama"], dense=str(tiny_models["qwen2"]), langs="en", ppl_source=str(texts_dir),
+                 seqlen=32, device="cpu", progress=False)
+    # Same architecture and vocabulary size, different tokenizer content.
+    model, tok, _ = load_model(str(tiny_models["llama"]))
+    alt_tok = train_tokenizer(vocab_size=512)
+    alt_tok.add_tokens(["zzzz-prunekit"])  # changes the tokenizer, not the model shape
+    alt = tmp_path / "alt-tok"
+    model.save_pretrained(alt)
+    alt_tok.save_pretrained(alt)
+    with pytest.raises(ModelError, match="different tokenizers"):
+        evaluate(alt, dense=str(tiny_models["llama"]), langs="en", ppl_source=str(texts_dir), seqlen=32,
+                 device="cpu", progress=False)
+
+
+def test_cli_refuses_a_dense_model_of_another_architecture(tiny_models, texts_dir):
+    from prunekit.cli.main import app
+
+    result = CliRunner().invoke(app, ["eval", str(tiny_models["llama"]), "--dense", str(tiny_models["gemma3"]),
+                                      "--langs", "en", "--ppl-source", str(texts_dir), "--device", "cpu", "-q"])
+    assert result.exit_code == 2
+    assert "different architectures" in result.output and "Traceback" not in result.output
