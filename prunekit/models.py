@@ -13,25 +13,10 @@ from typing import Any
 import torch
 
 from prunekit.errors import ConfigError, ModelError
+from prunekit.hub import HUB_ALLOW_PATTERNS  # noqa: F401 - what a checkpoint repo on the Hub holds
 from prunekit.io import atomic_directory, cache_dir
 
 EMBEDDED_PREFIX = "embedded:"
-HUB_ALLOW_PATTERNS = [
-    "*.safetensors",
-    "*.safetensors.index.json",
-    "*.bin",
-    "*.bin.index.json",
-    "config.json",
-    "generation_config.json",
-    "tokenizer*",
-    "special_tokens_map.json",
-    "*.model",
-    "*.tiktoken",
-    "chat_template.*",
-    "prunekit.json",
-    "results.json",
-    "README.md",
-]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -113,8 +98,9 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> tuple[Path, str | None]
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
+    endpoint = os.environ.get("HF_ENDPOINT") or None  # read now: huggingface_hub reads it only at import
     try:
-        path = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS)
+        path = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS, endpoint=endpoint)
     except RepositoryNotFoundError as err:
         raise ModelError(f"Hub repository '{repo_id}' was not found (or is private: log in with `hf auth login`)") from err
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:

@@ -1,0 +1,15 @@
+"""Jinja2 templates for prunekit's Hub cards (package data; rendered by :mod:`prunekit.hub`).
+
+- ``model_card.md.j2``: the README.md of one pruned checkpoint's repo.
+- ``collection_readme.md.j2``: the README.md of a sweep's collection / report repo.
+"""
+
+from importlib import resources
+
+MODEL_CARD = "model_card.md.j2"
+COLLECTION_README = "collection_readme.md.j2"
+
+
+def template_text(name: str) -> str:
+    """The source of one template shipped in this package."""
+    return resources.files(__name__).joinpath(name).read_text(encoding="utf-8")

