@@ -116,9 +116,15 @@ def check_groups_on_grid(Wq: torch.Tensor, columns_of_groups: list[torch.Tensor]
             assert levels.numel() <= 2**bits
             if levels.numel() < 2:
                 continue
-            step = torch.diff(levels).min()
-            units = (levels - levels[0]) / step
-            assert torch.allclose(units, units.round(), atol=1e-3), "values are not on a uniform grid"
+            # the grid step divides every gap; the smallest gap present may span several steps
+            gaps = levels - levels[0]
+            smallest = torch.diff(levels).min()
+            for k in range(1, 2**bits):
+                units = gaps / (smallest / k)
+                if torch.allclose(units, units.round(), atol=1e-2):
+                    break
+            else:
+                raise AssertionError(f"values {levels.tolist()} are not on a uniform grid")
             assert units.max().round() <= 2**bits - 1, "more than 2^bits levels between the extremes"
 
 
