@@ -43,7 +43,9 @@ def push(
 
     The card (README.md) carries the recipe, every measured result (also as model-index metadata), the exact
     command that reproduces the checkpoint, and how to load it. Pushing an unchanged folder makes no commit.
-    The token comes from HF_TOKEN or `hf auth login` and is never printed or stored.
+    The token comes from HF_TOKEN or `hf auth login` and is never printed or stored. The repo mirrors the
+    checkpoint: weight, config and tokenizer files it no longer has are deleted in the same commit. Transient
+    Hub errors are retried (PRUNEKIT_HUB_RETRIES attempts, first delay PRUNEKIT_HUB_BACKOFF seconds).
 
     Example: prunekit push gemma-sw --namespace my-org --results gemma-sw/results.json --dense-results dense.json
     """

@@ -437,14 +437,15 @@ def build_card_content(
             stderr = stderr if _finite(stderr) else None
             has_stderr = has_stderr or stderr is not None
             dense_value = (dense_row.get("metrics") or {}).get(name)
+            scale = _metric_scale(name)
             metrics.append({
-                "name": name, "value": value, "stderr": stderr, "dense": dense_value,
-                "delta": 100.0 * (value - dense_value) if _finite(value) and _finite(dense_value) else None,
+                "name": name, "value": value, "stderr": stderr, "dense": dense_value, "scale": scale,
+                "delta": scale * (value - dense_value) if _finite(value) and _finite(dense_value) else None,
             })
             if row.get("status", "ok") == "ok" and _finite(value):
                 language = row.get("language")
                 eval_results.append(EvalResult(
-                    task_type="question-answering" if name in QA_METRICS else "multiple-choice",
+                    task_type="question-answering" if name.split(",")[0] in QA_METRICS else "multiple-choice",
                     task_name=row.get("group") or task,
                     dataset_type=_task_dataset(task, row.get("group"), language), dataset_name=task,
                     dataset_config=language, dataset_split="test", metric_type=name,
@@ -543,6 +544,16 @@ def _points(value: Any) -> str:
     return "n/a" if value is None else _num(100.0 * value, ".2f")
 
 
+def _scaled(value: Any, scale: float) -> str:
+    return "n/a" if value is None else _num(scale * value, ".2f")
+
+
+def _metric_scale(name: str) -> float:
+    """Fractions (accuracy, F1, exact match) are shown in points; perplexity-like task metrics as they are."""
+    base = name.split(",")[0]
+    return 1.0 if ("perplexity" in base or "bits_per_byte" in base or base.startswith(("bleu", "chrf", "ter"))) else 100.0
+
+
 def template_environment():
     """The Jinja2 environment of the card templates (trimmed blocks, strict variables, number filters)."""
     import jinja2
@@ -551,7 +562,7 @@ def template_environment():
         loader=jinja2.FunctionLoader(_load_template), undefined=jinja2.StrictUndefined,
         trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False,
     )
-    env.filters.update(num=_num, signed=_signed, pct=_pct, points=_points)
+    env.filters.update(num=_num, signed=_signed, pct=_pct, points=_points, scaled=_scaled)
     return env
 
 

@@ -184,6 +184,14 @@ def test_transient_failures_are_retried_until_the_push_succeeds(hub, pruned, rou
     assert set(hub.files(result.repo_id)) >= set(CHECKPOINT_FILES)
 
 
+def test_pull_retries_a_hub_that_answers_503_twice(hub, pruned, tmp_path):
+    pushed = push(pruned, namespace="org", retry=FAST)
+    hub.fail("info", 503, times=2)
+    pulled = pull(pushed.repo_id, out=tmp_path / "pulled", retry=FAST)
+    assert pulled.revision == pushed.commit
+    assert same_bytes(pruned / "model.safetensors", pulled.path / "model.safetensors")
+
+
 def test_a_hub_that_keeps_failing_gives_a_clear_error(hub, pruned):
     hub.fail("create", 503, times=10)
     with pytest.raises(PrunekitError, match=r"kept failing while creating .*503.*4 attempts"):

@@ -23,11 +23,16 @@ from tests.hub_server import example_results
 
 
 @pytest.fixture(scope="module")
-def record(tmp_path_factory, tiny_llama) -> dict:
+def pruned_dir(tmp_path_factory, tiny_llama) -> Path:
     out = tmp_path_factory.mktemp("cards") / "pruned"
-    result = prunekit.prune(str(tiny_llama), method="wanda", calib="de", calib_source=str(TATOEBA),
-                            nsamples=4, seqlen=32, out=out, progress=False)
-    return json.loads(json.dumps(result.record))
+    prunekit.prune(str(tiny_llama), method="wanda", calib="de", calib_source=str(TATOEBA),
+                   nsamples=4, seqlen=32, out=out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def record(pruned_dir) -> dict:
+    return json.loads((pruned_dir / "prunekit.json").read_text())
 
 
 def front_matter(card: str) -> dict:
@@ -128,9 +133,9 @@ def test_card_parses_with_huggingface_hub_and_carries_every_number_of_results(re
                      f"{row['windows']} × {row['seqlen']}"):
             assert text in body, text
     for lang, row in results["hidden_states"].items():
-        assert f"{row['snr_db']:.2f}" in body and f"{row['pruning_error']:.4f}" in body
+        assert f"{row['snr_db']:.2f}" in body and f"{row['pruning_error']:.4g}" in body
         for snr, err in zip(row["per_layer"]["snr_db"], row["per_layer"]["pruning_error"]):
-            assert f"{snr:.2f}" in body and f"{err:.4f}" in body
+            assert f"{snr:.2f}" in body and f"{err:.4g}" in body
     for task, row in results["tasks"].items():
         if row["status"] != "ok":
             assert f"| {task} | {row['language']} | n/a" in body and row["note"] in body
@@ -242,3 +247,18 @@ def test_collection_readme_tabulates_every_run_and_parses(record):
     assert en_row.count("n/a") == 2  # no results for that run
     assert f"{100 * pruned['tasks']['belebele_deu_Latn']['metrics']['acc']:.2f}" in text
     assert "| dense-base (dense) |" in text
+
+
+def test_card_renders_the_results_json_that_prunekit_evaluation_writes(record, pruned_dir, tiny_llama):
+    runner = pytest.importorskip("prunekit.evaluation.runner")
+    checkpoint = pruned_dir
+    kwargs = dict(langs="de", ppl_source=str(TATOEBA), seqlen=32, max_windows=2, device="cpu", progress=False)
+    results = runner.evaluate(str(checkpoint), dense=str(tiny_llama), **kwargs)
+    dense = runner.evaluate(str(tiny_llama), **kwargs)
+    card = ModelCard(render_model_card(record, results, dense, repo_id="org/x"))
+    values = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert values["perplexity"] == results["perplexity"]["de"]["ppl"]
+    assert values["snr"] == results["hidden_states"]["de"]["snr_db"]
+    assert values["pruning_error"] == results["hidden_states"]["de"]["pruning_error"]
+    delta = results["perplexity"]["de"]["ppl"] - dense["perplexity"]["de"]["ppl"]
+    assert f"| {dense['perplexity']['de']['ppl']:.2f} | {results['perplexity']['de']['ppl']:.2f} | {delta:+.2f} |" in card.text
