@@ -262,3 +262,17 @@ def test_card_renders_the_results_json_that_prunekit_evaluation_writes(record, p
     assert values["pruning_error"] == results["hidden_states"]["de"]["pruning_error"]
     delta = results["perplexity"]["de"]["ppl"] - dense["perplexity"]["de"]["ppl"]
     assert f"| {dense['perplexity']['de']['ppl']:.2f} | {results['perplexity']['de']['ppl']:.2f} | {delta:+.2f} |" in card.text
+
+
+def test_card_and_name_of_a_quantized_checkpoint_describe_bits_not_sparsity(record):
+    rec = variant(record, recipe={"method": "gptq", "kind": "quantize", "pattern": None, "dampening": 0.01,
+                                  "blocksize": 128, "options": {},
+                                  "quantization": {"bits": 4, "group_size": 128, "act_order": True,
+                                                   "static_groups": True, "symmetric": False}})
+    assert default_repo_id(rec, "org").endswith("-gptq-w4g128-calib-de-s0")
+    text = render_model_card(rec, repo_id="org/q")
+    meta = front_matter(text)
+    assert meta["tags"] == ["quantized", "4-bit", "gptq", "calibration-de", "prunekit"]
+    body = ModelCard(text).text
+    assert "quantized to 4 bits with GPTQ" in body and "4-bit, group size 128, act-order" in body
+    assert "Measured sparsity" not in body
