@@ -722,9 +722,16 @@ def checkpoint_files(checkpoint: Path) -> dict[str, Path]:
     return files
 
 
+LINK_MIN_BYTES = 1 << 20  # staged files at least this big are linked, not copied
+
+
 def _place(source: Path, target: Path) -> None:
-    """Hard-link (no copy of multi-GB weights), else symlink, else copy."""
+    """Copy small files (an edit in the staging folder must not reach the checkpoint); hard-link big ones
+    (no second copy of multi-GB weights), else symlink, else copy."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    if source.stat().st_size < LINK_MIN_BYTES:
+        shutil.copy2(source, target)
+        return
     try:
         os.link(source, target)
         return

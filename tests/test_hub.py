@@ -173,6 +173,19 @@ def test_unchanged_check_uses_git_blob_sha1_for_regular_files_and_sha256_for_lfs
     assert not _same_as_remote(local, RepoFile(path="m", size=len(data) + 1, oid=blob))
 
 
+def test_staging_links_big_weights_and_copies_small_files(tmp_path):
+    from prunekit.hub import LINK_MIN_BYTES, stage_folder
+
+    big, small = tmp_path / "model.safetensors", tmp_path / "config.json"
+    big.write_bytes(b"\0" * LINK_MIN_BYTES)
+    small.write_text("{}")
+    staging = tmp_path / "staging"
+    stage_folder({"model.safetensors": big, "config.json": small}, "card\n", None, staging)
+    assert (staging / "model.safetensors").stat().st_ino == big.stat().st_ino  # no second copy of the weights
+    assert (staging / "config.json").stat().st_ino != small.stat().st_ino
+    assert (staging / "README.md").read_text() == "card\n"
+
+
 # ---- failures ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("route,status", [("create", 503), ("commit", 503), ("create", 0)])
