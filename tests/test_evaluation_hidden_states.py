@@ -142,3 +142,18 @@ def test_cli_refuses_a_dense_model_of_another_architecture(tiny_models, texts_di
                                       "--langs", "en", "--ppl-source", str(texts_dir), "--device", "cpu", "-q"])
     assert result.exit_code == 2
     assert "different architectures" in result.output and "Traceback" not in result.output
+
+
+def test_pruned_checkpoint_carries_its_record_and_errs_in_every_layer(tiny_llama, texts_dir, tmp_path):
+    from prunekit.pipeline import prune
+
+    out = tmp_path / "wanda-de"
+    prune(str(tiny_llama), method="wanda", sparsity=0.5, calib="de", calib_source=str(texts_dir), nsamples=2,
+          seqlen=32, out=out, device="cpu", progress=False)
+    res = evaluate(out, dense=str(tiny_llama), langs="de", ppl_source=str(texts_dir), seqlen=32, device="cpu",
+                   progress=False, snr_tokens=64)
+    assert res["model"]["record"]["kind"] == "prunekit-checkpoint"
+    assert res["model"]["record"]["recipe"]["method"] == "wanda" and res["model"]["kind"] == "local"
+    layers = res["hidden_states"]["de"]["per_layer"]
+    assert all(pe > 0 for pe in layers["pruning_error"]) and all(math.isfinite(s) for s in layers["snr_db"])
+    assert res["hidden_states"]["de"]["snr_db"] == pytest.approx(sum(layers["snr_db"]) / 3)

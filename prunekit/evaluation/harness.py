@@ -189,6 +189,21 @@ def build_lm_eval_spec(cell: TaskCell, task_data: str | Path | None) -> str | di
     return cfg
 
 
+def export_task_configs(task_data: str | Path, out_dir: str | Path) -> Path:
+    """Write prunekit's task YAMLs (and utils.py) with ``{task_data}`` replaced by an absolute path,
+    for use with lm-eval directly: ``lm_eval --include_path OUT_DIR --tasks xcopa_local_sw ...``."""
+    import shutil
+
+    root = Path(task_data).expanduser().resolve()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for file in sorted(TASKS_DIR.iterdir()):
+        if file.suffix == ".yaml":
+            (out / file.name).write_text(file.read_text(encoding="utf-8").replace("{task_data}", str(root)), encoding="utf-8")
+    shutil.copyfile(TASKS_DIR / "utils.py", out / "utils.py")
+    return out
+
+
 # ------------------------------------------------------------------------------------ running
 
 
@@ -307,7 +322,7 @@ def run_tasks(
         for cell in cells:
             if cell.name not in objects:
                 continue
-            row = res["results"].get(cell.name)
+            row = res["results"].get(cell.name) or res.get("groups", {}).get(cell.name)
             if row is None:
                 results[cell.name] = _na(cell, "lm-eval returned no result for this task")
                 continue

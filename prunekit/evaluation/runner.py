@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import torch
 
 from prunekit.errors import ConfigError
-from prunekit.evaluation.harness import plan_tasks, run_tasks
+from prunekit.evaluation.harness import plan_tasks, resolve_chat_template, run_tasks
 from prunekit.evaluation.hidden_states import DenseReference, check_compatible, hidden_state_errors
 from prunekit.evaluation.perplexity import make_windows, perplexity
 from prunekit.io import versioned, write_json_atomic
@@ -93,6 +93,8 @@ def evaluate_loaded(
     if limit is not None and limit <= 0:
         raise ConfigError(f"--limit must be positive, got {limit}")
     name = source.spec if source is not None else getattr(model.config, "_name_or_path", "") or "the model"
+    if any(cell.kind != "n/a" for cell in cells):
+        resolve_chat_template(tokenizer, chat_template, f"'{name}'")  # fail before the slow parts
     if dense is not None:
         check_compatible(model.config, tokenizer, dense, name=f"'{name}'")
     compute_device = resolve_device(device)
