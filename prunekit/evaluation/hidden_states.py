@@ -279,6 +279,11 @@ class DenseReference:
             self._model = self.loader()
         return self._model
 
+    def release(self) -> None:
+        """Drop a dense model this reference loaded itself (one given in memory is kept)."""
+        if self.loader is not None:
+            self._model = None
+
     def to_json(self) -> dict[str, Any]:
         return {"spec": self.spec, "revision": self.revision, "fingerprint": self.fingerprint}
 

@@ -123,6 +123,8 @@ def evaluate_loaded(
                     exclude_bos=exclude_bos, store_dtype=snr_store_dtype, progress=progress, lang=lang,
                 )
         timings["perplexity_and_hidden_states_s"] = time.perf_counter() - t0
+        if dense is not None:
+            dense.release()  # its states are cached; free the memory before the tasks
     elif dense is not None:
         raise ConfigError("SNR / pruning error need evaluation text: give --ppl-source together with --dense")
 
