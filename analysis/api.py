@@ -10,6 +10,8 @@ memory-mapped temp file for the drift).
 from __future__ import annotations
 
 import gc
+import hashlib
+import json
 import math
 import time
 import warnings
@@ -29,7 +31,14 @@ from prunekit.analysis.masks import compare_masks
 from prunekit.errors import ConfigError, ModelError
 from prunekit.io import atomic_directory, versioned, write_json_atomic, write_text_atomic
 from prunekit.languages import parse_languages
-from prunekit.models import ModelSource, load_model, resolve_device, resolve_model, tokenizer_fingerprint
+from prunekit.models import (
+    ModelSource,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    resolve_model,
+    tokenizer_fingerprint,
+)
 
 KIND = "prunekit-compare"
 from prunekit.analysis import ANALYSES
@@ -232,12 +241,8 @@ def _run_analyses(result, roles, reference, targets, analyses, langs, text_sourc
         model = None
 
         for role in targets:
-            model, tok, _ = load_model(roles[role], dtype, trust_remote_code=trust_remote_code)
-            if tokenizer_fingerprint(tok) != fingerprint:
-                raise ModelError(
-                    f"'{roles[role].spec}' ({role}) has a different tokenizer than '{roles[reference].spec}' "
-                    f"({reference}); LSAR/LAPE/drift compare models of one base model on the same tokens"
-                )
+            _check_tokenizer(roles[role], role, roles[reference], reference, fingerprint, trust_remote_code)
+            model, _, _ = load_model(roles[role], dtype, trust_remote_code=trust_remote_code, with_tokenizer=False)
             model.to(device)
             passes[role] = run_pass(model, texts, label=f"{names[role]}: forward", embeddings=want_lsar,
                                     lape=want_lape, nll=True, compare_to=store, **run)
@@ -297,6 +302,39 @@ def _run_analyses(result, roles, reference, targets, analyses, langs, text_sourc
             "definition": drift_mod.__doc__.strip().splitlines()[0],
             "per_target": {role: drift_mod.summarize(passes[role]) for role in targets},
         }
+
+
+TOKENIZER_CONFIG_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token", "add_bos_token", "add_eos_token",
+                         "tokenizer_class")
+
+
+def _tokenizer_digest(path: Path) -> str | None:
+    """A cheap identity of a saved tokenizer: tokenizer.json (or tokenizer.model) and the special-token
+    settings of tokenizer_config.json; None when there is neither file."""
+    digest = hashlib.sha256()
+    for name in ("tokenizer.json", "tokenizer.model"):
+        if (path / name).exists():
+            digest.update(name.encode() + b"\0" + (path / name).read_bytes())
+            break
+    else:
+        return None
+    config_file = path / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
+    digest.update(json.dumps({k: config.get(k) for k in TOKENIZER_CONFIG_KEYS}, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def _check_tokenizer(source: ModelSource, role: str, ref: ModelSource, ref_role: str, fingerprint: str,
+                     trust_remote_code: bool) -> None:
+    """Targets must tokenize like the reference: identical tokenizer files, or else an equal fingerprint."""
+    digest = _tokenizer_digest(source.path)
+    if digest is not None and digest == _tokenizer_digest(ref.path):
+        return
+    if tokenizer_fingerprint(load_tokenizer(source, trust_remote_code)) != fingerprint:
+        raise ModelError(
+            f"'{source.spec}' ({role}) has a different tokenizer than '{ref.spec}' ({ref_role}); "
+            "LSAR/LAPE/drift compare models of one base model on the same tokens"
+        )
 
 
 class _null:

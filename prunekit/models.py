@@ -145,8 +145,11 @@ def load_model(
     dtype: str | torch.dtype = "float32",
     trust_remote_code: bool = False,
     revision: str | None = None,
+    with_tokenizer: bool = True,
 ):
-    """Load (model on CPU in eval mode, tokenizer, ModelSource). Weights stay on CPU; the engine moves layers."""
+    """Load (model on CPU in eval mode, tokenizer, ModelSource). Weights stay on CPU; the engine moves layers.
+
+    ``with_tokenizer=False`` skips the tokenizer (returned as None) when the caller already has it."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -162,7 +165,7 @@ def load_model(
         raise ModelError(f"cannot load '{source.spec}' as a causal language model: {err}") from err
     model.eval()
     model.config.use_cache = False
-    tokenizer = load_tokenizer(source, trust_remote_code)
+    tokenizer = load_tokenizer(source, trust_remote_code) if with_tokenizer else None
     return model, tokenizer, source
 
 

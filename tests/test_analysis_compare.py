@@ -1,0 +1,273 @@
+"""`prunekit.analysis.compare` and `prunekit compare` end to end; hooks against independent references."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from prunekit.analysis import compare
+from prunekit.analysis.activations import prepare_texts, run_pass
+from prunekit.errors import ConfigError
+from prunekit.io import read_versioned
+from prunekit.models import load_model
+from tests.conftest import TATOEBA, build_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def prune_copy(src: Path, dst: Path, seed: int, density: float = 0.5) -> Path:
+    shutil.copytree(src, dst)
+    file = dst / "model.safetensors"
+    state = load_file(file)
+    gen = torch.Generator().manual_seed(seed)
+    for name, tensor in state.items():
+        if name.endswith("_proj.weight"):
+            tensor[torch.rand(tensor.shape, generator=gen) < density] = 0.0
+    save_file(state, file, metadata={"format": "pt"})
+    return dst
+
+
+@pytest.fixture(scope="module")
+def trio(tmp_path_factory, tiny_llama) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("compare")
+    return {
+        "dense": tiny_llama,
+        "a": prune_copy(tiny_llama, root / "a", seed=1),
+        "b": prune_copy(tiny_llama, root / "b", seed=2),
+        "b_same": prune_copy(tiny_llama, root / "b_same", seed=2),
+    }
+
+
+def test_analysis_does_not_import_the_pruning_stack(trio, tmp_path):
+    code = (
+        "import sys\n"
+        "import prunekit.analysis as a\n"
+        "from prunekit.analysis import api, masks, lsar, lape, drift, activations, report, checkpoints\n"
+        "import prunekit.cli.compare\n"
+        f"a.compare({str(trio['a'])!r}, {str(trio['b'])!r}, langs='de,sw', text_source={str(TATOEBA)!r}, "
+        f"only='masks,drift', max_tokens=16, out={str(tmp_path / 'out')!r}, progress=False)\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[:2] in (['prunekit', 'engine'], ['prunekit', 'pipeline'],"
+        " ['prunekit', 'methods']))\n"
+        "print('LOADED', bad)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "LOADED []" in done.stdout
+
+
+def test_drift_hooks_read_the_residual_stream_not_the_final_norm(trio):
+    result = compare(trio["dense"], trio["a"], langs="de,sw", text_source=str(TATOEBA), only="drift",
+                     max_tokens=60, progress=False)
+    drift = result["drift"]["per_target"]["b"]["per_language"]
+    assert result["reference"] == "a" and result["targets"] == ["b"]
+    dense, tok, _ = load_model(str(trio["dense"]))
+    pruned, _, _ = load_model(str(trio["a"]))
+    texts = prepare_texts(tok, ["de", "sw"], str(TATOEBA), max_tokens=60)
+
+    def final_layer_outputs(model, ids):  # independent: the input of the final norm
+        got = {}
+        handle = model.model.norm.register_forward_pre_hook(lambda m, args: got.setdefault("h", args[0]))
+        out = model(input_ids=ids, output_hidden_states=True)
+        handle.remove()
+        return out.hidden_states, got["h"]
+
+    for lang in ("de", "sw"):
+        sums = np.zeros(3)
+        post_norm = 0.0
+        tokens = 0
+        with torch.no_grad():
+            for s in texts.samples[lang]:
+                hd, last_d = final_layer_outputs(dense, s.input_ids[None])
+                hp, last_p = final_layer_outputs(pruned, s.input_ids[None])
+                for layer in range(2):  # hidden_states[l + 1] is the output of layer l, except the last
+                    sums[layer] += (hd[layer + 1] - hp[layer + 1]).abs().double().sum().item()
+                sums[2] += (last_d - last_p).abs().double().sum().item()
+                post_norm += (hd[-1] - hp[-1]).abs().double().sum().item()
+                tokens += s.input_ids.numel()
+        expected = sums / (tokens * 64)
+        assert drift[lang]["tokens"] == tokens
+        assert np.allclose(drift[lang]["mean_abs"], expected, rtol=1e-5)
+        assert drift[lang]["mean_abs"][2] != pytest.approx(post_norm / (tokens * 64), rel=1e-3)
+
+
+def test_sentence_embeddings_exclude_bos_and_special_tokens(tiny_llama, tmp_path):
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    model_dir = tmp_path / "with-bos"
+    shutil.copytree(tiny_llama, model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", tok.bos_token_id)]
+    )
+    texts = prepare_texts(tok, ["de", "en"], str(TATOEBA), max_tokens=40)
+    sample = texts.samples["de"][0]
+    assert int(sample.input_ids[0]) == tok.bos_token_id
+    assert not bool(sample.valid[0]) and bool(sample.valid[1:].all())
+    assert texts.provenance["languages"]["de"]["valid_tokens"] == 40
+    model, _, _ = load_model(str(model_dir))
+    result = run_pass(model, texts, label="test", embeddings=True, progress=False)
+    with torch.no_grad():
+        hidden = model(input_ids=sample.input_ids[None], output_hidden_states=True).hidden_states
+    expected = hidden[1][0, 1:].double().mean(dim=0).numpy()  # layer 0 output, BOS left out
+    assert result.embeddings["de"].dtype == np.float64
+    assert np.allclose(result.embeddings["de"][0, 0], expected, atol=1e-6)
+    assert not np.allclose(result.embeddings["de"][0, 0], hidden[1][0].double().mean(dim=0).numpy(), atol=1e-6)
+
+
+def test_a_checkpoint_against_an_identical_copy_shows_no_change(trio):
+    result = compare(trio["b"], trio["b_same"], langs="de,en,sw", text_source=str(TATOEBA),
+                     only="masks,lsar,drift", max_tokens=40, progress=False)
+    assert result["masks"]["comparisons"]["between"]["global"]["iou"] == 1.0
+    for layer in result["lsar"]["per_target"]["b"]["per_layer"]:
+        for cell in layer["per_language"].values():
+            assert cell["delta_agnostic"] == 0 and cell["delta_specific"] == 0
+        assert layer["orthogonality"]["reference"]["max_rel"] < 1e-10
+    for per in result["drift"]["per_target"]["b"]["per_language"].values():
+        assert per["mean_abs"] == [0.0, 0.0, 0.0]
+    assert result["lape"] is None and result["analyses"] == ["masks", "lsar", "drift"]
+
+
+def test_compare_writes_versioned_json_figures_summary_and_lape_arrays(trio, tmp_path):
+    out = tmp_path / "cmp"
+    result = compare(trio["a"], trio["b"], dense=trio["dense"], langs="de,sw", text_source=str(TATOEBA),
+                     max_tokens=50, deactivate=True, out=out, progress=False)
+    data = read_versioned(out / "compare.json", "prunekit-compare")
+    assert data["kind"] == "prunekit-compare" and data["schema_version"].startswith("1.")
+    assert data == json.loads(json.dumps(result))
+    assert data["reference"] == "dense" and data["targets"] == ["a", "b"]
+    assert data["masks"]["dense_aware"] and set(data["lsar"]["per_target"]) == {"a", "b"}
+    assert data["texts"]["languages"]["de"]["valid_tokens"] == 50
+    for name in ("masks_iou", "lsar", "lape", "drift"):
+        assert (out / "figures" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = (out / "summary.md").read_text()
+    for heading in ("## Mask IoU", "## LSAR drift", "## Hidden-state drift", "## LAPE", "## Neuron deactivation"):
+        assert heading in summary
+    arrays = np.load(out / "lape.npz", allow_pickle=False)
+    assert arrays["dense_lape"].shape == (3, 128) and arrays["a_activation_probability"].shape == (3, 128, 2)
+    assert list(arrays["langs"]) == ["de", "sw"]
+    lape = data["lape"]
+    assert lape["bins"]["bins"] == 50 and set(lape["bins"]["global"]) == {"reference", "a", "b"}
+    deact = lape["deactivation"]["per_model"]["dense"]
+    assert any(cells is not None for cells in deact.values())
+    assert set(data["perplexity"]) == {"dense", "a", "b"}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging dir left
+
+
+def test_models_with_different_tokenizers_are_refused_for_model_runs(trio, tmp_path):
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    from prunekit.errors import ModelError
+
+    other = tmp_path / "other-tokenizer"
+    shutil.copytree(trio["b"], other)
+    tok = AutoTokenizer.from_pretrained(other)
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    tok.save_pretrained(other)
+    with pytest.raises(ModelError, match=r"\(b\) has a different tokenizer than .*\(a\)"):
+        compare(trio["a"], other, langs="de,sw", text_source=str(TATOEBA), only="drift", max_tokens=8, progress=False)
+    # a tokenizer saved again without changes passes the check
+    same = tmp_path / "same-tokenizer"
+    shutil.copytree(trio["b"], same)
+    AutoTokenizer.from_pretrained(trio["b"]).save_pretrained(same)
+    compare(trio["a"], same, langs="de,sw", text_source=str(TATOEBA), only="drift", max_tokens=8, progress=False)
+
+
+def test_schema_document_names_every_top_level_field(trio):
+    result = compare(trio["a"], trio["b"], only="masks", progress=False)
+    schema = (ROOT / "analysis" / "SCHEMA.md").read_text()
+    block = schema.split("## `compare.json`")[1]
+    for key in list(result) + ["files"]:
+        assert f"\n{key} " in block, key
+    for key in result["masks"]:
+        assert key in block, key
+
+
+def test_existing_output_and_bad_options_are_refused_before_any_work(trio, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "file").write_text("x")
+    with pytest.raises(ConfigError, match="not empty"):
+        compare(trio["a"], trio["b"], only="masks", out=out, progress=False)
+    with pytest.raises(ConfigError, match="unknown analysis 'iou'"):
+        compare(trio["a"], trio["b"], only="masks,iou", progress=False)
+    with pytest.raises(ConfigError, match="two or more"):
+        compare(trio["a"], trio["b"], only="lsar", langs="de", progress=False)
+    with pytest.raises(ConfigError, match="subspace"):
+        compare(trio["a"], trio["b"], only="lsar", subspace="shared", progress=False)
+
+
+def test_cli_compare_prints_tables_and_writes_the_output_dir(trio, tmp_path):
+    from prunekit.cli.main import app
+
+    out = tmp_path / "cli"
+    runner = CliRunner()
+    done = runner.invoke(app, ["compare", str(trio["a"]), str(trio["b"]), "--dense", str(trio["dense"]),
+                               "--langs", "de,sw", "--text-source", str(TATOEBA), "--only", "masks,drift",
+                               "--max-tokens", "30", "--out", str(out)], env={"COLUMNS": "200"})
+    assert done.exit_code == 0, done.output
+    assert "Mask IoU" in done.stdout and "Hidden-state drift" in done.stdout
+    assert (out / "compare.json").exists() and (out / "figures" / "drift.png").exists()
+
+
+def test_cli_reports_mismatched_models_and_dense_inputs_in_one_line(trio, tmp_path, tokenizer):
+    from prunekit.cli.main import app
+
+    gemma = build_tiny_model("gemma3", tokenizer, tmp_path / "gemma")
+    runner = CliRunner()
+    done = runner.invoke(app, ["compare", str(trio["a"]), str(gemma), "--only", "masks", "--out", str(tmp_path / "x")])
+    assert done.exit_code == 2
+    assert done.stderr.count("\n") == 1 and "first mismatching tensor 'model.layers.0." in done.stderr
+    assert not (tmp_path / "x").exists()
+    done = runner.invoke(app, ["compare", str(trio["a"]), str(trio["dense"]), "--only", "masks", "-q",
+                               "--out", str(tmp_path / "y")])
+    assert done.exit_code == 0
+    assert "warning: checkpoint b" in done.stderr and "measured sparsity 0.0000" in done.stderr
+
+
+def test_cli_help_teaches_with_an_example():
+    from prunekit.cli.main import app
+
+    done = CliRunner().invoke(app, ["compare", "--help"], env={"COLUMNS": "200"})
+    assert done.exit_code == 0
+    assert "Example: prunekit compare" in done.stdout and "--seeds-a" in done.stdout
+
+
+@pytest.mark.gemma
+def test_gemma_checkpoints_pruned_on_different_languages_compare_end_to_end(embedded_gemma, tmp_path):
+    import time
+
+    import prunekit
+
+    t0 = time.perf_counter()
+    for lang in ("de", "sw"):
+        prunekit.prune(str(embedded_gemma), method="wanda", calib=lang, calib_source=str(TATOEBA), nsamples=4,
+                       seqlen=64, out=tmp_path / lang, progress=False)
+    pruned = time.perf_counter() - t0
+    result = compare(tmp_path / "de", tmp_path / "sw", dense=embedded_gemma, langs="de,sw", only="masks,drift",
+                     max_tokens=24, out=tmp_path / "cmp", progress=False)
+    masks = result["masks"]
+    assert masks["num_layers"] == 18 and len(masks["comparisons"]["between"]["per_layer"]) == 18 * 7
+    glob = masks["comparisons"]["between"]["global"]
+    # the dequantized GGUF weights hold exact zeros; Wanda prunes them first, and the dense-aware masks leave them out
+    native = masks["natively_zero"]["total"]
+    assert native > 0
+    assert [(c + native) / glob["numel"] for c in glob["counts"]] == [pytest.approx(0.5, abs=0.01)] * 2
+    # calibration language changes some of the Wanda masks, but far fewer than chance would
+    assert glob["chance"] < glob["iou"] < 1.0
+    assert result["names"]["a"] == "a (de)" and result["names"]["b"] == "b (sw)"
+    drift = result["drift"]["per_target"]
+    assert set(drift) == {"a", "b"} and all(v > 0 for v in drift["a"]["per_language"]["sw"]["mean_abs"])
+    assert (tmp_path / "cmp" / "figures" / "masks_iou.png").exists()
+    print(f"prune x2: {pruned:.1f}s, compare: {result['timings']['total_s']:.1f}s, IoU {glob['iou']:.3f}")
