@@ -1,0 +1,74 @@
+"""``prunekit sweep`` and ``prunekit report``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from prunekit.cli.app import app, user_errors
+
+stdout = Console()
+
+
+@app.command()
+@user_errors
+def sweep(
+    config: Path = typer.Argument(..., help="Sweep config (YAML): models, methods, calibration sets, seeds, evaluation, push, slurm."),
+    executor: str = typer.Option("local", "--executor", "-e", help="local (this machine) or slurm (submitit job arrays; slurm.cluster: local tests them here)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate the config and print the plan (what is done, what would run); write nothing."),
+    max_parallel: int = typer.Option(1, "--max-parallel", "-j", help="local: worker processes at a time, pinned round-robin to the visible GPUs (1 = sequential, in this process); slurm: array parallelism."),
+    runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", "-o", help="Where run dirs go (default: runs/<config name> beside the current directory)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No plan table or progress bars (the summary is still printed)."),
+) -> None:
+    """Prune every model with every calibration set (× methods × sparsities × seeds), evaluate, optionally push.
+
+    Each run lives in RUNS_DIR/runs/<run hash> with one status file per stage (prune, eval, push);
+    rerunning the same command skips finished stages and redoes those whose process died, so a
+    sweep killed at any moment resumes without losing or corrupting runs. The dense model is
+    evaluated once per model (RUNS_DIR/dense/). A failing run is recorded and the sweep goes on;
+    the exit code is 1 if any run failed.
+
+    Example: prunekit sweep configs/tiny-example.yaml --runs-dir runs/tiny && prunekit report runs/tiny --out report/tiny
+    """
+    from prunekit.sweep import load_config, run_sweep
+
+    cfg = load_config(config)
+    target = runs_dir if runs_dir is not None else Path("runs") / cfg.name
+    summary = run_sweep(cfg, target, executor=executor, dry_run=dry_run, max_parallel=max_parallel, progress=not quiet)
+    for line in summary.lines():
+        print(line, file=sys.stdout if summary.ok else sys.stderr)
+    if not summary.ok:
+        raise SystemExit(summary.exit_code)
+
+
+@app.command()
+@user_errors
+def report(
+    runs_dir: Path = typer.Argument(..., help="The --runs-dir of a sweep."),
+    out: Path = typer.Option(..., "--out", "-o", help="Report directory: report.md, report.html, results.csv, results.json, heatmaps/."),
+    metric: str = typer.Option("perplexity", "--finding-metric", help="Metric of the printed diagonal finding: perplexity, snr_db, pruning_error or a task table such as belebele/acc."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only where the report went."),
+) -> None:
+    """Turn a sweep's runs into leaderboard tables like the study's Tables 1–4.
+
+    Rows are (model, method, calibration set), columns evaluation languages, one table per metric
+    (perplexity, SNR, pruning error ×10⁶, every task metric); cells are mean ± std over seeds, with the
+    dense row, deltas against dense, the best cell per column, heatmaps with the diagonal outlined and
+    a calibration advisor.
+
+    Example: prunekit report runs/tiny --out report/tiny
+    """
+    from prunekit.report import build_report, diagonal_finding
+
+    result = build_report(runs_dir, out)
+    if not quiet:
+        for line in diagonal_finding(result, metric):
+            stdout.print(line)
+        if result.collected.missing:
+            stdout.print(f"[yellow]{len(result.collected.missing)} run(s) have no results yet (listed in the report)[/yellow]")
+    stdout.print(f"report written to [bold]{result.files['report.html']}[/bold] "
+                 f"({len(result.collected.runs)} runs, {len(result.tables)} tables, {len(result.heatmaps)} heatmaps)")

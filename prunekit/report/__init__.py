@@ -1,0 +1,109 @@
+"""Leaderboard reports of a sweep, laid out like the study's Tables 1–4.
+
+    from prunekit.report import build_report, diagonal_finding
+    report = build_report("runs/tiny", "report/")
+    print("\\n".join(diagonal_finding(report)))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from prunekit.errors import ConfigError
+from prunekit.io import write_text_atomic
+from prunekit.report.collect import Collected, collect
+from prunekit.report.tables import (
+    AdvisorRow,
+    Block,
+    Cell,
+    MetricTable,
+    Row,
+    build_advisor,
+    build_tables,
+    diagonal_counts,
+)
+
+__all__ = ["AdvisorRow", "Block", "Cell", "MetricTable", "Report", "Row", "build_report", "diagonal_finding"]
+
+
+@dataclass
+class Report:
+    name: str
+    runs_dir: Path
+    out_dir: Path
+    collected: Collected
+    tables: list[MetricTable]
+    advisor: list[AdvisorRow]
+    created: str
+    findings: list[str] = field(default_factory=list)
+    heatmaps: list[Path] = field(default_factory=list)
+    files: dict[str, Path] = field(default_factory=dict)
+
+    def table(self, metric: str) -> MetricTable:
+        """The table of a metric: 'perplexity', 'snr_db', 'pruning_error' or 'task:<group>/<metric>'
+        (a bare '<group>/<metric>' works too)."""
+        for table in self.tables:
+            if table.metric.id in (metric, f"task:{metric}"):
+                return table
+        raise KeyError(f"no '{metric}' table; the report has: {', '.join(t.metric.id for t in self.tables)}")
+
+    def heatmaps_for(self, metric: str) -> list[Path]:
+        from prunekit.report.render import heatmap_name
+
+        try:
+            table = self.table(metric)
+        except KeyError:
+            return []
+        names = {heatmap_name(table, block) for block in table.blocks}
+        return [p for p in self.heatmaps if p.name in names]
+
+    def decimals(self, metric: str) -> int:
+        return self.table(metric).metric.decimals
+
+
+def diagonal_finding(report: Report, metric: str = "perplexity") -> list[str]:
+    """One line per model × method, e.g. 'calibrating on the target language gave the lowest perplexity
+    in 6 of 7 languages (sparsegpt, Meta-Llama-3-8B-Instruct)'."""
+    try:
+        table = report.table(metric)
+    except KeyError:
+        return []
+    word = "lowest" if table.metric.lower_is_better else "highest"
+    name = table.metric.title.split(" (")[0].split(" [")[0]
+    name = {"perplexity": "perplexity", "snr_db": "SNR", "pruning_error": "pruning error"}.get(table.metric.id, name)
+    lines = []
+    for block, k, n in diagonal_counts(table):
+        method = block.method_label
+        lines.append(f"calibrating on the target language gave the {word} {name} in {k} of {n} "
+                     f"language{'s' if n != 1 else ''} ({method}, {block.model})")
+    return lines
+
+
+def build_report(runs_dir: str | Path, out_dir: str | Path, heatmaps: bool = True) -> Report:
+    """Read every evaluated run under ``runs_dir`` and write report.md, report.html, results.csv,
+    results.json and heatmaps/*.png into ``out_dir``."""
+    from prunekit.report import render
+
+    collected = collect(runs_dir)
+    if not collected.runs:
+        waiting = f" ({len(collected.missing)} runs are not evaluated yet)" if collected.missing else ""
+        raise ConfigError(f"no evaluated runs in '{runs_dir}'{waiting}; finish the sweep first (`prunekit sweep CONFIG --runs-dir {runs_dir}`)")
+    out_dir = Path(out_dir).expanduser()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tables = build_tables(collected)
+    name = (collected.sweep or {}).get("name") or Path(runs_dir).name
+    report = Report(name, Path(runs_dir), out_dir, collected, tables, build_advisor(tables),
+                    datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    report.findings = [line for metric in ("perplexity", "snr_db", "pruning_error") for line in diagonal_finding(report, metric)]
+    if heatmaps:
+        for table in tables:
+            for block in table.blocks:
+                if block.rows:
+                    report.heatmaps.append(render.heatmap(table, block, out_dir / "heatmaps" / render.heatmap_name(table, block)))
+    report.files["report.md"] = write_text_atomic(out_dir / "report.md", render.markdown(report))
+    report.files["report.html"] = write_text_atomic(out_dir / "report.html", render.html(report))
+    report.files["results.csv"] = render.write_csv(report, out_dir / "results.csv")
+    report.files["results.json"] = render.write_json(report, out_dir / "results.json")
+    return report

@@ -1,0 +1,95 @@
+"""Read a sweep's runs dir: every run's description (run.json) and evaluation (results.json), and
+each model's dense evaluation (dense/<model key>/results.json)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prunekit.errors import ConfigError, SchemaError
+from prunekit.io import read_versioned
+
+RESULTS_KIND = "prunekit-results"
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    model: str  # display name
+    model_key: str
+    method: str  # label, e.g. wanda, gptq-w4g128
+    pattern: str  # 50%, 2:4, '-' for quantization
+    calibration: str  # en, en+de, all, none
+    seed: int | None
+    results: dict[str, Any]
+    path: Path
+
+
+@dataclass
+class DenseResult:
+    model: str
+    model_key: str
+    results: dict[str, Any]
+    path: Path
+
+
+@dataclass
+class Collected:
+    runs_dir: Path
+    runs: list[RunResult]
+    dense: dict[str, DenseResult]  # model key -> dense evaluation
+    missing: list[dict[str, Any]] = field(default_factory=list)  # runs without an evaluation yet
+    sweep: dict[str, Any] | None = None  # sweep.json of the last sweep, for orderings
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def collect(runs_dir: str | Path) -> Collected:
+    runs_dir = Path(runs_dir).expanduser()
+    if not runs_dir.is_dir():
+        raise ConfigError(f"runs dir '{runs_dir}' does not exist; run `prunekit sweep CONFIG --runs-dir {runs_dir}` first")
+    if not (runs_dir / "runs").is_dir() and not (runs_dir / "dense").is_dir():
+        raise ConfigError(f"'{runs_dir}' holds no sweep (no runs/ or dense/ inside); point at the --runs-dir of a sweep")
+    sweep = None
+    if (runs_dir / "sweep.json").exists():
+        sweep = read_versioned(runs_dir / "sweep.json", "prunekit-sweep")
+    runs: list[RunResult] = []
+    missing: list[dict[str, Any]] = []
+    for directory in sorted(p for p in (runs_dir / "runs").glob("*") if p.is_dir() and not p.name.startswith(".")):
+        desc_path = directory / "run.json"
+        if not desc_path.exists():
+            continue
+        desc = read_versioned(desc_path, "prunekit-sweep-run")
+        label = {"run_id": desc["run_id"], "model": desc["model"]["name"], "method": desc["method"]["label"],
+                 "calibration": desc["calibration"], "seed": desc["seed"]}
+        results_path = directory / "results.json"
+        status_path = directory / "eval.status.json"
+        done = status_path.exists() and _read_json(status_path).get("state") == "done"
+        if not results_path.exists() or not done:
+            missing.append(label | {"reason": "not evaluated yet" if not results_path.exists() else "evaluation not finished"})
+            continue
+        try:
+            results = read_versioned(results_path, RESULTS_KIND)
+        except SchemaError as err:
+            missing.append(label | {"reason": str(err)})
+            continue
+        runs.append(RunResult(
+            run_id=desc["run_id"], model=desc["model"]["name"], model_key=desc["model"]["key"],
+            method=desc["method"]["label"], pattern=(desc.get("pattern") or {}).get("label", "-"),
+            calibration=desc["calibration"], seed=desc["seed"], results=results, path=directory,
+        ))
+    dense: dict[str, DenseResult] = {}
+    for directory in sorted(p for p in (runs_dir / "dense").glob("*") if p.is_dir() and not p.name.startswith(".")):
+        if not (directory / "dense.json").exists() or not (directory / "results.json").exists():
+            continue
+        status_path = directory / "dense.status.json"
+        if not status_path.exists() or _read_json(status_path).get("state") != "done":
+            continue
+        desc = read_versioned(directory / "dense.json", "prunekit-sweep-dense")
+        dense[directory.name] = DenseResult(desc["model"]["name"], directory.name,
+                                            read_versioned(directory / "results.json", RESULTS_KIND), directory)
+    return Collected(runs_dir, runs, dense, missing, sweep)

@@ -1,0 +1,455 @@
+"""Doing the work of one task: the dense evaluation of a model, a run (prune -> eval -> push) or an
+analysis pair. Every executor (in-process, local processes, submitit) ends up in ``execute_tasks``.
+
+Runs-dir layout::
+
+    RUNS_DIR/
+      sweeps/<config digest>.json      the validated config each worker re-reads
+      sweep.log                        one line per stage start/end (append-only)
+      dense/<model key>/               dense.json, dense.status.json, results.json
+      runs/<run hash>/                 run.json, prune.status.json, checkpoint/, eval.status.json,
+                                       results.json, push.status.json, push.json
+      analysis/<pair key>/             analysis.json, analysis.status.json, result.json
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prunekit.errors import PrunekitError
+from prunekit.io import atomic_directory, read_versioned, versioned, write_json_atomic
+from prunekit.sweep.config import SweepConfig, load_config
+from prunekit.sweep.grid import AnalysisTask, DenseTask, Grid, RunTask, expand
+from prunekit.sweep.state import DONE, StageBusy, clean_partials, clear_status, now_iso, read_status, stage, stage_state
+
+CONFIG_KIND = "prunekit-sweep-config"
+RUN_KIND = "prunekit-sweep-run"
+DENSE_KIND = "prunekit-sweep-dense"
+ANALYSIS_KIND = "prunekit-sweep-analysis"
+RESULTS_KIND = "prunekit-results"
+
+
+def digest(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths and fingerprints
+# ---------------------------------------------------------------------------------------------
+
+
+def dense_dir(runs_dir: Path, task: DenseTask) -> Path:
+    return Path(runs_dir) / "dense" / task.key
+
+
+def run_dir(runs_dir: Path, task: RunTask) -> Path:
+    return Path(runs_dir) / "runs" / task.run_id
+
+
+def analysis_dir(runs_dir: Path, task: AnalysisTask) -> Path:
+    return Path(runs_dir) / "analysis" / task.key
+
+
+def task_dir(runs_dir: Path, task) -> Path:
+    if isinstance(task, DenseTask):
+        return dense_dir(runs_dir, task)
+    if isinstance(task, RunTask):
+        return run_dir(runs_dir, task)
+    return analysis_dir(runs_dir, task)
+
+
+def dense_fingerprint(config: SweepConfig) -> str:
+    return digest({"eval": config.eval_settings})
+
+
+def eval_fingerprint(config: SweepConfig, directory: Path) -> str:
+    """Eval settings plus the prune attempt it evaluates: a re-pruned checkpoint is re-evaluated."""
+    prune_status = read_status(directory, "prune") or {}
+    return digest({"eval": config.eval_settings, "checkpoint": prune_status.get("finished")})
+
+
+def push_fingerprint(config: SweepConfig, directory: Path) -> str:
+    eval_status = read_status(directory, "eval") or {}
+    return digest({"push": config.push, "results": eval_status.get("finished")})
+
+
+def analysis_fingerprint(config: SweepConfig, runs_dir: Path, task: AnalysisTask) -> str:
+    finished = [(read_status(Path(runs_dir) / "runs" / rid, "prune") or {}).get("finished") for rid in task.runs]
+    return digest({"langs": config.eval_languages, "source": config.ppl_source, "seqlen": config.eval_seqlen, "runs": finished})
+
+
+def stage_names(config: SweepConfig, task) -> list[str]:
+    if isinstance(task, DenseTask):
+        return ["dense"]
+    if isinstance(task, AnalysisTask):
+        return ["analysis"]
+    return ["prune", "eval"] + (["push"] if config.push else [])
+
+
+def task_states(config: SweepConfig, runs_dir: Path, task) -> dict[str, str]:
+    """Current state of each stage of a task: done / todo / failed / stale / busy."""
+    directory = task_dir(runs_dir, task)
+    if isinstance(task, DenseTask):
+        return {"dense": stage_state(directory, "dense", dense_fingerprint(config))}
+    if isinstance(task, AnalysisTask):
+        return {"analysis": stage_state(directory, "analysis", analysis_fingerprint(config, runs_dir, task))}
+    states = {"prune": stage_state(directory, "prune")}
+    checkpoint_ok = (directory / "checkpoint" / "prunekit.json").exists()
+    eval_state = stage_state(directory, "eval", eval_fingerprint(config, directory))
+    if states["prune"] == "done" and not checkpoint_ok and not (eval_state == "done" and not config.keep_checkpoints):
+        states["prune"] = "todo"  # the checkpoint was removed by hand
+    states["eval"] = eval_state if states["prune"] == "done" else ("todo" if eval_state != "busy" else "busy")
+    if eval_state == "done" and not (directory / "results.json").exists():
+        states["eval"] = "todo"
+    if config.push:
+        push_state = stage_state(directory, "push", push_fingerprint(config, directory))
+        states["push"] = push_state if states["eval"] == "done" else ("todo" if push_state != "busy" else "busy")
+    return states
+
+
+def is_complete(states: dict[str, str]) -> bool:
+    return all(state == "done" for state in states.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# The snapshot every worker re-reads
+# ---------------------------------------------------------------------------------------------
+
+
+def write_snapshot(runs_dir: Path, config: SweepConfig) -> str:
+    path = Path(runs_dir) / "sweeps" / f"{config.digest}.json"
+    if not path.exists():
+        write_json_atomic(path, versioned(CONFIG_KIND, {"name": config.name, "config": config.to_json(), "created": now_iso()}))
+    return config.digest
+
+
+def read_snapshot(runs_dir: Path, config_digest: str) -> SweepConfig:
+    data = read_versioned(Path(runs_dir) / "sweeps" / f"{config_digest}.json", CONFIG_KIND)
+    return load_config(data["config"])
+
+
+def log(runs_dir: Path, message: str) -> None:
+    line = f"{now_iso()} {socket.gethostname()}:{os.getpid()} {message}\n"
+    with contextlib.suppress(OSError), open(Path(runs_dir) / "sweep.log", "a", encoding="utf-8") as handle:
+        handle.write(line)
+
+
+def ensure_task_dir(directory: Path, kind: str, payload: dict[str, Any]) -> Path:
+    """Create a task dir atomically with its description file (run.json / dense.json / analysis.json)."""
+    filename = {RUN_KIND: "run.json", DENSE_KIND: "dense.json", ANALYSIS_KIND: "analysis.json"}[kind]
+    if (directory / filename).exists():
+        return directory
+    if directory.exists():  # a dir without its description: left by hand or an old layout; fill it in
+        write_json_atomic(directory / filename, versioned(kind, payload))
+        return directory
+    with contextlib.suppress(FileExistsError):
+        with atomic_directory(directory) as staging:
+            write_json_atomic(staging / filename, versioned(kind, payload))
+    return directory
+
+
+# ---------------------------------------------------------------------------------------------
+# Outcomes
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TaskOutcome:
+    task_id: str
+    state: str  # done | failed | busy
+    ran: list[str] = field(default_factory=list)  # stages executed now
+    skipped: list[str] = field(default_factory=list)  # stages already done
+    error: str | None = None
+    stage: str | None = None  # the stage that failed
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+# ---------------------------------------------------------------------------------------------
+# Library calls (the evaluation / hub / analysis modules are optional at import time)
+# ---------------------------------------------------------------------------------------------
+
+
+def _evaluation():
+    try:
+        import prunekit.evaluation as evaluation
+    except ImportError as err:
+        raise PrunekitError(f"prunekit.evaluation is not available in this installation ({err})") from err
+    return evaluation
+
+
+def eval_kwargs(config: SweepConfig, progress: bool) -> dict[str, Any]:
+    """The evaluation settings of the config as keyword arguments of prunekit.evaluation."""
+    return {
+        "langs": list(config.eval_languages), "ppl_source": config.ppl_source, "tasks": config.tasks,
+        "limit": config.limit, "seqlen": config.eval_seqlen, "device": config.device, "progress": progress,
+        **config.eval_options,
+    }
+
+
+def evaluate_checkpoint(config: SweepConfig, checkpoint: Path, model_entry, progress: bool, loaded=None) -> dict[str, Any]:
+    """Evaluate a pruned checkpoint against the dense model (whose hidden states are cached by the dense
+    stage, so the dense model is not even loaded). ``loaded`` = (model, tokenizer, record) reuses the
+    model the prune stage just produced instead of reading the checkpoint back."""
+    from prunekit.models import resolve_model
+
+    evaluation = _evaluation()
+    dense = None
+    if config.hidden_states:
+        dense = evaluation.DenseReference.from_spec(model_entry.spec, model_entry.dtype, model_entry.trust_remote_code)
+    if loaded is None:
+        return _evaluate_from_disk(evaluation, checkpoint, dense, model_entry, config, progress)
+    model, tokenizer, record = loaded
+    return evaluation.evaluate_loaded(model, tokenizer, source=resolve_model(str(checkpoint)), record=record, dense=dense,
+                                      **eval_kwargs(config, progress))
+
+
+def _evaluate_from_disk(evaluation, checkpoint: Path, dense, model_entry, config: SweepConfig, progress: bool) -> dict[str, Any]:
+    from prunekit.models import load_model, resolve_model
+    from prunekit.pipeline import read_record
+
+    source = resolve_model(str(checkpoint))
+    model, tokenizer, source = load_model(source, model_entry.dtype)
+    return evaluation.evaluate_loaded(model, tokenizer, source=source, record=read_record(source.path), dense=dense,
+                                      **eval_kwargs(config, progress))
+
+
+def evaluate_dense(config: SweepConfig, model_entry, progress: bool) -> dict[str, Any]:
+    """The dense model's own evaluation (the report's dense row); as the reference side it also computes
+    and caches the dense hidden states every run of this model compares against."""
+    from prunekit.models import load_model
+
+    evaluation = _evaluation()
+    model, tokenizer, source = load_model(model_entry.spec, model_entry.dtype, trust_remote_code=model_entry.trust_remote_code,
+                                          revision=model_entry.revision)
+    dense = evaluation.DenseReference.from_loaded(model, tokenizer, source) if config.hidden_states else None
+    return evaluation.evaluate_loaded(model, tokenizer, source=source, record=None, dense=dense, **eval_kwargs(config, progress))
+
+
+def _free_memory() -> None:
+    gc.collect()
+    with contextlib.suppress(Exception):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def run_dense(config: SweepConfig, runs_dir: Path, task: DenseTask, progress: bool) -> TaskOutcome:
+    directory = ensure_task_dir(dense_dir(runs_dir, task), DENSE_KIND, {
+        "model": {"spec": task.model.spec, "name": task.model.name, "dtype": task.model.dtype, "revision": task.model.revision},
+    })
+    fingerprint = dense_fingerprint(config)
+    outcome = TaskOutcome(task.task_id, DONE)
+    if stage_state(directory, "dense", fingerprint) == "done" and (directory / "results.json").exists():
+        outcome.skipped.append("dense")
+        return outcome
+    clean_partials(directory)
+    log(runs_dir, f"{task.task_id} dense start")
+    with stage(directory, "dense", fingerprint, {"model": task.model.spec}) as details:
+        # The dense model against itself: its own perplexity per language (the "dense" row) and, as the
+        # reference side, its hidden states -- cached by content hash in cache_dir("dense") for every run.
+        results = evaluate_dense(config, task.model, progress)
+        write_json_atomic(directory / "results.json", results)
+        details["languages"] = list(config.eval_languages)
+        details["dense_hidden_states"] = {lang: (entry.get("dense_cache") or {}).get("status")
+                                          for lang, entry in (results.get("hidden_states") or {}).items()}
+    outcome.ran.append("dense")
+    log(runs_dir, f"{task.task_id} dense done")
+    return outcome
+
+
+def run_one(config: SweepConfig, runs_dir: Path, task: RunTask, progress: bool) -> TaskOutcome:
+    from prunekit.pipeline import prune
+
+    directory = ensure_task_dir(run_dir(runs_dir, task), RUN_KIND, task.describe())
+    outcome = TaskOutcome(task.task_id, DONE)
+    states = task_states(config, runs_dir, task)
+    if "busy" in states.values():
+        return TaskOutcome(task.task_id, "busy", error=f"stages {states} are being run by another process")
+    clean_partials(directory)
+    checkpoint = directory / "checkpoint"
+
+    loaded = None  # the model the prune stage produced, handed to the eval stage without a reload
+    if states["prune"] == "done":
+        outcome.skipped.append("prune")
+    else:
+        clear_status(directory, "eval", "push")
+        with contextlib.suppress(FileNotFoundError):
+            (directory / "results.json").unlink()
+        log(runs_dir, f"{task.task_id} prune start")
+        outcome.stage = "prune"
+        with stage(directory, "prune", None, {"identity_hash": task.run_id}) as details:
+            result = prune(
+                task.model.spec, method=task.method.method, sparsity=task.sparsity, pattern=task.pattern_spec,
+                calib=task.calib, calib_source=config.calib_source, nsamples=config.nsamples, seqlen=config.seqlen,
+                seed=task.seed if task.seed is not None else 0, out=checkpoint, dtype=task.model.dtype,
+                device=config.device, skip_layers=config.skip_layers, overwrite=True,
+                quantization=task.method.quantization, batch_size=config.batch_size, revision=task.model.revision,
+                trust_remote_code=task.model.trust_remote_code, progress=progress,
+            )
+            details["record_run_id"] = result.record["run_id"]
+            details["overall_sparsity"] = result.record["sparsity"]["overall"]
+            details["timings"] = result.record["timings"]
+        loaded = (result.model, result.tokenizer, result.record)
+        del result
+        outcome.ran.append("prune")
+        log(runs_dir, f"{task.task_id} prune done")
+
+    fingerprint = eval_fingerprint(config, directory)
+    if stage_state(directory, "eval", fingerprint) == "done" and (directory / "results.json").exists():
+        outcome.skipped.append("eval")
+    else:
+        dense_task = DenseTask(task.model)
+        dense_state = stage_state(dense_dir(runs_dir, dense_task), "dense", dense_fingerprint(config))
+        outcome.stage = "eval"
+        log(runs_dir, f"{task.task_id} eval start")
+        with stage(directory, "eval", fingerprint) as details:
+            if dense_state != "done":
+                raise PrunekitError(f"the dense evaluation of {task.model.name} is {dense_state}, not done; see {dense_dir(runs_dir, dense_task)}")
+            results = evaluate_checkpoint(config, checkpoint, task.model, progress, loaded)
+            write_json_atomic(directory / "results.json", results)
+            details["languages"] = list(config.eval_languages)
+            details["dense_hidden_states"] = {lang: (entry.get("dense_cache") or {}).get("status")
+                                              for lang, entry in (results.get("hidden_states") or {}).items()}
+        loaded = None
+        _free_memory()
+        outcome.ran.append("eval")
+        log(runs_dir, f"{task.task_id} eval done")
+
+    loaded = None
+    _free_memory()
+    if config.push:
+        fingerprint = push_fingerprint(config, directory)
+        if stage_state(directory, "push", fingerprint) == "done":
+            outcome.skipped.append("push")
+        else:
+            outcome.stage = "push"
+            log(runs_dir, f"{task.task_id} push start")
+            with stage(directory, "push", fingerprint) as details:
+                details.update(_push(config, task, directory, runs_dir))
+                write_json_atomic(directory / "push.json", versioned("prunekit-sweep-push", dict(details)))
+            outcome.ran.append("push")
+            log(runs_dir, f"{task.task_id} push done")
+
+    if not config.keep_checkpoints and checkpoint.exists():
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    outcome.stage = None
+    return outcome
+
+
+def _push(config: SweepConfig, task: RunTask, directory: Path, runs_dir: Path) -> dict[str, Any]:
+    try:
+        from prunekit import hub
+    except ImportError as err:
+        raise PrunekitError(f"push is configured but prunekit.hub is not available ({err})") from err
+    results = directory / "results.json"
+    dense_results = dense_dir(runs_dir, DenseTask(task.model)) / "results.json"
+    pushed = hub.push(
+        directory / "checkpoint", namespace=config.push["namespace"], private=config.push["private"],
+        endpoint=config.push.get("endpoint"), results=results if results.exists() else None,
+        dense_results=dense_results if dense_results.exists() else None,
+    )
+    return {"repo_id": pushed.repo_id, "url": pushed.url, "private": config.push["private"],
+            "commit": getattr(pushed, "commit", None), "committed": getattr(pushed, "committed", None)}
+
+
+def run_analysis(config: SweepConfig, runs_dir: Path, task: AnalysisTask, progress: bool) -> TaskOutcome:
+    directory = ensure_task_dir(analysis_dir(runs_dir, task), ANALYSIS_KIND, {
+        "model": task.model.spec, "model_name": task.model.name, "method": task.method.label, "pattern": task.pattern_label,
+        "pair": list(task.pair), "runs_a": list(task.runs_a), "runs_b": list(task.runs_b),
+    })
+    fingerprint = analysis_fingerprint(config, runs_dir, task)
+    outcome = TaskOutcome(task.task_id, DONE)
+    if stage_state(directory, "analysis", fingerprint) == "done":
+        outcome.skipped.append("analysis")
+        return outcome
+    clean_partials(directory)
+    outcome.stage = "analysis"
+    with stage(directory, "analysis", fingerprint) as details:
+        side_a = [Path(runs_dir) / "runs" / rid / "checkpoint" for rid in task.runs_a]
+        side_b = [Path(runs_dir) / "runs" / rid / "checkpoint" for rid in task.runs_b]
+        missing = [str(c) for c in side_a + side_b if not (c / "prunekit.json").exists()]
+        if missing:
+            raise PrunekitError(f"analysis needs the checkpoints of both calibration sets; missing: {', '.join(missing)}")
+        try:
+            from prunekit.analysis import compare
+        except ImportError as err:
+            result = {"status": "n/a", "note": f"prunekit.analysis.compare is not available ({err})"}
+        else:
+            comparison = compare(
+                str(side_a[0]), str(side_b[0]), dense=task.model.spec, seeds_a=[str(c) for c in side_a[1:]],
+                seeds_b=[str(c) for c in side_b[1:]], langs=list(config.eval_languages), text_source=config.ppl_source,
+                out=directory / "compare", overwrite=True, dtype=task.model.dtype, device=config.device,
+                progress=progress, **config.analysis_options,
+            )
+            result = {"status": "ok", "compare": str(directory / "compare"),
+                      "summary": comparison if isinstance(comparison, dict) else _as_dict(comparison)}
+        write_json_atomic(directory / "result.json", versioned("prunekit-sweep-analysis-result", {"pair": list(task.pair), **result}))
+        details["status"] = result["status"]
+    _free_memory()
+    outcome.ran.append("analysis")
+    outcome.stage = None
+    return outcome
+
+
+def _as_dict(obj: Any) -> Any:
+    for attr in ("to_json", "to_dict", "as_dict"):
+        if hasattr(obj, attr):
+            return getattr(obj, attr)()
+    return {"repr": repr(obj)}
+
+
+def execute_task(config: SweepConfig, runs_dir: Path, task, progress: bool = False) -> TaskOutcome:
+    """Run one task, turning any failure into a recorded outcome so that the sweep goes on."""
+    t0 = time.perf_counter()
+    runner = run_dense if isinstance(task, DenseTask) else run_one if isinstance(task, RunTask) else run_analysis
+    try:
+        outcome = runner(config, Path(runs_dir), task, progress)
+    except StageBusy as err:
+        outcome = TaskOutcome(task.task_id, "busy", error=str(err))
+    except KeyboardInterrupt:
+        raise
+    except Exception as err:  # noqa: BLE001 - recorded in the status file and the summary
+        kind = "" if isinstance(err, PrunekitError) else f"{type(err).__name__}: "
+        outcome = TaskOutcome(task.task_id, "failed", error=f"{kind}{err}")
+        outcome.stage = _failed_stage(config, runs_dir, task)
+        log(runs_dir, f"{task.task_id} FAILED in {outcome.stage}: {kind}{err}")
+        if not isinstance(err, PrunekitError):
+            log(runs_dir, traceback.format_exc(limit=8).replace("\n", " | "))
+        _free_memory()
+    outcome.seconds = round(time.perf_counter() - t0, 3)
+    return outcome
+
+
+def _failed_stage(config: SweepConfig, runs_dir: Path, task) -> str | None:
+    directory = task_dir(runs_dir, task)
+    for name in stage_names(config, task):
+        status = read_status(directory, name)
+        if status and status.get("state") == "failed":
+            return name
+    return None
+
+
+def execute_tasks(runs_dir: str | Path, config_digest: str, task_ids: list[str], progress: bool = False) -> list[dict[str, Any]]:
+    """Entry point of every worker (subprocess, submitit job): re-read the config snapshot and run tasks."""
+    runs_dir = Path(runs_dir)
+    config = read_snapshot(runs_dir, config_digest)
+    grid: Grid = expand(config)
+    outcomes = []
+    for task_id in task_ids:
+        outcomes.append(execute_task(config, runs_dir, grid.task(task_id), progress).to_json())
+    return outcomes

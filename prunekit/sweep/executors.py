@@ -1,0 +1,205 @@
+"""Executors: where tasks run.
+
+- ``inprocess``: sequentially in this process (``--executor local``, ``--max-parallel 1``).
+- ``pool``: ``--executor local --max-parallel N``: N worker processes at a time, one task each,
+  pinned round-robin to the visible GPUs through ``CUDA_VISIBLE_DEVICES``.
+- ``submitit``: ``--executor slurm``: one job-array task per run (``slurm.runs_per_job`` runs
+  each), ``slurm_array_parallelism = --max-parallel``; ``slurm.cluster: local`` runs the same
+  jobs through submitit's LocalExecutor (for testing on a workstation).
+
+Each executor returns one ``TaskOutcome`` per task; a task that fails never stops the others.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from prunekit.errors import ConfigError
+from prunekit.progress import progress_bar, stderr_console
+from prunekit.sweep.config import SweepConfig
+from prunekit.sweep.execute import TaskOutcome, execute_task, is_complete, task_states
+
+EXECUTORS = ("local", "slurm")
+
+
+def visible_gpus() -> list[str]:
+    """GPU ids the local pool may hand out: CUDA_VISIBLE_DEVICES, else every device torch sees."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
+    try:
+        import torch
+
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # noqa: BLE001
+        return []
+
+
+def outcome_from_disk(config: SweepConfig, runs_dir: Path, task, note: str | None = None) -> TaskOutcome:
+    """What a worker that ran elsewhere achieved, read back from the status files."""
+    from prunekit.sweep.execute import stage_names, task_dir
+    from prunekit.sweep.state import read_status
+
+    states = task_states(config, runs_dir, task)
+    if is_complete(states):
+        return TaskOutcome(task.task_id, "done")
+    directory = task_dir(runs_dir, task)
+    for name in stage_names(config, task):
+        status = read_status(directory, name) if directory.exists() else None
+        if status and status.get("state") == "failed":
+            return TaskOutcome(task.task_id, "failed", error=status.get("error"), stage=name)
+        if states.get(name) != "done":
+            return TaskOutcome(task.task_id, "failed", error=note or f"stage {name} did not finish ({states[name]})", stage=name)
+    return TaskOutcome(task.task_id, "failed", error=note or "did not finish")
+
+
+def describe(task) -> str:
+    from prunekit.sweep.grid import DenseTask, RunTask
+
+    if isinstance(task, DenseTask):
+        return f"dense {task.model.name}"
+    if isinstance(task, RunTask):
+        seed = "" if task.seed is None else f" · seed {task.seed}"
+        return f"run {task.run_id} · {task.model.name} · {task.method.label} {task.pattern_label} · calib {task.calib or 'none'}{seed}"
+    return f"analysis {task.model.name} · {task.method.label} · {task.pair[0]} vs {task.pair[1]} · {len(task.runs_a)} seed(s)"
+
+
+def run_inprocess(config: SweepConfig, runs_dir: Path, tasks: list, progress: bool, **_: Any) -> list[TaskOutcome]:
+    outcomes = []
+    for i, task in enumerate(tasks, 1):
+        if progress:
+            stderr_console.print(f"[bold][{i}/{len(tasks)}][/bold] {describe(task)}")
+        outcome = execute_task(config, runs_dir, task, progress)
+        if progress and outcome.state != "done":
+            stderr_console.print(f"  [red]{outcome.state}[/red] in {outcome.stage}: {outcome.error}")
+        outcomes.append(outcome)
+    return outcomes
+
+
+def run_pool(config: SweepConfig, runs_dir: Path, tasks: list, progress: bool, config_digest: str, max_parallel: int, **_: Any) -> list[TaskOutcome]:
+    gpus = visible_gpus()
+    logs = runs_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    queue = list(tasks)
+    free = list(range(max_parallel))
+    running: dict[subprocess.Popen, tuple[Any, int, Path, Any]] = {}
+    outcomes: dict[str, TaskOutcome] = {}
+    with progress_bar(f"sweep · {max_parallel} local workers", len(tasks), progress) as update:
+        try:
+            while queue or running:
+                while queue and free:
+                    slot, task = free.pop(0), queue.pop(0)
+                    env = dict(os.environ)
+                    if gpus:
+                        env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
+                    log_path = logs / f"{task.task_id.replace(':', '-')}.log"
+                    handle = open(log_path, "a", encoding="utf-8")  # noqa: SIM115 - closed when the worker ends
+                    cmd = [sys.executable, "-m", "prunekit.sweep.worker", str(runs_dir), config_digest, task.task_id]
+                    proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
+                    running[proc] = (task, slot, log_path, handle)
+                for proc in [p for p in running if p.poll() is not None]:
+                    task, slot, log_path, handle = running.pop(proc)
+                    handle.close()
+                    free.append(slot)
+                    note = None if proc.returncode == 0 else f"worker exited with code {proc.returncode}; see {log_path}"
+                    outcomes[task.task_id] = outcome_from_disk(config, runs_dir, task, note)
+                    update(len(outcomes), len(tasks))
+                time.sleep(0.2)
+        except BaseException:
+            for proc in running:
+                proc.terminate()
+            for proc in running:
+                proc.wait()
+            raise
+    return [outcomes[t.task_id] for t in tasks]
+
+
+def submitit_executor(config: SweepConfig, runs_dir: Path, max_parallel: int):
+    try:
+        import submitit
+    except ImportError as err:
+        raise ConfigError("--executor slurm needs submitit: pip install 'prunekit[slurm]'") from err
+    slurm = config.slurm
+    cluster = slurm["cluster"]
+    executor = submitit.AutoExecutor(folder=str(runs_dir / "slurm" / "%j"), cluster=cluster)
+    gpus = slurm["gpus_per_node"]
+    if cluster != "slurm":
+        gpus = min(gpus, len(visible_gpus()))
+    params: dict[str, Any] = {
+        "name": f"prunekit-{config.name}",
+        "timeout_min": slurm["time_min"],
+        "gpus_per_node": gpus,
+        "cpus_per_task": slurm["cpus_per_task"],
+        "mem_gb": slurm["mem_gb"],
+        "tasks_per_node": 1,
+        "nodes": 1,
+    }
+    if cluster == "slurm":
+        params["slurm_array_parallelism"] = max_parallel
+        for key in ("partition", "account", "qos", "constraint"):
+            if key in slurm:
+                params[f"slurm_{key}"] = slurm[key]
+        if slurm["setup"]:
+            params["slurm_setup"] = list(slurm["setup"])
+        if slurm["additional"]:
+            params["slurm_additional_parameters"] = dict(slurm["additional"])
+    executor.update_parameters(**params)
+    return executor
+
+
+def chunk(tasks: list, size: int) -> list[list]:
+    return [tasks[i:i + size] for i in range(0, len(tasks), size)]
+
+
+def run_submitit(config: SweepConfig, runs_dir: Path, tasks: list, progress: bool, config_digest: str, max_parallel: int, **_: Any) -> list[TaskOutcome]:
+    from prunekit.sweep.execute import execute_tasks
+
+    executor = submitit_executor(config, runs_dir, max_parallel)
+    if config.slurm["cluster"] == "slurm":
+        groups = chunk(tasks, config.slurm["runs_per_job"])
+    else:  # a workstation: at most max_parallel concurrent jobs, each working through its share
+        per_job = -(-len(tasks) // max(1, min(max_parallel, len(tasks))))
+        groups = chunk(tasks, per_job)
+    ids = [[t.task_id for t in group] for group in groups]
+    jobs = executor.map_array(execute_tasks, [str(runs_dir)] * len(ids), [config_digest] * len(ids), ids)
+    if progress:
+        stderr_console.print(f"submitted {len(jobs)} {config.slurm['cluster']} job(s) for {len(tasks)} task(s): "
+                             f"{', '.join(j.job_id for j in jobs[:6])}{' …' if len(jobs) > 6 else ''}")
+    outcomes: dict[str, TaskOutcome] = {}
+    pending = dict(zip(range(len(jobs)), jobs))
+    with progress_bar(f"sweep · {config.slurm['cluster']} jobs", len(tasks), progress) as update:
+        while pending:
+            for index, job in list(pending.items()):
+                if not job.done():
+                    continue
+                del pending[index]
+                note = None
+                try:
+                    job.result()
+                except Exception as err:  # noqa: BLE001 - a job that died (timeout, OOM, node failure)
+                    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                    note = f"job {job.job_id} failed: {first}; see {job.paths.stderr}"
+                for task in groups[index]:
+                    outcomes[task.task_id] = outcome_from_disk(config, runs_dir, task, note)
+                update(len(outcomes), len(tasks))
+            if pending:
+                time.sleep(0.5)
+    return [outcomes[t.task_id] for t in tasks]
+
+
+def get_executor(name: str, max_parallel: int) -> Callable[..., list[TaskOutcome]]:
+    if name not in EXECUTORS:
+        import difflib
+
+        hint = difflib.get_close_matches(name, EXECUTORS, n=1)
+        raise ConfigError(f"unknown executor '{name}'{f' (did you mean {hint[0]!r}?)' if hint else ''}; use local or slurm")
+    if max_parallel < 1:
+        raise ConfigError(f"--max-parallel must be at least 1, got {max_parallel}")
+    if name == "slurm":
+        return run_submitit
+    return run_inprocess if max_parallel == 1 else run_pool

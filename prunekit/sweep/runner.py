@@ -1,0 +1,233 @@
+"""``run_sweep``: validate, expand, plan, run (dense -> runs -> analysis), summarize."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from prunekit.errors import ConfigError
+from prunekit.io import versioned, write_json_atomic
+from prunekit.sweep.config import SweepConfig, load_config
+from prunekit.sweep.execute import TaskOutcome, is_complete, task_states, write_snapshot
+from prunekit.sweep.executors import describe, get_executor
+from prunekit.sweep.grid import AnalysisTask, DenseTask, Grid, RunTask, expand
+from prunekit.sweep.state import now_iso
+
+STATE_STYLE = {"done": "green", "todo": "yellow", "failed": "red", "stale": "magenta", "busy": "cyan"}
+STATE_TEXT = {"done": "done", "todo": "to do", "failed": "failed → retry", "stale": "killed → redo", "busy": "running elsewhere"}
+
+
+@dataclass
+class PlanRow:
+    task: Any
+    states: dict[str, str]
+
+    @property
+    def complete(self) -> bool:
+        return is_complete(self.states)
+
+
+@dataclass
+class Plan:
+    config: SweepConfig
+    grid: Grid
+    rows: list[PlanRow]
+
+    def pending(self, kind: type) -> list:
+        return [row.task for row in self.rows if isinstance(row.task, kind) and not row.complete and "busy" not in row.states.values()]
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "tasks": len(self.rows),
+            "runs": sum(isinstance(r.task, RunTask) for r in self.rows),
+            "complete": sum(r.complete for r in self.rows),
+            "busy": sum("busy" in r.states.values() for r in self.rows),
+        }
+
+
+def make_plan(config: SweepConfig, runs_dir: Path) -> Plan:
+    grid = expand(config)
+    rows = [PlanRow(task, task_states(config, runs_dir, task)) for task in [*grid.dense, *grid.runs, *grid.analysis]]
+    return Plan(config, grid, rows)
+
+
+def plan_table(plan: Plan, runs_dir: Path) -> Table:
+    counts = plan.counts()
+    title = (f"sweep '{plan.config.name}' · {counts['runs']} runs · {len(plan.grid.dense)} dense · "
+             f"{len(plan.grid.analysis)} analysis · {counts['complete']}/{counts['tasks']} tasks already done · {runs_dir}")
+    table = Table(title=title, title_justify="left")
+    for column in ("task", "model", "method", "pattern", "calibration", "seed"):
+        table.add_column(column, no_wrap=True)
+    stages = ["dense", "prune", "eval"] + (["push"] if plan.config.push else []) + (["analysis"] if plan.grid.analysis else [])
+    for name in stages:
+        table.add_column(name, no_wrap=True)
+    for row in plan.rows:
+        task = row.task
+        if isinstance(task, DenseTask):
+            cells = [task.task_id, task.model.name, "(dense)", "-", "-", "-"]
+        elif isinstance(task, RunTask):
+            cells = [task.run_id, task.model.name, task.method.label, task.pattern_label, task.calib or "none",
+                     "-" if task.seed is None else str(task.seed)]
+        else:
+            cells = [task.key, task.model.name, task.method.label, task.pattern_label, " vs ".join(task.pair), f"{len(task.runs_a)} seed(s)"]
+        for name in stages:
+            state = row.states.get(name)
+            cells.append("" if state is None else f"[{STATE_STYLE[state]}]{STATE_TEXT[state]}[/]")
+        table.add_row(*cells)
+    return table
+
+
+def plan_console() -> Console:
+    """stdout; wide enough for the plan when writing to a file or pipe (a log)."""
+    console = Console(stderr=False)
+    return console if console.is_terminal else Console(stderr=False, width=200)
+
+
+@dataclass
+class FailedTask:
+    task_id: str
+    label: str
+    stage: str | None
+    error: str | None
+
+
+@dataclass
+class SweepSummary:
+    runs_dir: Path
+    name: str
+    tasks: int
+    runs: int
+    already_done: int  # tasks complete before this sweep started
+    completed: int  # tasks completed by this sweep
+    failed: list[FailedTask] = field(default_factory=list)
+    busy: list[str] = field(default_factory=list)  # tasks another live process is running
+    pending: int = 0  # dry run: tasks that would run
+    seconds: float = 0.0
+    dry_run: bool = False
+    outcomes: list[TaskOutcome] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not self.busy
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.ok else 1
+
+    def lines(self) -> list[str]:
+        if self.dry_run:
+            return [f"dry run: {self.pending} of {self.tasks} tasks would run ({self.already_done} already done); nothing was written"]
+        out = [f"sweep '{self.name}': {self.tasks} tasks ({self.runs} runs) · {self.already_done} already done · "
+               f"{self.completed} completed now · {len(self.failed)} failed · {len(self.busy)} running elsewhere · "
+               f"{self.seconds:.1f}s · {self.runs_dir}"]
+        for item in self.failed:
+            out.append(f"  FAILED {item.label} [{item.stage or '?'}]: {item.error}")
+        for task_id in self.busy:
+            out.append(f"  still running elsewhere: {task_id}")
+        if self.failed:
+            out.append("  rerun the same command to retry the failed stages (finished ones are skipped)")
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "runs_dir": str(self.runs_dir), "name": self.name, "tasks": self.tasks, "runs": self.runs,
+            "already_done": self.already_done, "completed": self.completed, "busy": self.busy,
+            "failed": [f.__dict__ for f in self.failed], "seconds": self.seconds, "ok": self.ok,
+        }
+
+
+def run_sweep(
+    config: str | Path | dict[str, Any] | SweepConfig,
+    runs_dir: str | Path,
+    executor: str = "local",
+    dry_run: bool = False,
+    max_parallel: int = 1,
+    progress: bool = True,
+) -> SweepSummary:
+    """Expand ``config`` (YAML path or dict) into runs under ``runs_dir`` and execute what is not done yet.
+
+    Safe to interrupt at any moment (even SIGKILL) and to rerun: finished stages are skipped,
+    stages whose process died are redone, partial temp dirs are removed. A failing run records its
+    error and the sweep goes on; check ``summary.ok`` / ``summary.exit_code`` at the end.
+    """
+    started = time.perf_counter()
+    cfg = load_config(config)  # every config mistake fails here, before any work
+    run = get_executor(executor, max_parallel)
+    runs_dir = Path(runs_dir).expanduser().resolve()
+    if executor == "slurm" and importlib.util.find_spec("submitit") is None:
+        raise ConfigError("--executor slurm needs submitit: pip install 'prunekit[slurm]'")
+    if runs_dir.exists() and not runs_dir.is_dir():
+        raise ConfigError(f"--runs-dir '{runs_dir}' exists and is not a directory")
+    console = plan_console() if progress else None
+    if not dry_run and runs_dir.exists():
+        for sub in ("runs", "dense", "analysis", "sweeps"):
+            clean_partials_top(runs_dir / sub)
+    plan = make_plan(cfg, runs_dir)
+    if console is not None:
+        console.print(plan_table(plan, runs_dir))
+    counts = plan.counts()
+    summary = SweepSummary(runs_dir, cfg.name, counts["tasks"], counts["runs"], counts["complete"], 0, dry_run=dry_run)
+    if dry_run:
+        summary.pending = sum(not row.complete for row in plan.rows)
+        summary.busy = [row.task.task_id for row in plan.rows if "busy" in row.states.values()]
+        summary.failed = []
+        summary.seconds = round(time.perf_counter() - started, 3)
+        return summary
+
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    digest = write_snapshot(runs_dir, cfg)
+    write_json_atomic(runs_dir / "sweep.json", versioned("prunekit-sweep", {
+        "name": cfg.name, "config_digest": digest, "executor": executor, "max_parallel": max_parallel,
+        "started": now_iso(), "runs": [t.run_id for t in plan.grid.runs], "dense": [t.key for t in plan.grid.dense],
+        "calibration_sets": cfg.calib_sets, "eval_languages": cfg.eval_languages,
+    }))
+    outcomes: list[TaskOutcome] = []
+    for kind in (DenseTask, RunTask, AnalysisTask):
+        if kind is not DenseTask:  # earlier phases may have changed what is pending
+            plan = make_plan(cfg, runs_dir)
+        pending = plan.pending(kind)
+        if pending:
+            outcomes += run(cfg, runs_dir, pending, progress, config_digest=digest, max_parallel=max_parallel)
+
+    final = make_plan(cfg, runs_dir)
+    by_id = {o.task_id: o for o in outcomes}
+    labels = {row.task.task_id: describe(row.task) for row in final.rows}
+    summary.outcomes = outcomes
+    summary.completed = sum(1 for o in outcomes if o.state == "done" and final_complete(final, o.task_id))
+    summary.busy = [row.task.task_id for row in final.rows if "busy" in row.states.values()]
+    for row in final.rows:
+        if row.complete or row.task.task_id in summary.busy:
+            continue
+        outcome = by_id.get(row.task.task_id)
+        summary.failed.append(FailedTask(row.task.task_id, labels[row.task.task_id],
+                                         outcome.stage if outcome else None,
+                                         outcome.error if outcome else "not run (an earlier stage or dependency failed)"))
+    summary.seconds = round(time.perf_counter() - started, 3)
+    write_json_atomic(runs_dir / "sweep-summary.json", versioned("prunekit-sweep-summary", summary.to_json() | {"finished": now_iso()}))
+    return summary
+
+
+def final_complete(plan: Plan, task_id: str) -> bool:
+    return any(row.complete for row in plan.rows if row.task.task_id == task_id)
+
+
+def clean_partials_top(directory: Path) -> None:
+    """Remove staging leftovers directly inside runs/, dense/, analysis/ (a task dir being created)."""
+    if directory.exists():
+        clean_partials_shallow(directory)
+
+
+def clean_partials_shallow(directory: Path) -> None:
+    for path in directory.glob(".*"):
+        if path.name.endswith(".partial") or path.name.endswith(".tmp") or ".old-" in path.name:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)

@@ -1,0 +1,300 @@
+"""Sweeps: a grid of a tiny model run end to end, killed with SIGKILL and resumed with nothing lost;
+the dense work done once per model; the report's numbers equal the runs' results; submitit's
+LocalExecutor and the local GPU pool run the same tasks; bad configs fail before any work."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from prunekit.errors import ConfigError
+from prunekit.sweep import expand, load_config, run_sweep
+from tests.conftest import TATOEBA
+
+ROOT = Path(__file__).resolve().parents[1]
+LANGS = ["en", "de", "sw"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is ~20x faster than two fighting
+    other processes. Worker processes (subprocess, submitit jobs, the local pool) inherit it."""
+    import torch
+
+    threads, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    yield
+    torch.set_num_threads(threads)
+    if env is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = env
+
+
+def grid_config(model: Path, **overrides) -> dict:
+    config = {
+        "name": "grid",
+        "models": [{"path": str(model)}],
+        "methods": ["wanda", "sparsegpt"],
+        "calibration": {"sets": list(LANGS), "source": str(TATOEBA), "nsamples": 4, "seqlen": 32, "seeds": [0, 1]},
+        "evaluation": {"languages": list(LANGS), "perplexity_source": str(TATOEBA), "seqlen": 32, "max_windows": 6, "batch_size": 8},
+        "execution": {"device": "cpu"},
+    }
+    config.update(overrides)
+    return config
+
+
+def leftovers(root: Path) -> list[Path]:
+    return [p for p in root.rglob(".*") if p.name.endswith((".partial", ".tmp")) or ".old-" in p.name]
+
+
+def status(directory: Path, stage: str) -> dict:
+    return json.loads((directory / f"{stage}.status.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(tiny_llama, tmp_path_factory):
+    """Run the 2 methods × 3 languages × 2 seeds grid in a subprocess, SIGKILL it as soon as the
+    first run dir appears (while it prunes, if we catch it), then resume it in this process."""
+    root = tmp_path_factory.mktemp("sweep")
+    config_path = root / "grid.yaml"
+    config_path.write_text(yaml.safe_dump(grid_config(tiny_llama)))
+    runs_dir = root / "runs"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prunekit.cli.main", "sweep", str(config_path), "--runs-dir", str(runs_dir), "--quiet"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    killed_in = None
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        dirs = [p for p in (runs_dir / "runs").glob("*") if not p.name.startswith(".")] if (runs_dir / "runs").exists() else []
+        if dirs:
+            first = dirs[0]
+            until = time.time() + 3  # prefer killing inside the prune stage
+            while time.time() < until and not (first / "prune.status.json").exists():
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGKILL)
+            killed_in = first
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert killed_in is not None, proc.stdout.read().decode()[-3000:]
+    assert proc.returncode == -signal.SIGKILL
+    before = {
+        "runs": sorted(p.name for p in (runs_dir / "runs").glob("*") if not p.name.startswith(".")),
+        "killed_prune_status": json.loads((killed_in / "prune.status.json").read_text()) if (killed_in / "prune.status.json").exists() else None,
+    }
+    # what a kill inside an atomic write leaves behind: a staging dir and a temp file
+    (killed_in / ".checkpoint.abc123.partial").mkdir(exist_ok=True)
+    (killed_in / ".checkpoint.abc123.partial" / "model.safetensors").write_bytes(b"half")
+    (killed_in / ".results.json.x1.tmp").write_text("{")
+    (runs_dir / "runs" / ".0123456789ab.zz.partial").mkdir()
+    started = time.perf_counter()
+    summary = run_sweep(config_path, runs_dir, progress=False)
+    return {"runs_dir": runs_dir, "config": config_path, "summary": summary, "before": before, "killed": killed_in,
+            "resume_seconds": time.perf_counter() - started}
+
+
+def test_killed_sweep_resumes_with_exactly_the_expected_runs_and_no_partial_dirs(killed_and_resumed):
+    runs_dir, summary = killed_and_resumed["runs_dir"], killed_and_resumed["summary"]
+    assert summary.ok, summary.lines()
+    expected = {task.run_id for task in expand(load_config(killed_and_resumed["config"])).runs}
+    assert len(expected) == 2 * 3 * 2
+    found = {p.name for p in (runs_dir / "runs").iterdir()}
+    assert found == expected
+    assert leftovers(runs_dir) == []
+    for run_id in expected:
+        directory = runs_dir / "runs" / run_id
+        assert status(directory, "prune")["state"] == "done" and status(directory, "eval")["state"] == "done"
+        record = json.loads((directory / "checkpoint" / "prunekit.json").read_text())
+        assert record["run_id"] == run_id  # the run dir is named by the checkpoint's own identity hash
+        results = json.loads((directory / "results.json").read_text())
+        assert results["kind"] == "prunekit-results" and set(results["perplexity"]) == set(LANGS)
+        assert all(math.isfinite(v["ppl"]) for v in results["perplexity"].values())
+    killed_status = killed_and_resumed["before"]["killed_prune_status"]
+    if killed_status is not None and killed_status["state"] == "running":  # we caught it mid-prune: it was redone
+        assert status(killed_and_resumed["killed"], "prune")["executions"] == 2
+
+
+def test_dense_work_ran_once_per_model_and_every_run_reused_it(killed_and_resumed):
+    runs_dir = killed_and_resumed["runs_dir"]
+    dense_dirs = list((runs_dir / "dense").iterdir())
+    assert len(dense_dirs) == 1
+    dense_status = status(dense_dirs[0], "dense")
+    assert dense_status["state"] == "done" and dense_status["executions"] == 1
+    assert set(dense_status["details"]["dense_hidden_states"].values()) == {"computed"}
+    log = (runs_dir / "sweep.log").read_text()
+    assert log.count("dense start") == 1
+    for directory in (runs_dir / "runs").iterdir():
+        details = status(directory, "eval")["details"]
+        assert details["dense_hidden_states"] == {lang: "hit" for lang in LANGS}  # read from the dense stage's cache
+
+
+def test_rerunning_a_finished_sweep_does_nothing(killed_and_resumed):
+    runs_dir = killed_and_resumed["runs_dir"]
+    executions = {p.name: status(p, "prune")["executions"] for p in (runs_dir / "runs").iterdir()}
+    summary = run_sweep(killed_and_resumed["config"], runs_dir, progress=False)
+    assert summary.ok and summary.completed == 0 and summary.already_done == summary.tasks == 13
+    assert {p.name: status(p, "prune")["executions"] for p in (runs_dir / "runs").iterdir()} == executions
+
+
+def test_report_of_the_sweep_equals_the_runs_results(killed_and_resumed, tmp_path):
+    from prunekit.report import build_report, diagonal_finding
+
+    runs_dir = killed_and_resumed["runs_dir"]
+    report = build_report(runs_dir, tmp_path / "report")
+    groups: dict = {}
+    for directory in (runs_dir / "runs").iterdir():
+        run = json.loads((directory / "run.json").read_text())
+        results = json.loads((directory / "results.json").read_text())
+        for lang in LANGS:
+            key = (run["method"]["label"], run["calibration"], lang)
+            groups.setdefault(("perplexity",) + key, []).append(results["perplexity"][lang]["ppl"])
+            groups.setdefault(("snr_db",) + key, []).append(results["hidden_states"][lang]["snr_db"])
+            groups.setdefault(("pruning_error",) + key, []).append(results["hidden_states"][lang]["pruning_error"] * 1e6)
+    checked = 0
+    for (metric, method, calib, lang), values in groups.items():
+        row = next(r for r in report.table(metric).block("llama", method).rows if r.calibration == calib)
+        cell = row.cells[lang]
+        assert cell.n == len(values) == 2
+        assert cell.mean == pytest.approx(statistics.fmean(values), rel=1e-12)
+        assert cell.std == pytest.approx(statistics.stdev(values), rel=1e-9)
+        checked += 1
+    assert checked == 3 * 2 * 3 * 3
+    dense = json.loads(next((runs_dir / "dense").iterdir()).joinpath("results.json").read_text())
+    for block in report.table("perplexity").blocks:
+        assert {lang: block.dense.cells[lang].mean for lang in LANGS} == {lang: dense["perplexity"][lang]["ppl"] for lang in LANGS}
+    lines = diagonal_finding(report)
+    assert len(lines) == 2 and all("calibrating on the target language gave the lowest perplexity in" in line and "of 3 languages" in line for line in lines)
+    assert (tmp_path / "report" / "report.html").read_text().count("data:image/png;base64,") == len(report.heatmaps) == 6
+
+
+def test_submitit_local_executor_runs_the_grid_in_job_processes(tiny_llama, tmp_path):
+    pytest.importorskip("submitit")
+    config = grid_config(tiny_llama, methods=["wanda"], slurm={"cluster": "local", "time_min": 10, "cpus_per_task": 1, "mem_gb": 4})
+    config["calibration"] = dict(config["calibration"], sets=["en", "sw"], seeds=[0])
+    summary = run_sweep(config, tmp_path / "runs", executor="slurm", max_parallel=1, progress=False)
+    assert summary.ok, summary.lines()
+    runs = list((tmp_path / "runs" / "runs").iterdir())
+    assert len(runs) == 2
+    for directory in runs + list((tmp_path / "runs" / "dense").iterdir()):
+        for stage in ("prune", "eval") if directory.parent.name == "runs" else ("dense",):
+            s = status(directory, stage)
+            assert s["state"] == "done" and s["pid"] != os.getpid()  # ran in a submitit job process
+        assert (directory / "results.json").exists()
+    job_logs = list((tmp_path / "runs" / "slurm").rglob("*_log.out"))
+    assert len(job_logs) == 2  # one job for the dense phase, one for the runs
+    assert leftovers(tmp_path / "runs") == []
+
+
+def test_a_failing_run_is_recorded_and_the_others_finish_in_the_local_gpu_pool(tiny_llama, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from prunekit.cli.main import app
+
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "en.txt").write_text((TATOEBA / "en.txt").read_text(encoding="utf-8"), encoding="utf-8")
+    (texts / "sw.txt").write_text("Habari.\n", encoding="utf-8")  # far too short for 4 × 32 tokens: pruning fails
+    config = grid_config(tiny_llama, methods=["wanda"])
+    config["calibration"] = dict(config["calibration"], sets=["en", "sw"], seeds=[0], source=str(texts))
+    config["evaluation"] = dict(config["evaluation"], languages=["en"], perplexity_source=str(texts))
+    config_path = tmp_path / "failing.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # two "GPUs": one worker pinned to each
+    result = CliRunner().invoke(app, ["sweep", str(config_path), "--runs-dir", str(tmp_path / "runs"), "--max-parallel", "2", "--quiet"])
+    assert result.exit_code == 1, result.output
+    assert "FAILED run" in result.output and "[prune]" in result.output and "1 failed" in result.output
+    tasks = {t.calib: t for t in expand(load_config(config_path)).runs}
+    good, bad = tmp_path / "runs" / "runs" / tasks["en"].run_id, tmp_path / "runs" / "runs" / tasks["sw"].run_id
+    assert status(good, "eval")["state"] == "done"
+    failed = status(bad, "prune")
+    assert failed["state"] == "failed" and failed["error"] and not (bad / "checkpoint").exists()
+    assert {status(good, "prune")["cuda_visible_devices"], failed["cuda_visible_devices"]} <= {"0", "1"}
+    assert status(good, "prune")["pid"] != os.getpid()
+
+
+def test_a_stage_whose_process_died_is_redone_and_one_still_running_is_left_alone(tmp_path):
+    from prunekit.sweep.state import stage, stage_state
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    directory = tmp_path / "run"
+    directory.mkdir()
+    with stage(directory, "prune"):
+        assert stage_state(directory, "prune") == "busy"  # this live process holds it
+    assert stage_state(directory, "prune") == "done"
+    record = json.loads((directory / "prune.status.json").read_text())
+    record.update(state="running", pid=dead.pid, pid_start=None)
+    (directory / "prune.status.json").write_text(json.dumps(record))
+    assert stage_state(directory, "prune") == "stale"
+    record.update(host="another-node", heartbeat=time.time())
+    (directory / "prune.status.json").write_text(json.dumps(record))
+    assert stage_state(directory, "prune") == "busy"  # another host, fresh heartbeat
+    record.update(heartbeat=time.time() - 3600)
+    (directory / "prune.status.json").write_text(json.dumps(record))
+    assert stage_state(directory, "prune") == "stale"  # its heartbeat stopped an hour ago
+
+
+BAD_CONFIGS = [
+    ({"methods": ["wanda", "wandda"]}, "methods[1]: unknown method 'wandda' (did you mean 'wanda'?)"),
+    ({"calibrations": {}}, "calibrations: unknown key 'calibrations' (did you mean 'calibration'?)"),
+    ({"calibration": {"sets": ["en", "xx"], "source": str(TATOEBA)}}, "calibration.sets[1]: unknown language code 'xx'"),
+    ({"calibration": {"sets": ["en"], "source": str(TATOEBA), "seedz": [0]}}, "calibration.seedz: unknown key 'seedz' (did you mean 'seeds'?)"),
+    ({"evaluation": {"languages": ["en"], "seqlne": 32}}, "evaluation.seqlne: unknown key 'seqlne' (did you mean 'seqlen'?)"),
+    ({"models": [{"path": "/no/such/model"}]}, "models[0].path: '/no/such/model' does not exist"),
+    ({"models": [{"id": "org/name", "dtype": "fp16"}]}, "models[0].dtype: unknown dtype 'fp16'"),
+    ({"patterns": [124]}, "patterns[0]: got the number 124: write N:M patterns in quotes"),
+    ({"patterns": ["2:4"], "sparsities": [0.5]}, "sparsities: given, but 'patterns' has no 'unstructured' entry"),
+    ({"sparsities": [1.5]}, "sparsities[0]: sparsity must be strictly between 0 and 1"),
+    ({"methods": ["gptq-w5g128"]}, "methods[0]: "),
+    ({"analysis": {"pairs": [["en", "ru"]]}}, "analysis.pairs[0][1]: 'ru' is not one of calibration.sets"),
+    ({"slurm": {"cluster": "slrum"}}, "slurm.cluster: unknown cluster 'slrum' (did you mean 'slurm'?)"),
+    ({"push": {"namespace": "my org"}}, "push.namespace: 'my org' is not a Hub user or organization name"),
+    ({"evaluation": {"languages": ["en"], "limit": -3}}, "evaluation.limit: must be positive"),
+]
+
+
+@pytest.mark.parametrize("change, message", BAD_CONFIGS, ids=[m.split(":")[0] for _, m in BAD_CONFIGS])
+def test_a_bad_config_fails_before_any_work_naming_the_yaml_path(tiny_llama, tmp_path, change, message):
+    config = grid_config(tiny_llama)
+    config.update(change)
+    with pytest.raises(ConfigError) as err:
+        run_sweep(config, tmp_path / "runs", progress=False)
+    assert str(err.value).startswith(message), str(err.value)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_prints_a_bad_yaml_key_as_one_line_and_exits_2(tiny_llama, tmp_path):
+    from typer.testing import CliRunner
+
+    from prunekit.cli.main import app
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(grid_config(tiny_llama, methods=["sparsegpt", "wandda"])))
+    result = CliRunner().invoke(app, ["sweep", str(path), "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 2
+    assert result.output.strip() == "error: methods[1]: unknown method 'wandda' (did you mean 'wanda'?); choose from magnitude, sparsegpt, wanda or a quantization such as gptq-w4g128 (gptq-w{bits}g{group})"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_shipped_configs_validate_and_expand_to_the_study_grid():
+    study = load_config(ROOT / "configs" / "study-full-grid.yaml")
+    grid = expand(study)
+    assert len(grid.runs) == 2 * 2 * 7 * 3 and len(grid.dense) == 2
+    assert {t.model.spec for t in grid.runs} == {"meta-llama/Meta-Llama-3-8B-Instruct", "CohereForAI/aya-23-8B"}
+    assert {(t.pattern.sparsity, t.pattern.is_nm) for t in grid.runs} == {(0.5, False)}
+    assert study.nsamples == 128 and study.seqlen == 8192 and study.seeds == [0, 1, 2]
+    tiny = load_config(ROOT / "configs" / "tiny-example.yaml")
+    assert [m.spec for m in tiny.models] == ["embedded:gemma-3-270m"] and tiny.nsamples <= 16
