@@ -159,6 +159,9 @@ def compare(
     if dense is not None:
         roles["dense"] = resolve_model(str(dense))
     models = {role: _describe(role, source) for role, source in roles.items()}
+    notes = []
+    if (seeds_a or seeds_b) and "masks" not in analyses:
+        notes.append("--seeds-a/--seeds-b are used by the mask analysis only, which is not among --only; they were ignored")
     reference = "dense" if dense is not None else "a"
     targets = ["a", "b"] if dense is not None else ["b"]
 
@@ -175,7 +178,7 @@ def compare(
             "lape_thresholds": thresholds, "deactivate": deactivate, "chunk_elements": chunk_elements,
         },
         "texts": None, "perplexity": None, "masks": None, "lsar": None, "lape": None, "drift": None,
-        "warnings": [], "timings": {},
+        "warnings": notes, "timings": {},
     })
 
     if "masks" in analyses:

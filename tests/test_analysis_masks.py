@@ -315,3 +315,14 @@ def test_a_dense_model_passed_as_pruned_warns_with_its_measured_sparsity(base, t
         result = M.compare_masks(tmp_path / "a", base, progress=False)
     assert any("looks dense" in w for w in result["warnings"])
     assert result["checkpoints"]["b"]["measured_sparsity"] == 0.0
+
+
+def test_bfloat16_and_float16_checkpoints_give_the_same_masks_as_float32(base, tmp_path):
+    masks = pruned_copy(base, tmp_path / "fp32", seed=8)
+    for dtype in (torch.bfloat16, torch.float16):
+        out = copy_model(tmp_path / "fp32", tmp_path / str(dtype).split(".")[-1])
+        state = load_file(out / "model.safetensors")
+        save_file({k: v.to(dtype) for k, v in state.items()}, out / "model.safetensors", metadata={"format": "pt"})
+        result = M.compare_masks(tmp_path / "fp32", out, progress=False)
+        assert result["comparisons"]["between"]["global"]["iou"] == 1.0
+        assert result["checkpoints"]["b"]["zeros"] == sum(int(m.sum()) for m in masks.values())
