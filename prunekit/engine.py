@@ -22,6 +22,9 @@ from prunekit.models import find_decoder_layers, linear_sublayers
 from prunekit.recipe import Recipe
 
 
+ERROR_TOKENS = 1024  # tokens (whole sequences, at least one) of the first batch the per-Linear error is measured on
+
+
 class _StopLayer(Exception):
     """Raised by the last statistics hook: the rest of the layer's forward is not needed."""
 
@@ -31,7 +34,7 @@ class ModuleResult:
     name: str
     shape: tuple[int, int]
     sparsity: float  # fraction of exact zeros after solving
-    relative_error: float | None  # ‖(W−W′)X‖²/‖WX‖² on the first propagated batch
+    relative_error: float | None  # ‖(W−W′)X‖²/‖WX‖², X = its inputs in the pruned model, first ERROR_TOKENS tokens
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -149,6 +152,7 @@ class Engine:
         skip_layers: set[int] | None = None,
         batch_size: int | None = None,
         progress: Callable[[int, int], None] | None = None,
+        error_tokens: int | None = ERROR_TOKENS,
     ):
         self.method = method
         self.recipe = recipe
@@ -156,6 +160,7 @@ class Engine:
         self.skip_layers = skip_layers or set()
         self.batch_size = batch_size
         self.progress = progress
+        self.error_tokens = error_tokens
 
     def _batch_size(self, seqlen: int) -> int:
         return self.batch_size or max(1, 8192 // seqlen)
@@ -185,11 +190,11 @@ class Engine:
                     result = LayerResult(index, True, 0.0)
                 else:
                     statistics = self._collect_statistics(layer, hidden, kwargs)
-                    dense = {name: m.weight.detach().clone() for name, m in linear_sublayers(layer).items()}
-                    infos = self._solve_layer(layer, statistics)
-                    hidden, errors = self._propagate(layer, hidden, kwargs, dense)
+                    infos, deltas = self._solve_layer(layer, statistics, keep_deltas=bool(self.error_tokens))
+                    del statistics
+                    hidden, errors = self._propagate(layer, hidden, kwargs, deltas)
                     result = LayerResult(index, False, 0.0, self._module_results(layer, infos, errors))
-                    del dense, statistics
+                    del deltas
                 layer.to("cpu")
                 result.seconds = time.perf_counter() - start
                 results.append(result)
@@ -198,63 +203,100 @@ class Engine:
         return results
 
     def _collect_statistics(self, layer, hidden, kwargs) -> dict[str, Any]:
+        """Run the dense layer over every batch, feeding each Linear's input to its statistics.
+
+        Linears that receive the very same input tensor (q/k/v, gate/up) share one statistics
+        object, updated once per batch. The forward of a batch stops as soon as every Linear has
+        seen its input: the rest of the layer (e.g. the down projection) is not needed.
+        """
         if not self.method.needs_calibration:
             return {}
         linears = linear_sublayers(layer)
-        statistics = {name: self.method.new_statistics(m.in_features, self.device) for name, m in linears.items()}
-        order: list[str] = []
-        last: list[str | None] = [None]
+        statistics: dict[str, Any] = {}
+        leader: dict[str, str] = {}  # name -> the Linear whose statistics it shares (itself if none)
+        seen: dict[str, torch.Tensor] = {}  # this batch: name -> the input it received
 
         def hook(name):
             def pre_hook(module, args):
-                statistics[name].update(args[0].detach())
-                if last[0] is None:
-                    order.append(name)
-                elif name == last[0]:
+                x = args[0]
+                if name not in leader:  # first batch: find a Linear that already got this very tensor
+                    leader[name] = next((n for n, t in seen.items() if t is x and leader[n] == n), name)
+                    if leader[name] == name:
+                        statistics[name] = self.method.new_statistics(module.in_features, self.device)
+                    else:
+                        statistics[name] = statistics[leader[name]]
+                if leader[name] == name:
+                    statistics[name].update(x.detach())
+                elif seen.get(leader[name]) is not x:
+                    raise RuntimeError(f"{name} shared its input with {leader[name]} in the first batch but not later")
+                seen[name] = x
+                if len(seen) == len(linears):
                     raise _StopLayer
 
             return pre_hook
 
         handles = [m.register_forward_pre_hook(hook(name)) for name, m in linears.items()]
         try:
-            for i, h in enumerate(hidden):
+            for h in hidden:
+                seen.clear()
                 try:
                     run_layer(layer, h, kwargs)
                 except _StopLayer:
                     pass
-                if i == 0:
-                    last[0] = order[-1] if order else None
         finally:
+            seen.clear()
             for handle in handles:
                 handle.remove()
+        for name, module in linears.items():  # a Linear no batch reached keeps empty statistics
+            if name not in statistics:
+                statistics[name] = self.method.new_statistics(module.in_features, self.device)
         return statistics
 
-    def _solve_layer(self, layer, statistics) -> dict[str, dict[str, Any]]:
-        infos = {}
+    def _solve_layer(self, layer, statistics, keep_deltas: bool = False):
+        """Solve every Linear; with ``keep_deltas`` also return W_dense − W_new per Linear (module dtype)."""
+        infos, deltas = {}, {}
         for name, module in linear_sublayers(layer).items():
             solution = self.method.solve(module.weight.detach(), statistics.get(name), self.recipe)
-            module.weight.data.copy_(solution.weight.to(module.weight.dtype))
+            new = solution.weight.to(module.weight.dtype)
+            if keep_deltas:
+                deltas[name] = module.weight.detach() - new
+            module.weight.data.copy_(new)
             infos[name] = solution.info
-        return infos
+        return infos, deltas
 
-    def _propagate(self, layer, hidden, kwargs, dense) -> tuple[list[torch.Tensor], dict[str, float]]:
-        """Run the solved layer to produce the next layer's inputs; measure each Linear's error on batch 0."""
+    def _error_rows(self, hidden: list[torch.Tensor]) -> int:
+        """How many sequences of the first batch the per-Linear error is measured on."""
+        first = hidden[0]
+        seqlen = first.shape[1] if first.dim() == 3 else first.shape[0]
+        return min(first.shape[0], max(1, -(-self.error_tokens // seqlen)))
+
+    def _propagate(self, layer, hidden, kwargs, deltas) -> tuple[list[torch.Tensor], dict[str, float]]:
+        """Run the solved layer to produce the next layer's inputs, and measure each Linear's relative
+        output error ‖(W−W′)X‖²/‖WX‖² on the first ``error_tokens`` tokens: one GEMM per Linear with
+        W−W′, since W′X is the Linear's own output (WX = W′X − bias + (W−W′)X)."""
         linears = linear_sublayers(layer)
         errors: dict[str, float] = {}
+        rows = self._error_rows(hidden) if deltas else 0
 
         def hook(name):
-            def pre_hook(module, args):
+            def forward_hook(module, args, output):
                 x = args[0].detach()
-                reference = torch.nn.functional.linear(x, dense[name]).float()
-                delta = torch.nn.functional.linear(x, dense[name] - module.weight).float()
+                if x.dim() == 3:
+                    x, out = x[:rows], output.detach()[:rows]
+                else:  # tokens flattened by the model
+                    x, out = x[: self.error_tokens], output.detach()[: self.error_tokens]
+                delta = torch.nn.functional.linear(x, deltas[name]).float()
+                reference = out.float() + delta
+                if module.bias is not None:
+                    reference -= module.bias.detach().float()
                 denominator = reference.square().sum().item()
                 errors[name] = delta.square().sum().item() / denominator if denominator > 0 else 0.0
 
-            return pre_hook
+            return forward_hook
 
         outputs = []
         for i, h in enumerate(hidden):
-            handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()] if i == 0 else []
+            handles = [m.register_forward_hook(hook(n)) for n, m in linears.items()] if i == 0 and deltas else []
             try:
                 outputs.append(run_layer(layer, h, kwargs))
             finally:
@@ -274,5 +316,5 @@ class Engine:
         start = time.perf_counter()
         if index in self.skip_layers:
             return LayerResult(index, True, 0.0)
-        infos = self._solve_layer(layer, {})
+        infos, _ = self._solve_layer(layer, {})
         return LayerResult(index, False, time.perf_counter() - start, self._module_results(layer, infos, {}))

@@ -11,15 +11,29 @@ class HessianStats:
     def __init__(self, in_features: int, device: torch.device | str = "cpu"):
         self.xxt = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.sequences = 0
+        self._factors: dict[float, tuple[torch.Tensor, float, torch.Tensor]] = {}
 
     def update(self, x: torch.Tensor) -> None:
+        """One GEMM per batch: XᵀX of all its tokens, accumulated in fp32."""
         self.sequences += x.shape[0] if x.dim() == 3 else 1
         x = x.reshape(-1, x.shape[-1]).float()
         self.xxt.addmm_(x.T, x)
+        self._factors.clear()
 
     @property
     def hessian(self) -> torch.Tensor:
         return self.xxt * (2.0 / max(self.sequences, 1))
+
+    def damped_factor(self, dampening: float) -> tuple[torch.Tensor, float, torch.Tensor]:
+        """(upper Cholesky factor of (H + λI)⁻¹, damping used, dead-input mask), computed once per
+        dampening: Linears that share these statistics (q/k/v, gate/up) share the factorisation."""
+        if dampening not in self._factors:
+            H = self.hessian
+            dead = torch.diag(H) == 0
+            H[dead, dead] = 1.0
+            factor, damping = damped_inverse_cholesky(H, dampening)
+            self._factors[dampening] = (factor, damping, dead)
+        return self._factors[dampening]
 
 
 def prepare_hessian(weight: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

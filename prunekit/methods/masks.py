@@ -8,24 +8,36 @@ from prunekit.errors import ConfigError
 from prunekit.recipe import Pattern
 
 
+def _lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """True for the k lowest entries of each row of ``scores`` [rows, cols], ties taken in column order.
+
+    Exactly the first k positions of a stable ascending sort (the reference), found with one
+    selection (kthvalue) instead of a sort: everything below the k-th value, then as many of the
+    entries equal to it as are still needed, leftmost first. NaN scores fall back to the sort."""
+    rows, cols = scores.shape
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if k >= cols:
+        return torch.ones_like(scores, dtype=torch.bool)
+    if torch.isnan(scores).any():
+        mask = torch.zeros_like(scores, dtype=torch.bool)
+        mask.scatter_(1, torch.sort(scores, dim=1, stable=True).indices[:, :k], True)
+        return mask
+    kth = torch.kthvalue(scores, k, dim=1, keepdim=True).values
+    below = scores < kth
+    tied = scores == kth
+    missing = k - below.sum(dim=1, keepdim=True)
+    return below | (tied & (tied.cumsum(dim=1) <= missing))
+
+
 def lowest_per_row(scores: torch.Tensor, fraction: float) -> torch.Tensor:
-    """True for the ⌊in_features·fraction⌋ lowest scores of each row (stable sort, as the reference)."""
-    k = int(scores.shape[1] * fraction)
-    mask = torch.zeros_like(scores, dtype=torch.bool)
-    if k > 0:
-        order = torch.sort(scores, dim=1, stable=True).indices[:, :k]
-        mask.scatter_(1, order, True)
-    return mask
+    """True for the ⌊in_features·fraction⌋ lowest scores of each row (stable-sort order, as the reference)."""
+    return _lowest_k(scores, int(scores.shape[1] * fraction))
 
 
 def lowest_overall(scores: torch.Tensor, fraction: float) -> torch.Tensor:
-    """True for the ⌊numel·fraction⌋ lowest scores of the whole matrix (one threshold)."""
-    k = int(scores.numel() * fraction)
-    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    if k > 0:
-        order = torch.sort(scores.flatten(), stable=True).indices[:k]
-        mask[order] = True
-    return mask.view_as(scores)
+    """True for the ⌊numel·fraction⌋ lowest scores of the whole matrix (one threshold; stable-sort order)."""
+    return _lowest_k(scores.reshape(1, -1), int(scores.numel() * fraction)).view_as(scores)
 
 
 def lowest_n_of_m(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

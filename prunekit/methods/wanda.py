@@ -17,9 +17,10 @@ class WandaStats:
         self.sequences = 0
 
     def update(self, x: torch.Tensor) -> None:
+        """Σ over the batch's tokens of x², per input column: fp32 within a batch, fp64 across batches."""
         self.sequences += x.shape[0] if x.dim() == 3 else 1
         x = x.reshape(-1, x.shape[-1]).float()
-        self.sum_sq += torch.linalg.vector_norm(x, dim=0).square().double()
+        self.sum_sq += x.square().sum(dim=0)
 
     @property
     def scaler_row(self) -> torch.Tensor:

@@ -1,0 +1,230 @@
+"""The optimised code paths give exactly what the straightforward reference paths give.
+
+Each reference below is the plain implementation the fast path replaced (sort-based selection,
+the column loop that updates and overwrites every column, one statistics object per Linear fed
+by a full forward of the dense layer, the per-Linear error from two GEMMs with the dense weight).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prunekit.calibration import build_calibration_set
+from prunekit.engine import Engine, capture_layer_inputs, run_layer
+from prunekit.methods import get_method
+from prunekit.methods.hessian import HessianStats, damped_inverse_cholesky, prepare_hessian
+from prunekit.methods.masks import lowest_n_of_m, lowest_overall, lowest_per_row
+from prunekit.methods.sparsegpt import solve as sparsegpt_method_solve
+from prunekit.methods.sparsegpt import sparsegpt_solve
+from prunekit.methods.wanda import WandaStats
+from prunekit.models import find_decoder_layers, linear_sublayers, load_model
+from prunekit.recipe import Recipe, parse_pattern
+from tests.conftest import TATOEBA
+
+# --- the reference paths -------------------------------------------------------------------
+
+
+def sort_lowest_per_row(scores, fraction):
+    k = int(scores.shape[1] * fraction)
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    if k > 0:
+        mask.scatter_(1, torch.sort(scores, dim=1, stable=True).indices[:, :k], True)
+    return mask
+
+
+def sort_lowest_overall(scores, fraction):
+    k = int(scores.numel() * fraction)
+    mask = torch.zeros(scores.numel(), dtype=torch.bool)
+    if k > 0:
+        mask[torch.sort(scores.flatten(), stable=True).indices[:k]] = True
+    return mask.view_as(scores)
+
+
+def loop_sparsegpt(weight, hessian, recipe):
+    """The column loop as first written: every column updated, then overwritten with q."""
+    pattern = recipe.pattern
+    W, H = prepare_hessian(weight, hessian)
+    Hinv, _ = damped_inverse_cholesky(H, recipe.dampening)
+    rows, cols = W.shape
+    mask = torch.zeros_like(W, dtype=torch.bool)
+    bs = recipe.blocksize
+    for i1 in range(0, cols, bs):
+        i2 = min(i1 + bs, cols)
+        W1 = W[:, i1:i2].clone()
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        d = torch.diag(Hinv1)
+        Err1 = torch.zeros_like(W1)
+        if pattern.is_nm:
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        else:
+            mask1 = sort_lowest_overall(W1.square() / d.square().unsqueeze(0), pattern.sparsity)
+        for i in range(i2 - i1):
+            if pattern.is_nm and i % pattern.m == 0:
+                block = W1[:, i : i + pattern.m].square() / d[i : i + pattern.m].square().unsqueeze(0)
+                mask1[:, i : i + pattern.m] = lowest_n_of_m(block, pattern.n, pattern.m)
+            w = W1[:, i]
+            q = w.masked_fill(mask1[:, i], 0.0)
+            err = (w - q) / d[i]
+            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            W1[:, i] = q
+            Err1[:, i] = err
+        W[:, i1:i2] = W1
+        mask[:, i1:i2] = mask1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    W.masked_fill_(mask, 0.0)
+    return W, mask
+
+
+def layer(out_features, in_features, seed, sequences=4, tokens=64):
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_features, in_features, generator=gen)
+    x = torch.randn(sequences, tokens, in_features, generator=gen) * torch.exp(torch.randn(in_features, generator=gen))
+    return weight, x
+
+
+# --- mask selection ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.1, 0.5, 0.77, 1.0])
+def test_selection_equals_stable_sort_on_continuous_scores(fraction):
+    scores = torch.rand(37, 130, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(lowest_per_row(scores, fraction), sort_lowest_per_row(scores, fraction))
+    assert torch.equal(lowest_overall(scores, fraction), sort_lowest_overall(scores, fraction))
+
+
+@pytest.mark.parametrize("fraction", [0.25, 0.5, 0.6])
+def test_selection_equals_stable_sort_with_many_ties_and_signed_zeros(fraction):
+    gen = torch.Generator().manual_seed(2)
+    scores = torch.randint(0, 4, (29, 64), generator=gen).float()  # every row full of ties
+    scores[scores == 0] = torch.tensor(-0.0)  # -0.0 ties with 0.0 in the sort
+    scores[3] = 1.0  # a row of one value
+    assert torch.equal(lowest_per_row(scores, fraction), sort_lowest_per_row(scores, fraction))
+    assert torch.equal(lowest_overall(scores, fraction), sort_lowest_overall(scores, fraction))
+
+
+def test_selection_with_nan_scores_follows_the_sort():
+    scores = torch.rand(8, 16, generator=torch.Generator().manual_seed(3))
+    scores[2, 5] = float("nan")
+    assert torch.equal(lowest_per_row(scores, 0.5), sort_lowest_per_row(scores, 0.5))
+
+
+# --- SparseGPT ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sparsity,pattern,blocksize", [(0.5, None, 128), (0.6, None, 32), (None, "2:4", 128), (None, "4:8", 48)])
+@pytest.mark.parametrize("shape", [(48, 200), (130, 96)])
+def test_sparsegpt_fast_loop_is_bit_identical_to_the_plain_loop(sparsity, pattern, blocksize, shape):
+    weight, x = layer(*shape, seed=sum(shape))
+    x[..., 7] = 0.0  # a dead input column
+    stats = HessianStats(shape[1])
+    stats.update(x)
+    recipe = Recipe("sparsegpt", pattern=parse_pattern(sparsity, pattern), blocksize=blocksize)
+    expected_weight, expected_mask = loop_sparsegpt(weight, stats.hessian, recipe)
+    for solution in (sparsegpt_solve(weight, stats.hessian, recipe), sparsegpt_method_solve(weight, stats, recipe)):
+        assert torch.equal(solution.mask, expected_mask)
+        assert torch.equal(solution.weight, expected_weight)
+
+
+def test_linears_sharing_statistics_share_one_factorisation_and_get_their_own_weights():
+    w1, x = layer(40, 64, seed=11)
+    w2, _ = layer(24, 64, seed=12)
+    stats = HessianStats(64)
+    stats.update(x)
+    recipe = Recipe("sparsegpt", pattern=parse_pattern(0.5))
+    a = sparsegpt_method_solve(w1, stats, recipe)
+    factor = stats.damped_factor(recipe.dampening)
+    b = sparsegpt_method_solve(w2, stats, recipe)
+    assert stats.damped_factor(recipe.dampening)[0] is factor[0]
+    assert torch.equal(a.weight, loop_sparsegpt(w1, stats.hessian, recipe)[0])
+    assert torch.equal(b.weight, loop_sparsegpt(w2, stats.hessian, recipe)[0])
+    stats.update(x)  # new data invalidates the cached factor
+    assert stats.damped_factor(recipe.dampening)[0] is not factor[0]
+
+
+# --- statistics ---------------------------------------------------------------------------
+
+
+def test_wanda_sum_of_squares_equals_the_norm_definition():
+    _, x = layer(8, 96, seed=5)
+    stats = WandaStats(96)
+    for start in range(0, 4, 2):
+        stats.update(x[start : start + 2])
+    X = x.reshape(-1, 96).double()
+    expected = torch.linalg.vector_norm(X, dim=0).square() / 4
+    assert torch.allclose(stats.scaler_row.double(), expected, rtol=1e-6)
+
+
+def naive_statistics(method, layer_module, hidden, kwargs):
+    """One statistics object per Linear, each fed by its own hook during a full dense forward."""
+    linears = linear_sublayers(layer_module)
+    stats = {name: method.new_statistics(m.in_features, "cpu") for name, m in linears.items()}
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=name: stats[n].update(args[0])) for name, m in linears.items()]
+    try:
+        for h in hidden:
+            run_layer(layer_module, h, kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
+
+
+@pytest.mark.parametrize("method_name", ["wanda", "sparsegpt"])
+def test_engine_statistics_are_shared_stopped_early_and_equal_to_naive_ones(method_name, tiny_llama):
+    model, tok, _ = load_model(str(tiny_llama))
+    ids = build_calibration_set(tok, "en", str(TATOEBA), nsamples=5, seqlen=32, seed=0).input_ids
+    method = get_method(method_name)
+    engine = Engine(method, Recipe(method_name, pattern=parse_pattern(0.5)), batch_size=2)
+    with torch.no_grad():
+        hidden, kwargs = capture_layer_inputs(model, ids, batch_size=2)
+        layer0 = find_decoder_layers(model)[1][0]
+        calls = []
+        probe = layer0.mlp.down_proj.register_forward_hook(lambda *a: calls.append(1))
+        fast = engine._collect_statistics(layer0, hidden, kwargs[0])
+        probe.remove()
+        slow = naive_statistics(method, layer0, hidden, kwargs[0])
+    assert calls == []  # the layer's last Linear never ran: the forward stopped at its input
+    assert fast["self_attn.q_proj"] is fast["self_attn.k_proj"] is fast["self_attn.v_proj"]
+    assert fast["mlp.gate_proj"] is fast["mlp.up_proj"]
+    assert fast["self_attn.o_proj"] is not fast["self_attn.q_proj"]
+    for name, stats in slow.items():
+        if method_name == "wanda":
+            assert torch.allclose(fast[name].scaler_row, stats.scaler_row, rtol=1e-6), name
+        else:
+            assert torch.allclose(fast[name].hessian, stats.hessian, rtol=1e-6, atol=1e-6), name
+        assert fast[name].sequences == stats.sequences == 5
+
+
+def test_engine_records_the_relative_error_of_each_linear_on_its_pruned_inputs(tiny_llama):
+    model, tok, _ = load_model(str(tiny_llama))
+    ids = build_calibration_set(tok, "de", str(TATOEBA), nsamples=4, seqlen=32, seed=0).input_ids
+    dense = {n: m.weight.detach().clone() for n, m in linear_sublayers(find_decoder_layers(model)[1][1]).items()}
+    engine = Engine(get_method("wanda"), Recipe("wanda", pattern=parse_pattern(0.5)), batch_size=4, error_tokens=64)
+    # inputs of layer 1's Linears in the pruned model, first two sequences (64 tokens of 32)
+    inputs = {}
+    layers = find_decoder_layers(model)[1]
+    results = engine.run(model, ids)
+    with torch.no_grad():
+        hidden, kwargs = capture_layer_inputs(model, ids[:2], batch_size=2)
+        h = run_layer(layers[0], hidden[0], kwargs[0])
+        handles = [m.register_forward_pre_hook(lambda mod, args, n=n: inputs.setdefault(n, args[0])) for n, m in linear_sublayers(layers[1]).items()]
+        run_layer(layers[1], h, kwargs[1])
+        for handle in handles:
+            handle.remove()
+    for module in results[1].modules:
+        x = inputs[module.name].reshape(-1, inputs[module.name].shape[-1]).double()
+        w, w_new = dense[module.name].double(), linear_sublayers(layers[1])[module.name].weight.detach().double()
+        expected = float(((w - w_new) @ x.T).square().sum() / (w @ x.T).square().sum())
+        assert module.relative_error == pytest.approx(expected, rel=1e-4), module.name
+
+
+def test_engine_without_error_measurement_prunes_identically(tiny_llama):
+    masks = []
+    for error_tokens in (None, 1024):
+        model, tok, _ = load_model(str(tiny_llama))
+        ids = build_calibration_set(tok, "en", str(TATOEBA), nsamples=4, seqlen=32, seed=0).input_ids
+        results = Engine(get_method("sparsegpt"), Recipe("sparsegpt", pattern=parse_pattern(0.5)),
+                         error_tokens=error_tokens).run(model, ids)
+        masks.append([m.weight.detach().clone() for layer in find_decoder_layers(model)[1] for m in linear_sublayers(layer).values()])
+        assert all((module.relative_error is None) == (error_tokens is None) for r in results for module in r.modules)
+    assert all(torch.equal(a, b) for a, b in zip(*masks))
