@@ -108,6 +108,8 @@ def gptq_solve(weight: torch.Tensor, hessian: torch.Tensor, recipe: Recipe) -> S
             perm = torch.argsort(torch.diag(H), descending=True, stable=True)
             W = W[:, perm]
             H = H[perm][:, perm]
+            if static:
+                group_of = (perm // group_size).tolist()  # original group of each processed column (no per-column sync)
         Hinv, damping = damped_inverse_cholesky(H, recipe.dampening)
         Q = torch.zeros_like(W)
         losses = torch.zeros(rows, dtype=torch.float32, device=W.device)
@@ -120,7 +122,7 @@ def gptq_solve(weight: torch.Tensor, hessian: torch.Tensor, recipe: Recipe) -> S
             for i in range(i2 - i1):
                 j = i1 + i
                 if static:
-                    group = int(perm[j]) // group_size
+                    group = group_of[j]
                     scale, zero = static_scales[:, group : group + 1], static_zeros[:, group : group + 1]
                 elif group_size != -1 and j % group_size == 0:
                     scale, zero = minmax_grid(W[:, j : j + group_size], bits, quantization.symmetric)
