@@ -130,10 +130,10 @@ def gptq_solve(weight: torch.Tensor, hessian: torch.Tensor, recipe: Recipe) -> S
                 d = Hinv1[i, i]
                 q = fake_quantize(w.unsqueeze(1), scale, zero, bits).squeeze(1)
                 Q[:, j] = q
-                losses += (w - q).square() / d.square() / 2
                 err = (w - q) / d
                 W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
                 Err1[:, i] = err
+            losses += Err1.square().sum(dim=1) / 2  # Σ (w − q)²/d²/2, once per block
             W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
         if perm is not None:
             Q = Q[:, torch.argsort(perm)]
