@@ -67,7 +67,7 @@ def report(
     result = build_report(runs_dir, out)
     if not quiet:
         for line in diagonal_finding(result, metric):
-            stdout.print(line)
+            typer.echo(line)
         if result.collected.missing:
             stdout.print(f"[yellow]{len(result.collected.missing)} run(s) have no results yet (listed in the report)[/yellow]")
     stdout.print(f"report written to [bold]{result.files['report.html']}[/bold] "

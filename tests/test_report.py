@@ -240,3 +240,14 @@ def test_diagonal_heatmap_cells_are_outlined(report):
     image = __import__("matplotlib.image", fromlist=["imread"]).imread(path)
     red = (image[..., 0] > 0.9) & (image[..., 1] < 0.15) & (image[..., 2] < 0.15)
     assert red.sum() > 100  # the outlines of the 4 diagonal cells (ar, de, en, sw calibration rows)
+
+
+def test_cli_report_writes_the_report_and_prints_the_diagonal_finding(report, tmp_path):
+    from typer.testing import CliRunner
+
+    from prunekit.cli.main import app
+
+    result = CliRunner().invoke(app, ["report", str(report.runs_dir), "--out", str(tmp_path / "cli")])
+    assert result.exit_code == 0, result.output
+    assert "in 3 of 4 languages (wanda, tiny)" in result.output and "1 run(s) have no results yet" in result.output
+    assert (tmp_path / "cli" / "report.html").is_file() and len(list((tmp_path / "cli" / "heatmaps").glob("*.png"))) == 8

@@ -180,25 +180,54 @@ def test_report_of_the_sweep_equals_the_runs_results(killed_and_resumed, tmp_pat
     assert (tmp_path / "report" / "report.html").read_text().count("data:image/png;base64,") == len(report.heatmaps) == 6
 
 
-def test_submitit_local_executor_runs_the_grid_in_job_processes(tiny_llama, tmp_path):
-    pytest.importorskip("submitit")
-    config = grid_config(tiny_llama, methods=["wanda"], slurm={"cluster": "local", "time_min": 10, "cpus_per_task": 1, "mem_gb": 4})
-    config["calibration"] = dict(config["calibration"], sets=["en", "sw"], seeds=[0])
-    summary = run_sweep(config, tmp_path / "runs", executor="slurm", max_parallel=1, progress=False)
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path):
+    """The loopback Hub of tests/hub_server.py with huggingface_hub pointed at it (nothing leaves the machine)."""
+    import huggingface_hub
+    from huggingface_hub import constants as hf_constants
+
+    from tests.hub_server import FakeHub
+
+    token = "hf_SweepLoopbackTok3n_x9Zq"
+    server = FakeHub(valid_tokens={token}).start()
+    dead = "http://127.0.0.1:9"
+    for key, value in {"HF_ENDPOINT": server.url, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": token, "HF_HUB_OFFLINE": "0",
+                       "HF_HOME": str(tmp_path / "hf-home")}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
+    monkeypatch.setattr(hf_constants, "HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))
+    monkeypatch.setattr(hf_constants, "ENDPOINT", dead)
+    yield server
+    server.stop()
+    huggingface_hub.close_session()
+
+
+def test_push_added_to_a_finished_sweep_runs_only_the_push_stage(killed_and_resumed, fake_hub):
+    runs_dir = killed_and_resumed["runs_dir"]
+    config = yaml.safe_load(killed_and_resumed["config"].read_text())
+    config["push"] = {"namespace": "org", "private": True, "endpoint": fake_hub.url}
+    executions = {p.name: (status(p, "prune")["executions"], status(p, "eval")["executions"]) for p in (runs_dir / "runs").iterdir()}
+    summary = run_sweep(config, runs_dir, progress=False)
     assert summary.ok, summary.lines()
-    runs = list((tmp_path / "runs" / "runs").iterdir())
-    assert len(runs) == 2
-    for directory in runs + list((tmp_path / "runs" / "dense").iterdir()):
-        for stage in ("prune", "eval") if directory.parent.name == "runs" else ("dense",):
-            s = status(directory, stage)
-            assert s["state"] == "done" and s["pid"] != os.getpid()  # ran in a submitit job process
-        assert (directory / "results.json").exists()
-    job_logs = list((tmp_path / "runs" / "slurm").rglob("*_log.out"))
-    assert len(job_logs) == 2  # one job for the dense phase, one for the runs
-    assert leftovers(tmp_path / "runs") == []
+    assert summary.completed == 12  # the dense task had nothing to do
+    for directory in (runs_dir / "runs").iterdir():
+        pushed = json.loads((directory / "push.json").read_text())
+        assert status(directory, "push")["state"] == "done"
+        files = fake_hub.files(pushed["repo_id"])
+        assert {"README.md", "model.safetensors", "prunekit.json", "results.json"} <= set(files)
+        assert files["prunekit.json"] == (directory / "checkpoint" / "prunekit.json").read_bytes()
+    assert len(fake_hub.repos) == 12
+    assert {p.name: (status(p, "prune")["executions"], status(p, "eval")["executions"]) for p in (runs_dir / "runs").iterdir()} == executions
+    commits = len(fake_hub.commit_log)
+    assert run_sweep(config, runs_dir, progress=False).completed == 0 and len(fake_hub.commit_log) == commits
 
 
-def test_a_failing_run_is_recorded_and_the_others_finish_in_the_local_gpu_pool(tiny_llama, tmp_path, monkeypatch):
+def test_submitit_local_executor_runs_the_grid_and_a_failing_run_does_not_stop_it(tiny_llama, tmp_path):
+    """Through the CLI: the jobs run in submitit LocalExecutor processes; the Swahili run cannot be
+    pruned (its text is far too short), records its error, the English run finishes, exit code 1."""
+    pytest.importorskip("submitit")
     from typer.testing import CliRunner
 
     from prunekit.cli.main import app
@@ -206,23 +235,54 @@ def test_a_failing_run_is_recorded_and_the_others_finish_in_the_local_gpu_pool(t
     texts = tmp_path / "texts"
     texts.mkdir()
     (texts / "en.txt").write_text((TATOEBA / "en.txt").read_text(encoding="utf-8"), encoding="utf-8")
-    (texts / "sw.txt").write_text("Habari.\n", encoding="utf-8")  # far too short for 4 × 32 tokens: pruning fails
-    config = grid_config(tiny_llama, methods=["wanda"])
+    (texts / "sw.txt").write_text("Habari.\n", encoding="utf-8")
+    config = grid_config(tiny_llama, methods=["wanda"], slurm={"cluster": "local", "time_min": 10, "cpus_per_task": 1, "mem_gb": 4},
+                         execution={"device": "cpu", "keep_checkpoints": False})
     config["calibration"] = dict(config["calibration"], sets=["en", "sw"], seeds=[0], source=str(texts))
     config["evaluation"] = dict(config["evaluation"], languages=["en"], perplexity_source=str(texts))
-    config_path = tmp_path / "failing.yaml"
+    config_path = tmp_path / "submitit.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # two "GPUs": one worker pinned to each
-    result = CliRunner().invoke(app, ["sweep", str(config_path), "--runs-dir", str(tmp_path / "runs"), "--max-parallel", "2", "--quiet"])
+    runs_dir = tmp_path / "runs"
+    result = CliRunner().invoke(app, ["sweep", str(config_path), "--runs-dir", str(runs_dir), "--executor", "slurm", "--quiet"])
     assert result.exit_code == 1, result.output
-    assert "FAILED run" in result.output and "[prune]" in result.output and "1 failed" in result.output
+    assert "1 failed" in result.output and "FAILED run" in result.output and "[prune]" in result.output
     tasks = {t.calib: t for t in expand(load_config(config_path)).runs}
-    good, bad = tmp_path / "runs" / "runs" / tasks["en"].run_id, tmp_path / "runs" / "runs" / tasks["sw"].run_id
-    assert status(good, "eval")["state"] == "done"
+    good, bad = runs_dir / "runs" / tasks["en"].run_id, runs_dir / "runs" / tasks["sw"].run_id
+    for directory, stages in ((good, ("prune", "eval")), (next((runs_dir / "dense").iterdir()), ("dense",))):
+        for stage in stages:
+            s = status(directory, stage)
+            assert s["state"] == "done" and s["pid"] != os.getpid()  # ran in a submitit job process
+        assert (directory / "results.json").exists()
     failed = status(bad, "prune")
-    assert failed["state"] == "failed" and failed["error"] and not (bad / "checkpoint").exists()
-    assert {status(good, "prune")["cuda_visible_devices"], failed["cuda_visible_devices"]} <= {"0", "1"}
-    assert status(good, "prune")["pid"] != os.getpid()
+    assert failed["state"] == "failed" and "language 'sw'" in failed["error"], failed["error"]
+    assert len(list((runs_dir / "slurm").rglob("*_log.out"))) == 2  # one job for the dense phase, one for the runs
+    assert not (good / "checkpoint").exists()  # keep_checkpoints: false, once evaluated
+    again = run_sweep(config_path, runs_dir, dry_run=True, progress=False)
+    assert again.pending == 1 and again.already_done == 2  # only the failed run would be retried
+    assert leftovers(runs_dir) == []
+
+
+def test_local_pool_redoes_evaluations_whose_worker_died_one_process_per_gpu(killed_and_resumed, monkeypatch):
+    """Two eval stages say 'running' but their worker is gone (killed): the pool redoes them in two worker
+    processes, each pinned to one of the two visible GPUs; nothing else is redone."""
+    runs_dir = killed_and_resumed["runs_dir"]
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    victims = sorted((runs_dir / "runs").iterdir())[:2]
+    for directory in victims:
+        record = status(directory, "eval")
+        record.update(state="running", pid=dead.pid, pid_start=None)
+        (directory / "eval.status.json").write_text(json.dumps(record))
+        (directory / "results.json").unlink()
+    before = {p.name: json.loads((p / "eval.status.json").read_text()) for p in (runs_dir / "runs").iterdir()}
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    summary = run_sweep(killed_and_resumed["config"], runs_dir, max_parallel=2, progress=False)
+    assert summary.ok and summary.completed == 2, summary.lines()
+    after = {p.name: status(p, "eval") for p in (runs_dir / "runs").iterdir()}
+    assert {after[d.name]["cuda_visible_devices"] for d in victims} == {"0", "1"}
+    assert all(after[d.name]["pid"] not in (os.getpid(), dead.pid) and after[d.name]["state"] == "done" for d in victims)
+    assert {k: v for k, v in after.items() if k not in {d.name for d in victims}} == {k: v for k, v in before.items() if k not in {d.name for d in victims}}
+    assert all((d / "results.json").exists() for d in victims)
 
 
 def test_a_stage_whose_process_died_is_redone_and_one_still_running_is_left_alone(tmp_path):
@@ -245,6 +305,42 @@ def test_a_stage_whose_process_died_is_redone_and_one_still_running_is_left_alon
     record.update(heartbeat=time.time() - 3600)
     (directory / "prune.status.json").write_text(json.dumps(record))
     assert stage_state(directory, "prune") == "stale"  # its heartbeat stopped an hour ago
+
+
+def test_a_job_known_dead_fails_its_running_stage_at_once(tmp_path):
+    from prunekit.sweep.state import abandon, stage, stage_state
+
+    directory = tmp_path / "run"
+    directory.mkdir()
+    with stage(directory, "eval"):
+        pass
+    record = json.loads((directory / "eval.status.json").read_text())
+    record.update(state="running", host="node-7", heartbeat=time.time(), job_id="123_4")
+    (directory / "eval.status.json").write_text(json.dumps(record))
+    assert stage_state(directory, "eval") == "busy"
+    assert not abandon(directory, "eval", "999_1", "job 999_1 failed")  # somebody else's job: left alone
+    assert abandon(directory, "eval", "123_4", "job 123_4 failed: timeout")
+    assert stage_state(directory, "eval") == "failed" and status(directory, "eval")["error"] == "job 123_4 failed: timeout"
+
+
+def test_slurm_settings_become_sbatch_options(tmp_path, monkeypatch):
+    pytest.importorskip("submitit")
+    from prunekit.sweep.executors import submitit_executor
+
+    config = load_config(ROOT / "configs" / "study-full-grid.yaml")
+    with pytest.raises(ConfigError, match="slurm.cluster: local"):
+        submitit_executor(config, tmp_path, max_parallel=16)  # no Slurm on this machine
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (fake / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    config.slurm.update(account="lab", setup=["module load cuda/12.4"])
+    executor = submitit_executor(config, tmp_path, max_parallel=16)
+    script = executor._executor._make_submission_file_text("python -m prunekit", "uid")
+    for option in ("--partition=gpu", "--gpus-per-node=1", "--cpus-per-task=8", "--mem=128GB", "--time=720", "--account=lab"):
+        assert f"#SBATCH {option}" in script
+    assert "module load cuda/12.4" in script and executor._executor.parameters["array_parallelism"] == 16
 
 
 BAD_CONFIGS = [

@@ -42,6 +42,7 @@ class Collected:
     dense: dict[str, DenseResult]  # model key -> dense evaluation
     missing: list[dict[str, Any]] = field(default_factory=list)  # runs without an evaluation yet
     sweep: dict[str, Any] | None = None  # sweep.json of the last sweep, for orderings
+    analysis: list[dict[str, Any]] = field(default_factory=list)  # compared calibration pairs
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -92,4 +93,22 @@ def collect(runs_dir: str | Path) -> Collected:
         desc = read_versioned(directory / "dense.json", "prunekit-sweep-dense")
         dense[directory.name] = DenseResult(desc["model"]["name"], directory.name,
                                             read_versioned(directory / "results.json", RESULTS_KIND), directory)
-    return Collected(runs_dir, runs, dense, missing, sweep)
+    return Collected(runs_dir, runs, dense, missing, sweep, collect_analysis(runs_dir))
+
+
+def collect_analysis(runs_dir: Path) -> list[dict[str, Any]]:
+    """Finished analysis pairs: what was compared and where its compare summary lies (or why n/a)."""
+    out = []
+    for directory in sorted(p for p in (runs_dir / "analysis").glob("*") if p.is_dir() and not p.name.startswith(".")):
+        if not (directory / "analysis.json").exists() or not (directory / "result.json").exists():
+            continue
+        desc = read_versioned(directory / "analysis.json", "prunekit-sweep-analysis")
+        result = read_versioned(directory / "result.json", "prunekit-sweep-analysis-result")
+        summary = directory / result["summary"] if result.get("summary") else None
+        out.append({
+            "model": desc.get("model_name", desc["model"]), "method": desc["method"], "pattern": desc["pattern"],
+            "pair": desc["pair"], "seeds": len(desc.get("runs_a", [])), "status": result["status"], "note": result.get("note"),
+            "summary": str(summary) if summary is not None and summary.exists() else None,
+            "summary_text": summary.read_text(encoding="utf-8") if summary is not None and summary.exists() else None,
+        })
+    return out

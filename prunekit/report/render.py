@@ -161,6 +161,13 @@ def markdown(report: "Report") -> str:
             lines.append(_md_row([a.model, a.method, a.metric_title, a.target,
                                   a.best_calibration, fmt(a.best_value, decimals), fmt(a.own_value, decimals), fmt(a.margin, decimals)]))
         lines.append("")
+    if report.collected.analysis:
+        lines += ["## What pruning changed between calibration sets (prunekit compare)", ""]
+        lines += [_md_row(["model", "method", "pair", "seeds", "status", "summary"]), _md_row(["---"] * 6)]
+        for item in report.collected.analysis:
+            link = f"[summary.md]({item['summary']})" if item["summary"] else (item["note"] or "")
+            lines.append(_md_row([item["model"], item["method"], " vs ".join(item["pair"]), str(item["seeds"]), item["status"], link]))
+        lines.append("")
     if report.collected.missing:
         lines += ["## Runs without results", ""]
         for item in report.collected.missing:
@@ -240,6 +247,7 @@ def write_json(report: "Report", path: Path) -> Path:
                   "calibration": r.calibration, "seed": r.seed} for r in report.collected.runs],
         "dense": {key: d.model for key, d in report.collected.dense.items()},
         "missing": report.collected.missing,
+        "analysis": [{k: v for k, v in item.items() if k != "summary_text"} for item in report.collected.analysis],
         "heatmaps": [f"heatmaps/{p.name}" for p in report.heatmaps],
     })
     return write_json_atomic(path, payload)

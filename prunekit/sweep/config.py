@@ -479,9 +479,9 @@ def load_config(config: str | Path | dict[str, Any]) -> SweepConfig:
         _unique(pairs, "analysis.pairs", key=lambda p: tuple(sorted(p)))
         if analysis.get("only") is not None:
             only = _list(analysis["only"], "analysis.only", _str, allow_scalar=True)
-            for i, name in enumerate(only):
-                if name not in ANALYSES:
-                    raise _fail(f"analysis.only[{i}]", f"unknown analysis '{name}'{_did_you_mean(name, list(ANALYSES))}; choose from {', '.join(ANALYSES)}")
+            for i, kind in enumerate(only):
+                if kind not in ANALYSES:
+                    raise _fail(f"analysis.only[{i}]", f"unknown analysis '{kind}'{_did_you_mean(kind, list(ANALYSES))}; choose from {', '.join(ANALYSES)}")
             analysis_options["only"] = only
         if analysis.get("max_tokens") is not None:
             analysis_options["max_tokens"] = _int(analysis["max_tokens"], "analysis.max_tokens", 1)

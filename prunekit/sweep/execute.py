@@ -396,21 +396,14 @@ def run_analysis(config: SweepConfig, runs_dir: Path, task: AnalysisTask, progre
                 out=directory / "compare", overwrite=True, dtype=task.model.dtype, device=config.device,
                 progress=progress, **config.analysis_options,
             )
-            result = {"status": "ok", "compare": str(directory / "compare"),
-                      "summary": comparison if isinstance(comparison, dict) else _as_dict(comparison)}
+            del comparison  # written to compare/compare.json (+ summary.md, figures/) by compare itself
+            result = {"status": "ok", "compare": "compare/compare.json", "summary": "compare/summary.md"}
         write_json_atomic(directory / "result.json", versioned("prunekit-sweep-analysis-result", {"pair": list(task.pair), **result}))
         details["status"] = result["status"]
     _free_memory()
     outcome.ran.append("analysis")
     outcome.stage = None
     return outcome
-
-
-def _as_dict(obj: Any) -> Any:
-    for attr in ("to_json", "to_dict", "as_dict"):
-        if hasattr(obj, attr):
-            return getattr(obj, attr)()
-    return {"repr": repr(obj)}
 
 
 def execute_task(config: SweepConfig, runs_dir: Path, task, progress: bool = False) -> TaskOutcome:

@@ -65,7 +65,8 @@ def describe(task) -> str:
         return f"dense {task.model.name}"
     if isinstance(task, RunTask):
         seed = "" if task.seed is None else f" · seed {task.seed}"
-        return f"run {task.run_id} · {task.model.name} · {task.method.label} {task.pattern_label} · calib {task.calib or 'none'}{seed}"
+        pattern = "" if task.pattern is None else f" {task.pattern_label}"
+        return f"run {task.run_id} · {task.model.name} · {task.method.label}{pattern} · calib {task.calib or 'none'}{seed}"
     return f"analysis {task.model.name} · {task.method.label} · {task.pair[0]} vs {task.pair[1]} · {len(task.runs_a)} seed(s)"
 
 
@@ -126,7 +127,10 @@ def submitit_executor(config: SweepConfig, runs_dir: Path, max_parallel: int):
         raise ConfigError("--executor slurm needs submitit: pip install 'prunekit[slurm]'") from err
     slurm = config.slurm
     cluster = slurm["cluster"]
-    executor = submitit.AutoExecutor(folder=str(runs_dir / "slurm" / "%j"), cluster=cluster)
+    try:
+        executor = submitit.AutoExecutor(folder=str(runs_dir / "slurm" / "%j"), cluster=cluster)
+    except RuntimeError as err:  # no srun / sbatch on this machine
+        raise ConfigError(f"--executor slurm: {err}; to try the same jobs on this machine set slurm.cluster: local") from err
     gpus = slurm["gpus_per_node"]
     if cluster != "slurm":
         gpus = min(gpus, len(visible_gpus()))
@@ -157,7 +161,8 @@ def chunk(tasks: list, size: int) -> list[list]:
 
 
 def run_submitit(config: SweepConfig, runs_dir: Path, tasks: list, progress: bool, config_digest: str, max_parallel: int, **_: Any) -> list[TaskOutcome]:
-    from prunekit.sweep.execute import execute_tasks
+    from prunekit.sweep.execute import execute_tasks, stage_names, task_dir
+    from prunekit.sweep.state import abandon
 
     executor = submitit_executor(config, runs_dir, max_parallel)
     if config.slurm["cluster"] == "slurm":
@@ -184,6 +189,9 @@ def run_submitit(config: SweepConfig, runs_dir: Path, tasks: list, progress: boo
                 except Exception as err:  # noqa: BLE001 - a job that died (timeout, OOM, node failure)
                     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                     note = f"job {job.job_id} failed: {first}; see {job.paths.stderr}"
+                    for task in groups[index]:  # its stages cannot still be running: say so now, not in 5 minutes
+                        for name in stage_names(config, task):
+                            abandon(task_dir(runs_dir, task), name, str(job.job_id), note)
                 for task in groups[index]:
                     outcomes[task.task_id] = outcome_from_disk(config, runs_dir, task, note)
                 update(len(outcomes), len(tasks))

@@ -131,7 +131,7 @@ def expand(config: SweepConfig) -> Grid:
     for a, b in config.analysis_pairs:
         for model in config.models:
             for method in config.methods:
-                if not method.needs_calibration:
+                if method.kind != "prune" or not method.needs_calibration:  # masks of quantized models mean nothing
                     continue
                 mine = [r for r in runs if r.model.key == model.key and r.method.label == method.label]
                 for label in dict.fromkeys(r.pattern_label for r in mine):

@@ -108,6 +108,7 @@ class SweepSummary:
     completed: int  # tasks completed by this sweep
     failed: list[FailedTask] = field(default_factory=list)
     busy: list[str] = field(default_factory=list)  # tasks another live process is running
+    notes: list[str] = field(default_factory=list)  # advice, e.g. a dense cache that was not shared
     pending: int = 0  # dry run: tasks that would run
     seconds: float = 0.0
     dry_run: bool = False
@@ -133,13 +134,14 @@ class SweepSummary:
             out.append(f"  still running elsewhere: {task_id}")
         if self.failed:
             out.append("  rerun the same command to retry the failed stages (finished ones are skipped)")
+        out += [f"  note: {note}" for note in self.notes]
         return out
 
     def to_json(self) -> dict[str, Any]:
         return {
             "runs_dir": str(self.runs_dir), "name": self.name, "tasks": self.tasks, "runs": self.runs,
             "already_done": self.already_done, "completed": self.completed, "busy": self.busy,
-            "failed": [f.__dict__ for f in self.failed], "seconds": self.seconds, "ok": self.ok,
+            "failed": [f.__dict__ for f in self.failed], "notes": self.notes, "seconds": self.seconds, "ok": self.ok,
         }
 
 
@@ -209,9 +211,24 @@ def run_sweep(
         summary.failed.append(FailedTask(row.task.task_id, labels[row.task.task_id],
                                          outcome.stage if outcome else None,
                                          outcome.error if outcome else "not run (an earlier stage or dependency failed)"))
+    summary.notes = dense_cache_notes(runs_dir, [o.task_id for o in outcomes if "eval" in o.ran])
     summary.seconds = round(time.perf_counter() - started, 3)
     write_json_atomic(runs_dir / "sweep-summary.json", versioned("prunekit-sweep-summary", summary.to_json() | {"finished": now_iso()}))
     return summary
+
+
+def dense_cache_notes(runs_dir: Path, evaluated: list[str]) -> list[str]:
+    """Runs that had to recompute the dense hidden states did not see the dense stage's cache."""
+    from prunekit.sweep.state import read_status
+
+    recomputed = 0
+    for task_id in evaluated:
+        details = (read_status(runs_dir / "runs" / task_id.split(":", 1)[1], "eval") or {}).get("details") or {}
+        recomputed += any(state == "computed" for state in (details.get("dense_hidden_states") or {}).values())
+    if not recomputed:
+        return []
+    return [f"{recomputed} run(s) recomputed the dense hidden states instead of reading the dense stage's cache; "
+            "on a cluster put PRUNEKIT_CACHE on storage every node shares"]
 
 
 def final_complete(plan: Plan, task_id: str) -> bool:

@@ -90,6 +90,28 @@ def stage_state(directory: Path, stage: str, fingerprint: str | None = None) -> 
     return "failed"
 
 
+def submitit_job_id() -> str | None:
+    """The submitit job id (``123_4`` for an array task) when running inside a submitit job."""
+    if not os.environ.get("SUBMITIT_EXECUTOR"):
+        return None
+    try:
+        import submitit
+
+        return str(submitit.JobEnvironment().job_id)
+    except Exception:  # noqa: BLE001 - not in a job after all
+        return None
+
+
+def abandon(directory: Path, name: str, job_id: str, error: str) -> bool:
+    """A job we know is dead (timeout, OOM kill, node failure) left its stage 'running': record it as failed."""
+    status = read_status(directory, name)
+    if status is None or status.get("state") != RUNNING or status.get("job_id") != job_id:
+        return False
+    status.update(state=FAILED, error=error, finished=now_iso())
+    write_json_atomic(status_path(directory, name), status)
+    return True
+
+
 class StageBusy(Exception):
     """Another live process is running this stage."""
 
@@ -114,6 +136,7 @@ def stage(directory: Path, name: str, fingerprint: str | None = None, extra: dic
         "executions": int((previous or {}).get("executions", 0)) + 1,
         "started": now_iso(),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "job_id": submitit_job_id(),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         **(extra or {}),
     }
