@@ -163,11 +163,16 @@ def select_language_neurons(stats: LapeStats, thresholds: dict[str, float | None
     assigned to every language whose probability exceeds the ``activation_bar_ratio`` quantile — or,
     with no bar (the relaxed default), to the language where the neuron is most often active.
 
-    Returns lang -> sorted (layer, neuron) pairs.
+    Deviation, for the deactivation test: the study sets no thresholds because it only plots trends,
+    but switching neurons off needs a selection, so ``top_rate`` (Tang's 1 %) stays on and the
+    language is the argmax when no activation bar is set. Never-active neurons (LAPE 0 by the
+    definition) are never selected — Tang's filter would drop them too. Returns lang -> sorted
+    (layer, neuron) pairs.
     """
     scores = stats.scores.astype(np.float64).copy()
     probs = stats.probs
     layers, width, k = probs.shape
+    scores[probs.sum(axis=-1) == 0] = np.inf  # never active: LAPE 0 by definition, but specific to no language
     if thresholds.get("filter_rate") is not None:
         top_prob = kth_value(probs, thresholds["filter_rate"])
         scores[(probs > top_prob).sum(axis=-1) == 0] = np.inf

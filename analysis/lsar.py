@@ -60,6 +60,8 @@ class Subspace:
 
 
 def default_rank(num_languages: int) -> int:
+    """r = K−1 unless asked otherwise: the spec allows 1 ≤ r ≤ K−1 and the study does not state r;
+    K−1 keeps every language direction (M' = M), a lower r keeps only the strongest ones."""
     return num_languages - 1
 
 

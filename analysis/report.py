@@ -19,6 +19,12 @@ def _plt():
     return plt
 
 
+def _integer_ticks():
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
+
+
 def _fmt(x: Any, digits: int = 3) -> str:
     if x is None:
         return "–"
@@ -94,6 +100,7 @@ def _lsar_lines(result, folder: Path) -> Path:
                         marker=".", label=lang)
             ax.set_title(f"{result['names'][role]} vs {result['names'][result['reference']]}: Δ {title}", fontsize=9)
             ax.set_xlabel("layer")
+            ax.xaxis.set_major_locator(_integer_ticks())
             ax.set_ylabel("mean ‖Δ‖₂")
             ax.set_yscale("log")
     axes[0, -1].legend(title="eval", fontsize=7)
@@ -155,6 +162,7 @@ def _drift_lines(result, folder: Path) -> Path:
             ax.plot(range(len(values)), values, marker=".", label=lang)
         ax.set_title(f"{result['names'][role]} vs {result['names'][result['reference']]}: mean |Δh|", fontsize=9)
         ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(_integer_ticks())
         ax.set_yscale("log")
     axes[0, -1].legend(title="eval", fontsize=7)
     fig.tight_layout()

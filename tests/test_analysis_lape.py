@@ -104,7 +104,7 @@ def test_relaxed_default_takes_the_lowest_lape_neurons_by_their_top_language():
     stats, _, _ = random_stats(seed=1)
     assert L.normalize_thresholds(None) == {"top_rate": 0.01, "filter_rate": None, "activation_bar_ratio": None}
     chosen = L.select_language_neurons(stats, L.normalize_thresholds(None))
-    flat = stats.scores.reshape(-1)
+    flat = np.where(stats.probs.sum(axis=-1) > 0, stats.scores, np.inf).reshape(-1)  # dead neurons never count
     count = round(flat.size * 0.01)
     lowest = set(np.argsort(flat)[:count].tolist())
     width = stats.scores.shape[1]
@@ -113,6 +113,17 @@ def test_relaxed_default_takes_the_lowest_lape_neurons_by_their_top_language():
     for k, lang in enumerate(stats.langs):
         for layer, neuron in chosen[lang]:
             assert stats.probs[layer, neuron].argmax() == k
+
+
+def test_never_active_neurons_are_not_selected_as_language_specific():
+    stats, counts, tokens = random_stats(seed=4)
+    counts[:, 0, :50] = 0  # 50 dead neurons in layer 0: LAPE 0, the lowest scores of all
+    stats = L.LapeStats.from_counts(stats.langs, counts, np.zeros(counts.shape), tokens)
+    assert (stats.scores[0, :50] == 0).all() and L.summary(stats)["never_active"] >= 50
+    for thresholds in (None, "tang"):
+        chosen = L.select_language_neurons(stats, L.normalize_thresholds(thresholds))
+        assert not any(layer == 0 and neuron < 50 for pairs in chosen.values() for layer, neuron in pairs)
+    assert sum(len(v) for v in L.select_language_neurons(stats, L.normalize_thresholds(None)).values()) == 12
 
 
 def test_bad_thresholds_are_rejected():
