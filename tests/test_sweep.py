@@ -392,5 +392,7 @@ def test_the_shipped_configs_validate_and_expand_to_the_study_grid():
     assert {t.model.spec for t in grid.runs} == {"meta-llama/Meta-Llama-3-8B-Instruct", "CohereForAI/aya-23-8B"}
     assert {(t.pattern.sparsity, t.pattern.is_nm) for t in grid.runs} == {(0.5, False)}
     assert study.nsamples == 128 and study.seqlen == 8192 and study.seeds == [0, 1, 2]
+    plan = run_sweep(ROOT / "configs" / "study-full-grid.yaml", Path("/nonexistent-prunekit-runs") / "study", dry_run=True, progress=False)
+    assert plan.pending == plan.tasks == 84 + 2 and not Path("/nonexistent-prunekit-runs").exists()
     tiny = load_config(ROOT / "configs" / "tiny-example.yaml")
     assert [m.spec for m in tiny.models] == ["embedded:gemma-3-270m"] and tiny.nsamples <= 16

@@ -112,7 +112,9 @@ def markdown(report: "Report") -> str:
     lines.append("Cells are mean ± sample standard deviation (ddof = 1) over seeds (a single seed shows no std). "
                  "Rows are calibration sets, columns evaluation languages (or tasks). **Bold** marks the best cell "
                  "of each column within a model × method block; ◆ marks calibration language = evaluation language "
-                 "(the diagonal, outlined in the heatmaps). Pruning error is printed ×10⁶ as in the study's Table 1.")
+                 "(the diagonal, outlined in the heatmaps). Pruning error is printed ×10⁶ as in the study's Table 1; "
+                 "SNR is the mean over layers in dB (over the changed layers when a layer was kept dense); "
+                 "accuracies and F1 are in %.")
     lines.append("")
     if report.findings:
         lines += ["## Findings", ""] + [f"- {line}" for line in report.findings] + [""]

@@ -161,7 +161,10 @@ def hidden_value(results: dict[str, Any], lang: str, key: str) -> float | None:
     entry = (results.get("hidden_states") or {}).get(lang)
     if not entry or entry.get(key) is None:
         return None
-    return float(entry[key])
+    value = float(entry[key])
+    if key == "snr_db" and math.isinf(value) and entry.get("snr_db_finite_layers") is not None:
+        value = float(entry["snr_db_finite_layers"])  # a layer kept dense (PE = 0): mean over the changed layers
+    return value
 
 
 def ppl_value(results: dict[str, Any], lang: str) -> float | None:
@@ -188,8 +191,9 @@ def task_metric_defs(results_list: list[dict[str, Any]]) -> dict[str, tuple[Metr
         columns = {task: Column(task, lang if lang and languages.count(lang) == 1 else task, lang) for task, lang in tasks.items()}
         ordered = dict(sorted(columns.items(), key=lambda kv: (language_order(kv[1].language or "~"), kv[0])))
         for metric in metrics_of.get(group, []) or ["acc"]:
-            lower = metric.lower() in LOWER_IS_BETTER
-            percent = metric.lower() in PERCENT_METRICS
+            base = metric.split(",")[0].lower()  # "exact_match,strict-match": metric, lm-eval filter
+            lower = base in LOWER_IS_BETTER
+            percent = base in PERCENT_METRICS
             title = f"{group} [{metric}{', %' if percent else ''}]"
             tables[f"task:{group}/{metric}"] = (MetricDef(f"task:{group}/{metric}", title, "lower" if lower else "higher",
                                                          100.0 if percent else 1.0, 1 if percent else 3), ordered)

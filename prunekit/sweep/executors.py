@@ -207,7 +207,7 @@ def get_executor(name: str, max_parallel: int) -> Callable[..., list[TaskOutcome
         hint = difflib.get_close_matches(name, EXECUTORS, n=1)
         raise ConfigError(f"unknown executor '{name}'{f' (did you mean {hint[0]!r}?)' if hint else ''}; use local or slurm")
     if max_parallel < 1:
-        raise ConfigError(f"--max-parallel must be at least 1, got {max_parallel}")
+        raise ConfigError(f"--max-parallel must be at least 1 (or 0: one worker per visible GPU), got {max_parallel}")
     if name == "slurm":
         return run_submitit
     return run_inprocess if max_parallel == 1 else run_pool

@@ -158,9 +158,17 @@ def run_sweep(
     Safe to interrupt at any moment (even SIGKILL) and to rerun: finished stages are skipped,
     stages whose process died are redone, partial temp dirs are removed. A failing run records its
     error and the sweep goes on; check ``summary.ok`` / ``summary.exit_code`` at the end.
+
+    ``executor``: "local" (``max_parallel`` 1: sequentially in this process; N: N worker processes
+    pinned round-robin to the visible GPUs; 0: one per visible GPU) or "slurm" (submitit job arrays,
+    ``max_parallel`` tasks at a time; ``slurm.cluster: local`` runs them with submitit's LocalExecutor).
     """
     started = time.perf_counter()
     cfg = load_config(config)  # every config mistake fails here, before any work
+    if max_parallel == 0:  # auto: one worker per visible GPU here; Slurm: submitit's default array limit
+        from prunekit.sweep.executors import visible_gpus
+
+        max_parallel = max(1, len(visible_gpus())) if executor == "local" else 256
     run = get_executor(executor, max_parallel)
     runs_dir = Path(runs_dir).expanduser().resolve()
     if executor == "slurm" and importlib.util.find_spec("submitit") is None:
