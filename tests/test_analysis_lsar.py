@@ -98,11 +98,10 @@ def test_specific_part_recovers_planted_language_directions_and_agnostic_part_is
 
 
 def test_lower_rank_keeps_the_strongest_language_directions():
-    langs = ("de", "en", "sw")
     rng = np.random.default_rng(3)
     basis, _ = np.linalg.qr(rng.normal(size=(20, 3)))
     c, strong, weak = 4 * basis[:, 0], basis[:, 1], basis[:, 2]
-    means = np.stack([c + 5 * strong + 0.1 * weak, c - 5 * strong + 0.1 * weak, c - 0.2 * weak], axis=1)
+    means = np.stack([c + 5 * strong + 0.1 * weak, c - 5 * strong + 0.1 * weak, c - 0.2 * weak], axis=1)  # de, en, sw
     space = fit_subspace(means, rank=1)
     assert abs(abs(space.ms[:, 0] @ strong) - 1) < 1e-3
 
