@@ -23,19 +23,8 @@ import numpy as np
 
 from prunekit.errors import ModelError
 from prunekit.io import read_versioned
-from prunekit.models import ModelSource, resolve_model
+from prunekit.models import MODULE_NAMES, ModelSource, resolve_model
 
-# analysis-spec §0.4. The same map lives in prunekit.pipeline.MODULE_NAMES; the analysis may not
-# import the pipeline (it must run without the pruning stack), so it is restated here.
-MODULE_NAMES = {
-    "self_attn.q_proj": "q",
-    "self_attn.k_proj": "k",
-    "self_attn.v_proj": "v",
-    "self_attn.o_proj": "attn.out",
-    "mlp.gate_proj": "ffn.gate",
-    "mlp.up_proj": "ffn.up",
-    "mlp.down_proj": "ffn.down",
-}
 MODULE_ORDER = ["q", "k", "v", "attn.out", "ffn.gate", "ffn.up", "ffn.down"]
 _LINEAR = re.compile(
     r"(?:^|\.)layers\.(\d+)\.(self_attn\.(?:q|k|v|o)_proj|mlp\.(?:gate|up|down)_proj)\.weight$"

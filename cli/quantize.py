@@ -16,7 +16,7 @@ stdout = Console()
 
 def print_quantize_summary(record: dict, out: Path | None) -> None:
     """Per layer and module: the relative output error ‖(W−W′)X‖²/‖WX‖² on the first calibration batch."""
-    from prunekit.pipeline import MODULE_NAMES
+    from prunekit.models import MODULE_NAMES
 
     recipe = record["recipe"]
     q = recipe["quantization"]

@@ -20,20 +20,11 @@ from prunekit.errors import ConfigError
 from prunekit.languages import parse_languages
 from prunekit.io import atomic_directory, read_versioned, versioned, write_json_atomic
 from prunekit.methods import get_method
-from prunekit.models import find_decoder_layers, load_model, resolve_device
+from prunekit.models import MODULE_NAMES, find_decoder_layers, load_model, resolve_device
 from prunekit.progress import progress_bar
 from prunekit.recipe import Quantization, Recipe, parse_pattern, validate_quantization
 
 CHECKPOINT_RECORD = "prunekit.json"
-MODULE_NAMES = {  # canonical module names of analysis-spec §0.4
-    "self_attn.q_proj": "q",
-    "self_attn.k_proj": "k",
-    "self_attn.v_proj": "v",
-    "self_attn.o_proj": "attn.out",
-    "mlp.gate_proj": "ffn.gate",
-    "mlp.up_proj": "ffn.up",
-    "mlp.down_proj": "ffn.down",
-}
 
 
 @dataclass
