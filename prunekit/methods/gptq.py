@@ -93,50 +93,76 @@ def _info(quantization: Quantization, **extra) -> dict:
 def gptq_solve(weight: torch.Tensor, hessian: torch.Tensor, recipe: Recipe) -> Solution:
     """Quantize ``weight`` [out, in] given H [in, in]; returns fp32 fake-quantized weights."""
     quantization = recipe.quantization or Quantization()
-    bits, group_size = quantization.bits, quantization.group_size
+    row_grid = minmax_grid(weight, quantization.bits, quantization.symmetric) if quantization.group_size == -1 else None
+    W, H = prepare_hessian(weight, hessian)
+    dead = int((torch.diag(hessian) == 0).sum())
     with _full_fp32_matmul():
-        dead = int((torch.diag(hessian) == 0).sum())
-        if group_size == -1:  # one grid per row, fitted on the weights as given (reference)
-            scale, zero = minmax_grid(weight, bits, quantization.symmetric)
-        W, H = prepare_hessian(weight, hessian)
-        rows, cols = W.shape
-        static = quantization.act_order and quantization.static_groups and group_size != -1
-        if static:
-            static_scales, static_zeros = _group_grids(W, quantization)
         perm = None
         if quantization.act_order:
             perm = torch.argsort(torch.diag(H), descending=True, stable=True)
-            W = W[:, perm]
             H = H[perm][:, perm]
-            if static:
-                group_of = (perm // group_size).tolist()  # original group of each processed column (no per-column sync)
         Hinv, damping = damped_inverse_cholesky(H, recipe.dampening)
-        Q = torch.zeros_like(W)
-        losses = torch.zeros(rows, dtype=torch.float32, device=W.device)
-        bs = recipe.blocksize
-        for i1 in range(0, cols, bs):
-            i2 = min(i1 + bs, cols)
-            W1 = W[:, i1:i2].clone()
-            Hinv1 = Hinv[i1:i2, i1:i2]
-            Err1 = torch.zeros_like(W1)
-            for i in range(i2 - i1):
-                j = i1 + i
-                if static:
-                    group = group_of[j]
-                    scale, zero = static_scales[:, group : group + 1], static_zeros[:, group : group + 1]
-                elif group_size != -1 and j % group_size == 0:
-                    scale, zero = minmax_grid(W[:, j : j + group_size], bits, quantization.symmetric)
-                w = W1[:, i]
-                d = Hinv1[i, i]
-                q = fake_quantize(w.unsqueeze(1), scale, zero, bits).squeeze(1)
-                Q[:, j] = q
-                err = (w - q) / d
-                W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
-                Err1[:, i] = err
-            losses += Err1.square().sum(dim=1) / 2  # Σ (w − q)²/d²/2, once per block
+        return _solve_prepared(W, Hinv, damping, dead, perm, row_grid, quantization, recipe.blocksize)
+
+
+def _solve_prepared(
+    W: torch.Tensor,
+    Hinv: torch.Tensor,
+    damping: float,
+    dead: int,
+    perm: torch.Tensor | None,
+    row_grid: tuple[torch.Tensor, torch.Tensor] | None,
+    quantization: Quantization,
+    blocksize: int = 128,
+) -> Solution:
+    """The column loop on dead-column-zeroed ``W`` (original column order) and the factor ``Hinv`` of
+    the (permuted, if ``perm``) damped Hessian.
+
+    Per column j of a block: q = quant(w); err = (w − q)/d; W1[:, j:] −= err ⊗ Hinv1[j, j:] — the
+    reference's products element for element. The block is held transposed ([columns, rows],
+    contiguous) so that every per-column operation runs along contiguous memory.
+    """
+    bits, group_size, symmetric = quantization.bits, quantization.group_size, quantization.symmetric
+    rows, cols = W.shape
+    static = perm is not None and quantization.static_groups and group_size != -1
+    if static:  # grids fitted before permuting; held as [groups, rows] for contiguous lookups
+        scales, zeros = (t.T.contiguous() for t in _group_grids(W, quantization))
+        group_of = (perm // group_size).tolist()
+    if perm is not None:
+        W = W[:, perm]
+    if row_grid is not None:
+        scale, zero = (t.squeeze(1) for t in row_grid)
+    Q = torch.empty_like(W)
+    losses = torch.zeros(rows, dtype=torch.float64, device=W.device)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        count = i2 - i1
+        W1T = W[:, i1:i2].T.contiguous()
+        QT = torch.empty_like(W1T)
+        ErrT = torch.empty_like(W1T)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(count):
+            j = i1 + i
+            if static:
+                scale, zero = scales[group_of[j]], zeros[group_of[j]]
+            elif group_size != -1 and j % group_size == 0:
+                # refit on W as it stands: earlier blocks' updates applied, this block's not (reference)
+                scale, zero = (t.squeeze(1) for t in minmax_grid(W[:, j : j + group_size], bits, symmetric))
+            w = W1T[i]
+            q = fake_quantize(w, scale, zero, bits)
+            QT[i] = q
+            err = ErrT[i]
+            torch.sub(w, q, out=err)
+            err.div_(Hinv1[i, i])
+            if i + 1 < count:
+                W1T[i + 1 :].sub_(Hinv1[i, i + 1 :].unsqueeze(1) * err.unsqueeze(0))
+        Q[:, i1:i2] = QT.T
+        Err1 = ErrT.T
+        losses += Err1.double().square().sum(dim=1) / 2  # Σ (w − q)²/d²/2
+        if i2 < cols:
             W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-        if perm is not None:
-            Q = Q[:, torch.argsort(perm)]
+    if perm is not None:
+        Q = Q[:, torch.argsort(perm)]
     return Solution(Q, None, _info(quantization, loss=float(losses.sum()), damping=damping, dead_columns=dead))
 
 
@@ -152,7 +178,16 @@ def rtn_quantize(weight: torch.Tensor, quantization: Quantization) -> torch.Tens
 
 
 def solve(weight: torch.Tensor, stats: HessianStats, recipe: Recipe) -> Solution:
-    return gptq_solve(weight, stats.hessian, recipe)
+    """Without act-order, Linears that read the same input (q/k/v, gate/up) share one factorisation."""
+    quantization = recipe.quantization or Quantization()
+    if quantization.act_order or not hasattr(stats, "damped_factor"):
+        return gptq_solve(weight, stats.hessian, recipe)
+    row_grid = minmax_grid(weight, quantization.bits, quantization.symmetric) if quantization.group_size == -1 else None
+    with _full_fp32_matmul():
+        Hinv, damping, dead = stats.damped_factor(recipe.dampening)
+        W = weight.to(torch.float32, copy=True)
+        W[:, dead] = 0.0
+        return _solve_prepared(W, Hinv, damping, int(dead.sum()), None, row_grid, quantization, recipe.blocksize)
 
 
 def solve_rtn(weight: torch.Tensor, stats: None, recipe: Recipe) -> Solution:
