@@ -49,7 +49,7 @@ def print_prune_summary(record: dict, out: Path | None) -> None:
 @user_errors
 def prune(
     model: str = typer.Argument(..., help="Local model dir, .gguf file, Hub id (org/name) or embedded:gemma-3-270m."),
-    method: str = typer.Option("wanda", "--method", "-m", help="magnitude, wanda or sparsegpt."),
+    method: str = typer.Option("wanda", "--method", "-m", help="magnitude, wanda or sparsegpt (GPTQ: `prunekit quantize`)."),
     sparsity: Optional[float] = typer.Option(None, "--sparsity", "-s", help="Fraction of weights to prune, in (0, 1). Default 0.5; implied by --pattern."),
     pattern: Optional[str] = typer.Option(None, "--pattern", "-p", help="'unstructured' (default) or N:M such as 2:4 or 4:8."),
     calib: Optional[str] = typer.Option("en", "--calib", "-c", help="Calibration language: a code (de), a mix (en+de, equal shares) or 'all' (the study's seven)."),
@@ -70,8 +70,14 @@ def prune(
 
     Example: prunekit prune embedded:gemma-3-270m --method sparsegpt --calib sw --nsamples 32 --seqlen 256 --out gemma-sw
     """
+    from prunekit.errors import ConfigError
+    from prunekit.methods import available_methods, get_method
     from prunekit.pipeline import prune as run_prune
 
+    if get_method(method).kind != "prune":
+        raise ConfigError(
+            f"'{method}' is a quantization method: use `prunekit quantize` (pruning methods: {', '.join(available_methods('prune'))})"
+        )
     result = run_prune(
         model, method=method, sparsity=sparsity, pattern=pattern, calib=calib, calib_source=calib_source,
         nsamples=nsamples, seqlen=seqlen, seed=seed, out=out, dtype=dtype, device=device,

@@ -48,6 +48,7 @@ BAD_INPUTS = [
     (["--pattern", "a:b"], "malformed --pattern 'a:b'"),
     (["--pattern", "2:4", "--sparsity", "0.6"], "--pattern 2:4 means sparsity 0.5"),
     (["--method", "wandda"], "did you mean 'wanda'"),
+    (["--method", "gptq"], "use `prunekit quantize`"),
     (["--nsamples", "500", "--seqlen", "256", "--calib", "sw"], "calibration text too short"),
     (["--skip-layers", "9"], "layer 9 does not exist"),
 ]
