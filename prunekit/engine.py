@@ -10,7 +10,7 @@ model's own forward, so no architecture's signature is hard-coded.
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -22,6 +22,8 @@ from prunekit.models import find_decoder_layers, linear_sublayers
 from prunekit.recipe import Recipe
 
 
+CPU_BATCH_TOKENS = 2048  # per micro-batch on the CPU: intermediates stay small enough to be reused, not page-faulted
+GPU_BATCH_TOKENS = 8192
 ERROR_TOKENS = 1024  # tokens (whole sequences, at least one) of the first batch the per-Linear error is measured on
 
 
@@ -133,6 +135,54 @@ def capture_layer_inputs(
     return inputs, kwargs_per_layer
 
 
+_SLOW_HALF_GEMM: dict[torch.dtype, bool] = {}
+
+
+def half_gemm_is_slow(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a bf16/fp16 GEMM on this CPU is slower than converting to fp32 and back (CPUs without
+    native bf16/fp16 dot products emulate it). Measured once per process on a small GEMM."""
+    if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if dtype not in _SLOW_HALF_GEMM:
+        x, w = torch.randn(256, 1024).to(dtype), torch.randn(1024, 1024).to(dtype)
+
+        def best(fn) -> float:
+            fn()
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
+            return min(times)
+
+        native = best(lambda: torch.nn.functional.linear(x, w))
+        upcast = best(lambda: torch.nn.functional.linear(x.float(), w.float()).to(dtype))
+        _SLOW_HALF_GEMM[dtype] = upcast < 0.8 * native
+    return _SLOW_HALF_GEMM[dtype]
+
+
+@contextmanager
+def fp32_gemms(layer: torch.nn.Module):
+    """Run the layer's Linears as fp32 GEMMs on half-precision inputs and weights, rounding the output
+    back to the half dtype: the same products, accumulated in fp32 as a native bf16 GEMM does."""
+    linears = list(linear_sublayers(layer).values())
+
+    def make(module: torch.nn.Linear):
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            bias = None if module.bias is None else module.bias.float()
+            return torch.nn.functional.linear(x.float(), module.weight.float(), bias).to(x.dtype)
+
+        return forward
+
+    for module in linears:
+        module.forward = make(module)
+    try:
+        yield
+    finally:
+        for module in linears:
+            del module.forward
+
+
 def _layer_output(result: Any) -> torch.Tensor:
     return result[0] if isinstance(result, (tuple, list)) else result
 
@@ -163,7 +213,8 @@ class Engine:
         self.error_tokens = error_tokens
 
     def _batch_size(self, seqlen: int) -> int:
-        return self.batch_size or max(1, 8192 // seqlen)
+        tokens = GPU_BATCH_TOKENS if self.device.type == "cuda" else CPU_BATCH_TOKENS
+        return self.batch_size or max(1, tokens // seqlen)
 
     def run(self, model: torch.nn.Module, input_ids: torch.Tensor | None) -> list[LayerResult]:
         _, layers = find_decoder_layers(model)
@@ -185,22 +236,26 @@ class Engine:
                 start = time.perf_counter()
                 kwargs = _to_device(kwargs_per_layer[index], self.device)
                 layer.to(self.device)
-                if index in self.skip_layers:
-                    hidden = [run_layer(layer, h, kwargs) for h in hidden]
-                    result = LayerResult(index, True, 0.0)
-                else:
-                    statistics = self._collect_statistics(layer, hidden, kwargs)
-                    infos, deltas = self._solve_layer(layer, statistics, keep_deltas=bool(self.error_tokens))
-                    del statistics
-                    hidden, errors = self._propagate(layer, hidden, kwargs, deltas)
-                    result = LayerResult(index, False, 0.0, self._module_results(layer, infos, errors))
-                    del deltas
+                dtype = next(layer.parameters()).dtype
+                gemms = fp32_gemms(layer) if half_gemm_is_slow(dtype, self.device) else nullcontext()
+                with gemms:
+                    hidden, result = self._process_layer(index, layer, hidden, kwargs)
                 layer.to("cpu")
                 result.seconds = time.perf_counter() - start
                 results.append(result)
                 if self.progress:
                     self.progress(index + 1, len(layers))
         return results
+
+    def _process_layer(self, index, layer, hidden, kwargs) -> tuple[list[torch.Tensor], LayerResult]:
+        """Statistics on the dense layer, solve, then the solved layer's outputs for the next layer."""
+        if index in self.skip_layers:
+            return [run_layer(layer, h, kwargs) for h in hidden], LayerResult(index, True, 0.0)
+        statistics = self._collect_statistics(layer, hidden, kwargs)
+        infos, deltas = self._solve_layer(layer, statistics, keep_deltas=bool(self.error_tokens))
+        del statistics
+        hidden, errors = self._propagate(layer, hidden, kwargs, deltas)
+        return hidden, LayerResult(index, False, 0.0, self._module_results(layer, infos, errors))
 
     def _collect_statistics(self, layer, hidden, kwargs) -> dict[str, Any]:
         """Run the dense layer over every batch, feeding each Linear's input to its statistics.
@@ -285,7 +340,7 @@ class Engine:
                     x, out = x[:rows], output.detach()[:rows]
                 else:  # tokens flattened by the model
                     x, out = x[: self.error_tokens], output.detach()[: self.error_tokens]
-                delta = torch.nn.functional.linear(x, deltas[name]).float()
+                delta = torch.nn.functional.linear(x.float(), deltas[name].float())
                 reference = out.float() + delta
                 if module.bias is not None:
                     reference -= module.bias.detach().float()

@@ -228,3 +228,27 @@ def test_engine_without_error_measurement_prunes_identically(tiny_llama):
         masks.append([m.weight.detach().clone() for layer in find_decoder_layers(model)[1] for m in linear_sublayers(layer).values()])
         assert all((module.relative_error is None) == (error_tokens is None) for r in results for module in r.modules)
     assert all(torch.equal(a, b) for a, b in zip(*masks))
+
+
+# --- half-precision GEMMs on CPUs without native bf16 -------------------------------------
+
+
+def test_fp32_gemms_give_the_native_bf16_layer_output_up_to_bf16_rounding(tiny_llama):
+    from prunekit.engine import fp32_gemms, half_gemm_is_slow
+
+    model, tok, _ = load_model(str(tiny_llama), "bfloat16")
+    ids = build_calibration_set(tok, "en", str(TATOEBA), nsamples=2, seqlen=32, seed=0).input_ids
+    layer0 = find_decoder_layers(model)[1][0]
+    with torch.no_grad():
+        hidden, kwargs = capture_layer_inputs(model, ids, batch_size=2)
+        native = run_layer(layer0, hidden[0], kwargs[0])
+        with fp32_gemms(layer0):
+            upcast = run_layer(layer0, hidden[0], kwargs[0])
+        again = run_layer(layer0, hidden[0], kwargs[0])
+    assert upcast.dtype == native.dtype == torch.bfloat16
+    assert torch.equal(again, native)  # the Linears are restored
+    differ = (upcast != native).float().mean().item()
+    assert differ < 0.05  # only outputs whose fp32 sums round to neighbouring bf16 values
+    assert torch.allclose(upcast.float(), native.float(), rtol=2e-2, atol=2e-2)
+    assert isinstance(half_gemm_is_slow(torch.bfloat16, torch.device("cpu")), bool)
+    assert half_gemm_is_slow(torch.float32, torch.device("cpu")) is False
