@@ -3,9 +3,9 @@
 usage: python _measure.py bound SPEC.json     -> matmul bound of one (model, dtype, token count)
        python _measure.py evaluate SPEC.json  -> per-layer reconstruction error + per-language perplexity
 
-bound: times F.linear on every Linear shape of one decoder layer (tokens = one prunekit batch) and
-causal SDPA on the layer's attention shape, in the run's dtype, best of a few repeats; the bound is
-two passes of every decoder layer over all calibration tokens at that measured speed.
+bound: times F.linear on every Linear shape of one decoder layer and causal SDPA on the layer's
+attention shape, in the run's dtype, best of a few repeats; the bound is two passes of every
+decoder layer over all calibration tokens at that measured speed (see ``bound``).
 
 evaluate: the same evaluation for every pruned variant (and the dense model): for each decoder
 Linear, ‖(W_dense − W_pruned)·X‖² / ‖W_dense·X‖² with X the Linear's inputs when the pruned model
@@ -44,7 +44,23 @@ def _best_time(fn, repeats: int) -> float:
     return best
 
 
+def _gemm_seconds(tokens: int, fan_in: int, fan_out: int, dtype: torch.dtype, upcast: bool, repeats: int) -> float:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, fan_in, generator=gen).to(dtype)
+    w = torch.randn(fan_out, fan_in, generator=gen).to(dtype)
+    if upcast:  # a half-precision GEMM done as an fp32 GEMM (conversions included)
+        return _best_time(lambda: F.linear(x.float(), w.float()).to(dtype), repeats)
+    return _best_time(lambda: F.linear(x, w), repeats)
+
+
 def bound(spec: dict) -> dict:
+    """Two passes of every decoder layer over all calibration tokens at the measured GEMM speed.
+
+    Each Linear shape is timed at the token count of one prunekit batch and at 8192 tokens, and the
+    faster per-token time is used (the bound never profits from a batch size). For bf16 it is
+    reported twice: with native bf16 GEMMs (the dtype's own speed) and with the fastest GEMM that
+    computes a bf16 product (native, or fp32 on bf16 operands: the same on CPUs without bf16 units).
+    """
     from prunekit.models import find_decoder_layers, linear_sublayers, text_config
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[spec["dtype"]]
@@ -52,46 +68,46 @@ def bound(spec: dict) -> dict:
     cfg = text_config(config)
     _, layers = find_decoder_layers(model)
     nsamples, seqlen, batch = spec["nsamples"], spec["seqlen"], spec["batch"]
-    tokens = batch * seqlen
-    batches = math.ceil(nsamples / batch)
+    total_tokens = nsamples * seqlen
     repeats = spec.get("repeats", 3)
-    shapes = {}
-    for name, module in linear_sublayers(layers[0]).items():
-        shapes[name] = (module.in_features, module.out_features)
-    gen = torch.Generator().manual_seed(0)
+    token_counts = sorted({batch * seqlen, min(8192, total_tokens)})
     per_shape = {}
-    layer_seconds = 0.0
+    native_layer = best_layer = 0.0
     layer_flops = 0.0
-    for name, (fan_in, fan_out) in shapes.items():
-        x = torch.randn(tokens, fan_in, generator=gen).to(dtype)
-        w = torch.randn(fan_out, fan_in, generator=gen).to(dtype)
-        seconds = _best_time(lambda: F.linear(x, w), repeats)
-        flops = 2.0 * tokens * fan_in * fan_out
-        per_shape[name] = {"shape": [tokens, fan_in, fan_out], "seconds": seconds, "gflops": flops / seconds / 1e9}
-        layer_seconds += seconds
+    for name, module in linear_sublayers(layers[0]).items():
+        fan_in, fan_out = module.in_features, module.out_features
+        native = min(_gemm_seconds(t, fan_in, fan_out, dtype, False, repeats) / t for t in token_counts) * total_tokens
+        best = native
+        if dtype != torch.float32:
+            upcast = min(_gemm_seconds(t, fan_in, fan_out, dtype, True, repeats) / t for t in token_counts) * total_tokens
+            best = min(native, upcast)
+        flops = 2.0 * total_tokens * fan_in * fan_out
+        per_shape[name] = {"in": fan_in, "out": fan_out, "native_gflops": flops / native / 1e9, "best_gflops": flops / best / 1e9}
+        native_layer += native
+        best_layer += best
         layer_flops += flops
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    q = torch.randn(batch, heads, seqlen, head_dim, generator=gen).to(dtype)
-    k = torch.randn(batch, heads, seqlen, head_dim, generator=gen).to(dtype)
-    v = torch.randn(batch, heads, seqlen, head_dim, generator=gen).to(dtype)
-    seconds = _best_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), repeats)
-    flops = 2.0 * 2.0 * batch * heads * seqlen * seqlen * head_dim / 2  # QKᵀ and AV, causal half
-    per_shape["attention"] = {"shape": [batch, heads, seqlen, head_dim], "seconds": seconds, "gflops": flops / seconds / 1e9}
-    layer_seconds += seconds
-    layer_flops += flops
-    passes = 2
-    total_flops = passes * len(layers) * batches * layer_flops
-    bound_seconds = passes * len(layers) * batches * layer_seconds
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, seqlen, head_dim, generator=gen).to(dtype) for _ in range(3))
+    batches = math.ceil(nsamples / batch)
+    attention = _best_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), repeats) * batches
+    attention_flops = 2.0 * 2.0 * nsamples * heads * seqlen * seqlen * head_dim / 2  # QKᵀ and AV, causal half
+    per_shape["attention"] = {"batch": batch, "heads": heads, "seqlen": seqlen, "head_dim": head_dim,
+                              "gflops": attention_flops / attention / 1e9}
+    passes = 2 * len(layers)
+    total_flops = passes * (layer_flops + attention_flops)
     return {
         "dtype": spec["dtype"],
-        "tokens_per_batch": tokens,
-        "batches": batches,
+        "tokens_per_batch": batch * seqlen,
+        "token_counts_timed": token_counts,
         "num_layers": len(layers),
         "per_shape": per_shape,
         "flops": total_flops,
-        "gflops": total_flops / bound_seconds / 1e9,
-        "bound_seconds": bound_seconds,
+        "bound_seconds": passes * (best_layer + attention),
+        "native_bound_seconds": passes * (native_layer + attention),
+        "gflops": total_flops / (passes * (best_layer + attention)) / 1e9,
+        "native_gflops": total_flops / (passes * (native_layer + attention)) / 1e9,
         "threads": torch.get_num_threads(),
     }
 

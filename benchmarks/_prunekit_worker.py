@@ -27,7 +27,7 @@ def main() -> None:
 
     t_imports = time.time()
     input_ids = load_file(spec["calib_file"])["input_ids"]
-    model, _tokenizer, _source = load_model(spec["model_dir"], spec["dtype"])
+    model, _tokenizer, _source = load_model(spec["model_dir"], spec["dtype"], with_tokenizer=False)
     t_loaded = time.time()
 
     pattern = Pattern(spec["sparsity"], spec["n"], spec["m"])

@@ -44,8 +44,8 @@ def load_average() -> float:
     return os.getloadavg()[0]
 
 
-def run_child(argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> tuple[float, float, int]:
-    """Run one child alone; return (spawn wall-clock time, its wall seconds, its peak RSS in bytes)."""
+def run_child(argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> tuple[float, float, int, float]:
+    """Run one child alone; return (spawn wall-clock time, its wall seconds, its peak RSS in bytes, its CPU seconds)."""
     with open(log_path, "w") as log_file:
         spawn = time.time()
         process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=env)
@@ -55,7 +55,7 @@ def run_child(argv: list[str], log_path: Path, env: dict[str, str] | None = None
     if process.returncode != 0:
         tail = log_path.read_text(errors="replace")[-3000:]
         raise RuntimeError(f"{argv[1]} failed (exit {process.returncode}); log {log_path}:\n{tail}")
-    return spawn, wall, usage.ru_maxrss * 1024
+    return spawn, wall, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
 
 
 def prepare_models(names: list[str], work: Path) -> dict[str, dict]:
@@ -120,15 +120,15 @@ def run_tool(tool: str, model: str, info: dict, dtype: str, method: str, pattern
     worker = HERE / ("_prunekit_worker.py" if tool == "prunekit" else "_llmc_worker.py")
     load = load_average()
     log(f"[{time.strftime('%H:%M:%S')}] {stem} (load {load:.2f}) ...")
-    spawn, wall, rss_total = run_child([python, str(worker), str(write_spec(work, stem, spec))], work / f"{stem}.log")
+    spawn, wall, rss_total, cpu = run_child([python, str(worker), str(write_spec(work, stem, spec))], work / f"{stem}.log")
     result = json.loads(Path(spec["out_json"]).read_text())
     result.update(
-        weights=spec["out_weights"], load_before=load, load_after=load_average(), wall_with_save=wall,
+        weights=spec["out_weights"], load_before=load, load_after=load_average(), wall_with_save=wall, cpu_with_save=cpu,
         peak_rss_total=rss_total, whole_seconds=result["t_pruned"] - spawn,
         startup_seconds=result["t_imports"] - spawn, load_seconds=result["t_loaded"] - result["t_imports"],
         prune_seconds=result["t_pruned"] - result["t_loaded"],
     )
-    log(f"    whole {result['whole_seconds']:.1f} s (prune {result['prune_seconds']:.1f} s), "
+    log(f"    whole {result['whole_seconds']:.1f} s (prune {result['prune_seconds']:.1f} s, CPU {cpu:.1f} s incl. save), "
         f"peak RSS {result['peak_rss_at_pruned'] / 1e9:.2f} GB")
     return result
 
@@ -141,7 +141,9 @@ def measure(command: str, spec: dict, work: Path, stem: str) -> dict:
 
 
 def prunekit_batch(seqlen: int) -> int:
-    return min(ARGS.nsamples, ARGS.batch_size or max(1, 8192 // seqlen))
+    from prunekit.engine import CPU_BATCH_TOKENS
+
+    return min(ARGS.nsamples, ARGS.batch_size or max(1, CPU_BATCH_TOKENS // seqlen))
 
 
 def fmt_ratio(a: float | None, b: float | None) -> str:
@@ -159,17 +161,22 @@ def report(results: list[dict]) -> None:
         print(f"{r['model']}  {r['dtype']}  {r['method']}  {r['pattern']}")
         bound = r["bound"]
         print(f"  matmul bound: {bound['bound_seconds']:.1f} s  ({bound['flops'] / 1e12:.2f} TFLOP for 2 passes at "
-              f"{bound['gflops']:.0f} GFLOP/s measured on the model's shapes, {bound['tokens_per_batch']} tokens/batch)")
-        header = f"  {'':16}{'whole s':>9}{'startup':>9}{'load':>8}{'prune':>8}{'RSS GB':>8}{'RSS+save':>9}{'layer err':>11}{'ppl(gmean)':>11}{'load avg':>9}"
+              f"{bound['gflops']:.0f} GFLOP/s measured on the model's shapes)")
+        if bound["native_bound_seconds"] != bound["bound_seconds"]:
+            print(f"  (with native {r['dtype']} GEMMs at {bound['native_gflops']:.0f} GFLOP/s: {bound['native_bound_seconds']:.1f} s;"
+                  " the bound above uses fp32 GEMMs on bf16 operands, faster on this CPU)")
+        header = (f"  {'':16}{'whole s':>9}{'startup':>9}{'load':>8}{'prune':>8}{'CPU s*':>8}{'RSS GB':>8}{'RSS+save':>9}"
+                  f"{'layer err':>11}{'ppl(gmean)':>11}{'load avg':>9}")
         print(header)
         for name, x in (("prunekit", p), ("llm-compressor", q)):
             if x is None:
                 continue
             ppl = x.get("ppl_gmean")
             print(f"  {name:16}{x['whole_seconds']:9.1f}{x['startup_seconds']:9.1f}{x['load_seconds']:8.1f}"
-                  f"{x['prune_seconds']:8.1f}{x['peak_rss_at_pruned'] / 1e9:8.2f}{x['peak_rss_total'] / 1e9:9.2f}"
+                  f"{x['prune_seconds']:8.1f}{x['cpu_with_save']:8.1f}{x['peak_rss_at_pruned'] / 1e9:8.2f}{x['peak_rss_total'] / 1e9:9.2f}"
                   f"{x.get('mean_layer_error', float('nan')):11.5f}{(ppl if ppl else float('nan')):11.3f}"
                   f"{max(x['load_before'], x['load_after']):9.2f}")
+        print("  (* CPU s: user+sys of the whole process including the write of the pruned weights)")
         if p.get("perplexity"):
             langs = sorted(p["perplexity"])
             print("  perplexity      " + "".join(f"{lang:>9}" for lang in langs))
@@ -183,6 +190,7 @@ def report(results: list[dict]) -> None:
         if q is not None:
             print(f"    time prunekit/llm-compressor (whole process) = {fmt_ratio(p['whole_seconds'], q['whole_seconds'])}")
             print(f"    time prunekit/llm-compressor (pruning only)  = {fmt_ratio(p['prune_seconds'], q['prune_seconds'])}")
+            print(f"    CPU time prunekit/llm-compressor             = {fmt_ratio(p['cpu_with_save'], q['cpu_with_save'])}")
             print(f"    peak RSS prunekit/llm-compressor             = {fmt_ratio(p['peak_rss_at_pruned'], q['peak_rss_at_pruned'])}")
             if p.get("layer_errors") and q.get("layer_errors"):
                 print(f"    mean layer error prunekit/llm-compressor     = {fmt_ratio(p['mean_layer_error'], q['mean_layer_error'])}"

@@ -9,6 +9,8 @@ model's own forward, so no architecture's signature is hard-coded.
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -135,6 +137,32 @@ def capture_layer_inputs(
     return inputs, kwargs_per_layer
 
 
+_ALLOCATOR_TUNED = False
+
+
+def keep_freed_memory() -> None:
+    """Let glibc reuse freed large blocks instead of returning them to the kernel.
+
+    By default glibc serves every allocation above its mmap threshold (at most 32 MB) with a fresh
+    mapping and unmaps it on free, so every large activation of every batch is page-faulted in
+    anew (4 KB at a time: ~0.6 s per GB). Raising the mmap and trim thresholds keeps freed memory
+    in the heap for the next batch: the same peak memory, ~10 % less time on the CPU. Once per
+    process, Linux/glibc only; PRUNEKIT_MALLOC_TUNING=0 turns it off."""
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED or not sys.platform.startswith("linux") or os.environ.get("PRUNEKIT_MALLOC_TUNING") == "0":
+        return
+    _ALLOCATOR_TUNED = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc.mallopt(m_mmap_threshold, 1 << 30)
+        libc.mallopt(m_trim_threshold, 1 << 30)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 _SLOW_HALF_GEMM: dict[torch.dtype, bool] = {}
 
 
@@ -228,6 +256,7 @@ class Engine:
                     self.progress(index + 1, len(layers))
             return results
         batch = self._batch_size(input_ids.shape[1])
+        keep_freed_memory()
         with torch.no_grad():
             hidden, kwargs_per_layer = capture_layer_inputs(model, input_ids, batch)
             hidden = [h.to(self.device) for h in hidden]
@@ -239,7 +268,7 @@ class Engine:
                 dtype = next(layer.parameters()).dtype
                 gemms = fp32_gemms(layer) if half_gemm_is_slow(dtype, self.device) else nullcontext()
                 with gemms:
-                    hidden, result = self._process_layer(index, layer, hidden, kwargs)
+                    hidden, result = self._process_layer(index, layer, hidden, kwargs, last=index == len(layers) - 1)
                 layer.to("cpu")
                 result.seconds = time.perf_counter() - start
                 results.append(result)
@@ -247,14 +276,15 @@ class Engine:
                     self.progress(index + 1, len(layers))
         return results
 
-    def _process_layer(self, index, layer, hidden, kwargs) -> tuple[list[torch.Tensor], LayerResult]:
-        """Statistics on the dense layer, solve, then the solved layer's outputs for the next layer."""
+    def _process_layer(self, index, layer, hidden, kwargs, last: bool = False) -> tuple[list[torch.Tensor], LayerResult]:
+        """Statistics on the dense layer, solve, then the solved layer's outputs for the next layer
+        (the last layer's outputs feed nothing: only the batch the error is measured on runs)."""
         if index in self.skip_layers:
-            return [run_layer(layer, h, kwargs) for h in hidden], LayerResult(index, True, 0.0)
+            return ([] if last else [run_layer(layer, h, kwargs) for h in hidden]), LayerResult(index, True, 0.0)
         statistics = self._collect_statistics(layer, hidden, kwargs)
         infos, deltas = self._solve_layer(layer, statistics, keep_deltas=bool(self.error_tokens))
         del statistics
-        hidden, errors = self._propagate(layer, hidden, kwargs, deltas)
+        hidden, errors = self._propagate(layer, hidden[:1] if last and deltas else [] if last else hidden, kwargs, deltas)
         return hidden, LayerResult(index, False, 0.0, self._module_results(layer, infos, errors))
 
     def _collect_statistics(self, layer, hidden, kwargs) -> dict[str, Any]:

@@ -19,11 +19,14 @@ def _lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros_like(scores, dtype=torch.bool)
     if k >= cols:
         return torch.ones_like(scores, dtype=torch.bool)
+    kth = torch.kthvalue(scores, k, dim=1, keepdim=True).values
+    mask = scores <= kth
+    if bool((mask.sum(dim=1) == k).all()):  # no ties at the k-th value: the k lowest, exactly
+        return mask
     if torch.isnan(scores).any():
         mask = torch.zeros_like(scores, dtype=torch.bool)
         mask.scatter_(1, torch.sort(scores, dim=1, stable=True).indices[:, :k], True)
         return mask
-    kth = torch.kthvalue(scores, k, dim=1, keepdim=True).values
     below = scores < kth
     tied = scores == kth
     missing = k - below.sum(dim=1, keepdim=True)
