@@ -338,15 +338,26 @@ class Engine:
         return statistics
 
     def _solve_layer(self, layer, statistics, keep_deltas: bool = False):
-        """Solve every Linear; with ``keep_deltas`` also return W_dense − W_new per Linear (module dtype)."""
+        """Solve every Linear (those sharing statistics together, when the method can); with
+        ``keep_deltas`` also return W_dense − W_new per Linear (module dtype)."""
+        linears = linear_sublayers(layer)
+        groups: dict[int, list[str]] = {}
+        for name in linears:
+            groups.setdefault(id(statistics.get(name)), []).append(name)
         infos, deltas = {}, {}
-        for name, module in linear_sublayers(layer).items():
-            solution = self.method.solve(module.weight.detach(), statistics.get(name), self.recipe)
-            new = solution.weight.to(module.weight.dtype)
-            if keep_deltas:
-                deltas[name] = module.weight.detach() - new
-            module.weight.data.copy_(new)
-            infos[name] = solution.info
+        for names in groups.values():
+            stats = statistics.get(names[0])
+            if self.method.solve_group is not None and stats is not None and len(names) > 1:
+                solutions = self.method.solve_group([linears[n].weight.detach() for n in names], stats, self.recipe)
+            else:
+                solutions = [self.method.solve(linears[n].weight.detach(), statistics.get(n), self.recipe) for n in names]
+            for name, solution in zip(names, solutions):
+                module = linears[name]
+                new = solution.weight.to(module.weight.dtype)
+                if keep_deltas:
+                    deltas[name] = module.weight.detach() - new
+                module.weight.data.copy_(new)
+                infos[name] = solution.info
         return infos, deltas
 
     def _error_rows(self, hidden: list[torch.Tensor]) -> int:

@@ -142,6 +142,38 @@ def test_linears_sharing_statistics_share_one_factorisation_and_get_their_own_we
     assert stats.damped_factor(recipe.dampening)[0] is not factor[0]
 
 
+@pytest.mark.parametrize("sparsity,pattern", [(0.5, None), (None, "2:4")])
+def test_sparsegpt_group_solve_gives_each_matrix_its_own_solution(sparsity, pattern):
+    from prunekit.methods.sparsegpt import solve_group
+
+    weights = [layer(rows, 160, seed=rows)[0] for rows in (40, 12, 12)]
+    _, x = layer(8, 160, seed=99)
+    stats = HessianStats(160)
+    stats.update(x)
+    recipe = Recipe("sparsegpt", pattern=parse_pattern(sparsity, pattern), blocksize=64)
+    grouped = solve_group(weights, stats, recipe)
+    for weight, solution in zip(weights, grouped):
+        alone = sparsegpt_method_solve(weight, stats, recipe)
+        assert torch.equal(solution.mask, alone.mask)
+        assert torch.equal(solution.weight, alone.weight)
+        assert solution.info["loss"] == pytest.approx(alone.info["loss"], rel=1e-12)
+
+
+def test_engine_with_group_solves_prunes_exactly_as_one_linear_at_a_time(tiny_llama):
+    import dataclasses
+
+    weights = []
+    for grouped in (True, False):
+        model, tok, _ = load_model(str(tiny_llama))
+        ids = build_calibration_set(tok, "en", str(TATOEBA), nsamples=4, seqlen=32, seed=0).input_ids
+        method = get_method("sparsegpt")
+        if not grouped:
+            method = dataclasses.replace(method, solve_group=None)
+        Engine(method, Recipe("sparsegpt", pattern=parse_pattern(0.5))).run(model, ids)
+        weights.append([m.weight.detach().clone() for layer in find_decoder_layers(model)[1] for m in linear_sublayers(layer).values()])
+    assert all(torch.equal(a, b) for a, b in zip(*weights))
+
+
 # --- statistics ---------------------------------------------------------------------------
 
 

@@ -36,6 +36,9 @@ class Method:
     description: str
     new_statistics: Callable[[int, torch.device], Statistics] | None
     solve: Callable[[torch.Tensor, Statistics | None, Recipe], Solution]
+    # optional: solve several Linears that share one statistics object (q/k/v, gate/up) at once;
+    # must return exactly what ``solve`` returns for each of them
+    solve_group: Callable[[list[torch.Tensor], Statistics, Recipe], list[Solution]] | None = None
 
     @property
     def needs_calibration(self) -> bool:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 
 from prunekit.methods import Method, Solution, register
-from prunekit.methods.hessian import HessianStats, damped_inverse_cholesky, prepare_hessian
+from prunekit.methods.hessian import HessianStats, damped_inverse_cholesky, one_cpu_thread, prepare_hessian
 from prunekit.methods.masks import lowest_n_of_m, lowest_overall
 from prunekit.recipe import Recipe
+
+
 
 def sparsegpt_solve(weight: torch.Tensor, hessian: torch.Tensor, recipe: Recipe) -> Solution:
     """Prune ``weight`` [out, in] given H [in, in]."""
@@ -18,7 +20,15 @@ def sparsegpt_solve(weight: torch.Tensor, hessian: torch.Tensor, recipe: Recipe)
 
 
 def _solve_prepared(W: torch.Tensor, Hinv: torch.Tensor, damping: float, recipe: Recipe) -> Solution:
+    return _solve_stacked(W, Hinv, damping, recipe, [W.shape[0]])[0]
+
+
+def _solve_stacked(W: torch.Tensor, Hinv: torch.Tensor, damping: float, recipe: Recipe, rows: list[int]) -> list[Solution]:
     """Prune W in place (fp32, dead columns already zeroed) with Hinv = the upper Cholesky factor of (H + λI)⁻¹.
+
+    W may stack the rows of several matrices that share H (``rows`` = their row counts): every
+    step is row-wise except the unstructured mask and the GEMM that carries a block's error to the
+    later columns, which are done per matrix, so each gets exactly its own solution.
 
     Unstructured: at the start of each block, the ⌊rows·block·s⌋ lowest w²/diag(Hinv)² of the
     block are pruned (the reference uses ``<=`` a threshold, which prunes one entry more per
@@ -31,12 +41,22 @@ def _solve_prepared(W: torch.Tensor, Hinv: torch.Tensor, damping: float, recipe:
     are zeroed once per block: four tensor operations per column instead of a dozen, on a
     transposed copy of the block so that every operation runs along contiguous rows.
     """
-    pattern = recipe.pattern
-    rows, cols = W.shape
     mask = torch.zeros_like(W, dtype=torch.bool)
-    loss = torch.zeros((), dtype=torch.float64, device=W.device)
+    offsets = [0]
+    for count in rows:
+        offsets.append(offsets[-1] + count)
+    parts = list(zip(offsets[:-1], offsets[1:]))
+    loss = torch.zeros(len(parts), dtype=torch.float64, device=W.device)
     zero = torch.zeros((), dtype=W.dtype, device=W.device)
-    bs = recipe.blocksize
+    with one_cpu_thread(W.device):
+        _blocks(W, Hinv, recipe, mask, loss, zero, parts)
+    return [Solution(W[a:b], mask[a:b], {"loss": float(loss[i]), "damping": damping}) for i, (a, b) in enumerate(parts)]
+
+
+def _blocks(W, Hinv, recipe, mask, loss, zero, parts) -> None:
+    """The 128-column blocks, in place on W, mask and loss."""
+    pattern, bs = recipe.pattern, recipe.blocksize
+    cols = W.shape[1]
     for i1 in range(0, cols, bs):
         i2 = min(i1 + bs, cols)
         count = i2 - i1
@@ -47,10 +67,11 @@ def _solve_prepared(W: torch.Tensor, Hinv: torch.Tensor, damping: float, recipe:
         Hinv1 = Hinv[i1:i2, i1:i2]
         d = torch.diagonal(Hinv1)
         ErrT = torch.empty_like(W1T)
-        if pattern.is_nm:
-            maskT = torch.zeros_like(W1T, dtype=torch.bool)
-        else:
-            maskT = lowest_overall(W1.square() / d.square().unsqueeze(0), pattern.sparsity).T.contiguous()
+        maskT = torch.zeros_like(W1T, dtype=torch.bool)
+        if not pattern.is_nm:
+            scores = W1.square() / d.square().unsqueeze(0)
+            for a, b in parts:  # one threshold per matrix block
+                maskT[:, a:b] = lowest_overall(scores[a:b], pattern.sparsity).T
         # per-column views, made in one call each
         d_items, w_rows, m_rows, e_rows = d.unbind(0), W1T.unbind(0), maskT.unbind(0), ErrT.unbind(0)
         e_wide, h_cols = ErrT.unsqueeze(1).unbind(0), Hinv1.unsqueeze(2).unbind(0)
@@ -64,10 +85,10 @@ def _solve_prepared(W: torch.Tensor, Hinv: torch.Tensor, damping: float, recipe:
         W[:, i1:i2] = W1T.masked_fill_(maskT, 0.0).T
         mask[:, i1:i2] = maskT.T
         Err1 = ErrT.T.contiguous()
-        loss += Err1.double().square().sum() / 2
-        if i2 < cols:
-            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    return Solution(W, mask, {"loss": float(loss), "damping": damping})
+        for i, (a, b) in enumerate(parts):
+            loss[i] += Err1[a:b].double().square().sum() / 2
+            if i2 < cols:
+                W[a:b, i2:] -= Err1[a:b] @ Hinv[i1:i2, i2:]
 
 
 def solve(weight: torch.Tensor, stats: HessianStats, recipe: Recipe) -> Solution:
@@ -78,4 +99,12 @@ def solve(weight: torch.Tensor, stats: HessianStats, recipe: Recipe) -> Solution
     return _solve_prepared(W, Hinv, damping, recipe)
 
 
-register(Method("sparsegpt", "prune", "OBS reconstruction with the layer Hessian", HessianStats, solve))
+def solve_group(weights: list[torch.Tensor], stats: HessianStats, recipe: Recipe) -> list[Solution]:
+    """``solve`` for several Linears sharing ``stats``, in one column loop over their stacked rows."""
+    Hinv, damping, dead = stats.damped_factor(recipe.dampening)
+    W = torch.cat([w.to(torch.float32) for w in weights])
+    W[:, dead] = 0.0
+    return _solve_stacked(W, Hinv, damping, recipe, [w.shape[0] for w in weights])
+
+
+register(Method("sparsegpt", "prune", "OBS reconstruction with the layer Hessian", HessianStats, solve, solve_group))
