@@ -177,6 +177,28 @@ def test_engine_with_group_solves_prunes_exactly_as_one_linear_at_a_time(tiny_ll
 # --- statistics ---------------------------------------------------------------------------
 
 
+def test_wide_hessian_from_the_lower_block_triangle_equals_the_full_product():
+    from prunekit.methods.hessian import SYMMETRIC_BLOCK
+
+    n = 2 * SYMMETRIC_BLOCK + 88  # blocked, with a partial last block
+    _, x = layer(4, n, seed=21, sequences=3, tokens=200)
+    stats = HessianStats(n)
+    for start in range(3):
+        stats.update(x[start : start + 1])
+    X = x.reshape(-1, n).double()
+    H = stats.hessian
+    assert torch.equal(H, H.T)
+    assert torch.allclose(H.double(), 2.0 / 3 * X.T @ X, rtol=1e-5, atol=1e-3)
+    full = HessianStats(n)
+    full.xxt = (x.reshape(-1, n).T @ x.reshape(-1, n)).float()
+    full.sequences = 3
+    assert torch.allclose(H, full.hessian, rtol=1e-5, atol=1e-3)
+    # the factorisation reads the lower triangle only: the cached factor is the one of the symmetric H
+    factor, damping, dead = stats.damped_factor(0.01)
+    expected, expected_damping = damped_inverse_cholesky(H, 0.01)
+    assert torch.equal(factor, expected) and damping == expected_damping and not dead.any()
+
+
 def test_wanda_sum_of_squares_equals_the_norm_definition():
     _, x = layer(8, 96, seed=5)
     stats = WandaStats(96)

@@ -23,7 +23,7 @@ def one_cpu_thread(device: torch.device | str):
         torch.set_num_threads(previous)
 
 
-SYMMETRIC_BLOCK = 512  # inputs at least twice this wide accumulate only the lower block triangle of XᵀX
+SYMMETRIC_BLOCK = 256  # inputs at least twice this wide accumulate only the lower block triangle of XᵀX
 
 
 class HessianStats:
