@@ -284,7 +284,9 @@ class Engine:
         statistics = self._collect_statistics(layer, hidden, kwargs)
         infos, deltas = self._solve_layer(layer, statistics, keep_deltas=bool(self.error_tokens))
         del statistics
-        hidden, errors = self._propagate(layer, hidden[:1] if last and deltas else [] if last else hidden, kwargs, deltas)
+        if last:  # only the sequences the error is measured on
+            hidden = [hidden[0][: self._error_rows(hidden)]] if deltas else []
+        hidden, errors = self._propagate(layer, hidden, kwargs, deltas)
         return hidden, LayerResult(index, False, 0.0, self._module_results(layer, infos, errors))
 
     def _collect_statistics(self, layer, hidden, kwargs) -> dict[str, Any]:
