@@ -33,10 +33,16 @@ class HessianStats:
         self.xxt = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.sequences = 0
         self._factors: dict[float, tuple[torch.Tensor, float, torch.Tensor]] = {}
+        self._consumed = False
+
+    def _check_not_consumed(self) -> None:
+        if self._consumed:
+            raise RuntimeError("these statistics were consumed by damped_factor(); collect new ones")
 
     def update(self, x: torch.Tensor) -> None:
         """XᵀX of the batch's tokens, accumulated in fp32: one GEMM per batch, or for wide inputs one
         GEMM per column block of the lower block triangle (XᵀX is symmetric; up to ~40 % fewer FLOPs)."""
+        self._check_not_consumed()
         self.sequences += x.shape[0] if x.dim() == 3 else 1
         x = x.reshape(-1, x.shape[-1]).float()
         n = x.shape[1]
@@ -46,25 +52,32 @@ class HessianStats:
             for lo in range(0, n, SYMMETRIC_BLOCK):
                 hi = min(lo + SYMMETRIC_BLOCK, n)
                 self.xxt[lo:, lo:hi].addmm_(x[:, lo:].T, x[:, lo:hi])
-        self._factors.clear()
 
     @property
     def hessian(self) -> torch.Tensor:
         """H = 2/n·XᵀX, symmetric (the lower triangle mirrored when only the lower blocks are accumulated)."""
+        self._check_not_consumed()
         scale = 2.0 / max(self.sequences, 1)
         if self.xxt.shape[0] < 2 * SYMMETRIC_BLOCK:
             return self.xxt * scale
         lower = torch.tril(self.xxt)
         return (lower + torch.tril(self.xxt, -1).mT).mul_(scale)
 
-    def damped_factor(self, dampening: float) -> tuple[torch.Tensor, float, torch.Tensor]:
+    def damped_factor(self, dampening: float, consume: bool = False) -> tuple[torch.Tensor, float, torch.Tensor]:
         """(upper Cholesky factor of (H + λI)⁻¹, damping used, dead-input mask), computed once per
-        dampening: Linears that share these statistics (q/k/v, gate/up) share the factorisation."""
+        dampening: Linears that share these statistics (q/k/v, gate/up) share the factorisation.
+
+        ``consume=True`` turns XᵀX into H in place and damps it there (two n×n buffers at the peak
+        instead of three); ``update`` and ``hessian`` refuse afterwards."""
         if dampening not in self._factors:
-            H = self.xxt * (2.0 / max(self.sequences, 1))  # the lower triangle is all the factorisation reads
+            self._check_not_consumed()
+            scale = 2.0 / max(self.sequences, 1)
+            H = self.xxt.mul_(scale) if consume else self.xxt * scale  # the factorisation reads the lower triangle only
+            self._consumed = consume
             dead = torch.diag(H) == 0
             H[dead, dead] = 1.0
-            factor, damping = damped_inverse_cholesky(H, dampening)
+            factor, damping = damped_inverse_cholesky(H, dampening, overwrite=True)
+            del H
             self._factors[dampening] = (factor, damping, dead)
         return self._factors[dampening]
 
@@ -79,30 +92,33 @@ def prepare_hessian(weight: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.
     return W, H
 
 
-def damped_inverse_cholesky(H: torch.Tensor, dampening: float, max_tries: int = 8) -> tuple[torch.Tensor, float]:
+def damped_inverse_cholesky(
+    H: torch.Tensor, dampening: float, max_tries: int = 8, overwrite: bool = False
+) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of (H + λI)⁻¹ with λ = dampening·mean(diag H).
 
-    Reads only the lower triangle and the diagonal of H. A failed factorisation retries with ten
-    times the damping; it never returns NaN. Returns the factor and the damping fraction that succeeded.
+    Reads only the lower triangle and the diagonal of H; ``overwrite=True`` lets it damp H in place
+    (one n×n buffer less; H is left damped). A failed factorisation retries with ten times the
+    damping; it never returns NaN. Returns the factor and the damping fraction that succeeded.
     On the CPU it runs on one thread: faster for these sizes, and the result does not depend on
     the thread count.
     """
     with one_cpu_thread(H.device):
-        return _damped_inverse_cholesky(H, dampening, max_tries)
+        return _damped_inverse_cholesky(H if overwrite else H.clone(), dampening, max_tries)
 
 
 def _damped_inverse_cholesky(H: torch.Tensor, dampening: float, max_tries: int) -> tuple[torch.Tensor, float]:
-    mean_diag = torch.mean(torch.diag(H))
+    diagonal = torch.diag(H)  # a copy: H's diagonal is damped in place, from the original values each try
+    mean_diag = torch.mean(diagonal)
     fraction = dampening
     for _ in range(max_tries):
-        damped = H.clone()
-        damped.diagonal().add_(fraction * mean_diag)  # = H + λI, element for element
-        L, info = torch.linalg.cholesky_ex(damped)
-        del damped
+        H.diagonal().copy_(diagonal).add_(fraction * mean_diag)  # = H + λI, element for element
+        L, info = torch.linalg.cholesky_ex(H)
         if int(info) == 0:
             Hinv = torch.cholesky_inverse(L)
             del L
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            del Hinv
             if int(info) == 0 and torch.isfinite(U).all():
                 return U, fraction
         fraction = max(fraction * 10.0, 0.01)
