@@ -16,7 +16,7 @@ app = typer.Typer(
     help=(
         "Prune multilingual LLMs with language-specific calibration, evaluate every pruned model in "
         "every language, analyse what pruning changed, publish to the Hugging Face Hub, and sweep.\n\n"
-        "Start with `prunekit demo` (offline, ~10 min on a laptop CPU)."
+        "Start with `prunekit demo` (offline, on a laptop CPU)."
     ),
     no_args_is_help=True,
     add_completion=False,
