@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -20,6 +21,7 @@ import torch
 
 from prunekit.errors import ConfigError
 from prunekit.methods import Method
+from prunekit.methods.hessian import one_cpu_thread
 from prunekit.models import find_decoder_layers, linear_sublayers
 from prunekit.recipe import Recipe
 
@@ -344,20 +346,29 @@ class Engine:
 
     def _solve_layer(self, layer, statistics, keep_deltas: bool = False):
         """Solve every Linear (those sharing statistics together, when the method can); with
-        ``keep_deltas`` also return W_dense − W_new per Linear (module dtype)."""
+        ``keep_deltas`` also return W_dense − W_new per Linear (module dtype).
+
+        On a multi-core CPU the independent groups of a pruning method are solved concurrently,
+        largest first, each on one thread (their column loops and factorisations are serial work);
+        every solve is single-threaded either way, so the results do not depend on the scheduling."""
         linears = linear_sublayers(layer)
         groups: dict[int, list[str]] = {}
         for name in linears:
             groups.setdefault(id(statistics.get(name)), []).append(name)
-        infos, deltas = {}, {}
+        jobs = []
         for names in groups.values():
-            stats = statistics.get(names[0])
-            for name in names:  # solved groups release their statistics (Hessian, factor) at once
+            jobs.append((names, statistics.get(names[0])))
+            for name in names:  # each group's statistics (Hessian, factor) go once it is solved
                 statistics.pop(name, None)
+        infos, deltas = {}, {}
+
+        def solve(names, stats):
+            weights = [linears[n].weight.detach() for n in names]
             if self.method.solve_group is not None and stats is not None and len(names) > 1:
-                solutions = self.method.solve_group([linears[n].weight.detach() for n in names], stats, self.recipe)
-            else:
-                solutions = [self.method.solve(linears[n].weight.detach(), stats, self.recipe) for n in names]
+                return self.method.solve_group(weights, stats, self.recipe)
+            return [self.method.solve(w, stats, self.recipe) for w in weights]
+
+        def apply(names, solutions):
             for name, solution in zip(names, solutions):
                 module = linears[name]
                 new = solution.weight.to(module.weight.dtype)
@@ -365,6 +376,20 @@ class Engine:
                     deltas[name] = module.weight.detach() - new
                 module.weight.data.copy_(new)
                 infos[name] = solution.info
+
+        threads = torch.get_num_threads()
+        if self.device.type == "cpu" and self.method.kind == "prune" and threads > 1 and len(jobs) > 1:
+            jobs.sort(key=lambda job: -sum(linears[n].weight.numel() * linears[n].in_features for n in job[0]))
+            with one_cpu_thread(self.device), ThreadPoolExecutor(max_workers=min(threads, len(jobs))) as pool:
+                pending = {pool.submit(solve, *job): job[0] for job in jobs}
+                jobs.clear()
+                for future in as_completed(pending):
+                    apply(pending.pop(future), future.result())
+        else:
+            while jobs:
+                names, stats = jobs.pop(0)
+                apply(names, solve(names, stats))
+                del stats
         return infos, deltas
 
     def _error_rows(self, hidden: list[torch.Tensor]) -> int:
