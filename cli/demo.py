@@ -30,7 +30,7 @@ def demo(
     pruning error in every language, and write a report with heatmaps (diagonal = calibration
     language equals evaluation language).
 
-    Needs the demo extra: pip install 'prunekit\[demo]'. All seven languages take about 25 minutes on 2 CPU cores; --langs de,sw about 2.
+    Needs the demo extra: pip install 'prunekit\[demo]'. All seven languages take about 14 minutes on 2 CPU cores; --langs de,sw about 2.
     """
     from prunekit.demo import run_demo
 
