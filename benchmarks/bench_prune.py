@@ -44,14 +44,25 @@ def load_average() -> float:
     return os.getloadavg()[0]
 
 
+def busy_cpu_seconds() -> float:
+    """CPU seconds all processes of the machine have used since boot (/proc/stat)."""
+    fields = open("/proc/stat").readline().split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def run_child(argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> tuple[float, float, int, float]:
     """Run one child alone; return (spawn wall-clock time, its wall seconds, its peak RSS in bytes, its CPU seconds)."""
+    global FOREIGN_CPU
     with open(log_path, "w") as log_file:
+        busy = busy_cpu_seconds()
         spawn = time.time()
         process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=env)
         _, status, usage = os.wait4(process.pid, 0)
         process.returncode = os.waitstatus_to_exitcode(status)
         wall = time.time() - spawn
+        # CPU time other processes took while the child ran: > a few % of the wall time = noisy numbers
+        FOREIGN_CPU = max(0.0, busy_cpu_seconds() - busy - usage.ru_utime - usage.ru_stime)
     if process.returncode != 0:
         tail = log_path.read_text(errors="replace")[-3000:]
         raise RuntimeError(f"{argv[1]} failed (exit {process.returncode}); log {log_path}:\n{tail}")
@@ -124,12 +135,12 @@ def run_tool(tool: str, model: str, info: dict, dtype: str, method: str, pattern
     result = json.loads(Path(spec["out_json"]).read_text())
     result.update(
         weights=spec["out_weights"], load_before=load, load_after=load_average(), wall_with_save=wall, cpu_with_save=cpu,
-        peak_rss_total=rss_total, whole_seconds=result["t_pruned"] - spawn,
+        peak_rss_total=rss_total, whole_seconds=result["t_pruned"] - spawn, foreign_cpu=FOREIGN_CPU,
         startup_seconds=result["t_imports"] - spawn, load_seconds=result["t_loaded"] - result["t_imports"],
         prune_seconds=result["t_pruned"] - result["t_loaded"],
     )
     log(f"    whole {result['whole_seconds']:.1f} s (prune {result['prune_seconds']:.1f} s, CPU {cpu:.1f} s incl. save), "
-        f"peak RSS {result['peak_rss_at_pruned'] / 1e9:.2f} GB")
+        f"peak RSS {result['peak_rss_at_pruned'] / 1e9:.2f} GB; other processes used {FOREIGN_CPU:.1f} CPU s meanwhile")
     return result
 
 
@@ -166,7 +177,7 @@ def report(results: list[dict]) -> None:
             print(f"  (with native {r['dtype']} GEMMs at {bound['native_gflops']:.0f} GFLOP/s: {bound['native_bound_seconds']:.1f} s;"
                   " the bound above uses fp32 GEMMs on bf16 operands, faster on this CPU)")
         header = (f"  {'':16}{'whole s':>9}{'startup':>9}{'load':>8}{'prune':>8}{'CPU s*':>8}{'RSS GB':>8}{'RSS+save':>9}"
-                  f"{'layer err':>11}{'ppl(gmean)':>11}{'load avg':>9}")
+                  f"{'layer err':>11}{'ppl(gmean)':>11}{'others':>8}")
         print(header)
         for name, x in (("prunekit", p), ("llm-compressor", q)):
             if x is None:
@@ -174,9 +185,11 @@ def report(results: list[dict]) -> None:
             ppl = x.get("ppl_gmean")
             print(f"  {name:16}{x['whole_seconds']:9.1f}{x['startup_seconds']:9.1f}{x['load_seconds']:8.1f}"
                   f"{x['prune_seconds']:8.1f}{x['cpu_with_save']:8.1f}{x['peak_rss_at_pruned'] / 1e9:8.2f}{x['peak_rss_total'] / 1e9:9.2f}"
-                  f"{x.get('mean_layer_error', float('nan')):11.5f}{(ppl if ppl else float('nan')):11.3f}"
-                  f"{max(x['load_before'], x['load_after']):9.2f}")
-        print("  (* CPU s: user+sys of the whole process including the write of the pruned weights)")
+                  + (f"{x['mean_layer_error']:11.5f}" if "mean_layer_error" in x else f"{'n/a':>11}")
+                  + (f"{ppl:11.3f}" if ppl else f"{'n/a':>11}")
+                  + f"{x['foreign_cpu']:8.1f}")
+        print("  (* CPU s: user+sys of the whole process including the write of the pruned weights;"
+              " others: CPU s other processes used during the run — keep it near 0)")
         if p.get("perplexity"):
             langs = sorted(p["perplexity"])
             print("  perplexity      " + "".join(f"{lang:>9}" for lang in langs))
@@ -273,6 +286,7 @@ def main() -> None:
 
 
 ARGS: argparse.Namespace
+FOREIGN_CPU = 0.0
 
 if __name__ == "__main__":
     main()
