@@ -309,3 +309,13 @@ def test_fp32_gemms_give_the_native_bf16_layer_output_up_to_bf16_rounding(tiny_l
     assert torch.allclose(upcast.float(), native.float(), rtol=2e-2, atol=2e-2)
     assert isinstance(half_gemm_is_slow(torch.bfloat16, torch.device("cpu")), bool)
     assert half_gemm_is_slow(torch.float32, torch.device("cpu")) is False
+
+
+def test_pruning_never_runs_the_lm_head_over_calibration_tokens(tiny_models):
+    model, tok, _ = load_model(str(tiny_models["gemma3"]))
+    ids = build_calibration_set(tok, "en", str(TATOEBA), nsamples=3, seqlen=32, seed=0).input_ids
+    calls = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda *args: calls.append(1))
+    Engine(get_method("wanda"), Recipe("wanda", pattern=parse_pattern(0.5)), batch_size=2).run(model, ids)
+    handle.remove()
+    assert calls == []
