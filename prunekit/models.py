@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -68,6 +70,37 @@ def _file_fingerprint(path: Path) -> str:
     return hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
+@contextlib.contextmanager
+def _gguf_parsed_once() -> Iterator[None]:
+    """transformers parses a GGUF file's metadata three times for one conversion (tokenizer, config,
+    weights); for Gemma's 262k-token vocabulary each parse takes ~30 s of pure Python. Within this
+    block every ``gguf.GGUFReader(path)`` of the same file returns the one reader already built (a
+    read-only memory map, so sharing it is safe)."""
+    import gguf
+
+    original = gguf.GGUFReader
+    readers: dict[tuple[str, str], Any] = {}
+
+    class SharedReader(original):  # a subclass, so isinstance checks still hold
+        def __new__(cls, path, mode="r"):
+            key = (os.path.realpath(os.fspath(path)), mode)
+            if key not in readers:
+                reader = object.__new__(cls)
+                original.__init__(reader, path, mode)
+                readers[key] = reader
+            return readers[key]
+
+        def __init__(self, path, mode="r"):  # built once in __new__
+            pass
+
+    gguf.GGUFReader = SharedReader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
+        readers.clear()
+
+
 def convert_gguf(gguf_path: Path, target: Path) -> Path:
     """Load a GGUF file with transformers (de-quantizing it) and save it as a safetensors model dir."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -76,7 +109,7 @@ def convert_gguf(gguf_path: Path, target: Path) -> Path:
         import gguf  # noqa: F401
     except ImportError as err:
         raise ModelError("loading a GGUF file needs the 'gguf' package: pip install 'prunekit[demo]'") from err
-    with atomic_directory(target, overwrite=True) as staging:
+    with atomic_directory(target, overwrite=True) as staging, _gguf_parsed_once():
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
@@ -144,10 +177,28 @@ def resolve_model(spec: str, revision: str | None = None) -> ModelSource:
     )
 
 
+_TOKENIZERS: dict[tuple, Any] = {}
+TOKENIZERS_KEPT = 2
+
+
 def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
+    """The model's tokenizer. A process that loads the same tokenizer files again (a sweep: every run
+    of a model) gets the object it loaded before: Gemma's 262k-entry tokenizer takes ~5 s to build.
+    prunekit never modifies a tokenizer; code that would (lm-eval's pad-token set-up) works on a copy."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(source.path), trust_remote_code=trust_remote_code)
+    path = Path(source.path)
+    files = tuple(
+        (f.name, f.stat().st_size, f.stat().st_mtime_ns)
+        for f in sorted(path.iterdir())
+        if f.is_file() and not f.name.endswith((".safetensors", ".bin", ".gguf", ".pt", ".pth"))
+    ) if path.is_dir() else ()
+    key = (str(path.resolve()), trust_remote_code, files)
+    if key not in _TOKENIZERS:
+        while len(_TOKENIZERS) >= TOKENIZERS_KEPT:
+            _TOKENIZERS.pop(next(iter(_TOKENIZERS)))
+        _TOKENIZERS[key] = AutoTokenizer.from_pretrained(str(source.path), trust_remote_code=trust_remote_code)
+    return _TOKENIZERS[key]
 
 
 def load_model(
@@ -203,12 +254,48 @@ def linear_sublayers(layer: torch.nn.Module) -> dict[str, torch.nn.Linear]:
     return {name: m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
+def layer_output(output: Any) -> torch.Tensor:
+    """A decoder layer's hidden state: ``out[0]`` for layers that return tuples."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@contextlib.contextmanager
+def layer_hooks(model: torch.nn.Module, callback: Callable[[int, torch.Tensor], None]) -> Iterator[int]:
+    """Call ``callback(index, hidden [B, T, d])`` with the output of every decoder layer; yields the layer count."""
+    _, layers = find_decoder_layers(model)
+    handles = [
+        layer.register_forward_hook(lambda module, args, out, i=i: callback(i, layer_output(out)))
+        for i, layer in enumerate(layers)
+    ]
+    try:
+        yield len(layers)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
-    """A content hash of a tokenizer (vocabulary, merges, normalizer, special tokens)."""
+    """A content hash of a tokenizer (vocabulary, merges, normalizer, special tokens).
+
+    Serialising a 262k-entry vocabulary takes about a second, so the hash is remembered per
+    tokenizer object, keyed also by what ``add_tokens`` / special-token changes alter."""
+    special = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]
+    state = (len(tokenizer), *special)
+    try:
+        remembered = _FINGERPRINTS.get(tokenizer)
+    except TypeError:  # an object that cannot be weakly referenced: hash it every time
+        remembered = None
+    if remembered is not None and remembered[0] == state:
+        return remembered[1]
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         payload = backend.to_str()
     else:
         payload = json.dumps(sorted(tokenizer.get_vocab().items()))
-    extra = json.dumps([tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id])
-    return hashlib.sha256((payload + extra).encode()).hexdigest()[:16]
+    fingerprint = hashlib.sha256((payload + json.dumps(special)).encode()).hexdigest()[:16]
+    with contextlib.suppress(TypeError):
+        _FINGERPRINTS[tokenizer] = (state, fingerprint)
+    return fingerprint

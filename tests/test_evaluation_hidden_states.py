@@ -157,3 +157,50 @@ def test_pruned_checkpoint_carries_its_record_and_errs_in_every_layer(tiny_llama
     layers = res["hidden_states"]["de"]["per_layer"]
     assert all(pe > 0 for pe in layers["pruning_error"]) and all(math.isfinite(s) for s in layers["snr_db"])
     assert res["hidden_states"]["de"]["snr_db"] == pytest.approx(sum(layers["snr_db"]) / 3)
+
+
+def test_one_scoring_pass_gives_exactly_the_numbers_of_separate_perplexity_and_hidden_state_passes(
+    tiny_llama, perturbed_llama, texts_dir, tmp_path, monkeypatch
+):
+    from safetensors.torch import load_file
+
+    from prunekit.evaluation import hidden_state_errors, make_windows, perplexity, perplexity_and_hidden_state_errors
+    from prunekit.evaluation.hidden_states import collect_states
+
+    monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path / "cache"))
+    cpu = torch.device("cpu")
+    dense_model, tok, source = load_model(str(tiny_llama))
+    dense = DenseReference.from_loaded(dense_model, tok, source)
+    text = (texts_dir / "en.txt").read_text(encoding="utf-8")
+    windows = make_windows(tok, [text], 32, max_windows=3)
+    assert len(windows.windows) == 3
+    everything = sum(len(w) for w in windows.windows)
+
+    # The dense model evaluating itself collects its states while it scores: the cache holds exactly
+    # what a separate dense pass computes, and its perplexity is the plain one.
+    before = COUNTERS["dense_passes"]
+    ppl, own = perplexity_and_hidden_state_errors(dense_model, dense, windows, snr_tokens=everything, device=cpu,
+                                                  batch_size=2, progress=False, lang="en")
+    assert COUNTERS["dense_passes"] == before + 1
+    assert own["dense_cache"]["status"] == "computed" and own["pruning_error"] == 0.0 and own["snr_db"] == math.inf
+    assert ppl == perplexity(dense_model, windows, 2, progress=False)
+    cached = load_file(own["dense_cache"]["file"])
+    separate_states = collect_states(dense_model, windows, 2, True, torch.float32, progress=False)
+    assert all(torch.equal(cached[f"layer.{i}"], s) for i, s in enumerate(separate_states))
+    assert own["per_layer"]["mu"] == hidden_state_errors(dense_model, dense, windows, device=cpu, batch_size=2,
+                                                         progress=False)["per_layer"]["mu"]
+
+    # A pruned model: one pass against the cache gives bit-identical perplexity and D.1 numbers.
+    pruned, _, _ = load_model(str(perturbed_llama))
+    merged_ppl, merged = perplexity_and_hidden_state_errors(pruned, dense, windows, snr_tokens=everything, device=cpu,
+                                                            batch_size=2, progress=False, lang="en")
+    separate = hidden_state_errors(pruned, dense, windows, device=cpu, batch_size=2, progress=False, lang="en")
+    assert merged_ppl == perplexity(pruned, windows, 2, progress=False)
+    assert merged["dense_cache"]["status"] == "hit" and merged["per_layer"] == separate["per_layer"]
+    assert merged["per_layer"]["pruning_error"][0] == 0.0 and merged["per_layer"]["pruning_error"][1] > 0
+
+    # Fewer SNR positions than the windows hold: two passes, SNR on the truncated prefix only.
+    short_ppl, short = perplexity_and_hidden_state_errors(pruned, dense, windows, snr_tokens=40, device=cpu,
+                                                          batch_size=2, progress=False, lang="en")
+    assert short_ppl == merged_ppl
+    assert short["tokens"] == 40 - 2 and short["windows"] == 2  # a window of 32 and one of 8, BOS excluded

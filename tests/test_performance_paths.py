@@ -114,7 +114,7 @@ def test_selection_with_nan_scores_follows_the_sort():
 
 @pytest.mark.parametrize("sparsity,pattern,blocksize", [(0.5, None, 128), (0.6, None, 32), (None, "2:4", 128), (None, "4:8", 48)])
 @pytest.mark.parametrize("shape", [(48, 200), (130, 96)])
-def test_sparsegpt_fast_loop_is_bit_identical_to_the_plain_loop(sparsity, pattern, blocksize, shape):
+def test_sparsegpt_fast_loop_gives_the_plain_loops_masks_and_weights(sparsity, pattern, blocksize, shape):
     weight, x = layer(*shape, seed=sum(shape))
     x[..., 7] = 0.0  # a dead input column
     stats = HessianStats(shape[1])
@@ -123,7 +123,8 @@ def test_sparsegpt_fast_loop_is_bit_identical_to_the_plain_loop(sparsity, patter
     expected_weight, expected_mask = loop_sparsegpt(weight, stats.hessian, recipe)
     for solution in (sparsegpt_solve(weight, stats.hessian, recipe), sparsegpt_method_solve(weight, stats, recipe)):  # the last consumes stats
         assert torch.equal(solution.mask, expected_mask)
-        assert torch.equal(solution.weight, expected_weight)
+        # sub-blocked updates sum the same products in another order: fp32 rounding only
+        assert torch.allclose(solution.weight, expected_weight, rtol=1e-5, atol=1e-5 * float(expected_weight.abs().max()))
 
 
 def test_linears_sharing_statistics_share_one_factorisation_and_get_their_own_weights():
@@ -137,8 +138,10 @@ def test_linears_sharing_statistics_share_one_factorisation_and_get_their_own_we
     factor = stats.damped_factor(recipe.dampening)
     b = sparsegpt_method_solve(w2, stats, recipe)
     assert stats.damped_factor(recipe.dampening)[0] is factor[0]
-    assert torch.equal(a.weight, loop_sparsegpt(w1, hessian, recipe)[0])
-    assert torch.equal(b.weight, loop_sparsegpt(w2, hessian, recipe)[0])
+    for solution, weight in ((a, w1), (b, w2)):
+        expected_weight, expected_mask = loop_sparsegpt(weight, hessian, recipe)
+        assert torch.equal(solution.mask, expected_mask)
+        assert torch.allclose(solution.weight, expected_weight, rtol=1e-5, atol=1e-5 * float(expected_weight.abs().max()))
     with pytest.raises(RuntimeError, match="consumed"):  # the factorisation used the statistics' memory
         stats.update(x)
     with pytest.raises(RuntimeError, match="consumed"):

@@ -14,6 +14,7 @@ from prunekit.evaluation.hidden_states import (
     DenseReference,
     check_compatible,
     hidden_state_errors,
+    perplexity_and_hidden_state_errors,
     pruning_error_and_snr,
 )
 from prunekit.evaluation.perplexity import PerplexityResult, Windows, make_windows, perplexity
@@ -29,6 +30,7 @@ __all__ = [
     "evaluate",
     "evaluate_loaded",
     "hidden_state_errors",
+    "perplexity_and_hidden_state_errors",
     "make_windows",
     "perplexity",
     "plan_tasks",

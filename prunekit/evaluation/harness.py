@@ -304,7 +304,8 @@ def run_tasks(
         import lm_eval
         from lm_eval.models.huggingface import HFLM
 
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        # HFLM may give the tokenizer a pad token; the object can be shared (models.load_tokenizer), so it gets a copy.
+        lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
         res = lm_eval.simple_evaluate(
             model=lm,
             tasks=list(objects.values()),

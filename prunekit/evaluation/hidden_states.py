@@ -25,7 +25,6 @@ one dense pass per language.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -34,14 +33,14 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
 from prunekit.errors import ConfigError, ModelError
-from prunekit.evaluation.perplexity import Windows, batches
+from prunekit.evaluation.perplexity import PerplexityResult, Windows, batches, perplexity
 from prunekit.io import cache_dir
-from prunekit.models import DTYPES, ModelSource, find_decoder_layers, text_config, tokenizer_fingerprint
+from prunekit.models import DTYPES, ModelSource, find_decoder_layers, layer_hooks, text_config, tokenizer_fingerprint
 from prunekit.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -112,30 +111,58 @@ def summarize(layers: list[dict[str, float]]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------- capture
 
 
-def layer_output(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
-@contextlib.contextmanager
-def layer_hooks(model: torch.nn.Module, callback: Callable[[int, torch.Tensor], None]) -> Iterator[int]:
-    """Call ``callback(index, hidden [B, T, d])`` with the output of every decoder layer."""
-    _, layers = find_decoder_layers(model)
-    handles = [
-        layer.register_forward_hook(lambda module, args, out, i=i: callback(i, layer_output(out)))
-        for i, layer in enumerate(layers)
-    ]
-    try:
-        yield len(layers)
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def _valid(hidden: torch.Tensor, exclude_first: bool) -> torch.Tensor:
     """[B, T, d] -> [valid tokens, d] (dropping position 0 of each window when it is BOS)."""
     if exclude_first:
         hidden = hidden[:, 1:]
     return hidden.reshape(-1, hidden.shape[-1])
+
+
+class StateCollector:
+    """A layer callback that keeps every decoder layer's valid-token states on the CPU (the dense side)."""
+
+    def __init__(self, exclude_first: bool, store_dtype: torch.dtype):
+        self.exclude_first = exclude_first
+        self.store_dtype = store_dtype
+        self.per_layer: dict[int, list[torch.Tensor]] = {}
+
+    def __call__(self, index: int, hidden: torch.Tensor) -> None:
+        self.per_layer.setdefault(index, []).append(_valid(hidden, self.exclude_first).to("cpu", self.store_dtype))
+
+    def states(self, n_layers: int) -> list[torch.Tensor]:
+        COUNTERS["dense_passes"] += 1
+        return [torch.cat(self.per_layer[i]) for i in range(n_layers)]
+
+
+class StateComparer:
+    """A layer callback that compares every decoder layer's output with cached dense states as it goes
+    (the pruned side is never stored). Each layer keeps its own token offset, so batches of any shape,
+    or one window at a time, line up with the dense states."""
+
+    def __init__(self, dense_states: list[torch.Tensor], exclude_first: bool):
+        self.dense_states = dense_states
+        self.exclude_first = exclude_first
+        self.accumulators = [LayerError() for _ in dense_states]
+        self.offsets = [0] * len(dense_states)
+
+    def __call__(self, index: int, hidden: torch.Tensor) -> None:
+        if index >= len(self.dense_states):
+            raise ModelError(f"the model has more decoder layers than the dense reference ({len(self.dense_states)})")
+        reference = self.dense_states[index]
+        pruned = _valid(hidden, self.exclude_first).to(reference.dtype)
+        lo = self.offsets[index]
+        hi = lo + pruned.shape[0]
+        if hi > reference.shape[0]:
+            raise RuntimeError("the model saw more tokens than the dense reference holds")
+        self.offsets[index] = hi
+        self.accumulators[index].update(reference[lo:hi].to(pruned.device), pruned)
+
+    def finish(self, n_layers: int) -> list[dict[str, float]]:
+        if n_layers != len(self.dense_states):
+            raise ModelError(f"the model has {n_layers} decoder layers, the dense reference {len(self.dense_states)}")
+        if any(offset != self.dense_states[0].shape[0] for offset in self.offsets):
+            raise RuntimeError("pruned and dense passes saw different numbers of tokens")
+        return [acc.finish() for acc in self.accumulators]
 
 
 def _forward_windows(model, windows: Windows, batch_size: int, callback, progress: bool, description: str) -> int:
@@ -146,7 +173,6 @@ def _forward_windows(model, windows: Windows, batch_size: int, callback, progres
     todo = list(batches(windows.windows, batch_size))
     with layer_hooks(model, callback) as n_layers, torch.no_grad(), progress_bar(description, len(todo), progress) as update:
         for done, batch in enumerate(todo, 1):
-            callback(-1, batch)  # tells the callback a new batch starts
             decoder(input_ids=batch.to(device), use_cache=False)
             update(done, len(todo))
     return n_layers
@@ -157,16 +183,9 @@ def collect_states(
     progress: bool = True, description: str = "dense hidden states",
 ) -> list[torch.Tensor]:
     """Every decoder layer's output for the valid tokens of ``windows``: a list of [N, d] CPU tensors."""
-    per_layer: dict[int, list[torch.Tensor]] = {}
-    drop = exclude_bos and windows.bos is not None
-
-    def keep(index: int, hidden: torch.Tensor) -> None:
-        if index >= 0:
-            per_layer.setdefault(index, []).append(_valid(hidden, drop).to("cpu", store_dtype))
-
-    n_layers = _forward_windows(model, windows, batch_size, keep, progress, description)
-    COUNTERS["dense_passes"] += 1
-    return [torch.cat(per_layer[i]) for i in range(n_layers)]
+    collector = StateCollector(exclude_bos and windows.bos is not None, store_dtype)
+    n_layers = _forward_windows(model, windows, batch_size, collector, progress, description)
+    return collector.states(n_layers)
 
 
 def compare_states(
@@ -174,28 +193,9 @@ def compare_states(
     progress: bool = True, description: str = "hidden-state error",
 ) -> list[dict[str, float]]:
     """D.1 per layer of ``model`` against cached dense states (the pruned side is never stored)."""
-    accumulators = [LayerError() for _ in dense_states]
-    offset = {"start": 0, "next": 0}
-    drop = exclude_bos and windows.bos is not None
-    store_dtype = dense_states[0].dtype
-
-    def compare(index: int, hidden: torch.Tensor) -> None:
-        if index < 0:  # a new batch: advance the token offset into the dense states
-            offset["start"] = offset["next"]
-            return
-        pruned = _valid(hidden, drop).to(store_dtype)
-        lo = offset["start"]
-        hi = lo + pruned.shape[0]
-        offset["next"] = hi
-        dense = dense_states[index][lo:hi].to(pruned.device)
-        accumulators[index].update(dense, pruned)
-
-    n_layers = _forward_windows(model, windows, batch_size, compare, progress, description)
-    if n_layers != len(dense_states):
-        raise ModelError(f"the model has {n_layers} decoder layers, the dense reference {len(dense_states)}")
-    if offset["next"] != dense_states[0].shape[0]:
-        raise RuntimeError("pruned and dense passes saw different numbers of tokens")
-    return [acc.finish() for acc in accumulators]
+    comparer = StateComparer(dense_states, exclude_bos and windows.bos is not None)
+    n_layers = _forward_windows(model, windows, batch_size, comparer, progress, description)
+    return comparer.finish(n_layers)
 
 
 # ------------------------------------------------------------------------------ dense model
@@ -279,6 +279,10 @@ class DenseReference:
             self._model = self.loader()
         return self._model
 
+    def holds(self, model: torch.nn.Module) -> bool:
+        """Whether ``model`` is this reference's dense model itself (the dense model evaluating itself)."""
+        return self._model is model
+
     def release(self) -> None:
         """Drop a dense model this reference loaded itself (one given in memory is kept)."""
         if self.loader is not None:
@@ -358,6 +362,36 @@ def _save_cache(path: Path, states: list[torch.Tensor], meta: dict[str, Any]) ->
             os.unlink(tmp)
 
 
+@dataclass
+class CacheEntry:
+    """Where the dense states of one set of windows live, and what they hold."""
+
+    path: Path
+    settings: dict[str, Any]
+    store_dtype: torch.dtype
+    exclude_first: bool
+    tokens: int
+
+
+def cache_entry(
+    dense: DenseReference, windows: Windows, *, dtype: torch.dtype, device: torch.device, batch_size: int,
+    exclude_bos: bool, store_dtype: str | None = None,
+) -> CacheEntry:
+    stored = store_dtype_for(dtype, store_dtype)
+    exclude_first = bool(exclude_bos and windows.bos is not None)
+    settings = {
+        "dtype": str(dtype), "store_dtype": str(stored), "device": device.type, "batch_size": batch_size,
+        "exclude_bos": exclude_first,
+    }
+    path = cache_dir("dense") / f"{dense_cache_key(dense, windows, settings)}.safetensors"
+    tokens = sum(len(w) - (1 if exclude_first else 0) for w in windows.windows)
+    return CacheEntry(path, settings, stored, exclude_first, tokens)
+
+
+def _store(entry: CacheEntry, dense: DenseReference, states: list[torch.Tensor], lang: str) -> None:
+    _save_cache(entry.path, states, {"dense": dense.to_json(), "lang": lang, "tokens": entry.tokens, "settings": entry.settings})
+
+
 def dense_states(
     dense: DenseReference, windows: Windows, *, dtype: torch.dtype, device: torch.device, batch_size: int,
     exclude_bos: bool, store_dtype: str | None = None, progress: bool = True, lang: str = "",
@@ -365,28 +399,40 @@ def dense_states(
     """The dense model's per-layer hidden states for ``windows``: from the cache, or computed and cached.
 
     Returns (states, "hit" | "computed", cache file)."""
-    stored = store_dtype_for(dtype, store_dtype)
-    settings = {
-        "dtype": str(dtype), "store_dtype": str(stored), "device": device.type, "batch_size": batch_size,
-        "exclude_bos": bool(exclude_bos and windows.bos is not None),
-    }
-    key = dense_cache_key(dense, windows, settings)
-    path = cache_dir("dense") / f"{key}.safetensors"
-    drop = settings["exclude_bos"]
-    n_tokens = sum(len(w) - (1 if drop else 0) for w in windows.windows)
-    cached = _load_cache(path, n_tokens)
+    entry = cache_entry(dense, windows, dtype=dtype, device=device, batch_size=batch_size, exclude_bos=exclude_bos,
+                        store_dtype=store_dtype)
+    cached = _load_cache(entry.path, entry.tokens)
     if cached is not None:
-        return cached, "hit", path
+        return cached, "hit", entry.path
     model = dense.model()
     previous = next(model.parameters()).device
     model.to(device)
     try:
-        states = collect_states(model, windows, batch_size, exclude_bos, stored, progress, f"dense hidden states {lang}".strip())
+        states = collect_states(model, windows, batch_size, exclude_bos, entry.store_dtype, progress,
+                                f"dense hidden states {lang}".strip())
     finally:
         model.to(previous)
-    meta = {"dense": dense.to_json(), "lang": lang, "tokens": n_tokens, "settings": settings}
-    _save_cache(path, states, meta)
-    return states, "computed", path
+    _store(entry, dense, states, lang)
+    return states, "computed", entry.path
+
+
+def _errors_json(layers: list[dict[str, float]], tokens: int, exclude_first: bool, windows: Windows, cache: str, path: Path) -> dict[str, Any]:
+    summary = summarize(layers)
+    return {
+        "snr_db": summary["snr_db"],
+        "pruning_error": summary["pruning_error"],
+        "tokens": tokens,
+        "exclude_bos": exclude_first,
+        "per_layer": {
+            "snr_db": [layer["snr_db"] for layer in layers],
+            "pruning_error": [layer["pruning_error"] for layer in layers],
+            "mu": [layer["mu"] for layer in layers],
+        },
+        "snr_db_finite_layers": summary["snr_db_finite_layers"],
+        "identical_layers": summary["identical_layers"],
+        "windows": len(windows.windows),
+        "dense_cache": {"status": cache, "file": str(path)},
+    }
 
 
 def hidden_state_errors(
@@ -400,19 +446,49 @@ def hidden_state_errors(
         store_dtype=store_dtype, progress=progress, lang=lang,
     )
     layers = compare_states(model, windows, states, batch_size, exclude_bos, progress, f"hidden-state error {lang}".strip())
-    summary = summarize(layers)
-    return {
-        "snr_db": summary["snr_db"],
-        "pruning_error": summary["pruning_error"],
-        "tokens": int(states[0].shape[0]),
-        "exclude_bos": bool(exclude_bos and windows.bos is not None),
-        "per_layer": {
-            "snr_db": [layer["snr_db"] for layer in layers],
-            "pruning_error": [layer["pruning_error"] for layer in layers],
-            "mu": [layer["mu"] for layer in layers],
-        },
-        "snr_db_finite_layers": summary["snr_db_finite_layers"],
-        "identical_layers": summary["identical_layers"],
-        "windows": len(windows.windows),
-        "dense_cache": {"status": cache, "file": str(path)},
-    }
+    exclude_first = bool(exclude_bos and windows.bos is not None)
+    return _errors_json(layers, int(states[0].shape[0]), exclude_first, windows, cache, path)
+
+
+def perplexity_and_hidden_state_errors(
+    model, dense: DenseReference, windows: Windows, *, snr_tokens: int, device: torch.device, batch_size: int = 4,
+    exclude_bos: bool = True, store_dtype: str | None = None, progress: bool = True, lang: str = "",
+) -> tuple[PerplexityResult, dict[str, Any]]:
+    """Perplexity of ``windows`` and SNR / PE against ``dense`` on their first ``snr_tokens`` positions.
+
+    When those positions are all of the windows (short evaluation texts, as in the demo), one forward
+    pass does both: the decoder layers' outputs are compared, or for the dense model itself collected
+    into the cache, while the windows are scored. The batches are the ones a separate pass would run,
+    so the numbers are identical to :func:`perplexity` followed by :func:`hidden_state_errors`."""
+    description = f"perplexity {lang}".strip()
+    snr_windows = windows.truncated(snr_tokens)
+    if snr_windows.windows != windows.windows:
+        result = perplexity(model, windows, batch_size, progress, description)
+        return result, hidden_state_errors(model, dense, snr_windows, device=device, batch_size=batch_size,
+                                           exclude_bos=exclude_bos, store_dtype=store_dtype, progress=progress, lang=lang)
+    entry = cache_entry(dense, windows, dtype=next(model.parameters()).dtype, device=device, batch_size=batch_size,
+                        exclude_bos=exclude_bos, store_dtype=store_dtype)
+    states = _load_cache(entry.path, entry.tokens)
+    if states is None and dense.holds(model):
+        collector = StateCollector(entry.exclude_first, entry.store_dtype)
+        result = perplexity(model, windows, batch_size, progress, f"{description} + dense hidden states",
+                            layer_callback=collector)
+        states = collector.states(len(collector.per_layer))
+        _store(entry, dense, states, lang)
+        layers = []
+        for layer_states in states:  # the model against its own states: PE 0, SNR +inf, μ and E as usual
+            acc = LayerError()
+            acc.update(layer_states, layer_states)
+            layers.append(acc.finish())
+        cache = "computed"
+    else:
+        cache = "hit"
+        if states is None:
+            states, cache, _ = dense_states(dense, windows, dtype=next(model.parameters()).dtype, device=device,
+                                            batch_size=batch_size, exclude_bos=exclude_bos, store_dtype=store_dtype,
+                                            progress=progress, lang=lang)
+        comparer = StateComparer(states, entry.exclude_first)
+        result = perplexity(model, windows, batch_size, progress, f"{description} + hidden-state error",
+                            layer_callback=comparer)
+        layers = comparer.finish(len(find_decoder_layers(model)[1]))
+    return result, _errors_json(layers, int(states[0].shape[0]), entry.exclude_first, windows, cache, entry.path)

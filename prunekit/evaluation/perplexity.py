@@ -20,6 +20,7 @@ back to the model's own forward, one window at a time.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from prunekit.errors import ConfigError, DataError
-from prunekit.models import text_config
+from prunekit.models import layer_hooks, text_config
 from prunekit.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -203,12 +204,20 @@ def perplexity(
     batch_size: int = 4,
     progress: bool = True,
     description: str = "perplexity",
+    layer_callback: Callable[[int, torch.Tensor], None] | None = None,
 ) -> PerplexityResult:
-    """exp(mean NLL) over every scored token of ``windows`` (model already on its device)."""
+    """exp(mean NLL) over every scored token of ``windows`` (model already on its device).
+
+    ``layer_callback(index, hidden)`` sees every decoder layer's output of the scoring passes, so
+    hidden-state measurements ride on the same forward (see ``perplexity_and_hidden_state_errors``)."""
     scorer = TokenScorer(model)
     total, count = 0.0, 0
     todo = list(batches(windows.windows, batch_size))
-    with progress_bar(description, len(todo), progress) as update:
+    hooks = contextlib.nullcontext()
+    if layer_callback is not None:
+        scorer.probe(todo[0])  # the probe's own forward must not reach the callback
+        hooks = layer_hooks(model, layer_callback)
+    with hooks, progress_bar(description, len(todo), progress) as update:
         for done, batch in enumerate(todo, 1):
             nll, n = scorer.nll(batch)
             total += nll

@@ -12,7 +12,7 @@ import torch
 
 from prunekit.errors import ConfigError
 from prunekit.evaluation.harness import plan_tasks, resolve_chat_template, run_tasks
-from prunekit.evaluation.hidden_states import DenseReference, check_compatible, hidden_state_errors
+from prunekit.evaluation.hidden_states import DenseReference, check_compatible, perplexity_and_hidden_state_errors
 from prunekit.evaluation.perplexity import make_windows, perplexity
 from prunekit.io import versioned, write_json_atomic
 from prunekit.languages import parse_language_list
@@ -113,15 +113,16 @@ def evaluate_loaded(
             budget = windows_wanted * seqlen * CHARS_PER_TOKEN_BUDGET if (ppl_source == "mc4" and windows_wanted) else None
             texts = load_texts(ppl_source, lang, "evaluation", char_budget=budget)
             windows = make_windows(tokenizer, [d.text for d in texts.documents], seqlen, windows_wanted)
-            result = perplexity(model, windows, batch_size, progress, f"perplexity {lang}")
+            if dense is None:
+                result = perplexity(model, windows, batch_size, progress, f"perplexity {lang}")
+            else:
+                result, hidden[lang] = perplexity_and_hidden_state_errors(
+                    model, dense, windows, snr_tokens=snr_tokens, device=compute_device, batch_size=batch_size,
+                    exclude_bos=exclude_bos, store_dtype=snr_store_dtype, progress=progress, lang=lang,
+                )
             perplexities[lang] = result.to_json() | {
                 "source": ppl_source, "location": texts.location, "content_hash": texts.content_hash, "bos": result.bos,
             }
-            if dense is not None:
-                hidden[lang] = hidden_state_errors(
-                    model, dense, windows.truncated(snr_tokens), device=compute_device, batch_size=batch_size,
-                    exclude_bos=exclude_bos, store_dtype=snr_store_dtype, progress=progress, lang=lang,
-                )
         timings["perplexity_and_hidden_states_s"] = time.perf_counter() - t0
         if dense is not None:
             dense.release()  # its states are cached; free the memory before the tasks

@@ -9,6 +9,7 @@ from prunekit.methods.hessian import HessianStats, damped_inverse_cholesky, one_
 from prunekit.methods.masks import lowest_n_of_m, lowest_overall
 from prunekit.recipe import Recipe
 
+SUB_BLOCK = 32  # columns whose rank-1 updates are applied one by one; the rest of a block gets one GEMM per sub-block
 
 
 def sparsegpt_solve(weight: torch.Tensor, hessian: torch.Tensor, recipe: Recipe) -> Solution:
@@ -36,10 +37,14 @@ def _solve_stacked(W: torch.Tensor, Hinv: torch.Tensor, damping: float, recipe: 
     of the error-updated weights are pruned.
 
     Column loop, per column i of a block: err = (w − q)/d with q = w where kept and 0 where pruned,
-    then W1[:, i+1:] −= err ⊗ Hinv1[i, i+1:]. The products and differences are the reference's,
-    element for element (bit-identical results); the column itself keeps w and the pruned entries
-    are zeroed once per block: four tensor operations per column instead of a dozen, on a
-    transposed copy of the block so that every operation runs along contiguous rows.
+    then W1[:, i+1:] −= err ⊗ Hinv1[i, i+1:]. The reference applies that rank-1 update to every later
+    column of the 128-column block, one column at a time; here it reaches only the later columns of
+    the same ``SUB_BLOCK``-column sub-block, and a sub-block's errors reach the rest of the block in
+    one GEMM when it is done (the same lazy batching the reference uses between blocks, one level
+    down). Every column still sees every earlier column's error before its own is computed, so the
+    result is the reference's up to fp32 summation order; an N:M group lies in one sub-block. The
+    column itself keeps w and the pruned entries are zeroed once per block: four tensor operations
+    per column, on a transposed copy of the block so that every operation runs along contiguous rows.
     """
     mask = torch.zeros_like(W, dtype=torch.bool)
     offsets = [0]
@@ -57,6 +62,7 @@ def _blocks(W, Hinv, recipe, mask, loss, zero, parts) -> None:
     """The 128-column blocks, in place on W, mask and loss."""
     pattern, bs = recipe.pattern, recipe.blocksize
     cols = W.shape[1]
+    sub = pattern.m * -(-SUB_BLOCK // pattern.m) if pattern.is_nm else SUB_BLOCK  # an N:M group never straddles two
     for i1 in range(0, cols, bs):
         i2 = min(i1 + bs, cols)
         count = i2 - i1
@@ -75,13 +81,18 @@ def _blocks(W, Hinv, recipe, mask, loss, zero, parts) -> None:
         # per-column views, made in one call each
         d_items, w_rows, m_rows, e_rows = d.unbind(0), W1T.unbind(0), maskT.unbind(0), ErrT.unbind(0)
         e_wide, h_cols = ErrT.unsqueeze(1).unbind(0), Hinv1.unsqueeze(2).unbind(0)
-        for i in range(count):
-            if pattern.is_nm and i % pattern.m == 0:
-                block = W1[:, i : i + pattern.m].square() / d[i : i + pattern.m].square().unsqueeze(0)
-                maskT[i : i + pattern.m] = lowest_n_of_m(block, pattern.n, pattern.m).T
-            torch.div(torch.where(m_rows[i], w_rows[i], zero), d_items[i], out=e_rows[i])
-            if i + 1 < count:
-                W1T[i + 1 :].sub_(h_cols[i][i + 1 :] * e_wide[i])
+        for j1 in range(0, count, sub):
+            j2 = min(j1 + sub, count)
+            for i in range(j1, j2):
+                if pattern.is_nm and i % pattern.m == 0:
+                    block = W1[:, i : i + pattern.m].square() / d[i : i + pattern.m].square().unsqueeze(0)
+                    maskT[i : i + pattern.m] = lowest_n_of_m(block, pattern.n, pattern.m).T
+                torch.div(torch.where(m_rows[i], w_rows[i], zero), d_items[i], out=e_rows[i])
+                if i + 1 < j2:
+                    W1T[i + 1 : j2].sub_(h_cols[i][i + 1 : j2] * e_wide[i])
+            if j2 < count:  # the sub-block's errors reach the rest of the block in one GEMM per matrix
+                for a, b in parts:
+                    W1T[j2:, a:b].addmm_(Hinv1[j1:j2, j2:].T, ErrT[j1:j2, a:b], alpha=-1.0)
         W[:, i1:i2] = W1T.masked_fill_(maskT, 0.0).T
         mask[:, i1:i2] = maskT.T
         Err1 = ErrT.T.contiguous()

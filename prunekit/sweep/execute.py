@@ -15,6 +15,7 @@ Runs-dir layout::
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import hashlib
 import json
@@ -183,6 +184,14 @@ class TaskOutcome:
 # ---------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=4)
+def dense_reference(spec: str, dtype: str, trust_remote_code: bool):
+    """One DenseReference per dense model and process: every run of a sweep compares against the same
+    cached states, so its config and tokenizer (seconds for a 262k vocabulary) are read once. It loads
+    the dense weights only on a cache miss and drops them after each evaluation."""
+    return _evaluation().DenseReference.from_spec(spec, dtype, trust_remote_code)
+
+
 def _evaluation():
     try:
         import prunekit.evaluation as evaluation
@@ -206,10 +215,10 @@ def evaluate_checkpoint(config: SweepConfig, checkpoint: Path, model_entry, prog
     model the prune stage just produced instead of reading the checkpoint back."""
     from prunekit.models import resolve_model
 
-    evaluation = _evaluation()
     dense = None
     if config.hidden_states:
-        dense = evaluation.DenseReference.from_spec(model_entry.spec, model_entry.dtype, model_entry.trust_remote_code)
+        dense = dense_reference(model_entry.spec, model_entry.dtype, model_entry.trust_remote_code)
+    evaluation = _evaluation()
     if loaded is None:
         return _evaluate_from_disk(evaluation, checkpoint, dense, model_entry, config, progress)
     model, tokenizer, record = loaded
