@@ -13,7 +13,8 @@ import time
 T_START = time.time()
 
 import json  # noqa: E402
-import resource  # noqa: E402
+
+from _rss import peak_rss_bytes  # noqa: E402
 import sys  # noqa: E402
 
 
@@ -41,7 +42,7 @@ def main() -> None:
     oneshot(model=model, dataset=loader, recipe=modifier, num_calibration_samples=len(rows),
             max_seq_length=input_ids.shape[1], pipeline="sequential")
     t_pruned = time.time()
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss = peak_rss_bytes()
 
     weights = {}
     for index, layer in enumerate(model.model.layers):
@@ -56,6 +57,7 @@ def main() -> None:
         "t_loaded": t_loaded,
         "t_pruned": t_pruned,
         "peak_rss_at_pruned": rss,
+        "peak_rss_with_save": peak_rss_bytes(),
         "threads": torch.get_num_threads(),
     }
     with open(spec["out_json"], "w") as handle:

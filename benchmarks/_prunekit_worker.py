@@ -11,7 +11,8 @@ import time
 T_START = time.time()
 
 import json  # noqa: E402
-import resource  # noqa: E402
+
+from _rss import peak_rss_bytes  # noqa: E402
 import sys  # noqa: E402
 
 
@@ -35,7 +36,7 @@ def main() -> None:
     engine = Engine(get_method(spec["method"]), recipe, "cpu", batch_size=spec.get("batch_size"))
     layers = engine.run(model, input_ids)
     t_pruned = time.time()
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss = peak_rss_bytes()
 
     prefix, decoder_layers = find_decoder_layers(model)
     weights = {}
@@ -50,6 +51,7 @@ def main() -> None:
         "t_loaded": t_loaded,
         "t_pruned": t_pruned,
         "peak_rss_at_pruned": rss,
+        "peak_rss_with_save": peak_rss_bytes(),
         "layer_seconds": [layer.seconds for layer in layers],
         "recorded_errors": [
             {m.name: m.relative_error for m in layer.modules} for layer in layers

@@ -4,8 +4,8 @@ Each tool runs in its own subprocess with its own venv python, alone, on the sam
 same calibration token tensor (a .safetensors file both read). Whole-process time runs from the
 moment the parent spawns the worker to the moment pruning has finished (imports, model load,
 pruning; not the writing of the pruned weights that the evaluation reads back). Peak RSS is the
-worker's ru_maxrss at that moment (the whole-process figure including that write, from wait4, is
-printed too). Quality is measured afterwards, identically for both, by one evaluation subprocess.
+worker's VmHWM at that moment (benchmarks/_rss.py: not ru_maxrss, which Linux carries across exec
+from the parent); "RSS+save" is its VmHWM after that write. Quality is measured afterwards, identically for both, by one evaluation subprocess.
 
 Example (a few minutes):
   python benchmarks/bench_prune.py --models gemma --methods wanda --patterns unstructured --dtypes float32
@@ -142,7 +142,7 @@ def run_tool(tool: str, model: str, info: dict, dtype: str, method: str, pattern
     result = json.loads(Path(spec["out_json"]).read_text())
     result.update(
         weights=spec["out_weights"], load_before=load, load_after=load_average(), wall_with_save=wall, cpu_with_save=cpu,
-        peak_rss_total=rss_total, whole_seconds=result["t_pruned"] - spawn, foreign_cpu=FOREIGN_CPU,
+        peak_rss_total=result.get("peak_rss_with_save", rss_total), whole_seconds=result["t_pruned"] - spawn, foreign_cpu=FOREIGN_CPU,
         startup_seconds=result["t_imports"] - spawn, load_seconds=result["t_loaded"] - result["t_imports"],
         prune_seconds=result["t_pruned"] - result["t_loaded"],
     )
