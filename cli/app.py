@@ -7,6 +7,7 @@ import os
 import sys
 from typing import Callable
 
+import click
 import typer
 
 from prunekit.errors import PrunekitError
@@ -45,6 +46,8 @@ def user_errors(func: Callable) -> Callable:
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             raise SystemExit(130) from None
+        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort):  # a command's own exit code
+            raise
         except Exception as err:  # a bug: say so, traceback only with --debug
             if DEBUG["enabled"]:
                 raise

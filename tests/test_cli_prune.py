@@ -92,3 +92,18 @@ def test_magnitude_needs_no_calibration(tiny_llama, tmp_path):
     weight = AutoModelForCausalLM.from_pretrained(tmp_path / "m").model.layers[0].mlp.up_proj.weight
     assert int((weight == 0).sum()) == weight.numel() // 2
     assert torch.isfinite(weight).all()
+
+
+def test_a_commands_own_exit_code_is_not_reported_as_an_internal_error(capsys):
+    import typer
+
+    from prunekit.cli.app import user_errors
+
+    @user_errors
+    def some_runs_failed():
+        raise typer.Exit(1)
+
+    with pytest.raises(typer.Exit) as raised:
+        some_runs_failed()
+    assert raised.value.exit_code == 1
+    assert "internal error" not in capsys.readouterr().err
