@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from prunekit.errors import DataError, ModelError
-from prunekit.models import find_decoder_layers
+from prunekit.models import find_decoder_layers, layer_output
 from prunekit.progress import progress_bar
 from prunekit.textsources import load_texts
 
@@ -129,10 +129,6 @@ def mlp_parts(layer: torch.nn.Module, index: int) -> tuple[torch.nn.Module, torc
             "LAPE supports Llama, Gemma, Cohere/Aya, Qwen and Mistral layouts"
         )
     return gate, down, act
-
-
-def layer_output(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 class ReferenceStates:

@@ -5,6 +5,7 @@ sweep and report code as ``prunekit sweep`` / ``prunekit report``, so it is resu
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from prunekit.embedded import embedded_languages
 from prunekit.errors import ConfigError
 from prunekit.languages import parse_languages
 from prunekit.methods import available_methods
+from prunekit.models import resolve_device
 
 DEMO_MODEL = "embedded:gemma-3-270m"
 # Sized to finish within 10 minutes on 2 CPU cores, GGUF conversion included: 12 × 128 calibration
@@ -67,9 +69,17 @@ def run_demo(
     if len(codes) < 2:
         raise ConfigError("the demo compares calibration languages: give at least two with --langs, e.g. --langs de,sw")
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    pruning = available_methods("prune")
     for method in method_list:
-        if method not in available_methods("prune"):
-            raise ConfigError(f"unknown pruning method '{method}' in --methods; choose from {', '.join(available_methods('prune'))}")
+        if method not in pruning:
+            hint = difflib.get_close_matches(method, pruning, n=1)
+            did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise ConfigError(f"unknown pruning method '{method}' in --methods{did_you_mean}; choose from {', '.join(pruning)}")
+    if nsamples < 1:
+        raise ConfigError(f"--nsamples must be at least 1, got {nsamples}")
+    if seqlen < 2:
+        raise ConfigError(f"--seqlen must be at least 2, got {seqlen}")
+    resolve_device(device)  # the demo runs here: a missing GPU fails now, not once per run
     out = Path(out).expanduser()
     config = demo_config(codes, method_list, nsamples, seqlen, dtype, device)
     summary = run_sweep(config, out / "runs", progress=progress)

@@ -22,7 +22,7 @@ import torch
 from prunekit.errors import ConfigError
 from prunekit.methods import Method
 from prunekit.methods.hessian import one_cpu_thread
-from prunekit.models import find_decoder_layers, linear_sublayers
+from prunekit.models import find_decoder_layers, layer_output, linear_sublayers
 from prunekit.recipe import Recipe
 
 
@@ -216,12 +216,8 @@ def fp32_gemms(layer: torch.nn.Module):
             del module.forward
 
 
-def _layer_output(result: Any) -> torch.Tensor:
-    return result[0] if isinstance(result, (tuple, list)) else result
-
-
 def run_layer(layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
-    return _layer_output(layer(hidden, **kwargs))
+    return layer_output(layer(hidden, **kwargs))
 
 
 class Engine:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from prunekit.demo import run_demo
 from prunekit.errors import ConfigError
@@ -35,4 +36,11 @@ def test_demo_rejects_languages_without_embedded_text(tmp_path):
         run_demo(langs="de", out=tmp_path / "d", progress=False)
     with pytest.raises(ConfigError, match="unknown pruning method 'wandda'"):
         run_demo(langs="de,sw", methods="wandda", out=tmp_path / "d", progress=False)
+    with pytest.raises(ConfigError, match=r"did you mean 'sparsegpt'"):
+        run_demo(langs="de,sw", methods="wanda,sparsgpt", out=tmp_path / "d", progress=False)
+    with pytest.raises(ConfigError, match="--nsamples must be at least 1"):
+        run_demo(langs="de,sw", nsamples=0, out=tmp_path / "d", progress=False)
+    if not torch.cuda.is_available():  # a missing GPU fails before the first run, once
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            run_demo(langs="de,sw", device="cuda", out=tmp_path / "d", progress=False)
     assert not (tmp_path / "d").exists()

@@ -404,16 +404,25 @@ def dense_states(
     cached = _load_cache(entry.path, entry.tokens)
     if cached is not None:
         return cached, "hit", entry.path
+    return _compute_dense_states(dense, windows, entry, device=device, batch_size=batch_size, progress=progress,
+                                 lang=lang), "computed", entry.path
+
+
+def _compute_dense_states(
+    dense: DenseReference, windows: Windows, entry: CacheEntry, *, device: torch.device, batch_size: int,
+    progress: bool, lang: str,
+) -> list[torch.Tensor]:
+    """One dense pass over ``windows`` (the dense model loaded if it is not in memory), cached in ``entry``."""
     model = dense.model()
     previous = next(model.parameters()).device
     model.to(device)
     try:
-        states = collect_states(model, windows, batch_size, exclude_bos, entry.store_dtype, progress,
+        states = collect_states(model, windows, batch_size, entry.exclude_first, entry.store_dtype, progress,
                                 f"dense hidden states {lang}".strip())
     finally:
         model.to(previous)
     _store(entry, dense, states, lang)
-    return states, "computed", entry.path
+    return states
 
 
 def _errors_json(layers: list[dict[str, float]], tokens: int, exclude_first: bool, windows: Windows, cache: str, path: Path) -> dict[str, Any]:
@@ -484,9 +493,9 @@ def perplexity_and_hidden_state_errors(
     else:
         cache = "hit"
         if states is None:
-            states, cache, _ = dense_states(dense, windows, dtype=next(model.parameters()).dtype, device=device,
-                                            batch_size=batch_size, exclude_bos=exclude_bos, store_dtype=store_dtype,
-                                            progress=progress, lang=lang)
+            states = _compute_dense_states(dense, windows, entry, device=device, batch_size=batch_size,
+                                           progress=progress, lang=lang)
+            cache = "computed"
         comparer = StateComparer(states, entry.exclude_first)
         result = perplexity(model, windows, batch_size, progress, f"{description} + hidden-state error",
                             layer_callback=comparer)

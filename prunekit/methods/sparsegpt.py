@@ -104,16 +104,13 @@ def _blocks(W, Hinv, recipe, mask, loss, zero, parts) -> None:
 
 def solve(weight: torch.Tensor, stats: HessianStats, recipe: Recipe) -> Solution:
     """Linears that read the same input (q/k/v, gate/up) share one ``stats`` and so one factorisation."""
-    Hinv, damping, dead = stats.damped_factor(recipe.dampening, consume=True)
-    W = weight.to(torch.float32, copy=True)
-    W[:, dead] = 0.0
-    return _solve_prepared(W, Hinv, damping, recipe)
+    return solve_group([weight], stats, recipe)[0]
 
 
 def solve_group(weights: list[torch.Tensor], stats: HessianStats, recipe: Recipe) -> list[Solution]:
     """``solve`` for several Linears sharing ``stats``, in one column loop over their stacked rows."""
     Hinv, damping, dead = stats.damped_factor(recipe.dampening, consume=True)
-    W = torch.cat([w.to(torch.float32) for w in weights])
+    W = torch.cat([w.to(torch.float32) for w in weights])  # a copy, even of one fp32 weight
     W[:, dead] = 0.0
     return _solve_stacked(W, Hinv, damping, recipe, [w.shape[0] for w in weights])
 
