@@ -162,7 +162,7 @@ def test_sparsegpt_group_solve_gives_each_matrix_its_own_solution(sparsity, patt
         alone = sparsegpt_method_solve(weight, stats, recipe)  # the cached factor
         assert torch.equal(solution.mask, alone.mask)
         assert torch.equal(solution.weight, alone.weight)
-        assert solution.info["loss"] == pytest.approx(alone.info["loss"], rel=1e-12)
+        assert solution.info["loss"] == pytest.approx(alone.info["loss"], rel=1e-6)  # a diagnostic, summed in fp32 per weight row
 
 
 def test_engine_with_group_solves_prunes_exactly_as_one_linear_at_a_time(tiny_llama):

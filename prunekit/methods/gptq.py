@@ -23,12 +23,11 @@ for a group with no negative weight, which clips its upper half; llm-compressor 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 
 import torch
 
 from prunekit.methods import Method, Solution, register
-from prunekit.methods.hessian import HessianStats, damped_inverse_cholesky, prepare_hessian
+from prunekit.methods.hessian import HessianStats, damped_inverse_cholesky, full_fp32_matmul, prepare_hessian
 from prunekit.recipe import Quantization, Recipe
 
 
@@ -68,17 +67,6 @@ def _group_grids(W: torch.Tensor, quantization: Quantization) -> tuple[torch.Ten
     return torch.cat(scales, dim=1), torch.cat(zeros, dim=1)
 
 
-@contextmanager
-def _full_fp32_matmul():
-    """The reference disables TF32: the error feedback needs full fp32 products."""
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
-
-
 def _info(quantization: Quantization, **extra) -> dict:
     return {
         "bits": quantization.bits,
@@ -96,7 +84,7 @@ def gptq_solve(weight: torch.Tensor, hessian: torch.Tensor, recipe: Recipe) -> S
     row_grid = minmax_grid(weight, quantization.bits, quantization.symmetric) if quantization.group_size == -1 else None
     W, H = prepare_hessian(weight, hessian)
     dead = int((torch.diag(hessian) == 0).sum())
-    with _full_fp32_matmul():
+    with full_fp32_matmul():
         perm = None
         if quantization.act_order:
             perm = torch.argsort(torch.diag(H), descending=True, stable=True)
@@ -183,7 +171,7 @@ def solve(weight: torch.Tensor, stats: HessianStats, recipe: Recipe) -> Solution
     if quantization.act_order or not hasattr(stats, "damped_factor"):
         return gptq_solve(weight, stats.hessian, recipe)
     row_grid = minmax_grid(weight, quantization.bits, quantization.symmetric) if quantization.group_size == -1 else None
-    with _full_fp32_matmul():
+    with full_fp32_matmul():
         Hinv, damping, dead = stats.damped_factor(recipe.dampening)
         W = weight.to(torch.float32, copy=True)
         W[:, dead] = 0.0
