@@ -322,3 +322,32 @@ def test_pruning_never_runs_the_lm_head_over_calibration_tokens(tiny_models):
     Engine(get_method("wanda"), Recipe("wanda", pattern=parse_pattern(0.5)), batch_size=2).run(model, ids)
     handle.remove()
     assert calls == []
+
+
+# --- the damped inverse Cholesky factor ------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 7, 256, 257, 600])
+def test_reverse_order_factor_equals_the_cholesky_of_the_inverse(n):
+    """One Cholesky of the reversed H and a blocked triangular inverse give the reference's
+    cholesky(inv(H + λI), upper=True); only H's lower triangle is read."""
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(2 * n + 3, n, generator=gen, dtype=torch.float64)
+    H = x.T @ x
+    damped = H + 0.01 * H.diagonal().mean() * torch.eye(n, dtype=torch.float64)
+    expected = torch.linalg.cholesky(torch.linalg.inv(damped), upper=True)
+    lower_only = torch.tril(H).float() + torch.triu(torch.full((n, n), 7.0), 1)  # garbage above the diagonal
+    factor, damping = damped_inverse_cholesky(lower_only, 0.01)
+    assert damping == 0.01 and factor.is_contiguous()
+    assert torch.equal(factor, torch.triu(factor)) and bool((factor.diagonal() > 0).all())
+    assert torch.allclose(factor.double(), expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+    assert torch.equal(lower_only, torch.tril(H).float() + torch.triu(torch.full((n, n), 7.0), 1))  # input untouched
+
+
+def test_factor_retries_with_more_damping_when_h_is_not_positive_definite():
+    H = torch.eye(300)
+    H[0, 1] = H[1, 0] = 2.5  # eigenvalues -1.5 and 3.5 in that block: λ must exceed 1.5·mean(diag H)
+    factor, damping = damped_inverse_cholesky(H, 0.01)
+    assert damping == 10.0 and bool(torch.isfinite(factor).all())
+    damped = H.double() + damping * H.diagonal().double().mean() * torch.eye(300, dtype=torch.float64)
+    assert torch.allclose(factor.double().T @ factor.double(), torch.linalg.inv(damped), rtol=1e-3, atol=1e-3)
