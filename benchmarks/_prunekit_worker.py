@@ -33,7 +33,7 @@ def main() -> None:
 
     pattern = Pattern(spec["sparsity"], spec["n"], spec["m"])
     recipe = Recipe(spec["method"], pattern=pattern)
-    engine = Engine(get_method(spec["method"]), recipe, "cpu", batch_size=spec.get("batch_size"))
+    engine = Engine(get_method(spec["method"]), recipe, "cpu", batch_size=spec.get("batch_size"), solve_threads=spec.get("solve_threads"))
     layers = engine.run(model, input_ids)
     t_pruned = time.time()
     rss = peak_rss_bytes()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -94,14 +95,18 @@ def prepare_models(names: list[str], work: Path) -> dict[str, dict]:
             languages = LANGUAGES
         elif name == "llama":
             path = work / "wide-llama"
-            if not (path / "config.json").exists():
+            if not (path / "model.safetensors").exists():  # written whole or not at all
                 from transformers import LlamaConfig, LlamaForCausalLM
 
                 torch.manual_seed(0)
                 model = LlamaForCausalLM(LlamaConfig(**WIDE_LLAMA))
-                model.save_pretrained(path)
-                tokenizer.save_pretrained(path)  # the peer loads a processor; ids are given directly
+                staging = work / "wide-llama.partial"
+                shutil.rmtree(staging, ignore_errors=True)
+                model.save_pretrained(staging)
+                tokenizer.save_pretrained(staging)  # the peer loads a processor; ids are given directly
                 del model
+                shutil.rmtree(path, ignore_errors=True)
+                os.replace(staging, path)
             ids = calibration() % WIDE_LLAMA["vocab_size"]
             languages = []  # perplexity of a random model means nothing
         else:
@@ -133,6 +138,7 @@ def run_tool(tool: str, model: str, info: dict, dtype: str, method: str, pattern
         "calib_file": info["calib_file"], "out_weights": str(work / f"{stem}.safetensors"),
         "out_json": str(work / f"{stem}.result.json"),
         "batch_size": ARGS.batch_size if tool == "prunekit" else ARGS.peer_batch_size,
+        "solve_threads": ARGS.solve_threads,
     }
     python = ARGS.prunekit_python if tool == "prunekit" else ARGS.peer_python
     worker = HERE / ("_prunekit_worker.py" if tool == "prunekit" else "_llmc_worker.py")
@@ -236,6 +242,7 @@ def main() -> None:
     parser.add_argument("--prunekit-python", default=sys.executable)
     parser.add_argument("--skip-peer", action="store_true", help="run prunekit only")
     parser.add_argument("--batch-size", type=int, default=None, help="prunekit sequences per batch (default: its own)")
+    parser.add_argument("--solve-threads", type=int, default=None, help="prunekit SparseGPT groups solved at once (default: all cores; 1 = lowest memory)")
     parser.add_argument("--peer-batch-size", type=int, default=1, help="llm-compressor calibration batch size (its default: 1)")
     parser.add_argument("--eval-windows", type=int, default=4, help="perplexity windows per language")
     parser.add_argument("--error-samples", type=int, default=8, help="calibration samples for the per-layer error")

@@ -65,6 +65,11 @@ def prune(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Calibration sequences per forward (default: ~8192 tokens)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the Hub (off by default)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
+    solve_threads: Optional[int] = typer.Option(
+        None, "--solve-threads",
+        help="SparseGPT on the CPU: groups of Linears (q/k/v, o, gate/up, down) solved at once, one core each "
+        "(default: all cores). 1 is slower but holds one group's Hessian and weights at a time: the lowest memory.",
+    ),
 ) -> None:
     """Prune MODEL layer by layer, calibrated on text in one language or a mix.
 
@@ -82,7 +87,7 @@ def prune(
         model, method=method, sparsity=sparsity, pattern=pattern, calib=calib, calib_source=calib_source,
         nsamples=nsamples, seqlen=seqlen, seed=seed, out=out, dtype=dtype, device=device,
         skip_layers=skip_layers, overwrite=overwrite, batch_size=batch_size,
-        trust_remote_code=trust_remote_code, progress=not quiet,
+        trust_remote_code=trust_remote_code, progress=not quiet, solve_threads=solve_threads,
     )
     if not quiet:
         print_prune_summary(result.record, result.out)

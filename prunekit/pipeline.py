@@ -125,6 +125,7 @@ def prune(
     revision: str | None = None,
     trust_remote_code: bool = False,
     progress: bool = True,
+    solve_threads: int | None = None,
 ) -> PruneResult:
     """Prune (or quantize) ``model`` and optionally write the checkpoint to ``out``.
 
@@ -161,7 +162,7 @@ def prune(
     t0 = time.perf_counter()
     verb = "quantizing" if method_obj.kind == "quantize" else "pruning"
     with progress_bar(f"{verb} {method} layers", len(layers), progress) as update:
-        engine = Engine(method_obj, recipe, compute_device, skipped, batch_size, update)
+        engine = Engine(method_obj, recipe, compute_device, skipped, batch_size, update, solve_threads=solve_threads)
         layer_results = engine.run(loaded, None if calib_set is None else calib_set.input_ids)
     timings["prune_s"] = time.perf_counter() - t0
 

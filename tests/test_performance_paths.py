@@ -12,6 +12,7 @@ import torch
 
 from prunekit.calibration import build_calibration_set
 from prunekit.engine import Engine, capture_layer_inputs, run_layer
+from prunekit.errors import ConfigError
 from prunekit.methods import get_method
 from prunekit.methods.hessian import HessianStats, damped_inverse_cholesky, prepare_hessian
 from prunekit.methods.masks import lowest_n_of_m, lowest_overall, lowest_per_row
@@ -351,3 +352,30 @@ def test_factor_retries_with_more_damping_when_h_is_not_positive_definite():
     assert damping == 10.0 and bool(torch.isfinite(factor).all())
     damped = H.double() + damping * H.diagonal().double().mean() * torch.eye(300, dtype=torch.float64)
     assert torch.allclose(factor.double().T @ factor.double(), torch.linalg.inv(damped), rtol=1e-3, atol=1e-3)
+
+
+def test_concurrent_sparsegpt_solves_give_what_one_at_a_time_gives(tiny_llama):
+    """Groups solved concurrently (one thread each) or one at a time: bit-identical weights and errors."""
+    model, tok, _ = load_model(str(tiny_llama))
+    ids = build_calibration_set(tok, "de", str(TATOEBA), nsamples=4, seqlen=32, seed=0).input_ids
+    outcomes = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for solve_threads in (None, 1):
+            pruned, _, _ = load_model(str(tiny_llama))
+            recipe = Recipe("sparsegpt", pattern=parse_pattern(0.5))
+            results = Engine(get_method("sparsegpt"), recipe, batch_size=2, solve_threads=solve_threads).run(pruned, ids)
+            weights = {n: p.detach().clone() for n, p in pruned.named_parameters()}
+            outcomes.append((weights, [[m.relative_error for m in r.modules] for r in results]))
+    finally:
+        torch.set_num_threads(threads)
+    (concurrent, concurrent_errors), (serial, serial_errors) = outcomes
+    assert concurrent_errors == serial_errors
+    assert all(torch.equal(concurrent[n], serial[n]) for n in concurrent)
+    assert any(not torch.equal(concurrent[n], p.detach()) for n, p in model.named_parameters())  # it did prune
+
+
+def test_solve_threads_below_one_is_refused():
+    with pytest.raises(ConfigError, match="--solve-threads"):
+        Engine(get_method("sparsegpt"), Recipe("sparsegpt", pattern=parse_pattern(0.5)), solve_threads=0)

@@ -67,13 +67,15 @@ class HessianStats:
         """(upper Cholesky factor of (H + λI)⁻¹, damping used, dead-input mask), computed once per
         dampening: Linears that share these statistics (q/k/v, gate/up) share the factorisation.
 
-        ``consume=True`` turns XᵀX into H in place and damps it there (two n×n buffers at the peak
-        instead of three); ``update`` and ``hessian`` refuse afterwards."""
+        ``consume=True`` turns XᵀX into H in place and factorises it there, then lets it go: one n×n
+        buffer besides the factor at the peak, and only the factor afterwards; ``update`` and
+        ``hessian`` refuse from then on."""
         if dampening not in self._factors:
             self._check_not_consumed()
             scale = 2.0 / max(self.sequences, 1)
             H = self.xxt.mul_(scale) if consume else self.xxt * scale  # the factorisation reads the lower triangle only
-            self._consumed = consume
+            if consume:
+                self._consumed, self.xxt = True, None
             dead = torch.diag(H) == 0
             H[dead, dead] = 1.0
             factor, damping = damped_inverse_cholesky(H, dampening, overwrite=True)

@@ -114,4 +114,4 @@ def solve_group(weights: list[torch.Tensor], stats: HessianStats, recipe: Recipe
     return _solve_stacked(WT, Hinv, damping, recipe, [w.shape[0] for w in weights])
 
 
-register(Method("sparsegpt", "prune", "OBS reconstruction with the layer Hessian", HessianStats, solve, solve_group))
+register(Method("sparsegpt", "prune", "OBS reconstruction with the layer Hessian", HessianStats, solve, solve_group, serial_solve=True))
