@@ -142,6 +142,8 @@ def prune(
         parse_languages(calib)  # fail on an unknown language before loading anything
     elif method_obj.needs_calibration:
         raise ConfigError(f"method '{method}' needs calibration text: pass --calib LANG")
+    if solve_threads is not None and solve_threads < 1:
+        raise ConfigError(f"--solve-threads must be >= 1 (got {solve_threads})")
     if calib is not None and (nsamples < 1 or seqlen < 2):
         raise ConfigError(f"--nsamples must be >= 1 and --seqlen >= 2 (got {nsamples} and {seqlen})")
     out_path = check_output_dir(out, overwrite)

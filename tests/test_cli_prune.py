@@ -51,6 +51,7 @@ BAD_INPUTS = [
     (["--method", "gptq"], "use `prunekit quantize`"),
     (["--nsamples", "500", "--seqlen", "256", "--calib", "sw"], "calibration text too short"),
     (["--skip-layers", "9"], "layer 9 does not exist"),
+    (["--method", "sparsegpt", "--solve-threads", "0"], "--solve-threads must be >= 1"),
 ]
 
 
