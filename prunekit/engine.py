@@ -227,6 +227,12 @@ def _weight_delta(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     return half if bool(torch.isfinite(half).all()) else old - new
 
 
+def check_solve_threads(solve_threads: int | None) -> int | None:
+    if solve_threads is not None and solve_threads < 1:
+        raise ConfigError(f"--solve-threads must be >= 1 (got {solve_threads})")
+    return solve_threads
+
+
 def run_layer(layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
     return layer_output(layer(hidden, **kwargs))
 
@@ -252,9 +258,7 @@ class Engine:
         self.batch_size = batch_size
         self.progress = progress
         self.error_tokens = error_tokens
-        if solve_threads is not None and solve_threads < 1:
-            raise ConfigError(f"--solve-threads must be >= 1 (got {solve_threads})")
-        self.solve_threads = solve_threads
+        self.solve_threads = check_solve_threads(solve_threads)
 
     def _batch_size(self, seqlen: int) -> int:
         tokens = GPU_BATCH_TOKENS if self.device.type == "cuda" else CPU_BATCH_TOKENS

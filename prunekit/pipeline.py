@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from prunekit.calibration import build_calibration_set
-from prunekit.engine import Engine, LayerResult, parse_skip_layers
+from prunekit.engine import Engine, LayerResult, check_solve_threads, parse_skip_layers
 from prunekit.errors import ConfigError
 from prunekit.languages import parse_languages
 from prunekit.io import atomic_directory, read_versioned, versioned, write_json_atomic
@@ -142,8 +142,7 @@ def prune(
         parse_languages(calib)  # fail on an unknown language before loading anything
     elif method_obj.needs_calibration:
         raise ConfigError(f"method '{method}' needs calibration text: pass --calib LANG")
-    if solve_threads is not None and solve_threads < 1:
-        raise ConfigError(f"--solve-threads must be >= 1 (got {solve_threads})")
+    check_solve_threads(solve_threads)  # before the model loads
     if calib is not None and (nsamples < 1 or seqlen < 2):
         raise ConfigError(f"--nsamples must be >= 1 and --seqlen >= 2 (got {nsamples} and {seqlen})")
     out_path = check_output_dir(out, overwrite)

@@ -23,7 +23,6 @@ for a group with no negative weight, which clips its upper half; llm-compressor 
 
 from __future__ import annotations
 
-
 import torch
 
 from prunekit.methods import Method, Solution, register

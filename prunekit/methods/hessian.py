@@ -145,7 +145,7 @@ def _damped_inverse_cholesky(H: torch.Tensor, dampening: float, max_tries: int) 
     raise RuntimeError(f"Hessian is not positive definite even with damping {fraction:g}·mean(diag H)")
 
 
-_CHUNK = 256  # rows (or a square block's side) moved at a time by the in-place helpers below
+_CHUNK = 256  # rows moved at a time by the in-place reversal below
 
 
 def _reverse_in_place(X: torch.Tensor) -> None:

@@ -75,7 +75,8 @@ def _blocks(WT, Hinv, recipe, maskT, loss, parts) -> None:
             for a, b in parts:  # one threshold per matrix block
                 M1T[:, a:b] = lowest_overall(scoresT[:, a:b].T, pattern.sparsity).T
             del scoresT
-        # Float masks (1.0 = pruned): products with them are ~4× faster than bool-masked operations.
+        # Float masks (1.0 = pruned): a product with one is ~3.5× faster per column than torch.where on a
+        # bool mask, and zeroing a block by a product ~20× faster than masked_fill_.
         P1T = M1T.to(WT.dtype)
         # per-column views, made in one call each
         d_items, w_rows, p_rows, e_rows = d.unbind(0), W1T.unbind(0), P1T.unbind(0), ErrT.unbind(0)
