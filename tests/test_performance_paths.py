@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from prunekit.calibration import build_calibration_set
-from prunekit.engine import Engine, capture_layer_inputs, run_layer
+from prunekit.engine import Engine, _replace_weight, capture_layer_inputs, run_layer
 from prunekit.errors import ConfigError
 from prunekit.methods import get_method
-from prunekit.methods.hessian import HessianStats, damped_inverse_cholesky, prepare_hessian
+from prunekit.methods import lapack
+from prunekit.methods.hessian import HessianStats, _damped_inverse_cholesky_torch, damped_inverse_cholesky, prepare_hessian
 from prunekit.methods.masks import lowest_n_of_m, lowest_overall, lowest_per_row
 from prunekit.methods.sparsegpt import solve as sparsegpt_method_solve
 from prunekit.methods.sparsegpt import sparsegpt_solve
@@ -345,6 +346,63 @@ def test_reverse_order_factor_equals_the_cholesky_of_the_inverse(n):
     assert torch.equal(lower_only, torch.tril(H).float() + torch.triu(torch.full((n, n), 7.0), 1))  # input untouched
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1, 300, 513])
+def test_lapack_factor_matches_the_torch_factor(n, dtype):
+    """The CPU path (in-place LAPACK potrf + trtri through scipy's Cython pointers) against the
+    torch path the GPU takes (cholesky_ex + a blocked triangular inverse)."""
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(n + 5, n, generator=gen, dtype=dtype)
+    H = torch.tril(x.T @ x)
+    assert lapack.available(H)
+    fast, fast_damping = damped_inverse_cholesky(H, 0.01)
+    slow, slow_damping = _damped_inverse_cholesky_torch(H.clone(), 0.01, 8)
+    assert fast.dtype == dtype and fast_damping == slow_damping == 0.01
+    assert torch.equal(fast, torch.triu(fast))
+    tolerance = 1e-4 if dtype == torch.float32 else 1e-10
+    assert torch.allclose(fast, slow, rtol=tolerance, atol=tolerance * float(slow.abs().max()))
+
+
+def test_lapack_is_not_used_where_it_cannot_work_in_place():
+    assert not lapack.available(torch.zeros(4, 4, dtype=torch.bfloat16))
+    assert not lapack.available(torch.zeros(4, 6))
+    assert not lapack.available(torch.zeros(8, 8)[::2, ::2])
+    assert lapack.available(torch.zeros(4, 4))
+
+
+def test_failed_lapack_factorisation_restores_h_for_the_retry():
+    """potrf overwrites part of H's lower triangle before it fails; the retry must start from H."""
+    H = torch.eye(300)
+    H[200, 201] = H[201, 200] = 2.5  # deep inside: the first 200 columns are factorised before it fails
+    factor, damping = damped_inverse_cholesky(H, 0.01)
+    expected, expected_damping = _damped_inverse_cholesky_torch(H.clone(), 0.01, 8)
+    assert damping == expected_damping == 10.0
+    assert torch.allclose(factor, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_replace_weight_takes_a_transposed_solution_and_returns_the_difference(dtype):
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(300, 520, generator=gen).to(dtype)
+    dense = weight.clone()
+    new = torch.randn(520, 300, generator=gen).mT  # a transposed view, as SparseGPT returns it
+    delta = _replace_weight(weight, new, keep_delta=True)
+    assert torch.equal(weight, new.to(dtype))
+    if dtype == torch.float32:
+        assert delta.dtype == torch.float16 and torch.equal(delta, (dense - new).half())
+    else:
+        assert delta.dtype == dtype and torch.equal(delta, dense - new.to(dtype))
+    assert _replace_weight(weight, new, keep_delta=False) is None
+
+
+def test_replace_weight_keeps_an_fp32_difference_that_overflows_fp16():
+    weight = torch.zeros(4, 4)
+    new = torch.zeros(4, 4)
+    new[1, 2] = 1e6  # |difference| > fp16's 65504
+    delta = _replace_weight(weight, new, keep_delta=True)
+    assert delta.dtype == torch.float32 and float(delta[1, 2]) == -1e6 and torch.equal(weight, new)
+
+
 def test_factor_retries_with_more_damping_when_h_is_not_positive_definite():
     H = torch.eye(300)
     H[0, 1] = H[1, 0] = 2.5  # eigenvalues -1.5 and 3.5 in that block: λ must exceed 1.5·mean(diag H)
@@ -354,8 +412,9 @@ def test_factor_retries_with_more_damping_when_h_is_not_positive_definite():
     assert torch.allclose(factor.double().T @ factor.double(), torch.linalg.inv(damped), rtol=1e-3, atol=1e-3)
 
 
-def test_concurrent_sparsegpt_solves_give_what_one_at_a_time_gives(tiny_llama):
-    """Groups solved concurrently (one thread each) or one at a time: bit-identical weights and errors."""
+def test_sparsegpt_with_factorisations_ahead_gives_what_one_at_a_time_gives(tiny_llama):
+    """Hessians factorised ahead on a second thread, or each right before its solve: bit-identical
+    weights and errors."""
     model, tok, _ = load_model(str(tiny_llama))
     ids = build_calibration_set(tok, "de", str(TATOEBA), nsamples=4, seqlen=32, seed=0).input_ids
     outcomes = []

@@ -39,10 +39,11 @@ class Method:
     # optional: solve several Linears that share one statistics object (q/k/v, gate/up) at once;
     # must return exactly what ``solve`` returns for each of them
     solve_group: Callable[[list[torch.Tensor], Statistics, Recipe], list[Solution]] | None = None
-    # its solve is long serial work (a column loop, LAPACK factorisations): on a multi-core CPU the
-    # engine solves independent groups concurrently, one thread each. Cheap solves run one at a time
-    # with all threads, which is as fast and holds one group's temporaries at a time.
-    serial_solve: bool = False
+    # optional: the part of a solve that depends on the statistics alone and runs without the GIL
+    # (SparseGPT: factorising the Hessian). On a multi-core CPU the engine prepares the next groups
+    # on a second thread while the current group's solve runs; ``solve`` must give the same result
+    # whether or not its statistics were prepared.
+    prepare: Callable[[Statistics, Recipe], None] | None = None
 
     @property
     def needs_calibration(self) -> bool:

@@ -6,6 +6,8 @@ from contextlib import contextmanager
 
 import torch
 
+from prunekit.methods import lapack
+
 
 @contextmanager
 def one_cpu_thread(device: torch.device | str):
@@ -109,9 +111,68 @@ def damped_inverse_cholesky(
     inverse and second Cholesky (half the O(n³) work): with J the order reversal, J(H+λI)J = LLᵀ
     gives (H+λI)⁻¹ = (JL⁻¹J)ᵀ(JL⁻¹J), and JL⁻¹J is upper triangular with a positive diagonal, so
     it is the unique upper Cholesky factor.
+
+    On the CPU both steps are LAPACK's in-place potrf and trtri (``methods/lapack.py``): no buffer
+    besides H itself, ~2× faster single-threaded than torch's, and the GIL is released meanwhile.
+    H's upper triangle, which neither touches, keeps a copy of the matrix for a retry.
     """
+    H = H if overwrite else H.clone()
     with one_cpu_thread(H.device), full_fp32_matmul():
-        return _damped_inverse_cholesky(H if overwrite else H.clone(), dampening, max_tries)
+        if lapack.available(H):
+            with lapack.single_threaded():
+                return _damped_inverse_cholesky_lapack(H, dampening, max_tries)
+        return _damped_inverse_cholesky_torch(H, dampening, max_tries)
+
+
+def _damped_inverse_cholesky_lapack(H: torch.Tensor, dampening: float, max_tries: int) -> tuple[torch.Tensor, float]:
+    _mirror_lower_to_upper(H)
+    _reverse_in_place(H)  # J H J, both triangles valid
+    diagonal = torch.diag(H)
+    mean_diag = torch.mean(diagonal)
+    fraction = dampening
+    for _ in range(max_tries):
+        H.diagonal().copy_(diagonal).add_(fraction * mean_diag)
+        if lapack.cholesky_lower_in_place(H) == 0:  # H's lower triangle ← L, J(H+λI)J = LLᵀ
+            if lapack.invert_lower_in_place(H) == 0 and _all_finite(H):  # H's lower triangle ← L⁻¹
+                H.tril_()
+                _reverse_in_place(H)  # J L⁻¹ J, upper triangular
+                return H, fraction
+        _mirror_upper_to_lower(H)  # restore JHJ's lower triangle from the untouched upper one
+        fraction = max(fraction * 10.0, 0.01)
+    raise RuntimeError(f"Hessian is not positive definite even with damping {fraction:g}·mean(diag H)")
+
+
+def _all_finite(X: torch.Tensor) -> bool:
+    """Without a bool tensor the size of X (isfinite(X) page-faults 32 MB for a 5632-wide H)."""
+    low, high = torch.aminmax(X)
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
+
+
+def _mirror_lower_to_upper(X: torch.Tensor) -> None:
+    """X's strict upper triangle ← its strict lower one (X symmetric afterwards)."""
+    _mirror(X, from_lower=True)
+
+
+def _mirror_upper_to_lower(X: torch.Tensor) -> None:
+    _mirror(X, from_lower=False)
+
+
+def _mirror(X: torch.Tensor, from_lower: bool) -> None:
+    """Square tiles (a transposed copy of a whole block row is ~5× slower: it leaves the cache)."""
+    n = X.shape[0]
+    for lo in range(0, n, _CHUNK):
+        hi = min(lo + _CHUNK, n)
+        block = X[lo:hi, lo:hi]
+        if from_lower:
+            block.copy_(torch.tril(block) + torch.tril(block, -1).T)
+        else:
+            block.copy_(torch.triu(block) + torch.triu(block, 1).T)
+        for lo2 in range(hi, n, _CHUNK):
+            hi2 = min(lo2 + _CHUNK, n)
+            if from_lower:
+                X[lo:hi, lo2:hi2] = X[lo2:hi2, lo:hi].T
+            else:
+                X[lo2:hi2, lo:hi] = X[lo:hi, lo2:hi2].T
 
 
 @contextmanager
@@ -125,7 +186,7 @@ def full_fp32_matmul():
         torch.set_float32_matmul_precision(previous)
 
 
-def _damped_inverse_cholesky(H: torch.Tensor, dampening: float, max_tries: int) -> tuple[torch.Tensor, float]:
+def _damped_inverse_cholesky_torch(H: torch.Tensor, dampening: float, max_tries: int) -> tuple[torch.Tensor, float]:
     _reverse_in_place(H)  # J H J: H's lower triangle is now its upper one
     diagonal = torch.diag(H)  # a copy: H's diagonal is damped in place, from the original values each try
     mean_diag = torch.mean(diagonal)
@@ -145,7 +206,7 @@ def _damped_inverse_cholesky(H: torch.Tensor, dampening: float, max_tries: int) 
     raise RuntimeError(f"Hessian is not positive definite even with damping {fraction:g}·mean(diag H)")
 
 
-_CHUNK = 256  # rows moved at a time by the in-place reversal below
+_CHUNK = 256  # rows moved at a time by the in-place reversal, tile side of the mirroring
 
 
 def _reverse_in_place(X: torch.Tensor) -> None:

@@ -115,4 +115,9 @@ def solve_group(weights: list[torch.Tensor], stats: HessianStats, recipe: Recipe
     return _solve_stacked(WT, Hinv, damping, recipe, [w.shape[0] for w in weights])
 
 
-register(Method("sparsegpt", "prune", "OBS reconstruction with the layer Hessian", HessianStats, solve, solve_group, serial_solve=True))
+def prepare(stats: HessianStats, recipe: Recipe) -> None:
+    """Factorise the Hessian ahead of the solve (cached in ``stats``; XᵀX is consumed)."""
+    stats.damped_factor(recipe.dampening, consume=True)
+
+
+register(Method("sparsegpt", "prune", "OBS reconstruction with the layer Hessian", HessianStats, solve, solve_group, prepare))
