@@ -216,29 +216,40 @@ def fp32_gemms(layer: torch.nn.Module):
             del module.forward
 
 
-_TILE = 256
+def _largest_magnitude(x: torch.Tensor) -> float:
+    if x.numel() == 0:
+        return 0.0
+    low, high = torch.aminmax(x)  # no temporary the size of x, unlike x.abs()
+    return max(abs(float(low)), abs(float(high)))
+
+
+_STRIPE = 64  # rows of the solved weight made contiguous at a time
 
 
 def _replace_weight(weight: torch.Tensor, new: torch.Tensor, keep_delta: bool) -> torch.Tensor | None:
     """weight ← new, rounded to weight's dtype; with ``keep_delta`` return W − W′ as well.
 
-    ``new`` may be a transposed view (SparseGPT solves [in, out]): it is read in square tiles, ~5×
-    faster than one strided copy of the whole matrix, which leaves the cache. For fp32 weights the
-    difference is kept in fp16 (half the memory, 90 MB a layer of a 2048×5632 Llama; the measured
-    relative error moves by ~1e-5), in fp32 if a difference overflows fp16."""
-    rows, cols = weight.shape
-    tiles = [(slice(r, r + _TILE), slice(c, c + _TILE)) for r in range(0, rows, _TILE) for c in range(0, cols, _TILE)]
+    ``new`` may be a transposed view (SparseGPT solves [in, out]): a stripe of rows at a time is
+    first made contiguous in a small buffer, so the transposition is paid once and the difference
+    and the copy run on contiguous memory (~1.5× faster than both on the strided view). For fp32
+    weights the difference is kept in fp16 (half the memory, 90 MB a layer of a 2048×5632 Llama; the
+    measured relative error moves by ~1e-5), unless max|W| + max|W′| could overflow fp16."""
     delta = None
     if keep_delta:
-        for dtype in (torch.float16, torch.float32) if weight.dtype == torch.float32 else (weight.dtype,):
-            delta = torch.empty(weight.shape, dtype=dtype, device=weight.device)
-            for tile in tiles:
-                torch.sub(weight[tile], new[tile].to(weight.dtype), out=delta[tile])
-            low, high = torch.aminmax(delta)
-            if bool(torch.isfinite(low)) and bool(torch.isfinite(high)):
-                break
-    for tile in tiles:
-        weight[tile].copy_(new[tile])
+        dtype = weight.dtype
+        if dtype == torch.float32:
+            bound = _largest_magnitude(weight) + _largest_magnitude(new)
+            dtype = torch.float16 if bound < torch.finfo(torch.float16).max else torch.float32
+        delta = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    contiguous = new.is_contiguous()
+    buffer = None if contiguous else torch.empty(min(_STRIPE, weight.shape[0]), weight.shape[1], dtype=new.dtype, device=new.device)
+    for lo in range(0, weight.shape[0], _STRIPE):
+        hi = min(lo + _STRIPE, weight.shape[0])
+        stripe = new[lo:hi] if contiguous else buffer[: hi - lo].copy_(new[lo:hi])
+        stripe = stripe.to(weight.dtype)
+        if delta is not None:
+            torch.sub(weight[lo:hi], stripe, out=delta[lo:hi])
+        weight[lo:hi].copy_(stripe)
     return delta
 
 
@@ -379,10 +390,10 @@ class Engine:
         ``keep_deltas`` also return W_dense − W_new per Linear (module dtype).
 
         For a method with a ``prepare`` step (SparseGPT's factorisations), on a multi-core CPU, a
-        second thread prepares the next groups while the current one is solved, narrowest input
-        first so the solving starts early. A solve itself is Python-driven (a column loop): two
-        of them at once would contend for the GIL, so only one runs at a time. ``solve_threads=1``
-        turns the second thread off. The results do not depend on it."""
+        second thread prepares the groups with the widest inputs (the longest factorisations) while
+        this one solves the others, narrowest first, preparing them itself. A solve is Python-driven
+        (a column loop): two at once would contend for the GIL, so only one runs at a time.
+        ``solve_threads=1`` turns the second thread off. The results do not depend on it."""
         linears = linear_sublayers(layer)
         groups: dict[int, list[str]] = {}
         for name in linears:
@@ -412,19 +423,23 @@ class Engine:
 
         threads = min(torch.get_num_threads(), self.solve_threads or torch.get_num_threads())
         ahead = self.device.type == "cpu" and self.method.prepare is not None and threads > 1 and len(jobs) > 1
-        if ahead:
-            jobs.sort(key=lambda job: (linears[job[0][0]].in_features, -sum(linears[n].out_features for n in job[0])))
-        # one torch thread throughout when two run: the thread count is process-wide, and each would
+        jobs.sort(key=lambda job: linears[job[0][0]].in_features)  # preparation (a factorisation) grows with it
+        # one torch/BLAS thread throughout when two run: the thread count is process-wide, and each would
         # otherwise restore the other's on leaving its own single-threaded stretch
         with one_cpu_thread(self.device) if ahead else nullcontext(), ThreadPoolExecutor(max_workers=1) if ahead else nullcontext() as helper:
-            prepared = [helper.submit(prepare, stats) if ahead and stats is not None else None for _, stats in jobs]
+            # the helper prepares the costliest first; this thread solves the cheapest first and
+            # prepares itself whatever the helper has not started yet
+            prepared = {}
+            for _, stats in reversed(jobs) if ahead else ():
+                if stats is not None:
+                    prepared[id(stats)] = helper.submit(prepare, stats)
             while jobs:
                 names, stats = jobs.pop(0)
-                ready = prepared.pop(0)
-                if ready is not None:
+                ready = prepared.pop(id(stats), None)
+                if ready is not None and not ready.cancel():
                     ready.result()
                 apply(names, solve(names, stats))
-                del stats
+                del stats, ready
         return infos, deltas
 
     def _error_rows(self, hidden: list[torch.Tensor]) -> int:

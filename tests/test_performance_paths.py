@@ -18,6 +18,7 @@ from prunekit.methods import lapack
 from prunekit.methods.hessian import HessianStats, _damped_inverse_cholesky_torch, damped_inverse_cholesky, prepare_hessian
 from prunekit.methods.masks import lowest_n_of_m, lowest_overall, lowest_per_row
 from prunekit.methods.sparsegpt import solve as sparsegpt_method_solve
+from prunekit.methods import sparsegpt as sparsegpt_module
 from prunekit.methods.sparsegpt import sparsegpt_solve
 from prunekit.methods.wanda import WandaStats
 from prunekit.models import find_decoder_layers, linear_sublayers, load_model
@@ -105,6 +106,18 @@ def test_selection_equals_stable_sort_with_many_ties_and_signed_zeros(fraction):
     assert torch.equal(lowest_overall(scores, fraction), sort_lowest_overall(scores, fraction))
 
 
+@pytest.mark.parametrize("fraction", [0.25, 0.5, 0.6])
+def test_selection_on_a_transposed_view_breaks_ties_in_row_major_order(fraction):
+    """SparseGPT holds its blocks transposed: the threshold is found in memory order, ties still go
+    in the row-major order of the [out, in] block, as in the reference's flattened sort."""
+    gen = torch.Generator().manual_seed(4)
+    memory = torch.randint(0, 4, (64, 29), generator=gen).float()
+    memory[memory == 0] = torch.tensor(-0.0)
+    scores = memory.T  # logical [29, 64], laid out [64, 29]
+    assert not scores.is_contiguous()
+    assert torch.equal(lowest_overall(scores, fraction), sort_lowest_overall(scores.contiguous(), fraction))
+
+
 def test_selection_with_nan_scores_follows_the_sort():
     scores = torch.rand(8, 16, generator=torch.Generator().manual_seed(3))
     scores[2, 5] = float("nan")
@@ -127,6 +140,22 @@ def test_sparsegpt_fast_loop_gives_the_plain_loops_masks_and_weights(sparsity, p
         assert torch.equal(solution.mask, expected_mask)
         # sub-blocked updates sum the same products in another order: fp32 rounding only
         assert torch.allclose(solution.weight, expected_weight, rtol=1e-5, atol=1e-5 * float(expected_weight.abs().max()))
+
+
+@pytest.mark.parametrize("pattern", [None, "2:4"])
+def test_sparsegpt_blas_column_steps_match_the_torch_steps(pattern, monkeypatch):
+    """The CPU's numpy/BLAS-ger column steps against the torch steps the GPU takes."""
+    weight, x = layer(70, 256, seed=5)
+    stats = HessianStats(256)
+    stats.update(x)
+    recipe = Recipe("sparsegpt", pattern=parse_pattern(0.5 if pattern is None else None, pattern))
+    solutions = []
+    for blas in (True, False):
+        monkeypatch.setattr(sparsegpt_module, "USE_BLAS_COLUMN_STEPS", blas)
+        solutions.append(sparsegpt_solve(weight, stats.hessian, recipe))
+    (fast, plain) = solutions
+    assert torch.equal(fast.mask, plain.mask)
+    assert torch.allclose(fast.weight, plain.weight, rtol=1e-6, atol=1e-6 * float(plain.weight.abs().max()))
 
 
 def test_linears_sharing_statistics_share_one_factorisation_and_get_their_own_weights():

@@ -12,15 +12,16 @@ from prunekit.methods import lapack
 @contextmanager
 def one_cpu_thread(device: torch.device | str):
     """Run a stretch of small or latency-bound operations (SparseGPT's column loop, the LAPACK
-    factorisations) on one CPU thread: more threads synchronise on every one of them, and collapse
-    when the cores are shared with other processes. No effect on other devices."""
+    factorisations) on one CPU thread, torch's and scipy's: more threads synchronise on every one of
+    them, and collapse when the cores are shared with other processes. No effect on other devices."""
     if torch.device(device).type != "cpu":
         yield
         return
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield
+        with lapack.single_threaded():  # scipy's BLAS/LAPACK too (SparseGPT's ger, the factorisations)
+            yield
     finally:
         torch.set_num_threads(previous)
 
@@ -119,8 +120,7 @@ def damped_inverse_cholesky(
     H = H if overwrite else H.clone()
     with one_cpu_thread(H.device), full_fp32_matmul():
         if lapack.available(H):
-            with lapack.single_threaded():
-                return _damped_inverse_cholesky_lapack(H, dampening, max_tries)
+            return _damped_inverse_cholesky_lapack(H, dampening, max_tries)
         return _damped_inverse_cholesky_torch(H, dampening, max_tries)
 
 

@@ -75,18 +75,25 @@ def invert_lower_in_place(T: torch.Tensor) -> int:
 
 
 _LOCK = threading.Lock()
-_USERS: list = [0, None]  # threads inside, and the threadpoolctl limiter they share
+_USERS: list = [0, None]  # threads inside, and the limiter they share
+
+
+@functools.lru_cache(maxsize=None)
+def _controller():
+    """threadpoolctl's view of the loaded BLAS libraries, found once (finding them takes milliseconds)."""
+    import scipy.linalg.blas  # noqa: F401  (loaded first, so that its OpenBLAS is among them)
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
 
 
 @contextmanager
 def single_threaded():
-    """scipy's LAPACK (OpenBLAS) on one thread while any caller is inside. The limit is process-wide,
-    so concurrent callers share one: the first in sets it, the last out restores it."""
-    from threadpoolctl import threadpool_limits
-
+    """scipy's and numpy's BLAS (OpenBLAS) on one thread while any caller is inside. The limit is
+    process-wide, so concurrent callers share one: the first in sets it, the last out restores it."""
     with _LOCK:
         if _USERS[0] == 0:
-            _USERS[1] = threadpool_limits(limits=1, user_api="blas")
+            _USERS[1] = _controller().limit(limits=1, user_api="blas")
         _USERS[0] += 1
     try:
         yield

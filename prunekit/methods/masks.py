@@ -56,9 +56,15 @@ def lowest_overall(scores: torch.Tensor, fraction: float) -> torch.Tensor:
     k = int(scores.numel() * fraction)
     if scores.dim() == 2 and not scores.is_contiguous() and scores.mT.is_contiguous() and 0 < k < scores.numel():
         flat = scores.mT.reshape(1, -1)  # a view
-        mask = flat <= _kth_smallest(flat, k)
-        if int(torch.count_nonzero(mask)) == k:
-            return mask.view_as(scores.mT).mT
+        kth = _kth_smallest(flat, k)
+        mask = (flat <= kth).view_as(scores.mT).mT
+        surplus = int(torch.count_nonzero(mask)) - k
+        if surplus == 0:
+            return mask
+        if not bool(torch.isnan(kth).any()):  # ties at the threshold: the last `surplus` tied entries in row-major order go
+            tied = torch.nonzero(scores == kth.view(()))  # row-major (lexicographic) order, whatever the layout
+            mask[tied[-surplus:, 0], tied[-surplus:, 1]] = False
+            return mask
     return _lowest_k(scores.reshape(1, -1), k).view_as(scores)
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import torch
 
 from prunekit.methods import Method, Solution, register
@@ -78,9 +81,7 @@ def _blocks(WT, Hinv, recipe, maskT, loss, parts) -> None:
         # Float masks (1.0 = pruned): a product with one is ~3.5× faster per column than torch.where on a
         # bool mask, and zeroing a block by a product ~20× faster than masked_fill_.
         P1T = M1T.to(WT.dtype)
-        # per-column views, made in one call each
-        d_items, w_rows, p_rows, e_rows = d.unbind(0), W1T.unbind(0), P1T.unbind(0), ErrT.unbind(0)
-        e_wide, h_cols = ErrT.unsqueeze(1).unbind(0), Hinv1.unsqueeze(2).unbind(0)
+        error, update = _column_steps(W1T, P1T, ErrT, Hinv1)
         for j1 in range(0, count, sub):
             j2 = min(j1 + sub, count)
             for i in range(j1, j2):
@@ -88,9 +89,9 @@ def _blocks(WT, Hinv, recipe, maskT, loss, parts) -> None:
                     group = W1T[i : i + pattern.m].square() / d[i : i + pattern.m].square().unsqueeze(1)
                     M1T[i : i + pattern.m] = lowest_n_of_m(group.T, pattern.n, pattern.m).T
                     P1T[i : i + pattern.m] = M1T[i : i + pattern.m]
-                torch.mul(w_rows[i], p_rows[i], out=e_rows[i]).div_(d_items[i])  # (w − q)/d
+                error(i)
                 if i + 1 < j2:
-                    W1T[i + 1 : j2].addcmul_(h_cols[i][i + 1 : j2], e_wide[i], value=-1.0)
+                    update(i, j2)
             if j2 < count:  # the sub-block's errors reach the rest of the block in one GEMM per matrix
                 for a, b in parts:
                     W1T[j2:, a:b].addmm_(Hinv1[j1:j2, j2:].T, ErrT[j1:j2, a:b], alpha=-1.0)
@@ -100,6 +101,58 @@ def _blocks(WT, Hinv, recipe, maskT, loss, parts) -> None:
             loss[i] += row_losses[a:b].sum() / 2
             if i2 < cols:  # the block's errors reach all later columns
                 WT[i2:, a:b].addmm_(Hinv[i1:i2, i2:].T, ErrT[:, a:b], alpha=-1.0)
+
+
+def _column_steps(W1T, P1T, ErrT, Hinv1):
+    """The two steps of the column loop over one block, as closures over per-column views:
+    ``error(i)``: ErrT[i] = W1T[i]·P1T[i] / Hinv1[i, i], that is (w − q)/d; ``update(i, j2)``:
+    W1T[i+1:j2] −= Hinv1[i, i+1:j2] ⊗ ErrT[i], the rank-1 update of the sub-block's later columns.
+
+    On the CPU in fp32 they are numpy products and BLAS ger (scipy), whose per-call overhead is a
+    third of torch's: 2–3× faster for these small operands, and bit-identical to torch's addcmul_.
+    Elsewhere (GPUs) they are torch operations."""
+    if USE_BLAS_COLUMN_STEPS and _blas_ger_in_place() and W1T.device.type == "cpu" and W1T.dtype == torch.float32:
+        from scipy.linalg.blas import sger
+
+        w, p, e, h = W1T.numpy(), P1T.numpy(), ErrT.numpy(), Hinv1.numpy()
+        d = np.diagonal(h)
+        multiply = np.multiply
+
+        def error(i):
+            row = e[i]
+            multiply(w[i], p[i], out=row)
+            row /= d[i]
+
+        def update(i, j2):  # Fortran sees the C-ordered W1T[i+1:j2] as its transpose: Aᵀ −= e ⊗ h
+            sger(-1.0, e[i], h[i, i + 1 : j2], a=w[i + 1 : j2].T, overwrite_a=1)
+
+        return error, update
+
+    d_items, w_rows, p_rows, e_rows = torch.diagonal(Hinv1).unbind(0), W1T.unbind(0), P1T.unbind(0), ErrT.unbind(0)
+    e_wide, h_cols = ErrT.unsqueeze(1).unbind(0), Hinv1.unsqueeze(2).unbind(0)  # per-column views, one call each
+
+    def error(i):
+        torch.mul(w_rows[i], p_rows[i], out=e_rows[i]).div_(d_items[i])
+
+    def update(i, j2):
+        W1T[i + 1 : j2].addcmul_(h_cols[i][i + 1 : j2], e_wide[i], value=-1.0)
+
+    return error, update
+
+
+USE_BLAS_COLUMN_STEPS = True  # tests turn it off to compare with the torch steps
+
+
+@functools.lru_cache(maxsize=None)
+def _blas_ger_in_place() -> bool:
+    """Whether scipy's sger updates a Fortran-ordered view in place (the column loop relies on it)."""
+    try:
+        from scipy.linalg.blas import sger
+    except ImportError:
+        return False
+    a = np.zeros((3, 2), dtype=np.float32)
+    result = sger(1.0, np.ones(2, dtype=np.float32), np.ones(3, dtype=np.float32), a=a.T, overwrite_a=1)
+    return bool(np.shares_memory(result, a)) and bool((a == 1.0).all())
 
 
 def solve(weight: torch.Tensor, stats: HessianStats, recipe: Recipe) -> Solution:
