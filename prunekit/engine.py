@@ -391,8 +391,9 @@ class Engine:
 
         For a method with a ``prepare`` step (SparseGPT's factorisations), on a multi-core CPU, a
         second thread prepares the groups with the widest inputs (the longest factorisations) while
-        this one solves the others, narrowest first, preparing them itself. A solve is Python-driven
-        (a column loop): two at once would contend for the GIL, so only one runs at a time.
+        this one solves the others, narrowest first, preparing them itself; the helper then copies
+        the solved weights back. A solve is Python-driven (a column loop): two at once would contend
+        for the GIL, so only one runs at a time.
         ``solve_threads=1`` turns the second thread off. The results do not depend on it."""
         linears = linear_sublayers(layer)
         groups: dict[int, list[str]] = {}
@@ -429,7 +430,7 @@ class Engine:
         with one_cpu_thread(self.device) if ahead else nullcontext(), ThreadPoolExecutor(max_workers=1) if ahead else nullcontext() as helper:
             # the helper prepares the costliest first; this thread solves the cheapest first and
             # prepares itself whatever the helper has not started yet
-            prepared = {}
+            prepared, applied = {}, []
             for _, stats in reversed(jobs) if ahead else ():
                 if stats is not None:
                     prepared[id(stats)] = helper.submit(prepare, stats)
@@ -438,8 +439,14 @@ class Engine:
                 ready = prepared.pop(id(stats), None)
                 if ready is not None and not ready.cancel():
                     ready.result()
-                apply(names, solve(names, stats))
-                del stats, ready
+                solutions = solve(names, stats)
+                if ahead:  # copying the weights back runs on the helper too, once it is free
+                    applied.append(helper.submit(apply, names, solutions))
+                else:
+                    apply(names, solutions)
+                del stats, ready, solutions
+            for done in applied:
+                done.result()
         return infos, deltas
 
     def _error_rows(self, hidden: list[torch.Tensor]) -> int:
