@@ -242,7 +242,7 @@ def main() -> None:
     parser.add_argument("--prunekit-python", default=sys.executable)
     parser.add_argument("--skip-peer", action="store_true", help="run prunekit only")
     parser.add_argument("--batch-size", type=int, default=None, help="prunekit sequences per batch (default: its own)")
-    parser.add_argument("--solve-threads", type=int, default=None, help="prunekit SparseGPT groups solved at once (default: all cores; 1 = lowest memory)")
+    parser.add_argument("--solve-threads", type=int, default=None, help="prunekit SparseGPT solve threads (default: all cores, the widest Hessians factorised on a second thread; 1 = one thread)")
     parser.add_argument("--peer-batch-size", type=int, default=1, help="llm-compressor calibration batch size (its default: 1)")
     parser.add_argument("--eval-windows", type=int, default=4, help="perplexity windows per language")
     parser.add_argument("--error-samples", type=int, default=8, help="calibration samples for the per-layer error")

@@ -67,8 +67,8 @@ def prune(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
     solve_threads: Optional[int] = typer.Option(
         None, "--solve-threads",
-        help="SparseGPT on the CPU: groups of Linears (q/k/v, o, gate/up, down) solved at once, one core each "
-        "(default: all cores). 1 is slower but holds one group's Hessian and weights at a time: the lowest memory.",
+        help="SparseGPT on the CPU: 1 solves on one thread; 2 or more (the default on a multi-core CPU) factorises "
+        "the widest Hessians (down_proj's) on a second thread while the other groups are solved. Same results either way.",
     ),
 ) -> None:
     """Prune MODEL layer by layer, calibrated on text in one language or a mix.
