@@ -142,10 +142,16 @@ def test_sparsegpt_fast_loop_gives_the_plain_loops_masks_and_weights(sparsity, p
         assert torch.allclose(solution.weight, expected_weight, rtol=1e-5, atol=1e-5 * float(expected_weight.abs().max()))
 
 
-@pytest.mark.parametrize("pattern", [None, "2:4"])
-def test_sparsegpt_blas_column_steps_match_the_torch_steps(pattern, monkeypatch):
-    """The CPU's numpy/BLAS-ger column steps against the torch steps the GPU takes."""
+@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("pattern", [None, "2:4", "4:8", "1:4"])
+def test_sparsegpt_blas_column_steps_match_the_torch_steps(pattern, quantized, monkeypatch):
+    """The CPU's numpy/BLAS-ger column steps (N:M thresholds by a min/max network or a partition,
+    the torch selection where scores tie) against the torch steps the GPU takes. Quantized weights
+    (few distinct values, as dequantized GGUF checkpoints have) and a constant input make ties."""
     weight, x = layer(70, 256, seed=5)
+    if quantized:
+        weight = (weight * 2).round() / 2
+        x[..., :64] = 1.0
     stats = HessianStats(256)
     stats.update(x)
     recipe = Recipe("sparsegpt", pattern=parse_pattern(0.5 if pattern is None else None, pattern))
