@@ -60,11 +60,10 @@ class HessianStats:
     def hessian(self) -> torch.Tensor:
         """H = 2/n·XᵀX, symmetric (the lower triangle mirrored when only the lower blocks are accumulated)."""
         self._check_not_consumed()
-        scale = 2.0 / max(self.sequences, 1)
-        if self.xxt.shape[0] < 2 * SYMMETRIC_BLOCK:
-            return self.xxt * scale
-        lower = torch.tril(self.xxt)
-        return (lower + torch.tril(self.xxt, -1).mT).mul_(scale)
+        H = self.xxt * (2.0 / max(self.sequences, 1))
+        if H.shape[0] >= 2 * SYMMETRIC_BLOCK:
+            _mirror_lower_to_upper(H)
+        return H
 
     def damped_factor(self, dampening: float, consume: bool = False) -> tuple[torch.Tensor, float, torch.Tensor]:
         """(upper Cholesky factor of (H + λI)⁻¹, damping used, dead-input mask), computed once per
@@ -137,7 +136,7 @@ def _damped_inverse_cholesky_lapack(H: torch.Tensor, dampening: float, max_tries
                 H.tril_()
                 _reverse_in_place(H)  # J L⁻¹ J, upper triangular
                 return H, fraction
-        _mirror_upper_to_lower(H)  # restore JHJ's lower triangle from the untouched upper one
+        _mirror_lower_to_upper(H.mT)  # restore JHJ's lower triangle from the untouched upper one
         fraction = max(fraction * 10.0, 0.01)
     raise RuntimeError(f"Hessian is not positive definite even with damping {fraction:g}·mean(diag H)")
 
@@ -149,30 +148,16 @@ def _all_finite(X: torch.Tensor) -> bool:
 
 
 def _mirror_lower_to_upper(X: torch.Tensor) -> None:
-    """X's strict upper triangle ← its strict lower one (X symmetric afterwards)."""
-    _mirror(X, from_lower=True)
-
-
-def _mirror_upper_to_lower(X: torch.Tensor) -> None:
-    _mirror(X, from_lower=False)
-
-
-def _mirror(X: torch.Tensor, from_lower: bool) -> None:
-    """Square tiles (a transposed copy of a whole block row is ~5× slower: it leaves the cache)."""
+    """X's strict upper triangle ← its strict lower one (X symmetric afterwards); ``X.mT`` mirrors the
+    other way. Square tiles: a transposed copy of a whole block row is ~5× slower (it leaves the cache)."""
     n = X.shape[0]
     for lo in range(0, n, _CHUNK):
         hi = min(lo + _CHUNK, n)
         block = X[lo:hi, lo:hi]
-        if from_lower:
-            block.copy_(torch.tril(block) + torch.tril(block, -1).T)
-        else:
-            block.copy_(torch.triu(block) + torch.triu(block, 1).T)
+        block.copy_(torch.tril(block) + torch.tril(block, -1).mT)
         for lo2 in range(hi, n, _CHUNK):
             hi2 = min(lo2 + _CHUNK, n)
-            if from_lower:
-                X[lo:hi, lo2:hi2] = X[lo2:hi2, lo:hi].T
-            else:
-                X[lo2:hi2, lo:hi] = X[lo:hi, lo2:hi2].T
+            X[lo:hi, lo2:hi2] = X[lo2:hi2, lo:hi].mT
 
 
 @contextmanager

@@ -1,4 +1,5 @@
-"""In-place LAPACK Cholesky factorisation and triangular inverse of CPU tensors, without the GIL.
+"""scipy's BLAS/LAPACK on CPU tensors, in place: Cholesky factorisation and triangular inverse
+(without the GIL), ger for SparseGPT's column loop, and their thread count.
 
 scipy's f2py wrappers (``scipy.linalg.lapack.spotrf``) hold the GIL for the whole call, so a
 factorisation in one thread stops every Python-driven loop in the others. The same LAPACK
@@ -7,8 +8,8 @@ routines, called through the function pointers scipy exports for Cython
 while the current column loop runs. Single-threaded, OpenBLAS's potrf + trtri are also ~2×
 faster than torch's Cholesky + a blocked triangular inverse on this class of CPU.
 
-Both functions work on a square, C-contiguous tensor T, which Fortran sees as Tᵀ: Fortran's
-upper triangle is T's lower one. Neither touches T's strict upper triangle.
+The factorisation and the inverse work on a square, C-contiguous tensor T, which Fortran sees as
+Tᵀ: Fortran's upper triangle is T's lower one. Neither touches T's strict upper triangle.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import functools
 import threading
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 
 _P = ctypes.POINTER
@@ -72,6 +74,19 @@ def invert_lower_in_place(T: torch.Tensor) -> int:
         b"U", b"N", ctypes.byref(n), ctypes.cast(T.data_ptr(), _P(scalar)), ctypes.byref(n), ctypes.byref(info)
     )
     return info.value
+
+
+@functools.lru_cache(maxsize=None)
+def ger_in_place():
+    """scipy's fp32 BLAS ger (A += αxyᵀ), or None if it does not update a Fortran-ordered view of a
+    C-ordered array in place (SparseGPT's column loop relies on that). f2py: it holds the GIL."""
+    try:
+        from scipy.linalg.blas import sger
+    except ImportError:
+        return None
+    a = np.zeros((3, 2), dtype=np.float32)
+    result = sger(1.0, np.ones(2, dtype=np.float32), np.ones(3, dtype=np.float32), a=a.T, overwrite_a=1)
+    return sger if np.shares_memory(result, a) and bool((a == 1.0).all()) else None
 
 
 _LOCK = threading.Lock()
