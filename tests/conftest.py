@@ -12,10 +12,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-if not SHARED_DATA.exists():  # CI lays shared/ beside the clone
-    SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-TATOEBA = SHARED_DATA / "tatoeba"
+# Real text the tests carry with them (sources and licences: tests/data/README.md); nothing outside
+# the repository is read.
+TEST_DATA = Path(__file__).resolve().parent / "data"
+TATOEBA = TEST_DATA / "tatoeba"
 STUDY_LANGS = ["ar", "de", "en", "es", "ru", "sw", "zh"]
 
 

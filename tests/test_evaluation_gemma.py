@@ -8,7 +8,7 @@ import pytest
 
 from prunekit.evaluation import DenseReference, evaluate_loaded
 from prunekit.models import load_model
-from tests.conftest import SHARED_DATA
+from tests.conftest import TEST_DATA
 
 pytestmark = pytest.mark.gemma
 
@@ -19,7 +19,7 @@ def test_gemma_local_xcopa_and_perplexity_against_itself(embedded_gemma):
     dense = DenseReference.from_loaded(model, tokenizer, source)
     res = evaluate_loaded(
         model, tokenizer, source=source, dense=dense, langs="sw", ppl_source="embedded", seqlen=128, max_windows=2,
-        snr_tokens=128, tasks="xcopa_local_sw", task_data=SHARED_DATA, limit=20, device="cpu", progress=False,
+        snr_tokens=128, tasks="xcopa_local_sw", task_data=TEST_DATA, limit=20, device="cpu", progress=False,
         bootstrap_iters=1, batch_size=8,
     )
     xcopa = res["tasks"]["xcopa_local_sw"]

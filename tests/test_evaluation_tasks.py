@@ -12,7 +12,7 @@ from prunekit.errors import ConfigError
 from prunekit.evaluation import evaluate, plan_tasks
 from prunekit.evaluation.tasks import utils as task_utils
 from prunekit.io import read_versioned
-from tests.conftest import SHARED_DATA, TATOEBA
+from tests.conftest import TEST_DATA, TATOEBA
 
 F1 = task_utils.mkqa_f1
 
@@ -103,7 +103,7 @@ def test_unknown_task_and_unknown_language_are_config_errors(tiny_llama):
 
 
 def test_language_a_task_lacks_is_reported_na_with_a_note(tiny_llama):
-    res = evaluate(tiny_llama, langs="de", ppl_source=None, tasks="xcopa,mkqa_de", task_data=SHARED_DATA,
+    res = evaluate(tiny_llama, langs="de", ppl_source=None, tasks="xcopa,mkqa_de", task_data=TEST_DATA,
                    device="cpu", progress=False)
     cell = res["tasks"]["xcopa_local_de"]
     assert cell["status"] == "n/a" and "XCOPA has no German" in cell["note"] and cell["metrics"] == {}
@@ -115,7 +115,7 @@ def test_local_task_without_task_data_or_with_a_chat_template_it_lacks_fails_cle
     with pytest.raises(ConfigError, match="pass --task-data DIR with xcopa/sw/test.jsonl"):
         evaluate(tiny_llama, langs="sw", ppl_source=None, tasks="xcopa", device="cpu", progress=False)
     with pytest.raises(ConfigError, match="no chat template"):
-        evaluate(tiny_llama, langs="sw", ppl_source=None, tasks="xcopa", task_data=SHARED_DATA, chat_template=True,
+        evaluate(tiny_llama, langs="sw", ppl_source=None, tasks="xcopa", task_data=TEST_DATA, chat_template=True,
                  device="cpu", progress=False)
 
 
@@ -130,7 +130,7 @@ def _check_ok(cell: dict, metric: str, samples: int) -> None:
 
 
 def test_xcopa_from_local_files_runs_end_to_end(tiny_llama):
-    res = evaluate(tiny_llama, langs="sw,zh", ppl_source=None, tasks="xcopa", task_data=SHARED_DATA, limit=10,
+    res = evaluate(tiny_llama, langs="sw,zh", ppl_source=None, tasks="xcopa", task_data=TEST_DATA, limit=10,
                    device="cpu", progress=False, bootstrap_iters=1)
     for lang in ("sw", "zh"):
         cell = res["tasks"][f"xcopa_local_{lang}"]
@@ -144,7 +144,7 @@ def test_mgsm_and_mkqa_generate_until_tasks_run_end_to_end(tiny_llama, tmp_path)
     (data / "mkqa").mkdir(parents=True)
     rows = [_mkqa_example(0), _mkqa_example(1, "unanswerable"), _mkqa_example(2), _mkqa_example(3, "number")]
     (data / "mkqa" / "mkqa.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    (data / "mgsm").symlink_to(SHARED_DATA / "mgsm", target_is_directory=True)
+    (data / "mgsm").symlink_to(TEST_DATA / "mgsm", target_is_directory=True)
     res = evaluate(tiny_llama, langs="zh", ppl_source=None, tasks="mgsm,mkqa", task_data=data, limit=3,
                    device="cpu", progress=False, bootstrap_iters=1)
     _check_ok(res["tasks"]["mgsm_local_zh"], "exact_match", 3)
@@ -180,7 +180,7 @@ def test_cli_eval_writes_the_versioned_results_and_prints_tables(tiny_llama, tmp
     out = tmp_path / "results.json"
     result = CliRunner().invoke(app, [
         "eval", str(tiny_llama), "--langs", "sw", "--ppl-source", str(texts), "--seqlen", "32",
-        "--tasks", "xcopa,arc", "--task-data", str(SHARED_DATA), "--limit", "4", "--device", "cpu",
+        "--tasks", "xcopa,arc", "--task-data", str(TEST_DATA), "--limit", "4", "--device", "cpu",
         "--bootstrap-iters", "1", "--out", str(out),
     ])
     assert result.exit_code == 0, result.output
@@ -207,7 +207,7 @@ def test_exported_task_configs_load_in_plain_lm_eval(tmp_path):
 
     from prunekit.evaluation.harness import export_task_configs
 
-    out = export_task_configs(SHARED_DATA, tmp_path / "tasks")
+    out = export_task_configs(TEST_DATA, tmp_path / "tasks")
     assert "{task_data}" not in (out / "xcopa_local_zh.yaml").read_text(encoding="utf-8")
     task = TaskManager(include_path=str(out), include_defaults=False).load(["xcopa_local_zh"])["tasks"]["xcopa_local_zh"]
     doc = next(iter(task.test_docs()))
