@@ -6,7 +6,7 @@ import importlib
 
 from prunekit.cli.app import app
 
-COMMAND_MODULES = ["prune", "quantize", "evaluate", "compare", "hub", "sweep", "demo"]
+COMMAND_MODULES = ["prune", "quantize", "evaluate", "compare", "hub", "sweep", "report", "demo"]
 
 for _name in COMMAND_MODULES:
     try:

@@ -1,4 +1,4 @@
-"""``prunekit sweep`` and ``prunekit report``."""
+"""``prunekit sweep`` (``prunekit report`` lives in cli/report.py)."""
 
 from __future__ import annotations
 
@@ -43,32 +43,3 @@ def sweep(
         print(line, file=sys.stdout if summary.ok else sys.stderr)
     if not summary.ok:
         raise SystemExit(summary.exit_code)
-
-
-@app.command()
-@user_errors
-def report(
-    runs_dir: Path = typer.Argument(..., help="The --runs-dir of a sweep."),
-    out: Path = typer.Option(..., "--out", "-o", help="Report directory: report.md, report.html, results.csv, results.json, heatmaps/."),
-    metric: str = typer.Option("perplexity", "--finding-metric", help="Metric of the printed diagonal finding: perplexity, snr_db, pruning_error or a task table such as belebele/acc."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only where the report went."),
-) -> None:
-    """Turn a sweep's runs into leaderboard tables like the study's Tables 1–4.
-
-    Rows are (model, method, calibration set), columns evaluation languages, one table per metric
-    (perplexity, SNR, pruning error ×10⁶, every task metric); cells are mean ± std over seeds, with the
-    dense row, deltas against dense, the best cell per column, heatmaps with the diagonal outlined and
-    a calibration advisor.
-
-    Example: prunekit report runs/tiny --out report/tiny
-    """
-    from prunekit.report import build_report, diagonal_finding
-
-    result = build_report(runs_dir, out)
-    if not quiet:
-        for line in diagonal_finding(result, metric):
-            typer.echo(line)
-        if result.collected.missing:
-            stdout.print(f"[yellow]{len(result.collected.missing)} run(s) have no results yet (listed in the report)[/yellow]")
-    stdout.print(f"report written to [bold]{result.files['report.html']}[/bold] "
-                 f"({len(result.collected.runs)} runs, {len(result.tables)} tables, {len(result.heatmaps)} heatmaps)")

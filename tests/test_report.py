@@ -24,9 +24,10 @@ def _status(directory: Path, stage: str) -> None:
 
 
 def _results(ppl: dict, hidden: dict | None, tasks: dict) -> dict:
+    """A results.json as prunekit.evaluation writes it (prunekit/evaluation/SCHEMA.md)."""
     return versioned("prunekit-results", {
         "model": {"spec": "m", "path": "m", "revision": None, "kind": "local", "record": None},
-        "dense": None, "languages": LANGS,
+        "dense": None, "languages": list(ppl),
         "perplexity": {lang: {"ppl": v, "nll": math.log(v), "tokens": 100, "windows": 3, "seqlen": 32, "source": "x", "location": "x"} for lang, v in ppl.items()},
         "hidden_states": {} if hidden is None else {lang: {"snr_db": s, "pruning_error": p, "tokens": 100, "exclude_bos": True,
                                                              "per_layer": {"snr_db": [s], "pruning_error": [p]}} for lang, (s, p) in hidden.items()},
@@ -138,8 +139,8 @@ def test_every_report_number_equals_the_runs_results(report):
                         assert cell.std == pytest.approx(std, rel=1e-9)
                     seen += 1
     assert seen == len(expected) == 2 * 5 * (3 * 4 + 2)
-    # the same numbers in results.csv and results.json
-    rows = list(csv.DictReader(report.files["results.csv"].open()))
+    # the same numbers in cells.csv and results.json
+    rows = list(csv.DictReader(report.files["cells.csv"].open()))
     for rec in rows:
         if rec["is_dense"] == "True" or not rec["mean"]:
             continue
@@ -204,7 +205,7 @@ def test_advisor_and_diagonal_finding(report):
 
 def test_report_files_heatmaps_and_self_contained_html(report):
     out = report.out_dir
-    for name in ("report.md", "report.html", "results.csv", "results.json"):
+    for name in ("report.md", "report.html", "results.csv", "cells.csv", "results.json"):
         assert (out / name).is_file()
     # one heatmap per (model, method) block and metric: ppl, snr, pe, xcopa/acc
     assert len(report.heatmaps) == 2 * 4
@@ -212,7 +213,7 @@ def test_report_files_heatmaps_and_self_contained_html(report):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == len(report.heatmaps)
-    assert 'src="heatmaps/' not in html and "<script" not in html
+    assert 'src="heatmaps/' not in html and "<script src" not in html and "http://" not in html and "https://" not in html
     assert 'class="best' in html and "diag" in html
     assert "ffffffffffff" in html and "not evaluated yet" in html  # the unfinished run is listed, not counted
     md = (out / "report.md").read_text()

@@ -1,4 +1,5 @@
-"""Leaderboard reports of a sweep, laid out like the study's Tables 1–4.
+"""Leaderboard reports of a sweep: every checkpoint ranked (prunekit.report.leaderboard), then the
+study's Tables 1–4 (prunekit.report.tables).
 
     from prunekit.report import build_report, diagonal_finding
     report = build_report("runs/tiny", "report/")
@@ -14,6 +15,7 @@ from pathlib import Path
 from prunekit.errors import ConfigError
 from prunekit.io import write_text_atomic
 from prunekit.report.collect import Collected, collect
+from prunekit.report.leaderboard import Entry, LeaderColumn, Leaderboard, build_leaderboard
 from prunekit.report.tables import (
     AdvisorRow,
     Block,
@@ -25,7 +27,8 @@ from prunekit.report.tables import (
     diagonal_counts,
 )
 
-__all__ = ["AdvisorRow", "Block", "Cell", "MetricTable", "Report", "Row", "build_report", "diagonal_finding"]
+__all__ = ["AdvisorRow", "Block", "Cell", "Entry", "LeaderColumn", "Leaderboard", "MetricTable", "Report", "Row",
+           "build_report", "diagonal_finding"]
 
 
 @dataclass
@@ -37,6 +40,7 @@ class Report:
     tables: list[MetricTable]
     advisor: list[AdvisorRow]
     created: str
+    leaderboard: Leaderboard
     findings: list[str] = field(default_factory=list)
     heatmaps: list[Path] = field(default_factory=list)
     files: dict[str, Path] = field(default_factory=dict)
@@ -82,8 +86,9 @@ def diagonal_finding(report: Report, metric: str = "perplexity") -> list[str]:
 
 
 def build_report(runs_dir: str | Path, out_dir: str | Path, heatmaps: bool = True) -> Report:
-    """Read every evaluated run under ``runs_dir`` and write report.md, report.html, results.csv,
-    results.json and heatmaps/*.png into ``out_dir``."""
+    """Read every evaluated run under ``runs_dir`` and write report.md, report.html (both open with the
+    leaderboard), results.csv (the leaderboard), cells.csv (every table cell), results.json and
+    heatmaps/*.png into ``out_dir``."""
     from prunekit.report import render
 
     collected = collect(runs_dir)
@@ -95,7 +100,7 @@ def build_report(runs_dir: str | Path, out_dir: str | Path, heatmaps: bool = Tru
     tables = build_tables(collected)
     name = (collected.sweep or {}).get("name") or Path(runs_dir).name
     report = Report(name, Path(runs_dir), out_dir, collected, tables, build_advisor(tables),
-                    datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                    datetime.now(timezone.utc).isoformat(timespec="seconds"), build_leaderboard(collected, tables))
     report.findings = [line for metric in ("perplexity", "snr_db", "pruning_error") for line in diagonal_finding(report, metric)]
     if heatmaps:
         for table in tables:
@@ -104,6 +109,7 @@ def build_report(runs_dir: str | Path, out_dir: str | Path, heatmaps: bool = Tru
                     report.heatmaps.append(render.heatmap(table, block, out_dir / "heatmaps" / render.heatmap_name(table, block)))
     report.files["report.md"] = write_text_atomic(out_dir / "report.md", render.markdown(report))
     report.files["report.html"] = write_text_atomic(out_dir / "report.html", render.html(report))
-    report.files["results.csv"] = render.write_csv(report, out_dir / "results.csv")
+    report.files["results.csv"] = render.write_leaderboard_csv(report, out_dir / "results.csv")
+    report.files["cells.csv"] = render.write_csv(report, out_dir / "cells.csv")
     report.files["results.json"] = render.write_json(report, out_dir / "results.json")
     return report

@@ -112,3 +112,15 @@ def collect_analysis(runs_dir: Path) -> list[dict[str, Any]]:
             "summary_text": summary.read_text(encoding="utf-8") if summary is not None and summary.exists() else None,
         })
     return out
+
+
+def checkpoint_facts(run: RunResult) -> dict[str, Any]:
+    """What the leaderboard names a checkpoint by besides its labels: the quantization (bits, group
+    size) from run.json and, once the push stage is done, the Hub repo from push.json."""
+    desc = read_versioned(run.path / "run.json", "prunekit-sweep-run")
+    push = None
+    status = run.path / "push.status.json"
+    if (run.path / "push.json").exists() and status.exists() and _read_json(status).get("state") == "done":
+        data = read_versioned(run.path / "push.json", "prunekit-sweep-push")
+        push = {"repo_id": data.get("repo_id"), "url": data.get("url"), "private": data.get("private")}
+    return {"quantization": (desc.get("method") or {}).get("quantization"), "push": push}

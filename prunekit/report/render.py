@@ -1,5 +1,7 @@
-"""Write a report: report.md, a self-contained report.html (jinja2, PNGs embedded as base64),
-results.csv (one line per cell), results.json (versioned) and heatmaps/*.png (matplotlib Agg)."""
+"""Write a report: report.md, a self-contained report.html (jinja2; PNGs embedded as base64, the
+leaderboard's sorting / filter / target selector as a small inline script), results.csv (the
+leaderboard, one line per checkpoint), cells.csv (one line per table cell), results.json (versioned)
+and heatmaps/*.png (matplotlib Agg)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prunekit.io import versioned, write_json_atomic, write_text_atomic
+from prunekit.report.leaderboard import Entry, Leaderboard, csv_fields, leaderboard_records
 from prunekit.report.tables import Block, Cell, MetricTable
 
 if TYPE_CHECKING:
@@ -33,6 +36,19 @@ def cell_text(cell: Cell, decimals: int) -> str:
     if cell.std is not None:
         text += f" ± {fmt(cell.std, decimals)}"
     return text
+
+
+def data_value(value: float | None) -> str:
+    """A number as the page's script reads it back (parseFloat): '' for n/a, 'Infinity' for ∞."""
+    if value is None or math.isnan(value):
+        return ""
+    if math.isinf(value):
+        return "Infinity" if value > 0 else "-Infinity"
+    return repr(value)
+
+
+def seeds_text(entry: Entry) -> str:
+    return "—" if entry.is_dense else ", ".join("–" if s is None else str(s) for s in entry.seeds)
 
 
 def slug(text: str) -> str:
@@ -104,11 +120,54 @@ def _md_row(cells: list[str]) -> str:
     return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
 
+def leaderboard_note(board: Leaderboard) -> str:
+    by = board.rank_by
+    ranked = (f"ranked by {by.header} ({by.metric.better} is better)" if by is not None else "in sweep order")
+    several = len({e.model for e in board.entries}) > 1
+    return (f"One row per checkpoint, {ranked}. Cells are mean ± sample standard deviation over seeds; the averages "
+            "across languages are taken seed by seed (geometric mean for perplexity, arithmetic mean for SNR, pruning "
+            "error and task scores) and then summarised over seeds. Task groups show their accuracy (F1 where a group "
+            "has no accuracy) in %, averaged over the group's languages. The best checkpoint of each column is marked; "
+            "the dense model is the reference row."
+            + (" Perplexities of models with different tokenizers are not comparable with each other." if several else ""))
+
+
+def hub_markdown(entry: Entry) -> str:
+    return ", ".join(f"[{link['repo_id']}]({link['url']})" for link in entry.hub)
+
+
+def leaderboard_markdown(board: Leaderboard) -> list[str]:
+    lines = ["## Leaderboard", "", leaderboard_note(board), ""]
+    lines.append(_md_row(["#", "model", "method", "setting", "calibration", "seeds"] + [c.header for c in board.columns] + ["Hub"]))
+    lines.append(_md_row(["---:"] + ["---"] * 5 + ["---:"] * len(board.columns) + ["---"]))
+    for entry in board.dense + board.entries:
+        cells = []
+        for column in board.columns:
+            cell = entry.cells[column.key]
+            text = "—" if entry.is_dense and not column.metric.dense_row else cell_text(cell, column.metric.decimals)
+            cells.append(f"**{text}**" if cell.best else text)
+        lines.append(_md_row(["—" if entry.rank is None else str(entry.rank), entry.model, entry.method, entry.setting,
+                              entry.calibration, seeds_text(entry)] + cells + [hub_markdown(entry)]))
+    lines.append("")
+    if board.targets:
+        lines += ["### Best checkpoint per target language and task", ""]
+        lines += [_md_row(["target", "best checkpoint", "value", "Hub"]), _md_row(["---", "---", "---:", "---"])]
+        for column in board.targets:
+            best = board.best(column.key)
+            if best is not None:
+                lines.append(_md_row([column.target_label, best.name, cell_text(best.cells[column.key], column.metric.decimals),
+                                      hub_markdown(best)]))
+        lines.append("")
+    return lines
+
+
 def markdown(report: "Report") -> str:
     lines = [f"# Sweep report: {report.name}", ""]
     lines.append(f"Runs dir `{report.runs_dir}` · {len(report.collected.runs)} evaluated runs · "
                  f"{len(report.collected.dense)} dense models · created {report.created}")
     lines.append("")
+    lines += leaderboard_markdown(report.leaderboard)
+    lines += ["## The study's tables", ""]
     lines.append("Cells are mean ± sample standard deviation (ddof = 1) over seeds (a single seed shows no std). "
                  "Rows are calibration sets, columns evaluation languages (or tasks). **Bold** marks the best cell "
                  "of each column within a model × method block; ◆ marks calibration language = evaluation language "
@@ -187,10 +246,14 @@ def html(report: "Report") -> str:
     env = Environment(loader=PackageLoader("prunekit.report", "templates"), autoescape=select_autoescape(["html", "j2"]))
     env.filters["cell"] = cell_text
     env.filters["fmt"] = fmt
+    env.filters["data_value"] = data_value
+    env.filters["seeds"] = seeds_text
     images = {}
     for table in report.tables:
         images[table.metric.id] = [(p.stem, base64.b64encode(p.read_bytes()).decode("ascii")) for p in report.heatmaps_for(table.metric.id)]
-    return env.get_template("report.html.j2").render(report=report, images=images)
+    script = (Path(__file__).parent / "templates" / "leaderboard.js").read_text(encoding="utf-8")
+    return env.get_template("report.html.j2").render(report=report, board=report.leaderboard, images=images,
+                                                    note=leaderboard_note(report.leaderboard), script=script)
 
 
 # ------------------------------------------------------------------------------------ csv / json
@@ -237,12 +300,37 @@ def write_csv(report: "Report", path: Path) -> Path:
     return write_text_atomic(path, buffer.getvalue())
 
 
+def _csv_value(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return ";".join("" if v is None else str(v) for v in value)
+    return repr(value) if isinstance(value, float) else value
+
+
+def write_leaderboard_csv(report: "Report", path: Path) -> Path:
+    """The leaderboard as a table: one line per checkpoint (the dense reference first), mean and std per column."""
+    board = report.leaderboard
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=csv_fields(board), lineterminator="\n")
+    writer.writeheader()
+    for record in leaderboard_records(board):
+        writer.writerow({key: _csv_value(value) for key, value in record.items()})
+    return write_text_atomic(path, buffer.getvalue())
+
+
 def write_json(report: "Report", path: Path) -> Path:
     payload = versioned("prunekit-report", {
         "name": report.name,
         "runs_dir": str(report.runs_dir),
         "created": report.created,
         "findings": report.findings,
+        "leaderboard": {
+            "rank_by": None if report.leaderboard.rank_by is None else report.leaderboard.rank_by.key,
+            "columns": [{"key": c.key, "header": c.header, "csv_name": c.csv_name, "metric": c.metric.id, "better": c.metric.better,
+                         "language": c.language, "average": c.average} for c in report.leaderboard.columns],
+            "rows": leaderboard_records(report.leaderboard),
+        },
         "cells": cell_records(report),
         "advisor": [a.__dict__ for a in report.advisor],
         "runs": [{"run_id": r.run_id, "model": r.model, "method": r.method, "pattern": r.pattern,
