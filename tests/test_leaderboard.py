@@ -446,3 +446,25 @@ def test_readable_without_javascript(browser, sweep_report):
         assert rows == ["1", "2", "3", "4", "5", "6"] and tab.is_visible("#leaderboard > tbody > tr.target-best")
     finally:
         context.close()
+
+
+def test_without_perplexity_the_ranking_falls_back_to_the_next_average(tmp_path):
+    """A sweep evaluated with --ppl-source none, one calibration-free method (seed None), an unchanged
+    model (SNR +∞): ranked by the first average there is, ∞ written so that the page reads it back."""
+    from prunekit.report.render import data_value
+
+    runs_dir = tmp_path / "runs"
+    magnitude = {"label": "magnitude", "method": "magnitude", "kind": "prune", "quantization": None}
+    pattern = {"sparsity": 0.5, "n": 0, "m": 0, "label": "50%"}
+    for i, (snr, acc) in enumerate(((8.0, 0.61), (math.inf, 0.64))):
+        results = _results({}, {"en": (snr, 0.0 if math.isinf(snr) else 1e-5)}, tasks((acc, acc, 0.3, 0.3)))
+        make_run(runs_dir, f"{i:012x}", magnitude | {"label": f"magnitude-{i}"}, pattern, "none", None, results)
+    report = build_report(runs_dir, tmp_path / "out", heatmaps=False)
+    board = report.leaderboard
+    assert board.rank_by.key == "snr_db:avg" and board.rank_by.metric.better == "higher"
+    assert [e.method for e in board.entries] == ["magnitude-1", "magnitude-0"] and [e.rank for e in board.entries] == [1, 2]
+    assert board.entries[0].seeds == [None] and board.entries[0].cells["snr_db:avg"].mean == math.inf
+    assert not board.entries[0].cells["snr_db:avg"].best and board.entries[1].cells["snr_db:avg"].best  # ∞ is no score to beat
+    assert data_value(math.inf) == "Infinity" and data_value(None) == "" and data_value(math.nan) == ""
+    html = report.files["report.html"].read_text()
+    assert 'data-value="Infinity"' in html and "perplexity" not in [c.metric.id for c in board.columns]

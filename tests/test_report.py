@@ -27,7 +27,7 @@ def _results(ppl: dict, hidden: dict | None, tasks: dict) -> dict:
     """A results.json as prunekit.evaluation writes it (prunekit/evaluation/SCHEMA.md)."""
     return versioned("prunekit-results", {
         "model": {"spec": "m", "path": "m", "revision": None, "kind": "local", "record": None},
-        "dense": None, "languages": list(ppl),
+        "dense": None, "languages": list(ppl) or list(hidden or {}),
         "perplexity": {lang: {"ppl": v, "nll": math.log(v), "tokens": 100, "windows": 3, "seqlen": 32, "source": "x", "location": "x"} for lang, v in ppl.items()},
         "hidden_states": {} if hidden is None else {lang: {"snr_db": s, "pruning_error": p, "tokens": 100, "exclude_bos": True,
                                                              "per_layer": {"snr_db": [s], "pruning_error": [p]}} for lang, (s, p) in hidden.items()},

@@ -235,7 +235,7 @@ def build_leaderboard(collected: Collected, tables: list[MetricTable]) -> Leader
                 entry.cells[column.key] = Cell([], [], status="n/a", note=note)
     for column in columns:
         means = [e.cells[column.key].mean for e in checkpoints if e.cells[column.key].mean is not None]
-        means = [m for m in means if not math.isnan(m)]
+        means = [m for m in means if math.isfinite(m)]
         if means:
             best = column.metric.best(means)
             for entry in checkpoints:
