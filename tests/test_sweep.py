@@ -178,6 +178,8 @@ def test_report_of_the_sweep_equals_the_runs_results(killed_and_resumed, tmp_pat
     lines = diagonal_finding(report)
     assert len(lines) == 2 and all("calibrating on the target language gave the lowest perplexity in" in line and "of 3 languages" in line for line in lines)
     assert (tmp_path / "report" / "report.html").read_text().count("data:image/png;base64,") == len(report.heatmaps) == 6
+    board = report.leaderboard  # 2 methods × 3 calibration languages: 6 ranked checkpoints + the dense reference
+    assert len(board.entries) == 6 and [e.rank for e in board.entries] == [1, 2, 3, 4, 5, 6] and len(board.dense) == 1
 
 
 @pytest.fixture
