@@ -33,8 +33,32 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
         DEBUG["enabled"] = True
 
 
+OUT_OF_MEMORY_ADVICE = (
+    "out of GPU memory ({detail}); use less of it: a smaller --dtype (bfloat16), fewer --nsamples, a smaller "
+    "--batch-size, or keep activations on the CPU (--device cpu)"
+)
+
+
+def as_user_error(err: BaseException) -> str | None:
+    """The one-line message for an error the user or the machine caused that surfaced outside prunekit's
+    own checks (out of GPU memory, a full or read-only disk, a damaged safetensors file), else None."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(err, getattr(torch, "OutOfMemoryError", ())):
+        return OUT_OF_MEMORY_ADVICE.format(detail=str(err).strip().splitlines()[0][:200] if str(err).strip() else "CUDA")
+    from prunekit.io import DISK_ERRNOS
+
+    if isinstance(err, OSError) and err.errno in DISK_ERRNOS:
+        where = f" {err.filename}" if err.filename else ""
+        return f"cannot write{where}: {DISK_ERRNOS[err.errno]}; free some space or choose a location you can write to"
+    safetensors = sys.modules.get("safetensors")
+    if safetensors is not None and isinstance(err, getattr(safetensors, "SafetensorError", ())):
+        return f"a safetensors file is damaged or could not be written ({err}); check the checkpoint and the disk"
+    return None
+
+
 def user_errors(func: Callable) -> Callable:
-    """Print a PrunekitError as one line on stderr and exit 2; anything else is a bug."""
+    """Print a PrunekitError (or another error the user or machine caused) as one line on stderr and
+    exit 2; anything else is a bug."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -49,6 +73,10 @@ def user_errors(func: Callable) -> Callable:
         except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort):  # a command's own exit code
             raise
         except Exception as err:  # a bug: say so, traceback only with --debug
+            message = as_user_error(err)
+            if message is not None and not DEBUG["enabled"]:
+                print(f"error: {message}", file=sys.stderr)
+                raise SystemExit(2) from None
             if DEBUG["enabled"]:
                 raise
             print(

@@ -34,10 +34,13 @@ def sweep(
 
     Example: prunekit sweep configs/tiny-example.yaml --runs-dir runs/tiny && prunekit report runs/tiny --out report/tiny
     """
+    from prunekit.io import check_output_location
     from prunekit.sweep import load_config, run_sweep
 
     cfg = load_config(config)
     target = runs_dir if runs_dir is not None else Path("runs") / cfg.name
+    if not dry_run:
+        check_output_location(target, option="--runs-dir")
     summary = run_sweep(cfg, target, executor=executor, dry_run=dry_run, max_parallel=max_parallel, progress=not quiet)
     for line in summary.lines():
         print(line, file=sys.stdout if summary.ok else sys.stderr)
@@ -62,9 +65,13 @@ def report(
 
     Example: prunekit report runs/tiny --out report/tiny
     """
+    from prunekit.io import check_output_location
     from prunekit.report import build_report, diagonal_finding
 
+    check_output_location(out)
     result = build_report(runs_dir, out)
+    for warning in result.collected.warnings:
+        typer.echo(f"warning: {warning}", err=True)
     if not quiet:
         for line in diagonal_finding(result, metric):
             typer.echo(line)
