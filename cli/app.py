@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -28,14 +29,14 @@ DEBUG = {"enabled": bool(os.environ.get("PRUNEKIT_DEBUG"))}
 
 
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for prunekit bugs.")) -> None:
+def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for prunekit bugs (also accepted after the command).")) -> None:
     if debug:
         DEBUG["enabled"] = True
 
 
 OUT_OF_MEMORY_ADVICE = (
     "out of GPU memory ({detail}); use less of it: a smaller --dtype (bfloat16), fewer --nsamples, a smaller "
-    "--batch-size, or keep activations on the CPU (--device cpu)"
+    "--batch-size, or keep the activations on the CPU (--device cpu computes there too)"
 )
 
 
@@ -48,8 +49,10 @@ def as_user_error(err: BaseException) -> str | None:
     from prunekit.io import DISK_ERRNOS
 
     if isinstance(err, OSError) and err.errno in DISK_ERRNOS:
-        where = f" {err.filename}" if err.filename else ""
-        return f"cannot write{where}: {DISK_ERRNOS[err.errno]}; free some space or choose a location you can write to"
+        where = f"{err.filename}: " if err.filename else ""
+        full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+        return f"{where}{DISK_ERRNOS[err.errno]}; " + (
+            "free some space or write somewhere else" if full else "choose a location you can write to, or fix its permissions")
     safetensors = sys.modules.get("safetensors")
     if safetensors is not None and isinstance(err, getattr(safetensors, "SafetensorError", ())):
         return f"a safetensors file is damaged or could not be written ({err}); check the checkpoint and the disk"

@@ -40,7 +40,7 @@ def sweep(
     cfg = load_config(config)
     target = runs_dir if runs_dir is not None else Path("runs") / cfg.name
     if not dry_run:
-        check_output_location(target, option="--runs-dir")
+        check_output_location(target, in_place=True, option="--runs-dir")
     summary = run_sweep(cfg, target, executor=executor, dry_run=dry_run, max_parallel=max_parallel, progress=not quiet)
     for line in summary.lines():
         print(line, file=sys.stdout if summary.ok else sys.stderr)
@@ -68,7 +68,7 @@ def report(
     from prunekit.io import check_output_location
     from prunekit.report import build_report, diagonal_finding
 
-    check_output_location(out)
+    check_output_location(out, in_place=True)
     result = build_report(runs_dir, out)
     for warning in result.collected.warnings:
         typer.echo(f"warning: {warning}", err=True)

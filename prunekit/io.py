@@ -197,12 +197,13 @@ def _size(n: float) -> str:
 
 
 def check_output_location(path: str | Path | None, expected_bytes: int = 0, *, kind: str = "dir",
-                          option: str = "--out") -> Path | None:
+                          in_place: bool = False, option: str = "--out") -> Path | None:
     """Before any work: can ``path`` be written, and does its disk have ``expected_bytes`` free?
 
-    ``kind`` is ``dir`` (a directory written atomically beside itself, or in place) or ``file``. The
-    check writes and removes one empty probe file in the nearest existing folder, so a read-only
-    mount, missing permissions or a file in the way fail now rather than after hours of work."""
+    ``kind`` is ``dir`` or ``file``. A file or an atomic directory is staged beside ``path`` (in its
+    parent); an ``in_place`` directory (a sweep's runs dir, a report dir) is written inside itself once
+    it exists. The check creates and removes one empty probe file where the writing will happen, so a
+    read-only mount, missing permissions or a file in the way fail now rather than after hours of work."""
     if path is None:
         return None
     path = Path(path).expanduser()
@@ -210,29 +211,26 @@ def check_output_location(path: str | Path | None, expected_bytes: int = 0, *, k
         raise ConfigError(f"{option} '{path}' is a directory; give a file name, e.g. {path / 'results.json'}")
     if kind == "dir" and path.exists() and not path.is_dir():
         raise ConfigError(f"{option} '{path}' is a file; give a directory (a new one, or --overwrite an old one)")
-    probes = [path] if kind == "dir" and path.is_dir() else []
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ConfigError(f"cannot write {option} '{path}': '{parent}' is not a directory; choose another {option}")
-    probes.append(parent)
-    for folder in probes:
-        try:
-            fd, probe = tempfile.mkstemp(prefix=".prunekit-probe-", dir=folder)
-            os.close(fd)
-            os.unlink(probe)
-        except OSError as err:
-            reason = DISK_ERRNOS.get(err.errno, err.strerror or type(err).__name__)
-            raise ConfigError(
-                f"cannot write {option} '{path}': '{folder}' is not writable ({reason}); choose a location you "
-                "can write to"
-            ) from None
+    folder = path if in_place and path.is_dir() else path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ConfigError(f"cannot write {option} '{path}': '{folder}' is not a directory; choose another {option}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".prunekit-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        reason = DISK_ERRNOS.get(err.errno, err.strerror or type(err).__name__)
+        raise ConfigError(
+            f"cannot write {option} '{path}': '{folder}' is not writable ({reason}); choose a location you "
+            "can write to"
+        ) from None
     if expected_bytes > 0:
-        free = shutil.disk_usage(parent).free
+        free = shutil.disk_usage(folder).free
         if free < expected_bytes:
             raise ConfigError(
                 f"not enough free space for {option} '{path}': it needs about {_size(expected_bytes)}, but "
-                f"'{parent}' has {_size(free)} free; free some space or choose another {option}"
+                f"'{folder}' has {_size(free)} free; free some space or choose another {option}"
             )
     return path

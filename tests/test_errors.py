@@ -455,3 +455,16 @@ def test_card_names_the_eval_command_and_publishes_no_local_path(checkpoint, tmp
             assert "prunekit prune llama " in card
         else:
             assert f"https://huggingface.co/{base_model}" in card and f"prunekit prune {base_model} " in card
+
+
+def test_an_existing_in_place_directory_needs_only_itself_writable(read_only):
+    from prunekit.errors import ConfigError
+    from prunekit.io import check_output_location
+
+    runs = read_only / "runs"
+    runs.mkdir()  # a sweep's runs dir that exists, inside a folder that is now read-only
+    assert check_output_location(runs, in_place=True, option="--runs-dir") == runs
+    with pytest.raises(ConfigError, match="read-only file system"):  # an atomic dir is staged in the parent
+        check_output_location(runs)
+    with pytest.raises(ConfigError, match="is a directory"):
+        check_output_location(runs, kind="file")
