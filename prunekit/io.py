@@ -146,7 +146,8 @@ def check_safetensors(file: str | Path) -> None:
 def check_model_files(directory: str | Path) -> Path:
     """Check that a model directory's JSON files parse and its safetensors files are whole (headers only)."""
     directory = Path(directory)
-    for name in ("config.json", "prunekit.json", "model.safetensors.index.json", "generation_config.json"):
+    for name in ("config.json", "prunekit.json", "model.safetensors.index.json", "generation_config.json",
+                 "tokenizer_config.json", "special_tokens_map.json"):
         if (directory / name).is_file():
             try:
                 read_json(directory / name)

@@ -146,7 +146,7 @@ def prune(
     if calib is not None and (nsamples < 1 or seqlen < 2):
         raise ConfigError(f"--nsamples must be >= 1 and --seqlen >= 2 (got {nsamples} and {seqlen})")
     out_path = check_output_dir(out, overwrite)
-    check_output_location(out_path, expected_checkpoint_bytes(model, dtype))  # before hours of work, not after
+    check_output_location(out_path, expected_checkpoint_bytes(model, dtype) if out_path else 0)  # before hours of work
     compute_device = resolve_device(device)
 
     t0 = time.perf_counter()
