@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -28,13 +29,39 @@ DEBUG = {"enabled": bool(os.environ.get("PRUNEKIT_DEBUG"))}
 
 
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for prunekit bugs.")) -> None:
+def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for prunekit bugs (also accepted after the command).")) -> None:
     if debug:
         DEBUG["enabled"] = True
 
 
+OUT_OF_MEMORY_ADVICE = (
+    "out of GPU memory ({detail}); use less of it: a smaller --dtype (bfloat16), fewer --nsamples, a smaller "
+    "--batch-size, or keep the activations on the CPU (--device cpu computes there too)"
+)
+
+
+def as_user_error(err: BaseException) -> str | None:
+    """The one-line message for an error the user or the machine caused that surfaced outside prunekit's
+    own checks (out of GPU memory, a full or read-only disk, a damaged safetensors file), else None."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(err, getattr(torch, "OutOfMemoryError", ())):
+        return OUT_OF_MEMORY_ADVICE.format(detail=str(err).strip().splitlines()[0][:200] if str(err).strip() else "CUDA")
+    from prunekit.io import DISK_ERRNOS
+
+    if isinstance(err, OSError) and err.errno in DISK_ERRNOS:
+        where = f"{err.filename}: " if err.filename else ""
+        full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+        return f"{where}{DISK_ERRNOS[err.errno]}; " + (
+            "free some space or write somewhere else" if full else "choose a location you can write to, or fix its permissions")
+    safetensors = sys.modules.get("safetensors")
+    if safetensors is not None and isinstance(err, getattr(safetensors, "SafetensorError", ())):
+        return f"a safetensors file is damaged or could not be written ({err}); check the checkpoint and the disk"
+    return None
+
+
 def user_errors(func: Callable) -> Callable:
-    """Print a PrunekitError as one line on stderr and exit 2; anything else is a bug."""
+    """Print a PrunekitError (or another error the user or machine caused) as one line on stderr and
+    exit 2; anything else is a bug."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -49,6 +76,10 @@ def user_errors(func: Callable) -> Callable:
         except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort):  # a command's own exit code
             raise
         except Exception as err:  # a bug: say so, traceback only with --debug
+            message = as_user_error(err)
+            if message is not None and not DEBUG["enabled"]:
+                print(f"error: {message}", file=sys.stderr)
+                raise SystemExit(2) from None
             if DEBUG["enabled"]:
                 raise
             print(

@@ -52,7 +52,9 @@ def compare(
     """
     from prunekit.analysis import compare as run_compare
     from prunekit.analysis.report import print_summary
+    from prunekit.io import check_output_location
 
+    check_output_location(out)  # before the models load
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # warnings are collected into the result and printed below
         result = run_compare(

@@ -94,7 +94,9 @@ def evaluate_command(
     Example: prunekit eval gemma-sw --dense embedded:gemma-3-270m --langs sw,en --ppl-source embedded --tasks belebele,xcopa --task-data data/ --limit 50 --out results.json
     """
     from prunekit.evaluation import evaluate
+    from prunekit.io import check_output_location
 
+    check_output_location(out, kind="file")  # before the model loads
     results = evaluate(
         checkpoint, dense=dense, langs=langs, ppl_source=None if ppl_source == "none" else ppl_source,
         tasks=tasks, limit=_limit(limit), seqlen=seqlen, dtype=dtype, device=device, out=out, progress=not quiet,

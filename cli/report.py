@@ -36,9 +36,13 @@ def report(
 
     Example: prunekit report runs/tiny --out report/tiny --open
     """
+    from prunekit.io import check_output_location
     from prunekit.report import build_report, diagonal_finding
 
+    check_output_location(out, in_place=True)
     result = build_report(runs_dir, out)
+    for warning in result.collected.warnings:
+        typer.echo(f"warning: {warning}", err=True)
     if not quiet:
         board = result.leaderboard
         if board.entries and board.rank_by is not None and board.entries[0].rank is not None:

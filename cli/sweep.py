@@ -34,10 +34,13 @@ def sweep(
 
     Example: prunekit sweep configs/tiny-example.yaml --runs-dir runs/tiny && prunekit report runs/tiny --out report/tiny
     """
+    from prunekit.io import check_output_location
     from prunekit.sweep import load_config, run_sweep
 
     cfg = load_config(config)
     target = runs_dir if runs_dir is not None else Path("runs") / cfg.name
+    if not dry_run:
+        check_output_location(target, in_place=True, option="--runs-dir")
     summary = run_sweep(cfg, target, executor=executor, dry_run=dry_run, max_parallel=max_parallel, progress=not quiet)
     for line in summary.lines():
         print(line, file=sys.stdout if summary.ok else sys.stderr)

@@ -249,6 +249,46 @@ def base_model_id(record: dict[str, Any], metadata: dict[str, Any] | None = None
     return None
 
 
+_LOCAL_PATH = re.compile(r"^(?:~|[A-Za-z]:[\\/]|/)")
+# An absolute path inside text: '/' or '~/' not preceded by what makes it part of a URL, a word or a tag.
+_PATH_IN_TEXT = re.compile(r"(?<![\w:/.<~\-])~?/[^\s/`'\"|)<>\]]+(?:/[^\s/`'\"|)<>\]]*)+")
+
+
+def public_location(value: Any) -> Any:
+    """What a card may say of a location: keywords (embedded, mc4), Hub ids and URLs as they are; a local
+    absolute path only as its last component (a card never publishes where files lie on a machine)."""
+    if isinstance(value, str) and _LOCAL_PATH.match(value):
+        return Path(value.rstrip("/\\")).name or value
+    return value
+
+
+def _public_json(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _public_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_public_json(v) for v in value]
+    return public_location(value)
+
+
+def _public_text(text: str) -> str:
+    """Every absolute local path in ``text`` replaced by its last component."""
+    return _PATH_IN_TEXT.sub(lambda m: Path(m.group(0).rstrip("/")).name, text)
+
+
+def _public_command(command: str, base_kind: str | None, base_name: str) -> str:
+    """The reproduce command without local paths: the model argument is the Hub id when known, else the
+    local directory's name; any other absolute path is its last component."""
+    import shlex
+
+    try:
+        parts = shlex.split(command)
+    except ValueError:
+        return _public_text(command)
+    if len(parts) > 2 and parts[0] == "prunekit" and base_kind in ("local", "gguf"):
+        parts[2] = base_name
+    return shlex.join(public_location(p) for p in parts)
+
+
 def _as_list(value: Any) -> list[str]:
     if value is None:
         return []
@@ -397,7 +437,8 @@ def build_card_content(
         perplexity_rows.append({
             "lang": lang, "name": _language_name(lang), "ppl": ppl, "nll": row.get("nll"),
             "tokens": row.get("tokens"), "windows": row.get("windows"), "seqlen": row.get("seqlen"),
-            "source": row.get("source"), "location": row.get("location"), "dense_ppl": dense_ppl, "delta": delta,
+            "source": public_location(row.get("source")), "location": public_location(row.get("location")),
+            "dense_ppl": dense_ppl, "delta": delta,
             "delta_pct": 100.0 * delta / dense_ppl if delta is not None and dense_ppl else None,
         })
         if _finite(ppl):
@@ -472,13 +513,16 @@ def build_card_content(
     )
 
     spec = str(base.get("spec", ""))
+    local_base = base.get("kind") in ("local", "gguf") or bool(_LOCAL_PATH.match(spec))
+    public_spec = base_model_name(record) if local_base else spec
     calibration = None
     if calib:
         names = [f"{_language_name(c)} (`{c}`)" if _language_name(c) != c else f"`{c}`" for c in calib_langs]
         calibration = {
             "display": ("all seven study languages (" + ", ".join(calib_langs) + ")") if calib.get("spec") == "all"
             else " + ".join(names),
-            "nsamples": calib.get("nsamples"), "seqlen": calib.get("seqlen"), "source": calib.get("source"),
+            "nsamples": calib.get("nsamples"), "seqlen": calib.get("seqlen"),
+            "source": public_location(calib.get("source")),
             "seed": calib.get("seed"), "languages": calib_langs,
         }
     sparsity = float(pattern.get("sparsity") or 0.0)
@@ -490,11 +534,13 @@ def build_card_content(
         description = f"unstructured, {sparsity:.0%} of the weights of every decoder linear layer"
         pattern_display = f"{sparsity:.0%} unstructured"
     dense = res.get("dense") or ((dres.get("model") or {}) and {"spec": dres["model"].get("spec"), "revision": dres["model"].get("revision")})
+    if dense:
+        dense = {**dense, "spec": public_location(dense.get("spec"))}
     prompt_lang = calib_langs[0] if calib_langs else "en"
     context = {
         "repo_id": repo_id, "repo_name": repo_name, "kind": kind,
-        "base": {"id": hub_base, "spec": spec, "revision": base.get("revision"), "kind": base.get("kind"),
-                 "display": hub_base or base_model_name(record)},
+        "base": {"id": hub_base, "spec": public_spec, "revision": base.get("revision"), "kind": base.get("kind"),
+                 "local": local_base, "display": hub_base or base_model_name(record)},
         "method": {"name": method, "display": METHOD_NAMES.get(method, method)},
         "pattern": {**pattern, "display": pattern_display, "description": description},
         "quantization": recipe.get("quantization"),
@@ -505,7 +551,8 @@ def build_card_content(
         "dtype": base.get("dtype") or (record.get("identity") or {}).get("dtype"),
         "versions": record.get("versions") or {"prunekit": record.get("prunekit_version", "?")},
         "run_id": record.get("run_id"), "created": record.get("created"),
-        "command": record.get("command") or "(the record has no command)",
+        "command": _public_command(record.get("command") or "(the record has no command)", base.get("kind"),
+                                   hub_base or base_model_name(record)),
         "license": {"id": license_id, "note": license_note},
         "has_results": results is not None,
         "results_version": res.get("prunekit_version", ""),
@@ -513,8 +560,8 @@ def build_card_content(
         "has_dense_numbers": has_dense_numbers,
         "perplexity": perplexity_rows, "hidden": hidden_rows, "per_layer": per_layer, "tasks": task_rows,
         "has_stderr": has_stderr,
-        "settings_json": json.dumps({"settings": res.get("settings"), "versions": res.get("versions"),
-                                     "created": res.get("created")}, indent=2, ensure_ascii=False, default=str),
+        "settings_json": json.dumps(_public_json({"settings": res.get("settings"), "versions": res.get("versions"),
+                                                  "created": res.get("created")}), indent=2, ensure_ascii=False, default=str),
         "prompt": STUDY_PROMPTS.get(prompt_lang, STUDY_PROMPTS["en"]),
     }
     return CardContent(card_data, eval_results, context)
@@ -590,7 +637,7 @@ def render_model_card(
     text = template_environment().get_template(MODEL_CARD).render(
         card_data=content.card_data.to_yaml(), **content.context
     )
-    text = _tidy(text)
+    text = _tidy(_public_text(text))  # the net under the fields above: no local absolute path on a card
     validate_model_card(text, content.eval_results)
     return text
 
@@ -836,9 +883,21 @@ def _describe(err: BaseException, token: str | None) -> str:
     return _redact(text, token)
 
 
+def _offline_error(what: str, endpoint: str, hint: str) -> PrunekitError:
+    return PrunekitError(f"offline mode (HF_HUB_OFFLINE=1) is on, so {what} cannot reach the Hub at {endpoint}; {hint}")
+
+
+def check_online(what: str, endpoint: str, hint: str) -> None:
+    """Fail at once in offline mode: no request is made, so there is nothing to retry."""
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode() if hasattr(constants, "is_offline_mode") else constants.HF_HUB_OFFLINE:
+        raise _offline_error(what, endpoint, hint)
+
+
 def _with_retries(what: str, call: Callable[[], T], retry: RetryPolicy, endpoint: str, token: str | None) -> T:
     """Run one Hub call; retry transient failures; turn auth and other HTTP failures into PrunekitError."""
-    from huggingface_hub.errors import LocalTokenNotFoundError
+    from huggingface_hub.errors import LocalTokenNotFoundError, OfflineModeIsEnabled
 
     attempt = 1
     while True:
@@ -846,6 +905,8 @@ def _with_retries(what: str, call: Callable[[], T], retry: RetryPolicy, endpoint
             return call()
         except PrunekitError:
             raise
+        except OfflineModeIsEnabled:  # a ConnectionError, but nothing a retry can fix
+            raise _offline_error(what, endpoint, "unset HF_HUB_OFFLINE to reach the Hub") from None
         except LocalTokenNotFoundError:
             raise PrunekitError(f"not logged in to the Hub at {endpoint} while {what}; {LOGIN_HINT}") from None
         except Exception as err:  # noqa: BLE001 - classified below; anything unexpected is re-raised
@@ -1071,6 +1132,7 @@ def push(
         statuses = [FileStatus(rel, size, "staged") for rel, size in _staged_sizes(target).items()]
         return PushResult(repo_id, endpoint, revision, url, statuses, card, dry_run=True, staging=target)
 
+    check_online(f"pushing {repo_id}", endpoint, "unset HF_HUB_OFFLINE to publish, or use --dry-run to stage the files")
     token = _get_token(token)
     if not token:
         raise PrunekitError(f"no Hub token found, so nothing can be pushed to {endpoint}; {LOGIN_HINT}")
@@ -1143,6 +1205,8 @@ def pull(
     retry = retry or RetryPolicy.from_env()
     repo_id = validate_repo_id(repo_id)
     endpoint = resolve_endpoint(endpoint)
+    check_online(f"pulling {repo_id}", endpoint,
+                 "unset HF_HUB_OFFLINE to download, or give commands the copy you already have (a local directory)")
     token = _get_token(token)
     api = HfApi(endpoint=endpoint, token=token or None)
 

@@ -7,6 +7,7 @@ crash never leaves a half-written file or directory that looks whole.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -14,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from prunekit.errors import SchemaError
+from prunekit.errors import ConfigError, ModelError, PrunekitError, SchemaError
 
 SCHEMA_MAJOR = 1
 SCHEMA_VERSION = f"{SCHEMA_MAJOR}.0"
@@ -34,8 +35,9 @@ def _umask() -> int:
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with disk_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
@@ -43,10 +45,10 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise
+        raise _disk_error(err, path) or err
     return path
 
 
@@ -62,7 +64,7 @@ def versioned(kind: str, payload: dict[str, Any]) -> dict[str, Any]:
 def read_versioned(path: str | Path, kind: str) -> dict[str, Any]:
     """Read a JSON artefact, refusing an unknown major schema version with a clear message."""
     path = Path(path)
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = read_json(path)
     version = str(data.get("schema_version", "0"))
     major = int(version.split(".")[0])
     if major != SCHEMA_MAJOR:
@@ -79,8 +81,9 @@ def read_versioned(path: str | Path, kind: str) -> dict[str, Any]:
 def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory that replaces ``target`` only if the block succeeds."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    with disk_errors(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     os.chmod(staging, 0o777 & ~_umask())
     try:
         yield staging
@@ -93,9 +96,9 @@ def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Pa
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(staging, target)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
+        raise _disk_error(err, target) or err
 
 
 def cache_dir(*parts: str) -> Path:
@@ -103,4 +106,132 @@ def cache_dir(*parts: str) -> Path:
     root = Path(os.environ.get("PRUNEKIT_CACHE", Path.home() / ".cache" / "prunekit"))
     path = root.joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs that are damaged, outputs that cannot be written: errors the user (or the machine) causes
+# ---------------------------------------------------------------------------------------------
+
+def read_json(path: str | Path, what: str = "") -> Any:
+    """A JSON file's content; a file that is not UTF-8 JSON is the user's to fix, named with the place."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise SchemaError(
+            f"{path}{what and f' ({what})'} is not UTF-8 text (byte {err.start}); restore it or regenerate it"
+        ) from None
+    except json.JSONDecodeError as err:
+        raise SchemaError(
+            f"{path}{what and f' ({what})'} is not valid JSON ({err.msg} at line {err.lineno} column {err.colno}); "
+            "restore it or regenerate it"
+        ) from None
+
+
+def check_safetensors(file: str | Path) -> None:
+    """Open a .safetensors file's header (no weights are read): a truncated or corrupt file fails here."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="numpy") as handle:
+            handle.keys()
+    except (SafetensorError, OSError) as err:
+        reason = str(err).replace("Error while deserializing header: ", "")
+        raise ModelError(
+            f"{file} is damaged ({reason}: truncated or corrupt); download or write the checkpoint again"
+        ) from None
+
+
+def check_model_files(directory: str | Path) -> Path:
+    """Check that a model directory's JSON files parse and its safetensors files are whole (headers only)."""
+    directory = Path(directory)
+    for name in ("config.json", "prunekit.json", "model.safetensors.index.json", "generation_config.json",
+                 "tokenizer_config.json", "special_tokens_map.json"):
+        if (directory / name).is_file():
+            try:
+                read_json(directory / name)
+            except SchemaError as err:
+                raise ModelError(str(err)) from None
+    for file in sorted(directory.glob("*.safetensors")):
+        check_safetensors(file)
+    return directory
+
+
+DISK_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+               errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "not permitted"}
+
+
+def _disk_error(err: BaseException, target: Path) -> PrunekitError | None:
+    """The user error for a write that failed because of the disk (full, read-only, no permission)."""
+    code = getattr(err, "errno", None)
+    if code is None and type(err).__name__ == "SafetensorError":  # safetensors reports the OS error in its text
+        text = str(err)
+        code = errno.ENOSPC if any(k in text for k in ("os error 28", "code: 28", "StorageFull")) else None
+    if code not in DISK_ERRNOS:
+        return None
+    if code == errno.ENOSPC or code == errno.EDQUOT:
+        hint = "free some space or write somewhere else"
+    else:
+        hint = "choose a location you can write to"
+    return PrunekitError(f"cannot write {target}: {DISK_ERRNOS[code]}; {hint} (nothing was left behind)")
+
+
+@contextlib.contextmanager
+def disk_errors(target: str | Path) -> Iterator[None]:
+    """Turn a write that fails for a full, read-only or forbidden disk into a user error naming ``target``."""
+    try:
+        yield
+    except Exception as err:
+        converted = _disk_error(err, Path(target))
+        if converted is None:
+            raise
+        raise converted from None
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def check_output_location(path: str | Path | None, expected_bytes: int = 0, *, kind: str = "dir",
+                          in_place: bool = False, option: str = "--out") -> Path | None:
+    """Before any work: can ``path`` be written, and does its disk have ``expected_bytes`` free?
+
+    ``kind`` is ``dir`` or ``file``. A file or an atomic directory is staged beside ``path`` (in its
+    parent); an ``in_place`` directory (a sweep's runs dir, a report dir) is written inside itself once
+    it exists. The check creates and removes one empty probe file where the writing will happen, so a
+    read-only mount, missing permissions or a file in the way fail now rather than after hours of work."""
+    if path is None:
+        return None
+    path = Path(path).expanduser()
+    if kind == "file" and path.is_dir():
+        raise ConfigError(f"{option} '{path}' is a directory; give a file name, e.g. {path / 'results.json'}")
+    if kind == "dir" and path.exists() and not path.is_dir():
+        raise ConfigError(f"{option} '{path}' is a file; give a directory (a new one, or --overwrite an old one)")
+    folder = path if in_place and path.is_dir() else path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ConfigError(f"cannot write {option} '{path}': '{folder}' is not a directory; choose another {option}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".prunekit-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        reason = DISK_ERRNOS.get(err.errno, err.strerror or type(err).__name__)
+        raise ConfigError(
+            f"cannot write {option} '{path}': '{folder}' is not writable ({reason}); choose a location you "
+            "can write to"
+        ) from None
+    if expected_bytes > 0:
+        free = shutil.disk_usage(folder).free
+        if free < expected_bytes:
+            raise ConfigError(
+                f"not enough free space for {option} '{path}': it needs about {_size(expected_bytes)}, but "
+                f"'{folder}' has {_size(free)} free; free some space or choose another {option}"
+            )
     return path

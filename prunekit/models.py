@@ -16,7 +16,7 @@ import torch
 
 from prunekit.errors import ConfigError, ModelError
 from prunekit.hub import HUB_ALLOW_PATTERNS  # noqa: F401 - what a checkpoint repo on the Hub holds
-from prunekit.io import atomic_directory, cache_dir
+from prunekit.io import atomic_directory, cache_dir, check_model_files, check_safetensors
 
 EMBEDDED_PREFIX = "embedded:"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -166,11 +166,11 @@ def resolve_model(spec: str, revision: str | None = None) -> ModelSource:
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ModelError(f"model directory '{spec}' has no config.json; is it a Hugging Face model folder?")
-        return ModelSource(spec, path.resolve(), "local")
+        return ModelSource(spec, check_model_files(path.resolve()), "local")
     looks_local = spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").split("/", 1)[-1] or path.suffix
     if _HUB_ID.match(spec) and not looks_local:
         local, sha = _hub_snapshot(spec, revision)
-        return ModelSource(spec, local, "hub", revision=sha)
+        return ModelSource(spec, check_model_files(local), "hub", revision=sha)
     raise ModelError(
         f"model '{spec}' not found: give a local model directory, a .gguf file, a Hub id such as "
         "'google/gemma-3-270m', or 'embedded:gemma-3-270m'"
@@ -299,3 +299,27 @@ def tokenizer_fingerprint(tokenizer) -> str:
     with contextlib.suppress(TypeError):
         _FINGERPRINTS[tokenizer] = (state, fingerprint)
     return fingerprint
+
+
+def expected_checkpoint_bytes(spec: str, dtype: str) -> int:
+    """About how many bytes a checkpoint of ``spec`` saved in ``dtype`` takes: its tensors' elements
+    (from the safetensors headers, no weights read) × the dtype's size. 0 when that is unknown without
+    downloading or converting (a Hub id or GGUF file not yet in the cache)."""
+    from safetensors import safe_open
+
+    spec = str(spec)
+    if spec.startswith(EMBEDDED_PREFIX):
+        path = cache_dir("models") / f"embedded-{spec[len(EMBEDDED_PREFIX):]}"
+    else:
+        path = Path(spec).expanduser()
+    if not path.is_dir() or dtype not in DTYPES:
+        return 0
+    elements = 0
+    for file in path.glob("*.safetensors"):
+        check_safetensors(file)  # a damaged file is named here rather than failing the estimate
+        with safe_open(str(file), framework="numpy") as handle:
+            for name in handle.keys():
+                shape = handle.get_slice(name).get_shape()
+                elements += int(torch.Size(shape).numel())
+    others = sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.suffix != ".safetensors")
+    return elements * DTYPES[dtype].itemsize + others

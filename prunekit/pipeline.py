@@ -18,9 +18,9 @@ from prunekit.calibration import build_calibration_set
 from prunekit.engine import Engine, LayerResult, check_solve_threads, parse_skip_layers
 from prunekit.errors import ConfigError
 from prunekit.languages import parse_languages
-from prunekit.io import atomic_directory, read_versioned, versioned, write_json_atomic
+from prunekit.io import atomic_directory, check_output_location, read_versioned, versioned, write_json_atomic
 from prunekit.methods import get_method
-from prunekit.models import MODULE_NAMES, find_decoder_layers, load_model, resolve_device
+from prunekit.models import MODULE_NAMES, expected_checkpoint_bytes, find_decoder_layers, load_model, resolve_device
 from prunekit.progress import progress_bar
 from prunekit.recipe import Quantization, Recipe, parse_pattern, validate_quantization
 
@@ -146,6 +146,7 @@ def prune(
     if calib is not None and (nsamples < 1 or seqlen < 2):
         raise ConfigError(f"--nsamples must be >= 1 and --seqlen >= 2 (got {nsamples} and {seqlen})")
     out_path = check_output_dir(out, overwrite)
+    check_output_location(out_path, expected_checkpoint_bytes(model, dtype) if out_path else 0)  # before hours of work
     compute_device = resolve_device(device)
 
     t0 = time.perf_counter()

@@ -9,6 +9,7 @@ no blank lines. ``.jsonl`` and ``.parquet`` need a ``text`` field.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass
@@ -64,11 +65,18 @@ def mc4_data_files(lang: str, split: str, root: str | None = None) -> str:
     return f"{root}/multilingual/{name}.tfrecord-00000-of-*.json.gz"
 
 
+def usable(text: str) -> str:
+    """``text`` stripped, or '' when it holds no letter or digit in any script (only NUL bytes,
+    control characters, punctuation or whitespace): such a document has nothing to calibrate or score."""
+    text = text.strip()
+    return text if any(ch.isalnum() for ch in text) else ""
+
+
 def _take(records, lang: str, location: str, char_budget: int | None) -> list[Document]:
     docs: list[Document] = []
     total = 0
     for index, record in enumerate(records):
-        text = (record.get("text") or "").strip()
+        text = usable(record.get("text") or "")
         if not text:
             continue
         docs.append(Document(str(record.get("url") or f"{location}#{index}"), text))
@@ -109,16 +117,65 @@ def _local_file_for(path: Path, lang: str, split: str) -> Path:
     )
 
 
+def _decode(file: Path) -> str:
+    """A local text file as UTF-8, or a user error naming the file and the first byte that is not."""
+    try:
+        raw = file.read_bytes()
+    except OSError as err:
+        raise DataError(f"cannot read text source {file}: {err.strerror or err}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{file} is not UTF-8 text: byte {err.start} (0x{raw[err.start]:02x}) cannot be decoded; "
+            "convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8) or give another text source"
+        ) from None
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    import datasets
+
+    verbosity = datasets.logging.get_verbosity()
+    bars = datasets.utils.are_progress_bars_disabled()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    datasets.utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if not bars:
+            datasets.utils.enable_progress_bars()
+
+
 def _read_local(file: Path) -> list[Document]:
     if file.suffix == ".txt":
-        text = file.read_text(encoding="utf-8")
+        text = _decode(file)
         blocks = [b.strip() for b in text.split("\n\n")] if "\n\n" in text.strip() else text.splitlines()
-        return [Document(f"{file.name}:{i}", b.strip()) for i, b in enumerate(blocks) if b.strip()]
+        docs = [Document(f"{file.name}:{i}", usable(b)) for i, b in enumerate(blocks)]
+        docs = [d for d in docs if d.text]
+        if not docs:
+            raise DataError(
+                f"{file} holds no usable text (no letter or digit: empty, or only NUL bytes, control characters "
+                "or punctuation); give a file of plain UTF-8 text"
+            )
+        return docs
     if file.suffix in (".jsonl", ".parquet"):
         from datasets import load_dataset
 
         kind = "json" if file.suffix == ".jsonl" else "parquet"
-        data = load_dataset(kind, data_files=str(file), split="train")
+        if kind == "json":
+            _decode(file)  # a file that is not UTF-8 fails here, with the byte offset
+        try:
+            with _quiet_datasets():  # its own log line and bar would precede prunekit's one-line error
+                data = load_dataset(kind, data_files=str(file), split="train")
+        except Exception as err:  # noqa: BLE001 - datasets wraps every parse failure in its own errors
+            cause = err.__cause__ or err
+            raise DataError(
+                f"cannot read {file} as {'JSON lines' if kind == 'json' else 'Parquet'} "
+                f"({type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}); "
+                "fix the file or give another text source"
+            ) from None
         if "text" not in data.column_names:
             raise DataError(f"{file} has no 'text' field (fields: {', '.join(data.column_names)})")
         return _take(data, "", file.name, None)
@@ -145,5 +202,8 @@ def load_texts(source: str, lang: str, split: str = "calibration", char_budget: 
         docs = _read_local(file)
         location = str(file)
     if not docs:
-        raise DataError(f"text source '{source}' has no text for language '{lang}' ({split} split)")
+        raise DataError(
+            f"text source '{source}' ({location}) has no usable text for language '{lang}' ({split} split); "
+            "give a source with plain text in that language"
+        )
     return TextSet(lang, source, location, split, docs)

@@ -3,13 +3,12 @@ each model's dense evaluation (dense/<model key>/results.json)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from prunekit.errors import ConfigError, SchemaError
-from prunekit.io import read_versioned
+from prunekit.io import read_json, read_versioned
 
 RESULTS_KIND = "prunekit-results"
 
@@ -43,10 +42,20 @@ class Collected:
     missing: list[dict[str, Any]] = field(default_factory=list)  # runs without an evaluation yet
     sweep: dict[str, Any] | None = None  # sweep.json of the last sweep, for orderings
     analysis: list[dict[str, Any]] = field(default_factory=list)  # compared calibration pairs
+    warnings: list[str] = field(default_factory=list)  # damaged files that were skipped, each named
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8"))
+def _state(path: Path) -> str | None:
+    """The state in a stage's status file; None when it is missing or damaged (the stage is not done)."""
+    try:
+        data = read_json(path)
+    except (OSError, SchemaError):
+        return None
+    return data.get("state") if isinstance(data, dict) else None
+
+
+def _damaged(path: Path, err: Exception, what: str) -> str:
+    return f"skipped {path}: {err if isinstance(err, SchemaError) else f'{type(err).__name__}: {err}'} ({what})"
 
 
 def collect(runs_dir: str | Path) -> Collected:
@@ -55,28 +64,37 @@ def collect(runs_dir: str | Path) -> Collected:
         raise ConfigError(f"runs dir '{runs_dir}' does not exist; run `prunekit sweep CONFIG --runs-dir {runs_dir}` first")
     if not (runs_dir / "runs").is_dir() and not (runs_dir / "dense").is_dir():
         raise ConfigError(f"'{runs_dir}' holds no sweep (no runs/ or dense/ inside); point at the --runs-dir of a sweep")
+    warnings: list[str] = []
     sweep = None
     if (runs_dir / "sweep.json").exists():
-        sweep = read_versioned(runs_dir / "sweep.json", "prunekit-sweep")
+        try:
+            sweep = read_versioned(runs_dir / "sweep.json", "prunekit-sweep")
+        except (SchemaError, OSError) as err:
+            warnings.append(_damaged(runs_dir / "sweep.json", err, "the report keeps the default orderings"))
     runs: list[RunResult] = []
     missing: list[dict[str, Any]] = []
     for directory in sorted(p for p in (runs_dir / "runs").glob("*") if p.is_dir() and not p.name.startswith(".")):
         desc_path = directory / "run.json"
         if not desc_path.exists():
             continue
-        desc = read_versioned(desc_path, "prunekit-sweep-run")
+        try:
+            desc = read_versioned(desc_path, "prunekit-sweep-run")
+        except (SchemaError, OSError) as err:
+            warnings.append(_damaged(desc_path, err, "the run is left out; rerun the sweep to rewrite it"))
+            continue
         label = {"run_id": desc["run_id"], "model": desc["model"]["name"], "method": desc["method"]["label"],
                  "calibration": desc["calibration"], "seed": desc["seed"]}
         results_path = directory / "results.json"
         status_path = directory / "eval.status.json"
-        done = status_path.exists() and _read_json(status_path).get("state") == "done"
+        done = status_path.exists() and _state(status_path) == "done"
         if not results_path.exists() or not done:
             missing.append(label | {"reason": "not evaluated yet" if not results_path.exists() else "evaluation not finished"})
             continue
         try:
             results = read_versioned(results_path, RESULTS_KIND)
-        except SchemaError as err:
+        except (SchemaError, OSError) as err:
             missing.append(label | {"reason": str(err)})
+            warnings.append(_damaged(results_path, err, "the run is left out; rerun the sweep to redo its evaluation"))
             continue
         runs.append(RunResult(
             run_id=desc["run_id"], model=desc["model"]["name"], model_key=desc["model"]["key"],
@@ -88,12 +106,21 @@ def collect(runs_dir: str | Path) -> Collected:
         if not (directory / "dense.json").exists() or not (directory / "results.json").exists():
             continue
         status_path = directory / "dense.status.json"
-        if not status_path.exists() or _read_json(status_path).get("state") != "done":
+        if not status_path.exists() or _state(status_path) != "done":
             continue
-        desc = read_versioned(directory / "dense.json", "prunekit-sweep-dense")
-        dense[directory.name] = DenseResult(desc["model"]["name"], directory.name,
-                                            read_versioned(directory / "results.json", RESULTS_KIND), directory)
-    return Collected(runs_dir, runs, dense, missing, sweep, collect_analysis(runs_dir))
+        try:
+            desc = read_versioned(directory / "dense.json", "prunekit-sweep-dense")
+            dense_results = read_versioned(directory / "results.json", RESULTS_KIND)
+        except (SchemaError, OSError) as err:
+            warnings.append(_damaged(directory, err, "the dense row is left out; rerun the sweep to redo it"))
+            continue
+        dense[directory.name] = DenseResult(desc["model"]["name"], directory.name, dense_results, directory)
+    if warnings and not runs:
+        raise ConfigError(
+            f"no usable results in '{runs_dir}': " + "; ".join(warnings)
+            + f". Rerun `prunekit sweep CONFIG --runs-dir {runs_dir}` to redo the damaged stages"
+        )
+    return Collected(runs_dir, runs, dense, missing, sweep, collect_analysis(runs_dir), warnings)
 
 
 def collect_analysis(runs_dir: Path) -> list[dict[str, Any]]:
