@@ -147,7 +147,7 @@ def checkpoint_facts(run: RunResult) -> dict[str, Any]:
     desc = read_versioned(run.path / "run.json", "prunekit-sweep-run")
     push = None
     status = run.path / "push.status.json"
-    if (run.path / "push.json").exists() and status.exists() and _read_json(status).get("state") == "done":
+    if (run.path / "push.json").exists() and status.exists() and read_json(status).get("state") == "done":
         data = read_versioned(run.path / "push.json", "prunekit-sweep-push")
         push = {"repo_id": data.get("repo_id"), "url": data.get("url"), "private": data.get("private")}
     return {"quantization": (desc.get("method") or {}).get("quantization"), "push": push}
