@@ -54,8 +54,10 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 def resolve_device(device: str) -> torch.device:
+    """``auto`` is ``$PRUNEKIT_DEVICE`` when set (a sweep worker's own GPU, or ``cpu`` to pin a test
+    suite), else ``cuda`` when a GPU is visible, else ``cpu``."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = os.environ.get("PRUNEKIT_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except RuntimeError as err:
