@@ -152,7 +152,7 @@ def test_a_job_interrupted_mid_stage_is_requeued_and_the_resumed_job_finishes_th
     from prunekit.sweep import expand, load_config, run_sweep
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    config = tiny_config(tiny_llama, time_min=1)  # every signal counts as a timeout: submitit's requeue countdown
+    config = tiny_config(tiny_llama)  # 10 min: submitit counts any signal in the first 10 min of a job as its timeout
     path = tmp_path / "requeue.yaml"
     path.write_text(yaml.safe_dump(config))
     runs_dir = tmp_path / "runs"
@@ -246,6 +246,16 @@ def test_a_timeout_is_never_swallowed_as_a_task_failure(finished_run, monkeypatc
 
     monkeypatch.setattr(execute, "run_one", timed_out)
     with pytest.raises(submitit.core.utils.UncompletedJobError):
+        execute.execute_task(config, runs_dir, task)
+
+    def timed_out_inside_a_lazy_import(*args, **kwargs):  # what transformers makes of it
+        try:
+            timed_out()
+        except Exception as err:
+            raise ModuleNotFoundError("Could not import module 'LlamaConfig'") from err
+
+    monkeypatch.setattr(execute, "run_one", timed_out_inside_a_lazy_import)
+    with pytest.raises(ModuleNotFoundError):
         execute.execute_task(config, runs_dir, task)
 
     def requeued(*args, **kwargs):

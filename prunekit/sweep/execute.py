@@ -473,8 +473,16 @@ def execute_task(config: SweepConfig, runs_dir: Path, task, progress: bool = Fal
 
 def is_job_interruption(err: BaseException) -> bool:
     """submitit's UncompletedJobError (raised by its signal handler when a job times out and cannot be
-    requeued): it must end the job, never be recorded as the failure of a task."""
-    return type(err).__module__.startswith("submitit") and type(err).__name__ == "UncompletedJobError"
+    requeued): it must end the job, never be recorded as the failure of a task. The handler raises it
+    wherever the job happens to be, so a library may have wrapped it (transformers' lazy imports turn
+    it into a ModuleNotFoundError): the whole chain of causes is searched."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if type(err).__module__.startswith("submitit") and type(err).__name__ == "UncompletedJobError":
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def _failed(config: SweepConfig, runs_dir: Path, task, err: Exception) -> TaskOutcome:
