@@ -32,6 +32,10 @@ def sweep(
     evaluated once per model (RUNS_DIR/dense/). A failing run is recorded and the sweep goes on;
     the exit code is 1 if any run failed.
 
+    GPUs: one worker per visible GPU by default, each on its own device. Slurm: job arrays that run
+    in parallel; a preempted or timed-out job is requeued and resumes. Two sweeps may share one
+    runs dir: each stage runs once, and each summary counts the other's work (README: GPUs and Slurm).
+
     Example: prunekit sweep configs/tiny-example.yaml --runs-dir runs/tiny && prunekit report runs/tiny --out report/tiny
     """
     from prunekit.sweep import load_config, run_sweep

@@ -340,3 +340,43 @@ def test_a_conversion_that_finds_the_target_present_discards_its_own_staging(tmp
     assert json.loads((target / "config.json").read_text()) == {"other": 1}  # theirs was kept
     assert not calls[0].exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".m.") and "lock" not in p.name] == []
     assert publish_directory(target, convert) == target and len(calls) == 1  # present: nothing converted
+
+
+def test_a_gguf_file_is_converted_into_the_shared_cache_once(tmp_path, monkeypatch):
+    pytest.importorskip("gguf")
+    from prunekit import models
+
+    converted = []
+
+    def fake_convert(gguf_path: Path, staging: Path) -> None:  # transformers' conversion, minus the minutes
+        converted.append(gguf_path)
+        (staging / "config.json").write_text("{}")
+
+    monkeypatch.setattr(models, "_convert_gguf_into", fake_convert)
+    monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "tiny.gguf"
+    source.write_bytes(b"GGUF")
+    first = models._gguf_model_dir(source)
+    assert models._gguf_model_dir(source) == first and (first / "config.json").exists() and len(converted) == 1
+    shutil_left = [p.name for p in first.parent.iterdir() if p.name.endswith(".partial") or ".old-" in p.name]
+    assert shutil_left == []
+
+
+@pytest.mark.parametrize("device, args, message", [
+    ("cuda:1", [], "error: execution.device is cuda:1, but no CUDA device is visible here; use cpu"),
+    ("cpu", ["-j", "-2"], "error: --max-parallel must be at least 1 (or 0: automatic), got -2"),
+])
+def test_a_sweep_that_cannot_be_placed_is_a_user_error_before_any_work(tiny_llama, tmp_path, monkeypatch, device, args, message):
+    from typer.testing import CliRunner
+
+    from prunekit.cli.main import app
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU here, whatever the machine has
+    config = tiny_config(tiny_llama)
+    config["execution"] = {"device": device}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(app, ["sweep", str(path), "--runs-dir", str(tmp_path / "runs"), *args])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[0] == message
+    assert not (tmp_path / "runs").exists()
