@@ -181,18 +181,6 @@ def stage_lock(directory: Path, name: str) -> Iterator[bool]:
         yield taken
 
 
-def submitit_job_id() -> str | None:
-    """The submitit job id (``123_4`` for an array task) when running inside a submitit job."""
-    if not os.environ.get("SUBMITIT_EXECUTOR"):
-        return None
-    try:
-        import submitit
-
-        return str(submitit.JobEnvironment().job_id)
-    except Exception:  # noqa: BLE001 - not in a job after all
-        return None
-
-
 def abandon(directory: Path, name: str, job_id: str, error: str) -> bool:
     """A job we know is dead (timeout, OOM kill, node failure) left its stage 'running': record it as failed."""
     status = read_status(directory, name)
