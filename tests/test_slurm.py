@@ -380,3 +380,17 @@ def test_a_sweep_that_cannot_be_placed_is_a_user_error_before_any_work(tiny_llam
     assert result.exit_code == 2, result.output
     assert result.output.strip().splitlines()[0] == message
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen2"])
+def test_a_shape_read_from_a_config_counts_a_real_layers_linear_weights(tiny_models, arch):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from prunekit.models import find_decoder_layers
+
+    config = AutoConfig.from_pretrained(tiny_models[arch])
+    shape = ModelShape.from_config(config, arch)
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[arch])
+    layer = find_decoder_layers(model)[1][0]
+    linear = sum(m.weight.numel() for m in layer.modules() if m.__class__.__name__ == "Linear")
+    assert shape.layer_params == linear
