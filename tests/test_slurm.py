@@ -394,3 +394,29 @@ def test_a_shape_read_from_a_config_counts_a_real_layers_linear_weights(tiny_mod
     layer = find_decoder_layers(model)[1][0]
     linear = sum(m.weight.numel() for m in layer.modules() if m.__class__.__name__ == "Linear")
     assert shape.layer_params == linear
+
+
+def test_a_job_with_two_ranks_splits_its_runs_between_them(tiny_llama, tmp_path):
+    """What a node with gpus_per_node: 2 runs (tasks_per_node 2), through submitit's LocalExecutor:
+    each rank takes its own share of the job's runs, in its own process."""
+    submitit = pytest.importorskip("submitit")
+    from prunekit.sweep import expand, load_config
+    from prunekit.sweep.execute import execute_task, write_snapshot
+    from prunekit.sweep.slurm import SweepJob
+
+    raw = tiny_config(tiny_llama)
+    raw["methods"] = ["wanda"]
+    raw["calibration"] = dict(raw["calibration"], sets=["en", "de"])
+    config = load_config(raw)
+    runs_dir = tmp_path / "runs"
+    digest = write_snapshot(runs_dir, config)
+    grid = expand(config)
+    assert execute_task(config, runs_dir, grid.dense[0]).state == "done"
+    executor = submitit.AutoExecutor(folder=str(tmp_path / "jobs"), cluster="local")
+    executor.update_parameters(timeout_min=10, tasks_per_node=2, nodes=1)
+    job = executor.submit(SweepJob(), str(runs_dir), digest, [t.task_id for t in grid.runs])
+    results = job.results()
+    assert [len(r) for r in results] == [1, 1] and all(r[0]["state"] == "done" for r in results), results
+    statuses = [read_status(runs_dir / "runs" / t.run_id, "prune") for t in grid.runs]
+    assert sorted(s["job_rank"] for s in statuses) == [0, 1] and statuses[0]["pid"] != statuses[1]["pid"]
+    assert statuses[0]["job_id"] == statuses[1]["job_id"] == str(job.job_id)
