@@ -20,7 +20,7 @@ def sweep(
     config: Path = typer.Argument(..., help="Sweep config (YAML): models, methods, calibration sets, seeds, evaluation, push, slurm."),
     executor: str = typer.Option("local", "--executor", "-e", help="local (this machine) or slurm (submitit job arrays; slurm.cluster: local tests them here)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate the config and print the plan (what is done, what would run); write nothing."),
-    max_parallel: int = typer.Option(1, "--max-parallel", "-j", help="local: worker processes at a time, pinned round-robin to the visible GPUs (1 = sequential, in this process; 0 = one per visible GPU); slurm: array parallelism (0 = no limit)."),
+    max_parallel: int = typer.Option(0, "--max-parallel", "-j", help="local: worker processes at a time, each on its own GPU (0 = one per visible GPU, or 1 on the CPU; 1 = sequential, in this process; more than the GPUs is capped, with a warning); slurm: array jobs running at once (0 = no cap)."),
     runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", "-o", help="Where run dirs go (default: runs/<config name> beside the current directory)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No plan table or progress bars (the summary is still printed)."),
 ) -> None:
@@ -31,6 +31,10 @@ def sweep(
     sweep killed at any moment resumes without losing or corrupting runs. The dense model is
     evaluated once per model (RUNS_DIR/dense/). A failing run is recorded and the sweep goes on;
     the exit code is 1 if any run failed.
+
+    GPUs: one worker per visible GPU by default, each on its own device. Slurm: job arrays that run
+    in parallel; a preempted or timed-out job is requeued and resumes. Two sweeps may share one
+    runs dir: each stage runs once, and each summary counts the other's work (README: GPUs and Slurm).
 
     Example: prunekit sweep configs/tiny-example.yaml --runs-dir runs/tiny && prunekit report runs/tiny --out report/tiny
     """

@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from prunekit.errors import ConfigError, ModelError, PrunekitError, SchemaError
 
@@ -90,7 +90,7 @@ def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Pa
         if target.exists():
             if not overwrite:
                 raise FileExistsError(target)
-            trash = target.parent / f".{target.name}.old-{os.getpid()}"
+            trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))  # unique across hosts
             os.replace(target, trash)
             os.replace(staging, target)
             shutil.rmtree(trash, ignore_errors=True)
@@ -99,6 +99,41 @@ def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Pa
     except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
         raise _disk_error(err, target) or err
+
+
+def publish_directory(target: str | Path, build: Callable[[Path], Any],
+                      complete: Callable[[Path], bool] = Path.exists) -> Path:
+    """Build ``target`` once for every process and host sharing its folder (a cache on NFS): under an
+    exclusive lock beside it (``prunekit.locks``), ``build(staging)`` fills a staging folder that is
+    renamed into place. A process that finds ``target`` complete uses it; one that waited for another's
+    build uses that; one whose build finds ``target`` already published discards its own staging.
+    A present but incomplete ``target`` (``complete`` says no) is moved aside under a unique name."""
+    from prunekit.locks import exclusive
+
+    target = Path(target)
+    if complete(target):
+        return target
+    with exclusive(target.parent / f".{target.name}.lock"):
+        if complete(target):  # another process built it while we waited
+            return target
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+        os.chmod(staging, 0o777 & ~_umask())
+        try:
+            build(staging)
+            if complete(target):  # published meanwhile by a process that took no lock: keep theirs
+                return target
+            if target.exists():
+                trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+                os.replace(target, trash / target.name)
+                shutil.rmtree(trash, ignore_errors=True)
+            try:
+                os.rename(staging, target)
+            except OSError:  # a whole target appeared in between (ENOTEMPTY / EEXIST): keep it
+                if not complete(target):
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 def cache_dir(*parts: str) -> Path:

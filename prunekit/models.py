@@ -16,7 +16,7 @@ import torch
 
 from prunekit.errors import ConfigError, ModelError
 from prunekit.hub import HUB_ALLOW_PATTERNS  # noqa: F401 - what a checkpoint repo on the Hub holds
-from prunekit.io import atomic_directory, cache_dir, check_model_files, check_safetensors
+from prunekit.io import cache_dir, check_model_files, check_safetensors, publish_directory
 
 EMBEDDED_PREFIX = "embedded:"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -54,8 +54,10 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 def resolve_device(device: str) -> torch.device:
+    """``auto`` is ``$PRUNEKIT_DEVICE`` when set (a sweep worker's own GPU, or ``cpu`` to pin a test
+    suite), else ``cuda`` when a GPU is visible, else ``cpu``."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = os.environ.get("PRUNEKIT_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except RuntimeError as err:
@@ -102,14 +104,23 @@ def _gguf_parsed_once() -> Iterator[None]:
 
 
 def convert_gguf(gguf_path: Path, target: Path) -> Path:
-    """Load a GGUF file with transformers (de-quantizing it) and save it as a safetensors model dir."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """Load a GGUF file with transformers (de-quantizing it) and save it as a safetensors model dir.
+    Once for all processes and hosts sharing the cache folder (``publish_directory``)."""
     try:
         import gguf  # noqa: F401
     except ImportError as err:
         raise ModelError("loading a GGUF file needs the 'gguf' package: pip install 'prunekit[demo]'") from err
-    with atomic_directory(target, overwrite=True) as staging, _gguf_parsed_once():
+    return publish_directory(target, lambda staging: _convert_gguf_into(gguf_path, staging), _has_config)
+
+
+def _has_config(path: Path) -> bool:
+    return (path / "config.json").exists()
+
+
+def _convert_gguf_into(gguf_path: Path, staging: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _gguf_parsed_once():
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
@@ -121,14 +132,11 @@ def convert_gguf(gguf_path: Path, target: Path) -> Path:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / "prunekit-source.json").write_text(json.dumps({"gguf": str(gguf_path)}) + "\n")
-    return target
 
 
 def _gguf_model_dir(gguf_path: Path) -> Path:
     target = cache_dir("models") / f"gguf-{gguf_path.stem}-{_file_fingerprint(gguf_path)}"
-    if not (target / "config.json").exists():
-        convert_gguf(gguf_path, target)
-    return target
+    return target if _has_config(target) else convert_gguf(gguf_path, target)
 
 
 def _embedded_model_dir(name: str) -> Path:

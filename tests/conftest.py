@@ -11,6 +11,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests run on the CPU unless written for the GPU (tests/test_gpu.py asks for "cuda" explicitly): every
+# device="auto" (prune, evaluate, compare, the CLI, sweep workers) resolves to the CPU, so a GPU machine
+# compares against the same CPU references (CPU and CUDA break near-ties differently).
+os.environ["PRUNEKIT_DEVICE"] = "cpu"
 
 # Real text the tests carry with them (sources and licences: tests/data/README.md); nothing outside
 # the repository is read.

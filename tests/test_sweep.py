@@ -264,9 +264,10 @@ def test_submitit_local_executor_runs_the_grid_and_a_failing_run_does_not_stop_i
     assert leftovers(runs_dir) == []
 
 
-def test_local_pool_redoes_evaluations_whose_worker_died_one_process_per_gpu(killed_and_resumed, monkeypatch):
+def test_local_pool_redoes_evaluations_whose_worker_died_in_two_worker_processes(killed_and_resumed, monkeypatch):
     """Two eval stages say 'running' but their worker is gone (killed): the pool redoes them in two worker
-    processes, each pinned to one of the two visible GPUs; nothing else is redone."""
+    processes; nothing else is redone. CUDA_VISIBLE_DEVICES is left as it was (an explicit device keeps its
+    meaning; which GPU a worker gets is tests/test_slurm.py's placement test)."""
     runs_dir = killed_and_resumed["runs_dir"]
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -281,8 +282,9 @@ def test_local_pool_redoes_evaluations_whose_worker_died_one_process_per_gpu(kil
     summary = run_sweep(killed_and_resumed["config"], runs_dir, max_parallel=2, progress=False)
     assert summary.ok and summary.completed == 2, summary.lines()
     after = {p.name: status(p, "eval") for p in (runs_dir / "runs").iterdir()}
-    assert {after[d.name]["cuda_visible_devices"] for d in victims} == {"0", "1"}
+    assert {after[d.name]["cuda_visible_devices"] for d in victims} == {"0,1"}
     assert all(after[d.name]["pid"] not in (os.getpid(), dead.pid) and after[d.name]["state"] == "done" for d in victims)
+    assert after[victims[0].name]["pid"] != after[victims[1].name]["pid"]
     assert {k: v for k, v in after.items() if k not in {d.name for d in victims}} == {k: v for k, v in before.items() if k not in {d.name for d in victims}}
     assert all((d / "results.json").exists() for d in victims)
 
@@ -398,3 +400,102 @@ def test_the_shipped_configs_validate_and_expand_to_the_study_grid():
     assert plan.pending == plan.tasks == 84 + 2 and not Path("/nonexistent-prunekit-runs").exists()
     tiny = load_config(ROOT / "configs" / "tiny-example.yaml")
     assert [m.spec for m in tiny.models] == ["embedded:gemma-3-270m"] and tiny.nsamples <= 16
+
+
+# ---------------------------------------------------------------------------------------------
+# Corrupt status files, two sweeps on one runs directory
+# ---------------------------------------------------------------------------------------------
+
+
+def small_config(model: Path, tmp_path: Path, langs=("en",)) -> Path:
+    config = grid_config(model, name="small", methods=["wanda"])
+    config["calibration"] = dict(config["calibration"], sets=list(langs), seeds=[0])
+    config["evaluation"] = dict(config["evaluation"], languages=["en"])
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def cli_sweep(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "prunekit.cli.main", "sweep", *args, "--quiet"], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_a_corrupt_status_file_is_redone_with_a_warning_and_the_sweep_resumes(tiny_llama, tmp_path):
+    path = small_config(tiny_llama, tmp_path)
+    runs_dir = tmp_path / "runs"
+    assert run_sweep(path, runs_dir, progress=False).ok
+    run = next((runs_dir / "runs").iterdir())
+    prune_before = status(run, "prune")
+    (run / "eval.status.json").write_text('{"kind": "prunekit-stage-status", "sta')  # a truncated write
+    (run / "results.json").unlink()
+    done = cli_sweep(str(path), "--runs-dir", str(runs_dir))
+    assert done.returncode == 0, done.stderr
+    warning = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
+    assert warning and "eval.status.json cannot be read" in warning[0] and "redone" in warning[0], done.stderr
+    assert "1 completed now · 0 failed" in done.stdout, done.stdout
+    assert status(run, "eval")["state"] == "done" and (run / "results.json").exists()
+    assert status(run, "prune") == prune_before  # only the stage whose status was lost is redone
+
+
+def test_a_stage_that_finds_the_dense_evaluation_running_waits_for_it(tiny_llama, tmp_path, monkeypatch):
+    """The dense stage is running in another live process: the run's eval waits for it instead of failing,
+    and the dense evaluation is not run a second time."""
+    import threading
+
+    from prunekit.sweep import execute
+    from prunekit.sweep.grid import DenseTask
+
+    path = small_config(tiny_llama, tmp_path)
+    runs_dir = tmp_path / "runs"
+    assert run_sweep(path, runs_dir, progress=False).ok
+    config = load_config(path)
+    task = expand(config).runs[0]
+    dense = execute.dense_dir(runs_dir, DenseTask(task.model))
+    finished = status(dense, "dense")
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (dense / "dense.status.json").write_text(json.dumps(dict(finished, state="running", pid=other.pid, pid_start=None,
+                                                                 heartbeat=time.time())))
+        (runs_dir / "runs" / task.run_id / "eval.status.json").unlink()
+        monkeypatch.setattr(execute, "DENSE_POLL_S", 0.2)
+
+        def other_finishes():
+            time.sleep(2)
+            (dense / "dense.status.json").write_text(json.dumps(finished))
+
+        threading.Thread(target=other_finishes).start()
+        outcome = execute.execute_task(config, runs_dir, task)
+    finally:
+        other.kill()
+    assert outcome.state == "done" and outcome.ran == ["eval"], outcome
+    assert status(dense, "dense")["executions"] == 1
+    log = (runs_dir / "sweep.log").read_text()
+    assert "waiting for it" in log and "FAILED" not in log
+
+
+def test_two_sweeps_on_one_runs_dir_share_the_work_and_both_report_all_of_it(tiny_llama, tmp_path):
+    path = small_config(tiny_llama, tmp_path, langs=("en", "de", "sw"))
+    runs_dir = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "prunekit.cli.main", "sweep", str(path), "--runs-dir", str(runs_dir), "--quiet"]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [proc.communicate(timeout=900) for proc in procs]
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err
+        assert "0 failed" in out and "FAILED" not in out + err, out + err
+    log = (runs_dir / "sweep.log").read_text()
+    assert log.count("dense start") == 1 and "FAILED" not in log, log  # the dense evaluation ran once
+    assert status(next((runs_dir / "dense").iterdir()), "dense")["executions"] == 1
+    for directory in (runs_dir / "runs").iterdir():
+        assert status(directory, "prune")["executions"] == 1 and status(directory, "eval")["executions"] == 1
+    import re
+
+    completed = []
+    for out, _ in outputs:
+        line = next(line for line in out.splitlines() if line.startswith("sweep 'small'"))
+        done_now = int(re.search(r"(\d+) completed now", line).group(1))
+        elsewhere = re.search(r"(\d+) completed by another process", line)
+        already = int(re.search(r"(\d+) already done", line).group(1))
+        assert already + done_now + (int(elsewhere.group(1)) if elsewhere else 0) == 4, line  # 1 dense + 3 runs
+        completed.append(done_now)
+    assert sum(completed) == 4 - min(int(re.search(r"(\d+) already done", o).group(1)) for o, _ in outputs)

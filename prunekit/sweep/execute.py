@@ -154,9 +154,15 @@ def ensure_task_dir(directory: Path, kind: str, payload: dict[str, Any]) -> Path
     if directory.exists():  # a dir without its description: left by hand or an old layout; fill it in
         write_json_atomic(directory / filename, versioned(kind, payload))
         return directory
-    with contextlib.suppress(FileExistsError):
+    try:
         with atomic_directory(directory) as staging:
             write_json_atomic(staging / filename, versioned(kind, payload))
+    except FileExistsError:  # another process created it a moment before us
+        pass
+    except FileNotFoundError:  # our staging dir was cleaned away by a sweep starting on the same runs dir
+        if not (directory / filename).exists():
+            directory.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(directory / filename, versioned(kind, payload))
     return directory
 
 
@@ -266,9 +272,9 @@ def run_dense(config: SweepConfig, runs_dir: Path, task: DenseTask, progress: bo
     if stage_state(directory, "dense", fingerprint) == "done" and (directory / "results.json").exists():
         outcome.skipped.append("dense")
         return outcome
-    clean_partials(directory)
     log(runs_dir, f"{task.task_id} dense start")
     with stage(directory, "dense", fingerprint, {"model": task.model.spec}) as details:
+        clean_partials(directory)  # only once this process holds the stage: another may be writing there
         # The dense model against itself: its own perplexity per language (the "dense" row) and, as the
         # reference side, its hidden states -- cached by content hash in cache_dir("dense") for every run.
         results = evaluate_dense(config, task.model, progress)
@@ -281,6 +287,37 @@ def run_dense(config: SweepConfig, runs_dir: Path, task: DenseTask, progress: bo
     return outcome
 
 
+DENSE_POLL_S = 5.0
+
+
+def ensure_dense(config: SweepConfig, runs_dir: Path, task: DenseTask, progress: bool) -> str:
+    """The dense evaluation a run's eval stage compares against, done: run it here if nobody has (or its
+    runner died), wait for it while another process runs it (two sweeps on one runs dir, array tasks of
+    one model). It never runs twice: the dense stage's lock admits one runner. Returns its final state."""
+    directory = dense_dir(runs_dir, task)
+    fingerprint = dense_fingerprint(config)
+    waited = False
+    while True:
+        state = stage_state(directory, "dense", fingerprint)
+        if state == "done" and not (directory / "results.json").exists():
+            state = "todo"
+        if state in ("done", "failed"):
+            if waited:
+                log(runs_dir, f"{task.task_id} finished elsewhere ({state}); waiting over")
+            return state
+        if state in ("todo", "stale"):
+            try:
+                run_dense(config, runs_dir, task, progress)
+            except StageBusy:  # somebody claimed it a moment before us: wait for it
+                time.sleep(DENSE_POLL_S)
+                continue
+            return stage_state(directory, "dense", fingerprint)
+        if not waited:
+            log(runs_dir, f"{task.task_id} is being run by another process; waiting for it")
+            waited = True
+        time.sleep(DENSE_POLL_S)
+
+
 def run_one(config: SweepConfig, runs_dir: Path, task: RunTask, progress: bool) -> TaskOutcome:
     from prunekit.pipeline import prune
 
@@ -289,7 +326,6 @@ def run_one(config: SweepConfig, runs_dir: Path, task: RunTask, progress: bool) 
     states = task_states(config, runs_dir, task)
     if "busy" in states.values():
         return TaskOutcome(task.task_id, "busy", error=f"stages {states} are being run by another process")
-    clean_partials(directory)
     checkpoint = directory / "checkpoint"
 
     loaded = None  # the model the prune stage produced, handed to the eval stage without a reload
@@ -302,6 +338,7 @@ def run_one(config: SweepConfig, runs_dir: Path, task: RunTask, progress: bool) 
         log(runs_dir, f"{task.task_id} prune start")
         outcome.stage = "prune"
         with stage(directory, "prune", None, {"identity_hash": task.run_id}) as details:
+            clean_partials(directory)  # only once this process holds the stage: another may be writing there
             result = prune(
                 task.model.spec, method=task.method.method, sparsity=task.sparsity, pattern=task.pattern_spec,
                 calib=task.calib, calib_source=config.calib_source, nsamples=config.nsamples, seqlen=config.seqlen,
@@ -323,10 +360,11 @@ def run_one(config: SweepConfig, runs_dir: Path, task: RunTask, progress: bool) 
         outcome.skipped.append("eval")
     else:
         dense_task = DenseTask(task.model)
-        dense_state = stage_state(dense_dir(runs_dir, dense_task), "dense", dense_fingerprint(config))
+        dense_state = ensure_dense(config, runs_dir, dense_task, progress)
         outcome.stage = "eval"
         log(runs_dir, f"{task.task_id} eval start")
         with stage(directory, "eval", fingerprint) as details:
+            clean_partials(directory)
             if dense_state != "done":
                 raise PrunekitError(f"the dense evaluation of {task.model.name} is {dense_state}, not done; see {dense_dir(runs_dir, dense_task)}")
             results = evaluate_checkpoint(config, checkpoint, task.model, progress, loaded)
@@ -386,9 +424,9 @@ def run_analysis(config: SweepConfig, runs_dir: Path, task: AnalysisTask, progre
     if stage_state(directory, "analysis", fingerprint) == "done":
         outcome.skipped.append("analysis")
         return outcome
-    clean_partials(directory)
     outcome.stage = "analysis"
     with stage(directory, "analysis", fingerprint) as details:
+        clean_partials(directory)
         side_a = [Path(runs_dir) / "runs" / rid / "checkpoint" for rid in task.runs_a]
         side_b = [Path(runs_dir) / "runs" / rid / "checkpoint" for rid in task.runs_b]
         missing = [str(c) for c in side_a + side_b if not (c / "prunekit.json").exists()]
@@ -425,15 +463,37 @@ def execute_task(config: SweepConfig, runs_dir: Path, task, progress: bool = Fal
         outcome = TaskOutcome(task.task_id, "busy", error=str(err))
     except KeyboardInterrupt:
         raise
-    except Exception as err:  # noqa: BLE001 - recorded in the status file and the summary
-        kind = "" if isinstance(err, PrunekitError) else f"{type(err).__name__}: "
-        outcome = TaskOutcome(task.task_id, "failed", error=f"{kind}{err}")
-        outcome.stage = _failed_stage(config, runs_dir, task)
-        log(runs_dir, f"{task.task_id} FAILED in {outcome.stage}: {kind}{err}")
-        if not isinstance(err, PrunekitError):
-            log(runs_dir, traceback.format_exc(limit=8).replace("\n", " | "))
-        _free_memory()
+    except Exception as err:
+        if is_job_interruption(err):  # submitit's timeout: the job ends (and is requeued), not the task
+            raise
+        outcome = _failed(config, Path(runs_dir), task, err)
     outcome.seconds = round(time.perf_counter() - t0, 3)
+    return outcome
+
+
+def is_job_interruption(err: BaseException) -> bool:
+    """submitit's UncompletedJobError (raised by its signal handler when a job times out and cannot be
+    requeued): it must end the job, never be recorded as the failure of a task. The handler raises it
+    wherever the job happens to be, so a library may have wrapped it (transformers' lazy imports turn
+    it into a ModuleNotFoundError): the whole chain of causes is searched."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if type(err).__module__.startswith("submitit") and type(err).__name__ == "UncompletedJobError":
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _failed(config: SweepConfig, runs_dir: Path, task, err: Exception) -> TaskOutcome:
+    """A task's failure as its outcome (its stage's status file already records it), logged."""
+    kind = "" if isinstance(err, PrunekitError) else f"{type(err).__name__}: "
+    outcome = TaskOutcome(task.task_id, "failed", error=f"{kind}{err}")
+    outcome.stage = _failed_stage(config, runs_dir, task)
+    log(runs_dir, f"{task.task_id} FAILED in {outcome.stage}: {kind}{err}")
+    if not isinstance(err, PrunekitError):
+        log(runs_dir, traceback.format_exc(limit=8).replace("\n", " | "))
+    _free_memory()
     return outcome
 
 
@@ -450,8 +510,20 @@ def execute_tasks(runs_dir: str | Path, config_digest: str, task_ids: list[str],
     """Entry point of every worker (subprocess, submitit job): re-read the config snapshot and run tasks."""
     runs_dir = Path(runs_dir)
     config = read_snapshot(runs_dir, config_digest)
+    _select_worker_gpu(config)
     grid: Grid = expand(config)
     outcomes = []
     for task_id in task_ids:
         outcomes.append(execute_task(config, runs_dir, grid.task(task_id), progress).to_json())
     return outcomes
+
+
+def _select_worker_gpu(config: SweepConfig) -> None:
+    """A worker given its own GPU (PRUNEKIT_DEVICE=cuda:i by the local pool or a Slurm rank) makes it the
+    current device, so that whatever names no index (``cuda``, memory queries, cache releases) means it."""
+    device = os.environ.get("PRUNEKIT_DEVICE", "")
+    if config.device in ("auto", "cuda") and device.startswith("cuda:"):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.set_device(torch.device(device))

@@ -1,11 +1,14 @@
 """Executors: where tasks run.
 
 - ``inprocess``: sequentially in this process (``--executor local``, ``--max-parallel 1``).
-- ``pool``: ``--executor local --max-parallel N``: N worker processes at a time, one task each,
-  pinned round-robin to the visible GPUs through ``CUDA_VISIBLE_DEVICES``.
-- ``submitit``: ``--executor slurm``: one job-array task per run (``slurm.runs_per_job`` runs
-  each), ``slurm_array_parallelism = --max-parallel``; ``slurm.cluster: local`` runs the same
-  jobs through submitit's LocalExecutor (for testing on a workstation).
+- ``pool``: ``--executor local --max-parallel N``: N worker processes at a time, one task each;
+  worker i's ``device: auto`` (or ``cuda``) means ``cuda:i`` (``PRUNEKIT_DEVICE``), one worker per
+  GPU (``prunekit.placement.worker_plan``); an explicit ``cuda:N`` is left as written.
+- ``submitit``: ``--executor slurm``: one job-array task per ``slurm.runs_per_job`` runs (× the GPUs
+  of a node: one rank per GPU), ``slurm_array_parallelism = --max-parallel`` (default: no cap);
+  each job is a checkpointable ``SweepJob``, requeued after a preemption or a timeout;
+  ``slurm.cluster: local`` runs the same jobs through submitit's LocalExecutor (for testing on a
+  workstation).
 
 Each executor returns one ``TaskOutcome`` per task; a task that fails never stops the others.
 """
@@ -28,7 +31,8 @@ EXECUTORS = ("local", "slurm")
 
 
 def visible_gpus() -> list[str]:
-    """GPU ids the local pool may hand out: CUDA_VISIBLE_DEVICES, else every device torch sees."""
+    """GPUs this process may hand out (CUDA_VISIBLE_DEVICES, else every device torch sees); worker i
+    of the pool uses the i-th of them, as cuda:i."""
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
     if env is not None:
         return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
@@ -40,6 +44,16 @@ def visible_gpus() -> list[str]:
         return []
 
 
+def local_worker_plan(config: SweepConfig, max_parallel: int | None):
+    """Workers and their devices on this machine; a warning for each request that was capped."""
+    from prunekit.placement import worker_plan
+
+    plan = worker_plan(config.device, max_parallel, len(visible_gpus()))
+    for warning in plan.warnings:
+        stderr_console.print(f"warning: {warning}", markup=False, highlight=False)
+    return plan
+
+
 def outcome_from_disk(config: SweepConfig, runs_dir: Path, task, note: str | None = None) -> TaskOutcome:
     """What a worker that ran elsewhere achieved, read back from the status files."""
     from prunekit.sweep.execute import stage_names, task_dir
@@ -48,6 +62,8 @@ def outcome_from_disk(config: SweepConfig, runs_dir: Path, task, note: str | Non
     states = task_states(config, runs_dir, task)
     if is_complete(states):
         return TaskOutcome(task.task_id, "done")
+    if "busy" in states.values():
+        return TaskOutcome(task.task_id, "busy", error=f"stages {states} are being run by another process")
     directory = task_dir(runs_dir, task)
     for name in stage_names(config, task):
         status = read_status(directory, name) if directory.exists() else None
@@ -83,7 +99,10 @@ def run_inprocess(config: SweepConfig, runs_dir: Path, tasks: list, progress: bo
 
 
 def run_pool(config: SweepConfig, runs_dir: Path, tasks: list, progress: bool, config_digest: str, max_parallel: int, **_: Any) -> list[TaskOutcome]:
-    gpus = visible_gpus()
+    from prunekit.placement import worker_plan
+
+    devices = worker_plan(config.device, max_parallel, len(visible_gpus())).devices  # warned once in run_sweep
+    max_parallel = len(devices)
     logs = runs_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     queue = list(tasks)
@@ -96,8 +115,8 @@ def run_pool(config: SweepConfig, runs_dir: Path, tasks: list, progress: bool, c
                 while queue and free:
                     slot, task = free.pop(0), queue.pop(0)
                     env = dict(os.environ)
-                    if gpus:
-                        env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
+                    if devices[slot] is not None:  # the worker's device=auto; CUDA_VISIBLE_DEVICES is left alone,
+                        env["PRUNEKIT_DEVICE"] = devices[slot]  # so an explicit cuda:N keeps its meaning
                     log_path = logs / f"{task.task_id.replace(':', '-')}.log"
                     handle = open(log_path, "a", encoding="utf-8")  # noqa: SIM115 - closed when the worker ends
                     cmd = [sys.executable, "-m", "prunekit.sweep.worker", str(runs_dir), config_digest, task.task_id]
@@ -120,7 +139,18 @@ def run_pool(config: SweepConfig, runs_dir: Path, tasks: list, progress: bool, c
     return [outcomes[t.task_id] for t in tasks]
 
 
-def submitit_executor(config: SweepConfig, runs_dir: Path, max_parallel: int):
+def job_layout(config: SweepConfig, max_parallel: int | None):
+    """Ranks and tasks of each job (``prunekit.placement.slurm_layout``); a local "cluster" has only
+    the GPUs this machine shows."""
+    from prunekit.placement import slurm_layout
+
+    gpus = config.slurm["gpus_per_node"]
+    if config.slurm["cluster"] != "slurm":
+        gpus = min(gpus, len(visible_gpus()))
+    return slurm_layout(gpus, config.slurm["runs_per_job"], max_parallel)
+
+
+def submitit_executor(config: SweepConfig, runs_dir: Path, max_parallel: int | None):
     try:
         import submitit
     except ImportError as err:
@@ -131,20 +161,19 @@ def submitit_executor(config: SweepConfig, runs_dir: Path, max_parallel: int):
         executor = submitit.AutoExecutor(folder=str(runs_dir / "slurm" / "%j"), cluster=cluster)
     except RuntimeError as err:  # no srun / sbatch on this machine
         raise ConfigError(f"--executor slurm: {err}; to try the same jobs on this machine set slurm.cluster: local") from err
-    gpus = slurm["gpus_per_node"]
-    if cluster != "slurm":
-        gpus = min(gpus, len(visible_gpus()))
+    layout = job_layout(config, max_parallel)
     params: dict[str, Any] = {
         "name": f"prunekit-{config.name}",
         "timeout_min": slurm["time_min"],
-        "gpus_per_node": gpus,
+        "gpus_per_node": layout.gpus_per_node,
         "cpus_per_task": slurm["cpus_per_task"],
         "mem_gb": slurm["mem_gb"],
-        "tasks_per_node": 1,
+        "tasks_per_node": layout.ranks,  # one rank per GPU, each on its own device
         "nodes": 1,
     }
     if cluster == "slurm":
-        params["slurm_array_parallelism"] = max_parallel
+        if layout.array_parallelism is not None:
+            params["slurm_array_parallelism"] = layout.array_parallelism
         for key in ("partition", "account", "qos", "constraint"):
             if key in slurm:
                 params[f"slurm_{key}"] = slurm[key]
@@ -160,18 +189,19 @@ def chunk(tasks: list, size: int) -> list[list]:
     return [tasks[i:i + size] for i in range(0, len(tasks), size)]
 
 
-def run_submitit(config: SweepConfig, runs_dir: Path, tasks: list, progress: bool, config_digest: str, max_parallel: int, **_: Any) -> list[TaskOutcome]:
-    from prunekit.sweep.execute import execute_tasks, stage_names, task_dir
+def run_submitit(config: SweepConfig, runs_dir: Path, tasks: list, progress: bool, config_digest: str, max_parallel: int | None, **_: Any) -> list[TaskOutcome]:
+    from prunekit.sweep.execute import stage_names, task_dir
+    from prunekit.sweep.slurm import SweepJob
     from prunekit.sweep.state import abandon
 
     executor = submitit_executor(config, runs_dir, max_parallel)
     if config.slurm["cluster"] == "slurm":
-        groups = chunk(tasks, config.slurm["runs_per_job"])
+        groups = chunk(tasks, job_layout(config, max_parallel).tasks_per_job)
     else:  # a workstation: at most max_parallel concurrent jobs, each working through its share
-        per_job = -(-len(tasks) // max(1, min(max_parallel, len(tasks))))
-        groups = chunk(tasks, per_job)
+        jobs_at_once = max(1, min(max_parallel or 1, len(tasks)))
+        groups = chunk(tasks, -(-len(tasks) // jobs_at_once))
     ids = [[t.task_id for t in group] for group in groups]
-    jobs = executor.map_array(execute_tasks, [str(runs_dir)] * len(ids), [config_digest] * len(ids), ids)
+    jobs = executor.map_array(SweepJob(), [str(runs_dir)] * len(ids), [config_digest] * len(ids), ids)
     if progress:
         stderr_console.print(f"submitted {len(jobs)} {config.slurm['cluster']} job(s) for {len(tasks)} task(s): "
                              f"{', '.join(j.job_id for j in jobs[:6])}{' …' if len(jobs) > 6 else ''}")
@@ -200,14 +230,15 @@ def run_submitit(config: SweepConfig, runs_dir: Path, tasks: list, progress: boo
     return [outcomes[t.task_id] for t in tasks]
 
 
-def get_executor(name: str, max_parallel: int) -> Callable[..., list[TaskOutcome]]:
+def get_executor(name: str, max_parallel: int | None) -> Callable[..., list[TaskOutcome]]:
+    """``max_parallel``: local workers (already planned: ``local_worker_plan``), or Slurm jobs at a time (None: no cap)."""
     if name not in EXECUTORS:
         import difflib
 
         hint = difflib.get_close_matches(name, EXECUTORS, n=1)
         raise ConfigError(f"unknown executor '{name}'{f' (did you mean {hint[0]!r}?)' if hint else ''}; use local or slurm")
-    if max_parallel < 1:
-        raise ConfigError(f"--max-parallel must be at least 1 (or 0: one worker per visible GPU), got {max_parallel}")
+    if max_parallel is not None and max_parallel < 0:
+        raise ConfigError(f"--max-parallel must be at least 1 (or 0: automatic), got {max_parallel}")
     if name == "slurm":
         return run_submitit
-    return run_inprocess if max_parallel == 1 else run_pool
+    return run_inprocess if (max_parallel or 1) == 1 else run_pool

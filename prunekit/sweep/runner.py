@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from prunekit.errors import ConfigError
+from prunekit.progress import stderr_console
 from prunekit.io import versioned, write_json_atomic
 from prunekit.sweep.config import SweepConfig, load_config
 from prunekit.sweep.execute import TaskOutcome, is_complete, task_states, write_snapshot
@@ -106,6 +107,7 @@ class SweepSummary:
     runs: int
     already_done: int  # tasks complete before this sweep started
     completed: int  # tasks completed by this sweep
+    completed_elsewhere: int = 0  # tasks another process (a second sweep on this runs dir) completed meanwhile
     failed: list[FailedTask] = field(default_factory=list)
     busy: list[str] = field(default_factory=list)  # tasks another live process is running
     notes: list[str] = field(default_factory=list)  # advice, e.g. a dense cache that was not shared
@@ -126,7 +128,9 @@ class SweepSummary:
         if self.dry_run:
             return [f"dry run: {self.pending} of {self.tasks} tasks would run ({self.already_done} already done); nothing was written"]
         out = [f"sweep '{self.name}': {self.tasks} tasks ({self.runs} runs) · {self.already_done} already done · "
-               f"{self.completed} completed now · {len(self.failed)} failed · {len(self.busy)} running elsewhere · "
+               f"{self.completed} completed now · "
+               + (f"{self.completed_elsewhere} completed by another process · " if self.completed_elsewhere else "")
+               + f"{len(self.failed)} failed · {len(self.busy)} running elsewhere · "
                f"{self.seconds:.1f}s · {self.runs_dir}"]
         for item in self.failed:
             out.append(f"  FAILED {item.label} [{item.stage or '?'}]: {item.error}")
@@ -140,7 +144,8 @@ class SweepSummary:
     def to_json(self) -> dict[str, Any]:
         return {
             "runs_dir": str(self.runs_dir), "name": self.name, "tasks": self.tasks, "runs": self.runs,
-            "already_done": self.already_done, "completed": self.completed, "busy": self.busy,
+            "already_done": self.already_done, "completed": self.completed,
+            "completed_elsewhere": self.completed_elsewhere, "busy": self.busy,
             "failed": [f.__dict__ for f in self.failed], "notes": self.notes, "seconds": self.seconds, "ok": self.ok,
         }
 
@@ -150,7 +155,7 @@ def run_sweep(
     runs_dir: str | Path,
     executor: str = "local",
     dry_run: bool = False,
-    max_parallel: int = 1,
+    max_parallel: int | None = None,
     progress: bool = True,
 ) -> SweepSummary:
     """Expand ``config`` (YAML path or dict) into runs under ``runs_dir`` and execute what is not done yet.
@@ -159,16 +164,21 @@ def run_sweep(
     stages whose process died are redone, partial temp dirs are removed. A failing run records its
     error and the sweep goes on; check ``summary.ok`` / ``summary.exit_code`` at the end.
 
-    ``executor``: "local" (``max_parallel`` 1: sequentially in this process; N: N worker processes
-    pinned round-robin to the visible GPUs; 0: one per visible GPU) or "slurm" (submitit job arrays,
-    ``max_parallel`` tasks at a time; ``slurm.cluster: local`` runs them with submitit's LocalExecutor).
+    ``executor``: "local" (``max_parallel`` 1: sequentially in this process; N: N worker processes,
+    each on its own GPU (at most one per visible GPU); None or 0: one per visible GPU, or one on the
+    CPU) or "slurm" (submitit job arrays, ``max_parallel`` jobs at a time, None or 0: no cap;
+    ``slurm.cluster: local`` runs them with submitit's LocalExecutor).
     """
     started = time.perf_counter()
     cfg = load_config(config)  # every config mistake fails here, before any work
-    if max_parallel == 0:  # auto: one worker per visible GPU here; Slurm: submitit's default array limit
-        from prunekit.sweep.executors import visible_gpus
+    if executor == "local":  # how many workers, each on which GPU (prunekit.placement.worker_plan)
+        from prunekit.sweep.executors import local_worker_plan
 
-        max_parallel = max(1, len(visible_gpus())) if executor == "local" else 256
+        get_executor(executor, max_parallel)  # an unknown executor or a negative count fails first
+        if not dry_run:  # a plan may be printed where the GPUs are not
+            max_parallel = local_worker_plan(cfg, max_parallel).workers
+    elif not max_parallel:
+        max_parallel = None
     run = get_executor(executor, max_parallel)
     runs_dir = Path(runs_dir).expanduser().resolve()
     if executor == "slurm" and importlib.util.find_spec("submitit") is None:
@@ -200,17 +210,14 @@ def run_sweep(
     }))
     outcomes: list[TaskOutcome] = []
     for kind in (DenseTask, RunTask, AnalysisTask):
-        if kind is not DenseTask:  # earlier phases may have changed what is pending
-            plan = make_plan(cfg, runs_dir)
-        pending = plan.pending(kind)
-        if pending:
-            outcomes += run(cfg, runs_dir, pending, progress, config_digest=digest, max_parallel=max_parallel)
+        outcomes += run_phase(cfg, runs_dir, kind, run, progress, digest, max_parallel)
 
     final = make_plan(cfg, runs_dir)
     by_id = {o.task_id: o for o in outcomes}
     labels = {row.task.task_id: describe(row.task) for row in final.rows}
     summary.outcomes = outcomes
     summary.completed = sum(1 for o in outcomes if o.state == "done" and final_complete(final, o.task_id))
+    summary.completed_elsewhere = max(0, final.counts()["complete"] - summary.already_done - summary.completed)
     summary.busy = [row.task.task_id for row in final.rows if "busy" in row.states.values()]
     for row in final.rows:
         if row.complete or row.task.task_id in summary.busy:
@@ -223,6 +230,44 @@ def run_sweep(
     summary.seconds = round(time.perf_counter() - started, 3)
     write_json_atomic(runs_dir / "sweep-summary.json", versioned("prunekit-sweep-summary", summary.to_json() | {"finished": now_iso()}))
     return summary
+
+
+WAIT_POLL_S = 5.0
+MAX_BUSY_RETRIES = 720  # a task that keeps answering 'busy' although no live runner shows: left after ~1 h
+
+
+def run_phase(cfg: SweepConfig, runs_dir: Path, kind: type, run, progress: bool, digest: str, max_parallel: int) -> list[TaskOutcome]:
+    """Run the phase's pending tasks, then wait for those another process runs (a second sweep on this
+    runs dir): a task whose runner dies meanwhile becomes pending again and runs here. Each task is run
+    at most once by this sweep (a failure is not retried until the next sweep), and the phase ends when
+    none of its tasks is running anywhere, so the next phase finds its dependencies done."""
+    outcomes: dict[str, TaskOutcome] = {}
+    attempted: set[str] = set()
+    busy_retries: dict[str, int] = {}
+    announced = False
+    while True:
+        plan = make_plan(cfg, runs_dir)
+        pending = [t for t in plan.pending(kind) if t.task_id not in attempted]
+        claimed_elsewhere = []
+        if pending:
+            for outcome in run(cfg, runs_dir, pending, progress, config_digest=digest, max_parallel=max_parallel):
+                retries = busy_retries[outcome.task_id] = busy_retries.get(outcome.task_id, 0) + (outcome.state == "busy")
+                if outcome.state == "busy" and retries < MAX_BUSY_RETRIES:
+                    claimed_elsewhere.append(outcome.task_id)  # another process claimed it a moment before us
+                    continue
+                attempted.add(outcome.task_id)
+                outcomes[outcome.task_id] = outcome
+            if not claimed_elsewhere:
+                continue  # look again at once: what ran meanwhile elsewhere may have changed the plan
+        busy = [row.task.task_id for row in plan.rows if isinstance(row.task, kind) and "busy" in row.states.values()]
+        waiting = busy + claimed_elsewhere
+        if not waiting:
+            return list(outcomes.values())
+        if progress and not announced:
+            stderr_console.print(f"waiting for {len(waiting)} task(s) that another process is running "
+                                 f"({', '.join(waiting[:4])}{' …' if len(waiting) > 4 else ''})")
+            announced = True
+        time.sleep(WAIT_POLL_S)
 
 
 def dense_cache_notes(runs_dir: Path, evaluated: list[str]) -> list[str]:

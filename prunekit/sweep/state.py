@@ -1,13 +1,25 @@
 """Stage status files: atomic JSON saying running / done / failed, with timings and who runs it.
 
 A stage that says ``running`` is *stale* (its process is gone) when it ran on this host and
-its pid no longer exists (or was reused), or when its heartbeat is older than
-``STALE_AFTER_S`` (another host, e.g. a Slurm node that was killed). Stale stages are redone.
+its pid no longer exists (or was reused); when it was written by an earlier run of this very
+Slurm job (same job id and rank: a requeued job after a preemption or a node failure, as Slurm
+runs one instance of a job at a time); or when its heartbeat is older than ``STALE_AFTER_S``
+(another host, e.g. a Slurm node that was killed). Stale stages are redone.
+
+Who runs a stage is decided by an exclusive POSIX record lock (``fcntl.lockf``, which NFS, Lustre
+and GPFS carry to every node) on ``.STAGE.lock`` beside the status file, held for the whole stage:
+two processes that reach the same stage at the same moment (two sweeps on one runs directory,
+array tasks sharing a dense model) cannot both run it, and the lock dies with its process. Where
+the filesystem has no locks, the status file alone decides, as before.
+
+A status file that cannot be read (truncated, not JSON) counts as "never ran": its stage is redone,
+with a warning that names the file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -18,6 +30,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
+from prunekit import locks
+from prunekit.errors import SchemaError
 from prunekit.io import read_versioned, versioned, write_json_atomic
 
 STATUS_KIND = "prunekit-stage-status"
@@ -53,17 +67,71 @@ def status_path(directory: Path, stage: str) -> Path:
     return Path(directory) / f"{stage}.status.json"
 
 
+_WARNED: set[str] = set()
+
+
+def _warn_corrupt(path: Path, err: Exception) -> None:
+    if str(path) in _WARNED:
+        return
+    _WARNED.add(str(path))
+    from prunekit.progress import stderr_console
+
+    reason = err.msg if isinstance(err, json.JSONDecodeError) else str(err)
+    stderr_console.print(f"warning: {path} cannot be read ({reason}); its stage counts as not done and is redone",
+                         markup=False, highlight=False, soft_wrap=True)
+
+
 def read_status(directory: Path, stage: str) -> dict[str, Any] | None:
+    """The stage's status, or None when it never ran -- or when its file cannot be read (a warning says so)."""
     path = status_path(directory, stage)
     if not path.exists():
         return None
-    return read_versioned(path, STATUS_KIND)
+    try:
+        status = read_versioned(path, STATUS_KIND)
+        if not isinstance(status, dict) or not isinstance(status.get("state"), str):
+            raise ValueError("no stage state in it")
+    except (OSError, UnicodeDecodeError, ValueError, SchemaError, AttributeError) as err:  # JSONDecodeError is a ValueError
+        _warn_corrupt(path, err)
+        return None
+    return status
+
+
+def job_identity() -> dict[str, Any]:
+    """Which Slurm/submitit job (and which of its ranks) this process is: stored in every status."""
+    if os.environ.get("SUBMITIT_EXECUTOR"):
+        with contextlib.suppress(Exception):  # noqa: BLE001 - not in a job after all
+            import submitit
+
+            env = submitit.JobEnvironment()
+            return {"job_id": str(env.job_id), "job_rank": int(env.global_rank)}
+    job_id = None
+    if os.environ.get("SLURM_JOB_ID"):  # an sbatch script that runs prunekit itself
+        array = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+        job_id = f"{array[0]}_{array[1]}" if all(array) else os.environ["SLURM_JOB_ID"]
+    rank = os.environ.get("SLURM_PROCID", "0")
+    return {"job_id": job_id, "job_rank": int(rank) if rank.isdigit() else 0}
+
+
+def _same_job_earlier_run(status: dict[str, Any]) -> bool:
+    """Written by an earlier run of the job this process belongs to (same job id and rank, another
+    process): that run is over, since a job (array task) runs one instance at a time."""
+    if not os.environ.get("SUBMITIT_EXECUTOR"):  # a plain sbatch script may start two sweeps in one job
+        return False
+    me = job_identity()
+    if me["job_id"] is None or status.get("job_id") != me["job_id"] or int(status.get("job_rank") or 0) != me["job_rank"]:
+        return False
+    if status.get("host") == socket.gethostname():
+        pid = int(status.get("pid", -1))
+        return pid != os.getpid() and not (pid > 0 and _pid_alive(pid) and status.get("pid_start") in (None, _proc_start(pid)))
+    return True
 
 
 def is_stale(status: dict[str, Any]) -> bool:
     """True when a 'running' status belongs to a process that no longer exists."""
     if status.get("state") != RUNNING:
         return False
+    if _same_job_earlier_run(status):
+        return True
     if status.get("host") == socket.gethostname():
         pid = int(status.get("pid", -1))
         if pid <= 0 or not _pid_alive(pid):
@@ -90,16 +158,27 @@ def stage_state(directory: Path, stage: str, fingerprint: str | None = None) -> 
     return "failed"
 
 
-def submitit_job_id() -> str | None:
-    """The submitit job id (``123_4`` for an array task) when running inside a submitit job."""
-    if not os.environ.get("SUBMITIT_EXECUTOR"):
-        return None
-    try:
-        import submitit
+# ---------------------------------------------------------------------------------------------
+# Stage locks: one runner per stage, across processes and hosts (prunekit.locks)
+# ---------------------------------------------------------------------------------------------
 
-        return str(submitit.JobEnvironment().job_id)
-    except Exception:  # noqa: BLE001 - not in a job after all
-        return None
+
+def lock_path(directory: Path, stage: str) -> Path:
+    return Path(directory) / f".{stage}.lock"
+
+
+@contextlib.contextmanager
+def stage_lock(directory: Path, name: str) -> Iterator[bool]:
+    """Hold the stage's exclusive lock for the block; yields False when another live process holds it
+    (or this process already runs the stage): the block should then not run it.
+    The lock only makes the claim exclusive; whether a 'running' status is stale is still decided by the
+    status (pid, job id, heartbeat), so a filesystem whose locks are not shared (NFS ``nolock``) is no worse."""
+    with contextlib.ExitStack() as stack:
+        try:  # no marker where the filesystem has no locks: one left by a killed process would block the stage
+            taken = stack.enter_context(locks.exclusive(lock_path(directory, name), wait=False, marker=False))
+        except locks.LockBusy:
+            taken = False
+        yield taken
 
 
 def abandon(directory: Path, name: str, job_id: str, error: str) -> bool:
@@ -107,6 +186,8 @@ def abandon(directory: Path, name: str, job_id: str, error: str) -> bool:
     status = read_status(directory, name)
     if status is None or status.get("state") != RUNNING or status.get("job_id") != job_id:
         return False
+    if locks.held_elsewhere(lock_path(directory, name)):
+        return False  # somebody runs it after all (the job was requeued and runs again)
     status.update(state=FAILED, error=error, finished=now_iso())
     write_json_atomic(status_path(directory, name), status)
     return True
@@ -124,9 +205,21 @@ def stage(directory: Path, name: str, fingerprint: str | None = None, extra: dic
     A failure records the error and re-raises.
     """
     directory = Path(directory)
-    previous = read_status(directory, name)
-    if previous is not None and previous.get("state") == RUNNING and not is_stale(previous):
-        raise StageBusy(f"{directory.name}/{name} is being run by pid {previous.get('pid')} on {previous.get('host')}")
+    with stage_lock(directory, name) as mine:
+        previous = read_status(directory, name)
+        busy = previous is not None and previous.get("state") == RUNNING and not is_stale(previous)
+        if not mine and not (previous is not None and _same_job_earlier_run(previous)):
+            busy = True  # a live process holds the lock (a lock left by an earlier run of this job is not honoured)
+        if busy:
+            who = f"pid {previous.get('pid')} on {previous.get('host')}" if previous else "another process"
+            raise StageBusy(f"{directory.name}/{name} is being run by {who}")
+        with _run_stage(directory, name, fingerprint, extra, previous) as details:
+            yield details
+
+
+@contextlib.contextmanager
+def _run_stage(directory: Path, name: str, fingerprint: str | None, extra: dict[str, Any] | None,
+               previous: dict[str, Any] | None) -> Iterator[dict[str, Any]]:
     base = {
         "stage": name,
         "host": socket.gethostname(),
@@ -136,7 +229,8 @@ def stage(directory: Path, name: str, fingerprint: str | None = None, extra: dic
         "executions": int((previous or {}).get("executions", 0)) + 1,
         "started": now_iso(),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-        "job_id": submitit_job_id(),
+        **job_identity(),
+        "device": os.environ.get("PRUNEKIT_DEVICE"),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         **(extra or {}),
     }
@@ -164,7 +258,12 @@ def stage(directory: Path, name: str, fingerprint: str | None = None, extra: dic
     except BaseException as err:
         stop.set()
         thread.join()
-        message = f"{type(err).__name__}: {err}" if not isinstance(err, KeyboardInterrupt) else "interrupted"
+        if isinstance(err, KeyboardInterrupt):
+            message = "interrupted"
+        elif isinstance(err, SystemExit):  # submitit's requeue after a preemption or a timeout signal
+            message = f"interrupted (exit {err.code}): the job was preempted or ran out of time; a requeued job redoes it"
+        else:
+            message = f"{type(err).__name__}: {err}"
         write(FAILED, error=message, traceback=traceback.format_exc(limit=20), finished=now_iso(),
               seconds=round(time.perf_counter() - t0, 3), details=details)
         raise
