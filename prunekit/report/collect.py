@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from prunekit.errors import ConfigError, SchemaError
+from prunekit.artifacts import (SWEEP_ANALYSIS_KIND, SWEEP_ANALYSIS_RESULT_KIND, SWEEP_DENSE_KIND, SWEEP_KIND, SWEEP_RUN_KIND,
+                                read_results, results_path)
 from prunekit.io import read_versioned
-
-RESULTS_KIND = "prunekit-results"
 
 
 @dataclass
@@ -57,24 +57,24 @@ def collect(runs_dir: str | Path) -> Collected:
         raise ConfigError(f"'{runs_dir}' holds no sweep (no runs/ or dense/ inside); point at the --runs-dir of a sweep")
     sweep = None
     if (runs_dir / "sweep.json").exists():
-        sweep = read_versioned(runs_dir / "sweep.json", "prunekit-sweep")
+        sweep = read_versioned(runs_dir / "sweep.json", SWEEP_KIND)
     runs: list[RunResult] = []
     missing: list[dict[str, Any]] = []
     for directory in sorted(p for p in (runs_dir / "runs").glob("*") if p.is_dir() and not p.name.startswith(".")):
         desc_path = directory / "run.json"
         if not desc_path.exists():
             continue
-        desc = read_versioned(desc_path, "prunekit-sweep-run")
+        desc = read_versioned(desc_path, SWEEP_RUN_KIND)
         label = {"run_id": desc["run_id"], "model": desc["model"]["name"], "method": desc["method"]["label"],
                  "calibration": desc["calibration"], "seed": desc["seed"]}
-        results_path = directory / "results.json"
+        results_file = results_path(directory)
         status_path = directory / "eval.status.json"
         done = status_path.exists() and _read_json(status_path).get("state") == "done"
-        if not results_path.exists() or not done:
-            missing.append(label | {"reason": "not evaluated yet" if not results_path.exists() else "evaluation not finished"})
+        if not results_file.exists() or not done:
+            missing.append(label | {"reason": "not evaluated yet" if not results_file.exists() else "evaluation not finished"})
             continue
         try:
-            results = read_versioned(results_path, RESULTS_KIND)
+            results = read_results(results_file)
         except SchemaError as err:
             missing.append(label | {"reason": str(err)})
             continue
@@ -85,14 +85,14 @@ def collect(runs_dir: str | Path) -> Collected:
         ))
     dense: dict[str, DenseResult] = {}
     for directory in sorted(p for p in (runs_dir / "dense").glob("*") if p.is_dir() and not p.name.startswith(".")):
-        if not (directory / "dense.json").exists() or not (directory / "results.json").exists():
+        if not (directory / "dense.json").exists() or not results_path(directory).exists():
             continue
         status_path = directory / "dense.status.json"
         if not status_path.exists() or _read_json(status_path).get("state") != "done":
             continue
-        desc = read_versioned(directory / "dense.json", "prunekit-sweep-dense")
+        desc = read_versioned(directory / "dense.json", SWEEP_DENSE_KIND)
         dense[directory.name] = DenseResult(desc["model"]["name"], directory.name,
-                                            read_versioned(directory / "results.json", RESULTS_KIND), directory)
+                                            read_results(results_path(directory)), directory)
     return Collected(runs_dir, runs, dense, missing, sweep, collect_analysis(runs_dir))
 
 
@@ -102,8 +102,8 @@ def collect_analysis(runs_dir: Path) -> list[dict[str, Any]]:
     for directory in sorted(p for p in (runs_dir / "analysis").glob("*") if p.is_dir() and not p.name.startswith(".")):
         if not (directory / "analysis.json").exists() or not (directory / "result.json").exists():
             continue
-        desc = read_versioned(directory / "analysis.json", "prunekit-sweep-analysis")
-        result = read_versioned(directory / "result.json", "prunekit-sweep-analysis-result")
+        desc = read_versioned(directory / "analysis.json", SWEEP_ANALYSIS_KIND)
+        result = read_versioned(directory / "result.json", SWEEP_ANALYSIS_RESULT_KIND)
         summary = directory / result["summary"] if result.get("summary") else None
         out.append({
             "model": desc.get("model_name", desc["model"]), "method": desc["method"], "pattern": desc["pattern"],
