@@ -387,7 +387,7 @@ def _layers(model):
 def write_outputs(result: dict[str, Any], out: Path, overwrite: bool, lape_arrays: dict[str, np.ndarray],
                   figures: bool = True) -> Path:
     """compare.json, summary.md, figures/*.png and lape.npz into ``out``, atomically."""
-    from prunekit.analysis import report
+    from prunekit.analysis.figures import make_figures, summary_markdown
 
     with atomic_directory(out, overwrite=True if overwrite else not (out.exists() and any(out.iterdir()))) as staging:
         files = ["compare.json", "summary.md"]
@@ -396,8 +396,8 @@ def write_outputs(result: dict[str, Any], out: Path, overwrite: bool, lape_array
                 np.savez_compressed(handle, **lape_arrays)
             files.append("lape.npz")
         if figures:
-            files += [f"figures/{p.name}" for p in report.make_figures(result, staging / "figures")]
+            files += [f"figures/{p.name}" for p in make_figures(result, staging / "figures")]
         result["files"] = files
-        write_text_atomic(staging / "summary.md", report.summary_markdown(result))
+        write_text_atomic(staging / "summary.md", summary_markdown(result))
         write_json_atomic(staging / "compare.json", result)
     return out

@@ -191,10 +191,8 @@ def dense_reference(spec: str, dtype: str, trust_remote_code: bool):
 
 
 def _evaluation():
-    try:
-        import prunekit.evaluation as evaluation
-    except ImportError as err:
-        raise PrunekitError(f"prunekit.evaluation is not available in this installation ({err})") from err
+    import prunekit.evaluation as evaluation  # on first use: it imports lm-eval
+
     return evaluation
 
 
@@ -358,10 +356,8 @@ def run_one(config: SweepConfig, runs_dir: Path, task: RunTask, progress: bool) 
 
 
 def _push(config: SweepConfig, task: RunTask, directory: Path, runs_dir: Path) -> dict[str, Any]:
-    try:
-        from prunekit import hub
-    except ImportError as err:
-        raise PrunekitError(f"push is configured but prunekit.hub is not available ({err})") from err
+    from prunekit import hub
+
     results = results_path(directory)
     dense_results = results_path(dense_dir(runs_dir, DenseTask(task.model)))
     pushed = hub.push(
@@ -391,19 +387,16 @@ def run_analysis(config: SweepConfig, runs_dir: Path, task: AnalysisTask, progre
         missing = [str(c) for c in side_a + side_b if not record_path(c).exists()]
         if missing:
             raise PrunekitError(f"analysis needs the checkpoints of both calibration sets; missing: {', '.join(missing)}")
-        try:
-            from prunekit.analysis import compare
-        except ImportError as err:
-            result = {"status": "n/a", "note": f"prunekit.analysis.compare is not available ({err})"}
-        else:
-            comparison = compare(
-                str(side_a[0]), str(side_b[0]), dense=task.model.spec, seeds_a=[str(c) for c in side_a[1:]],
-                seeds_b=[str(c) for c in side_b[1:]], langs=list(config.eval_languages), text_source=config.ppl_source,
-                out=directory / "compare", overwrite=True, dtype=task.model.dtype, device=config.device,
-                progress=progress, **config.analysis_options,
-            )
-            del comparison  # written to compare/compare.json (+ summary.md, figures/) by compare itself
-            result = {"status": "ok", "compare": "compare/compare.json", "summary": "compare/summary.md"}
+        from prunekit.analysis import compare
+
+        comparison = compare(
+            str(side_a[0]), str(side_b[0]), dense=task.model.spec, seeds_a=[str(c) for c in side_a[1:]],
+            seeds_b=[str(c) for c in side_b[1:]], langs=list(config.eval_languages), text_source=config.ppl_source,
+            out=directory / "compare", overwrite=True, dtype=task.model.dtype, device=config.device,
+            progress=progress, **config.analysis_options,
+        )
+        del comparison  # written to compare/compare.json (+ summary.md, figures/) by compare itself
+        result = {"status": "ok", "compare": "compare/compare.json", "summary": "compare/summary.md"}
         write_json_atomic(directory / "result.json", versioned(SWEEP_ANALYSIS_RESULT_KIND, {"pair": list(task.pair), **result}))
         details["status"] = result["status"]
     _free_memory()

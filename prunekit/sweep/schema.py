@@ -103,6 +103,11 @@ def _base(info: ValidationInfo) -> Path:
     return (info.context or {}).get("base") or Path.cwd()
 
 
+def _local(given: str, base: Path) -> Path:
+    raw = Path(given).expanduser()
+    return raw if raw.is_absolute() else base / raw
+
+
 def _languages_of(spec: str) -> list[str]:
     from prunekit.languages import parse_languages
 
@@ -123,8 +128,7 @@ def check_source(source: str, langs: list[str], split: str, base: Path, *at: str
         return source
     from prunekit.textsources import local_file_for
 
-    raw = Path(source).expanduser()
-    resolved = raw if raw.is_absolute() else base / raw
+    resolved = _local(source, base)
     if not resolved.exists():
         raise invalid(f"'{source}' is neither 'mc4', 'embedded' nor an existing file or directory (relative to {base})", *at)
     for lang in langs:
@@ -200,9 +204,8 @@ class ModelSpec(_Section):
     def _path(cls, given: str | None, info: ValidationInfo) -> str | None:
         if given is None:
             return given
-        raw = Path(given).expanduser()
         base = _base(info)
-        resolved = raw if raw.is_absolute() else base / raw
+        resolved = _local(given, base)
         if not resolved.exists():
             raise invalid(f"'{given}' does not exist (relative paths are relative to {base})")
         if resolved.is_dir() and not (resolved / "config.json").exists():
@@ -304,8 +307,8 @@ class EvaluationSpec(_Section):
     def _task_data(cls, given: str | None, info: ValidationInfo) -> str | None:
         if given is None:
             return given
-        raw, base = Path(given).expanduser(), _base(info)
-        task_data = raw if raw.is_absolute() else base / raw
+        base = _base(info)
+        task_data = _local(given, base)
         if not task_data.exists():
             raise invalid(f"'{given}' does not exist (relative to {base})")
         return str(task_data.resolve())
