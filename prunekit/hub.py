@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
-from prunekit.artifacts import CHECKPOINT_KIND, CHECKPOINT_PATTERNS, RECORD_FILE, RESULTS_FILE, RESULTS_KIND
+from prunekit.artifacts import CHECKPOINT_PATTERNS, RECORD_FILE, RESULTS_FILE, RESULTS_KIND, read_record
 from prunekit.errors import ConfigError, ModelError, PrunekitError
 from prunekit.io import atomic_directory, cache_dir, read_versioned, write_text_atomic
 
@@ -966,13 +966,12 @@ def prepare_push(
 ) -> PushPlan:
     """Read the checkpoint's record and results, name the repo and render the card (no network)."""
     folder = _load_checkpoint(checkpoint)
-    record_path = folder / RECORD_FILE
-    if not record_path.is_file():
+    record = read_record(folder)
+    if record is None:
         raise ConfigError(
             f"'{checkpoint}' has no {RECORD_FILE}: push publishes checkpoints written by `prunekit prune` "
             "(their record is what the model card is made from)"
         )
-    record = read_versioned(record_path, CHECKPOINT_KIND)
     if repo_id:
         repo_id = validate_repo_id(repo_id)
     elif namespace:

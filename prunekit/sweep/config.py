@@ -101,6 +101,9 @@ def _config_error(err: ValidationError) -> ConfigError:
     return ConfigError(f"{path}: {message}" if path else message)
 
 
+# --------------------------------------------------------------------------------------------
+# The normalized config
+# --------------------------------------------------------------------------------------------
 
 
 @dataclass
