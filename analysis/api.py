@@ -26,8 +26,9 @@ from prunekit.analysis import drift as drift_mod
 from prunekit.analysis import lape as lape_mod
 from prunekit.analysis import lsar as lsar_mod
 from prunekit.analysis.activations import DEFAULT_MAX_LENGTH, prepare_texts, reference_states, run_pass
-from prunekit.analysis.checkpoints import DEFAULT_CHUNK_ELEMENTS, _read_record, open_checkpoint
+from prunekit.analysis.checkpoints import DEFAULT_CHUNK_ELEMENTS, open_checkpoint
 from prunekit.analysis.masks import compare_masks
+from prunekit.artifacts import read_record
 from prunekit.errors import ConfigError, ModelError
 from prunekit.io import atomic_directory, versioned, write_json_atomic, write_text_atomic
 from prunekit.languages import parse_languages
@@ -69,7 +70,7 @@ def _check_out(out: Path | None, overwrite: bool) -> None:
 
 def _describe(role: str, source: ModelSource) -> dict[str, Any]:
     info: dict[str, Any] = {"role": role, **source.to_json()}
-    record = _read_record(source.path)
+    record = read_record(source.path)
     if record is not None:
         recipe = record.get("recipe", {})
         calib = record.get("calibration") or {}
@@ -386,7 +387,7 @@ def _layers(model):
 def write_outputs(result: dict[str, Any], out: Path, overwrite: bool, lape_arrays: dict[str, np.ndarray],
                   figures: bool = True) -> Path:
     """compare.json, summary.md, figures/*.png and lape.npz into ``out``, atomically."""
-    from prunekit.analysis import report
+    from prunekit.analysis.figures import make_figures, summary_markdown
 
     with atomic_directory(out, overwrite=True if overwrite else not (out.exists() and any(out.iterdir()))) as staging:
         files = ["compare.json", "summary.md"]
@@ -395,8 +396,8 @@ def write_outputs(result: dict[str, Any], out: Path, overwrite: bool, lape_array
                 np.savez_compressed(handle, **lape_arrays)
             files.append("lape.npz")
         if figures:
-            files += [f"figures/{p.name}" for p in report.make_figures(result, staging / "figures")]
+            files += [f"figures/{p.name}" for p in make_figures(result, staging / "figures")]
         result["files"] = files
-        write_text_atomic(staging / "summary.md", report.summary_markdown(result))
+        write_text_atomic(staging / "summary.md", summary_markdown(result))
         write_json_atomic(staging / "compare.json", result)
     return out

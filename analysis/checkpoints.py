@@ -21,8 +21,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from prunekit.artifacts import read_record
 from prunekit.errors import ModelError
-from prunekit.io import read_versioned
 from prunekit.models import MODULE_NAMES, ModelSource, resolve_model
 
 MODULE_ORDER = ["q", "k", "v", "attn.out", "ffn.gate", "ffn.up", "ffn.down"]
@@ -32,7 +32,6 @@ _LINEAR = re.compile(
 # Tensors whose presence legitimately differs between saves of one architecture (tied embeddings).
 _OPTIONAL = re.compile(r"(^|\.)lm_head\.weight$")
 DEFAULT_CHUNK_ELEMENTS = 1 << 20  # rows are read in blocks of about 1M elements (4 MB in fp32)
-RECORD_FILE = "prunekit.json"
 
 
 @dataclass(frozen=True)
@@ -97,13 +96,6 @@ class Checkpoint:
                 "sparsity": (self.record.get("sparsity") or {}).get("overall"),
             }
         return info
-
-
-def _read_record(path: Path) -> dict[str, Any] | None:
-    file = path / RECORD_FILE
-    if not file.exists():
-        return None
-    return read_versioned(file, "prunekit-checkpoint")
 
 
 def _bin_shapes(file: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
@@ -179,7 +171,7 @@ def open_checkpoint(spec: str | Path | ModelSource, label: str | None = None) ->
     missing = sorted(set(files) - set(shapes))
     if missing:
         raise ModelError(f"'{source.spec}': tensor '{missing[0]}' is named in the index but not in its shard")
-    ckpt = Checkpoint(label, source, files, shapes, dtypes, fmt, config, _read_record(path))
+    ckpt = Checkpoint(label, source, files, shapes, dtypes, fmt, config, read_record(path))
     if not ckpt.linears():
         raise ModelError(
             f"'{source.spec}' has no decoder-layer linears named like 'layers.N.self_attn.q_proj.weight' / "

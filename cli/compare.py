@@ -51,7 +51,7 @@ def compare(
     Masks only, with three seeds per language: prunekit compare de-s0 sw-s0 --seeds-a de-s1,de-s2 --seeds-b sw-s1,sw-s2 --only masks --out iou
     """
     from prunekit.analysis import compare as run_compare
-    from prunekit.analysis.report import print_summary
+    from prunekit.analysis.figures import print_summary
     from prunekit.io import check_output_location
 
     check_output_location(out)  # before the models load

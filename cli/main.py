@@ -8,12 +8,8 @@ from prunekit.cli.app import app
 
 COMMAND_MODULES = ["prune", "quantize", "evaluate", "compare", "hub", "sweep", "report", "demo"]
 
-for _name in COMMAND_MODULES:
-    try:
-        importlib.import_module(f"prunekit.cli.{_name}")
-    except ModuleNotFoundError as err:  # a command module not yet present in this checkout
-        if err.name != f"prunekit.cli.{_name}":
-            raise
+for _name in COMMAND_MODULES:  # each registers its command on ``app``
+    importlib.import_module(f"prunekit.cli.{_name}")
 
 
 def main(argv: list[str] | None = None) -> None:

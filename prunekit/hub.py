@@ -6,7 +6,7 @@
   huggingface_hub's card classes. :func:`render_collection_readme` renders a sweep's report README.
 - :func:`push` stages the checkpoint with its card and uploads it (``create_repo`` + ``upload_folder``);
   an unchanged folder makes no commit, transient errors are retried, the token is never printed or written.
-- :func:`pull` downloads a repo (``snapshot_download`` with :data:`prunekit.models.HUB_ALLOW_PATTERNS`).
+- :func:`pull` downloads a repo (``snapshot_download`` with :data:`prunekit.artifacts.CHECKPOINT_PATTERNS`).
 
 The endpoint is ``endpoint=`` / ``--endpoint``, else ``$HF_ENDPOINT`` read at call time, else the public Hub.
 """
@@ -27,35 +27,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
+from prunekit.artifacts import CHECKPOINT_PATTERNS, RECORD_FILE, RESULTS_FILE, RESULTS_KIND, read_record
 from prunekit.errors import ConfigError, ModelError, PrunekitError
 from prunekit.io import atomic_directory, cache_dir, read_versioned, write_text_atomic
 
 log = logging.getLogger("prunekit.hub")
 T = TypeVar("T")
 
-RESULTS_KIND = "prunekit-results"
-CHECKPOINT_KIND = "prunekit-checkpoint"
 # The files of a checkpoint repo: what push sends and pull / resolve_model download (README.md is the card).
-HUB_ALLOW_PATTERNS = [
-    "*.safetensors",
-    "*.safetensors.index.json",
-    "*.bin",
-    "*.bin.index.json",
-    "config.json",
-    "generation_config.json",
-    "tokenizer*",
-    "special_tokens_map.json",
-    "*.model",
-    "*.tiktoken",
-    "chat_template.*",
-    "prunekit.json",
-    "results.json",
-    "README.md",
-]
+HUB_ALLOW_PATTERNS = CHECKPOINT_PATTERNS
 REPO_NAME_MAX = 96  # the Hub's limit on the name part of a repo id
 CARD_FILE = "README.md"
-RESULTS_FILE = "results.json"
-RECORD_FILE = "prunekit.json"
 LOGIN_HINT = "log in with `hf auth login` or set HF_TOKEN (tokens: https://huggingface.co/settings/tokens; pushing needs write access)"
 TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 METHOD_NAMES = {"wanda": "Wanda", "sparsegpt": "SparseGPT", "magnitude": "magnitude pruning", "gptq": "GPTQ"}
@@ -384,7 +366,7 @@ def build_card_content(
     from huggingface_hub import EvalResult, ModelCardData
 
     if results is not None:
-        _check_results_belong(record, results, "results.json")
+        _check_results_belong(record, results, RESULTS_FILE)
     if results is not None and dense_results is not None:
         _check_dense_results(results, dense_results)
     repo_name = repo_id.split("/")[-1]
@@ -1045,13 +1027,12 @@ def prepare_push(
 ) -> PushPlan:
     """Read the checkpoint's record and results, name the repo and render the card (no network)."""
     folder = _load_checkpoint(checkpoint)
-    record_path = folder / RECORD_FILE
-    if not record_path.is_file():
+    record = read_record(folder)
+    if record is None:
         raise ConfigError(
             f"'{checkpoint}' has no {RECORD_FILE}: push publishes checkpoints written by `prunekit prune` "
             "(their record is what the model card is made from)"
         )
-    record = read_versioned(record_path, CHECKPOINT_KIND)
     if repo_id:
         repo_id = validate_repo_id(repo_id)
     elif namespace:

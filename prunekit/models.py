@@ -14,12 +14,13 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from prunekit.artifacts import CHECKPOINT_PATTERNS as HUB_ALLOW_PATTERNS  # what a checkpoint repo on the Hub holds
 from prunekit.errors import ConfigError, ModelError
-from prunekit.hub import HUB_ALLOW_PATTERNS  # noqa: F401 - what a checkpoint repo on the Hub holds
-from prunekit.io import cache_dir, check_model_files, check_safetensors, publish_directory
+from prunekit.gguf_conversion import convert_gguf, has_config
+from prunekit.io import cache_dir, check_model_files, check_safetensors
 
 EMBEDDED_PREFIX = "embedded:"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 # Canonical names of the prunable Linears (analysis-spec §0.4), shared by records, analysis and reports.
 MODULE_NAMES = {
     "self_attn.q_proj": "q",
@@ -72,71 +73,9 @@ def _file_fingerprint(path: Path) -> str:
     return hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
-@contextlib.contextmanager
-def _gguf_parsed_once() -> Iterator[None]:
-    """transformers parses a GGUF file's metadata three times for one conversion (tokenizer, config,
-    weights); for Gemma's 262k-token vocabulary each parse takes ~30 s of pure Python. Within this
-    block every ``gguf.GGUFReader(path)`` of the same file returns the one reader already built (a
-    read-only memory map, so sharing it is safe)."""
-    import gguf
-
-    original = gguf.GGUFReader
-    readers: dict[tuple[str, str], Any] = {}
-
-    class SharedReader(original):  # a subclass, so isinstance checks still hold
-        def __new__(cls, path, mode="r"):
-            key = (os.path.realpath(os.fspath(path)), mode)
-            if key not in readers:
-                reader = object.__new__(cls)
-                original.__init__(reader, path, mode)
-                readers[key] = reader
-            return readers[key]
-
-        def __init__(self, path, mode="r"):  # built once in __new__
-            pass
-
-    gguf.GGUFReader = SharedReader
-    try:
-        yield
-    finally:
-        gguf.GGUFReader = original
-        readers.clear()
-
-
-def convert_gguf(gguf_path: Path, target: Path) -> Path:
-    """Load a GGUF file with transformers (de-quantizing it) and save it as a safetensors model dir.
-    Once for all processes and hosts sharing the cache folder (``publish_directory``)."""
-    try:
-        import gguf  # noqa: F401
-    except ImportError as err:
-        raise ModelError("loading a GGUF file needs the 'gguf' package: pip install 'prunekit[demo]'") from err
-    return publish_directory(target, lambda staging: _convert_gguf_into(gguf_path, staging), _has_config)
-
-
-def _has_config(path: Path) -> bool:
-    return (path / "config.json").exists()
-
-
-def _convert_gguf_into(gguf_path: Path, staging: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    with _gguf_parsed_once():
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
-        )
-        # A model loaded from GGUF is flagged quantized; the weights are plain fp32 now, so clear the flag.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        (staging / "prunekit-source.json").write_text(json.dumps({"gguf": str(gguf_path)}) + "\n")
-
-
 def _gguf_model_dir(gguf_path: Path) -> Path:
     target = cache_dir("models") / f"gguf-{gguf_path.stem}-{_file_fingerprint(gguf_path)}"
-    return target if _has_config(target) else convert_gguf(gguf_path, target)
+    return target if has_config(target) else convert_gguf(gguf_path, target)
 
 
 def _embedded_model_dir(name: str) -> Path:
@@ -176,7 +115,7 @@ def resolve_model(spec: str, revision: str | None = None) -> ModelSource:
             raise ModelError(f"model directory '{spec}' has no config.json; is it a Hugging Face model folder?")
         return ModelSource(spec, check_model_files(path.resolve()), "local")
     looks_local = spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").split("/", 1)[-1] or path.suffix
-    if _HUB_ID.match(spec) and not looks_local:
+    if HUB_ID.match(spec) and not looks_local:
         local, sha = _hub_snapshot(spec, revision)
         return ModelSource(spec, check_model_files(local), "hub", revision=sha)
     raise ModelError(

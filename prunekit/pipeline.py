@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 import shlex
 import time
 from dataclasses import asdict, dataclass
@@ -14,17 +13,16 @@ from typing import Any
 
 import torch
 
+from prunekit.artifacts import CHECKPOINT_KIND, library_versions, write_record
 from prunekit.calibration import build_calibration_set
 from prunekit.engine import Engine, LayerResult, check_solve_threads, parse_skip_layers
 from prunekit.errors import ConfigError
 from prunekit.languages import parse_languages
-from prunekit.io import atomic_directory, check_output_location, read_versioned, versioned, write_json_atomic
+from prunekit.io import atomic_directory, check_output_location, versioned
 from prunekit.methods import get_method
 from prunekit.models import MODULE_NAMES, expected_checkpoint_bytes, find_decoder_layers, load_model, resolve_device
 from prunekit.progress import progress_bar
 from prunekit.recipe import Quantization, Recipe, parse_pattern, validate_quantization
-
-CHECKPOINT_RECORD = "prunekit.json"
 
 
 @dataclass
@@ -33,14 +31,6 @@ class PruneResult:
     tokenizer: Any
     record: dict[str, Any]
     out: Path | None
-
-
-def library_versions() -> dict[str, str]:
-    import transformers
-
-    from prunekit import __version__
-
-    return {"prunekit": __version__, "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
 
 
 def run_identity(
@@ -173,7 +163,7 @@ def prune(
     )
     config = loaded.config
     record = versioned(
-        "prunekit-checkpoint",
+        CHECKPOINT_KIND,
         {
             "run_id": run_id,
             "identity": identity,
@@ -197,7 +187,7 @@ def prune(
         timings["save_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - started
     if out_path is not None:
-        write_json_atomic(out_path / CHECKPOINT_RECORD, record)
+        write_record(out_path, record)
     return PruneResult(loaded, tokenizer, record, out_path)
 
 
@@ -207,11 +197,6 @@ def save_checkpoint(model, tokenizer, record: dict[str, Any], out: Path, overwri
     with atomic_directory(out, overwrite=replace) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        write_json_atomic(staging / CHECKPOINT_RECORD, record)
+        write_record(staging, record)
     return out
 
-
-def read_record(checkpoint: str | Path) -> dict[str, Any] | None:
-    """The ``prunekit.json`` of a checkpoint dir, or None for a model prunekit did not write."""
-    path = Path(checkpoint) / CHECKPOINT_RECORD
-    return read_versioned(path, "prunekit-checkpoint") if path.exists() else None

@@ -102,7 +102,7 @@ def _load_mc4(lang: str, split: str, char_budget: int | None) -> tuple[str, list
     return pattern, docs
 
 
-def _local_file_for(path: Path, lang: str, split: str) -> Path:
+def local_file_for(path: Path, lang: str, split: str) -> Path:
     if path.is_file():
         return path
     for stem in (f"{lang}.{split}", lang):
@@ -198,7 +198,7 @@ def load_texts(source: str, lang: str, split: str = "calibration", char_budget: 
         path = Path(source).expanduser()
         if not path.exists():
             raise DataError(f"text source '{source}' is neither 'mc4', 'embedded' nor an existing file or directory")
-        file = _local_file_for(path, lang, split)
+        file = local_file_for(path, lang, split)
         docs = _read_local(file)
         location = str(file)
     if not docs:

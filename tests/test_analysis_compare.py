@@ -51,7 +51,7 @@ def test_analysis_does_not_import_the_pruning_stack(trio, tmp_path):
     code = (
         "import sys\n"
         "import prunekit.analysis as a\n"
-        "from prunekit.analysis import api, masks, lsar, lape, drift, activations, report, checkpoints\n"
+        "from prunekit.analysis import api, masks, lsar, lape, drift, activations, figures, checkpoints\n"
         "import prunekit.cli.compare\n"
         f"a.compare({str(trio['a'])!r}, {str(trio['b'])!r}, langs='de,sw', text_source={str(TATOEBA)!r}, "
         f"only='masks,drift', max_tokens=16, out={str(tmp_path / 'out')!r}, progress=False)\n"

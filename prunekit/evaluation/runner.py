@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import platform
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -10,35 +9,18 @@ from typing import Any, Sequence
 
 import torch
 
+from prunekit.artifacts import RESULTS_KIND, library_versions, read_record, write_results
 from prunekit.errors import ConfigError
 from prunekit.evaluation.harness import plan_tasks, resolve_chat_template, run_tasks
 from prunekit.evaluation.hidden_states import DenseReference, check_compatible, perplexity_and_hidden_state_errors
 from prunekit.evaluation.perplexity import make_windows, perplexity
-from prunekit.io import versioned, write_json_atomic
+from prunekit.io import versioned
 from prunekit.languages import parse_language_list
 from prunekit.models import ModelSource, load_model, load_tokenizer, parse_dtype, resolve_device, resolve_model
 
-RESULTS_KIND = "prunekit-results"
 DEFAULT_SNR_TOKENS = 4096
 MC4_DEFAULT_WINDOWS = 256  # the Wanda / SparseGPT C4 convention: 256 windows of the validation split
 CHARS_PER_TOKEN_BUDGET = 8  # how much mC4 text to stream per token needed
-
-
-def library_versions() -> dict[str, str]:
-    import datasets
-    import transformers
-
-    from prunekit import __version__
-
-    versions = {"prunekit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-                "datasets": datasets.__version__, "python": platform.python_version()}
-    try:
-        from importlib.metadata import version
-
-        versions["lm_eval"] = version("lm_eval")
-    except Exception:  # pragma: no cover - lm-eval is a dependency
-        versions["lm_eval"] = None
-    return versions
 
 
 def _languages(langs: str | Sequence[str]) -> list[str]:
@@ -181,12 +163,12 @@ def evaluate_loaded(
             "hidden_states": hidden,
             "tasks": task_results,
             "settings": settings,
-            "versions": library_versions() | ({"lm_eval_tasks": harness_info["task_versions"]} if harness_info.get("task_versions") else {}),
+            "versions": library_versions("datasets", "lm_eval") | ({"lm_eval_tasks": harness_info["task_versions"]} if harness_info.get("task_versions") else {}),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         },
     )
     if out is not None:
-        write_json_atomic(out, results)
+        write_results(out, results)
     return results
 
 
@@ -218,8 +200,6 @@ def evaluate(
     """Evaluate a checkpoint (local dir, Hub id, .gguf, embedded:NAME) and return the results dict.
 
     Mirrors ``prunekit eval``; writes ``out`` (results.json) atomically when given."""
-    from prunekit.pipeline import read_record
-
     languages = _languages(langs)
     plan_tasks(tasks, languages)  # fail on unknown tasks before loading anything
     parse_dtype(dtype)

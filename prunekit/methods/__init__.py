@@ -59,12 +59,7 @@ def register(method: Method) -> Method:
 
 
 def _load_builtins() -> None:
-    from prunekit.methods import magnitude, sparsegpt, wanda  # noqa: F401  (they register themselves)
-
-    try:
-        from prunekit.methods import gptq  # noqa: F401
-    except ImportError:
-        pass
+    from prunekit.methods import gptq, magnitude, sparsegpt, wanda  # noqa: F401  (they register themselves)
 
 
 def get_method(name: str) -> Method:

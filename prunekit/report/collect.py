@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from prunekit.errors import ConfigError, SchemaError
+from prunekit.artifacts import (SWEEP_ANALYSIS_KIND, SWEEP_ANALYSIS_RESULT_KIND, SWEEP_DENSE_KIND, SWEEP_KIND, SWEEP_RUN_KIND,
+                                read_results, results_path)
 from prunekit.io import read_json, read_versioned
-
-RESULTS_KIND = "prunekit-results"
 
 
 @dataclass
@@ -68,7 +68,7 @@ def collect(runs_dir: str | Path) -> Collected:
     sweep = None
     if (runs_dir / "sweep.json").exists():
         try:
-            sweep = read_versioned(runs_dir / "sweep.json", "prunekit-sweep")
+            sweep = read_versioned(runs_dir / "sweep.json", SWEEP_KIND)
         except (SchemaError, OSError) as err:
             warnings.append(_damaged(runs_dir / "sweep.json", err, "the report keeps the default orderings"))
     runs: list[RunResult] = []
@@ -78,23 +78,23 @@ def collect(runs_dir: str | Path) -> Collected:
         if not desc_path.exists():
             continue
         try:
-            desc = read_versioned(desc_path, "prunekit-sweep-run")
+            desc = read_versioned(desc_path, SWEEP_RUN_KIND)
         except (SchemaError, OSError) as err:
             warnings.append(_damaged(desc_path, err, "the run is left out; rerun the sweep to rewrite it"))
             continue
         label = {"run_id": desc["run_id"], "model": desc["model"]["name"], "method": desc["method"]["label"],
                  "calibration": desc["calibration"], "seed": desc["seed"]}
-        results_path = directory / "results.json"
+        results_file = results_path(directory)
         status_path = directory / "eval.status.json"
         done = status_path.exists() and _state(status_path) == "done"
-        if not results_path.exists() or not done:
-            missing.append(label | {"reason": "not evaluated yet" if not results_path.exists() else "evaluation not finished"})
+        if not results_file.exists() or not done:
+            missing.append(label | {"reason": "not evaluated yet" if not results_file.exists() else "evaluation not finished"})
             continue
         try:
-            results = read_versioned(results_path, RESULTS_KIND)
+            results = read_results(results_file)
         except (SchemaError, OSError) as err:
             missing.append(label | {"reason": str(err)})
-            warnings.append(_damaged(results_path, err, "the run is left out; rerun the sweep to redo its evaluation"))
+            warnings.append(_damaged(results_file, err, "the run is left out; rerun the sweep to redo its evaluation"))
             continue
         runs.append(RunResult(
             run_id=desc["run_id"], model=desc["model"]["name"], model_key=desc["model"]["key"],
@@ -103,14 +103,14 @@ def collect(runs_dir: str | Path) -> Collected:
         ))
     dense: dict[str, DenseResult] = {}
     for directory in sorted(p for p in (runs_dir / "dense").glob("*") if p.is_dir() and not p.name.startswith(".")):
-        if not (directory / "dense.json").exists() or not (directory / "results.json").exists():
+        if not (directory / "dense.json").exists() or not results_path(directory).exists():
             continue
         status_path = directory / "dense.status.json"
         if not status_path.exists() or _state(status_path) != "done":
             continue
         try:
-            desc = read_versioned(directory / "dense.json", "prunekit-sweep-dense")
-            dense_results = read_versioned(directory / "results.json", RESULTS_KIND)
+            desc = read_versioned(directory / "dense.json", SWEEP_DENSE_KIND)
+            dense_results = read_results(results_path(directory))
         except (SchemaError, OSError) as err:
             warnings.append(_damaged(directory, err, "the dense row is left out; rerun the sweep to redo it"))
             continue
@@ -129,8 +129,8 @@ def collect_analysis(runs_dir: Path) -> list[dict[str, Any]]:
     for directory in sorted(p for p in (runs_dir / "analysis").glob("*") if p.is_dir() and not p.name.startswith(".")):
         if not (directory / "analysis.json").exists() or not (directory / "result.json").exists():
             continue
-        desc = read_versioned(directory / "analysis.json", "prunekit-sweep-analysis")
-        result = read_versioned(directory / "result.json", "prunekit-sweep-analysis-result")
+        desc = read_versioned(directory / "analysis.json", SWEEP_ANALYSIS_KIND)
+        result = read_versioned(directory / "result.json", SWEEP_ANALYSIS_RESULT_KIND)
         summary = directory / result["summary"] if result.get("summary") else None
         out.append({
             "model": desc.get("model_name", desc["model"]), "method": desc["method"], "pattern": desc["pattern"],

@@ -28,17 +28,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prunekit.artifacts import (SWEEP_ANALYSIS_KIND, SWEEP_ANALYSIS_RESULT_KIND, SWEEP_CONFIG_KIND, SWEEP_DENSE_KIND,
+                                SWEEP_RUN_KIND, read_record, record_path, results_path, write_results)
 from prunekit.errors import PrunekitError
 from prunekit.io import atomic_directory, read_versioned, versioned, write_json_atomic
 from prunekit.sweep.config import SweepConfig, load_config
 from prunekit.sweep.grid import AnalysisTask, DenseTask, Grid, RunTask, expand
 from prunekit.sweep.state import DONE, StageBusy, clean_partials, clear_status, now_iso, read_status, stage, stage_state
 
-CONFIG_KIND = "prunekit-sweep-config"
-RUN_KIND = "prunekit-sweep-run"
-DENSE_KIND = "prunekit-sweep-dense"
-ANALYSIS_KIND = "prunekit-sweep-analysis"
-RESULTS_KIND = "prunekit-results"
+CONFIG_KIND, RUN_KIND, DENSE_KIND, ANALYSIS_KIND = SWEEP_CONFIG_KIND, SWEEP_RUN_KIND, SWEEP_DENSE_KIND, SWEEP_ANALYSIS_KIND
 
 
 def digest(data: Any) -> str:
@@ -106,12 +104,12 @@ def task_states(config: SweepConfig, runs_dir: Path, task) -> dict[str, str]:
     if isinstance(task, AnalysisTask):
         return {"analysis": stage_state(directory, "analysis", analysis_fingerprint(config, runs_dir, task))}
     states = {"prune": stage_state(directory, "prune")}
-    checkpoint_ok = (directory / "checkpoint" / "prunekit.json").exists()
+    checkpoint_ok = record_path(directory / "checkpoint").exists()
     eval_state = stage_state(directory, "eval", eval_fingerprint(config, directory))
     if states["prune"] == "done" and not checkpoint_ok and not (eval_state == "done" and not config.keep_checkpoints):
         states["prune"] = "todo"  # the checkpoint was removed by hand
     states["eval"] = eval_state if states["prune"] == "done" else ("todo" if eval_state != "busy" else "busy")
-    if eval_state == "done" and not (directory / "results.json").exists():
+    if eval_state == "done" and not results_path(directory).exists():
         states["eval"] = "todo"
     if config.push:
         push_state = stage_state(directory, "push", push_fingerprint(config, directory))
@@ -199,10 +197,8 @@ def dense_reference(spec: str, dtype: str, trust_remote_code: bool):
 
 
 def _evaluation():
-    try:
-        import prunekit.evaluation as evaluation
-    except ImportError as err:
-        raise PrunekitError(f"prunekit.evaluation is not available in this installation ({err})") from err
+    import prunekit.evaluation as evaluation  # on first use: it imports lm-eval
+
     return evaluation
 
 
@@ -234,7 +230,6 @@ def evaluate_checkpoint(config: SweepConfig, checkpoint: Path, model_entry, prog
 
 def _evaluate_from_disk(evaluation, checkpoint: Path, dense, model_entry, config: SweepConfig, progress: bool) -> dict[str, Any]:
     from prunekit.models import load_model, resolve_model
-    from prunekit.pipeline import read_record
 
     source = resolve_model(str(checkpoint))
     model, tokenizer, source = load_model(source, model_entry.dtype)
@@ -269,7 +264,7 @@ def run_dense(config: SweepConfig, runs_dir: Path, task: DenseTask, progress: bo
     })
     fingerprint = dense_fingerprint(config)
     outcome = TaskOutcome(task.task_id, DONE)
-    if stage_state(directory, "dense", fingerprint) == "done" and (directory / "results.json").exists():
+    if stage_state(directory, "dense", fingerprint) == "done" and results_path(directory).exists():
         outcome.skipped.append("dense")
         return outcome
     log(runs_dir, f"{task.task_id} dense start")
@@ -278,7 +273,7 @@ def run_dense(config: SweepConfig, runs_dir: Path, task: DenseTask, progress: bo
         # The dense model against itself: its own perplexity per language (the "dense" row) and, as the
         # reference side, its hidden states -- cached by content hash in cache_dir("dense") for every run.
         results = evaluate_dense(config, task.model, progress)
-        write_json_atomic(directory / "results.json", results)
+        write_results(results_path(directory), results)
         details["languages"] = list(config.eval_languages)
         details["dense_hidden_states"] = {lang: (entry.get("dense_cache") or {}).get("status")
                                           for lang, entry in (results.get("hidden_states") or {}).items()}
@@ -334,7 +329,7 @@ def run_one(config: SweepConfig, runs_dir: Path, task: RunTask, progress: bool) 
     else:
         clear_status(directory, "eval", "push")
         with contextlib.suppress(FileNotFoundError):
-            (directory / "results.json").unlink()
+            results_path(directory).unlink()
         log(runs_dir, f"{task.task_id} prune start")
         outcome.stage = "prune"
         with stage(directory, "prune", None, {"identity_hash": task.run_id}) as details:
@@ -356,7 +351,7 @@ def run_one(config: SweepConfig, runs_dir: Path, task: RunTask, progress: bool) 
         log(runs_dir, f"{task.task_id} prune done")
 
     fingerprint = eval_fingerprint(config, directory)
-    if stage_state(directory, "eval", fingerprint) == "done" and (directory / "results.json").exists():
+    if stage_state(directory, "eval", fingerprint) == "done" and results_path(directory).exists():
         outcome.skipped.append("eval")
     else:
         dense_task = DenseTask(task.model)
@@ -368,7 +363,7 @@ def run_one(config: SweepConfig, runs_dir: Path, task: RunTask, progress: bool) 
             if dense_state != "done":
                 raise PrunekitError(f"the dense evaluation of {task.model.name} is {dense_state}, not done; see {dense_dir(runs_dir, dense_task)}")
             results = evaluate_checkpoint(config, checkpoint, task.model, progress, loaded)
-            write_json_atomic(directory / "results.json", results)
+            write_results(results_path(directory), results)
             details["languages"] = list(config.eval_languages)
             details["dense_hidden_states"] = {lang: (entry.get("dense_cache") or {}).get("status")
                                               for lang, entry in (results.get("hidden_states") or {}).items()}
@@ -399,12 +394,10 @@ def run_one(config: SweepConfig, runs_dir: Path, task: RunTask, progress: bool) 
 
 
 def _push(config: SweepConfig, task: RunTask, directory: Path, runs_dir: Path) -> dict[str, Any]:
-    try:
-        from prunekit import hub
-    except ImportError as err:
-        raise PrunekitError(f"push is configured but prunekit.hub is not available ({err})") from err
-    results = directory / "results.json"
-    dense_results = dense_dir(runs_dir, DenseTask(task.model)) / "results.json"
+    from prunekit import hub
+
+    results = results_path(directory)
+    dense_results = results_path(dense_dir(runs_dir, DenseTask(task.model)))
     pushed = hub.push(
         directory / "checkpoint", namespace=config.push["namespace"], private=config.push["private"],
         endpoint=config.push.get("endpoint"), results=results if results.exists() else None,
@@ -429,23 +422,20 @@ def run_analysis(config: SweepConfig, runs_dir: Path, task: AnalysisTask, progre
         clean_partials(directory)
         side_a = [Path(runs_dir) / "runs" / rid / "checkpoint" for rid in task.runs_a]
         side_b = [Path(runs_dir) / "runs" / rid / "checkpoint" for rid in task.runs_b]
-        missing = [str(c) for c in side_a + side_b if not (c / "prunekit.json").exists()]
+        missing = [str(c) for c in side_a + side_b if not record_path(c).exists()]
         if missing:
             raise PrunekitError(f"analysis needs the checkpoints of both calibration sets; missing: {', '.join(missing)}")
-        try:
-            from prunekit.analysis import compare
-        except ImportError as err:
-            result = {"status": "n/a", "note": f"prunekit.analysis.compare is not available ({err})"}
-        else:
-            comparison = compare(
-                str(side_a[0]), str(side_b[0]), dense=task.model.spec, seeds_a=[str(c) for c in side_a[1:]],
-                seeds_b=[str(c) for c in side_b[1:]], langs=list(config.eval_languages), text_source=config.ppl_source,
-                out=directory / "compare", overwrite=True, dtype=task.model.dtype, device=config.device,
-                progress=progress, **config.analysis_options,
-            )
-            del comparison  # written to compare/compare.json (+ summary.md, figures/) by compare itself
-            result = {"status": "ok", "compare": "compare/compare.json", "summary": "compare/summary.md"}
-        write_json_atomic(directory / "result.json", versioned("prunekit-sweep-analysis-result", {"pair": list(task.pair), **result}))
+        from prunekit.analysis import compare
+
+        comparison = compare(
+            str(side_a[0]), str(side_b[0]), dense=task.model.spec, seeds_a=[str(c) for c in side_a[1:]],
+            seeds_b=[str(c) for c in side_b[1:]], langs=list(config.eval_languages), text_source=config.ppl_source,
+            out=directory / "compare", overwrite=True, dtype=task.model.dtype, device=config.device,
+            progress=progress, **config.analysis_options,
+        )
+        del comparison  # written to compare/compare.json (+ summary.md, figures/) by compare itself
+        result = {"status": "ok", "compare": "compare/compare.json", "summary": "compare/summary.md"}
+        write_json_atomic(directory / "result.json", versioned(SWEEP_ANALYSIS_RESULT_KIND, {"pair": list(task.pair), **result}))
         details["status"] = result["status"]
     _free_memory()
     outcome.ran.append("analysis")

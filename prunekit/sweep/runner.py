@@ -12,6 +12,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from prunekit.artifacts import SWEEP_KIND
 from prunekit.errors import ConfigError
 from prunekit.progress import stderr_console
 from prunekit.io import versioned, write_json_atomic
@@ -203,7 +204,7 @@ def run_sweep(
 
     runs_dir.mkdir(parents=True, exist_ok=True)
     digest = write_snapshot(runs_dir, cfg)
-    write_json_atomic(runs_dir / "sweep.json", versioned("prunekit-sweep", {
+    write_json_atomic(runs_dir / "sweep.json", versioned(SWEEP_KIND, {
         "name": cfg.name, "config_digest": digest, "executor": executor, "max_parallel": max_parallel,
         "started": now_iso(), "runs": [t.run_id for t in plan.grid.runs], "dense": [t.key for t in plan.grid.dense],
         "calibration_sets": cfg.calib_sets, "eval_languages": cfg.eval_languages,

@@ -1,0 +1,103 @@
+"""What prunekit leaves on disk: the one home for artefact names, kinds and their readers / writers.
+
+A pruned checkpoint is a Hugging Face model folder plus ``prunekit.json`` (its *record*: recipe,
+calibration, per-layer sparsity, timings, versions); an evaluation is a ``results.json``. Both are
+versioned JSON (``kind`` + ``schema_version``, see :mod:`prunekit.io`). Every module that names,
+reads or writes them goes through this one, so a name or a kind is spelled once:
+
+>>> from prunekit import artifacts
+>>> record = artifacts.read_record("gemma-sw")        # None for a model prunekit did not write
+>>> results = artifacts.read_results("gemma-sw/results.json")
+
+This module imports only the standard library and :mod:`prunekit.io`, so anything may import it.
+"""
+
+from __future__ import annotations
+
+import platform
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from prunekit.io import read_versioned, write_json_atomic
+
+RECORD_FILE = "prunekit.json"  # a checkpoint's record, next to its weights
+RESULTS_FILE = "results.json"  # an evaluation's results (``prunekit eval --out``, a sweep run's dir)
+CHECKPOINT_KIND = "prunekit-checkpoint"
+RESULTS_KIND = "prunekit-results"
+# Sweep bookkeeping (``--runs-dir``): what the sweep writes and the report reads.
+SWEEP_KIND = "prunekit-sweep"
+SWEEP_CONFIG_KIND = "prunekit-sweep-config"
+SWEEP_RUN_KIND = "prunekit-sweep-run"
+SWEEP_DENSE_KIND = "prunekit-sweep-dense"
+SWEEP_ANALYSIS_KIND = "prunekit-sweep-analysis"
+SWEEP_ANALYSIS_RESULT_KIND = "prunekit-sweep-analysis-result"
+
+# The files of a checkpoint: what a Hub push sends and a pull / model resolution downloads
+# (README.md is the model card).
+CHECKPOINT_PATTERNS = [
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "*.bin",
+    "*.bin.index.json",
+    "config.json",
+    "generation_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "*.model",
+    "*.tiktoken",
+    "chat_template.*",
+    RECORD_FILE,
+    RESULTS_FILE,
+    "README.md",
+]
+
+_CORE_LIBRARIES = ("torch", "transformers")
+
+
+def library_versions(*extra: str) -> dict[str, str | None]:
+    """Versions of prunekit, torch, transformers, Python and the ``extra`` distributions (None if absent).
+
+    Example: ``library_versions("datasets", "lm_eval")`` for an evaluation's results."""
+    from prunekit import __version__
+
+    versions: dict[str, str | None] = {"prunekit": __version__}
+    for name in (*_CORE_LIBRARIES, *extra):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    versions["python"] = platform.python_version()
+    return versions
+
+
+def record_path(checkpoint: str | Path) -> Path:
+    return Path(checkpoint) / RECORD_FILE
+
+
+def read_record(checkpoint: str | Path) -> dict[str, Any] | None:
+    """The record of a checkpoint dir, or None for a model prunekit did not write.
+
+    Raises SchemaError when the record has an unknown major schema version or another kind."""
+    path = record_path(checkpoint)
+    return read_versioned(path, CHECKPOINT_KIND) if path.is_file() else None
+
+
+def write_record(checkpoint: str | Path, record: dict[str, Any]) -> Path:
+    """Write (atomically) the record of a checkpoint dir; returns its path."""
+    return write_json_atomic(record_path(checkpoint), record)
+
+
+def results_path(directory: str | Path) -> Path:
+    """Where a checkpoint dir or a sweep run's dir keeps its evaluation."""
+    return Path(directory) / RESULTS_FILE
+
+
+def read_results(path: str | Path) -> dict[str, Any]:
+    """An evaluation's results (a ``results.json`` file). Raises SchemaError on another kind or major version."""
+    return read_versioned(path, RESULTS_KIND)
+
+
+def write_results(path: str | Path, results: dict[str, Any]) -> Path:
+    """Write (atomically) an evaluation's results to ``path``."""
+    return write_json_atomic(path, results)

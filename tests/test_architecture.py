@@ -1,0 +1,251 @@
+"""The import rules of docs/ARCHITECTURE.md, checked on the code: every import in prunekit/, analysis/
+and cli/ (module level and inside functions, read with ast) goes from a part to a part it may use,
+no module imports a private name of another, the artefacts' names are spelled in prunekit/artifacts.py
+alone, and there is no import cycle."""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# folder in the repository -> the package it is installed as (pyproject.toml's package-dir)
+PACKAGES = {"prunekit": "prunekit", "analysis": "prunekit.analysis", "cli": "prunekit.cli", "hub_cards": "prunekit.hub_cards"}
+
+# The parts, bottom to top, as docs/ARCHITECTURE.md draws them: module -> part by the longest prefix.
+PARTS = {
+    "core": ["prunekit", "prunekit.errors", "prunekit.io", "prunekit.progress", "prunekit.languages",
+             "prunekit.recipe", "prunekit.artifacts"],
+    "models": ["prunekit.models", "prunekit.gguf_conversion", "prunekit.embedded"],
+    "data": ["prunekit.textsources", "prunekit.calibration"],
+    "methods": ["prunekit.methods"],
+    "engine": ["prunekit.engine"],
+    "pipeline": ["prunekit.pipeline"],
+    "evaluation": ["prunekit.evaluation"],
+    "analysis": ["prunekit.analysis"],
+    "hub": ["prunekit.hub", "prunekit.hub_cards"],
+    "report": ["prunekit.report"],
+    "sweep": ["prunekit.sweep", "prunekit.demo"],
+    "cli": ["prunekit.cli"],
+}
+# Who may import whom (besides its own part). Data flows up: a checkpoint written by the pipeline is
+# read by evaluation, analysis and the hub through prunekit.artifacts, never through the pipeline.
+MAY_IMPORT = {
+    "core": set(),
+    "models": {"core"},
+    "data": {"core", "models"},
+    "methods": {"core"},
+    "engine": {"core", "models", "methods"},
+    "pipeline": {"core", "models", "data", "methods", "engine"},
+    "evaluation": {"core", "models", "data"},
+    "analysis": {"core", "models", "data"},
+    "hub": {"core", "models"},
+    "report": {"core"},
+    "sweep": {"core", "models", "data", "methods", "pipeline", "evaluation", "analysis", "hub", "report"},
+    "cli": {"core", "models", "data", "methods", "pipeline", "evaluation", "analysis", "hub", "report", "sweep"},
+}
+# Narrower rules inside the allowed parts: (importer prefix, imported prefix, why).
+NEVER = [
+    ("prunekit.engine", "prunekit.methods.", "the engine knows no method: it uses the Method interface of prunekit.methods"),
+    ("prunekit.models", "prunekit.hub", "models resolve and load; publishing is the hub's"),
+]
+# Imports that break a rule today, each with the issue that removes it. Do not add to this list.
+KNOWN = {
+    ("prunekit.engine", "prunekit.methods.hessian"): "issue 17 §3: CPU tuning moves to one backend module",
+}
+# The artefact names and kinds: spelled (as a whole string) in prunekit/artifacts.py alone.
+ARTEFACT_NAMES = {"prunekit.json", "results.json", "prunekit-checkpoint", "prunekit-results"}
+# A different file that shares a name: the sweep report's own results.json (issue 17 §6).
+ARTEFACT_NAME_EXCEPTIONS = {("prunekit.report", "results.json")}
+
+
+@dataclass(frozen=True)
+class Import:
+    importer: str
+    imported: str  # the module (a name imported from a module counts as the module)
+    name: str | None  # the name taken, for ``from X import name``
+    line: int
+    in_face_function: bool  # inside a function of a package's __init__.py (a lazy re-export or plugin load)
+
+
+def module_files() -> dict[str, Path]:
+    files = {}
+    for folder, package in PACKAGES.items():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            parts = list(path.relative_to(ROOT / folder).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            files[".".join([package, *parts])] = path
+    return files
+
+
+MODULES = module_files()
+
+
+def owner(name: str) -> str | None:
+    """The module that ``name`` (a module, or a module + '.' + a name defined in it) lives in."""
+    while name and name not in MODULES:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def _functions(tree: ast.AST) -> set[int]:
+    """ids of the nodes that lie inside a function."""
+    inside: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            inside.update(id(n) for n in ast.walk(node) if n is not node)
+    return inside
+
+
+def imports_of(module: str) -> list[Import]:
+    path = MODULES[module]
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    face = path.name == "__init__.py"
+    package = module if face else module.rpartition(".")[0]
+    in_function = _functions(tree) if face else set()
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            targets = [(alias.name, None) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package
+                for _ in range(node.level - 1):
+                    anchor = anchor.rpartition(".")[0]
+                base = f"{anchor}.{base}" if base else anchor
+            targets = [(f"{base}.{alias.name}", alias.name) for alias in node.names]
+        else:
+            continue
+        for target, name in targets:
+            imported = owner(target) if target.startswith("prunekit") else None
+            if imported is not None and imported != module:
+                found.append(Import(module, imported, name if imported != target else None, node.lineno,
+                                    id(node) in in_function))
+    return found
+
+
+ALL_IMPORTS = [imp for module in MODULES for imp in imports_of(module)]
+
+
+def part_of(module: str) -> str | None:
+    best = None
+    for part, prefixes in PARTS.items():
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and (best is None or len(prefix) > len(best[1])):
+                best = (part, prefix)
+    return best[0] if best else None
+
+
+def where(imp: Import) -> str:
+    return f"{MODULES[imp.importer].relative_to(ROOT)}:{imp.line} imports {imp.imported}"
+
+
+def test_every_module_belongs_to_a_part():
+    lost = sorted(m for m in MODULES if part_of(m) is None)
+    assert not lost, f"{lost}: add each to a part in PARTS here and in docs/ARCHITECTURE.md"
+
+
+def test_every_import_goes_to_a_part_its_part_may_use():
+    broken = []
+    for imp in ALL_IMPORTS:
+        a, b = part_of(imp.importer), part_of(imp.imported)
+        if imp.in_face_function and imp.imported.startswith(imp.importer + "."):
+            continue  # a package's face handing on one of its own modules lazily (prunekit.prune)
+        if a != b and b not in MAY_IMPORT[a] and (imp.importer, imp.imported) not in KNOWN:
+            broken.append(f"{where(imp)}: part '{a}' may not import part '{b}'")
+    assert not broken, "\n".join(broken)
+
+
+@pytest.mark.parametrize("importer, imported, why", NEVER, ids=[f"{a}->{b}" for a, b, _ in NEVER])
+def test_narrower_rules(importer, imported, why):
+    broken = [
+        where(imp) for imp in ALL_IMPORTS
+        if (imp.importer == importer or imp.importer.startswith(importer + "."))
+        and imp.imported.startswith(imported)
+        and (imp.importer, imp.imported) not in KNOWN
+    ]
+    assert not broken, f"{why}:\n" + "\n".join(broken)
+
+
+def test_evaluation_and_analysis_read_checkpoints_not_the_pruning_stack():
+    pruning = ("prunekit.pipeline", "prunekit.engine", "prunekit.methods", "prunekit.calibration")
+    broken = [where(imp) for imp in ALL_IMPORTS
+              if part_of(imp.importer) in ("evaluation", "analysis", "hub", "report")
+              and any(imp.imported == p or imp.imported.startswith(p + ".") for p in pruning)]
+    assert not broken, "\n".join(broken)
+
+
+def test_no_module_imports_a_private_name_of_another():
+    broken = [f"{where(imp)}: private name {imp.name}" for imp in ALL_IMPORTS
+              if imp.name and imp.name.startswith("_") and not imp.name.startswith("__")]
+    assert not broken, "make the name public where it lives, or move the code:\n" + "\n".join(broken)
+
+
+def test_artefact_names_are_spelled_in_artifacts_alone():
+    broken = []
+    for module, path in MODULES.items():
+        if module == "prunekit.artifacts":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and node.value in ARTEFACT_NAMES:
+                if not any(module.startswith(m) and node.value == v for m, v in ARTEFACT_NAME_EXCEPTIONS):
+                    broken.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}")
+    assert not broken, "use the names of prunekit.artifacts:\n" + "\n".join(broken)
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(edges.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycle():
+    """Only a package face's lazy imports (inside functions of an __init__.py: a re-export, or the method
+    registry loading its built-ins) may point back into the package; every other import counts."""
+    edges: dict[str, set[str]] = {}
+    for imp in ALL_IMPORTS:
+        if not imp.in_face_function:
+            edges.setdefault(imp.importer, set()).add(imp.imported)
+    found = cycles(edges)
+    assert not found, f"import cycles (each: modules that import each other): {found}"
+
+
+def test_the_cycle_check_sees_a_cycle_through_a_function_level_import():
+    edges = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert cycles(edges) == [["a", "b", "c"]]
+    imports = {(imp.importer, imp.imported) for imp in ALL_IMPORTS}
+    assert ("prunekit.sweep.execute", "prunekit.pipeline") in imports  # imported inside run_one
