@@ -181,11 +181,10 @@ def check_safetensors(file: str | Path) -> None:
 def check_model_files(directory: str | Path) -> Path:
     """Check that a model directory's JSON files parse and its safetensors files are whole (headers only)."""
     directory = Path(directory)
-    for name in ("config.json", "prunekit.json", "model.safetensors.index.json", "generation_config.json",
-                 "tokenizer_config.json", "special_tokens_map.json"):
-        if (directory / name).is_file():
+    for file in sorted(directory.glob("*.json")):  # config, record, shard index, tokenizer settings
+        if file.is_file() and file.name != "tokenizer.json":  # the vocabulary (tens of MB) is parsed by its loader
             try:
-                read_json(directory / name)
+                read_json(file)
             except SchemaError as err:
                 raise ModelError(str(err)) from None
     for file in sorted(directory.glob("*.safetensors")):
@@ -244,7 +243,7 @@ def check_output_location(path: str | Path | None, expected_bytes: int = 0, *, k
         return None
     path = Path(path).expanduser()
     if kind == "file" and path.is_dir():
-        raise ConfigError(f"{option} '{path}' is a directory; give a file name, e.g. {path / 'results.json'}")
+        raise ConfigError(f"{option} '{path}' is a directory; give the name of a new file inside it")
     if kind == "dir" and path.exists() and not path.is_dir():
         raise ConfigError(f"{option} '{path}' is a file; give a directory (a new one, or --overwrite an old one)")
     folder = path if in_place and path.is_dir() else path.parent

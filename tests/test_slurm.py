@@ -344,7 +344,7 @@ def test_a_conversion_that_finds_the_target_present_discards_its_own_staging(tmp
 
 def test_a_gguf_file_is_converted_into_the_shared_cache_once(tmp_path, monkeypatch):
     pytest.importorskip("gguf")
-    from prunekit import models
+    from prunekit import gguf_conversion, models
 
     converted = []
 
@@ -352,7 +352,7 @@ def test_a_gguf_file_is_converted_into_the_shared_cache_once(tmp_path, monkeypat
         converted.append(gguf_path)
         (staging / "config.json").write_text("{}")
 
-    monkeypatch.setattr(models, "_convert_gguf_into", fake_convert)
+    monkeypatch.setattr(gguf_conversion, "_convert_gguf_into", fake_convert)
     monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path / "cache"))
     source = tmp_path / "tiny.gguf"
     source.write_bytes(b"GGUF")

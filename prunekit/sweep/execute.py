@@ -294,7 +294,7 @@ def ensure_dense(config: SweepConfig, runs_dir: Path, task: DenseTask, progress:
     waited = False
     while True:
         state = stage_state(directory, "dense", fingerprint)
-        if state == "done" and not (directory / "results.json").exists():
+        if state == "done" and not results_path(directory).exists():
             state = "todo"
         if state in ("done", "failed"):
             if waited:
