@@ -97,7 +97,7 @@ def test_perturbing_layer_one_leaves_layer_zero_exact_and_the_dense_pass_is_cach
         assert first["hidden_states"][lang]["dense_cache"]["status"] == "computed"
 
     # A second checkpoint against the same dense model: no dense forward, the dense weights are not even loaded.
-    monkeypatch.setattr(DenseReference, "model", lambda self: pytest.fail("the dense model was loaded again"))
+    monkeypatch.setattr(DenseReference, "weights", lambda self: pytest.fail("the dense model was loaded again"))
     second = evaluate(tiny_llama, **kwargs)
     assert COUNTERS["dense_passes"] == before + 2
     assert {second["hidden_states"][lang]["dense_cache"]["status"] for lang in ("en", "de")} == {"hit"}

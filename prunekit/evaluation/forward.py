@@ -157,6 +157,7 @@ class ModelWeights(Weights):
         self._moved: dict[int, torch.device] = {}
 
     def prepare(self, device: torch.device) -> None:
+        self.home = next(self.model.parameters()).device
         _move_outside_layers(self.model, self.layers, device)
 
     def load_layer(self, index: int, device: torch.device) -> torch.nn.Module:
