@@ -321,10 +321,11 @@ def total_valid_tokens(texts: Texts) -> int:
 
 @contextlib.contextmanager
 def reference_states(model: torch.nn.Module, texts: Texts, dtype: torch.dtype, folder: Path | None = None):
-    """Room for the valid-token states of ``model`` (in memory, or a streamed checkpoint's skeleton)."""
-    _, layers = find_decoder_layers(model)
-    hidden = int(model.get_input_embeddings().weight.shape[1])
-    store = ReferenceStates(total_valid_tokens(texts), len(layers), hidden, dtype, folder)
+    """Room for the valid-token states of ``model`` (in memory, or a streamed checkpoint's skeleton);
+    the model itself is not kept (the caller frees it before the next one is opened)."""
+    store = ReferenceStates(total_valid_tokens(texts), len(find_decoder_layers(model)[1]),
+                            int(model.get_input_embeddings().weight.shape[1]), dtype, folder)
+    del model
     try:
         yield store
     finally:
