@@ -8,8 +8,8 @@ one for the embedding and one for the final norm and head, written shard by shar
 never holds more than one shard) under a temporary directory, with random weights and a small
 BPE tokenizer trained on the repository's test text. Then it runs, each in its own process:
 
-* ``prunekit eval CKPT --dtype bfloat16 --device cpu`` on a short English text (4 windows of 128
-  tokens): perplexity through the layer-by-layer forward, the checkpoint streamed from its shards;
+* ``prunekit eval CKPT --dtype bfloat16 --device cpu`` on a short English text (2 windows of 32
+  tokens; bf16 GEMMs on a CPU are slow): perplexity through the layer-by-layer forward, the checkpoint streamed from its shards;
 * with ``--dense``: the same with ``--dense CKPT`` (SNR / pruning error: a dense pass that fills
   the dense cache, and the evaluated pass against it);
 * with ``--in-memory``: the same perplexity with the whole model loaded first (the path before
@@ -123,7 +123,7 @@ atexit.register(report)
 from prunekit.evaluation import evaluate_loaded
 from prunekit.models import load_model
 model, tok, source = load_model(sys.argv[1], "bfloat16")
-res = evaluate_loaded(model, tok, source=source, langs="en", ppl_source=sys.argv[2], seqlen=128, max_windows=4,
+res = evaluate_loaded(model, tok, source=source, langs="en", ppl_source=sys.argv[2], seqlen=32, max_windows=2,
                       device="cpu", progress=False)
 print("ppl", res["perplexity"]["en"]["ppl"])
 '''
@@ -167,7 +167,7 @@ def main() -> None:
                                   check=True, capture_output=True, text=True, env=env).stdout.split()[-1]
             subprocess.run([sys.executable, "-c", TOKENIZER, str(ckpt), str(texts / "en.txt")], check=True, env=env)
             print(f"built {ckpt.name}: {int(size) / 1e9:.2f} GB bf16 in {time.perf_counter() - t0:.0f} s")
-        common = ["--langs", "en", "--ppl-source", str(texts), "--seqlen", "128", "--max-windows", "4",
+        common = ["--langs", "en", "--ppl-source", str(texts), "--seqlen", "32", "--max-windows", "2",
                   "--dtype", "bfloat16", "--device", "cpu", "-q"]
         results["eval"] = run(f"eval ({args.layers} layers, streamed)",
                               [RUN_CLI, "eval", str(ckpt), *common, "--out", str(root / "results.json")], env)
