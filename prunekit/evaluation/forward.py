@@ -152,7 +152,7 @@ class ModelWeights(Weights):
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
-        self._, self.layers = find_decoder_layers(model)
+        _, self.layers = find_decoder_layers(model)
         self.home = next(model.parameters()).device
         self._moved: dict[int, torch.device] = {}
 
