@@ -1,5 +1,7 @@
-"""Model passes over per-language evaluation text, with forward hooks that collect what the
-analyses need — and nothing of the pruning stack.
+"""Model passes over per-language evaluation text, collecting what the analyses need — and nothing
+of the pruning stack. The passes run through the layer-by-layer forward of
+``prunekit.evaluation.forward`` (one forward for evaluation and analysis), so a checkpoint is
+streamed from its shards a decoder layer at a time.
 
 Valid tokens (analysis-spec §0.1): attention_mask == 1 and not a special token (BOS, EOS, chat
 template tokens); the tokenizer's ``special_tokens_mask`` marks them. Every statistic carries its
@@ -25,8 +27,8 @@ import numpy as np
 import torch
 
 from prunekit.errors import DataError, ModelError
-from prunekit.models import find_decoder_layers, layer_output
-from prunekit.progress import progress_bar
+from prunekit.evaluation.forward import Batch, Consumer, as_weights, run_forward
+from prunekit.models import find_decoder_layers
 from prunekit.textsources import load_texts
 
 DEFAULT_MAX_LENGTH = 512
@@ -170,19 +172,96 @@ class PassResult:
         return self.nll_sum[lang] / self.nll_tokens[lang] if self.nll_tokens.get(lang) else float("nan")
 
 
-def _nll(logits: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor) -> tuple[float, int]:
-    """Σ next-token NLL over targets that are valid content tokens (fp32 log-softmax, fp64 sum)."""
-    targets = ids[:, 1:]
-    mask = valid[:, 1:]
-    if not bool(mask.any()):
-        return 0.0, 0
-    picked = logits[:, :-1][mask].float()
-    losses = torch.nn.functional.cross_entropy(picked, targets[mask], reduction="none")
-    return float(losses.double().sum()), int(mask.sum())
+class _Pass(Consumer):
+    """What one model pass collects, fed by the layer-by-layer forward (see ``run_pass``)."""
+
+    def __init__(self, result: PassResult, texts: Texts, *, embeddings: bool, lape: bool, nll: bool,
+                 record: ReferenceStates | None, compare_to: ReferenceStates | None,
+                 deactivate: dict[int, torch.Tensor] | None):
+        self.result = result
+        self.texts = texts
+        self.embeddings, self.lape, self.record, self.compare_to = embeddings, lape, record, compare_to
+        self.deactivate = deactivate or {}
+        self.wants_scores = nll
+        self.info: dict[str, Any] = {}
+
+    def attach(self, index: int, layer: torch.nn.Module) -> list[Any]:
+        handles = []
+        if not (self.lape or len(self.deactivate.get(index, ()))):
+            return handles
+        gate, down, act = mlp_parts(layer, index)
+        if self.lape:
+            result = self.result
+
+            def gate_hook(module, args, output):
+                active = act(output)[self.info["valid"]] > 0
+                result.active_counts[self.info["lang_index"], index] += active.sum(dim=0, dtype=torch.int64).cpu().numpy()
+
+            def down_hook(module, args):
+                neurons = args[0][self.info["valid"]]  # act_fn(gate(x)) ⊙ up(x), after any deactivation
+                result.abs_output_sum[self.info["lang_index"], index] += (
+                    neurons.abs().sum(dim=0, dtype=torch.float64).cpu().numpy())
+
+            handles.append(gate.register_forward_hook(gate_hook))
+            handles.append(down.register_forward_pre_hook(down_hook))
+        columns = self.deactivate.get(index)
+        if columns is not None and len(columns):
+            def zero_hook(module, args):
+                x = args[0].clone()
+                x[..., columns.to(x.device)] = 0
+                return (x, *args[1:])
+
+            # prepended: runs before the LAPE hook so |output| sees the zeros
+            handles.append(down.register_forward_pre_hook(zero_hook, prepend=True))
+        return handles
+
+    def before(self, index: int, batch: Batch) -> None:
+        self.info = batch.info
+
+    def layer(self, index: int, h: torch.Tensor, batch: Batch) -> None:
+        info, result = batch.info, self.result
+        valid = info["valid"]
+        if self.embeddings:
+            store = result.embeddings[info["lang"]]
+            for row, sample_index in enumerate(info["rows"]):
+                tokens = h[row][valid[row]].to(torch.float64)
+                store[index, sample_index] = tokens.mean(dim=0).cpu().numpy()
+        if self.record is not None or self.compare_to is not None:
+            flat = h[valid]  # [n_valid, d], rows in sample order
+            start, stop = info["offset"], info["offset"] + flat.shape[0]
+            if self.record is not None:
+                self.record.data[start:stop, index] = flat.to(self.record.dtype).cpu()
+            if self.compare_to is not None:
+                ref = self.compare_to.data[start:stop, index].to(device=flat.device, dtype=torch.float32)
+                diff = ref - flat.float()
+                k = info["lang_index"]
+                result.drift_abs_sum[k, index] += float(diff.abs().sum(dtype=torch.float64))
+                result.drift_l2_sum[k, index] += float(torch.linalg.vector_norm(diff, dim=-1).sum(dtype=torch.float64))
+                result.reference_abs_sum[k, index] += float(ref.abs().sum(dtype=torch.float64))
+
+    def final(self, batch: Batch, scores) -> None:
+        lang = batch.info["lang"]
+        total, count = scores.nll(batch.info["valid"][:, 1:])  # targets that are valid content tokens
+        self.result.nll_sum[lang] = self.result.nll_sum.get(lang, 0.0) + total
+        self.result.nll_tokens[lang] = self.result.nll_tokens.get(lang, 0) + count
+
+
+def pass_batches(texts: Texts, batch_size: int, pad_id: int, device: torch.device | str) -> list[Batch]:
+    """Every language's samples as forward batches, with what the consumers need in ``info``."""
+    out, offset = [], 0
+    for k, lang in enumerate(texts.langs):
+        row = 0
+        for batch in texts.batches(lang, batch_size):
+            ids, attention, valid = collate(batch, pad_id)
+            out.append(Batch(ids, attention, {"lang": lang, "lang_index": k, "valid": valid.to(device),
+                                              "offset": offset, "rows": list(range(row, row + len(batch)))}))
+            offset += int(valid.sum())
+            row += len(batch)
+    return out
 
 
 def run_pass(
-    model: torch.nn.Module,
+    model,
     texts: Texts,
     *,
     label: str,
@@ -197,20 +276,21 @@ def run_pass(
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> PassResult:
-    """Run ``model`` over every language's samples with the requested hooks.
+    """Run ``model`` (in memory, or a ``prunekit.evaluation.forward.Weights`` streamed a layer at a
+    time) over every language's samples, collecting what is asked for.
 
     ``record`` stores the valid-token layer outputs (reference model); ``compare_to`` accumulates the
     drift against stored ones (a target model: same texts, same order). ``deactivate`` maps a layer
     index to FFN neuron indices whose act_fn output is zeroed (Tang et al.'s test; zeroing the
     down_proj input at a neuron equals zeroing act_fn there, since the input is act_fn(gate) ⊙ up).
     """
-    _, layers = find_decoder_layers(model)
+    weights = as_weights(model)
+    skeleton = weights.model
+    _, layers = find_decoder_layers(skeleton)
     n_layers = len(layers)
-    hidden = int(model.get_input_embeddings().weight.shape[1])
+    hidden = int(skeleton.get_input_embeddings().weight.shape[1])
     langs = texts.langs
     result = PassResult(list(langs), n_layers, hidden)
-    ctx: dict[str, Any] = {}
-    handles = []
     if embeddings:
         result.embeddings = {
             lang: np.zeros((n_layers, len(texts.samples[lang]), hidden), dtype=np.float64) for lang in langs
@@ -219,105 +299,20 @@ def run_pass(
         result.drift_abs_sum = np.zeros((len(langs), n_layers), dtype=np.float64)
         result.drift_l2_sum = np.zeros((len(langs), n_layers), dtype=np.float64)
         result.reference_abs_sum = np.zeros((len(langs), n_layers), dtype=np.float64)
-
-    def layer_hook(index: int):
-        def hook(module, args, output):
-            h = layer_output(output)
-            valid = ctx["valid"]
-            if embeddings:
-                store = result.embeddings[ctx["lang"]]
-                for row, sample_index in enumerate(ctx["rows"]):
-                    tokens = h[row][valid[row]].to(torch.float64)
-                    store[index, sample_index] = tokens.mean(dim=0).cpu().numpy()
-            if record is not None or compare_to is not None:
-                flat = h[valid]  # [n_valid, d], rows in sample order
-                start, stop = ctx["offset"], ctx["offset"] + flat.shape[0]
-                if record is not None:
-                    record.data[start:stop, index] = flat.to(record.dtype).cpu()
-                if compare_to is not None:
-                    ref = compare_to.data[start:stop, index].to(device=flat.device, dtype=torch.float32)
-                    diff = ref - flat.float()
-                    k = ctx["lang_index"]
-                    result.drift_abs_sum[k, index] += float(diff.abs().sum(dtype=torch.float64))
-                    result.drift_l2_sum[k, index] += float(torch.linalg.vector_norm(diff, dim=-1).sum(dtype=torch.float64))
-                    result.reference_abs_sum[k, index] += float(ref.abs().sum(dtype=torch.float64))
-        return hook
-
-    for index, layer in enumerate(layers):
-        handles.append(layer.register_forward_hook(layer_hook(index)))
-
     if lape or deactivate:
-        parts = [mlp_parts(layer, i) for i, layer in enumerate(layers)]
+        parts = [mlp_parts(layer, i) for i, layer in enumerate(layers)]  # fail before the forward
     if lape:
         width = int(parts[0][0].out_features)
         result.active_counts = np.zeros((len(langs), n_layers, width), dtype=np.int64)
         result.abs_output_sum = np.zeros((len(langs), n_layers, width), dtype=np.float64)
-
-        def gate_hook(index: int, act_fn):
-            def hook(module, args, output):
-                active = act_fn(output)[ctx["valid"]] > 0
-                counts = active.sum(dim=0, dtype=torch.int64).cpu().numpy()
-                result.active_counts[ctx["lang_index"], index] += counts
-            return hook
-
-        def down_hook(index: int):
-            def hook(module, args):
-                neurons = args[0][ctx["valid"]]  # act_fn(gate(x)) ⊙ up(x), after any deactivation
-                sums = neurons.abs().sum(dim=0, dtype=torch.float64).cpu().numpy()
-                result.abs_output_sum[ctx["lang_index"], index] += sums
-            return hook
-
-        for index, (gate, down, act) in enumerate(parts):
-            handles.append(gate.register_forward_hook(gate_hook(index, act)))
-            handles.append(down.register_forward_pre_hook(down_hook(index)))
-    if deactivate:
-        def zero_hook(columns: torch.Tensor):
-            def hook(module, args):
-                x = args[0].clone()
-                x[..., columns.to(x.device)] = 0
-                return (x, *args[1:])
-            return hook
-
-        for index, columns in deactivate.items():
-            if len(columns):
-                # registered first-come: runs before the LAPE hook (prepend) so |output| sees the zeros
-                handles.append(parts[index][1].register_forward_pre_hook(zero_hook(columns), prepend=True))
-
-    offset = 0
-    try:
-        with torch.inference_mode(), progress_bar(label, texts.num_batches(batch_size), progress) as update:
-            done = 0
-            for k, lang in enumerate(langs):
-                row = 0
-                for batch in texts.batches(lang, batch_size):
-                    ids, attention, valid = collate(batch, pad_id)
-                    ids, attention, valid = ids.to(device), attention.to(device), valid.to(device)
-                    ctx.update(lang=lang, lang_index=k, valid=valid, offset=offset,
-                               rows=list(range(row, row + len(batch))))
-                    out = _forward(model, ids, attention, keep_all_logits=nll)
-                    if nll:
-                        total, count = _nll(out.logits, ids, valid)
-                        result.nll_sum[lang] = result.nll_sum.get(lang, 0.0) + total
-                        result.nll_tokens[lang] = result.nll_tokens.get(lang, 0) + count
-                    n_valid = int(valid.sum())
-                    result.valid_tokens[lang] = result.valid_tokens.get(lang, 0) + n_valid
-                    offset += n_valid
-                    row += len(batch)
-                    done += 1
-                    update(done, texts.num_batches(batch_size))
-    finally:
-        for handle in handles:
-            handle.remove()
+    consumer = _Pass(result, texts, embeddings=embeddings, lape=lape, nll=nll, record=record, compare_to=compare_to,
+                     deactivate=deactivate)
+    batches = pass_batches(texts, batch_size, pad_id, device)
+    run_forward(weights, batches, [consumer], device, progress=progress, description=label)
+    for batch in batches:
+        lang = batch.info["lang"]
+        result.valid_tokens[lang] = result.valid_tokens.get(lang, 0) + int(batch.info["valid"].sum())
     return result
-
-
-def _forward(model, ids, attention, keep_all_logits: bool):
-    if keep_all_logits:
-        return model(input_ids=ids, attention_mask=attention, use_cache=False)
-    try:  # skip the (large-vocabulary) LM head for all but the last position
-        return model(input_ids=ids, attention_mask=attention, use_cache=False, logits_to_keep=1)
-    except TypeError:
-        return model(input_ids=ids, attention_mask=attention, use_cache=False)
 
 
 def total_valid_tokens(texts: Texts) -> int:
@@ -326,9 +321,11 @@ def total_valid_tokens(texts: Texts) -> int:
 
 @contextlib.contextmanager
 def reference_states(model: torch.nn.Module, texts: Texts, dtype: torch.dtype, folder: Path | None = None):
-    _, layers = find_decoder_layers(model)
-    hidden = int(model.get_input_embeddings().weight.shape[1])
-    store = ReferenceStates(total_valid_tokens(texts), len(layers), hidden, dtype, folder)
+    """Room for the valid-token states of ``model`` (in memory, or a streamed checkpoint's skeleton);
+    the model itself is not kept (the caller frees it before the next one is opened)."""
+    store = ReferenceStates(total_valid_tokens(texts), len(find_decoder_layers(model)[1]),
+                            int(model.get_input_embeddings().weight.shape[1]), dtype, folder)
+    del model
     try:
         yield store
     finally:

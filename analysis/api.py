@@ -32,9 +32,10 @@ from prunekit.artifacts import read_record
 from prunekit.errors import ConfigError, ModelError
 from prunekit.io import atomic_directory, versioned, write_json_atomic, write_text_atomic
 from prunekit.languages import parse_languages
+from prunekit.evaluation.forward import open_weights
+from prunekit.evaluation.hidden_states import model_dtype, torch_dtype
 from prunekit.models import (
     ModelSource,
-    load_model,
     load_tokenizer,
     resolve_device,
     resolve_model,
@@ -90,8 +91,8 @@ def display_name(role: str, info: dict[str, Any]) -> str:
     return f"{role} ({calib})" if calib else role
 
 
-def _free(model) -> None:
-    del model
+def _collect() -> None:
+    """Give the memory of a model whose last reference the caller just dropped back (host and GPU)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -220,8 +221,10 @@ def _run_analyses(result, roles, reference, targets, analyses, langs, text_sourc
     want_lsar, want_lape, want_drift = ("lsar" in analyses), ("lape" in analyses), ("drift" in analyses)
     names = result["names"]
 
-    model, tokenizer, _ = load_model(roles[reference], dtype, trust_remote_code=trust_remote_code)
-    model.to(device)
+    tokenizer = load_tokenizer(roles[reference], trust_remote_code)
+    # Each model is streamed from its checkpoint a decoder layer at a time (the whole model only when
+    # its weights are not safetensors the model reads as they are).
+    model = open_weights(roles[reference], torch_dtype(dtype), trust_remote_code)
     fingerprint = tokenizer_fingerprint(tokenizer)
     texts = prepare_texts(tokenizer, langs, text_source, "evaluation", max_tokens, max_length)
     result["texts"] = texts.provenance
@@ -232,7 +235,7 @@ def _run_analyses(result, roles, reference, targets, analyses, langs, text_sourc
     deactivation: dict[str, Any] = {}
     selected = None
 
-    with reference_states(model, texts, next(model.parameters()).dtype) if want_drift else _null() as store:
+    with reference_states(model.model, texts, model_dtype(model)) if want_drift else _null() as store:
         passes[reference] = run_pass(model, texts, label=f"{names[reference]}: forward", embeddings=want_lsar,
                                      lape=want_lape, nll=True, record=store, **run)
         perplexity[reference] = _perplexity(passes[reference])
@@ -241,20 +244,19 @@ def _run_analyses(result, roles, reference, targets, analyses, langs, text_sourc
             selected = lape_mod.select_language_neurons(ref_stats, thresholds)
             if deactivate:
                 deactivation[reference] = _deactivation(model, texts, selected, passes[reference], names[reference], run)
-        _free(model)
-        model = None
+        model = None  # the last reference: the next model never shares memory with this one
+        _collect()
 
         for role in targets:
             _check_tokenizer(roles[role], role, roles[reference], reference, fingerprint, trust_remote_code)
-            model, _, _ = load_model(roles[role], dtype, trust_remote_code=trust_remote_code, with_tokenizer=False)
-            model.to(device)
+            model = open_weights(roles[role], torch_dtype(dtype), trust_remote_code)
             passes[role] = run_pass(model, texts, label=f"{names[role]}: forward", embeddings=want_lsar,
                                     lape=want_lape, nll=True, compare_to=store, **run)
             perplexity[role] = _perplexity(passes[role])
             if want_lape and deactivate:
                 deactivation[role] = _deactivation(model, texts, selected, passes[role], names[role], run)
-            _free(model)
             model = None
+            _collect()
     result["perplexity"] = perplexity
 
     if want_lsar:
@@ -361,7 +363,7 @@ def _lape_stats(p) -> lape_mod.LapeStats:
 
 def _deactivation(model, texts, selected, baseline, name, run) -> dict[str, Any]:
     """Zero the act_fn output of each language's selected neurons; per-language NLL change."""
-    _, layers = _layers(model)
+    _, layers = _layers(model.model)
     out: dict[str, Any] = {}
     for lang, pairs in selected.items():
         by_layer = {layer: torch.tensor(neurons, dtype=torch.long)

@@ -78,7 +78,10 @@ def evaluate_command(
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16 (checkpoint and dense model alike)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:i]."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the results JSON here (written atomically; schema in prunekit/evaluation/SCHEMA.md)."),
-    batch_size: int = typer.Option(4, "--batch-size", help="Windows per forward pass for perplexity / SNR, and lm-eval's batch size."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Windows per forward pass for perplexity / SNR (and lm-eval's batch size on the CPU)."),
+    task_batch_size: Optional[str] = typer.Option(None, "--task-batch-size", help="lm-eval's batch size: N, auto or auto:N (default: auto on a GPU, --batch-size on the CPU)."),
+    backend: str = typer.Option("hf", "--backend", help="lm-eval model for --tasks: hf (transformers) or vllm (needs vllm installed; GPU nodes)."),
+    parallelize: Optional[bool] = typer.Option(None, "--parallelize/--no-parallelize", help="hf tasks: let lm-eval spread the model over all visible GPUs (device_map=auto); default: on when more than one GPU is visible."),
     snr_tokens: int = typer.Option(4096, "--snr-tokens", help="Token positions per language for SNR / pruning error (the dense states of these are cached)."),
     include_bos: bool = typer.Option(False, "--include-bos", help="Count the BOS position in SNR / pruning error (excluded by default: its massive activation dominates)."),
     max_windows: Optional[int] = typer.Option(None, "--max-windows", help="At most N perplexity windows per language (default: all the text; mc4: 256)."),
@@ -102,6 +105,7 @@ def evaluate_command(
         tasks=tasks, limit=_limit(limit), seqlen=seqlen, dtype=dtype, device=device, out=out, progress=not quiet,
         task_data=task_data, chat_template=chat_template, batch_size=batch_size, snr_tokens=snr_tokens,
         exclude_bos=not include_bos, max_windows=max_windows, num_fewshot=num_fewshot,
+        task_batch_size=task_batch_size, backend=backend, parallelize=parallelize,
         bootstrap_iters=bootstrap_iters, trust_remote_code=trust_remote_code,
     )
     if not quiet:

@@ -270,3 +270,26 @@ def test_gemma_checkpoints_pruned_on_different_languages_compare_end_to_end(embe
     assert set(drift) == {"a", "b"} and all(v > 0 for v in drift["a"]["per_language"]["sw"]["mean_abs"])
     assert (tmp_path / "cmp" / "figures" / "masks_iou.png").exists()
     print(f"prune x2: {pruned:.1f}s, compare: {result['timings']['total_s']:.1f}s, IoU {glob['iou']:.3f}")
+
+
+def test_each_model_is_freed_before_the_next_is_opened(trio, monkeypatch):
+    """Issue 20 item 11: the reference model's memory is given back before a target is opened."""
+    import weakref
+
+    from prunekit.analysis import api
+    from prunekit.evaluation import forward
+
+    opened: list[weakref.ref] = []
+    alive_at_open: list[int] = []
+    original = forward.open_weights
+
+    def spy(*args, **kwargs):
+        alive_at_open.append(sum(1 for ref in opened if ref() is not None))
+        weights = original(*args, **kwargs)
+        opened.append(weakref.ref(weights.model))
+        return weights
+
+    monkeypatch.setattr(api, "open_weights", spy)
+    compare(trio["dense"], trio["a"], dense=None, langs="de,sw", text_source=str(TATOEBA), only="drift",
+            max_tokens=16, progress=False)
+    assert len(opened) == 2 and alive_at_open == [0, 0]

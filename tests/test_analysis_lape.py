@@ -246,3 +246,20 @@ def test_deactivating_neurons_equals_zeroing_their_down_proj_columns(tiny_llama,
         assert off.nll(lang) == pytest.approx(ref.nll(lang), rel=1e-6)
         assert off.nll(lang) != pytest.approx(base.nll(lang), rel=1e-9)
     assert (off.abs_output_sum[:, 1, columns] == 0).all()  # the output statistics see the zeros
+
+
+def test_a_pass_streamed_from_the_checkpoint_equals_the_pass_in_memory(tiny_llama, texts):
+    from prunekit.evaluation.forward import ShardWeights
+
+    model, _, _ = load_model(str(tiny_llama))
+    columns = torch.tensor([1, 9])
+    options = dict(label="test", lape=True, nll=True, embeddings=True, deactivate={2: columns}, batch_size=3,
+                   progress=False)
+    memory = run_pass(model, texts, **options)
+    streamed = run_pass(ShardWeights.open(tiny_llama, torch.float32), texts, **options)
+    assert np.array_equal(memory.active_counts, streamed.active_counts)
+    assert np.allclose(memory.abs_output_sum, streamed.abs_output_sum, rtol=1e-5)
+    for lang in texts.langs:
+        assert streamed.nll(lang) == pytest.approx(memory.nll(lang), rel=1e-5)
+        assert np.allclose(memory.embeddings[lang], streamed.embeddings[lang], rtol=1e-5, atol=1e-7)
+    assert memory.valid_tokens == streamed.valid_tokens

@@ -97,7 +97,7 @@ def test_perturbing_layer_one_leaves_layer_zero_exact_and_the_dense_pass_is_cach
         assert first["hidden_states"][lang]["dense_cache"]["status"] == "computed"
 
     # A second checkpoint against the same dense model: no dense forward, the dense weights are not even loaded.
-    monkeypatch.setattr(DenseReference, "model", lambda self: pytest.fail("the dense model was loaded again"))
+    monkeypatch.setattr(DenseReference, "weights", lambda self: pytest.fail("the dense model was loaded again"))
     second = evaluate(tiny_llama, **kwargs)
     assert COUNTERS["dense_passes"] == before + 2
     assert {second["hidden_states"][lang]["dense_cache"]["status"] for lang in ("en", "de")} == {"hit"}
@@ -204,3 +204,48 @@ def test_one_scoring_pass_gives_exactly_the_numbers_of_separate_perplexity_and_h
                                                           batch_size=2, progress=False, lang="en")
     assert short_ppl == merged_ppl
     assert short["tokens"] == 40 - 2 and short["windows"] == 2  # a window of 32 and one of 8, BOS excluded
+
+
+def test_dense_cache_is_keyed_by_the_gpu_model_not_only_cuda(tiny_llama, texts_dir, monkeypatch):
+    """Issue 20 item 5: states computed on one GPU model are not served to another."""
+    from prunekit.evaluation import make_windows
+    from prunekit.evaluation.hidden_states import cache_entry
+
+    dense = DenseReference.from_spec(str(tiny_llama))
+    windows = make_windows(dense.tokenizer, [(texts_dir / "en.txt").read_text(encoding="utf-8")], 32, 2)
+    names = iter(["NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: next(names))
+    options = dict(dtype=torch.bfloat16, batch_size=4, exclude_bos=True)
+    h100 = cache_entry(dense, windows, device=torch.device("cuda:0"), **options)
+    a100 = cache_entry(dense, windows, device=torch.device("cuda:0"), **options)
+    cpu = cache_entry(dense, windows, device=torch.device("cpu"), **options)
+    assert len({h100.path, a100.path, cpu.path}) == 3
+    assert h100.settings["device"] == "cuda:NVIDIA H100 80GB HBM3"
+
+
+def test_a_dense_cache_miss_never_has_both_models_on_the_device(tiny_llama, perturbed_llama, texts_dir, tmp_path,
+                                                                 monkeypatch):
+    """Issue 20 item 5: the evaluated model is not moved to the device before (or while) the dense
+    states are computed, and the dense model visits the device one layer at a time."""
+    from prunekit.evaluation import evaluate_loaded
+    from prunekit.evaluation import forward
+
+    monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path / "cache"))
+    model, tok, source = load_model(str(perturbed_llama))
+    moved = []
+    monkeypatch.setattr(model, "to", lambda *a, **k: moved.append((a, k)) or model)
+    dense = DenseReference.from_spec(str(tiny_llama))
+    loads = []
+    original = forward.ShardWeights.load_layer
+
+    def load_layer(self, index, device):
+        real = [i for i, layer in enumerate(self.layers) if any(p.device.type != "meta" for p in layer.parameters())]
+        loads.append(real)
+        return original(self, index, device)
+
+    monkeypatch.setattr(forward.ShardWeights, "load_layer", load_layer)
+    res = evaluate_loaded(model, tok, source=source, dense=dense, langs="en", ppl_source=str(texts_dir), seqlen=32,
+                          device="cpu", progress=False, snr_tokens=64)
+    assert res["hidden_states"]["en"]["dense_cache"]["status"] == "computed"
+    assert moved == []  # the whole model was never moved
+    assert loads and all(real == [] for real in loads)  # no other dense layer was on the device

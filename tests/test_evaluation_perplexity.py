@@ -12,7 +12,7 @@ from tests.conftest import TATOEBA, build_tiny_model
 from prunekit.evaluation.perplexity import make_windows, perplexity
 from prunekit.models import load_model
 
-ppl_module = importlib.import_module("prunekit.evaluation.perplexity")  # the package re-exports a function of the same name
+forward_module = importlib.import_module("prunekit.evaluation.forward")
 
 
 def _texts(lang: str, n: int = 40) -> list[str]:
@@ -72,7 +72,7 @@ def test_perplexity_equals_direct_transformers_forward(tiny_models, tokenizer, a
 def test_chunked_head_with_softcapping_and_tiny_chunks_matches_reference(tmp_path, tokenizer, monkeypatch):
     path = build_tiny_model("gemma3", tokenizer, tmp_path / "capped", final_logit_softcapping=2.0)
     model, tok, _ = load_model(str(path))
-    monkeypatch.setattr(ppl_module, "LOGIT_CHUNK_ELEMENTS", 7 * len(tok))  # 7 tokens per head chunk
+    monkeypatch.setattr(forward_module, "LOGIT_CHUNK_ELEMENTS", 7 * len(tok))  # 7 tokens per head chunk
     windows = make_windows(tok, _texts("ru", 12), seqlen=40)
     result = perplexity(model, windows, batch_size=3, progress=False)
     assert result.ppl == pytest.approx(reference_ppl(model, windows.windows)[0], rel=1e-4)
@@ -80,10 +80,16 @@ def test_chunked_head_with_softcapping_and_tiny_chunks_matches_reference(tmp_pat
 
 def test_unknown_logit_transform_falls_back_to_the_models_own_forward(tiny_models, monkeypatch):
     model, tok, _ = load_model(str(tiny_models["cohere"]))
-    monkeypatch.setattr(ppl_module, "logit_transform", lambda m: (lambda logits: logits))  # forget logit_scale
+    monkeypatch.setattr(forward_module, "logit_transform", lambda m: (lambda logits: logits))  # forget logit_scale
     windows = make_windows(tok, _texts("zh", 12), seqlen=32)
-    scorer = ppl_module.TokenScorer(model)
-    scorer.probe(torch.tensor([windows.windows[0]]))
-    assert scorer.chunked is False
+    probed = []
+    original = forward_module.Head.probe
+
+    def probe(self, *args):
+        original(self, *args)
+        probed.append(self.chunked)
+
+    monkeypatch.setattr(forward_module.Head, "probe", probe)
     result = perplexity(model, windows, batch_size=2, progress=False)
+    assert probed == [False]
     assert result.ppl == pytest.approx(reference_ppl(model, windows.windows)[0], rel=1e-4)

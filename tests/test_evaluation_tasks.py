@@ -212,3 +212,114 @@ def test_exported_task_configs_load_in_plain_lm_eval(tmp_path):
     task = TaskManager(include_path=str(out), include_defaults=False).load(["xcopa_local_zh"])["tasks"]["xcopa_local_zh"]
     doc = next(iter(task.test_docs()))
     assert task.doc_to_text(doc).endswith(("因为", "所以")) and len(task.doc_to_choice(doc)) == 2
+
+
+# ------------------------------------------------------------------ backends, batch size, resumption
+
+
+def _fake_results(name: str) -> dict:
+    return {"results": {name: {"alias": name, "acc,none": 0.5, "acc_stderr,none": 0.25}},
+            "n-samples": {name: {"original": 4, "effective": 4}}, "versions": {name: 1.0},
+            "lm_eval_version": "test", "chat_template_sha": None}
+
+
+def test_tasks_are_saved_as_they_finish_and_a_killed_evaluation_resumes(tiny_llama, tmp_path, monkeypatch):
+    """Issue 20 item 6: a killed evaluation keeps its finished tasks; run again, it does only the rest."""
+    import lm_eval
+
+    from prunekit.evaluation import harness
+
+    ran: list[str] = []
+
+    def simple_evaluate(model, tasks, **kwargs):
+        name = tasks[0].config.task
+        if kill and len(ran) == 1:
+            raise KeyboardInterrupt  # the job is killed during the second task
+        ran.append(name)
+        return _fake_results(name)
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", simple_evaluate)
+    monkeypatch.setattr(harness, "make_lm", lambda plan, model, tokenizer: "lm")
+    out = tmp_path / "results.json"
+    options = dict(langs="sw,zh", ppl_source=None, tasks="xcopa", task_data=TEST_DATA, device="cpu", progress=False,
+                   out=out, limit=4)
+    kill = True
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(tiny_llama, **options)
+    partial = harness.partial_results_path(out)
+    assert ran == ["xcopa_local_sw"] and partial.exists() and not out.exists()
+    assert set(json.loads(partial.read_text())["tasks"]) == {"xcopa_local_sw"}
+
+    kill = False
+    res = evaluate(tiny_llama, **options)
+    assert ran == ["xcopa_local_sw", "xcopa_local_zh"]  # the finished task was not run again
+    assert {cell["status"] for cell in res["tasks"].values()} == {"ok"}
+    assert res["versions"]["lm_eval_tasks"] == {"xcopa_local_sw": 1.0, "xcopa_local_zh": 1.0}
+    assert out.exists() and not partial.exists()
+
+    # Other settings (here: the limit) do not reuse saved tasks.
+    kill = True
+    ran.clear()
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(tiny_llama, **options)
+    kill = False
+    evaluate(tiny_llama, **(options | {"limit": 3}))
+    assert ran == ["xcopa_local_sw", "xcopa_local_sw", "xcopa_local_zh"]
+
+
+def test_task_batch_size_is_auto_on_a_gpu_and_the_cpu_path_is_unchanged(tiny_llama):
+    import torch
+
+    from prunekit.evaluation.harness import lm_arguments, plan_backend
+
+    cpu = plan_backend("hf", None, torch.device("cpu"), None, 4, path=tiny_llama)
+    assert (cpu.backend, cpu.parallelize, cpu.batch_size, cpu.loads_itself) == ("hf", False, 4, False)
+    assert lm_arguments(cpu, "MODEL", "TOK") == {"pretrained": "MODEL", "tokenizer": "TOK", "batch_size": 4}
+    assert plan_backend("hf", None, torch.device("cuda"), None, 4, path=tiny_llama).batch_size == "auto"
+    assert plan_backend("hf", None, torch.device("cpu"), "auto:2", 4).batch_size == "auto:2"
+    assert plan_backend("hf", None, torch.device("cpu"), "16", 4).batch_size == 16
+    for bad in ("0", "many", "auto:x"):
+        with pytest.raises(ConfigError, match="--task-batch-size"):
+            plan_backend("hf", None, torch.device("cpu"), bad, 4)
+
+
+def test_parallelize_and_vllm_arguments_on_a_simulated_gpu_node(tiny_llama, monkeypatch):
+    import importlib.util
+
+    import torch
+
+    from prunekit.evaluation import harness
+
+    with pytest.raises(ConfigError, match="--parallelize"):
+        harness.plan_backend("hf", True, torch.device("cpu"), None, 4, path=tiny_llama)  # no GPU here
+    with pytest.raises(ConfigError, match="pip install vllm"):
+        harness.plan_backend("vllm", None, torch.device("cpu"), None, 4, path=tiny_llama)
+    with pytest.raises(ConfigError, match="unknown --backend"):
+        harness.plan_backend("tgi", None, torch.device("cpu"), None, 4)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    plan = harness.plan_backend("hf", None, torch.device("cuda"), None, 8, path=tiny_llama, dtype=torch.bfloat16)
+    assert plan.parallelize and plan.loads_itself and plan.model(lambda: pytest.fail("loaded"), "cuda") is None
+    assert harness.lm_arguments(plan, None, "TOK") == {
+        "pretrained": str(tiny_llama), "tokenizer": "TOK", "dtype": "bfloat16", "batch_size": "auto",
+        "parallelize": True, "trust_remote_code": False}
+    with pytest.raises(ConfigError, match="in-memory"):
+        harness.plan_backend("hf", True, torch.device("cuda"), None, 8, path=None)
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else real_find_spec(name, *a))
+    vllm = harness.plan_backend("vllm", None, torch.device("cuda"), None, 8, path=tiny_llama, dtype=torch.bfloat16)
+    assert vllm.backend == "vllm" and not vllm.parallelize
+    assert harness.lm_arguments(vllm, None, "TOK") == {
+        "pretrained": str(tiny_llama), "tokenizer": str(tiny_llama), "dtype": "bfloat16", "batch_size": "auto",
+        "tensor_parallel_size": 4, "trust_remote_code": False}
+    made = {}
+
+    class FakeVLLM:
+        def __init__(self, **kwargs):
+            made.update(kwargs)
+
+    monkeypatch.setattr("lm_eval.api.registry.get_model", lambda name: {"vllm": FakeVLLM}[name])
+    harness.make_lm(vllm, None, object())
+    assert made["pretrained"] == str(tiny_llama) and made["tensor_parallel_size"] == 4

@@ -1,7 +1,10 @@
-"""Downstream tasks through lm-evaluation-harness, on the in-memory model.
+"""Downstream tasks through lm-evaluation-harness.
 
-``lm_eval.simple_evaluate`` runs with ``HFLM(pretrained=model, tokenizer=tokenizer)`` so nothing is
-reloaded or downloaded for the model. Tasks come from three places:
+By default ``lm_eval.simple_evaluate`` runs with ``HFLM(pretrained=model, tokenizer=tokenizer)`` on
+the in-memory model, so nothing is reloaded or downloaded for the model; on a GPU node lm-eval can
+load the checkpoint itself instead, spread over the GPUs (``parallelize``) or in vLLM
+(``backend="vllm"``), see :class:`BackendPlan`. Each task runs on its own and is saved as it
+finishes, so a killed evaluation resumes. Tasks come from three places:
 
 * lm-eval's own tasks (the study's suite: ARC, HellaSwag, MMLU, Belebele and Okapi translations),
   read from the Hugging Face Hub, or from local files with ``task_data``: ``DIR/{task}.jsonl``
@@ -18,8 +21,10 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -259,6 +264,134 @@ def _samples(res: dict[str, Any], name: str) -> int | None:
     return None
 
 
+# ------------------------------------------------------------------------------------ backends
+
+BACKENDS = ("hf", "vllm")
+PARTIAL_KIND = "prunekit-task-progress"
+
+
+@dataclass
+class BackendPlan:
+    """Which lm-eval model runs the tasks, and how.
+
+    * ``hf`` (default): lm-eval's HFLM on the in-memory model, on the compute device;
+    * ``hf`` with ``parallelize``: HFLM loads the checkpoint itself with ``device_map="auto"`` over
+      the GPUs present (lm-eval's ``parallelize=True``);
+    * ``vllm``: lm-eval's vLLM backend loads the checkpoint (tensor parallel over the GPUs present).
+    """
+
+    backend: str
+    parallelize: bool
+    batch_size: int | str
+    path: Path | None = None
+    dtype: str | None = None
+    gpus: int = 0
+    trust_remote_code: bool = False
+
+    @property
+    def loads_itself(self) -> bool:
+        """Whether lm-eval loads the checkpoint from ``path`` (no in-memory model is needed)."""
+        return self.backend == "vllm" or self.parallelize
+
+    def model(self, task_model, device):
+        """The in-memory model run_tasks gets (on ``device``), or None when lm-eval loads the checkpoint."""
+        if self.loads_itself:
+            return None
+        model = task_model()
+        model.to(device)
+        return model
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.backend, "parallelize": self.parallelize, "gpus": self.gpus if self.loads_itself else None}
+
+
+def _task_batch_size(value: int | str | None, device, fallback: int) -> int | str:
+    """lm-eval's batch size: ``auto`` (lm-eval finds the largest that fits) on a GPU; on the CPU the
+    perplexity batch size, as before (lm-eval's search probes from 64 windows, too much for host RAM)."""
+    if value is None:
+        return "auto" if device.type == "cuda" else fallback
+    if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
+        if int(value) < 1:
+            raise ConfigError(f"--task-batch-size must be at least 1 or 'auto', got {value}")
+        return int(value)
+    if value == "auto" or (value.startswith("auto:") and value[5:].isdigit()):
+        return value
+    raise ConfigError(f"--task-batch-size must be a number, 'auto' or 'auto:N' (N re-searches), got '{value}'")
+
+
+def plan_backend(
+    backend: str, parallelize: bool | None, device, task_batch_size: int | str | None, batch_size: int,
+    path: str | Path | None = None, dtype=None, trust_remote_code: bool = False,
+) -> BackendPlan:
+    """Check the task backend options and choose; ``parallelize=None``: on when more than one GPU is visible."""
+    import importlib.util
+
+    import torch
+
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown --backend '{backend}'; choose one of: {', '.join(BACKENDS)}")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if parallelize is None:
+        parallelize = backend == "hf" and device.type == "cuda" and gpus > 1 and path is not None
+    if backend == "vllm":
+        if importlib.util.find_spec("vllm") is None:
+            raise ConfigError("--backend vllm needs the vllm package on this machine: pip install vllm (on a GPU node), "
+                              "or use --backend hf")
+        parallelize = False
+    if (backend == "vllm" or parallelize) and path is None:
+        raise ConfigError(f"--backend {backend}{' --parallelize' if parallelize else ''} loads the checkpoint from "
+                          "disk; evaluate a checkpoint directory, not an in-memory model")
+    if parallelize and gpus == 0:
+        raise ConfigError("--parallelize spreads the model over GPUs, and none is visible; drop --parallelize")
+    name = None if dtype is None else str(dtype).replace("torch.", "")
+    return BackendPlan(backend, bool(parallelize), _task_batch_size(task_batch_size, device, batch_size),
+                       None if path is None else Path(path), name, gpus, trust_remote_code)
+
+
+def lm_arguments(plan: BackendPlan, model, tokenizer) -> dict[str, Any]:
+    """Keyword arguments of the lm-eval model class of ``plan`` (tests check them without a GPU)."""
+    if plan.backend == "vllm":
+        return {"pretrained": str(plan.path), "tokenizer": str(plan.path), "dtype": plan.dtype or "auto",
+                "batch_size": plan.batch_size, "tensor_parallel_size": max(1, plan.gpus),
+                "trust_remote_code": plan.trust_remote_code}
+    if plan.parallelize:
+        return {"pretrained": str(plan.path), "tokenizer": tokenizer, "dtype": plan.dtype or "auto",
+                "batch_size": plan.batch_size, "parallelize": True, "trust_remote_code": plan.trust_remote_code}
+    return {"pretrained": model, "tokenizer": tokenizer, "batch_size": plan.batch_size}
+
+
+def make_lm(plan: BackendPlan, model, tokenizer):
+    """The lm-eval model object (HFLM or VLLM, from lm-eval's own registry)."""
+    from lm_eval.api.registry import get_model
+
+    # HFLM may give the tokenizer a pad token; the object can be shared (models.load_tokenizer), so it gets a copy.
+    return get_model(plan.backend)(**lm_arguments(plan, model, copy.deepcopy(tokenizer)))
+
+
+def partial_results_path(out: str | Path) -> Path:
+    """Where finished tasks wait while an evaluation that writes ``out`` runs (a killed one resumes from it)."""
+    out = Path(out)
+    return out.with_name(f".{out.name}.tasks-partial.json")
+
+
+def _read_partial(path: Path | None, identity: dict[str, Any]) -> dict[str, Any]:
+    if path is None or not path.exists():
+        return {}
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if saved.get("kind") != PARTIAL_KIND or saved.get("identity") != identity:
+        return {}  # another model or other settings: start over
+    return saved.get("tasks", {})
+
+
+def _write_partial(path: Path, identity: dict[str, Any], done: dict[str, Any]) -> None:
+    from prunekit.io import write_json_atomic
+
+    write_json_atomic(path, {"kind": PARTIAL_KIND, "identity": identity, "tasks": done})
+
+
 def run_tasks(
     model,
     tokenizer,
@@ -268,15 +401,24 @@ def run_tasks(
     task_data: str | Path | None = None,
     chat_template: bool | None = None,
     num_fewshot: int = 0,
-    batch_size: int = 4,
+    batch_size: int | str = 4,
     bootstrap_iters: int = 100,
     seed: int = 0,
     model_name: str = "the model",
+    backend: BackendPlan | None = None,
+    partial: str | Path | None = None,
+    identity: dict[str, Any] | None = None,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """Run ``cells`` on the in-memory model. Returns (tasks block of the results, harness info)."""
+    """Run ``cells`` on the in-memory model (or, per ``backend``, a model lm-eval loads itself).
+
+    Returns (tasks block of the results, harness info). Each task runs on its own and, with
+    ``partial`` (a file) and an ``identity`` naming the model, is saved there as soon as it finishes:
+    a killed evaluation run again with the same model and settings skips the tasks already done."""
     apply_template = resolve_chat_template(tokenizer, chat_template, model_name)
     if task_data is not None and not Path(task_data).expanduser().is_dir():
         raise ConfigError(f"--task-data '{task_data}' is not a directory")
+    if backend is None:
+        backend = BackendPlan("hf", False, batch_size)
     results: dict[str, dict[str, Any]] = {}
     objects: dict[str, Any] = {}
     uses_defaults = any(cell.kind == "lm-eval" for cell in cells)
@@ -299,38 +441,55 @@ def run_tasks(
             continue
         objects[cell.name] = loaded["groups"].get(cell.name) or loaded["tasks"][cell.name]
     info: dict[str, Any] = {"chat_template": apply_template, "num_fewshot": num_fewshot, "limit": limit,
-                            "bootstrap_iters": bootstrap_iters, "batch_size": batch_size, "seed": seed}
+                            "bootstrap_iters": bootstrap_iters, "batch_size": backend.batch_size, "seed": seed,
+                            "task_versions": {}}
+    partial_path = None if partial is None or identity is None or identity.get("model") is None else Path(partial)
+    identity = None if partial_path is None else {
+        **identity, "limit": limit, "num_fewshot": num_fewshot, "chat_template": apply_template,
+        "bootstrap_iters": bootstrap_iters, "seed": seed, "backend": backend.describe(),
+        "task_data": None if task_data is None else str(Path(task_data).expanduser().resolve()),
+    }
+    done = _read_partial(partial_path, identity)
+    for name in list(objects):
+        if name in done:
+            results[name] = done[name]["result"]
+            info["task_versions"].update(done[name].get("versions", {}))
+            info.setdefault("chat_template_sha", done[name].get("chat_template_sha"))
+            del objects[name]
     if objects:
         import lm_eval
-        from lm_eval.models.huggingface import HFLM
 
-        # HFLM may give the tokenizer a pad token; the object can be shared (models.load_tokenizer), so it gets a copy.
-        lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
-        res = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=list(objects.values()),
-            num_fewshot=num_fewshot,
-            limit=limit,
-            bootstrap_iters=bootstrap_iters,
-            log_samples=False,
-            apply_chat_template=apply_template,
-            fewshot_as_multiturn=False,
-            task_manager=task_manager(uses_defaults),
-            random_seed=seed,
-        )
-        info.update(lm_eval_version=res.get("lm_eval_version"), chat_template_sha=res.get("chat_template_sha"),
-                    task_versions={k: v for k, v in res.get("versions", {}).items() if k in objects})
+        lm = make_lm(backend, model, tokenizer)
         for cell in cells:
             if cell.name not in objects:
                 continue
+            res = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=[objects[cell.name]],
+                num_fewshot=num_fewshot,
+                limit=limit,
+                bootstrap_iters=bootstrap_iters,
+                log_samples=False,
+                apply_chat_template=apply_template,
+                fewshot_as_multiturn=False,
+                task_manager=task_manager(uses_defaults),
+                random_seed=seed,
+            )
+            versions = {k: v for k, v in res.get("versions", {}).items() if k == cell.name}
+            info.update(lm_eval_version=res.get("lm_eval_version"), chat_template_sha=res.get("chat_template_sha"))
+            info["task_versions"].update(versions)
             row = res["results"].get(cell.name) or res.get("groups", {}).get(cell.name)
             if row is None:
                 results[cell.name] = _na(cell, "lm-eval returned no result for this task")
-                continue
-            metrics, stderr = _metrics_of(row)
-            results[cell.name] = {
-                "group": cell.group, "language": cell.language, "status": "ok", "note": None,
-                "metrics": metrics, "stderr": stderr, "samples": _samples(res, cell.name),
-            }
+            else:
+                metrics, stderr = _metrics_of(row)
+                results[cell.name] = {
+                    "group": cell.group, "language": cell.language, "status": "ok", "note": None,
+                    "metrics": metrics, "stderr": stderr, "samples": _samples(res, cell.name),
+                }
+            if partial_path is not None:
+                done[cell.name] = {"result": results[cell.name], "versions": versions,
+                                   "chat_template_sha": res.get("chat_template_sha")}
+                _write_partial(partial_path, identity, done)
     ordered = {cell.name: results[cell.name] for cell in cells}
     return ordered, info

@@ -38,9 +38,10 @@ from typing import Any, Callable
 import torch
 
 from prunekit.errors import ConfigError, ModelError
-from prunekit.evaluation.perplexity import PerplexityResult, Windows, batches, perplexity
+from prunekit.evaluation.forward import Consumer, ModelWeights, Weights, as_weights, open_weights, run_forward
+from prunekit.evaluation.perplexity import PerplexityResult, Windows, perplexity, window_batches
 from prunekit.io import cache_dir
-from prunekit.models import DTYPES, ModelSource, find_decoder_layers, layer_hooks, text_config, tokenizer_fingerprint
+from prunekit.models import DTYPES, ModelSource, text_config, tokenizer_fingerprint
 from prunekit.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -118,15 +119,15 @@ def _valid(hidden: torch.Tensor, exclude_first: bool) -> torch.Tensor:
     return hidden.reshape(-1, hidden.shape[-1])
 
 
-class StateCollector:
-    """A layer callback that keeps every decoder layer's valid-token states on the CPU (the dense side)."""
+class StateCollector(Consumer):
+    """Keeps every decoder layer's valid-token states on the CPU (the dense side)."""
 
     def __init__(self, exclude_first: bool, store_dtype: torch.dtype):
         self.exclude_first = exclude_first
         self.store_dtype = store_dtype
         self.per_layer: dict[int, list[torch.Tensor]] = {}
 
-    def __call__(self, index: int, hidden: torch.Tensor) -> None:
+    def layer(self, index: int, hidden: torch.Tensor, batch=None) -> None:
         self.per_layer.setdefault(index, []).append(_valid(hidden, self.exclude_first).to("cpu", self.store_dtype))
 
     def states(self, n_layers: int) -> list[torch.Tensor]:
@@ -134,8 +135,8 @@ class StateCollector:
         return [torch.cat(self.per_layer[i]) for i in range(n_layers)]
 
 
-class StateComparer:
-    """A layer callback that compares every decoder layer's output with cached dense states as it goes
+class StateComparer(Consumer):
+    """Compares every decoder layer's output with cached dense states as it goes
     (the pruned side is never stored). Each layer keeps its own token offset, so batches of any shape,
     or one window at a time, line up with the dense states."""
 
@@ -145,7 +146,7 @@ class StateComparer:
         self.accumulators = [LayerError() for _ in dense_states]
         self.offsets = [0] * len(dense_states)
 
-    def __call__(self, index: int, hidden: torch.Tensor) -> None:
+    def layer(self, index: int, hidden: torch.Tensor, batch=None) -> None:
         if index >= len(self.dense_states):
             raise ModelError(f"the model has more decoder layers than the dense reference ({len(self.dense_states)})")
         reference = self.dense_states[index]
@@ -157,7 +158,10 @@ class StateComparer:
         self.offsets[index] = hi
         self.accumulators[index].update(reference[lo:hi].to(pruned.device), pruned)
 
-    def finish(self, n_layers: int) -> list[dict[str, float]]:
+    def finish(self, n_layers: int | None = None) -> list[dict[str, float]]:
+        """Per-layer D.1; ``n_layers``: the model's layer count (default: the layers this comparer saw)."""
+        if n_layers is None:
+            n_layers = sum(1 for offset in self.offsets if offset > 0)
         if n_layers != len(self.dense_states):
             raise ModelError(f"the model has {n_layers} decoder layers, the dense reference {len(self.dense_states)}")
         if any(offset != self.dense_states[0].shape[0] for offset in self.offsets):
@@ -165,36 +169,34 @@ class StateComparer:
         return [acc.finish() for acc in self.accumulators]
 
 
-def _forward_windows(model, windows: Windows, batch_size: int, callback, progress: bool, description: str) -> int:
-    from prunekit.evaluation.perplexity import decoder_of
-
-    decoder = decoder_of(model)
-    device = next(model.parameters()).device
-    todo = list(batches(windows.windows, batch_size))
-    with layer_hooks(model, callback) as n_layers, torch.no_grad(), progress_bar(description, len(todo), progress) as update:
-        for done, batch in enumerate(todo, 1):
-            decoder(input_ids=batch.to(device), use_cache=False)
-            update(done, len(todo))
-    return n_layers
+def _forward_windows(model, windows: Windows, batch_size: int, consumer, progress: bool, description: str,
+                     device: torch.device | str | None = None) -> int:
+    weights = as_weights(model)
+    if device is None:
+        device = next(weights.model.parameters()).device
+    return run_forward(weights, window_batches(windows, batch_size), [consumer], device, progress=progress,
+                       description=description)
 
 
 def collect_states(
     model, windows: Windows, batch_size: int, exclude_bos: bool, store_dtype: torch.dtype,
-    progress: bool = True, description: str = "dense hidden states",
+    progress: bool = True, description: str = "dense hidden states", device: torch.device | str | None = None,
 ) -> list[torch.Tensor]:
-    """Every decoder layer's output for the valid tokens of ``windows``: a list of [N, d] CPU tensors."""
+    """Every decoder layer's output for the valid tokens of ``windows``: a list of [N, d] CPU tensors.
+
+    ``model``: an in-memory model or a ``forward.Weights`` (streamed layer by layer)."""
     collector = StateCollector(exclude_bos and windows.bos is not None, store_dtype)
-    n_layers = _forward_windows(model, windows, batch_size, collector, progress, description)
+    n_layers = _forward_windows(model, windows, batch_size, collector, progress, description, device)
     return collector.states(n_layers)
 
 
 def compare_states(
     model, windows: Windows, dense_states: list[torch.Tensor], batch_size: int, exclude_bos: bool,
-    progress: bool = True, description: str = "hidden-state error",
+    progress: bool = True, description: str = "hidden-state error", device: torch.device | str | None = None,
 ) -> list[dict[str, float]]:
     """D.1 per layer of ``model`` against cached dense states (the pruned side is never stored)."""
     comparer = StateComparer(dense_states, exclude_bos and windows.bos is not None)
-    n_layers = _forward_windows(model, windows, batch_size, comparer, progress, description)
+    n_layers = _forward_windows(model, windows, batch_size, comparer, progress, description, device)
     return comparer.finish(n_layers)
 
 
@@ -238,31 +240,49 @@ def architecture_summary(config) -> dict[str, Any]:
     }
 
 
+def torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """A --dtype value as a torch dtype; None (or "auto"): the checkpoint's own."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown --dtype '{dtype}'; choose auto or one of: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def model_dtype(model) -> torch.dtype:
+    """The dtype of an in-memory model or of a streamed checkpoint's skeleton."""
+    return next(as_weights(model).model.parameters()).dtype
+
+
 @dataclass
 class DenseReference:
-    """The dense model SNR / PE compare against, loaded only when its cache is missing."""
+    """The dense model SNR / PE compare against; its weights are opened only when its cache is missing
+    (streamed from its checkpoint a layer at a time)."""
 
     spec: str
     revision: str | None
     config: Any
     tokenizer: Any
     fingerprint: str
-    loader: Callable[[], torch.nn.Module] | None = None
+    loader: Callable[[], Weights] | None = None
+    _weights: Weights | None = field(default=None, repr=False)
     _model: torch.nn.Module | None = field(default=None, repr=False)
 
     @classmethod
-    def from_spec(cls, spec: str, dtype: str = "float32", trust_remote_code: bool = False) -> "DenseReference":
+    def from_spec(cls, spec: str, dtype: str | torch.dtype | None = "float32", trust_remote_code: bool = False) -> "DenseReference":
         from transformers import AutoConfig
 
-        from prunekit.models import load_model, load_tokenizer, resolve_model
+        from prunekit.models import load_tokenizer, resolve_model
 
         source = resolve_model(spec)
         config = AutoConfig.from_pretrained(str(source.path), trust_remote_code=trust_remote_code)
         tokenizer = load_tokenizer(source, trust_remote_code)
+        wanted = torch_dtype(dtype)
 
-        def loader():
-            model, _, _ = load_model(source, dtype, trust_remote_code=trust_remote_code)
-            return model
+        def loader() -> Weights:
+            return open_weights(source, wanted, trust_remote_code)
 
         return cls(source.spec, source.revision, config, tokenizer, model_fingerprint(source), loader)
 
@@ -270,23 +290,27 @@ class DenseReference:
     def from_loaded(cls, model, tokenizer, source: ModelSource | None = None) -> "DenseReference":
         fingerprint = model_fingerprint(source) if source is not None else parameters_fingerprint(model)
         spec = source.spec if source is not None else getattr(model.config, "_name_or_path", "") or "in-memory"
-        return cls(spec, source.revision if source else None, model.config, tokenizer, fingerprint, None, model)
+        return cls(spec, source.revision if source else None, model.config, tokenizer, fingerprint, None,
+                   ModelWeights(model), model)
 
-    def model(self) -> torch.nn.Module:
-        if self._model is None:
+    def weights(self) -> Weights:
+        """The dense model's weights (opened now if they were not)."""
+        if self._weights is None:
             if self.loader is None:
                 raise RuntimeError("dense reference has neither a model nor a loader")
-            self._model = self.loader()
-        return self._model
+            self._weights = self.loader()
+        return self._weights
 
-    def holds(self, model: torch.nn.Module) -> bool:
+    def holds(self, model) -> bool:
         """Whether ``model`` is this reference's dense model itself (the dense model evaluating itself)."""
-        return self._model is model
+        if isinstance(model, ModelWeights):
+            model = model.model
+        return model is not None and (model is self._model or model is self._weights)
 
     def release(self) -> None:
-        """Drop a dense model this reference loaded itself (one given in memory is kept)."""
+        """Drop dense weights this reference opened itself (a model given in memory is kept)."""
         if self.loader is not None:
-            self._model = None
+            self._weights = None
 
     def to_json(self) -> dict[str, Any]:
         return {"spec": self.spec, "revision": self.revision, "fingerprint": self.fingerprint}
@@ -362,6 +386,14 @@ def _save_cache(path: Path, states: list[torch.Tensor], meta: dict[str, Any]) ->
             os.unlink(tmp)
 
 
+def device_key(device: torch.device) -> str:
+    """The device part of the dense cache key: the GPU model, not only "cuda" (kernels, and so the
+    states' last bits, differ between GPU models)."""
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return device.type
+
+
 @dataclass
 class CacheEntry:
     """Where the dense states of one set of windows live, and what they hold."""
@@ -380,7 +412,7 @@ def cache_entry(
     stored = store_dtype_for(dtype, store_dtype)
     exclude_first = bool(exclude_bos and windows.bos is not None)
     settings = {
-        "dtype": str(dtype), "store_dtype": str(stored), "device": device.type, "batch_size": batch_size,
+        "dtype": str(dtype), "store_dtype": str(stored), "device": device_key(device), "batch_size": batch_size,
         "exclude_bos": exclude_first,
     }
     path = cache_dir("dense") / f"{dense_cache_key(dense, windows, settings)}.safetensors"
@@ -413,14 +445,9 @@ def _compute_dense_states(
     progress: bool, lang: str,
 ) -> list[torch.Tensor]:
     """One dense pass over ``windows`` (the dense model loaded if it is not in memory), cached in ``entry``."""
-    model = dense.model()
-    previous = next(model.parameters()).device
-    model.to(device)
-    try:
-        states = collect_states(model, windows, batch_size, entry.exclude_first, entry.store_dtype, progress,
-                                f"dense hidden states {lang}".strip())
-    finally:
-        model.to(previous)
+    # One dense layer at a time on the device: a cache miss never puts a second model there.
+    states = collect_states(dense.weights(), windows, batch_size, entry.exclude_first, entry.store_dtype, progress,
+                            f"dense hidden states {lang}".strip(), device=device)
     _store(entry, dense, states, lang)
     return states
 
@@ -448,13 +475,14 @@ def hidden_state_errors(
     model, dense: DenseReference, windows: Windows, *, device: torch.device, batch_size: int = 4,
     exclude_bos: bool = True, store_dtype: str | None = None, progress: bool = True, lang: str = "",
 ) -> dict[str, Any]:
-    """SNR and pruning error per layer and per model of ``model`` (on ``device``) against ``dense``."""
-    dtype = next(model.parameters()).dtype
+    """SNR and pruning error per layer and per model of ``model`` (run on ``device``) against ``dense``."""
+    dtype = model_dtype(model)
     states, cache, path = dense_states(
         dense, windows, dtype=dtype, device=device, batch_size=batch_size, exclude_bos=exclude_bos,
         store_dtype=store_dtype, progress=progress, lang=lang,
     )
-    layers = compare_states(model, windows, states, batch_size, exclude_bos, progress, f"hidden-state error {lang}".strip())
+    layers = compare_states(model, windows, states, batch_size, exclude_bos, progress, f"hidden-state error {lang}".strip(),
+                            device=device)
     exclude_first = bool(exclude_bos and windows.bos is not None)
     return _errors_json(layers, int(states[0].shape[0]), exclude_first, windows, cache, path)
 
@@ -472,16 +500,16 @@ def perplexity_and_hidden_state_errors(
     description = f"perplexity {lang}".strip()
     snr_windows = windows.truncated(snr_tokens)
     if snr_windows.windows != windows.windows:
-        result = perplexity(model, windows, batch_size, progress, description)
+        result = perplexity(model, windows, batch_size, progress, description, device=device)
         return result, hidden_state_errors(model, dense, snr_windows, device=device, batch_size=batch_size,
                                            exclude_bos=exclude_bos, store_dtype=store_dtype, progress=progress, lang=lang)
-    entry = cache_entry(dense, windows, dtype=next(model.parameters()).dtype, device=device, batch_size=batch_size,
+    entry = cache_entry(dense, windows, dtype=model_dtype(model), device=device, batch_size=batch_size,
                         exclude_bos=exclude_bos, store_dtype=store_dtype)
     states = _load_cache(entry.path, entry.tokens)
     if states is None and dense.holds(model):
         collector = StateCollector(entry.exclude_first, entry.store_dtype)
         result = perplexity(model, windows, batch_size, progress, f"{description} + dense hidden states",
-                            layer_callback=collector)
+                            device=device, consumers=[collector])
         states = collector.states(len(collector.per_layer))
         _store(entry, dense, states, lang)
         layers = []
@@ -498,6 +526,6 @@ def perplexity_and_hidden_state_errors(
             cache = "computed"
         comparer = StateComparer(states, entry.exclude_first)
         result = perplexity(model, windows, batch_size, progress, f"{description} + hidden-state error",
-                            layer_callback=comparer)
-        layers = comparer.finish(len(find_decoder_layers(model)[1]))
+                            device=device, consumers=[comparer])
+        layers = comparer.finish()
     return result, _errors_json(layers, int(states[0].shape[0]), entry.exclude_first, windows, cache, entry.path)

@@ -10,33 +10,26 @@ Windowing (the Wanda / SparseGPT convention, made explicit):
 * the last, shorter window is scored too when it has at least 2 tokens;
 * PPL = exp(total NLL / scored tokens), with the NLL of each token in fp32 and the sum in fp64.
 
-The final hidden state comes from the decoder once per batch of windows; the LM head (and any
-logit transform: Cohere's ``logit_scale``, Granite's ``logits_scaling``, Gemma's
-``final_logit_softcapping``) is applied chunk by chunk of tokens so a 262k vocabulary never
-materialises ``[batch, seqlen, vocab]`` logits. Before the first batch a short probe compares
-this path with the model's own ``forward`` logits; a model whose head does something else falls
-back to the model's own forward, one window at a time.
+The windows run through the layer-by-layer forward of ``prunekit.evaluation.forward`` (the model in
+memory, or streamed from its checkpoint a layer at a time); its LM head (and any logit transform:
+Cohere's ``logit_scale``, Granite's ``logits_scaling``, Gemma's ``final_logit_softcapping``) is
+applied chunk by chunk of tokens so a 262k vocabulary never materialises ``[batch, seqlen, vocab]``
+logits, checked once against the model's own ``forward`` logits.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from prunekit.errors import ConfigError, DataError
-from prunekit.models import layer_hooks, text_config
-from prunekit.progress import progress_bar
+from prunekit.evaluation.forward import Batch, Callback, Consumer, as_weights, run_forward
 
 log = logging.getLogger(__name__)
-
-LOGIT_CHUNK_ELEMENTS = 1 << 26  # logits computed at once: 64M floats (256 MiB in fp32)
-PROBE_TOKENS = 8
 
 
 @dataclass
@@ -95,94 +88,23 @@ def batches(windows: list[list[int]], batch_size: int) -> Iterator[torch.Tensor]
         yield torch.tensor(current, dtype=torch.long)
 
 
-def decoder_of(model: torch.nn.Module) -> torch.nn.Module:
-    """The model without its LM head (its output is the final, normed hidden state)."""
-    if hasattr(model, "get_decoder"):
-        decoder = model.get_decoder()
-        if decoder is not None and decoder is not model:
-            return decoder
-    return model.base_model
+def window_batches(windows: Windows, batch_size: int) -> list[Batch]:
+    """The batches of :func:`batches` as forward batches."""
+    return [Batch(ids) for ids in batches(windows.windows, batch_size)]
 
 
-def logit_transform(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """What a causal LM does to ``lm_head(h)`` before the loss, for the transforms we know of."""
-    config = text_config(model.config)
-    scale = getattr(model, "logit_scale", None)
-    if scale is None:
-        scale = getattr(config, "logit_scale", None)
-    divide = getattr(config, "logits_scaling", None)
-    cap = getattr(config, "final_logit_softcapping", None)
+class NllSum(Consumer):
+    """Σ next-token NLL over every scored position of the batches it sees."""
 
-    def transform(logits: torch.Tensor) -> torch.Tensor:
-        if isinstance(scale, (int, float)) and scale != 1:
-            logits = logits * scale
-        if isinstance(divide, (int, float)) and divide not in (0, 1):
-            logits = logits / divide
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+    wants_scores = True
 
-    return transform
+    def __init__(self):
+        self.total, self.count = 0.0, 0
 
-
-class TokenScorer:
-    """Sum of next-token NLLs of batches of windows, with the LM head applied in chunks."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-        self.decoder = decoder_of(model)
-        self.head = model.get_output_embeddings()
-        self.transform = logit_transform(model)
-        self.chunked = self.head is not None
-        self._probed = False
-
-    def _device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def _chunked_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.transform(self.head(hidden).float())
-
-    def probe(self, input_ids: torch.Tensor) -> None:
-        """Check the chunked head against the model's own logits on a few tokens."""
-        self._probed = True
-        if not self.chunked:
-            return
-        ids = input_ids[:1, :PROBE_TOKENS].to(self._device())
-        with torch.no_grad():
-            reference = self.model(input_ids=ids, use_cache=False).logits.float()
-            hidden = self.decoder(input_ids=ids, use_cache=False).last_hidden_state
-            mine = self._chunked_logits(hidden)
-        scale = reference.abs().max().clamp_min(1e-6)
-        tolerance = 1e-4 if hidden.dtype == torch.float32 else 3e-2
-        if reference.shape != mine.shape or ((reference - mine).abs().max() / scale) > tolerance:
-            log.warning(
-                "%s transforms its logits in a way prunekit does not know; scoring with the model's own "
-                "forward, one window at a time (more memory)", type(self.model).__name__,
-            )
-            self.chunked = False
-
-    def nll(self, input_ids: torch.Tensor) -> tuple[float, int]:
-        """Summed NLL (fp64) of tokens 1..T-1 of each window given its prefix, and their count."""
-        if not self._probed:
-            self.probe(input_ids)
-        ids = input_ids.to(self._device())
-        targets = ids[:, 1:]
-        total = torch.zeros((), dtype=torch.float64, device=ids.device)
-        with torch.no_grad():
-            if not self.chunked:
-                for row in range(ids.shape[0]):
-                    logits = self.model(input_ids=ids[row : row + 1], use_cache=False).logits[0, :-1].float()
-                    total += F.cross_entropy(logits, targets[row], reduction="sum").double()
-                return float(total), int(targets.numel())
-            hidden = self.decoder(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
-            hidden = hidden.reshape(-1, hidden.shape[-1])
-            flat = targets.reshape(-1)
-            vocab = self.head.weight.shape[0]
-            chunk = max(1, LOGIT_CHUNK_ELEMENTS // vocab)
-            for start in range(0, hidden.shape[0], chunk):
-                logits = self._chunked_logits(hidden[start : start + chunk])
-                total += F.cross_entropy(logits, flat[start : start + chunk], reduction="sum").double()
-        return float(total), int(targets.numel())
+    def final(self, batch: Batch, scores) -> None:
+        nll, n = scores.nll()
+        self.total += nll
+        self.count += n
 
 
 @dataclass
@@ -199,29 +121,28 @@ class PerplexityResult:
 
 
 def perplexity(
-    model: torch.nn.Module,
+    model,
     windows: Windows,
     batch_size: int = 4,
     progress: bool = True,
     description: str = "perplexity",
     layer_callback: Callable[[int, torch.Tensor], None] | None = None,
+    *,
+    device: torch.device | str | None = None,
+    consumers: Sequence[Consumer] = (),
 ) -> PerplexityResult:
-    """exp(mean NLL) over every scored token of ``windows`` (model already on its device).
+    """exp(mean NLL) over every scored token of ``windows``.
 
-    ``layer_callback(index, hidden)`` sees every decoder layer's output of the scoring passes, so
-    hidden-state measurements ride on the same forward (see ``perplexity_and_hidden_state_errors``)."""
-    scorer = TokenScorer(model)
-    total, count = 0.0, 0
-    todo = list(batches(windows.windows, batch_size))
-    hooks = contextlib.nullcontext()
-    if layer_callback is not None:
-        scorer.probe(todo[0])  # the probe's own forward must not reach the callback
-        hooks = layer_hooks(model, layer_callback)
-    with hooks, progress_bar(description, len(todo), progress) as update:
-        for done, batch in enumerate(todo, 1):
-            nll, n = scorer.nll(batch)
-            total += nll
-            count += n
-            update(done, len(todo))
-    mean = total / count
-    return PerplexityResult(math.exp(mean), mean, count, len(windows.windows), windows.seqlen, windows.bos is not None)
+    ``model`` is an in-memory model or a :class:`prunekit.evaluation.forward.Weights` (a checkpoint
+    streamed layer by layer); ``device`` defaults to where the model's parameters are.
+    ``layer_callback(index, hidden)`` and ``consumers`` see every decoder layer's output of the same
+    forward, so hidden-state measurements ride on it (see ``perplexity_and_hidden_state_errors``)."""
+    scorer = NllSum()
+    extra = list(consumers) + ([Callback(layer_callback)] if layer_callback is not None else [])
+    weights = as_weights(model)
+    if device is None:
+        device = next(weights.model.parameters()).device
+    run_forward(weights, window_batches(windows, batch_size), [scorer, *extra], device, progress=progress,
+                description=description)
+    mean = scorer.total / scorer.count
+    return PerplexityResult(math.exp(mean), mean, scorer.count, len(windows.windows), windows.seqlen, windows.bos is not None)

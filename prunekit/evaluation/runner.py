@@ -11,12 +11,19 @@ import torch
 
 from prunekit.artifacts import RESULTS_KIND, library_versions, read_record, write_results
 from prunekit.errors import ConfigError
-from prunekit.evaluation.harness import plan_tasks, resolve_chat_template, run_tasks
-from prunekit.evaluation.hidden_states import DenseReference, check_compatible, perplexity_and_hidden_state_errors
+from prunekit.evaluation.forward import ModelWeights, Weights, open_weights
+from prunekit.evaluation.harness import BackendPlan, partial_results_path, plan_backend, plan_tasks, resolve_chat_template, run_tasks
+from prunekit.evaluation.hidden_states import (
+    DenseReference,
+    check_compatible,
+    model_fingerprint,
+    perplexity_and_hidden_state_errors,
+    torch_dtype,
+)
 from prunekit.evaluation.perplexity import make_windows, perplexity
 from prunekit.io import versioned
 from prunekit.languages import parse_language_list
-from prunekit.models import ModelSource, load_model, load_tokenizer, parse_dtype, resolve_device, resolve_model
+from prunekit.models import ModelSource, load_model, load_tokenizer, resolve_device, resolve_model
 
 DEFAULT_SNR_TOKENS = 4096
 MC4_DEFAULT_WINDOWS = 256  # the Wanda / SparseGPT C4 convention: 256 windows of the validation split
@@ -40,6 +47,30 @@ def evaluate_loaded(
     source: ModelSource | None = None,
     record: dict[str, Any] | None = None,
     dense: DenseReference | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Evaluate an already-loaded model (the sweep reuses loaded models through this).
+
+    ``dense`` is a :class:`DenseReference` (``DenseReference.from_spec(...)`` or ``.from_loaded(...)``);
+    it is only run when its hidden states are not cached yet. The model stays where it is for the
+    perplexity / SNR forward (each layer visits the compute device in turn) and moves to the device
+    only for the lm-eval tasks. ``options``: the keyword options of :func:`evaluate`."""
+    model.eval()
+
+    def task_model() -> Any:
+        return model
+
+    return _evaluate(ModelWeights(model), tokenizer, task_model, source=source, record=record, dense=dense, **options)
+
+
+def _evaluate(
+    weights: Weights,
+    tokenizer,
+    task_model,
+    *,
+    source: ModelSource | None = None,
+    record: dict[str, Any] | None = None,
+    dense: DenseReference | None = None,
     langs: str | Sequence[str] = ("en",),
     ppl_source: str | None = "embedded",
     tasks: str | Sequence[str] | None = None,
@@ -47,11 +78,15 @@ def evaluate_loaded(
     seqlen: int = 2048,
     device: str = "auto",
     batch_size: int = 4,
+    task_batch_size: int | str | None = None,
+    backend: str = "hf",
+    parallelize: bool | None = None,
     snr_tokens: int = DEFAULT_SNR_TOKENS,
     exclude_bos: bool = True,
     snr_store_dtype: str | None = None,
     max_windows: int | None = None,
     task_data: str | Path | None = None,
+    trust_remote_code: bool = False,
     chat_template: bool | None = None,
     num_fewshot: int = 0,
     bootstrap_iters: int = 100,
@@ -59,11 +94,8 @@ def evaluate_loaded(
     out: str | Path | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate an already-loaded model (the sweep reuses loaded models through this).
-
-    ``dense`` is a :class:`DenseReference` (``DenseReference.from_spec(...)`` or ``.from_loaded(...)``);
-    it is only run when its hidden states are not cached yet."""
     started = time.perf_counter()
+    model = weights.model  # in memory, or the meta-device skeleton of a streamed checkpoint
     languages = _languages(langs)
     cells = plan_tasks(tasks, languages)  # unknown task names fail before any work
     _check_positive("--seqlen", seqlen, 2)
@@ -80,8 +112,10 @@ def evaluate_loaded(
     if dense is not None:
         check_compatible(model.config, tokenizer, dense, name=f"'{name}'")
     compute_device = resolve_device(device)
-    model.eval()
-    model.to(compute_device)
+    dtype = next(model.parameters()).dtype
+    backend_plan = plan_backend(backend, parallelize, compute_device, task_batch_size, batch_size,
+                                path=None if source is None else source.path, dtype=dtype,
+                                trust_remote_code=trust_remote_code) if cells else BackendPlan("hf", False, batch_size)
     timings: dict[str, float] = {}
 
     perplexities: dict[str, Any] = {}
@@ -96,11 +130,12 @@ def evaluate_loaded(
             texts = load_texts(ppl_source, lang, "evaluation", char_budget=budget)
             windows = make_windows(tokenizer, [d.text for d in texts.documents], seqlen, windows_wanted)
             if dense is None:
-                result = perplexity(model, windows, batch_size, progress, f"perplexity {lang}")
+                result = perplexity(weights, windows, batch_size, progress, f"perplexity {lang}", device=compute_device)
             else:
                 result, hidden[lang] = perplexity_and_hidden_state_errors(
-                    model, dense, windows, snr_tokens=snr_tokens, device=compute_device, batch_size=batch_size,
-                    exclude_bos=exclude_bos, store_dtype=snr_store_dtype, progress=progress, lang=lang,
+                    weights, dense, windows, snr_tokens=snr_tokens,
+                    device=compute_device, batch_size=batch_size, exclude_bos=exclude_bos,
+                    store_dtype=snr_store_dtype, progress=progress, lang=lang,
                 )
             perplexities[lang] = result.to_json() | {
                 "source": ppl_source, "location": texts.location, "content_hash": texts.content_hash, "bos": result.bos,
@@ -116,9 +151,11 @@ def evaluate_loaded(
     if cells:
         t0 = time.perf_counter()
         task_results, harness_info = run_tasks(
-            model, tokenizer, cells, limit=limit, task_data=task_data, chat_template=chat_template,
-            num_fewshot=num_fewshot, batch_size=batch_size, bootstrap_iters=bootstrap_iters, seed=seed,
-            model_name=f"'{name}'",
+            backend_plan.model(task_model, compute_device), tokenizer, cells, limit=limit, task_data=task_data,
+            chat_template=chat_template, num_fewshot=num_fewshot, batch_size=backend_plan.batch_size,
+            bootstrap_iters=bootstrap_iters, seed=seed, model_name=f"'{name}'", backend=backend_plan,
+            partial=None if out is None else partial_results_path(out),
+            identity={"model": None if source is None else model_fingerprint(source), "dtype": str(dtype)},
         )
         timings["tasks_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - started
@@ -132,9 +169,11 @@ def evaluate_loaded(
     }
     settings = {
         "seqlen": seqlen,
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "dtype": str(dtype).replace("torch.", ""),
         "device": str(compute_device),
         "batch_size": batch_size,
+        "task_batch_size": backend_plan.batch_size if cells else None,
+        "backend": backend_plan.describe() if cells else None,
         "ppl_source": ppl_source,
         "max_windows": max_windows,
         "ppl_windowing": "documents joined with '\\n\\n', tokenized once without special tokens, non-overlapping "
@@ -169,6 +208,7 @@ def evaluate_loaded(
     )
     if out is not None:
         write_results(out, results)
+        partial_results_path(out).unlink(missing_ok=True)  # the finished results replace the per-task progress
     return results
 
 
@@ -188,6 +228,9 @@ def evaluate(
     chat_template: bool | None = None,
     *,
     batch_size: int = 4,
+    task_batch_size: int | str | None = None,
+    backend: str = "hf",
+    parallelize: bool | None = None,
     snr_tokens: int = DEFAULT_SNR_TOKENS,
     exclude_bos: bool = True,
     snr_store_dtype: str | None = None,
@@ -199,24 +242,40 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate a checkpoint (local dir, Hub id, .gguf, embedded:NAME) and return the results dict.
 
-    Mirrors ``prunekit eval``; writes ``out`` (results.json) atomically when given."""
+    Mirrors ``prunekit eval``; writes ``out`` (results.json) atomically when given. Perplexity and SNR
+    stream the checkpoint a decoder layer at a time from its safetensors shards; the model is loaded
+    whole only for lm-eval tasks (by lm-eval itself with ``parallelize`` or ``backend="vllm"``)."""
     languages = _languages(langs)
     plan_tasks(tasks, languages)  # fail on unknown tasks before loading anything
-    parse_dtype(dtype)
+    wanted = torch_dtype(dtype)
     source = resolve_model(str(checkpoint))
+    tokenizer = load_tokenizer(source, trust_remote_code)
     dense_ref = None
     if dense is not None:  # compare configs and tokenizers before loading any weights
         from transformers import AutoConfig
 
         dense_ref = DenseReference.from_spec(dense, dtype, trust_remote_code)
         config = AutoConfig.from_pretrained(str(source.path), trust_remote_code=trust_remote_code)
-        check_compatible(config, load_tokenizer(source, trust_remote_code), dense_ref, name=f"checkpoint '{source.spec}'")
+        check_compatible(config, tokenizer, dense_ref, name=f"checkpoint '{source.spec}'")
     record = read_record(source.path)
-    model, tokenizer, source = load_model(source, dtype, trust_remote_code=trust_remote_code)
-    return evaluate_loaded(
-        model, tokenizer, source=source, record=record, dense=dense_ref, langs=languages, ppl_source=ppl_source,
-        tasks=tasks, limit=limit, seqlen=seqlen, device=device, batch_size=batch_size, snr_tokens=snr_tokens,
+    weights = open_weights(source, wanted, trust_remote_code)
+
+    def task_model() -> Any:
+        if isinstance(weights, ModelWeights):
+            return weights.model
+        model, _, _ = load_model(source, wanted or weights_dtype(weights), trust_remote_code=trust_remote_code,
+                                 with_tokenizer=False)
+        return model
+
+    return _evaluate(
+        weights, tokenizer, task_model, source=source, record=record, dense=dense_ref, langs=languages,
+        ppl_source=ppl_source, tasks=tasks, limit=limit, seqlen=seqlen, device=device, batch_size=batch_size,
+        task_batch_size=task_batch_size, backend=backend, parallelize=parallelize, snr_tokens=snr_tokens,
         exclude_bos=exclude_bos, snr_store_dtype=snr_store_dtype, max_windows=max_windows, task_data=task_data,
         chat_template=chat_template, num_fewshot=num_fewshot, bootstrap_iters=bootstrap_iters, seed=seed,
-        out=out, progress=progress,
+        out=out, progress=progress, trust_remote_code=trust_remote_code,
     )
+
+
+def weights_dtype(weights: Weights) -> torch.dtype:
+    return next(weights.model.parameters()).dtype

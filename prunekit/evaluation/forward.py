@@ -1,0 +1,563 @@
+"""One layer-by-layer forward for evaluation and analysis, with per-layer consumers.
+
+Perplexity, SNR / pruning error against the dense model, and compare's LSAR / LAPE / drift all run
+through :func:`run_forward`. It takes a batch list and runs the model layer-major:
+
+1. **inputs** — every batch goes through the model's own decoder forward with each decoder layer
+   replaced by a recorder: the first layer's input (embedding, Gemma's scaling and all) and every
+   layer's keyword arguments (masks per layer type, rotary position embeddings) are exactly what the
+   model computes; the recorder of the last layer stops the forward before the final norm.
+2. **layers** — decoder layer k is loaded (see below), every batch's hidden state goes through it,
+   the consumers see each output (``Consumer.layer``), and the layer is released.
+3. **head** — only when a consumer wants scores: the decoder forward runs once more per batch with
+   its layers replaced by a replay of the last layer's output, so the final norm is the model's own;
+   the LM head is applied chunk by chunk of tokens with the model's logit transform (checked once
+   against the model's own forward logits; a model whose head does something else is scored by its
+   own forward on the replayed states, one window at a time).
+
+The weights come from a :class:`Weights`: :class:`ModelWeights` over an in-memory model (each layer
+moved to the compute device when reached and back after), or :class:`ShardWeights`, which builds the
+model skeleton on the meta device (accelerate's ``init_empty_weights``: non-persistent buffers such
+as rotary ``inv_freq`` are created by the model's own ``__init__``, then moved to the device; they are
+never read from the shards) and reads each layer's tensors from the checkpoint's safetensors shards
+only when the layer is reached. Tied embeddings stay tied: the LM head is read under the embedding's
+name. Peak memory is one layer (or the embedding, or the head) plus the activations of the batches.
+
+Layer-major order runs the same operations on the same shapes as a whole-model forward, so the
+numbers equal it (the head's chunking aside, within float rounding).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from prunekit.errors import ModelError
+from prunekit.models import find_decoder_layers, layer_output, text_config
+from prunekit.progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+LOGIT_CHUNK_ELEMENTS = 1 << 26  # logits computed at once: 64M floats (256 MiB in fp32)
+PROBE_TOKENS = 8
+
+
+# ----------------------------------------------------------------------------------- batches
+
+
+@dataclass
+class Batch:
+    """One batch of token windows and whatever its consumers need to know about it."""
+
+    input_ids: torch.Tensor  # [B, T] long
+    attention_mask: torch.Tensor | None = None  # [B, T]; None: every position is real
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Consumer:
+    """What a measurement does with the forward; override the parts it needs."""
+
+    wants_scores = False  # whether :meth:`final` is called (the head runs only for consumers that want it)
+
+    def attach(self, index: int, layer: torch.nn.Module) -> list[Any]:
+        """Hooks on decoder layer ``index`` while it is loaded (returned handles are removed after)."""
+        return []
+
+    def before(self, index: int, batch: Batch) -> None:
+        """Called right before ``batch`` goes through layer ``index`` (for hooks that need the batch)."""
+
+    def layer(self, index: int, hidden: torch.Tensor, batch: Batch) -> None:
+        """The output of decoder layer ``index`` for ``batch``: [B, T, d] on the compute device."""
+
+    def final(self, batch: Batch, scores: "Scores") -> None:
+        """The batch's next-token scores after the final norm and the LM head."""
+
+
+class Callback(Consumer):
+    """A plain ``callback(index, hidden)`` as a consumer."""
+
+    def __init__(self, callback: Callable[[int, torch.Tensor], None]):
+        self.callback = callback
+
+    def layer(self, index: int, hidden: torch.Tensor, batch: Batch) -> None:
+        self.callback(index, hidden)
+
+
+# ----------------------------------------------------------------------------------- weights
+
+
+def decoder_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The model without its LM head (its output is the final, normed hidden state)."""
+    if hasattr(model, "get_decoder"):
+        decoder = model.get_decoder()
+        if decoder is not None and decoder is not model:
+            return decoder
+    return model.base_model
+
+
+def _move_outside_layers(module: torch.nn.Module, layers: torch.nn.ModuleList, device: torch.device) -> None:
+    """Move every parameter and buffer except the decoder layers' (ties kept: tensors move in place)."""
+    if module is layers:
+        return
+    if not any(m is layers for m in module.modules()):
+        module.to(device)
+        return
+    for name, param in module.named_parameters(recurse=False):
+        param.data = param.data.to(device)
+    for name, buffer in module.named_buffers(recurse=False):
+        module._buffers[name] = buffer.to(device)
+    for child in module.children():
+        _move_outside_layers(child, layers, device)
+
+
+class Weights:
+    """Where the forward gets its modules from."""
+
+    model: torch.nn.Module
+
+    def prepare(self, device: torch.device) -> None:
+        """Before the first stage: small non-layer state onto the device."""
+
+    def load_input(self, device: torch.device) -> None:
+        """The input embedding, for the first stage."""
+
+    def release_input(self) -> None:
+        pass
+
+    def load_layer(self, index: int, device: torch.device) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def release_layer(self, index: int) -> None:
+        pass
+
+    def load_output(self, device: torch.device) -> None:
+        """The final norm and LM head, for the scoring stage."""
+
+    def release_output(self) -> None:
+        pass
+
+    def finish(self) -> None:
+        """After the forward."""
+
+
+class ModelWeights(Weights):
+    """An in-memory model: the layer being run is on the compute device, the rest where it was."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        _, self.layers = find_decoder_layers(model)
+        self.home = next(model.parameters()).device
+        self._moved: dict[int, torch.device] = {}
+
+    def prepare(self, device: torch.device) -> None:
+        self.home = next(self.model.parameters()).device
+        _move_outside_layers(self.model, self.layers, device)
+
+    def load_layer(self, index: int, device: torch.device) -> torch.nn.Module:
+        layer = self.layers[index]
+        here = next(layer.parameters()).device
+        if here != device:
+            self._moved[index] = here
+            layer.to(device)
+        return layer
+
+    def release_layer(self, index: int) -> None:
+        if index in self._moved:
+            self.layers[index].to(self._moved.pop(index))
+
+    def finish(self) -> None:
+        _move_outside_layers(self.model, self.layers, self.home)
+
+
+def _shard_map(path: Path) -> dict[str, Path] | None:
+    """Tensor name -> safetensors file of a model directory; None without safetensors weights."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        return {name: path / file for name, file in weight_map.items()}
+    single = path / "model.safetensors"
+    if not single.exists():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(single), framework="pt") as handle:
+        return {name: single for name in handle.keys()}
+
+
+class ShardWeights(Weights):
+    """A checkpoint read lazily from its safetensors shards onto a meta-device skeleton."""
+
+    def __init__(self, model: torch.nn.Module, files: dict[str, Path], names: dict[str, str]):
+        self.model = model
+        self.files = files  # checkpoint tensor name -> file
+        self.names = names  # model tensor name -> checkpoint tensor name (tied names share one)
+        self.layers_name, self.layers = find_decoder_layers(model)
+        embedding = model.get_input_embeddings()
+        self.input_names = [n for n in names if _owner(model, n) is embedding]
+        prefix = f"{self.layers_name}."
+        self.output_names = [n for n in names if not n.startswith(prefix) and n not in self.input_names]
+        self.tensors_read = 0  # bytes read from the shards (tests and benchmarks check it)
+
+    @classmethod
+    def open(cls, path: str | Path, dtype: torch.dtype | None, trust_remote_code: bool = False) -> "ShardWeights | None":
+        """The skeleton of the model in ``path``; None when its weights are not safetensors whose names
+        the model uses as they are (the caller then loads the model whole)."""
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        path = Path(path)
+        files = _shard_map(path)
+        if files is None:
+            return None
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        if dtype is None:
+            dtype = getattr(text_config(config), "dtype", None) or getattr(config, "dtype", None) or torch.float32
+            dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        try:
+            with init_empty_weights(include_buffers=False):
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        except ValueError as err:
+            raise ModelError(f"cannot load '{path}' as a causal language model: {err}") from err
+        model.tie_weights()  # from_config leaves tied embeddings untied on the meta device
+        model.eval()
+        model.config.use_cache = False
+        aliases: dict[int, list[str]] = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            aliases.setdefault(id(param), []).append(name)
+        names: dict[str, str] = {}
+        for name in model.state_dict():
+            group = aliases.get(id(model.get_parameter(name)) if _is_parameter(model, name) else None, [name])
+            stored = next((n for n in [name, *group] if n in files), None)
+            if stored is None:
+                log.info("'%s' has no tensor '%s' in its shards; loading the model whole", path, name)
+                return None
+            names[name] = stored
+        return cls(model, files, names)
+
+    def _read(self, names: Sequence[str], device: torch.device) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.files[self.names[name]], []).append(name)
+        for file, wanted in by_file.items():
+            # One handle per read: the pages it maps are given back when it closes.
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                read: dict[str, torch.Tensor] = {}
+                for name in wanted:
+                    stored = self.names[name]
+                    if stored not in read:
+                        target = _tensor_of(self.model, name)
+                        read[stored] = handle.get_tensor(stored).to(device=device, dtype=target.dtype)
+                        self.tensors_read += read[stored].numel() * read[stored].element_size()
+                    set_module_tensor_to_device(self.model, name, device, value=read[stored])
+
+    def _drop(self, names: Sequence[str]) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        for name in names:
+            set_module_tensor_to_device(self.model, name, "meta")
+
+    def prepare(self, device: torch.device) -> None:
+        # Non-persistent buffers (rotary inv_freq, Gemma's embed_scale) were made by the model's own
+        # __init__ on the CPU; they are not in the shards.
+        persistent = set(self.names)
+        for name, buffer in list(self.model.named_buffers()):
+            if name not in persistent:
+                module, attr = _split(self.model, name)
+                module._buffers[attr] = buffer.to(device)
+
+    def load_input(self, device: torch.device) -> None:
+        self._read(self.input_names, device)
+
+    def release_input(self) -> None:
+        self._drop(self.input_names)
+
+    def _layer_names(self, index: int) -> list[str]:
+        prefix = f"{self.layers_name}.{index}."
+        return [n for n in self.names if n.startswith(prefix)]
+
+    def load_layer(self, index: int, device: torch.device) -> torch.nn.Module:
+        self._read(self._layer_names(index), device)
+        return self.layers[index]
+
+    def release_layer(self, index: int) -> None:
+        self._drop(self._layer_names(index))
+
+    def load_output(self, device: torch.device) -> None:
+        self._read(self.output_names, device)
+
+    def release_output(self) -> None:
+        self._drop(self.output_names)
+
+
+def _split(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
+    path, _, attr = name.rpartition(".")
+    return (model.get_submodule(path) if path else model), attr
+
+
+def _owner(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    return _split(model, name)[0]
+
+
+def _is_parameter(model: torch.nn.Module, name: str) -> bool:
+    module, attr = _split(model, name)
+    return attr in module._parameters
+
+
+def _tensor_of(model: torch.nn.Module, name: str) -> torch.Tensor:
+    module, attr = _split(model, name)
+    return module._parameters[attr] if attr in module._parameters else module._buffers[attr]
+
+
+def open_weights(source, dtype: torch.dtype | None, trust_remote_code: bool = False) -> Weights:
+    """Weights of a resolved model (``prunekit.models.ModelSource``): streamed from its safetensors
+    shards when it has them, else the model loaded whole."""
+    weights = ShardWeights.open(source.path, dtype, trust_remote_code)
+    if weights is not None:
+        return weights
+    from prunekit.models import load_model
+
+    model, _, _ = load_model(source, dtype or "float32", trust_remote_code=trust_remote_code, with_tokenizer=False)
+    return ModelWeights(model)
+
+
+def as_weights(model_or_weights) -> Weights:
+    return model_or_weights if isinstance(model_or_weights, Weights) else ModelWeights(model_or_weights)
+
+
+# ------------------------------------------------------------------------------------ stages
+
+
+class _Stop(Exception):
+    """Raised by the last layer's recorder: the rest of the decoder forward is not needed."""
+
+
+@contextlib.contextmanager
+def _layers_replaced(layers: torch.nn.ModuleList, make: Callable[[int], Callable[..., Any]]) -> Iterator[None]:
+    """Temporarily replace each decoder layer's forward by ``make(index)``."""
+    for index, layer in enumerate(layers):
+        layer.forward = make(index)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+def _capture(decoder, layers, batch: Batch, device: torch.device) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """The first layer's input and every layer's keyword arguments for ``batch``."""
+    first: list[torch.Tensor] = []
+    kwargs: list[dict[str, Any]] = [{} for _ in layers]
+    last = len(layers) - 1
+
+    def make(index: int):
+        def record(*args, **kw):
+            hidden = args[0] if args else kw.pop("hidden_states")
+            kw.pop("past_key_values", None)
+            kw.pop("past_key_value", None)
+            kw["use_cache"] = False
+            kwargs[index] = kw
+            if index == 0:
+                first.append(hidden)
+            if index == last:
+                raise _Stop
+            return hidden
+
+        return record
+
+    mask = None if batch.attention_mask is None else batch.attention_mask.to(device)
+    with _layers_replaced(layers, make), contextlib.suppress(_Stop):
+        decoder(input_ids=batch.input_ids.to(device), attention_mask=mask, use_cache=False)
+    return first[0], kwargs
+
+
+def _replayed(model_or_decoder, layers, hidden: torch.Tensor, mask: torch.Tensor | None, **extra):
+    """The module's own forward after the decoder layers, with the last layer's output ``hidden``."""
+    last = len(layers) - 1
+
+    def make(index: int):
+        def replay(*args, **kw):
+            return hidden if index == last else (args[0] if args else kw["hidden_states"])
+
+        return replay
+
+    with _layers_replaced(layers, make):
+        return model_or_decoder(inputs_embeds=hidden, attention_mask=mask, use_cache=False, **extra)
+
+
+def logit_transform(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What a causal LM does to ``lm_head(h)`` before the loss, for the transforms we know of."""
+    config = text_config(model.config)
+    scale = getattr(model, "logit_scale", None)
+    if scale is None:
+        scale = getattr(config, "logit_scale", None)
+    divide = getattr(config, "logits_scaling", None)
+    cap = getattr(config, "final_logit_softcapping", None)
+
+    def transform(logits: torch.Tensor) -> torch.Tensor:
+        if isinstance(scale, (int, float)) and scale != 1:
+            logits = logits * scale
+        if isinstance(divide, (int, float)) and divide not in (0, 1):
+            logits = logits / divide
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    return transform
+
+
+class Head:
+    """The LM head applied in chunks of tokens, checked once against the model's own logits."""
+
+    def __init__(self, model: torch.nn.Module, layers):
+        self.model = model
+        self.layers = layers
+        self.head = model.get_output_embeddings()
+        self.transform = logit_transform(model)
+        self.chunked = self.head is not None
+        self.probed = False
+
+    def logits(self, normed: torch.Tensor) -> torch.Tensor:
+        return self.transform(self.head(normed).float())
+
+    def probe(self, raw: torch.Tensor, normed: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Compare the chunked head with the model's own forward on the last few positions of one window."""
+        self.probed = True
+        if not self.chunked:
+            return
+        keep = min(PROBE_TOKENS, raw.shape[1])
+        try:
+            reference = _replayed(self.model, self.layers, raw[:1], None if mask is None else mask[:1],
+                                  logits_to_keep=keep).logits.float()
+        except TypeError:  # a model without logits_to_keep: trust the known transforms
+            return
+        mine = self.logits(normed[:1, -keep:])
+        scale = reference.abs().max().clamp_min(1e-6)
+        tolerance = 1e-4 if normed.dtype == torch.float32 else 3e-2
+        if reference.shape != mine.shape or ((reference - mine).abs().max() / scale) > tolerance:
+            log.warning(
+                "%s transforms its logits in a way prunekit does not know; scoring with the model's own "
+                "forward, one window at a time (more memory)", type(self.model).__name__,
+            )
+            self.chunked = False
+
+
+class Scores:
+    """Next-token negative log-likelihoods of one batch, computed on demand."""
+
+    def __init__(self, head: Head, raw: torch.Tensor, normed: torch.Tensor, batch: Batch, mask: torch.Tensor | None):
+        self.head, self.raw, self.normed, self.batch, self.mask = head, raw, normed, batch, mask
+
+    def nll(self, targets: torch.Tensor | None = None) -> tuple[float, int]:
+        """Σ NLL (fp32 per token, fp64 sum) of token t+1 given tokens ≤ t, over the target positions
+        ``targets`` ([B, T-1] bool; None: all of them), and their count."""
+        ids = self.batch.input_ids.to(self.normed.device)
+        labels = ids[:, 1:]
+        select = torch.ones_like(labels, dtype=torch.bool) if targets is None else targets.to(labels.device)
+        total = torch.zeros((), dtype=torch.float64, device=ids.device)
+        count = int(select.sum())
+        if count == 0:
+            return 0.0, 0
+        if not self.head.chunked:
+            for row in range(ids.shape[0]):
+                mask = None if self.mask is None else self.mask[row : row + 1]
+                logits = _replayed(self.head.model, self.head.layers, self.raw[row : row + 1], mask).logits[0, :-1]
+                losses = F.cross_entropy(logits.float()[select[row]], labels[row][select[row]], reduction="none")
+                total += losses.double().sum()
+            return float(total), count
+        hidden = self.normed[:, :-1][select]
+        flat = labels[select]
+        chunk = max(1, LOGIT_CHUNK_ELEMENTS // self.head.head.weight.shape[0])
+        for start in range(0, hidden.shape[0], chunk):
+            logits = self.head.logits(hidden[start : start + chunk])
+            total += F.cross_entropy(logits, flat[start : start + chunk], reduction="none").double().sum()
+        return float(total), count
+
+
+# ------------------------------------------------------------------------------------- forward
+
+
+def run_forward(
+    weights,
+    batches: Sequence[Batch],
+    consumers: Sequence[Consumer],
+    device: torch.device | str = "cpu",
+    *,
+    progress: bool = True,
+    description: str = "forward",
+) -> int:
+    """Run ``batches`` through the model layer by layer, feeding ``consumers``; returns the layer count.
+
+    ``weights`` is a :class:`Weights` or an in-memory model."""
+    weights = as_weights(weights)
+    device = torch.device(device)
+    model = weights.model
+    decoder = decoder_of(model)
+    _, layers = find_decoder_layers(model)
+    scoring = any(c.wants_scores for c in consumers)
+    hidden: list[torch.Tensor] = []
+    kwargs: list[list[dict[str, Any]]] = []
+    shared: dict[tuple, list[dict[str, Any]]] = {}  # kwargs depend on the shape only when there is no mask
+    with torch.no_grad(), progress_bar(description, len(layers) + 1 + int(scoring), progress) as update:
+        weights.prepare(device)
+        try:
+            weights.load_input(device)
+            try:
+                for batch in batches:
+                    first, kw = _capture(decoder, layers, batch, device)
+                    hidden.append(first)
+                    if batch.attention_mask is None:
+                        kw = shared.setdefault(tuple(batch.input_ids.shape), kw)
+                    kwargs.append(kw)
+            finally:
+                weights.release_input()
+            update(1, len(layers) + 1 + int(scoring))
+            for index in range(len(layers)):
+                layer = weights.load_layer(index, device)
+                handles = [h for c in consumers for h in c.attach(index, layer)]
+                try:
+                    for b, batch in enumerate(batches):
+                        for consumer in consumers:
+                            consumer.before(index, batch)
+                        out = layer_output(layer(hidden[b], **kwargs[b][index]))
+                        for consumer in consumers:
+                            consumer.layer(index, out, batch)
+                        hidden[b] = out
+                finally:
+                    for handle in handles:
+                        handle.remove()
+                    weights.release_layer(index)
+                update(index + 2, len(layers) + 1 + int(scoring))
+            if scoring:
+                _score(weights, decoder, layers, batches, hidden, consumers, device)
+                update(len(layers) + 2, len(layers) + 2)
+        finally:
+            weights.finish()
+    return len(layers)
+
+
+def _score(weights: Weights, decoder, layers, batches, hidden, consumers, device) -> None:
+    weights.load_output(device)
+    try:
+        head = Head(weights.model, layers)
+        for b, batch in enumerate(batches):
+            mask = None if batch.attention_mask is None else batch.attention_mask.to(device)
+            normed = _replayed(decoder, layers, hidden[b], mask).last_hidden_state
+            if not head.probed:
+                head.probe(hidden[b], normed, mask)
+            scores = Scores(head, hidden[b], normed, batch, mask)
+            for consumer in consumers:
+                if consumer.wants_scores:
+                    consumer.final(batch, scores)
+            hidden[b] = None  # this batch is done
+    finally:
+        weights.release_output()
