@@ -278,14 +278,14 @@ def _invoke(args):
     return CliRunner().invoke(app, args)
 
 
-def test_quantize_cli_writes_a_checkpoint_transformers_loads_and_generates_with(tiny_llama, tmp_path):
+def test_quantize_cli_dense_format_writes_fake_quantized_weights_transformers_loads(tiny_llama, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "w4g32"
     result = _invoke([
         "quantize", str(tiny_llama), "--bits", "4", "--group-size", "32", "--calib", "en",
-        "--calib-source", str(TATOEBA), "--nsamples", "4", "--seqlen", "32", "--out", str(out),
+        "--calib-source", str(TATOEBA), "--nsamples", "4", "--seqlen", "32", "--out", str(out), "--format", "dense",
     ])
     assert result.exit_code == 0, result.output
     assert "relative output error" in result.output
@@ -293,9 +293,16 @@ def test_quantize_cli_writes_a_checkpoint_transformers_loads_and_generates_with(
     assert record["recipe"]["method"] == "gptq" and record["recipe"]["kind"] == "quantize"
     assert record["recipe"]["quantization"]["bits"] == 4 and record["recipe"]["quantization"]["group_size"] == 32
     assert record["command"].startswith("prunekit quantize") and "--bits 4 --group-size 32" in record["command"]
+    assert "--format dense" in record["command"]
     assert record["calibration"]["nsamples"] == 4 and record["calibration"]["seqlen"] == 32
-    module = record["sparsity"]["per_layer"][0]["modules"][0]
+    assert "sparsity" not in record and "prune_s" not in record["timings"] and record["timings"]["quantize_s"] > 0
+    summary = record["quantization"]
+    assert summary["format"] == "dense" and summary["bits"] == 4 and summary["group_size"] == 32
+    module = summary["per_layer"][0]["modules"][0]
     assert module["info"]["bits"] == 4 and 0 < module["relative_error"] < 0.1
+    assert "grid" not in module["info"]
+    assert set(summary["relative_error_per_module"]) == {"q", "k", "v", "attn.out", "ffn.gate", "ffn.up", "ffn.down"}
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
 
     model = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
