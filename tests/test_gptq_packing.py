@@ -210,3 +210,34 @@ def test_prunekit_eval_and_load_read_the_packed_checkpoint(tiny_llama, tmp_path)
     assert res.exit_code == 0, res.output
     results = json.loads((tmp_path / "results.json").read_text())
     assert math.isfinite(results["perplexity"]["en"]["ppl"])
+
+
+def test_cards_state_the_format_tags_and_serve_command(tiny_llama, tmp_path):
+    import copy
+    import re
+
+    import yaml
+
+    from prunekit.hub import render_model_card
+    from prunekit.pipeline import prune
+
+    def front_matter(card: str) -> dict:
+        return yaml.safe_load(re.match(r"^---\n(.*?)\n---\n", card, re.DOTALL).group(1))
+
+    record = quantize(tiny_llama, tmp_path / "q", Quantization(4, 32)).record
+    card = render_model_card(record, repo_id="org/q")
+    assert front_matter(card)["tags"] == ["quantized", "4-bit", "rtn", "compressed-tensors", "prunekit"]
+    assert "**pack-quantized** format (W4A16" in card and "vllm serve org/q" in card and "packed zero points" in card
+    assert "pip install compressed-tensors" in card and "exact zeros" not in card
+
+    gptq8 = copy.deepcopy(record)
+    gptq8["recipe"]["method"] = "gptq"
+    gptq8["recipe"]["quantization"].update(bits=8, symmetric=True)
+    card = render_model_card(gptq8, repo_id="org/q8")
+    assert front_matter(card)["tags"][:4] == ["quantized", "8-bit", "gptq", "compressed-tensors"]
+    assert "W8A16" in card and "zero points" not in card
+
+    pruned = prune(str(tiny_llama), method="magnitude", sparsity=0.5, calib=None, out=tmp_path / "p", progress=False).record
+    card = render_model_card(pruned, repo_id="org/p")
+    assert "compressed-tensors" not in front_matter(card)["tags"]
+    assert "stored dense (safetensors, float32) with exact zeros" in card and "vllm serve org/p" in card
