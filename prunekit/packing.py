@@ -47,7 +47,16 @@ def check_format(checkpoint_format: str, quantization: Quantization | None) -> s
             "compressed-tensors pack-quantized checkpoint (it has no column-to-group map any more): drop "
             "--dynamic-groups (static groups) or pass --format dense for fake-quantized weights"
         )
+    if quantization is not None and checkpoint_format == "packed":
+        require_compressed_tensors("writing a pack-quantized checkpoint needs compressed-tensors (or pass --format dense for fake-quantized weights)")
     return checkpoint_format
+
+
+def require_compressed_tensors(why: str) -> None:
+    try:
+        import compressed_tensors  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"{why}: pip install compressed-tensors") from None
 
 
 def quantization_scheme(quantization: Quantization):
@@ -266,13 +275,7 @@ def prepare_loading(quantization_config: Any, spec: str) -> None:
     config = quantization_config if isinstance(quantization_config, dict) else quantization_config.to_dict()
     if config.get("quant_method") != "compressed-tensors":
         return
-    try:
-        import compressed_tensors  # noqa: F401
-    except ImportError:
-        raise ConfigError(
-            f"'{spec}' is a compressed-tensors ({config.get('format', 'quantized')}) checkpoint: "
-            "install compressed-tensors (pip install compressed-tensors) to load it"
-        ) from None
+    require_compressed_tensors(f"'{spec}' is a compressed-tensors ({config.get('format', 'quantized')}) checkpoint; loading it needs compressed-tensors")
     enable_loading()
 
 

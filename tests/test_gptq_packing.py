@@ -189,7 +189,7 @@ def test_dynamic_act_order_groups_are_refused_for_the_packed_format(tiny_llama, 
     assert not (tmp_path / "never").exists()
 
 
-def test_prunekit_eval_and_load_read_the_packed_checkpoint(tiny_llama, tmp_path):
+def test_prunekit_load_eval_and_compare_read_the_packed_checkpoint(tiny_llama, tmp_path):
     from typer.testing import CliRunner
 
     import prunekit.cli.evaluate  # noqa: F401  (registers the command)
@@ -210,6 +210,18 @@ def test_prunekit_eval_and_load_read_the_packed_checkpoint(tiny_llama, tmp_path)
     assert res.exit_code == 0, res.output
     results = json.loads((tmp_path / "results.json").read_text())
     assert math.isfinite(results["perplexity"]["en"]["ppl"])
+
+    import prunekit.cli.compare  # noqa: F401  (registers the command)
+
+    other = tmp_path / "w8"
+    quantize(tiny_llama, other, Quantization(8, 32, symmetric=True))
+    res = CliRunner().invoke(app, [
+        "compare", str(out), str(other), "--dense", str(tiny_llama), "--only", "drift", "--langs", "de,en",
+        "--text-source", str(TATOEBA), "--max-tokens", "64", "--out", str(tmp_path / "cmp"),
+    ])
+    assert res.exit_code == 0, res.output
+    drift = json.loads((tmp_path / "cmp" / "compare.json").read_text())["drift"]
+    assert drift  # both packed checkpoints were read and run
 
 
 def test_cards_state_the_format_tags_and_serve_command(tiny_llama, tmp_path):
@@ -241,3 +253,44 @@ def test_cards_state_the_format_tags_and_serve_command(tiny_llama, tmp_path):
     card = render_model_card(pruned, repo_id="org/p")
     assert "compressed-tensors" not in front_matter(card)["tags"]
     assert "stored dense (safetensors, float32) with exact zeros" in card and "vllm serve org/p" in card
+
+
+@pytest.mark.gemma
+@pytest.mark.parametrize("slug, bound", [("w4g128", 0.3), ("w8g128", 0.55)])
+def test_embedded_gemma_packed_round_trip_and_size(embedded_gemma, tmp_path, slug, bound):
+    """The real Gemma-3-270M in bf16: transformers reads the packed checkpoint back to the fake-quantized
+    logits, and the quantized Linears take at most ``bound`` × their bf16 bytes."""
+    from transformers import AutoModelForCausalLM
+
+    from prunekit.packing import enable_loading
+    from prunekit.recipe import quantization_from_name
+
+    out = tmp_path / slug
+    result = quantize("embedded:gemma-3-270m", out, quantization_from_name(f"rtn-{slug}"), dtype="bfloat16")
+    summary = result.record["quantization"]
+    assert summary["packed_linears"] == 18 * 7 and [e["name"] for e in summary["kept_dense"]] == ["lm_head"]
+    packed = sum(t.numel() * t.element_size() for k, t in tensors(out).items() if k.endswith(("weight_packed", "weight_scale", "weight_zero_point")))
+    assert packed == summary["bytes"]["packed"] <= bound * summary["bytes"]["bf16"]
+    enable_loading()
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    ids = result.tokenizer("Die Katze schläft. Paka analala.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected, got = result.model(ids).logits.float(), loaded(ids).logits.float()
+    assert torch.isfinite(got).all()
+    assert float((got - expected).abs().max() / expected.abs().max()) <= 1e-4
+
+
+def test_without_compressed_tensors_writing_and_loading_say_what_to_install(monkeypatch):
+    import sys
+
+    from prunekit.packing import check_format, prepare_loading
+
+    monkeypatch.setitem(sys.modules, "compressed_tensors", None)  # makes `import compressed_tensors` fail
+    with pytest.raises(ConfigError, match="pip install compressed-tensors"):
+        check_format("packed", Quantization())
+    assert check_format("dense", Quantization()) == "dense"
+    with pytest.raises(ConfigError, match="'ckpt' is a compressed-tensors .*pip install compressed-tensors"):
+        prepare_loading({"quant_method": "compressed-tensors", "format": "pack-quantized"}, "ckpt")
+    prepare_loading({"quant_method": "gptq"}, "other")  # another library's quantization: left to transformers
+    with pytest.raises(ConfigError, match="--format must be one of packed, dense"):
+        check_format("gguf", Quantization())
