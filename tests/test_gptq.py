@@ -319,7 +319,10 @@ def test_quantize_cli_dense_format_writes_fake_quantized_weights_transformers_lo
     torch.testing.assert_close(saved["model.embed_tokens.weight"], dense["model.embed_tokens.weight"])
 
 
-@pytest.mark.parametrize("args, message", [(["--bits", "5"], "--bits"), (["--group-size", "0"], "--group-size")])
+@pytest.mark.parametrize("args, message", [
+    (["--bits", "5"], "--bits"), (["--group-size", "0"], "--group-size"), (["--format", "gguf"], "--format"),
+    (["--act-order", "--dynamic-groups"], "--format dense"),
+])
 def test_quantize_cli_rejects_bad_options_with_one_line_and_no_output(tiny_llama, tmp_path, args, message):
     out = tmp_path / "never"
     result = _invoke(["quantize", str(tiny_llama), "--calib-source", str(TATOEBA), "--out", str(out), *args])
