@@ -50,7 +50,7 @@ def print_quantize_summary(record: dict, out: Path | None) -> None:
     if summary["format"] != "dense":
         size = summary["bytes"]
         stdout.print(
-            f"{summary['packed_linears']} Linears packed ({summary['format']}): {size['packed'] / 2**20:.1f} MiB, "
+            f"{summary['packed_linears']} Linears packed ({summary['format']}): {size['packed'] / 2**20:.2f} MiB, "
             f"{size['ratio_to_bf16']:.3f}× their bf16 size"
         )
         for entry in summary["kept_dense"]:

@@ -294,3 +294,20 @@ def test_without_compressed_tensors_writing_and_loading_say_what_to_install(monk
     prepare_loading({"quant_method": "gptq"}, "other")  # another library's quantization: left to transformers
     with pytest.raises(ConfigError, match="--format must be one of packed, dense"):
         check_format("gguf", Quantization())
+
+
+def test_quantize_cli_writes_packed_by_default_and_says_how_to_serve_it(tiny_llama, tmp_path):
+    from typer.testing import CliRunner
+
+    import prunekit.cli.quantize  # noqa: F401  (registers the command)
+    from prunekit.cli.app import app
+
+    out = tmp_path / "cli"
+    result = CliRunner().invoke(app, ["quantize", str(tiny_llama), "--method", "rtn", "--calib", "en",
+                                      "--calib-source", str(TATOEBA), "--nsamples", "4", "--seqlen", "32", "--bits", "8", "--group-size", "64", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "21 Linears packed (pack-quantized)" in result.output and "their bf16 size" in result.output
+    assert "vllm serve" in result.output and "kept in the base dtype: lm_head" in result.output
+    record = json.loads((out / "prunekit.json").read_text())
+    assert record["quantization"]["format"] == "pack-quantized" and "--format" not in record["command"]
+    assert "model.layers.0.mlp.down_proj.weight_packed" in tensors(out)
