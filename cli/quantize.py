@@ -21,7 +21,8 @@ def print_quantize_summary(record: dict, out: Path | None) -> None:
     recipe = record["recipe"]
     q = recipe["quantization"]
     group = "per-channel" if q["group_size"] == -1 else f"group size {q['group_size']}"
-    layers = record["sparsity"]["per_layer"]
+    summary = record["quantization"]
+    layers = summary["per_layer"]
     table = Table(
         title=f"{recipe['method']} {q['bits']}-bit, {group} · {record['base_model']['spec']}",
         caption="relative output error ‖(W−W′)X‖²/‖WX‖² per module (first calibration batch)",
@@ -44,13 +45,22 @@ def print_quantize_summary(record: dict, out: Path | None) -> None:
     stdout.print(table)
     timings = record["timings"]
     stdout.print(
-        f"load {timings['load_s']:.1f}s, calibration {timings['calibration_s']:.1f}s, quantization {timings['prune_s']:.1f}s"
+        f"load {timings['load_s']:.1f}s, calibration {timings['calibration_s']:.1f}s, quantization {timings['quantize_s']:.1f}s"
     )
-    if out is not None:
+    if summary["format"] != "dense":
+        size = summary["bytes"]
         stdout.print(
-            f"checkpoint written to [bold]{out}[/bold] (fake-quantized weights in the model's dtype; "
-            "prunekit.json holds the quantization and the full record)"
+            f"{summary['packed_linears']} Linears packed ({summary['format']}): {size['packed'] / 2**20:.2f} MiB, "
+            f"{size['ratio_to_bf16']:.3f}× their bf16 size"
         )
+        for entry in summary["kept_dense"]:
+            stdout.print(f"  kept in the base dtype: {entry['name']} ({entry['reason']})")
+    if out is not None:
+        what = (
+            "fake-quantized weights in the model's dtype" if summary["format"] == "dense"
+            else f"compressed-tensors {summary['format']}: `vllm serve {out}` serves it; transformers loads it with compressed-tensors installed"
+        )
+        stdout.print(f"checkpoint written to [bold]{out}[/bold] ({what}; prunekit.json holds the quantization and the full record)")
 
 
 @app.command()
@@ -75,11 +85,15 @@ def quantize(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out directory."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Calibration sequences per forward (default: ~8192 tokens)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the Hub (off by default)."),
+    checkpoint_format: str = typer.Option(
+        "packed", "--format",
+        help="packed: compressed-tensors pack-quantized (int weights + scales + zero points; vLLM serves it, transformers loads it with compressed-tensors installed); dense: fake-quantized weights in --dtype.",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
 ) -> None:
     """Quantize MODEL's weights with GPTQ layer by layer, calibrated on text in one language or a mix.
 
-    The checkpoint holds fake-quantized weights in --dtype (every group of a row takes at most 2^bits values), so plain transformers loads and evaluates it like any pruned model.
+    The checkpoint is compressed-tensors pack-quantized (what llm-compressor writes and `vllm serve` runs): per Linear the packed integer weights, the scales and, for an asymmetric grid, the zero points, and a quantization_config in config.json. A Linear the format cannot hold (input width not a multiple of --group-size) stays in --dtype and is listed in prunekit.json. --format dense writes fake-quantized weights in --dtype instead (every group of a row takes at most 2^bits values).
 
     Example: prunekit quantize embedded:gemma-3-270m --bits 4 --group-size 128 --calib sw --nsamples 32 --seqlen 256 --out gemma-sw-w4g128
     """
@@ -97,7 +111,7 @@ def quantize(
         model, method=method, quantization=quantization, calib=calib, calib_source=calib_source,
         nsamples=nsamples, seqlen=seqlen, seed=seed, out=out, dtype=dtype, device=device,
         skip_layers=skip_layers, overwrite=overwrite, batch_size=batch_size,
-        trust_remote_code=trust_remote_code, progress=not quiet,
+        trust_remote_code=trust_remote_code, progress=not quiet, checkpoint_format=checkpoint_format,
     )
     if not quiet:
         print_quantize_summary(result.record, result.out)

@@ -2,6 +2,7 @@
 
 - ``model_card.md.j2``: the README.md of one pruned checkpoint's repo.
 - ``collection_readme.md.j2``: the README.md of a sweep's collection / report repo.
+- ``serving.md.j2``: how a checkpoint is stored and served (included by the model card).
 """
 
 from importlib import resources

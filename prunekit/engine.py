@@ -417,7 +417,8 @@ class Engine:
                 delta = _replace_weight(linears[name].weight.data, solution.weight, keep_deltas)
                 if delta is not None:
                     deltas[name] = delta
-                infos[name] = solution.info
+                # a quantizer's grids ride along in the module's info until the checkpoint is written
+                infos[name] = solution.info if solution.grid is None else {**solution.info, "grid": solution.grid}
 
         def prepare(stats) -> None:  # returns nothing: a finished future must not keep the factor alive
             self.method.prepare(stats, self.recipe)

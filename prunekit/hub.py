@@ -398,6 +398,9 @@ def build_card_content(
 
     tags = ["pruned", "sparse"] if kind != "quantize" else ["quantized", f"{(recipe.get('quantization') or {}).get('bits')}-bit"]
     tags.append(method)
+    checkpoint_format = (record.get("quantization") or {}).get("format") if kind == "quantize" else "dense"
+    if checkpoint_format == "pack-quantized":
+        tags.append("compressed-tensors")
     if kind != "quantize":
         tags.append(f"{pattern['n']}of{pattern['m']}-sparsity" if pattern.get("m") else "unstructured-sparsity")
     tags += [f"calibration-{code}" for code in calib_langs]
@@ -526,6 +529,9 @@ def build_card_content(
         "method": {"name": method, "display": METHOD_NAMES.get(method, method)},
         "pattern": {**pattern, "display": pattern_display, "description": description},
         "quantization": recipe.get("quantization"),
+        "checkpoint": {"format": checkpoint_format,
+                       "kept_dense": [entry["name"] for entry in (record.get("quantization") or {}).get("kept_dense") or []
+                                      if entry["name"] != "lm_head"]},
         "calibration": calibration,
         "sparsity": {"overall": (record.get("sparsity") or {}).get("overall"),
                      "per_module": (record.get("sparsity") or {}).get("per_module") or {}},

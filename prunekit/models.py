@@ -166,6 +166,10 @@ def load_model(
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     try:
         config = AutoConfig.from_pretrained(str(source.path), trust_remote_code=trust_remote_code)
+        if getattr(config, "quantization_config", None) is not None:  # e.g. a pack-quantized checkpoint
+            from prunekit.packing import prepare_loading
+
+            prepare_loading(config.quantization_config, source.spec)
         model = AutoModelForCausalLM.from_pretrained(
             str(source.path), config=config, dtype=torch_dtype, trust_remote_code=trust_remote_code
         )

@@ -21,6 +21,7 @@ from prunekit.languages import parse_languages
 from prunekit.io import atomic_directory, check_output_location, versioned
 from prunekit.methods import get_method
 from prunekit.models import MODULE_NAMES, expected_checkpoint_bytes, find_decoder_layers, load_model, resolve_device
+from prunekit.packing import check_format, save_packed, summarize_quantization, take_grids
 from prunekit.progress import progress_bar
 from prunekit.recipe import Quantization, Recipe, parse_pattern, validate_quantization
 
@@ -50,7 +51,7 @@ def run_identity(
     return identity, digest
 
 
-def reproduce_command(model: str, recipe: Recipe, calib, calib_source, nsamples, seqlen, seed, dtype, skip_layers) -> str:
+def reproduce_command(model: str, recipe: Recipe, calib, calib_source, nsamples, seqlen, seed, dtype, skip_layers, checkpoint_format="packed") -> str:
     verb = "quantize" if recipe.quantization is not None else "prune"
     parts = ["prunekit", verb, model]
     if recipe.quantization is not None:
@@ -58,6 +59,7 @@ def reproduce_command(model: str, recipe: Recipe, calib, calib_source, nsamples,
         parts += ["--bits", str(q.bits), "--group-size", str(q.group_size)] + (["--act-order"] if q.act_order else [])
         parts += (["--dynamic-groups"] if q.act_order and not q.static_groups else []) + (["--symmetric"] if q.symmetric else [])
         parts += ["--method", recipe.method] if recipe.method != "gptq" else []
+        parts += ["--format", checkpoint_format] if checkpoint_format != "packed" else []
     else:
         parts += ["--method", recipe.method]
         parts += ["--pattern", recipe.pattern.name] if recipe.pattern.is_nm else ["--sparsity", f"{recipe.pattern.sparsity:g}"]
@@ -116,16 +118,19 @@ def prune(
     trust_remote_code: bool = False,
     progress: bool = True,
     solve_threads: int | None = None,
+    checkpoint_format: str = "packed",
 ) -> PruneResult:
     """Prune (or quantize) ``model`` and optionally write the checkpoint to ``out``.
 
     Mirrors ``prunekit prune``; returns the pruned model, its tokenizer and the record that
-    is written as ``prunekit.json``.
+    is written as ``prunekit.json``. A quantized checkpoint is compressed-tensors pack-quantized
+    unless ``checkpoint_format="dense"`` (fake-quantized weights); a pruned one is always dense.
     """
     started = time.perf_counter()
     method_obj = get_method(method)
     if method_obj.kind == "quantize":
         recipe = Recipe(method, quantization=validate_quantization(quantization or Quantization()))
+        check_format(checkpoint_format, recipe.quantization)
     else:
         recipe = Recipe(method, pattern=parse_pattern(sparsity, pattern))
     if calib is not None:
@@ -141,7 +146,7 @@ def prune(
 
     t0 = time.perf_counter()
     loaded, tokenizer, source = load_model(model, dtype, trust_remote_code=trust_remote_code, revision=revision)
-    _, layers = find_decoder_layers(loaded)
+    layers_prefix, layers = find_decoder_layers(loaded)
     skipped = parse_skip_layers(skip_layers, len(layers))
     timings = {"load_s": time.perf_counter() - t0}
 
@@ -156,7 +161,10 @@ def prune(
     with progress_bar(f"{verb} {method} layers", len(layers), progress) as update:
         engine = Engine(method_obj, recipe, compute_device, skipped, batch_size, update, solve_threads=solve_threads)
         layer_results = engine.run(loaded, None if calib_set is None else calib_set.input_ids)
-    timings["prune_s"] = time.perf_counter() - t0
+    quantize = method_obj.kind == "quantize"
+    timings["quantize_s" if quantize else "prune_s"] = time.perf_counter() - t0
+    grids = take_grids(layer_results, layers_prefix)  # the quantizers' grids, for the packed checkpoint
+    packed = quantize and checkpoint_format == "packed"
 
     identity, run_id = run_identity(
         source.spec, source.revision, recipe, calib, calib_source if calib else None, nsamples, seqlen, seed, dtype, skip_layers
@@ -174,16 +182,17 @@ def prune(
             "calibration": None if calib_set is None else calib_set.provenance() | {"spec": calib},
             "skip_layers": sorted(skipped),
             "device": str(compute_device),
-            "sparsity": summarize_layers(layer_results),
+            **({"quantization": summarize_quantization(layer_results, loaded, grids, recipe.quantization, packed)}
+               if quantize else {"sparsity": summarize_layers(layer_results)}),
             "timings": timings,
             "versions": library_versions(),
-            "command": reproduce_command(source.spec, recipe, calib, calib_source, nsamples, seqlen, seed, dtype, skip_layers),
+            "command": reproduce_command(source.spec, recipe, calib, calib_source, nsamples, seqlen, seed, dtype, skip_layers, checkpoint_format),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         },
     )
     if out_path is not None:
         t0 = time.perf_counter()
-        save_checkpoint(loaded, tokenizer, record, out_path, overwrite)
+        save_checkpoint(loaded, tokenizer, record, out_path, overwrite, (grids, recipe.quantization) if packed else None)
         timings["save_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - started
     if out_path is not None:
@@ -191,11 +200,15 @@ def prune(
     return PruneResult(loaded, tokenizer, record, out_path)
 
 
-def save_checkpoint(model, tokenizer, record: dict[str, Any], out: Path, overwrite: bool) -> Path:
-    """Write safetensors weights, config, tokenizer and prunekit.json into ``out`` atomically."""
+def save_checkpoint(model, tokenizer, record: dict[str, Any], out: Path, overwrite: bool, packed=None) -> Path:
+    """Write safetensors weights, config, tokenizer and prunekit.json into ``out`` atomically;
+    ``packed = (grids, quantization)`` writes the quantized Linears pack-quantized (``prunekit.packing``)."""
     replace = overwrite or (out.is_dir() and not any(out.iterdir()))
     with atomic_directory(out, overwrite=replace) as staging:
-        model.save_pretrained(staging, safe_serialization=True)
+        if packed is not None:
+            save_packed(model, *packed, staging)
+        else:
+            model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         write_record(staging, record)
     return out

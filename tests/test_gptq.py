@@ -278,14 +278,14 @@ def _invoke(args):
     return CliRunner().invoke(app, args)
 
 
-def test_quantize_cli_writes_a_checkpoint_transformers_loads_and_generates_with(tiny_llama, tmp_path):
+def test_quantize_cli_dense_format_writes_fake_quantized_weights_transformers_loads(tiny_llama, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "w4g32"
     result = _invoke([
         "quantize", str(tiny_llama), "--bits", "4", "--group-size", "32", "--calib", "en",
-        "--calib-source", str(TATOEBA), "--nsamples", "4", "--seqlen", "32", "--out", str(out),
+        "--calib-source", str(TATOEBA), "--nsamples", "4", "--seqlen", "32", "--out", str(out), "--format", "dense",
     ])
     assert result.exit_code == 0, result.output
     assert "relative output error" in result.output
@@ -293,9 +293,16 @@ def test_quantize_cli_writes_a_checkpoint_transformers_loads_and_generates_with(
     assert record["recipe"]["method"] == "gptq" and record["recipe"]["kind"] == "quantize"
     assert record["recipe"]["quantization"]["bits"] == 4 and record["recipe"]["quantization"]["group_size"] == 32
     assert record["command"].startswith("prunekit quantize") and "--bits 4 --group-size 32" in record["command"]
+    assert "--format dense" in record["command"]
     assert record["calibration"]["nsamples"] == 4 and record["calibration"]["seqlen"] == 32
-    module = record["sparsity"]["per_layer"][0]["modules"][0]
+    assert "sparsity" not in record and "prune_s" not in record["timings"] and record["timings"]["quantize_s"] > 0
+    summary = record["quantization"]
+    assert summary["format"] == "dense" and summary["bits"] == 4 and summary["group_size"] == 32
+    module = summary["per_layer"][0]["modules"][0]
     assert module["info"]["bits"] == 4 and 0 < module["relative_error"] < 0.1
+    assert "grid" not in module["info"]
+    assert set(summary["relative_error_per_module"]) == {"q", "k", "v", "attn.out", "ffn.gate", "ffn.up", "ffn.down"}
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
 
     model = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
@@ -312,7 +319,10 @@ def test_quantize_cli_writes_a_checkpoint_transformers_loads_and_generates_with(
     torch.testing.assert_close(saved["model.embed_tokens.weight"], dense["model.embed_tokens.weight"])
 
 
-@pytest.mark.parametrize("args, message", [(["--bits", "5"], "--bits"), (["--group-size", "0"], "--group-size")])
+@pytest.mark.parametrize("args, message", [
+    (["--bits", "5"], "--bits"), (["--group-size", "0"], "--group-size"), (["--format", "gguf"], "--format"),
+    (["--act-order", "--dynamic-groups"], "--format dense"),
+])
 def test_quantize_cli_rejects_bad_options_with_one_line_and_no_output(tiny_llama, tmp_path, args, message):
     out = tmp_path / "never"
     result = _invoke(["quantize", str(tiny_llama), "--calib-source", str(TATOEBA), "--out", str(out), *args])
@@ -320,3 +330,37 @@ def test_quantize_cli_rejects_bad_options_with_one_line_and_no_output(tiny_llama
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("quantization, blocksize", REFERENCE_CASES)
+def test_solution_grid_is_the_grid_the_weights_lie_on(quantization, blocksize):
+    """GPTQ returns its grids (for the packed checkpoint): every weight is scale·(q − zero) of its
+    column's group, with an integer q in [0, 2^bits − 1]."""
+    W, _, stats = problem(rows=16, cols=256, seed=4, dead=(5, 77))
+    solution = gptq(W, stats, quantization, blocksize=blocksize)
+    grid = solution.grid
+    assert (grid.bits, grid.group_size, grid.symmetric) == (quantization.bits, quantization.group_size, quantization.symmetric)
+    if quantization.group_size == -1:
+        index = torch.zeros(256, dtype=torch.long)
+    elif grid.g_idx is not None:
+        assert quantization.act_order and not quantization.static_groups
+        index = grid.g_idx.long()
+        assert torch.bincount(index).tolist() == [quantization.group_size] * (256 // quantization.group_size)
+    else:
+        index = torch.arange(256) // quantization.group_size
+    q = solution.weight / grid.scale[:, index] + grid.zero[:, index]
+    torch.testing.assert_close(q, q.round(), rtol=0, atol=1e-3)
+    assert q.round().min() >= 0 and q.round().max() <= 2**quantization.bits - 1
+
+
+def test_rtn_grid_is_the_reference_min_max_grid_and_bf16_scales_are_bf16_values():
+    W = problem(rows=8, cols=128, seed=2)[0]
+    q = Quantization(4, 32)
+    solution = get_method("rtn").solve(W, None, Recipe("rtn", quantization=q))
+    for g in range(4):
+        scale, zero = ref_grid(W[:, g * 32 : (g + 1) * 32], 4, False)
+        torch.testing.assert_close(solution.grid.scale[:, g], scale, rtol=0, atol=0)
+        torch.testing.assert_close(solution.grid.zero[:, g], zero, rtol=0, atol=0)
+    half = get_method("rtn").solve(W.bfloat16(), None, Recipe("rtn", quantization=q))
+    assert torch.equal(half.grid.scale.bfloat16().float(), half.grid.scale)  # representable in the checkpoint's dtype
+    torch.testing.assert_close(half.grid.scale, solution.grid.scale, rtol=2**-7, atol=0)

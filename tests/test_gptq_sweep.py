@@ -44,13 +44,20 @@ def test_sweep_grid_mixing_wanda_and_gptq_names_each_run_by_the_identity_its_che
         )
         record = json.loads((out / "prunekit.json").read_text())
         assert record["run_id"] == result.record["run_id"] == task.run_id  # one identity scheme for both kinds
-        weight = load_file(out / "model.safetensors")["model.layers.1.mlp.down_proj.weight"]
+        saved = load_file(out / "model.safetensors")
         if label == "wanda":
+            weight = saved["model.layers.1.mlp.down_proj.weight"]
             assert record["recipe"]["kind"] == "prune"
             assert abs(float((weight == 0).float().mean()) - 0.5) < 1e-6
         else:
             quantization = record["recipe"]["quantization"]
             assert record["recipe"]["kind"] == "quantize" and quantization["group_size"] == 32
             assert quantization["bits"] == task.method.quantization.bits
+            # sweeps write pack-quantized checkpoints; the in-memory model holds the fake-quantized weights
+            assert record["quantization"]["format"] == "pack-quantized"
+            assert saved["model.layers.1.mlp.down_proj.weight_packed"].dtype == torch.int32
+            config = json.loads((out / "config.json").read_text())["quantization_config"]
+            assert config["config_groups"]["group_0"]["weights"]["num_bits"] == quantization["bits"]
+            weight = result.model.model.layers[1].mlp.down_proj.weight.detach()
             groups = [torch.arange(s, s + 32) for s in range(0, weight.shape[1], 32)]
             check_groups_on_grid(weight, groups, quantization["bits"])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -26,7 +26,8 @@ class Statistics(Protocol):
 class Solution:
     weight: torch.Tensor  # float32, same shape as the input weight
     mask: torch.Tensor | None  # bool, True = pruned; None for quantization
-    info: dict  # method-specific diagnostics (e.g. SparseGPT loss, damping used)
+    info: dict  # method-specific diagnostics (e.g. SparseGPT loss, damping used); JSON-serializable
+    grid: Any = None  # quantization: the grids the weight lies on (gptq.QuantGrid), for the packed checkpoint
 
 
 @dataclass(frozen=True)

@@ -343,7 +343,7 @@ def run_one(config: SweepConfig, runs_dir: Path, task: RunTask, progress: bool) 
                 trust_remote_code=task.model.trust_remote_code, progress=progress,
             )
             details["record_run_id"] = result.record["run_id"]
-            details["overall_sparsity"] = result.record["sparsity"]["overall"]
+            details["overall_sparsity"] = (result.record.get("sparsity") or {}).get("overall")  # None for a quantized run
             details["timings"] = result.record["timings"]
         loaded = (result.model, result.tokenizer, result.record)
         del result
