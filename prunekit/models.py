@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,13 +167,16 @@ def load_model(
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     try:
         config = AutoConfig.from_pretrained(str(source.path), trust_remote_code=trust_remote_code)
+        extra: dict[str, Any] = {}
         if getattr(config, "quantization_config", None) is not None:  # e.g. a pack-quantized checkpoint
             from prunekit.packing import prepare_loading
 
-            prepare_loading(config.quantization_config, source.spec)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(source.path), config=config, dtype=torch_dtype, trust_remote_code=trust_remote_code
-        )
+            extra = prepare_loading(config.quantization_config, source.spec)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="You passed `quantization_config`")  # loading attributes only
+            model = AutoModelForCausalLM.from_pretrained(
+                str(source.path), config=config, dtype=torch_dtype, trust_remote_code=trust_remote_code, **extra
+            )
     except ValueError as err:
         raise ModelError(f"cannot load '{source.spec}' as a causal language model: {err}") from err
     model.eval()

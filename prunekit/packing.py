@@ -208,18 +208,19 @@ def quantization_config(quantization: Quantization, plan: PackingPlan):
 
 
 def summarize_quantization(
-    layer_results: list[Any], model: torch.nn.Module, grids: dict[str, Any], quantization: Quantization, packed: bool
+    layer_results: list[Any], model: torch.nn.Module, grids: dict[str, Any], quantization: Quantization, packed: bool,
+    module_names: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The ``quantization`` section of a quantized checkpoint's record: the recipe's bits, group size,
     symmetry and act-order, the format, the per-Linear relative output error (and GPTQ loss) per
-    layer, its mean per module, and for a packed checkpoint what stayed dense and the bytes."""
-    from prunekit.models import MODULE_NAMES
-
+    layer, its mean per module (``module_names``: the records' short names), and for a packed
+    checkpoint what stayed dense and the bytes."""
+    module_names = module_names or {}
     errors: dict[str, list[float]] = {}
     for layer in layer_results:
         for module in layer.modules:
             if module.relative_error is not None:
-                errors.setdefault(MODULE_NAMES.get(module.name, module.name), []).append(module.relative_error)
+                errors.setdefault(module_names.get(module.name, module.name), []).append(module.relative_error)
     summary = {
         "bits": quantization.bits,
         "group_size": quantization.group_size,
@@ -269,14 +270,20 @@ def enable_loading() -> None:
     _LOADING_FIXED = True
 
 
-def prepare_loading(quantization_config: Any, spec: str) -> None:
+def prepare_loading(quantization_config: Any, spec: str) -> dict[str, Any]:
     """Before transformers loads a checkpoint whose config has a ``quantization_config``: a clear error
-    when compressed-tensors is missing for a compressed-tensors checkpoint, and ``enable_loading``."""
+    when compressed-tensors is missing for a compressed-tensors checkpoint, and ``enable_loading``.
+    Returns the extra ``from_pretrained`` arguments: prunekit dequantizes on load (plain Linear
+    weights, exactly the fake-quantized values), so evaluation and analysis can run the model one
+    layer at a time like any other."""
     config = quantization_config if isinstance(quantization_config, dict) else quantization_config.to_dict()
     if config.get("quant_method") != "compressed-tensors":
-        return
+        return {}
     require_compressed_tensors(f"'{spec}' is a compressed-tensors ({config.get('format', 'quantized')}) checkpoint; loading it needs compressed-tensors")
     enable_loading()
+    from transformers import CompressedTensorsConfig
+
+    return {"quantization_config": CompressedTensorsConfig(dequantize=True)}
 
 
 def save_packed(model: torch.nn.Module, grids: dict[str, Any], quantization: Quantization, out_dir: str | Path) -> PackingPlan:

@@ -182,7 +182,7 @@ def prune(
             "calibration": None if calib_set is None else calib_set.provenance() | {"spec": calib},
             "skip_layers": sorted(skipped),
             "device": str(compute_device),
-            **({"quantization": summarize_quantization(layer_results, loaded, grids, recipe.quantization, packed)}
+            **({"quantization": summarize_quantization(layer_results, loaded, grids, recipe.quantization, packed, MODULE_NAMES)}
                if quantize else {"sparsity": summarize_layers(layer_results)}),
             "timings": timings,
             "versions": library_versions(),

@@ -217,6 +217,8 @@ class ShardWeights(Weights):
         if files is None:
             return None
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        if getattr(config, "quantization_config", None) is not None:
+            return None  # packed (compressed-tensors) weights: transformers decompresses them on a whole load
         if dtype is None:
             dtype = getattr(text_config(config), "dtype", None) or getattr(config, "dtype", None) or torch.float32
             dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
