@@ -6,6 +6,7 @@ import hashlib
 import json
 import platform
 import shlex
+import sys
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -15,16 +16,18 @@ from typing import Any
 import torch
 
 from prunekit.calibration import build_calibration_set
+from prunekit.conventions import describe as describe_conventions, parse_conventions
 from prunekit.engine import Engine, LayerResult, check_solve_threads, parse_skip_layers
 from prunekit.errors import ConfigError
 from prunekit.languages import parse_languages
 from prunekit.io import atomic_directory, read_versioned, versioned, write_json_atomic
 from prunekit.methods import get_method
-from prunekit.models import MODULE_NAMES, find_decoder_layers, load_model, resolve_device
+from prunekit.models import MODULE_NAMES, find_decoder_layers, load_model, resolve_device, text_config
 from prunekit.progress import progress_bar
 from prunekit.recipe import Quantization, Recipe, parse_pattern, validate_quantization
 
 CHECKPOINT_RECORD = "prunekit.json"
+DEFAULT_CALIB = "en"  # the calibration language of a method that needs one when none is given
 
 
 @dataclass
@@ -45,7 +48,7 @@ def library_versions() -> dict[str, str]:
 
 def run_identity(
     model: str, revision: str | None, recipe: Recipe, calib: str | None, calib_source: str | None,
-    nsamples: int, seqlen: int, seed: int, dtype: str, skip_layers: str | None,
+    nsamples: int | None, seqlen: int | None, seed: int, dtype: str, skip_layers: str | None,
 ) -> tuple[dict[str, Any], str]:
     """The canonical description of a run and its hash (what names a run in sweeps and on the Hub)."""
     identity = {
@@ -62,7 +65,7 @@ def run_identity(
 
 def reproduce_command(model: str, recipe: Recipe, calib, calib_source, nsamples, seqlen, seed, dtype, skip_layers) -> str:
     verb = "quantize" if recipe.quantization is not None else "prune"
-    parts = ["prunekit", verb, model]
+    parts = ["prunekit", verb, model] + (["--conventions", recipe.conventions] if recipe.conventions != "prunekit" else [])
     if recipe.quantization is not None:
         q = recipe.quantization
         parts += ["--bits", str(q.bits), "--group-size", str(q.group_size)] + (["--act-order"] if q.act_order else [])
@@ -110,10 +113,10 @@ def prune(
     method: str = "wanda",
     sparsity: float | None = None,
     pattern: str | None = None,
-    calib: str | None = "en",
+    calib: str | None = None,
     calib_source: str = "embedded",
-    nsamples: int = 128,
-    seqlen: int = 2048,
+    nsamples: int | None = None,
+    seqlen: int | None = None,
     seed: int = 0,
     out: str | Path | None = None,
     dtype: str = "float32",
@@ -126,24 +129,28 @@ def prune(
     trust_remote_code: bool = False,
     progress: bool = True,
     solve_threads: int | None = None,
+    conventions: str = "prunekit",
 ) -> PruneResult:
     """Prune (or quantize) ``model`` and optionally write the checkpoint to ``out``.
 
     Mirrors ``prunekit prune``; returns the pruned model, its tokenizer and the record that
-    is written as ``prunekit.json``.
+    is written as ``prunekit.json``. ``calib`` None means English for a method that needs
+    calibration; ``nsamples`` / ``seqlen`` None are sized to the text (``calibration.choose_size``).
     """
     started = time.perf_counter()
     method_obj = get_method(method)
+    conventions = parse_conventions(conventions)
     if method_obj.kind == "quantize":
-        recipe = Recipe(method, quantization=validate_quantization(quantization or Quantization()))
+        recipe = Recipe(method, quantization=validate_quantization(quantization or Quantization()), conventions=conventions)
     else:
-        recipe = Recipe(method, pattern=parse_pattern(sparsity, pattern))
-    if calib is not None:
+        recipe = Recipe(method, pattern=parse_pattern(sparsity, pattern), conventions=conventions)
+    if not method_obj.needs_calibration and calib is not None:
+        raise ConfigError(f"method '{method}' uses no calibration text: drop --calib {calib}")
+    if method_obj.needs_calibration:
+        calib = calib or DEFAULT_CALIB
         parse_languages(calib)  # fail on an unknown language before loading anything
-    elif method_obj.needs_calibration:
-        raise ConfigError(f"method '{method}' needs calibration text: pass --calib LANG")
     check_solve_threads(solve_threads)  # before the model loads
-    if calib is not None and (nsamples < 1 or seqlen < 2):
+    if calib is not None and ((nsamples is not None and nsamples < 1) or (seqlen is not None and seqlen < 2)):
         raise ConfigError(f"--nsamples must be >= 1 and --seqlen >= 2 (got {nsamples} and {seqlen})")
     out_path = check_output_dir(out, overwrite)
     compute_device = resolve_device(device)
@@ -157,7 +164,12 @@ def prune(
     t0 = time.perf_counter()
     calib_set = None
     if calib is not None:
-        calib_set = build_calibration_set(tokenizer, calib, calib_source, nsamples, seqlen, seed)
+        context = getattr(text_config(loaded.config), "max_position_embeddings", None)
+        calib_set = build_calibration_set(tokenizer, calib, calib_source, nsamples, seqlen, seed,
+                                          conventions=conventions, max_seqlen=context)
+        nsamples, seqlen = calib_set.nsamples, calib_set.seqlen  # what was used, for the record
+        if calib_set.sizing is not None and progress:
+            print(calib_set.sizing["message"], file=sys.stderr)
     timings["calibration_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -181,6 +193,7 @@ def prune(
             | {"model_type": config.model_type, "architectures": config.architectures, "dtype": dtype,
                "num_layers": len(layers), "name_or_path": getattr(config, "_name_or_path", "")},
             "calibration": None if calib_set is None else calib_set.provenance() | {"spec": calib},
+            "conventions": describe_conventions(conventions),
             "skip_layers": sorted(skipped),
             "device": str(compute_device),
             "sparsity": summarize_layers(layer_results),

@@ -1,6 +1,6 @@
 """Token-level perplexity over non-overlapping windows of held-out text.
 
-Windowing (the Wanda / SparseGPT convention, made explicit):
+Windowing with ``conventions="prunekit"`` (the default):
 
 * the documents are joined with ``"\\n\\n"`` and tokenized ONCE, without special tokens;
 * the token stream is cut into consecutive, non-overlapping pieces of ``seqlen - 1`` tokens and
@@ -9,6 +9,12 @@ Windowing (the Wanda / SparseGPT convention, made explicit):
   (a tokenizer without a BOS token gets pieces of ``seqlen`` tokens whose first token is context);
 * the last, shorter window is scored too when it has at least 2 tokens;
 * PPL = exp(total NLL / scored tokens), with the NLL of each token in fp32 and the sum in fp64.
+
+With ``conventions="study"`` exactly the reference (locuslab/wanda ``eval_ppl_wikitext``): the
+documents are joined with ``"\n\n"`` and tokenized once WITH the tokenizer's special tokens (so BOS
+only at the start of the stream), cut into ⌊n/seqlen⌋ windows of ``seqlen`` tokens, the last
+partial window dropped; PPL = exp(mean over windows of the window's mean NLL) (every window scores
+seqlen−1 tokens, so this equals exp(total NLL / scored tokens)).
 
 The final hidden state comes from the decoder once per batch of windows; the LM head (and any
 logit transform: Cohere's ``logit_scale``, Granite's ``logits_scaling``, Gemma's
@@ -44,9 +50,10 @@ class Windows:
     """Token windows over a text, ready to score (each a list of ids)."""
 
     windows: list[list[int]]
-    bos: int | None
+    bos: int | None  # the BOS put before every window (None: none is added)
     seqlen: int
     stream_tokens: int
+    conventions: str = "prunekit"
 
     @property
     def scored_tokens(self) -> int:
@@ -61,13 +68,17 @@ class Windows:
                 break
             out.append(window[:take])
             total += take
-        return Windows(out, self.bos, self.seqlen, self.stream_tokens)
+        return Windows(out, self.bos, self.seqlen, self.stream_tokens, self.conventions)
 
 
-def make_windows(tokenizer, texts: list[str], seqlen: int, max_windows: int | None = None) -> Windows:
+def make_windows(
+    tokenizer, texts: list[str], seqlen: int, max_windows: int | None = None, conventions: str = "prunekit"
+) -> Windows:
     """Cut ``texts`` into scoring windows (see the module docstring)."""
     if seqlen < 2:
         raise ConfigError(f"--seqlen must be at least 2, got {seqlen}")
+    if conventions == "study":
+        return _study_windows(tokenizer, texts, seqlen, max_windows)
     bos = tokenizer.bos_token_id
     stream = tokenizer("\n\n".join(texts), add_special_tokens=False, verbose=False)["input_ids"]
     body = seqlen - 1 if bos is not None else seqlen
@@ -81,6 +92,20 @@ def make_windows(tokenizer, texts: list[str], seqlen: int, max_windows: int | No
     if not windows:
         raise DataError(f"the evaluation text has {len(stream)} tokens: too short to score a single window")
     return Windows(windows, bos, seqlen, len(stream))
+
+
+def _study_windows(tokenizer, texts: list[str], seqlen: int, max_windows: int | None) -> Windows:
+    stream = tokenizer("\n\n".join(texts), verbose=False)["input_ids"]  # special tokens as the tokenizer adds them
+    count = len(stream) // seqlen
+    if max_windows is not None:
+        count = min(count, max_windows)
+    if count == 0:
+        raise DataError(
+            f"the evaluation text has {len(stream)} tokens, fewer than one window of --seqlen {seqlen}; the study's "
+            "convention drops partial windows: lower --seqlen, give more text, or use --conventions prunekit"
+        )
+    windows = [stream[i * seqlen : (i + 1) * seqlen] for i in range(count)]
+    return Windows(windows, None, seqlen, len(stream), "study")
 
 
 def batches(windows: list[list[int]], batch_size: int) -> Iterator[torch.Tensor]:
@@ -213,6 +238,7 @@ def perplexity(
     scorer = TokenScorer(model)
     total, count = 0.0, 0
     todo = list(batches(windows.windows, batch_size))
+    window_means: list[float] = []  # study: the reference's mean over windows of each window's mean NLL
     hooks = contextlib.nullcontext()
     if layer_callback is not None:
         scorer.probe(todo[0])  # the probe's own forward must not reach the callback
@@ -222,6 +248,7 @@ def perplexity(
             nll, n = scorer.nll(batch)
             total += nll
             count += n
+            window_means += [nll / n] * batch.shape[0]  # equal-length windows: the batch mean is each one's share
             update(done, len(todo))
-    mean = total / count
+    mean = total / count if windows.conventions != "study" else math.fsum(window_means) / len(window_means)
     return PerplexityResult(math.exp(mean), mean, count, len(windows.windows), windows.seqlen, windows.bos is not None)

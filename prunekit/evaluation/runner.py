@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 import torch
 
+from prunekit.conventions import DESCRIPTIONS, describe as describe_conventions, parse_conventions
 from prunekit.errors import ConfigError
 from prunekit.evaluation.harness import plan_tasks, resolve_chat_template, run_tasks
 from prunekit.evaluation.hidden_states import DenseReference, check_compatible, perplexity_and_hidden_state_errors
@@ -76,12 +77,14 @@ def evaluate_loaded(
     seed: int = 0,
     out: str | Path | None = None,
     progress: bool = True,
+    conventions: str = "prunekit",
 ) -> dict[str, Any]:
     """Evaluate an already-loaded model (the sweep reuses loaded models through this).
 
     ``dense`` is a :class:`DenseReference` (``DenseReference.from_spec(...)`` or ``.from_loaded(...)``);
     it is only run when its hidden states are not cached yet."""
     started = time.perf_counter()
+    conventions = parse_conventions(conventions)
     languages = _languages(langs)
     cells = plan_tasks(tasks, languages)  # unknown task names fail before any work
     _check_positive("--seqlen", seqlen, 2)
@@ -112,7 +115,7 @@ def evaluate_loaded(
             windows_wanted = max_windows if max_windows is not None else (MC4_DEFAULT_WINDOWS if ppl_source == "mc4" else None)
             budget = windows_wanted * seqlen * CHARS_PER_TOKEN_BUDGET if (ppl_source == "mc4" and windows_wanted) else None
             texts = load_texts(ppl_source, lang, "evaluation", char_budget=budget)
-            windows = make_windows(tokenizer, [d.text for d in texts.documents], seqlen, windows_wanted)
+            windows = make_windows(tokenizer, [d.text for d in texts.documents], seqlen, windows_wanted, conventions)
             if dense is None:
                 result = perplexity(model, windows, batch_size, progress, f"perplexity {lang}")
             else:
@@ -155,7 +158,8 @@ def evaluate_loaded(
         "batch_size": batch_size,
         "ppl_source": ppl_source,
         "max_windows": max_windows,
-        "ppl_windowing": "documents joined with '\\n\\n', tokenized once without special tokens, non-overlapping "
+        "conventions": describe_conventions(conventions),
+        "ppl_windowing": DESCRIPTIONS[conventions]["perplexity"] if conventions != "prunekit" else "documents joined with '\\n\\n', tokenized once without special tokens, non-overlapping "
                          "windows of seqlen-1 tokens each prefixed with BOS (BOS never scored; without a BOS token: "
                          "windows of seqlen tokens, first token context only); last partial window scored if >= 2 tokens",
         "snr_tokens": snr_tokens if dense is not None else None,
@@ -193,7 +197,7 @@ def evaluate_loaded(
 def evaluate(
     checkpoint: str | Path,
     dense: str | None = None,
-    langs: str | Sequence[str] = ("en",),
+    langs: str | Sequence[str] | None = None,
     ppl_source: str | None = "embedded",
     tasks: str | Sequence[str] | None = None,
     limit: int | float | None = None,
@@ -214,12 +218,17 @@ def evaluate(
     bootstrap_iters: int = 100,
     seed: int = 0,
     trust_remote_code: bool = False,
+    conventions: str = "prunekit",
 ) -> dict[str, Any]:
     """Evaluate a checkpoint (local dir, Hub id, .gguf, embedded:NAME) and return the results dict.
 
-    Mirrors ``prunekit eval``; writes ``out`` (results.json) atomically when given."""
+    Mirrors ``prunekit eval``; writes ``out`` (results.json) atomically when given. ``langs`` None:
+    the study's seven plus the checkpoint's calibration languages (``default_evaluation_languages``)."""
+    from prunekit.languages import default_evaluation_languages
     from prunekit.pipeline import read_record
 
+    if langs is None:
+        langs = default_evaluation_languages(read_record(resolve_model(str(checkpoint)).path))[0]
     languages = _languages(langs)
     plan_tasks(tasks, languages)  # fail on unknown tasks before loading anything
     parse_dtype(dtype)
@@ -238,5 +247,5 @@ def evaluate(
         tasks=tasks, limit=limit, seqlen=seqlen, device=device, batch_size=batch_size, snr_tokens=snr_tokens,
         exclude_bos=exclude_bos, snr_store_dtype=snr_store_dtype, max_windows=max_windows, task_data=task_data,
         chat_template=chat_template, num_fewshot=num_fewshot, bootstrap_iters=bootstrap_iters, seed=seed,
-        out=out, progress=progress,
+        out=out, progress=progress, conventions=conventions,
     )
