@@ -504,6 +504,7 @@ def build_card_content(
         "skip_layers": record.get("skip_layers") or [],
         "dtype": base.get("dtype") or (record.get("identity") or {}).get("dtype"),
         "versions": record.get("versions") or {"prunekit": record.get("prunekit_version", "?")},
+        "conventions": (record.get("conventions") or {}).get("name", "prunekit"),
         "run_id": record.get("run_id"), "created": record.get("created"),
         "command": record.get("command") or "(the record has no command)",
         "license": {"id": license_id, "note": license_note},

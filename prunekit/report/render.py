@@ -104,10 +104,16 @@ def _md_row(cells: list[str]) -> str:
     return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
 
+def conventions_of(report: "Report") -> str:
+    """The conventions (prunekit.conventions) the evaluated runs were made and measured with: 'study', 'prunekit' or both."""
+    names = sorted({(r.results.get("settings", {}).get("conventions") or {}).get("name", "prunekit") for r in report.collected.runs})
+    return " and ".join(names) or "prunekit"
+
+
 def markdown(report: "Report") -> str:
     lines = [f"# Sweep report: {report.name}", ""]
     lines.append(f"Runs dir `{report.runs_dir}` · {len(report.collected.runs)} evaluated runs · "
-                 f"{len(report.collected.dense)} dense models · created {report.created}")
+                 f"{len(report.collected.dense)} dense models · conventions `{conventions_of(report)}` · created {report.created}")
     lines.append("")
     lines.append("Cells are mean ± sample standard deviation (ddof = 1) over seeds (a single seed shows no std). "
                  "Rows are calibration sets, columns evaluation languages (or tasks). **Bold** marks the best cell "
@@ -190,7 +196,7 @@ def html(report: "Report") -> str:
     images = {}
     for table in report.tables:
         images[table.metric.id] = [(p.stem, base64.b64encode(p.read_bytes()).decode("ascii")) for p in report.heatmaps_for(table.metric.id)]
-    return env.get_template("report.html.j2").render(report=report, images=images)
+    return env.get_template("report.html.j2").render(report=report, images=images, conventions=conventions_of(report))
 
 
 # ------------------------------------------------------------------------------------ csv / json
@@ -243,6 +249,7 @@ def write_json(report: "Report", path: Path) -> Path:
         "runs_dir": str(report.runs_dir),
         "created": report.created,
         "findings": report.findings,
+        "conventions": conventions_of(report),
         "cells": cell_records(report),
         "advisor": [a.__dict__ for a in report.advisor],
         "runs": [{"run_id": r.run_id, "model": r.model, "method": r.method, "pattern": r.pattern,

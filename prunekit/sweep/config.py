@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from prunekit.conventions import parse_conventions
 from prunekit.errors import ConfigError, PrunekitError
 
 GPTQ_NAME = re.compile(r"^gptq-w(\d+)g(\d+)$")
@@ -171,6 +172,7 @@ class SweepConfig:
     skip_layers: str | None = None
     keep_checkpoints: bool = True
     slurm: dict[str, Any] = field(default_factory=dict)
+    conventions: str = "prunekit"  # prunekit.conventions: study | prunekit
     raw: dict[str, Any] = field(default_factory=dict)  # the validated input, for the snapshot
 
     @property
@@ -208,6 +210,7 @@ TOP_KEYS = {
     "analysis": "{pairs: [[calib A, calib B], ...], only, max_tokens}",
     "push": "{namespace, private, endpoint}",
     "execution": "{device, batch_size, skip_layers, keep_checkpoints}",
+    "conventions": "study or prunekit (default): calibration windows, perplexity windows and thresholds (prunekit.conventions)",
     "slurm": "{partition, gpus_per_node, cpus_per_task, mem_gb, time_min, account, qos, constraint, runs_per_job, cluster, setup, additional}",
 }
 MODEL_KEYS = {"id": 0, "path": 0, "dtype": 0, "revision": 0, "name": 0, "trust_remote_code": 0}
@@ -448,6 +451,9 @@ def load_config(config: str | Path | dict[str, Any]) -> SweepConfig:
         eval_options["task_data"] = str(task_data.resolve())
     if tasks:
         _check_tasks(tasks, langs)
+    conventions = _wrap("conventions", lambda: parse_conventions(raw.get("conventions")))
+    if conventions != "prunekit":  # the eval stage depends on it (the default leaves digests as they were)
+        eval_options["conventions"] = conventions
 
     execution = _mapping(raw.get("execution") or {}, "execution", EXEC_KEYS)
     device = _str(execution.get("device", "auto"), "execution.device")
@@ -503,7 +509,7 @@ def load_config(config: str | Path | dict[str, Any]) -> SweepConfig:
         name=name, models=models, methods=methods, patterns=patterns, calib_sets=sets, calib_source=calib_source,
         nsamples=nsamples, seqlen=seqlen, seeds=seeds, eval_languages=list(langs), ppl_source=ppl_source,
         eval_seqlen=eval_seqlen, tasks=tasks, limit=limit, hidden_states=hidden_states, analysis_pairs=pairs, push=push,
-        eval_options=eval_options, analysis_options=analysis_options,
+        eval_options=eval_options, analysis_options=analysis_options, conventions=conventions,
         device=device, batch_size=batch_size, skip_layers=skip_layers, keep_checkpoints=keep_checkpoints, slurm=slurm,
         raw=_normalized_raw(raw, models, calib_source, ppl_source, eval_options),
     )
