@@ -82,8 +82,23 @@ def _describe(role: str, source: ModelSource) -> dict[str, Any]:
             "calibration": calib.get("spec"),
             "seed": calib.get("seed"),
             "sparsity": (record.get("sparsity") or {}).get("overall"),
+            "conventions": (record.get("conventions") or {}).get("name", "prunekit"),
         }
     return info
+
+
+def _check_conventions(models: dict[str, Any], wanted: str | None, notes: list[str]) -> str:
+    """The conventions the pruned checkpoints were made with (``--conventions``, else their records'):
+    a checkpoint made with other conventions than the rest gets a warning, as its masks are not comparable."""
+    from prunekit.conventions import parse_conventions
+
+    used = {role: info["prunekit"]["conventions"] for role, info in models.items() if info.get("prunekit")}
+    name = parse_conventions(wanted) if wanted is not None else (sorted(set(used.values()))[0] if used else "prunekit")
+    for role, other in used.items():
+        if other != name:
+            notes.append(f"{role} was pruned with --conventions {other}, not {name}: its calibration windows and "
+                         "thresholds differ, so the comparison mixes conventions")
+    return name
 
 
 def display_name(role: str, info: dict[str, Any]) -> str:
@@ -131,6 +146,7 @@ def compare(
     trust_remote_code: bool = False,
     figures: bool = True,
     progress: bool = True,
+    conventions: str | None = None,
 ) -> dict[str, Any]:
     """Compare checkpoints ``a`` and ``b`` (local dirs or Hub ids); returns the compare.json dict.
 
@@ -164,6 +180,7 @@ def compare(
     notes = []
     if (seeds_a or seeds_b) and "masks" not in analyses:
         notes.append("--seeds-a/--seeds-b are used by the mask analysis only, which is not among --only; they were ignored")
+    conventions = _check_conventions(models, conventions, notes)
     reference = "dense" if dense is not None else "a"
     targets = ["a", "b"] if dense is not None else ["b"]
 
@@ -178,6 +195,7 @@ def compare(
             "langs": lang_codes, "text_source": text_source, "max_tokens": max_tokens, "max_length": max_length,
             "dtype": dtype, "device": None, "batch_size": batch_size, "lsar_rank": lsar_rank, "subspace": subspace,
             "lape_thresholds": thresholds, "deactivate": deactivate, "chunk_elements": chunk_elements,
+            "conventions": conventions,
         },
         "texts": None, "perplexity": None, "masks": None, "lsar": None, "lape": None, "drift": None,
         "warnings": notes, "timings": {},

@@ -158,9 +158,9 @@ def _drift_lines(result, folder: Path) -> Path:
     fig, axes = plt.subplots(1, len(drift), figsize=(5 * len(drift), 3.5), squeeze=False)
     for ax, (role, data) in zip(axes[0], drift.items()):
         for lang in langs:
-            values = data["per_language"][lang]["mean_abs"]
+            values = data["per_language"][lang]["mean_l2"]
             ax.plot(range(len(values)), values, marker=".", label=lang)
-        ax.set_title(f"{result['names'][role]} vs {result['names'][result['reference']]}: mean |Δh|", fontsize=9)
+        ax.set_title(f"{result['names'][role]} vs {result['names'][result['reference']]}: mean ‖Δh‖₂ per token", fontsize=9)
         ax.set_xlabel("layer")
         ax.xaxis.set_major_locator(_integer_ticks())
         ax.set_yscale("log")
@@ -206,14 +206,16 @@ def lsar_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 def drift_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     langs = result["settings"]["langs"]
-    header = ["target", "mean |Δh|"] + langs
+    header = ["target", "drift"] + langs
     rows = []
     for role, data in result["drift"]["per_target"].items():
         per = data["per_language"]
-        rows.append([result["names"][role], "mean over layers"]
-                    + [_fmt(float(np.mean(per[lang]["mean_abs"]))) for lang in langs])
-        rows.append([result["names"][role], "last layer"] + [_fmt(per[lang]["mean_abs"][-1]) for lang in langs])
-        rows.append([result["names"][role], "relative, last layer"] + [_fmt(per[lang]["relative"][-1]) for lang in langs])
+        rows.append([result["names"][role], "mean ‖Δh‖₂, mean over layers"]
+                    + [_fmt(float(np.mean(per[lang]["mean_l2"]))) for lang in langs])
+        rows.append([result["names"][role], "mean ‖Δh‖₂, last layer"] + [_fmt(per[lang]["mean_l2"][-1]) for lang in langs])
+        rows.append([result["names"][role], "extra: mean |Δh| per feature, last layer"]
+                    + [_fmt(per[lang]["mean_abs"][-1]) for lang in langs])
+        rows.append([result["names"][role], "extra: relative, last layer"] + [_fmt(per[lang]["relative"][-1]) for lang in langs])
     return header, rows
 
 
@@ -269,7 +271,8 @@ def _sections(result: dict[str, Any]) -> list[tuple[str, str, tuple[list[str], l
         sections.append(("LSAR drift", f"mean ‖Δ‖₂ of sentence embeddings against {ref}, subspace="
                          f"{result['lsar']['subspace']}, rank {result['lsar']['rank']}", lsar_rows(result)))
     if result.get("drift"):
-        sections.append(("Hidden-state drift", f"mean |h_ref − h| of the decoder-layer outputs against {ref}", drift_rows(result)))
+        sections.append(("Hidden-state drift", f"mean over tokens of ‖h_ref − h‖₂ of the decoder-layer outputs against {ref} "
+                         "(the study's Fig. 4); the per-feature mean |h_ref − h| is a labelled extra", drift_rows(result)))
     if result.get("lape"):
         sections.append(("LAPE", f"language-specific neurons (lowest {result['lape']['thresholds']['top_rate']:g} LAPE); "
                          "IoU with the reference's selection", lape_rows(result)))

@@ -41,6 +41,7 @@ def compare(
     out: Path = typer.Option(..., "--out", "-o", help="Output directory: compare.json, summary.md, figures/*.png, lape.npz (written atomically)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out directory."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the Hub (off by default)."),
+    conventions: Optional[str] = typer.Option(None, "--conventions", help="study or prunekit: the conventions the checkpoints should have been pruned with (default: what their prunekit.json records); a checkpoint made with others gets a warning, and the choice is recorded in compare.json."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
 ) -> None:
     """Explain what pruning changed between checkpoints A and B: mask IoU (with seed intersections),
@@ -61,7 +62,7 @@ def compare(
             a, b, dense=dense, seeds_a=_split(seeds_a), seeds_b=_split(seeds_b), langs=langs, text_source=text_source,
             only=only, out=out, overwrite=overwrite, max_tokens=max_tokens, max_length=max_length, lsar_rank=lsar_rank,
             subspace=subspace, lape_thresholds=lape_thresholds, deactivate=deactivate, dtype=dtype, device=device,
-            batch_size=batch_size, trust_remote_code=trust_remote_code, progress=not quiet,
+            batch_size=batch_size, trust_remote_code=trust_remote_code, progress=not quiet, conventions=conventions,
         )
     if not quiet:
         print_summary(result, stdout)

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from prunekit.cli.app import app, user_errors
+from prunekit.conventions import HELP as CONVENTIONS_HELP
 from prunekit.demo import DEMO_NSAMPLES, DEMO_SEQLEN
 
 stdout = Console()
@@ -24,6 +25,7 @@ def demo(
     seqlen: int = typer.Option(DEMO_SEQLEN, "--seqlen", help="Tokens per calibration sequence."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:i]."),
+    conventions: str = typer.Option("prunekit", "--conventions", help=CONVENTIONS_HELP + " With study, pass --seqlen 64: the embedded passages are 70-190 tokens long."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     r"""Reproduce the study's Table 1 offline: prune the embedded Gemma-3-270M (50 % unstructured) with
@@ -35,7 +37,7 @@ def demo(
     """
     from prunekit.demo import run_demo
 
-    result = run_demo(langs, methods, out, nsamples, seqlen, dtype, device, progress=not quiet)
+    result = run_demo(langs, methods, out, nsamples, seqlen, dtype, device, progress=not quiet, conventions=conventions)
     stdout.print(f"\nreport: [bold]{result.report_dir / 'report.html'}[/bold] (also report.md, results.csv, heatmaps/)")
     for line in result.findings:
         stdout.print(f"finding: {line}")

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from prunekit.cli.app import app, user_errors
+from prunekit.conventions import HELP as CONVENTIONS_HELP
 
 stdout = Console()
 
@@ -70,11 +71,11 @@ def _limit(value: Optional[float]) -> int | float | None:
 def evaluate_command(
     checkpoint: str = typer.Argument(..., help="Checkpoint to evaluate: a local dir (e.g. from `prunekit prune`), Hub id, .gguf file or embedded:gemma-3-270m."),
     dense: Optional[str] = typer.Option(None, "--dense", help="The dense model CHECKPOINT was pruned from: enables SNR / pruning error of hidden states (cached per dense model)."),
-    langs: str = typer.Option("en", "--langs", "-l", help="Evaluation languages, comma-separated (ar,de,en,es,ru,sw,zh) or 'all' (the study's seven)."),
+    langs: Optional[str] = typer.Option(None, "--langs", "-l", help="Evaluation languages, comma-separated (ar,de,en,es,ru,sw,zh) or 'all' (the study's seven). Default: the study's seven plus the checkpoint's calibration languages."),
     ppl_source: str = typer.Option("embedded", "--ppl-source", help="Held-out text: embedded, mc4 (validation split, streamed) or a PATH (file, or dir with {lang}.txt/.jsonl/.parquet); 'none' skips perplexity and SNR."),
     tasks: Optional[str] = typer.Option(None, "--tasks", "-t", help="Downstream tasks, comma-separated: groups arc, hellaswag, mmlu, belebele, mkqa, xcopa, mgsm (or 'study'), or task names such as belebele_deu_Latn."),
     limit: Optional[float] = typer.Option(None, "--limit", help="At most N examples per task (a fraction if < 1); for quick checks only."),
-    seqlen: int = typer.Option(2048, "--seqlen", help="Tokens per perplexity window (BOS included)."),
+    seqlen: int = typer.Option(2048, "--seqlen", help="Tokens per perplexity window (BOS included; with --conventions study the last partial window is dropped)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16 (checkpoint and dense model alike)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:i]."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the results JSON here (written atomically; schema in prunekit/evaluation/SCHEMA.md)."),
@@ -90,23 +91,35 @@ def evaluate_command(
     num_fewshot: int = typer.Option(0, "--num-fewshot", help="Few-shot examples per task (the study: 0)."),
     bootstrap_iters: int = typer.Option(100, "--bootstrap-iters", help="lm-eval bootstrap iterations for stderr (mean metrics use the closed form whenever > 0)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the Hub (off by default)."),
+    conventions: str = typer.Option("prunekit", "--conventions", help=CONVENTIONS_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
 ) -> None:
     """Evaluate CHECKPOINT per language: perplexity, SNR / pruning error against --dense, lm-eval tasks.
 
     Example: prunekit eval gemma-sw --dense embedded:gemma-3-270m --langs sw,en --ppl-source embedded --tasks belebele,xcopa --task-data data/ --limit 50 --out results.json
+
+    Shortest: prunekit eval gemma-sw --out results.json (the study's seven languages plus gemma-sw's calibration languages)
     """
     from prunekit.evaluation import evaluate
     from prunekit.io import check_output_location
 
     check_output_location(out, kind="file")  # before the model loads
+    if langs is None:
+        from prunekit.languages import default_evaluation_languages
+        from prunekit.models import resolve_model
+        from prunekit.artifacts import read_record
+
+        codes, note = default_evaluation_languages(read_record(resolve_model(checkpoint).path))
+        langs = ",".join(codes)
+        typer.echo(note, err=True)
+
     results = evaluate(
         checkpoint, dense=dense, langs=langs, ppl_source=None if ppl_source == "none" else ppl_source,
         tasks=tasks, limit=_limit(limit), seqlen=seqlen, dtype=dtype, device=device, out=out, progress=not quiet,
         task_data=task_data, chat_template=chat_template, batch_size=batch_size, snr_tokens=snr_tokens,
         exclude_bos=not include_bos, max_windows=max_windows, num_fewshot=num_fewshot,
         task_batch_size=task_batch_size, backend=backend, parallelize=parallelize,
-        bootstrap_iters=bootstrap_iters, trust_remote_code=trust_remote_code,
+        bootstrap_iters=bootstrap_iters, trust_remote_code=trust_remote_code, conventions=conventions,
     )
     if not quiet:
         print_results(results, out)

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from prunekit.cli.app import app, user_errors
+from prunekit.conventions import HELP as CONVENTIONS_HELP
 
 stdout = Console()
 
@@ -52,10 +53,10 @@ def prune(
     method: str = typer.Option("wanda", "--method", "-m", help="magnitude, wanda or sparsegpt (GPTQ: `prunekit quantize`)."),
     sparsity: Optional[float] = typer.Option(None, "--sparsity", "-s", help="Fraction of weights to prune, in (0, 1). Default 0.5; implied by --pattern."),
     pattern: Optional[str] = typer.Option(None, "--pattern", "-p", help="'unstructured' (default) or N:M such as 2:4 or 4:8."),
-    calib: Optional[str] = typer.Option("en", "--calib", "-c", help="Calibration language: a code (de), a mix (en+de, equal shares) or 'all' (the study's seven)."),
+    calib: Optional[str] = typer.Option(None, "--calib", "-c", help="Calibration language: a code (de), a mix (en+de, equal shares) or 'all' (the study's seven). Default en; magnitude uses none."),
     calib_source: str = typer.Option("embedded", "--calib-source", help="mc4 (streamed with datasets), embedded (prunekit's own texts) or a PATH (.txt/.jsonl/.parquet, or a dir with one file per language)."),
-    nsamples: int = typer.Option(128, "--nsamples", help="Number of calibration sequences."),
-    seqlen: int = typer.Option(2048, "--seqlen", help="Tokens per calibration sequence."),
+    nsamples: Optional[int] = typer.Option(None, "--nsamples", help="Number of calibration sequences (default: the study's 128, or as many as the text supplies; the choice is printed)."),
+    seqlen: Optional[int] = typer.Option(None, "--seqlen", help="Tokens per calibration sequence (default: the study's 8192 capped by the model's context, or shorter when the text is short)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the calibration sampling."),
     out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint directory (written atomically)."),
     dtype: str = typer.Option("float32", "--dtype", help="bfloat16, float16 or float32 (statistics are always fp32)."),
@@ -64,6 +65,7 @@ def prune(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out directory."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Calibration sequences per forward (default: ~8192 tokens)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the Hub (off by default)."),
+    conventions: str = typer.Option("prunekit", "--conventions", help=CONVENTIONS_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
     solve_threads: Optional[int] = typer.Option(
         None, "--solve-threads",
@@ -74,6 +76,8 @@ def prune(
     """Prune MODEL layer by layer, calibrated on text in one language or a mix.
 
     Example: prunekit prune embedded:gemma-3-270m --method sparsegpt --calib sw --nsamples 32 --seqlen 256 --out gemma-sw
+
+    Shortest: prunekit prune embedded:gemma-3-270m --method wanda --out gemma-wanda
     """
     from prunekit.errors import ConfigError
     from prunekit.methods import available_methods, get_method
@@ -87,7 +91,7 @@ def prune(
         model, method=method, sparsity=sparsity, pattern=pattern, calib=calib, calib_source=calib_source,
         nsamples=nsamples, seqlen=seqlen, seed=seed, out=out, dtype=dtype, device=device,
         skip_layers=skip_layers, overwrite=overwrite, batch_size=batch_size,
-        trust_remote_code=trust_remote_code, progress=not quiet, solve_threads=solve_threads,
+        trust_remote_code=trust_remote_code, progress=not quiet, solve_threads=solve_threads, conventions=conventions,
     )
     if not quiet:
         print_prune_summary(result.record, result.out)

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from prunekit.cli.app import app, user_errors
+from prunekit.conventions import HELP as CONVENTIONS_HELP
 
 stdout = Console()
 
@@ -73,10 +74,10 @@ def quantize(
     dynamic_groups: bool = typer.Option(False, "--dynamic-groups", help="With --act-order: refit groups in activation order instead of fixing them first."),
     symmetric: bool = typer.Option(False, "--symmetric", help="Symmetric grid ±max|w| (default: asymmetric min-max)."),
     method: str = typer.Option("gptq", "--method", "-m", help="gptq (error feedback, needs calibration) or rtn (round-to-nearest baseline)."),
-    calib: Optional[str] = typer.Option("en", "--calib", "-c", help="Calibration language: a code (de), a mix (en+de, equal shares) or 'all' (the study's seven)."),
+    calib: Optional[str] = typer.Option(None, "--calib", "-c", help="Calibration language: a code (de), a mix (en+de, equal shares) or 'all' (the study's seven). Default en; rtn uses none."),
     calib_source: str = typer.Option("embedded", "--calib-source", help="mc4 (streamed with datasets), embedded (prunekit's own texts) or a PATH (.txt/.jsonl/.parquet, or a dir with one file per language)."),
-    nsamples: int = typer.Option(128, "--nsamples", help="Number of calibration sequences."),
-    seqlen: int = typer.Option(2048, "--seqlen", help="Tokens per calibration sequence."),
+    nsamples: Optional[int] = typer.Option(None, "--nsamples", help="Number of calibration sequences (default: the study's 128, or as many as the text supplies; the choice is printed)."),
+    seqlen: Optional[int] = typer.Option(None, "--seqlen", help="Tokens per calibration sequence (default: the study's 8192 capped by the model's context, or shorter when the text is short)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the calibration sampling."),
     out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint directory (written atomically)."),
     dtype: str = typer.Option("float32", "--dtype", help="bfloat16, float16 or float32: the dtype of the model and of the saved weights (statistics are always fp32)."),
@@ -89,6 +90,7 @@ def quantize(
         "packed", "--format",
         help="packed: compressed-tensors pack-quantized (int weights + scales + zero points; vLLM serves it, transformers loads it with compressed-tensors installed); dense: fake-quantized weights in --dtype.",
     ),
+    conventions: str = typer.Option("prunekit", "--conventions", help=CONVENTIONS_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
 ) -> None:
     """Quantize MODEL's weights with GPTQ layer by layer, calibrated on text in one language or a mix.
@@ -112,6 +114,7 @@ def quantize(
         nsamples=nsamples, seqlen=seqlen, seed=seed, out=out, dtype=dtype, device=device,
         skip_layers=skip_layers, overwrite=overwrite, batch_size=batch_size,
         trust_remote_code=trust_remote_code, progress=not quiet, checkpoint_format=checkpoint_format,
+        conventions=conventions,
     )
     if not quiet:
         print_quantize_summary(result.record, result.out)

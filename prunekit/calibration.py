@@ -1,4 +1,10 @@
-"""Calibration sets: n seeded windows of seqlen tokens in one language or an equal-share mix."""
+"""Calibration sets: n seeded windows of seqlen tokens in one language or an equal-share mix.
+
+Two conventions (``prunekit.conventions``): ``prunekit`` joins the shuffled documents with EOS and
+takes non-overlapping windows that each start with BOS; ``study`` takes, like the reference
+(locuslab/wanda ``get_c4``), a random seqlen-token slice of a random document longer than seqlen.
+When ``nsamples`` / ``seqlen`` are not given they are sized to what the text supplies, up to the
+study's 128 × 8192 (``choose_size``)."""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import bisect
 import hashlib
 import json
 import os
+import random
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from prunekit.conventions import STUDY, STUDY_NSAMPLES, STUDY_SEQLEN, parse_conventions
 from prunekit.errors import ConfigError, DataError
 from prunekit.io import cache_dir
 from prunekit.languages import parse_languages
@@ -21,6 +29,8 @@ from prunekit.models import tokenizer_fingerprint
 from prunekit.textsources import load_texts
 
 CHARS_PER_TOKEN_BUDGET = 8  # how much text to stream from mC4 per token needed (generous for every script)
+AUTO_MIN_SEQLEN = 16  # automatic sizing never goes below this many tokens per sequence
+AUTO_MIN_PER_LANGUAGE = 16  # ... and prefers a shorter seqlen to fewer than this many sequences per language
 
 
 @dataclass
@@ -38,6 +48,9 @@ class CalibrationSet:
     locations: dict[str, str] = field(default_factory=dict)
     bos: bool = True
     content_hash: str = ""
+    conventions: str = "prunekit"
+    offsets: list[int] = field(default_factory=list)  # study: each window's first token within its document
+    sizing: dict[str, Any] | None = None  # how nsamples / seqlen were chosen when not given
 
     @property
     def nsamples(self) -> int:
@@ -99,6 +112,110 @@ def sample_windows(
     return windows, ids
 
 
+def sample_study_windows(
+    token_docs: list[list[int]], doc_ids: list[str], count: int, seqlen: int, seed: int
+) -> tuple[list[list[int]], list[list[str]], list[int]]:
+    """The reference's sampling (locuslab/wanda ``get_c4``): Python's ``random`` seeded with ``seed``;
+    per sample, draw documents until one has more than ``seqlen`` tokens, then a window start in
+    [0, len − seqlen − 1]. ``token_docs`` are tokenized with the tokenizer's special tokens, so a
+    window holds BOS only when it starts at 0."""
+    if not any(len(doc) > seqlen for doc in token_docs):
+        longest = max((len(doc) for doc in token_docs), default=0)
+        raise DataError(
+            f"no document is longer than {seqlen} tokens (the longest has {longest}); the study's convention "
+            "samples windows inside single documents: lower --seqlen, give longer documents, or use "
+            "--conventions prunekit (which joins documents)"
+        )
+    rng = random.Random(seed)
+    windows, ids, offsets = [], [], []
+    for _ in range(count):
+        while True:
+            i = rng.randint(0, len(token_docs) - 1)
+            if len(token_docs[i]) > seqlen:
+                break
+        start = rng.randint(0, len(token_docs[i]) - seqlen - 1)
+        windows.append(list(token_docs[i][start : start + seqlen]))
+        ids.append([doc_ids[i]])
+        offsets.append(start)
+    return windows, ids, offsets
+
+
+def capacity(token_docs: list[list[int]], seqlen: int, conventions: str, separator: int | None, bos: int | None) -> int:
+    """How many seqlen-token windows the text supplies without reusing tokens: prunekit's joined stream
+    cut into windows; for the study's convention, the tokens of the documents longer than seqlen."""
+    if conventions == STUDY:
+        return sum(len(doc) for doc in token_docs if len(doc) > seqlen) // seqlen
+    stream = sum(len(doc) + (separator is not None) for doc in token_docs)
+    return stream // (seqlen - (1 if bos is not None else 0))
+
+
+def _seqlen_candidates(top: int) -> list[int]:
+    out, value = [top], 1 << (top.bit_length() - 1)
+    if value == top:
+        value //= 2
+    while value >= AUTO_MIN_SEQLEN:
+        out.append(value)
+        value //= 2
+    return out
+
+
+def choose_size(
+    token_docs: dict[str, list[list[int]]],
+    nsamples: int | None,
+    seqlen: int | None,
+    conventions: str,
+    separator: int | None,
+    bos: int | None,
+    max_seqlen: int | None = None,
+    source: str = "",
+) -> tuple[int, int, dict[str, Any]]:
+    """``nsamples`` / ``seqlen`` where not given: the study's 128 × 8192 (seqlen capped by the model's
+    context) when the text supplies them, else the longest power-of-two seqlen (down to 16) at which
+    every language still supplies min(its share, 16) sequences, with as many sequences as fit.
+    Returns (nsamples, seqlen, a record of the choice with a one-line ``message``)."""
+    languages = list(token_docs)
+    k = len(languages)
+    target = nsamples if nsamples is not None else STUDY_NSAMPLES
+    top = min(STUDY_SEQLEN, max_seqlen) if max_seqlen else STUDY_SEQLEN
+    candidates = [seqlen] if seqlen is not None else _seqlen_candidates(max(top, AUTO_MIN_SEQLEN))
+    chosen = None
+    for s in candidates:
+        caps = {lang: capacity(docs, s, conventions, separator, bos) for lang, docs in token_docs.items()}
+        if nsamples is not None:
+            fits = all(share <= caps[lang] for lang, share in split_budget(nsamples, languages).items())
+            n = nsamples
+        else:
+            n = min(target, k * min(caps.values()))
+            fits = min(caps.values()) >= min(-(-target // k), AUTO_MIN_PER_LANGUAGE)
+        if fits:
+            chosen = (n, s, caps)
+            break
+        if n >= k and nsamples is None and (chosen is None or chosen[0] * chosen[1] < n * s):
+            chosen = (n, s, caps)  # the best so far if no seqlen reaches the preferred count
+    tokens = {lang: sum(len(d) for d in docs) for lang, docs in token_docs.items()}
+    if chosen is None or chosen[0] < 1:
+        what = f"{nsamples} samples" if nsamples is not None else f"{k} sample(s)"
+        at = f"{seqlen} tokens" if seqlen is not None else f"any --seqlen from {candidates[0]} down to {AUTO_MIN_SEQLEN}"
+        raise DataError(
+            f"calibration text too short: {source or 'the source'} cannot supply {what} of {at} "
+            f"({', '.join(f'{lang}: {n} tokens' for lang, n in tokens.items())}); lower --nsamples or --seqlen, or give more text"
+        )
+    n, s, caps = chosen
+    given = [name for name, value in (("--nsamples", nsamples), ("--seqlen", seqlen)) if value is not None]
+    missing = [name for name, value in (("--nsamples", nsamples), ("--seqlen", seqlen)) if value is None]
+    if (n, s) == (STUDY_NSAMPLES, STUDY_SEQLEN):
+        why = "the study's values"
+    else:
+        supply = ", ".join(f"{lang}: {tokens[lang]:,} tokens" for lang in languages)
+        limit = f"; the model's context is {max_seqlen} tokens" if max_seqlen and max_seqlen < STUDY_SEQLEN and seqlen is None else ""
+        longest = " in documents longer than seqlen" if conventions == STUDY else ""
+        why = (f"the most that {source or 'the source'} supplies{longest} ({supply}{limit}), "
+               f"up to the study's {STUDY_NSAMPLES} × {STUDY_SEQLEN}")
+    message = (f"calibration: {n} samples × {s} tokens, {why} ({' and '.join(missing)} not given"
+               + (f"; {' '.join(given)} given" if given else "") + "; pass them to choose)")
+    return n, s, {"auto": missing, "nsamples": n, "seqlen": s, "windows_supplied": caps, "tokens": tokens, "message": message}
+
+
 def _cache_path(key: str) -> Path:
     return cache_dir("calibration") / f"{key}.safetensors"
 
@@ -130,49 +247,76 @@ def _load_cached(path: Path) -> CalibrationSet | None:
     return CalibrationSet(input_ids=ids, **meta)
 
 
+def _tokenize(tokenizer, text_set, conventions: str) -> list[list[int]]:
+    """prunekit: plain tokens (BOS and EOS are added by the window builder); study: the tokenizer's
+    own special tokens, as the reference calls it."""
+    return tokenizer([d.text for d in text_set.documents], add_special_tokens=conventions == STUDY)["input_ids"]
+
+
 def build_calibration_set(
     tokenizer,
     calib: str,
     source: str = "embedded",
-    nsamples: int = 128,
-    seqlen: int = 2048,
+    nsamples: int | None = 128,
+    seqlen: int | None = 2048,
     seed: int = 0,
     use_cache: bool = True,
+    conventions: str = "prunekit",
+    max_seqlen: int | None = None,
 ) -> CalibrationSet:
-    """Sample a calibration set for ``calib`` (``en``, ``en+de`` or ``all``) from ``source``."""
-    if nsamples < 1:
+    """Sample a calibration set for ``calib`` (``en``, ``en+de`` or ``all``) from ``source``.
+
+    ``nsamples`` / ``seqlen`` None: sized by :func:`choose_size` (``max_seqlen``: the model's context);
+    the choice is in ``CalibrationSet.sizing`` with a one-line message."""
+    conventions = parse_conventions(conventions)
+    if nsamples is not None and nsamples < 1:
         raise ConfigError(f"--nsamples must be at least 1, got {nsamples}")
-    if seqlen < 2:
+    if seqlen is not None and seqlen < 2:
         raise ConfigError(f"--seqlen must be at least 2, got {seqlen}")
     languages = [lang.code for lang in parse_languages(calib)]
-    shares = split_budget(nsamples, languages)
+    budget_shares = split_budget(nsamples if nsamples is not None else STUDY_NSAMPLES, languages)
+    budget_seqlen = seqlen if seqlen is not None else min(STUDY_SEQLEN, max_seqlen or STUDY_SEQLEN)
     texts = {
-        lang: load_texts(source, lang, "calibration", char_budget=shares[lang] * seqlen * CHARS_PER_TOKEN_BUDGET)
+        lang: load_texts(source, lang, "calibration", char_budget=budget_shares[lang] * budget_seqlen * CHARS_PER_TOKEN_BUDGET)
         for lang in languages
-        if shares[lang] > 0
+        if budget_shares[lang] > 0
     }
     tok_hash = tokenizer_fingerprint(tokenizer)
     bos = tokenizer.bos_token_id
     separator = tokenizer.eos_token_id
+    encoded: dict[str, list[list[int]]] = {}
+    sizing = None
+    if nsamples is None or seqlen is None:
+        encoded = {lang: _tokenize(tokenizer, t, conventions) for lang, t in texts.items()}
+        where = source if source in ("embedded", "mc4") else "the text at " + source
+        nsamples, seqlen, sizing = choose_size(encoded, nsamples, seqlen, conventions, separator, bos, max_seqlen, f"the {where} text")
+    shares = split_budget(nsamples, languages)
     key_payload = {
         "v": 1,
-        "texts": {lang: t.content_hash for lang, t in texts.items()},
+        "texts": {lang: t.content_hash for lang, t in texts.items() if shares[lang] > 0},
         "tokenizer": tok_hash,
         "shares": shares,
         "seqlen": seqlen,
         "seed": seed,
-    }
+    } | ({"conventions": conventions} if conventions == STUDY else {})
     key = hashlib.sha256(json.dumps(key_payload, sort_keys=True).encode()).hexdigest()[:24]
     if use_cache and (cached := _load_cached(_cache_path(key))) is not None:
+        cached.sizing = sizing
         return cached
     rows: list[list[int]] = []
     document_ids: list[list[str]] = []
+    offsets: list[int] = []
     for lang, text_set in texts.items():
-        encoded = tokenizer([d.text for d in text_set.documents], add_special_tokens=False)["input_ids"]
+        if shares[lang] == 0:
+            continue
+        docs = encoded.get(lang) or _tokenize(tokenizer, text_set, conventions)
+        doc_ids = [d.id for d in text_set.documents]
         try:
-            windows, ids = sample_windows(
-                encoded, [d.id for d in text_set.documents], shares[lang], seqlen, _language_seed(seed, lang), separator, bos
-            )
+            if conventions == STUDY:
+                windows, ids, starts = sample_study_windows(docs, doc_ids, shares[lang], seqlen, seed)
+                offsets.extend(starts)
+            else:
+                windows, ids = sample_windows(docs, doc_ids, shares[lang], seqlen, _language_seed(seed, lang), separator, bos)
         except DataError as err:
             raise DataError(f"language '{lang}' ({text_set.location}): {err}") from None
         rows.extend(windows)
@@ -187,9 +331,12 @@ def build_calibration_set(
         document_ids=document_ids,
         tokenizer=f"{getattr(tokenizer, 'name_or_path', '')}#{tok_hash}",
         locations={lang: t.location for lang, t in texts.items()},
-        bos=bos is not None,
+        bos=bos is not None and conventions != STUDY,
         content_hash=key,
+        conventions=conventions,
+        offsets=offsets,
     )
     if use_cache:
         _save_cached(_cache_path(key), calib_set)
+    calib_set.sizing = sizing
     return calib_set

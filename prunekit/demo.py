@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prunekit.conventions import parse_conventions
 from prunekit.embedded import embedded_languages
 from prunekit.errors import ConfigError
 from prunekit.languages import parse_languages
@@ -36,8 +37,10 @@ class DemoResult:
     exit_code: int
 
 
-def demo_config(langs: list[str], methods: list[str], nsamples: int, seqlen: int, dtype: str, device: str) -> dict[str, Any]:
-    return {
+def demo_config(
+    langs: list[str], methods: list[str], nsamples: int, seqlen: int, dtype: str, device: str, conventions: str = "prunekit"
+) -> dict[str, Any]:
+    return ({"conventions": conventions} if conventions != "prunekit" else {}) | {
         "name": "prunekit-demo",
         "models": [{"id": DEMO_MODEL, "dtype": dtype}],
         "methods": methods,
@@ -58,6 +61,7 @@ def run_demo(
     dtype: str = "float32",
     device: str = "auto",
     progress: bool = True,
+    conventions: str = "prunekit",
 ) -> DemoResult:
     from prunekit.report import build_report, diagonal_finding
     from prunekit.sweep import run_sweep
@@ -81,7 +85,7 @@ def run_demo(
         raise ConfigError(f"--seqlen must be at least 2, got {seqlen}")
     resolve_device(device)  # the demo runs here: a missing GPU fails now, not once per run
     out = Path(out).expanduser()
-    config = demo_config(codes, method_list, nsamples, seqlen, dtype, device)
+    config = demo_config(codes, method_list, nsamples, seqlen, dtype, device, parse_conventions(conventions))
     summary = run_sweep(config, out / "runs", progress=progress)
     report = build_report(out / "runs", out / "report")
     findings = diagonal_finding(report, "perplexity")

@@ -538,6 +538,7 @@ def build_card_content(
         "skip_layers": record.get("skip_layers") or [],
         "dtype": base.get("dtype") or (record.get("identity") or {}).get("dtype"),
         "versions": record.get("versions") or {"prunekit": record.get("prunekit_version", "?")},
+        "conventions": (record.get("conventions") or {}).get("name", "prunekit"),
         "run_id": record.get("run_id"), "created": record.get("created"),
         "command": _public_command(record.get("command") or "(the record has no command)", base.get("kind"),
                                    hub_base or base_model_name(record)),

@@ -73,3 +73,17 @@ def parse_languages(spec: str) -> list[Language]:
 def parse_language_list(spec: str) -> list[Language]:
     """Parse a comma-separated evaluation list such as ``ar,de,en`` (or ``all``)."""
     return parse_languages(spec)
+
+
+def default_evaluation_languages(record: dict | None) -> tuple[list[str], str]:
+    """The languages to evaluate when none are given: the study's seven plus any calibration
+    language of the checkpoint's record (``prunekit.json``) outside them, and a line saying so."""
+    study = list(STUDY_LANGUAGES)
+    calib = [lang for lang in ((record or {}).get("calibration") or {}).get("languages") or [] if isinstance(lang, str)]
+    extra = [lang for lang in calib if lang not in study]
+    codes = study + extra
+    if calib:
+        why = f"its calibration language{'s' if len(calib) > 1 else ''} ({'+'.join(calib)}) plus the study's seven"
+    else:
+        why = "the study's seven (the checkpoint records no calibration language)"
+    return codes, f"languages: {','.join(codes)}: {why}, as --langs was not given"

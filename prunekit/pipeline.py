@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shlex
+import sys
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -15,15 +16,18 @@ import torch
 
 from prunekit.artifacts import CHECKPOINT_KIND, library_versions, write_record
 from prunekit.calibration import build_calibration_set
+from prunekit.conventions import describe as describe_conventions, parse_conventions
 from prunekit.engine import Engine, LayerResult, check_solve_threads, parse_skip_layers
 from prunekit.errors import ConfigError
 from prunekit.languages import parse_languages
 from prunekit.io import atomic_directory, check_output_location, versioned
 from prunekit.methods import get_method
-from prunekit.models import MODULE_NAMES, expected_checkpoint_bytes, find_decoder_layers, load_model, resolve_device
+from prunekit.models import MODULE_NAMES, expected_checkpoint_bytes, find_decoder_layers, load_model, resolve_device, text_config
 from prunekit.packing import check_format, save_packed, summarize_quantization, take_grids
 from prunekit.progress import progress_bar
 from prunekit.recipe import Quantization, Recipe, parse_pattern, validate_quantization
+
+DEFAULT_CALIB = "en"  # the calibration language of a method that needs one when none is given
 
 
 @dataclass
@@ -36,7 +40,7 @@ class PruneResult:
 
 def run_identity(
     model: str, revision: str | None, recipe: Recipe, calib: str | None, calib_source: str | None,
-    nsamples: int, seqlen: int, seed: int, dtype: str, skip_layers: str | None,
+    nsamples: int | None, seqlen: int | None, seed: int, dtype: str, skip_layers: str | None,
 ) -> tuple[dict[str, Any], str]:
     """The canonical description of a run and its hash (what names a run in sweeps and on the Hub)."""
     identity = {
@@ -53,7 +57,7 @@ def run_identity(
 
 def reproduce_command(model: str, recipe: Recipe, calib, calib_source, nsamples, seqlen, seed, dtype, skip_layers, checkpoint_format="packed") -> str:
     verb = "quantize" if recipe.quantization is not None else "prune"
-    parts = ["prunekit", verb, model]
+    parts = ["prunekit", verb, model] + (["--conventions", recipe.conventions] if recipe.conventions != "prunekit" else [])
     if recipe.quantization is not None:
         q = recipe.quantization
         parts += ["--bits", str(q.bits), "--group-size", str(q.group_size)] + (["--act-order"] if q.act_order else [])
@@ -102,10 +106,10 @@ def prune(
     method: str = "wanda",
     sparsity: float | None = None,
     pattern: str | None = None,
-    calib: str | None = "en",
+    calib: str | None = None,
     calib_source: str = "embedded",
-    nsamples: int = 128,
-    seqlen: int = 2048,
+    nsamples: int | None = None,
+    seqlen: int | None = None,
     seed: int = 0,
     out: str | Path | None = None,
     dtype: str = "float32",
@@ -119,26 +123,31 @@ def prune(
     progress: bool = True,
     solve_threads: int | None = None,
     checkpoint_format: str = "packed",
+    conventions: str = "prunekit",
 ) -> PruneResult:
     """Prune (or quantize) ``model`` and optionally write the checkpoint to ``out``.
 
     Mirrors ``prunekit prune``; returns the pruned model, its tokenizer and the record that
     is written as ``prunekit.json``. A quantized checkpoint is compressed-tensors pack-quantized
     unless ``checkpoint_format="dense"`` (fake-quantized weights); a pruned one is always dense.
+    ``calib`` None means English for a method that needs
+    calibration; ``nsamples`` / ``seqlen`` None are sized to the text (``calibration.choose_size``).
     """
     started = time.perf_counter()
     method_obj = get_method(method)
+    conventions = parse_conventions(conventions)
     if method_obj.kind == "quantize":
-        recipe = Recipe(method, quantization=validate_quantization(quantization or Quantization()))
+        recipe = Recipe(method, quantization=validate_quantization(quantization or Quantization()), conventions=conventions)
         check_format(checkpoint_format, recipe.quantization)
     else:
-        recipe = Recipe(method, pattern=parse_pattern(sparsity, pattern))
-    if calib is not None:
+        recipe = Recipe(method, pattern=parse_pattern(sparsity, pattern), conventions=conventions)
+    if not method_obj.needs_calibration and calib is not None:
+        raise ConfigError(f"method '{method}' uses no calibration text: drop --calib {calib}")
+    if method_obj.needs_calibration:
+        calib = calib or DEFAULT_CALIB
         parse_languages(calib)  # fail on an unknown language before loading anything
-    elif method_obj.needs_calibration:
-        raise ConfigError(f"method '{method}' needs calibration text: pass --calib LANG")
     check_solve_threads(solve_threads)  # before the model loads
-    if calib is not None and (nsamples < 1 or seqlen < 2):
+    if calib is not None and ((nsamples is not None and nsamples < 1) or (seqlen is not None and seqlen < 2)):
         raise ConfigError(f"--nsamples must be >= 1 and --seqlen >= 2 (got {nsamples} and {seqlen})")
     out_path = check_output_dir(out, overwrite)
     check_output_location(out_path, expected_checkpoint_bytes(model, dtype) if out_path else 0)  # before hours of work
@@ -153,7 +162,12 @@ def prune(
     t0 = time.perf_counter()
     calib_set = None
     if calib is not None:
-        calib_set = build_calibration_set(tokenizer, calib, calib_source, nsamples, seqlen, seed)
+        context = getattr(text_config(loaded.config), "max_position_embeddings", None)
+        calib_set = build_calibration_set(tokenizer, calib, calib_source, nsamples, seqlen, seed,
+                                          conventions=conventions, max_seqlen=context)
+        nsamples, seqlen = calib_set.nsamples, calib_set.seqlen  # what was used, for the record
+        if calib_set.sizing is not None and progress:
+            print(calib_set.sizing["message"], file=sys.stderr)
     timings["calibration_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -180,6 +194,7 @@ def prune(
             | {"model_type": config.model_type, "architectures": config.architectures, "dtype": dtype,
                "num_layers": len(layers), "name_or_path": getattr(config, "_name_or_path", "")},
             "calibration": None if calib_set is None else calib_set.provenance() | {"spec": calib},
+            "conventions": describe_conventions(conventions),
             "skip_layers": sorted(skipped),
             "device": str(compute_device),
             **({"quantization": summarize_quantization(layer_results, loaded, grids, recipe.quantization, packed, MODULE_NAMES)}

@@ -154,9 +154,12 @@ class Recipe:
     dampening: float = 0.01
     blocksize: int = 128
     options: dict[str, Any] = field(default_factory=dict)
+    conventions: str = "prunekit"  # "study": the reference's `<=` thresholds (prunekit.conventions)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
+        if data["conventions"] == "prunekit":  # the default leaves run identities as they were
+            del data["conventions"]
         if self.pattern is not None:
             data["pattern"]["name"] = self.pattern.name
         return data

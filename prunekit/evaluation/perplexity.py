@@ -1,6 +1,6 @@
 """Token-level perplexity over non-overlapping windows of held-out text.
 
-Windowing (the Wanda / SparseGPT convention, made explicit):
+Windowing with ``conventions="prunekit"`` (the default):
 
 * the documents are joined with ``"\\n\\n"`` and tokenized ONCE, without special tokens;
 * the token stream is cut into consecutive, non-overlapping pieces of ``seqlen - 1`` tokens and
@@ -9,6 +9,13 @@ Windowing (the Wanda / SparseGPT convention, made explicit):
   (a tokenizer without a BOS token gets pieces of ``seqlen`` tokens whose first token is context);
 * the last, shorter window is scored too when it has at least 2 tokens;
 * PPL = exp(total NLL / scored tokens), with the NLL of each token in fp32 and the sum in fp64.
+
+With ``conventions="study"`` exactly the reference (locuslab/wanda ``eval_ppl_wikitext``): the
+documents are joined with ``"\n\n"`` and tokenized once WITH the tokenizer's special tokens (so BOS
+only at the start of the stream), cut into ⌊n/seqlen⌋ windows of ``seqlen`` tokens, the last
+partial window dropped; PPL = exp(mean over windows of the window's mean NLL) (every window scores
+seqlen−1 tokens, so this equals exp(total NLL / scored tokens)).
+
 
 The windows run through the layer-by-layer forward of ``prunekit.evaluation.forward`` (the model in
 memory, or streamed from its checkpoint a layer at a time); its LM head (and any logit transform:
@@ -37,9 +44,10 @@ class Windows:
     """Token windows over a text, ready to score (each a list of ids)."""
 
     windows: list[list[int]]
-    bos: int | None
+    bos: int | None  # the BOS put before every window (None: none is added)
     seqlen: int
     stream_tokens: int
+    conventions: str = "prunekit"
 
     @property
     def scored_tokens(self) -> int:
@@ -54,13 +62,17 @@ class Windows:
                 break
             out.append(window[:take])
             total += take
-        return Windows(out, self.bos, self.seqlen, self.stream_tokens)
+        return Windows(out, self.bos, self.seqlen, self.stream_tokens, self.conventions)
 
 
-def make_windows(tokenizer, texts: list[str], seqlen: int, max_windows: int | None = None) -> Windows:
+def make_windows(
+    tokenizer, texts: list[str], seqlen: int, max_windows: int | None = None, conventions: str = "prunekit"
+) -> Windows:
     """Cut ``texts`` into scoring windows (see the module docstring)."""
     if seqlen < 2:
         raise ConfigError(f"--seqlen must be at least 2, got {seqlen}")
+    if conventions == "study":
+        return _study_windows(tokenizer, texts, seqlen, max_windows)
     bos = tokenizer.bos_token_id
     stream = tokenizer("\n\n".join(texts), add_special_tokens=False, verbose=False)["input_ids"]
     body = seqlen - 1 if bos is not None else seqlen
@@ -74,6 +86,20 @@ def make_windows(tokenizer, texts: list[str], seqlen: int, max_windows: int | No
     if not windows:
         raise DataError(f"the evaluation text has {len(stream)} tokens: too short to score a single window")
     return Windows(windows, bos, seqlen, len(stream))
+
+
+def _study_windows(tokenizer, texts: list[str], seqlen: int, max_windows: int | None) -> Windows:
+    stream = tokenizer("\n\n".join(texts), verbose=False)["input_ids"]  # special tokens as the tokenizer adds them
+    count = len(stream) // seqlen
+    if max_windows is not None:
+        count = min(count, max_windows)
+    if count == 0:
+        raise DataError(
+            f"the evaluation text has {len(stream)} tokens, fewer than one window of --seqlen {seqlen}; the study's "
+            "convention drops partial windows: lower --seqlen, give more text, or use --conventions prunekit"
+        )
+    windows = [stream[i * seqlen : (i + 1) * seqlen] for i in range(count)]
+    return Windows(windows, None, seqlen, len(stream), "study")
 
 
 def batches(windows: list[list[int]], batch_size: int) -> Iterator[torch.Tensor]:
@@ -145,4 +171,6 @@ def perplexity(
     run_forward(weights, window_batches(windows, batch_size), [scorer, *extra], device, progress=progress,
                 description=description)
     mean = scorer.total / scorer.count
+    # study: the reference's mean over windows of each window's mean NLL; every study window scores the
+    # same seqlen-1 tokens, so that mean equals total NLL / scored tokens.
     return PerplexityResult(math.exp(mean), mean, scorer.count, len(windows.windows), windows.seqlen, windows.bos is not None)

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import torch
 
 from prunekit.artifacts import RESULTS_KIND, library_versions, read_record, write_results
+from prunekit.conventions import DESCRIPTIONS, describe as describe_conventions, parse_conventions
 from prunekit.errors import ConfigError
 from prunekit.evaluation.forward import ModelWeights, Weights, open_weights
 from prunekit.evaluation.harness import BackendPlan, partial_results_path, plan_backend, plan_tasks, resolve_chat_template, run_tasks
@@ -93,9 +94,11 @@ def _evaluate(
     seed: int = 0,
     out: str | Path | None = None,
     progress: bool = True,
+    conventions: str = "prunekit",
 ) -> dict[str, Any]:
     started = time.perf_counter()
     model = weights.model  # in memory, or the meta-device skeleton of a streamed checkpoint
+    conventions = parse_conventions(conventions)
     languages = _languages(langs)
     cells = plan_tasks(tasks, languages)  # unknown task names fail before any work
     _check_positive("--seqlen", seqlen, 2)
@@ -128,7 +131,7 @@ def _evaluate(
             windows_wanted = max_windows if max_windows is not None else (MC4_DEFAULT_WINDOWS if ppl_source == "mc4" else None)
             budget = windows_wanted * seqlen * CHARS_PER_TOKEN_BUDGET if (ppl_source == "mc4" and windows_wanted) else None
             texts = load_texts(ppl_source, lang, "evaluation", char_budget=budget)
-            windows = make_windows(tokenizer, [d.text for d in texts.documents], seqlen, windows_wanted)
+            windows = make_windows(tokenizer, [d.text for d in texts.documents], seqlen, windows_wanted, conventions)
             if dense is None:
                 result = perplexity(weights, windows, batch_size, progress, f"perplexity {lang}", device=compute_device)
             else:
@@ -176,7 +179,8 @@ def _evaluate(
         "backend": backend_plan.describe() if cells else None,
         "ppl_source": ppl_source,
         "max_windows": max_windows,
-        "ppl_windowing": "documents joined with '\\n\\n', tokenized once without special tokens, non-overlapping "
+        "conventions": describe_conventions(conventions),
+        "ppl_windowing": DESCRIPTIONS[conventions]["perplexity"] if conventions != "prunekit" else "documents joined with '\\n\\n', tokenized once without special tokens, non-overlapping "
                          "windows of seqlen-1 tokens each prefixed with BOS (BOS never scored; without a BOS token: "
                          "windows of seqlen tokens, first token context only); last partial window scored if >= 2 tokens",
         "snr_tokens": snr_tokens if dense is not None else None,
@@ -215,7 +219,7 @@ def _evaluate(
 def evaluate(
     checkpoint: str | Path,
     dense: str | None = None,
-    langs: str | Sequence[str] = ("en",),
+    langs: str | Sequence[str] | None = None,
     ppl_source: str | None = "embedded",
     tasks: str | Sequence[str] | None = None,
     limit: int | float | None = None,
@@ -239,12 +243,18 @@ def evaluate(
     bootstrap_iters: int = 100,
     seed: int = 0,
     trust_remote_code: bool = False,
+    conventions: str = "prunekit",
 ) -> dict[str, Any]:
     """Evaluate a checkpoint (local dir, Hub id, .gguf, embedded:NAME) and return the results dict.
 
     Mirrors ``prunekit eval``; writes ``out`` (results.json) atomically when given. Perplexity and SNR
     stream the checkpoint a decoder layer at a time from its safetensors shards; the model is loaded
-    whole only for lm-eval tasks (by lm-eval itself with ``parallelize`` or ``backend="vllm"``)."""
+    whole only for lm-eval tasks (by lm-eval itself with ``parallelize`` or ``backend="vllm"``). ``langs`` None:
+    the study's seven plus the checkpoint's calibration languages (``default_evaluation_languages``)."""
+    from prunekit.languages import default_evaluation_languages
+
+    if langs is None:
+        langs = default_evaluation_languages(read_record(resolve_model(str(checkpoint)).path))[0]
     languages = _languages(langs)
     plan_tasks(tasks, languages)  # fail on unknown tasks before loading anything
     wanted = torch_dtype(dtype)
@@ -273,7 +283,7 @@ def evaluate(
         task_batch_size=task_batch_size, backend=backend, parallelize=parallelize, snr_tokens=snr_tokens,
         exclude_bos=exclude_bos, snr_store_dtype=snr_store_dtype, max_windows=max_windows, task_data=task_data,
         chat_template=chat_template, num_fewshot=num_fewshot, bootstrap_iters=bootstrap_iters, seed=seed,
-        out=out, progress=progress, trust_remote_code=trust_remote_code,
+        out=out, progress=progress, trust_remote_code=trust_remote_code, conventions=conventions,
     )
 
 

@@ -10,7 +10,9 @@ from prunekit.recipe import Recipe
 
 
 def magnitude_mask(weight: torch.Tensor, recipe: Recipe) -> torch.Tensor:
-    return select(weight.abs().float(), recipe.pattern, per_row=False)
+    """|W| (in the weight's own dtype, so bf16 ties stay ties) against one threshold per matrix:
+    exactly ⌊numel·s⌋ weights, or with ``conventions="study"`` the reference's ``|W| <= sorted(|W|)[⌊numel·s⌋]``."""
+    return select(weight.abs().float(), recipe.pattern, per_row=False, reference_threshold=recipe.conventions == "study")
 
 
 def solve(weight: torch.Tensor, stats: None, recipe: Recipe) -> Solution:

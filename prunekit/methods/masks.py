@@ -47,6 +47,14 @@ def lowest_per_row(scores: torch.Tensor, fraction: float) -> torch.Tensor:
     return _lowest_k(scores, int(scores.shape[1] * fraction))
 
 
+def at_or_below_reference_threshold(scores: torch.Tensor, fraction: float) -> torch.Tensor:
+    """The reference's rule (``--conventions study``): True where ``scores <= sorted(scores)[⌊numel·fraction⌋]``,
+    that is ⌊numel·fraction⌋ + 1 entries plus every entry tied with the last of them."""
+    k = min(int(scores.numel() * fraction), scores.numel() - 1)
+    flat = scores.mT.reshape(1, -1) if scores.dim() == 2 and not scores.is_contiguous() and scores.mT.is_contiguous() else scores.reshape(1, -1)
+    return scores <= _kth_smallest(flat, k + 1).view(())
+
+
 def lowest_overall(scores: torch.Tensor, fraction: float) -> torch.Tensor:
     """True for the ⌊numel·fraction⌋ lowest scores of the whole matrix (one threshold; stable-sort order).
 
@@ -80,7 +88,14 @@ def lowest_n_of_m(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return mask.view(rows, cols)
 
 
-def select(scores: torch.Tensor, pattern: Pattern, per_row: bool) -> torch.Tensor:
+def select(scores: torch.Tensor, pattern: Pattern, per_row: bool, reference_threshold: bool = False) -> torch.Tensor:
+    """The pruning mask for ``pattern``. ``reference_threshold`` (``--conventions study``) applies the
+    reference's ``<=`` rule to a one-threshold (per-matrix) selection; per-row and N:M selections
+    already prune exactly what the reference prunes."""
     if pattern.is_nm:
         return lowest_n_of_m(scores, pattern.n, pattern.m)
-    return lowest_per_row(scores, pattern.sparsity) if per_row else lowest_overall(scores, pattern.sparsity)
+    if per_row:
+        return lowest_per_row(scores, pattern.sparsity)
+    if reference_threshold:
+        return at_or_below_reference_threshold(scores, pattern.sparsity)
+    return lowest_overall(scores, pattern.sparsity)

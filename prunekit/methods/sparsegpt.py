@@ -7,7 +7,7 @@ import torch
 
 from prunekit.methods import Method, Solution, lapack, register
 from prunekit.methods.hessian import HessianStats, damped_inverse_cholesky, full_fp32_matmul, one_cpu_thread, prepare_hessian
-from prunekit.methods.masks import lowest_n_of_m, lowest_overall
+from prunekit.methods.masks import lowest_n_of_m, select as select_mask
 from prunekit.recipe import Recipe
 
 SUB_BLOCK = 32  # columns whose rank-1 updates are applied one by one; the rest of a block gets one GEMM per sub-block
@@ -35,7 +35,8 @@ def _solve_stacked(WT: torch.Tensor, Hinv: torch.Tensor, damping: float, recipe:
     Unstructured: at the start of each block, the ⌊rows·block·s⌋ lowest w²/diag(Hinv)² of the
     block are pruned (the reference uses ``<=`` a threshold, which prunes one entry more per
     block; prunekit prunes exactly the requested fraction; ties go in the [out, in] row-major
-    order of the reference's flattened block). N:M: every M columns, the N lowest of the
+    order of the reference's flattened block). With ``recipe.conventions == "study"`` the
+    reference's ``<=`` is applied instead. N:M: every M columns, the N lowest of the
     error-updated weights are pruned.
 
     Column loop, per column i of a block: err = (w − q)/d with q = w where kept and 0 where pruned,
@@ -62,6 +63,7 @@ def _solve_stacked(WT: torch.Tensor, Hinv: torch.Tensor, damping: float, recipe:
 def _blocks(WT, Hinv, recipe, maskT, loss, parts) -> None:
     """The 128-column blocks, in place on WT, maskT and loss (all [in, out])."""
     pattern, bs = recipe.pattern, recipe.blocksize
+    study = recipe.conventions == "study"  # the reference's `<=` threshold per block
     cols = WT.shape[0]
     sub = pattern.m * -(-SUB_BLOCK // pattern.m) if pattern.is_nm else SUB_BLOCK  # an N:M group never straddles two
     ErrT_buffer = torch.empty(min(bs, cols), WT.shape[1], dtype=WT.dtype, device=WT.device)
@@ -74,7 +76,7 @@ def _blocks(WT, Hinv, recipe, maskT, loss, parts) -> None:
         if not pattern.is_nm:
             scoresT = W1T.square().div_(d.square().unsqueeze(1))
             for a, b in parts:  # one threshold per matrix block
-                M1T[:, a:b] = lowest_overall(scoresT[:, a:b].T, pattern.sparsity).T
+                M1T[:, a:b] = select_mask(scoresT[:, a:b].T, pattern, per_row=False, reference_threshold=study).T
             del scoresT
         # Float masks (1.0 = pruned): a product with one is ~3.5× faster per column than torch.where on a
         # bool mask, and zeroing a block by a product ~20× faster than masked_fill_.

@@ -161,10 +161,16 @@ def leaderboard_markdown(board: Leaderboard) -> list[str]:
     return lines
 
 
+def conventions_of(report: "Report") -> str:
+    """The conventions (prunekit.conventions) the evaluated runs were made and measured with: 'study', 'prunekit' or both."""
+    names = sorted({(r.results.get("settings", {}).get("conventions") or {}).get("name", "prunekit") for r in report.collected.runs})
+    return " and ".join(names) or "prunekit"
+
+
 def markdown(report: "Report") -> str:
     lines = [f"# Sweep report: {report.name}", ""]
     lines.append(f"Runs dir `{report.runs_dir}` · {len(report.collected.runs)} evaluated runs · "
-                 f"{len(report.collected.dense)} dense models · created {report.created}")
+                 f"{len(report.collected.dense)} dense models · conventions `{conventions_of(report)}` · created {report.created}")
     lines.append("")
     lines += leaderboard_markdown(report.leaderboard)
     lines += ["## The study's tables", ""]
@@ -253,7 +259,8 @@ def html(report: "Report") -> str:
         images[table.metric.id] = [(p.stem, base64.b64encode(p.read_bytes()).decode("ascii")) for p in report.heatmaps_for(table.metric.id)]
     script = (Path(__file__).parent / "templates" / "leaderboard.js").read_text(encoding="utf-8")
     return env.get_template("report.html.j2").render(report=report, board=report.leaderboard, images=images,
-                                                    note=leaderboard_note(report.leaderboard), script=script)
+                                                    note=leaderboard_note(report.leaderboard), script=script,
+                                                    conventions=conventions_of(report))
 
 
 # ------------------------------------------------------------------------------------ csv / json
@@ -331,6 +338,7 @@ def write_json(report: "Report", path: Path) -> Path:
                          "language": c.language, "average": c.average} for c in report.leaderboard.columns],
             "rows": leaderboard_records(report.leaderboard),
         },
+        "conventions": conventions_of(report),
         "cells": cell_records(report),
         "advisor": [a.__dict__ for a in report.advisor],
         "runs": [{"run_id": r.run_id, "model": r.model, "method": r.method, "pattern": r.pattern,

@@ -132,6 +132,7 @@ class SweepConfig:
     skip_layers: str | None = None
     keep_checkpoints: bool = True
     slurm: dict[str, Any] = field(default_factory=dict)
+    conventions: str = "prunekit"  # prunekit.conventions: study | prunekit
     raw: dict[str, Any] = field(default_factory=dict)  # the validated input, for the snapshot
     conventions: str = DEFAULT_CONVENTIONS
 
@@ -198,6 +199,8 @@ def load_config(config: str | Path | dict[str, Any]) -> SweepConfig:
         if spec.push.endpoint is not None:
             push["endpoint"] = spec.push.endpoint
     eval_options = ev.options()
+    if spec.conventions != "prunekit":  # the eval stage depends on it (the default leaves digests as they were)
+        eval_options["conventions"] = spec.conventions
     return SweepConfig(
         name=spec.name or default_name, models=models, methods=[method_entry(m) for m in spec.methods],
         patterns=spec.pattern_pairs(), calib_sets=list(calib.sets), calib_source=calib_source, nsamples=calib.nsamples,

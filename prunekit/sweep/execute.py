@@ -340,7 +340,7 @@ def run_one(config: SweepConfig, runs_dir: Path, task: RunTask, progress: bool) 
                 seed=task.seed if task.seed is not None else 0, out=checkpoint, dtype=task.model.dtype,
                 device=config.device, skip_layers=config.skip_layers, overwrite=True,
                 quantization=task.method.quantization, batch_size=config.batch_size, revision=task.model.revision,
-                trust_remote_code=task.model.trust_remote_code, progress=progress,
+                trust_remote_code=task.model.trust_remote_code, progress=progress, conventions=config.conventions,
             )
             details["record_run_id"] = result.record["run_id"]
             details["overall_sparsity"] = (result.record.get("sparsity") or {}).get("overall")  # None for a quantized run

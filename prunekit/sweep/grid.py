@@ -110,12 +110,12 @@ def expand(config: SweepConfig) -> Grid:
     for model in config.models:
         for method in config.methods:
             if method.kind == "quantize":
-                recipes = [(Recipe(method.method, quantization=method.quantization), None, None, None)]
+                recipes = [(Recipe(method.method, quantization=method.quantization, conventions=config.conventions), None, None, None)]
             else:
                 recipes = []
                 for sparsity, pattern in config.patterns:
                     parsed = parse_pattern(sparsity, pattern)
-                    recipes.append((Recipe(method.method, pattern=parsed), parsed, sparsity, pattern))
+                    recipes.append((Recipe(method.method, pattern=parsed, conventions=config.conventions), parsed, sparsity, pattern))
             for recipe, parsed, sparsity, pattern in recipes:
                 calibrations = [(c, s) for c in config.calib_sets for s in config.seeds] if method.needs_calibration else [(None, None)]
                 for calib, seed in calibrations:
