@@ -461,7 +461,9 @@ class Engine:
             weights = [linears[n].weight.detach() for n in names]
             if self.method.solve_group is not None and stats is not None and len(names) > 1:
                 return self.method.solve_group(weights, stats, self.recipe)
-            return [self.method.solve(w, stats, self.recipe) for w in weights]
+            # one at a time: each solution is applied (and freed) before the next Linear is solved
+            solutions = (self.method.solve(w, stats, self.recipe) for w in weights)
+            return list(solutions) if ahead else solutions
 
         def apply(names, solutions):
             for name, solution in zip(names, solutions):

@@ -115,8 +115,10 @@ class SafetensorsCheckpoint:
                 return _DTYPE_NAMES[_ST_DTYPES[code]]
         return None
 
-    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """The named tensors, on the CPU. Each file is opened (memory-mapped) for this read only."""
+    def read(self, names: list[str], materialise: bool = True) -> dict[str, torch.Tensor]:
+        """The named tensors, on the CPU. ``safe_open`` maps the file and returns views of the mapping;
+        with ``materialise`` each is copied into process memory at once (the disk is read now, and the
+        mapped pages leave the resident set with the view, one tensor at a time)."""
         from safetensors import safe_open
 
         by_file: dict[str, list[str]] = {}
@@ -126,7 +128,9 @@ class SafetensorsCheckpoint:
         for file, members in by_file.items():
             with safe_open(self.directory / file, "pt", device="cpu") as handle:
                 for name in members:
-                    tensors[name] = handle.get_tensor(name)
+                    view = handle.get_tensor(name)
+                    tensors[name] = view.clone() if materialise else view
+                    del view
         return tensors
 
 
@@ -256,7 +260,8 @@ class StreamedLayers:
     @contextlib.contextmanager
     def inputs(self) -> Iterator[None]:
         embedding = self.model.get_input_embeddings()
-        _set_tensors(embedding, {"weight": self.checkpoint.read([f"{self.embedding_name}.weight"])[f"{self.embedding_name}.weight"]}, "cpu")
+        name = f"{self.embedding_name}.weight"  # a view of the mapped file: only the rows looked up are read
+        _set_tensors(embedding, {"weight": self.checkpoint.read([name], materialise=False)[name]}, "cpu")
         try:
             yield
         finally:

@@ -251,7 +251,7 @@ class DenseReference:
     _model: torch.nn.Module | None = field(default=None, repr=False)
 
     @classmethod
-    def from_spec(cls, spec: str, dtype: str = "float32", trust_remote_code: bool = False) -> "DenseReference":
+    def from_spec(cls, spec: str, dtype: str = "auto", trust_remote_code: bool = False) -> "DenseReference":
         from transformers import AutoConfig
 
         from prunekit.models import load_model, load_tokenizer, resolve_model

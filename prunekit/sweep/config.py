@@ -19,7 +19,7 @@ from prunekit.errors import ConfigError, PrunekitError
 
 GPTQ_NAME = re.compile(r"^gptq-w(\d+)g(\d+)$")
 SLURM_CLUSTERS = ("slurm", "local", "debug")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,7 +125,7 @@ def _strip_cli_words(message: str) -> str:
 class ModelEntry:
     spec: str  # Hub id, local path (absolute), .gguf file or embedded:NAME
     name: str  # display label in plans and reports
-    dtype: str = "float32"
+    dtype: str = "auto"
     revision: str | None = None
     trust_remote_code: bool = False
 
@@ -232,7 +232,7 @@ def _model(value: Any, path: str, base: Path) -> ModelEntry:
     entry = _mapping(value, path, MODEL_KEYS)
     if ("id" in entry) == ("path" in entry):
         raise _fail(path, "give exactly one of 'id' (Hub id or embedded:NAME) or 'path' (local model dir or .gguf file)")
-    dtype = entry.get("dtype", "float32")
+    dtype = entry.get("dtype", "auto")
     if dtype not in DTYPES:
         raise _fail(f"{path}.dtype", f"unknown dtype {dtype!r}{_did_you_mean(str(dtype), list(DTYPES))}; choose one of {', '.join(DTYPES)}")
     revision = entry.get("revision")
