@@ -518,6 +518,8 @@ class Engine:
 
         def hook(name):
             def forward_hook(module, args, output):
+                if name not in deltas:  # measured already (a module called twice in one forward)
+                    return
                 x = args[0].detach()
                 if x.dim() == 3:
                     x, out = x[:rows], output.detach()[:rows]
@@ -529,6 +531,7 @@ class Engine:
                     reference -= module.bias.detach().float()
                 denominator = reference.square().sum().item()
                 errors[name] = delta.square().sum().item() / denominator if denominator > 0 else 0.0
+                deltas.pop(name)  # measured: W − W′ is not needed any more
 
             return forward_hook
 
