@@ -174,9 +174,18 @@ def prune(
     parse_dtype(dtype_name)
     tokenizer = load_tokenizer(source, trust_remote_code)
     checkpoint = streamable_checkpoint(source, dtype_name, out_path, stream)
+    streamed = None
     if checkpoint is not None:
         loaded = build_skeleton(source.path, parse_dtype(dtype_name), trust_remote_code)
-    else:
+        streamed = StreamedLayers(loaded, checkpoint, None)
+        missing = streamed.missing()
+        if missing:  # names or shapes that transformers converts on loading: the in-memory path does that
+            streamed.close()
+            streamed = checkpoint = None
+            if stream:
+                raise ConfigError(f"cannot stream '{source.spec}': its checkpoint does not hold {missing[0]} as the model "
+                                  f"needs it ({len(missing)} such tensors); leave out stream=True to load it whole")
+    if checkpoint is None:
         loaded, _, _ = load_model(source, dtype_name, trust_remote_code=trust_remote_code, with_tokenizer=False)
     _, layers = find_decoder_layers(loaded)
     skipped = parse_skip_layers(skip_layers, len(layers))
@@ -197,13 +206,11 @@ def prune(
 
     config = loaded.config
     with contextlib.ExitStack() as stack:
-        streamed = None
-        if checkpoint is not None:
-            staging = stack.enter_context(atomic_directory(out_path, overwrite=may_replace(out_path, overwrite)))
-            writer = MirrorWriter(checkpoint, staging)
-            writer.start()
-            streamed = StreamedLayers(loaded, checkpoint, writer)
+        if streamed is not None:
             stack.callback(streamed.close)
+            staging = stack.enter_context(atomic_directory(out_path, overwrite=may_replace(out_path, overwrite)))
+            streamed.writer = writer = MirrorWriter(checkpoint, staging)
+            writer.start()
         t0 = time.perf_counter()
         verb = "quantizing" if method_obj.kind == "quantize" else "pruning"
         with progress_bar(f"{verb} {method} layers", len(layers), progress) as update:

@@ -251,3 +251,20 @@ def test_prune_prints_the_activation_plan(tokenizer, models_root, tmp_path, caps
     base = tiny(tokenizer, models_root, "llama", torch.bfloat16)
     prune(str(base), out=tmp_path / "out", method="wanda", sparsity=0.5, **(RUN | {"progress": True}))
     assert "calibration activations: 4 × 24 tokens × 64 × 2 B" in capsys.readouterr().err
+
+
+def test_a_checkpoint_that_does_not_hold_what_the_skeleton_needs_is_not_streamed(tokenizer, models_root, tmp_path):
+    from safetensors.torch import save_file
+
+    base = tiny(tokenizer, models_root, "llama", torch.bfloat16)
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    for file in base.iterdir():
+        if file.suffix != ".safetensors":
+            (odd / file.name).write_bytes(file.read_bytes())
+    tensors = weights(base)
+    tensors["model.layers.0.mlp.up_proj.weight"] = tensors["model.layers.0.mlp.up_proj.weight"][:, :32].contiguous()
+    save_file(tensors, odd / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match="does not hold model.layers.0.mlp.up_proj.weight"):
+        prune(str(odd), out=tmp_path / "out", method="magnitude", sparsity=0.5, stream=True, **(RUN | {"calib": None}))
+    assert not (tmp_path / "out").exists()
