@@ -8,7 +8,7 @@ the pruned checkpoint written into a mirror of the base's shards.
   Linear's bytes in place: dtype, shape, tensor names, sharding and every other tensor are the base's.
 - ``StreamedLayers`` builds the model skeleton on the meta device (accelerate's ``init_empty_weights``
   with buffers left to the model's own initialisation on the real device) and gives the engine each decoder
-  layer when it reaches it, the next one read ahead by a thread.
+  layer when it reaches it, the next one read from disk (into the page cache) by a thread meanwhile.
 - ``plan_activations`` decides where the calibration activations live, a pure function of sizes and free
   memory.
 """
@@ -117,21 +117,50 @@ class SafetensorsCheckpoint:
 
     def read(self, names: list[str], materialise: bool = True) -> dict[str, torch.Tensor]:
         """The named tensors, on the CPU. ``safe_open`` maps the file and returns views of the mapping;
-        with ``materialise`` each is copied into process memory at once (the disk is read now, and the
-        mapped pages leave the resident set with the view, one tensor at a time)."""
+        with ``materialise`` each is copied into process memory and its file closed at once, so the mapped
+        pages leave the resident set one tensor at a time."""
         from safetensors import safe_open
 
-        by_file: dict[str, list[str]] = {}
-        for name in names:
-            by_file.setdefault(self.weight_map[name], []).append(name)
         tensors = {}
-        for file, members in by_file.items():
-            with safe_open(self.directory / file, "pt", device="cpu") as handle:
-                for name in members:
-                    view = handle.get_tensor(name)
-                    tensors[name] = view.clone() if materialise else view
-                    del view
+        if not materialise:
+            for name in names:
+                with safe_open(self.directory / self.weight_map[name], "pt", device="cpu") as handle:
+                    tensors[name] = handle.get_tensor(name)
+            return tensors
+        for name in names:
+            with safe_open(self.directory / self.weight_map[name], "pt", device="cpu") as handle:
+                view = handle.get_tensor(name)
+                tensors[name] = view.clone()
+                del view
         return tensors
+
+    def byte_ranges(self, names: list[str]) -> dict[str, list[tuple[int, int]]]:
+        """file -> the (start, end) byte ranges the named tensors occupy in it."""
+        ranges: dict[str, list[tuple[int, int]]] = {}
+        headers: dict[str, tuple[int, dict[str, Any]]] = {}
+        for name in names:
+            file = self.weight_map[name]
+            if file not in headers:
+                headers[file] = _header(self.directory / file)
+            start, header = headers[file]
+            begin, end = header[name]["data_offsets"]
+            ranges.setdefault(file, []).append((start + begin, start + end))
+        return ranges
+
+    def warm(self, names: list[str], chunk: int = 8 << 20) -> None:
+        """Read the named tensors' bytes from disk into the page cache (not into this process: one small
+        buffer is reused), so that ``read`` copies them from memory. Run by a read-ahead thread."""
+        buffer = bytearray(chunk)
+        for file, ranges in self.byte_ranges(names).items():
+            fd = os.open(self.directory / file, os.O_RDONLY)
+            try:
+                for begin, end in ranges:
+                    if hasattr(os, "posix_fadvise"):
+                        os.posix_fadvise(fd, begin, end - begin, os.POSIX_FADV_WILLNEED)
+                    for offset in range(begin, end, chunk):
+                        os.preadv(fd, [memoryview(buffer)[: min(chunk, end - offset)]], offset)
+            finally:
+                os.close(fd)
 
 
 # ------------------------------------------------------------------------------------------- writing
@@ -221,8 +250,8 @@ class StreamedLayers:
     """The engine's layer source for a skeleton model whose weights stay in the base's safetensors shards.
 
     ``inputs`` reads the embedding for the forward that builds layer 0's inputs (the lm_head is never
-    read); ``load`` puts a decoder layer's tensors on the compute device (read ahead by a thread while the
-    previous layer is solved); ``done`` writes its Linear weights into the output shards and releases it."""
+    read); ``load`` puts a decoder layer's tensors on the compute device (read from disk by a thread while
+    the previous layer was solved); ``done`` writes its Linear weights into the output shards and releases it."""
 
     def __init__(self, model: torch.nn.Module, checkpoint: SafetensorsCheckpoint, writer: MirrorWriter | None,
                  prefetch: bool = True):
@@ -267,22 +296,20 @@ class StreamedLayers:
         finally:
             _release(embedding)
 
-    def _read(self, index: int) -> dict[str, torch.Tensor]:
-        names = self.layer_names[index]
-        return {names[key]: tensor for key, tensor in self.checkpoint.read(list(names)).items()}
-
-    def _fetch(self, index: int) -> Future | None:
-        if self._reader is None or index >= len(self.layers):
-            return None
-        if index not in self._pending:
-            self._pending[index] = self._reader.submit(self._read, index)
-        return self._pending[index]
+    def _read_ahead(self, index: int) -> None:
+        """Have the reader thread bring layer ``index``'s bytes from disk into the page cache."""
+        if self._reader is not None and index < len(self.layers) and index not in self._pending:
+            self._pending[index] = self._reader.submit(self.checkpoint.warm, list(self.layer_names[index]))
 
     def load(self, index: int, layer: torch.nn.Module, device: torch.device) -> None:
-        future = self._fetch(index)
-        tensors = future.result() if future is not None else self._read(index)
-        self._pending.pop(index, None)
-        self._fetch(index + 1)  # read ahead while this one is solved
+        """Layer ``index`` on ``device``, read from the shards (from the page cache when read ahead); the
+        next layer is read from disk by the reader thread meanwhile. Host memory holds one layer."""
+        ahead = self._pending.pop(index, None)
+        if ahead is not None:
+            ahead.result()
+        self._read_ahead(index + 1)
+        names = self.layer_names[index]
+        tensors = {names[key]: tensor for key, tensor in self.checkpoint.read(list(names)).items()}
         _set_tensors(layer, tensors, device)
         del tensors
         layer.to(device)  # the layer's own buffers, if any
