@@ -180,6 +180,8 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=128)
     parser.add_argument("--no-eval", action="store_true")
+    parser.add_argument("--eval-only", type=Path, default=None, help="only evaluate this (pruned) checkpoint")
+    parser.add_argument("--eval-windows", type=int, default=2, help="perplexity windows of --seqlen tokens")
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -187,6 +189,11 @@ def main() -> None:
         print(json.dumps(worker(args.worker[0], json.loads(Path(args.worker[1]).read_text()))), flush=True)
         return
 
+    if args.eval_only:
+        measured = run_worker("eval", {"model": str(args.eval_only), "seqlen": args.seqlen, "windows": args.eval_windows},
+                              args.eval_only.parent / "eval.log")
+        print(json.dumps({"checkpoint": str(args.eval_only), **measured}))
+        return
     root = args.root or Path(tempfile.mkdtemp(prefix="prunekit-bench-memory-"))
     root.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -212,7 +219,8 @@ def main() -> None:
                         shutil.rmtree(out)
             if not args.no_eval and depth == max(args.depths):
                 out = root / f"out-{depth}L-{args.methods[0]}-stream"
-                measured = run_worker("eval", {"model": str(out), "seqlen": args.seqlen, "windows": 8}, root / "eval.log")
+                measured = run_worker("eval", {"model": str(out), "seqlen": args.seqlen, "windows": args.eval_windows},
+                                      root / "eval.log")
                 rows.append({"layers": depth, "base_gb": base_gb, "method": "eval", "path": "eval", **measured})
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
             if not args.keep:

@@ -318,10 +318,9 @@ class Engine:
 
     def _store(self, hidden: torch.Tensor) -> torch.Tensor:
         """An activation batch where the activations live (pinned host memory when they stream to a GPU)."""
-        stored = hidden.to(self.activation_device)
         if self.activation_device.type == "cpu" and self.device.type == "cuda":
-            stored = stored.pin_memory()
-        return stored
+            return torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True).copy_(hidden)
+        return hidden.to(self.activation_device)
 
     def _fetch(self, hidden: torch.Tensor) -> torch.Tensor:
         """An activation batch on the compute device."""
