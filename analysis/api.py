@@ -139,7 +139,7 @@ def compare(
     subspace: str = "per_model",
     lape_thresholds: str | dict | None = None,
     deactivate: bool = False,
-    dtype: str = "float32",
+    dtype: str = "auto",
     device: str = "auto",
     batch_size: int = 1,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,

@@ -35,7 +35,7 @@ def compare(
     subspace: str = typer.Option("per_model", "--subspace", help="per_model (the study: one subspace per model) or dense (the reference's subspace for both)."),
     lape_thresholds: str = typer.Option("none", "--lape-thresholds", help="none (the study) or tang (Tang et al.: top 1 %, filter 0.95, activation bar 0.95) for selecting language-specific neurons."),
     deactivate: bool = typer.Option(False, "--deactivate", help="Also switch off each language's specific neurons and measure the per-language perplexity change (K extra passes per model)."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16 (both models alike)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (each checkpoint's own dtype), float32, bfloat16 or float16."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:i]."),
     batch_size: int = typer.Option(1, "--batch-size", help="Documents per forward pass (right-padded)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory: compare.json, summary.md, figures/*.png, lape.npz (written atomically)."),

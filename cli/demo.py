@@ -23,7 +23,7 @@ def demo(
     out: Path = typer.Option(Path("prunekit-demo"), "--out", "-o", help="Where runs and the report go; rerunning resumes."),
     nsamples: int = typer.Option(DEMO_NSAMPLES, "--nsamples", help="Calibration sequences per run."),
     seqlen: int = typer.Option(DEMO_SEQLEN, "--seqlen", help="Tokens per calibration sequence."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (the model's own: float32 for the embedded Gemma), float32 or bfloat16."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:i]."),
     conventions: str = typer.Option("prunekit", "--conventions", help=CONVENTIONS_HELP + " With study, pass --seqlen 64: the embedded passages are 70-190 tokens long."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),

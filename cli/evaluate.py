@@ -76,7 +76,7 @@ def evaluate_command(
     tasks: Optional[str] = typer.Option(None, "--tasks", "-t", help="Downstream tasks, comma-separated: groups arc, hellaswag, mmlu, belebele, mkqa, xcopa, mgsm (or 'study'), or task names such as belebele_deu_Latn."),
     limit: Optional[float] = typer.Option(None, "--limit", help="At most N examples per task (a fraction if < 1); for quick checks only."),
     seqlen: int = typer.Option(2048, "--seqlen", help="Tokens per perplexity window (BOS included; with --conventions study the last partial window is dropped)."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16 (checkpoint and dense model alike)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (each checkpoint's own dtype), float32, bfloat16 or float16 (checkpoint and dense model alike)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:i]."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the results JSON here (written atomically; schema in prunekit/evaluation/SCHEMA.md)."),
     batch_size: int = typer.Option(4, "--batch-size", help="Windows per forward pass for perplexity / SNR (and lm-eval's batch size on the CPU)."),

@@ -59,7 +59,7 @@ def prune(
     seqlen: Optional[int] = typer.Option(None, "--seqlen", help="Tokens per calibration sequence (default: the study's 8192 capped by the model's context, or shorter when the text is short)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the calibration sampling."),
     out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint directory (written atomically)."),
-    dtype: str = typer.Option("float32", "--dtype", help="bfloat16, float16 or float32 (statistics are always fp32)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (the checkpoint's own dtype, kept in the output), bfloat16, float16 or float32 (statistics are always fp32)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:i]: where each decoder layer is computed."),
     skip_layers: Optional[str] = typer.Option(None, "--skip-layers", help="Layers kept dense: 'first', 'last' and/or indices, comma-separated."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out directory."),

@@ -80,7 +80,7 @@ def quantize(
     seqlen: Optional[int] = typer.Option(None, "--seqlen", help="Tokens per calibration sequence (default: the study's 8192 capped by the model's context, or shorter when the text is short)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the calibration sampling."),
     out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint directory (written atomically)."),
-    dtype: str = typer.Option("float32", "--dtype", help="bfloat16, float16 or float32: the dtype of the model and of the saved weights (statistics are always fp32)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (the checkpoint's own), bfloat16, float16 or float32: the dtype of the model and of the saved weights (statistics are always fp32)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:i]: where each decoder layer is computed."),
     skip_layers: Optional[str] = typer.Option(None, "--skip-layers", help="Layers kept in full precision: 'first', 'last' and/or indices, comma-separated."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out directory."),

@@ -58,7 +58,7 @@ def run_demo(
     out: str | Path = "prunekit-demo",
     nsamples: int = DEMO_NSAMPLES,
     seqlen: int = DEMO_SEQLEN,
-    dtype: str = "float32",
+    dtype: str = "auto",
     device: str = "auto",
     progress: bool = True,
     conventions: str = "prunekit",

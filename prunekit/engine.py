@@ -1,8 +1,11 @@
 """Layer-wise sequential engine: statistics -> solve -> propagate, one decoder layer at a time.
 
 The engine knows no method: it asks the method for a statistics accumulator per Linear and
-for a solve over (weight, statistics, recipe). Weights stay on the CPU; each decoder layer
-moves to the compute device in turn. The forward kwargs of every decoder layer (position
+for a solve over (weight, statistics, recipe). A layer source gives it each decoder layer on the
+compute device in turn and takes it back once solved: ``InMemoryLayers`` moves the layers of a
+loaded model; ``prunekit.streaming.StreamedLayers`` reads them from the checkpoint's shards and
+writes them to the output's. The calibration activations live on the compute device or in host
+memory (``activation_device``) and go to the compute device one micro-batch at a time. The forward kwargs of every decoder layer (position
 embeddings, masks; Gemma-3 alternates sliding and full attention) are captured once from the
 model's own forward, so no architecture's signature is hard-coded.
 """
@@ -33,6 +36,23 @@ ERROR_TOKENS = 1024  # tokens (whole sequences, at least one) of the first batch
 
 class _StopLayer(Exception):
     """Raised by the last statistics hook: the rest of the layer's forward is not needed."""
+
+
+class _StopForward(Exception):
+    """Raised by a recorder once it has what it needs: the rest of the model's forward is not run."""
+
+
+class InMemoryLayers:
+    """The layers of a model loaded in host memory: each moves to the compute device for its turn and back."""
+
+    def inputs(self):
+        return nullcontext()
+
+    def load(self, index: int, layer: torch.nn.Module, device: torch.device) -> None:
+        layer.to(device)
+
+    def done(self, index: int, layer: torch.nn.Module) -> None:
+        layer.to("cpu")
 
 
 @dataclass
@@ -125,17 +145,25 @@ def capture_layer_inputs(
         kwargs.pop("past_key_value", None)
         kwargs["use_cache"] = False
         kwargs_per_layer[index] = kwargs
+        if index == len(layers) - 1:  # the final norm and what follows are not needed (nor read, when streaming)
+            raise _StopForward
 
     def record_inputs(index, hidden, kwargs):
-        if index == 0:
-            inputs.append(hidden.detach())
+        inputs.append(hidden.detach())
+        raise _StopForward
+
+    def forward(ids: torch.Tensor) -> None:
+        try:
+            base(input_ids=ids, use_cache=False)
+        except _StopForward:
+            pass
 
     with torch.no_grad():
         with _layers_replaced_by_recorders(layers, record_kwargs):
-            base(input_ids=input_ids[:1], use_cache=False)
+            forward(input_ids[:1])
         with _layers_replaced_by_recorders(layers, record_inputs):
             for start in range(0, input_ids.shape[0], batch_size):
-                base(input_ids=input_ids[start : start + batch_size], use_cache=False)
+                forward(input_ids[start : start + batch_size])
     return inputs, kwargs_per_layer
 
 
@@ -276,6 +304,7 @@ class Engine:
         progress: Callable[[int, int], None] | None = None,
         error_tokens: int | None = ERROR_TOKENS,
         solve_threads: int | None = None,
+        activation_device: torch.device | str | None = None,
     ):
         self.method = method
         self.recipe = recipe
@@ -285,37 +314,58 @@ class Engine:
         self.progress = progress
         self.error_tokens = error_tokens
         self.solve_threads = check_solve_threads(solve_threads)
+        self.activation_device = self.device if activation_device is None else torch.device(activation_device)
+
+    def _store(self, hidden: torch.Tensor) -> torch.Tensor:
+        """An activation batch where the activations live (pinned host memory when they stream to a GPU)."""
+        if self.activation_device.type == "cpu" and self.device.type == "cuda":
+            return torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True).copy_(hidden)
+        return hidden.to(self.activation_device)
+
+    def _fetch(self, hidden: torch.Tensor) -> torch.Tensor:
+        """An activation batch on the compute device."""
+        return hidden.to(self.device, non_blocking=True)
 
     def _batch_size(self, seqlen: int) -> int:
         tokens = GPU_BATCH_TOKENS if self.device.type == "cuda" else CPU_BATCH_TOKENS
         return self.batch_size or max(1, tokens // seqlen)
 
-    def run(self, model: torch.nn.Module, input_ids: torch.Tensor | None) -> list[LayerResult]:
+    def run(self, model: torch.nn.Module, input_ids: torch.Tensor | None, source=None) -> list[LayerResult]:
+        """Solve every decoder layer of ``model``; ``source`` gives and takes back the layers
+        (default: ``InMemoryLayers``, for a model loaded in host memory)."""
         _, layers = find_decoder_layers(model)
+        source = source or InMemoryLayers()
         if self.method.needs_calibration and input_ids is None:
             raise ConfigError(f"method '{self.method.name}' needs calibration data (--calib)")
         if input_ids is None:
             results = []
             for index, layer in enumerate(layers):
-                results.append(self._solve_without_data(index, layer))
+                if index in self.skip_layers:
+                    results.append(LayerResult(index, True, 0.0))
+                else:
+                    source.load(index, layer, self.device)
+                    results.append(self._solve_without_data(index, layer))
+                    source.done(index, layer)
                 if self.progress:
                     self.progress(index + 1, len(layers))
             return results
         batch = self._batch_size(input_ids.shape[1])
         keep_freed_memory()
         with torch.no_grad():
-            hidden, kwargs_per_layer = capture_layer_inputs(model, input_ids, batch)
-            hidden = [h.to(self.device) for h in hidden]
+            with source.inputs():
+                hidden, kwargs_per_layer = capture_layer_inputs(model, input_ids, batch)
+            for i in range(len(hidden)):  # one batch at a time: never two copies of every batch
+                hidden[i] = self._store(hidden[i])
             results = []
             for index, layer in enumerate(layers):
                 start = time.perf_counter()
                 kwargs = _to_device(kwargs_per_layer[index], self.device)
-                layer.to(self.device)
+                source.load(index, layer, self.device)
                 dtype = next(layer.parameters()).dtype
                 gemms = fp32_gemms(layer) if half_gemm_is_slow(dtype, self.device) else nullcontext()
                 with gemms:
                     hidden, result = self._process_layer(index, layer, hidden, kwargs, last=index == len(layers) - 1)
-                layer.to("cpu")
+                source.done(index, layer)
                 result.seconds = time.perf_counter() - start
                 results.append(result)
                 if self.progress:
@@ -326,7 +376,7 @@ class Engine:
         """Statistics on the dense layer, solve, then the solved layer's outputs for the next layer
         (the last layer's outputs feed nothing: only the batch the error is measured on runs)."""
         if index in self.skip_layers:
-            return ([] if last else [run_layer(layer, h, kwargs) for h in hidden]), LayerResult(index, True, 0.0)
+            return ([] if last else self._propagate(layer, hidden, kwargs, {})[0]), LayerResult(index, True, 0.0)
         statistics = self._collect_statistics(layer, hidden, kwargs)
         infos, deltas = self._solve_layer(layer, statistics, keep_deltas=bool(self.error_tokens))
         del statistics
@@ -373,7 +423,7 @@ class Engine:
             for h in hidden:
                 seen.clear()
                 try:
-                    run_layer(layer, h, kwargs)
+                    run_layer(layer, self._fetch(h), kwargs)
                 except _StopLayer:
                     pass
         finally:
@@ -410,7 +460,9 @@ class Engine:
             weights = [linears[n].weight.detach() for n in names]
             if self.method.solve_group is not None and stats is not None and len(names) > 1:
                 return self.method.solve_group(weights, stats, self.recipe)
-            return [self.method.solve(w, stats, self.recipe) for w in weights]
+            # one at a time: each solution is applied (and freed) before the next Linear is solved
+            solutions = (self.method.solve(w, stats, self.recipe) for w in weights)
+            return list(solutions) if ahead else solutions
 
         def apply(names, solutions):
             for name, solution in zip(names, solutions):
@@ -466,6 +518,8 @@ class Engine:
 
         def hook(name):
             def forward_hook(module, args, output):
+                if name not in deltas:  # measured already (a module called twice in one forward)
+                    return
                 x = args[0].detach()
                 if x.dim() == 3:
                     x, out = x[:rows], output.detach()[:rows]
@@ -477,17 +531,22 @@ class Engine:
                     reference -= module.bias.detach().float()
                 denominator = reference.square().sum().item()
                 errors[name] = delta.square().sum().item() / denominator if denominator > 0 else 0.0
+                deltas.pop(name)  # measured: W − W′ is not needed any more
 
             return forward_hook
 
         outputs = []
-        for i, h in enumerate(hidden):
-            handles = [m.register_forward_hook(hook(n)) for n, m in linears.items()] if i == 0 and deltas else []
+        first = True
+        while hidden:  # each input batch is released once propagated
+            h = self._fetch(hidden.pop(0))
+            handles = [m.register_forward_hook(hook(n)) for n, m in linears.items()] if first and deltas else []
+            first = False
             try:
-                outputs.append(run_layer(layer, h, kwargs))
+                outputs.append(self._store(run_layer(layer, h, kwargs)))
             finally:
                 for handle in handles:
                     handle.remove()
+            del h
         return outputs, errors
 
     def _module_results(self, layer, infos, errors) -> list[ModuleResult]:

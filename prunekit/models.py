@@ -49,9 +49,15 @@ class ModelSource:
         return {"spec": self.spec, "path": str(self.path), "kind": self.kind, "revision": self.revision, **self.extra}
 
 
-def parse_dtype(name: str) -> torch.dtype:
+AUTO_DTYPE = "auto"  # the checkpoint's own dtype (prunekit.streaming.checkpoint_dtype)
+
+
+def parse_dtype(name: str) -> torch.dtype | None:
+    """The torch dtype of a --dtype name; None for ``auto`` (the checkpoint's own, resolved on loading)."""
+    if name == AUTO_DTYPE:
+        return None
     if name not in DTYPES:
-        raise ConfigError(f"unknown --dtype '{name}'; choose one of: {', '.join(DTYPES)}")
+        raise ConfigError(f"unknown --dtype '{name}'; choose one of: {AUTO_DTYPE}, {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
@@ -151,12 +157,13 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
 
 def load_model(
     spec: str | ModelSource,
-    dtype: str | torch.dtype = "float32",
+    dtype: str | torch.dtype = AUTO_DTYPE,
     trust_remote_code: bool = False,
     revision: str | None = None,
     with_tokenizer: bool = True,
 ):
     """Load (model on CPU in eval mode, tokenizer, ModelSource). Weights stay on CPU; the engine moves layers.
+    ``dtype="auto"`` loads the checkpoint's own dtype.
 
     ``with_tokenizer=False`` skips the tokenizer (returned as None) when the caller already has it."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -164,7 +171,11 @@ def load_model(
 
     hf_logging.disable_progress_bar()
     source = spec if isinstance(spec, ModelSource) else resolve_model(spec, revision)
-    torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    if isinstance(dtype, str):
+        from prunekit.streaming import resolve_dtype
+
+        dtype = parse_dtype(resolve_dtype(dtype, source.path))
+    torch_dtype = dtype
     try:
         config = AutoConfig.from_pretrained(str(source.path), trust_remote_code=trust_remote_code)
         extra: dict[str, Any] = {}
@@ -267,7 +278,13 @@ def expected_checkpoint_bytes(spec: str, dtype: str) -> int:
         path = cache_dir("models") / f"embedded-{spec[len(EMBEDDED_PREFIX):]}"
     else:
         path = Path(spec).expanduser()
-    if not path.is_dir() or dtype not in DTYPES:
+    if not path.is_dir():
+        return 0
+    if dtype == AUTO_DTYPE:  # kept in the base's own dtype: the checkpoint's own size
+        for file in path.glob("*.safetensors"):
+            check_safetensors(file)
+        return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    if dtype not in DTYPES:
         return 0
     elements = 0
     for file in path.glob("*.safetensors"):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -17,25 +19,39 @@ import torch
 from prunekit.artifacts import CHECKPOINT_KIND, library_versions, write_record
 from prunekit.calibration import build_calibration_set
 from prunekit.conventions import describe as describe_conventions, parse_conventions
-from prunekit.engine import Engine, LayerResult, check_solve_threads, parse_skip_layers
+from prunekit.engine import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS, Engine, LayerResult, check_solve_threads, parse_skip_layers
 from prunekit.errors import ConfigError
 from prunekit.languages import parse_languages
 from prunekit.io import atomic_directory, check_output_location, versioned
 from prunekit.methods import get_method
-from prunekit.models import MODULE_NAMES, expected_checkpoint_bytes, find_decoder_layers, load_model, resolve_device, text_config
+from prunekit.models import (
+    MODULE_NAMES, expected_checkpoint_bytes, find_decoder_layers, linear_sublayers, load_model, load_tokenizer, parse_dtype,
+    resolve_device, resolve_model, text_config,
+)
 from prunekit.packing import check_format, save_packed, summarize_quantization, take_grids
-from prunekit.progress import progress_bar
+from prunekit.progress import progress_bar, stderr_console
 from prunekit.recipe import Quantization, Recipe, parse_pattern, validate_quantization
+from prunekit.streaming import (
+    ActivationPlan, MirrorWriter, SafetensorsCheckpoint, StreamedLayers, build_skeleton, checkpoint_dtype, device_available,
+    host_available, layer_reserve, plan_activations, resolve_dtype,
+)
 
 DEFAULT_CALIB = "en"  # the calibration language of a method that needs one when none is given
 
 
 @dataclass
 class PruneResult:
-    model: torch.nn.Module
     tokenizer: Any
     record: dict[str, Any]
     out: Path | None
+    loaded: torch.nn.Module | None = None  # the model in memory; None when it was streamed to ``out``
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The pruned model; a streamed run loads it from the written checkpoint on first use."""
+        if self.loaded is None:
+            self.loaded, _, _ = load_model(self.out, self.record["base_model"]["dtype"], with_tokenizer=False)
+        return self.loaded
 
 
 def run_identity(
@@ -112,7 +128,7 @@ def prune(
     seqlen: int | None = None,
     seed: int = 0,
     out: str | Path | None = None,
-    dtype: str = "float32",
+    dtype: str = "auto",
     device: str = "auto",
     skip_layers: str | None = None,
     overwrite: bool = False,
@@ -124,6 +140,7 @@ def prune(
     solve_threads: int | None = None,
     checkpoint_format: str = "packed",
     conventions: str = "prunekit",
+    stream: bool | None = None,
 ) -> PruneResult:
     """Prune (or quantize) ``model`` and optionally write the checkpoint to ``out``.
 
@@ -132,6 +149,10 @@ def prune(
     unless ``checkpoint_format="dense"`` (fake-quantized weights); a pruned one is always dense.
     ``calib`` None means English for a method that needs
     calibration; ``nsamples`` / ``seqlen`` None are sized to the text (``calibration.choose_size``).
+    ``dtype="auto"`` keeps the checkpoint's own dtype. With an output directory and the checkpoint's own
+    dtype the layers stream from the base's safetensors shards into a mirror of them
+    (``prunekit.streaming``; host memory: one layer and the calibration activations); ``stream=False``
+    loads the whole model instead, ``stream=True`` refuses to. Packed quantized checkpoints load whole.
     """
     started = time.perf_counter()
     method_obj = get_method(method)
@@ -154,7 +175,26 @@ def prune(
     compute_device = resolve_device(device)
 
     t0 = time.perf_counter()
-    loaded, tokenizer, source = load_model(model, dtype, trust_remote_code=trust_remote_code, revision=revision)
+    source = resolve_model(model, revision)
+    dtype_name = resolve_dtype(dtype, source.path)
+    parse_dtype(dtype_name)
+    tokenizer = load_tokenizer(source, trust_remote_code)
+    quantize = method_obj.kind == "quantize"
+    packed = quantize and checkpoint_format == "packed"
+    checkpoint = streamable_checkpoint(source, dtype_name, out_path, stream, packed)
+    streamed = None
+    if checkpoint is not None:
+        loaded = build_skeleton(source.path, parse_dtype(dtype_name), trust_remote_code)
+        streamed = StreamedLayers(loaded, checkpoint, None)
+        missing = streamed.missing()
+        if missing:  # names or shapes that transformers converts on loading: the in-memory path does that
+            streamed.close()
+            streamed = checkpoint = None
+            if stream:
+                raise ConfigError(f"cannot stream '{source.spec}': its checkpoint does not hold {missing[0]} as the model "
+                                  f"needs it ({len(missing)} such tensors); leave out stream=True to load it whole")
+    if checkpoint is None:
+        loaded, _, _ = load_model(source, dtype_name, trust_remote_code=trust_remote_code, with_tokenizer=False)
     layers_prefix, layers = find_decoder_layers(loaded)
     skipped = parse_skip_layers(skip_layers, len(layers))
     timings = {"load_s": time.perf_counter() - t0}
@@ -170,56 +210,126 @@ def prune(
             print(calib_set.sizing["message"], file=sys.stderr)
     timings["calibration_s"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    verb = "quantizing" if method_obj.kind == "quantize" else "pruning"
-    with progress_bar(f"{verb} {method} layers", len(layers), progress) as update:
-        engine = Engine(method_obj, recipe, compute_device, skipped, batch_size, update, solve_threads=solve_threads)
-        layer_results = engine.run(loaded, None if calib_set is None else calib_set.input_ids)
-    quantize = method_obj.kind == "quantize"
-    timings["quantize_s" if quantize else "prune_s"] = time.perf_counter() - t0
-    grids = take_grids(layer_results, layers_prefix)  # the quantizers' grids, for the packed checkpoint
-    packed = quantize and checkpoint_format == "packed"
+    activations = None
+    if calib_set is not None:
+        plan = activation_plan(loaded, calib_set.input_ids.shape, compute_device, method_obj.needs_calibration)
+        if progress:
+            stderr_console.print(plan.describe())
+        activations = compute_device if plan.where == "device" else torch.device("cpu")
 
-    identity, run_id = run_identity(
-        source.spec, source.revision, recipe, calib, calib_source if calib else None, nsamples, seqlen, seed, dtype, skip_layers
-    )
     config = loaded.config
-    record = versioned(
-        CHECKPOINT_KIND,
-        {
-            "run_id": run_id,
-            "identity": identity,
-            "recipe": recipe.to_json() | {"kind": method_obj.kind},
-            "base_model": source.to_json()
-            | {"model_type": config.model_type, "architectures": config.architectures, "dtype": dtype,
-               "num_layers": len(layers), "name_or_path": getattr(config, "_name_or_path", "")},
-            "calibration": None if calib_set is None else calib_set.provenance() | {"spec": calib},
-            "conventions": describe_conventions(conventions),
-            "skip_layers": sorted(skipped),
-            "device": str(compute_device),
-            **({"quantization": summarize_quantization(layer_results, loaded, grids, recipe.quantization, packed, MODULE_NAMES)}
-               if quantize else {"sparsity": summarize_layers(layer_results)}),
-            "timings": timings,
-            "versions": library_versions(),
-            "command": reproduce_command(source.spec, recipe, calib, calib_source, nsamples, seqlen, seed, dtype, skip_layers, checkpoint_format),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        },
-    )
-    if out_path is not None:
+    with contextlib.ExitStack() as stack:
+        if streamed is not None:
+            stack.callback(streamed.close)
+            staging = stack.enter_context(atomic_directory(out_path, overwrite=may_replace(out_path, overwrite)))
+            streamed.writer = writer = MirrorWriter(checkpoint, staging)
+            writer.start()
+        t0 = time.perf_counter()
+        verb = "quantizing" if quantize else "pruning"
+        with progress_bar(f"{verb} {method} layers", len(layers), progress) as update:
+            engine = Engine(method_obj, recipe, compute_device, skipped, batch_size, update, solve_threads=solve_threads,
+                            activation_device=activations)
+            layer_results = engine.run(loaded, None if calib_set is None else calib_set.input_ids, streamed)
+        timings["quantize_s" if quantize else "prune_s"] = time.perf_counter() - t0
+        grids = take_grids(layer_results, layers_prefix)  # the quantizers' grids, for the packed checkpoint
+
+        identity, run_id = run_identity(
+            source.spec, source.revision, recipe, calib, calib_source if calib else None, nsamples, seqlen, seed, dtype, skip_layers
+        )
+        record = versioned(
+            CHECKPOINT_KIND,
+            {
+                "run_id": run_id,
+                "identity": identity,
+                "recipe": recipe.to_json() | {"kind": method_obj.kind},
+                "base_model": source.to_json()
+                | {"model_type": config.model_type, "architectures": config.architectures, "dtype": dtype_name,
+                   "num_layers": len(layers), "name_or_path": getattr(config, "_name_or_path", "")},
+                "calibration": None if calib_set is None else calib_set.provenance() | {"spec": calib},
+                "conventions": describe_conventions(conventions),
+                "skip_layers": sorted(skipped),
+                "device": str(compute_device),
+                "activations": None if activations is None else str(activations),
+                "streamed": streamed is not None,
+                **({"quantization": summarize_quantization(layer_results, loaded, grids, recipe.quantization, packed, MODULE_NAMES)}
+                   if quantize else {"sparsity": summarize_layers(layer_results)}),
+                "timings": timings,
+                "versions": library_versions(),
+                "command": reproduce_command(source.spec, recipe, calib, calib_source, nsamples, seqlen, seed, dtype, skip_layers,
+                                             checkpoint_format),
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            },
+        )
+        if streamed is not None:
+            t0 = time.perf_counter()
+            writer.close()
+            finish_streamed_checkpoint(source.path, staging, tokenizer, record)
+            timings["save_s"] = time.perf_counter() - t0
+    if out_path is not None and streamed is None:
         t0 = time.perf_counter()
         save_checkpoint(loaded, tokenizer, record, out_path, overwrite, (grids, recipe.quantization) if packed else None)
         timings["save_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - started
     if out_path is not None:
         write_record(out_path, record)
-    return PruneResult(loaded, tokenizer, record, out_path)
+    return PruneResult(tokenizer, record, out_path, None if streamed is not None else loaded)
+
+
+def streamable_checkpoint(source, dtype: str, out: Path | None, stream: bool | None,
+                          packed: bool = False) -> SafetensorsCheckpoint | None:
+    """The base's safetensors when the run can stream (an output directory, weights kept in the base's own
+    dtype and layout), else None. ``stream=True`` insists (a clear error when it cannot), False turns
+    streaming off."""
+    if stream is False:
+        return None
+    reasons = []
+    if packed:
+        reasons.append("a pack-quantized checkpoint has another layout than its base (use --format dense to stream)")
+    if out is None:
+        reasons.append("no output directory (--out) to stream the layers into")
+    if dtype != checkpoint_dtype(source.path):
+        reasons.append(f"--dtype {dtype} differs from the checkpoint's own {checkpoint_dtype(source.path)}")
+    checkpoint = SafetensorsCheckpoint.find(source.path)
+    if checkpoint is None:
+        reasons.append("the checkpoint has no safetensors weights")
+    if reasons:
+        if stream:
+            raise ConfigError(f"cannot stream '{source.spec}': {'; '.join(reasons)}")
+        return None
+    return checkpoint
+
+
+def activation_plan(model, shape, device: torch.device, statistics: bool) -> ActivationPlan:
+    """Where the calibration activations live for this model, calibration set and device (prints nothing)."""
+    _, layers = find_decoder_layers(model)
+    dtype = next(model.parameters()).dtype
+    linears = linear_sublayers(layers[0]).values()
+    batch_tokens = max(shape[1], GPU_BATCH_TOKENS if device.type == "cuda" else CPU_BATCH_TOKENS)
+    reserve = layer_reserve(sum(p.numel() for p in layers[0].parameters()), max(m.in_features for m in linears),
+                            max(m.out_features for m in linears), batch_tokens, dtype.itemsize, statistics)
+    hidden = text_config(model.config).hidden_size
+    return plan_activations(shape[0], shape[1], hidden, dtype.itemsize, device.type, device_available(device),
+                            host_available(), reserve)
+
+
+def finish_streamed_checkpoint(base: Path, staging: Path, tokenizer, record: dict[str, Any]) -> None:
+    """Config and generation config as the base has them, the tokenizer and the record, beside the shards."""
+    for name in ("config.json", "generation_config.json"):
+        if (Path(base) / name).exists():
+            shutil.copyfile(Path(base) / name, staging / name)
+    tokenizer.save_pretrained(staging)
+    write_record(staging, record)
+
+
+def may_replace(out: Path, overwrite: bool) -> bool:
+    """Whether writing ``out`` may replace what is there (asked for, or an empty directory)."""
+    return overwrite or (out.is_dir() and not any(out.iterdir()))
 
 
 def save_checkpoint(model, tokenizer, record: dict[str, Any], out: Path, overwrite: bool, packed=None) -> Path:
     """Write safetensors weights, config, tokenizer and prunekit.json into ``out`` atomically;
     ``packed = (grids, quantization)`` writes the quantized Linears pack-quantized (``prunekit.packing``)."""
-    replace = overwrite or (out.is_dir() and not any(out.iterdir()))
-    with atomic_directory(out, overwrite=replace) as staging:
+    with atomic_directory(out, overwrite=may_replace(out, overwrite)) as staging:
         if packed is not None:
             save_packed(model, *packed, staging)
         else:

@@ -271,7 +271,7 @@ class DenseReference:
     _model: torch.nn.Module | None = field(default=None, repr=False)
 
     @classmethod
-    def from_spec(cls, spec: str, dtype: str | torch.dtype | None = "float32", trust_remote_code: bool = False) -> "DenseReference":
+    def from_spec(cls, spec: str, dtype: str | torch.dtype | None = "auto", trust_remote_code: bool = False) -> "DenseReference":
         from transformers import AutoConfig
 
         from prunekit.models import load_tokenizer, resolve_model

@@ -224,7 +224,7 @@ def evaluate(
     tasks: str | Sequence[str] | None = None,
     limit: int | float | None = None,
     seqlen: int = 2048,
-    dtype: str = "float32",
+    dtype: str = "auto",
     device: str = "auto",
     out: str | Path | None = None,
     progress: bool = True,

@@ -42,9 +42,18 @@ def _kth_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.kthvalue(scores, k, dim=1, keepdim=True).values
 
 
+ROW_CHUNK = 1024  # rows selected at a time: the selection's temporaries (a copy, int64 tie counts) stay small
+
+
 def lowest_per_row(scores: torch.Tensor, fraction: float) -> torch.Tensor:
     """True for the ⌊in_features·fraction⌋ lowest scores of each row (stable-sort order, as the reference)."""
-    return _lowest_k(scores, int(scores.shape[1] * fraction))
+    k = int(scores.shape[1] * fraction)
+    if scores.dim() != 2 or scores.shape[0] <= ROW_CHUNK:
+        return _lowest_k(scores, k)
+    mask = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
+    for lo in range(0, scores.shape[0], ROW_CHUNK):  # rows are independent
+        mask[lo : lo + ROW_CHUNK] = _lowest_k(scores[lo : lo + ROW_CHUNK], k)
+    return mask
 
 
 def at_or_below_reference_threshold(scores: torch.Tensor, fraction: float) -> torch.Tensor:

@@ -27,7 +27,6 @@ SLURM_CLUSTERS = ("slurm", "local", "debug")
 CONVENTIONS = ("prunekit", "study")  # issue 18: the study's windows and thresholds, or prunekit's own
 DEFAULT_CONVENTIONS = "prunekit"
 DEFAULT_DTYPE = "auto"  # the checkpoint's own dtype (issue 16)
-DTYPE_NOW = {"auto": "float32"}  # TODO(issue 16): drop once the loader reads a checkpoint's own dtype
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,8 +222,7 @@ class ModelSpec(_Section):
         else:
             spec = self.path
             display = Path(spec).stem if Path(spec).is_file() else Path(spec).name
-        dtype = DTYPE_NOW.get(self.dtype, self.dtype)
-        return ModelEntry(spec, self.name or display, dtype, self.revision, self.trust_remote_code)
+        return ModelEntry(spec, self.name or display, self.dtype, self.revision, self.trust_remote_code)
 
 
 class CalibrationSpec(_Section):

@@ -1,0 +1,409 @@
+"""Layer streaming: a checkpoint's own dtype, its safetensors shards read one decoder layer at a time, and
+the pruned checkpoint written into a mirror of the base's shards.
+
+- ``checkpoint_dtype`` reads the dtype a checkpoint holds (config.json, else its tensors), for ``--dtype auto``.
+- ``SafetensorsCheckpoint`` reads named tensors with safetensors' own lazy reads (``safe_open``, opened per
+  read so the mapped pages leave the process's resident set once a layer is read).
+- ``MirrorWriter`` copies the base's shard files and index into the output and overwrites each solved
+  Linear's bytes in place: dtype, shape, tensor names, sharding and every other tensor are the base's.
+- ``StreamedLayers`` builds the model skeleton on the meta device (accelerate's ``init_empty_weights``
+  with buffers left to the model's own initialisation on the real device) and gives the engine each decoder
+  layer when it reaches it, the next one read from disk (into the page cache) by a thread meanwhile.
+- ``plan_activations`` decides where the calibration activations live, a pure function of sizes and free
+  memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import struct
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from prunekit.errors import ConfigError, ModelError
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# safetensors' dtype codes <-> torch (the ones a language model's weights come in)
+_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+# ---------------------------------------------------------------------------------------------- dtype
+
+def checkpoint_dtype(path: str | Path) -> str:
+    """The dtype a model directory holds: config.json's ``dtype``/``torch_dtype`` (the text config's for a
+    multimodal config), else the dtype of its floating safetensors tensors; float32 when neither says."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if config_file.exists():
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        for section in (config, config.get("text_config") or {}):
+            name = section.get("dtype") or section.get("torch_dtype")
+            if isinstance(name, str) and name in ("float32", "bfloat16", "float16"):
+                return name
+    checkpoint = SafetensorsCheckpoint.find(path)
+    if checkpoint is not None:
+        found = checkpoint.floating_dtype()
+        if found is not None:
+            return found
+    return "float32"
+
+
+def resolve_dtype(dtype: str, path: str | Path) -> str:
+    """``auto`` -> the checkpoint's own dtype name; any other name is returned as given."""
+    return checkpoint_dtype(path) if dtype == "auto" else dtype
+
+
+# ------------------------------------------------------------------------------------------- reading
+
+def _header(file: Path) -> tuple[int, dict[str, Any]]:
+    """(data start, header) of a safetensors file: an 8-byte little-endian length, then a JSON header whose
+    ``data_offsets`` count from the end of the header (the format's specification)."""
+    with open(file, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    header.pop("__metadata__", None)
+    return 8 + length, header
+
+
+class SafetensorsCheckpoint:
+    """The safetensors weights of a model directory: one file or shards with an index."""
+
+    def __init__(self, directory: Path, weight_map: dict[str, str], index_file: Path | None):
+        self.directory = directory
+        self.weight_map = weight_map  # tensor name -> file name
+        self.index_file = index_file
+
+    @classmethod
+    def find(cls, directory: str | Path) -> "SafetensorsCheckpoint | None":
+        directory = Path(directory)
+        index = directory / INDEX_FILE
+        if index.exists():
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            return cls(directory, dict(weight_map), index)
+        single = directory / SINGLE_FILE
+        if single.exists():
+            from safetensors import safe_open
+
+            with safe_open(single, "pt", device="cpu") as handle:
+                return cls(directory, {name: SINGLE_FILE for name in handle.keys()}, None)
+        return None
+
+    @property
+    def files(self) -> list[str]:
+        return sorted(set(self.weight_map.values()))
+
+    def tensor_info(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """name -> (safetensors dtype code, shape), from the headers only."""
+        info = {}
+        for file in self.files:
+            _, header = _header(self.directory / file)
+            info.update({name: (meta["dtype"], tuple(meta["shape"])) for name, meta in header.items()})
+        return info
+
+    def floating_dtype(self) -> str | None:
+        for code, _ in self.tensor_info().values():
+            if code in _ST_DTYPES and _ST_DTYPES[code] in _DTYPE_NAMES:
+                return _DTYPE_NAMES[_ST_DTYPES[code]]
+        return None
+
+    def read(self, names: list[str], materialise: bool = True) -> dict[str, torch.Tensor]:
+        """The named tensors, on the CPU. ``safe_open`` maps the file and returns views of the mapping;
+        with ``materialise`` each is copied into process memory and its file closed at once, so the mapped
+        pages leave the resident set one tensor at a time."""
+        from safetensors import safe_open
+
+        tensors = {}
+        if not materialise:
+            for name in names:
+                with safe_open(self.directory / self.weight_map[name], "pt", device="cpu") as handle:
+                    tensors[name] = handle.get_tensor(name)
+            return tensors
+        for name in names:
+            with safe_open(self.directory / self.weight_map[name], "pt", device="cpu") as handle:
+                view = handle.get_tensor(name)
+                tensors[name] = view.clone()
+                del view
+        return tensors
+
+    def byte_ranges(self, names: list[str]) -> dict[str, list[tuple[int, int]]]:
+        """file -> the (start, end) byte ranges the named tensors occupy in it."""
+        ranges: dict[str, list[tuple[int, int]]] = {}
+        headers: dict[str, tuple[int, dict[str, Any]]] = {}
+        for name in names:
+            file = self.weight_map[name]
+            if file not in headers:
+                headers[file] = _header(self.directory / file)
+            start, header = headers[file]
+            begin, end = header[name]["data_offsets"]
+            ranges.setdefault(file, []).append((start + begin, start + end))
+        return ranges
+
+    def warm(self, names: list[str], chunk: int = 8 << 20) -> None:
+        """Read the named tensors' bytes from disk into the page cache (not into this process: one small
+        buffer is reused), so that ``read`` copies them from memory. Run by a read-ahead thread."""
+        buffer = bytearray(chunk)
+        for file, ranges in self.byte_ranges(names).items():
+            fd = os.open(self.directory / file, os.O_RDONLY)
+            try:
+                for begin, end in ranges:
+                    if hasattr(os, "posix_fadvise"):
+                        os.posix_fadvise(fd, begin, end - begin, os.POSIX_FADV_WILLNEED)
+                    for offset in range(begin, end, chunk):
+                        os.preadv(fd, [memoryview(buffer)[: min(chunk, end - offset)]], offset)
+            finally:
+                os.close(fd)
+
+
+# ------------------------------------------------------------------------------------------- writing
+
+class MirrorWriter:
+    """Writes a checkpoint with exactly the base's tensor names, dtypes, shapes and shards.
+
+    ``start`` copies the base's safetensors files (and index) into ``staging``; ``write`` overwrites one
+    tensor's bytes in place, after checking that its dtype and shape are the base's. Tensors never written
+    stay bit-identical to the base."""
+
+    def __init__(self, base: SafetensorsCheckpoint, staging: Path):
+        self.base = base
+        self.staging = Path(staging)
+        self.layout: dict[str, tuple[str, int, int, str, tuple[int, ...]]] = {}  # name -> file, start, end, dtype, shape
+        for file in base.files:
+            data_start, header = _header(base.directory / file)
+            for name, meta in header.items():
+                begin, end = meta["data_offsets"]
+                self.layout[name] = (file, data_start + begin, data_start + end, meta["dtype"], tuple(meta["shape"]))
+        self._handles: dict[str, int] = {}
+
+    def start(self) -> None:
+        for file in self.base.files:
+            shutil.copyfile(self.base.directory / file, self.staging / file)  # sendfile: no copy in this process
+        if self.base.index_file is not None:
+            shutil.copyfile(self.base.index_file, self.staging / INDEX_FILE)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        file, begin, end, code, shape = self.layout[name]
+        if _ST_DTYPES.get(code) != tensor.dtype or tuple(tensor.shape) != shape:
+            raise ModelError(f"internal: {name} is {tensor.dtype} {tuple(tensor.shape)}, the base holds {code} {shape}")
+        data = tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy()
+        if data.nbytes != end - begin:
+            raise ModelError(f"internal: {name} has {data.nbytes} bytes, the base {end - begin}")
+        if file not in self._handles:
+            self._handles[file] = os.open(self.staging / file, os.O_WRONLY)
+        written = os.pwrite(self._handles[file], memoryview(data).cast("B"), begin)
+        if written != data.nbytes:
+            raise OSError(f"short write to {self.staging / file}")
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            os.fsync(handle)
+            os.close(handle)
+        self._handles.clear()
+
+
+# ------------------------------------------------------------------------------------------ skeleton
+
+def build_skeleton(path: Path, dtype: torch.dtype, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The model with every parameter on the meta device; buffers (rotary ``inv_freq``, Gemma's
+    ``embed_scale``; non-persistent, not in the checkpoint) are created by the model's own initialisation
+    on the CPU, as ``from_pretrained`` creates them."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.eval()
+    model.config.use_cache = False
+    model.config._name_or_path = str(path)
+    return model
+
+
+def _set_tensors(module: torch.nn.Module, tensors: dict[str, torch.Tensor], device: torch.device | str) -> None:
+    from accelerate.utils import set_module_tensor_to_device
+
+    for name, value in tensors.items():
+        set_module_tensor_to_device(module, name, device, value=value, clear_cache=False)
+
+
+def _release(module: torch.nn.Module) -> None:
+    """Every parameter back to the meta device (buffers stay: the model created them)."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    for name, _ in list(module.named_parameters()):
+        set_module_tensor_to_device(module, name, "meta", clear_cache=False)
+
+
+def _module_name(model: torch.nn.Module, target: torch.nn.Module) -> str:
+    return next(name for name, module in model.named_modules() if module is target)
+
+
+class StreamedLayers:
+    """The engine's layer source for a skeleton model whose weights stay in the base's safetensors shards.
+
+    ``inputs`` reads the embedding for the forward that builds layer 0's inputs (the lm_head is never
+    read); ``load`` puts a decoder layer's tensors on the compute device (read from disk by a thread while
+    the previous layer was solved); ``done`` writes its Linear weights into the output shards and releases it."""
+
+    def __init__(self, model: torch.nn.Module, checkpoint: SafetensorsCheckpoint, writer: MirrorWriter | None,
+                 prefetch: bool = True):
+        from prunekit.models import find_decoder_layers, linear_sublayers
+
+        self.model = model
+        self.checkpoint = checkpoint
+        self.writer = writer
+        prefix, self.layers = find_decoder_layers(model)
+        self.layer_names = [
+            {f"{prefix}.{i}.{name}": name for name, _ in layer.named_parameters()} for i, layer in enumerate(self.layers)
+        ]
+        self.linear_weights = [[f"{name}.weight" for name in linear_sublayers(layer)] for layer in self.layers]
+        self.prefixes = [f"{prefix}.{i}." for i in range(len(self.layers))]
+        embedding = model.get_input_embeddings()
+        self.embedding_name = _module_name(model, embedding)
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prunekit-read") if prefetch else None
+        self._pending: dict[int, Future] = {}
+
+    def missing(self) -> list[str]:
+        """Tensors the skeleton needs that the checkpoint lacks or holds with another dtype or shape
+        (then the checkpoint cannot be streamed as it is)."""
+        info = self.checkpoint.tensor_info()
+        wanted = {f"{self.embedding_name}.weight": self.model.get_input_embeddings().weight}
+        for layer, names in zip(self.layers, self.layer_names):
+            params = dict(layer.named_parameters())
+            wanted.update({key: params[name] for key, name in names.items()})
+        bad = []
+        for key, param in wanted.items():
+            code, shape = info.get(key, (None, None))
+            if _ST_DTYPES.get(code) != param.dtype or shape != tuple(param.shape):
+                bad.append(key)
+        return bad
+
+    @contextlib.contextmanager
+    def inputs(self) -> Iterator[None]:
+        embedding = self.model.get_input_embeddings()
+        name = f"{self.embedding_name}.weight"  # a view of the mapped file: only the rows looked up are read
+        _set_tensors(embedding, {"weight": self.checkpoint.read([name], materialise=False)[name]}, "cpu")
+        try:
+            yield
+        finally:
+            _release(embedding)
+
+    def _read_ahead(self, index: int) -> None:
+        """Have the reader thread bring layer ``index``'s bytes from disk into the page cache."""
+        if self._reader is not None and index < len(self.layers) and index not in self._pending:
+            self._pending[index] = self._reader.submit(self.checkpoint.warm, list(self.layer_names[index]))
+
+    def load(self, index: int, layer: torch.nn.Module, device: torch.device) -> None:
+        """Layer ``index`` on ``device``, read from the shards (from the page cache when read ahead); the
+        next layer is read from disk by the reader thread meanwhile. Host memory holds one layer."""
+        ahead = self._pending.pop(index, None)
+        if ahead is not None:
+            ahead.result()
+        self._read_ahead(index + 1)
+        names = self.layer_names[index]
+        tensors = {names[key]: tensor for key, tensor in self.checkpoint.read(list(names)).items()}
+        _set_tensors(layer, tensors, device)
+        del tensors
+        layer.to(device)  # the layer's own buffers, if any
+
+    def done(self, index: int, layer: torch.nn.Module) -> None:
+        if self.writer is not None:
+            params = dict(layer.named_parameters())
+            for name in self.linear_weights[index]:
+                self.writer.write(self.prefixes[index] + name, params[name])
+        _release(layer)
+
+    def close(self) -> None:
+        if self._reader is not None:
+            for future in self._pending.values():
+                future.cancel()
+            self._reader.shutdown(wait=True)
+            self._pending.clear()
+
+
+# ----------------------------------------------------------------------------- activation placement
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class ActivationPlan:
+    """Where the calibration activations (one buffer of inputs, one of outputs) live."""
+
+    nsamples: int
+    seqlen: int
+    hidden: int
+    bytes_per: int
+    where: str  # "device" (the compute device) or "host" (CPU RAM; pinned and streamed per micro-batch to a GPU)
+    device_type: str
+
+    @property
+    def per_buffer(self) -> int:
+        return self.nsamples * self.seqlen * self.hidden * self.bytes_per
+
+    def estimate(self) -> str:
+        return (f"calibration activations: {self.nsamples} × {self.seqlen} tokens × {self.hidden} × {self.bytes_per} B"
+                f" = {self.per_buffer / GB:.1f} GB per buffer")
+
+    def describe(self) -> str:
+        estimate = self.estimate()
+        if self.device_type == "cpu":
+            return f"{estimate}, in host RAM"
+        if self.where == "device":
+            return f"{estimate}, on the {self.device_type.upper()} device"
+        return f"{estimate}, in pinned host RAM, streamed to the {self.device_type.upper()} device per micro-batch"
+
+
+def layer_reserve(layer_params: int, widest_in: int, widest_out: int, batch_tokens: int, bytes_per: int,
+                  statistics: bool) -> int:
+    """Compute-device memory one decoder layer needs beside the activations: its weights and their deltas
+    (the error measurement), the forward's widest intermediates for one micro-batch (three, as a gated MLP
+    holds), and, for methods with statistics, an fp32 Hessian of the widest input and its factor."""
+    return (2 * layer_params * bytes_per + 3 * batch_tokens * widest_out * bytes_per
+            + (2 * widest_in * widest_in * 4 if statistics else 0))
+
+
+def plan_activations(nsamples: int, seqlen: int, hidden: int, bytes_per: int, device_type: str,
+                     device_free: int | None, host_free: int | None, reserve: int = 0) -> ActivationPlan:
+    """Place the activations: on the GPU when both buffers (2 × N × T × d × bytes) and ``reserve`` (one
+    layer's weights and statistics) fit its free memory, else in host RAM when both buffers fit there;
+    otherwise refuse with what to lower. ``None`` for a free size means unknown (assumed to fit)."""
+    plan = ActivationPlan(nsamples, seqlen, hidden, bytes_per, "host", device_type)
+    both = 2 * plan.per_buffer
+    if device_type != "cpu" and (device_free is None or both + reserve <= device_free):
+        return ActivationPlan(nsamples, seqlen, hidden, bytes_per, "device", device_type)
+    host_needed = both + (reserve if device_type == "cpu" else 0)
+    if host_free is None or host_needed <= host_free:
+        return plan
+    where = f"the {host_free / GB:.1f} GB of available host RAM"
+    if device_type != "cpu":
+        where = f"the {device_free / GB:.1f} GB free on the GPU nor {where}"
+    hint = "" if bytes_per <= 2 else ", or use --dtype bfloat16"
+    raise ConfigError(
+        f"{plan.estimate()}: the two buffers ({both / GB:.1f} GB) fit {'neither' if device_type != 'cpu' else 'not'} "
+        f"{where}; lower --nsamples or --seqlen{hint}"
+    )
+
+
+def host_available() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            line = next(line for line in handle if line.startswith("MemAvailable:"))
+        return int(line.split()[1]) * 1024
+    return None
+
+
+def device_available(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    return None
