@@ -49,7 +49,7 @@ class ModelSource:
         return {"spec": self.spec, "path": str(self.path), "kind": self.kind, "revision": self.revision, **self.extra}
 
 
-AUTO_DTYPE = "auto"  # the checkpoint's own dtype (prunekit.streaming.checkpoint_dtype)
+AUTO_DTYPE = "auto"  # the checkpoint's own dtype (checkpoint_dtype)
 
 
 def parse_dtype(name: str) -> torch.dtype | None:
@@ -172,7 +172,6 @@ def load_model(
     hf_logging.disable_progress_bar()
     source = spec if isinstance(spec, ModelSource) else resolve_model(spec, revision)
     if isinstance(dtype, str):
-        from prunekit.streaming import resolve_dtype
 
         dtype = parse_dtype(resolve_dtype(dtype, source.path))
     torch_dtype = dtype
@@ -295,3 +294,33 @@ def expected_checkpoint_bytes(spec: str, dtype: str) -> int:
                 elements += int(torch.Size(shape).numel())
     others = sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.suffix != ".safetensors")
     return elements * DTYPES[dtype].itemsize + others
+
+
+SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def checkpoint_dtype(path: str | Path) -> str:
+    """The dtype a model directory holds: config.json's ``dtype``/``torch_dtype`` (the text config's for a
+    multimodal config), else the dtype of its floating safetensors tensors; float32 when neither says."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    config_file = path / "config.json"
+    if config_file.exists():
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        for section in (config, config.get("text_config") or {}):
+            name = section.get("dtype") or section.get("torch_dtype")
+            if isinstance(name, str) and name in DTYPES:
+                return name
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():
+                found = SAFETENSORS_DTYPES.get(handle.get_slice(name).get_dtype())
+                if found is not None:
+                    return found
+    return "float32"
+
+
+def resolve_dtype(dtype: str, path: str | Path) -> str:
+    """``auto`` -> the checkpoint's own dtype name; any other name is returned as given."""
+    return checkpoint_dtype(path) if dtype == AUTO_DTYPE else dtype

@@ -25,15 +25,15 @@ from prunekit.languages import parse_languages
 from prunekit.io import atomic_directory, check_output_location, versioned
 from prunekit.methods import get_method
 from prunekit.models import (
-    MODULE_NAMES, expected_checkpoint_bytes, find_decoder_layers, linear_sublayers, load_model, load_tokenizer, parse_dtype,
-    resolve_device, resolve_model, text_config,
+    MODULE_NAMES, checkpoint_dtype, expected_checkpoint_bytes, find_decoder_layers, linear_sublayers, load_model, load_tokenizer, parse_dtype,
+    resolve_device, resolve_dtype, resolve_model, text_config,
 )
 from prunekit.packing import check_format, save_packed, summarize_quantization, take_grids
 from prunekit.progress import progress_bar, stderr_console
 from prunekit.recipe import Quantization, Recipe, parse_pattern, validate_quantization
 from prunekit.streaming import (
-    ActivationPlan, MirrorWriter, SafetensorsCheckpoint, StreamedLayers, build_skeleton, checkpoint_dtype, device_available,
-    host_available, layer_reserve, plan_activations, resolve_dtype,
+    ActivationPlan, MirrorWriter, SafetensorsCheckpoint, StreamedLayers, build_skeleton, device_available,
+    host_available, layer_reserve, plan_activations,
 )
 
 DEFAULT_CALIB = "en"  # the calibration language of a method that needs one when none is given

@@ -1,7 +1,6 @@
 """Layer streaming: a checkpoint's own dtype, its safetensors shards read one decoder layer at a time, and
 the pruned checkpoint written into a mirror of the base's shards.
 
-- ``checkpoint_dtype`` reads the dtype a checkpoint holds (config.json, else its tensors), for ``--dtype auto``.
 - ``SafetensorsCheckpoint`` reads named tensors with safetensors' own lazy reads (``safe_open``, opened per
   read so the mapped pages leave the process's resident set once a layer is read).
 - ``MirrorWriter`` copies the base's shard files and index into the output and overwrites each solved
@@ -28,6 +27,7 @@ from typing import Any, Iterator
 import torch
 
 from prunekit.errors import ConfigError, ModelError
+from prunekit.models import find_decoder_layers, linear_sublayers
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -37,30 +37,6 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 
 
 # ---------------------------------------------------------------------------------------------- dtype
-
-def checkpoint_dtype(path: str | Path) -> str:
-    """The dtype a model directory holds: config.json's ``dtype``/``torch_dtype`` (the text config's for a
-    multimodal config), else the dtype of its floating safetensors tensors; float32 when neither says."""
-    path = Path(path)
-    config_file = path / "config.json"
-    if config_file.exists():
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-        for section in (config, config.get("text_config") or {}):
-            name = section.get("dtype") or section.get("torch_dtype")
-            if isinstance(name, str) and name in ("float32", "bfloat16", "float16"):
-                return name
-    checkpoint = SafetensorsCheckpoint.find(path)
-    if checkpoint is not None:
-        found = checkpoint.floating_dtype()
-        if found is not None:
-            return found
-    return "float32"
-
-
-def resolve_dtype(dtype: str, path: str | Path) -> str:
-    """``auto`` -> the checkpoint's own dtype name; any other name is returned as given."""
-    return checkpoint_dtype(path) if dtype == "auto" else dtype
-
 
 # ------------------------------------------------------------------------------------------- reading
 
@@ -108,12 +84,6 @@ class SafetensorsCheckpoint:
             _, header = _header(self.directory / file)
             info.update({name: (meta["dtype"], tuple(meta["shape"])) for name, meta in header.items()})
         return info
-
-    def floating_dtype(self) -> str | None:
-        for code, _ in self.tensor_info().values():
-            if code in _ST_DTYPES and _ST_DTYPES[code] in _DTYPE_NAMES:
-                return _DTYPE_NAMES[_ST_DTYPES[code]]
-        return None
 
     def read(self, names: list[str], materialise: bool = True) -> dict[str, torch.Tensor]:
         """The named tensors, on the CPU. ``safe_open`` maps the file and returns views of the mapping;
@@ -255,8 +225,6 @@ class StreamedLayers:
 
     def __init__(self, model: torch.nn.Module, checkpoint: SafetensorsCheckpoint, writer: MirrorWriter | None,
                  prefetch: bool = True):
-        from prunekit.models import find_decoder_layers, linear_sublayers
-
         self.model = model
         self.checkpoint = checkpoint
         self.writer = writer

@@ -19,7 +19,8 @@ PACKAGES = {"prunekit": "prunekit", "analysis": "prunekit.analysis", "cli": "pru
 PARTS = {
     "core": ["prunekit", "prunekit.errors", "prunekit.io", "prunekit.progress", "prunekit.languages",
              "prunekit.recipe", "prunekit.artifacts"],
-    "models": ["prunekit.models", "prunekit.gguf_conversion", "prunekit.embedded", "prunekit.packing"],
+    "models": ["prunekit.models", "prunekit.gguf_conversion", "prunekit.embedded", "prunekit.packing",
+               "prunekit.streaming"],
     "data": ["prunekit.textsources", "prunekit.calibration"],
     "methods": ["prunekit.methods"],
     "engine": ["prunekit.engine"],

@@ -303,7 +303,7 @@ def test_quantize_cli_writes_packed_by_default_and_says_how_to_serve_it(tiny_lla
     from prunekit.cli.app import app
 
     out = tmp_path / "cli"
-    result = CliRunner().invoke(app, ["quantize", str(tiny_llama), "--method", "rtn", "--calib", "en",
+    result = CliRunner().invoke(app, ["quantize", str(tiny_llama), "--method", "rtn",
                                       "--calib-source", str(TATOEBA), "--nsamples", "4", "--seqlen", "32", "--bits", "8", "--group-size", "64", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "21 Linears packed (pack-quantized)" in result.output and "their bf16 size" in result.output

@@ -15,10 +15,12 @@ from prunekit.engine import Engine
 from prunekit.errors import ConfigError
 from prunekit.methods import get_method
 from prunekit.models import find_decoder_layers, load_model
-from prunekit.pipeline import prune, read_record
+from prunekit.artifacts import read_record
+from prunekit.models import checkpoint_dtype
+from prunekit.pipeline import prune
 from prunekit.recipe import Quantization, Recipe, parse_pattern
 from prunekit.streaming import (
-    INDEX_FILE, SafetensorsCheckpoint, StreamedLayers, build_skeleton, checkpoint_dtype, layer_reserve, plan_activations,
+    INDEX_FILE, SafetensorsCheckpoint, StreamedLayers, build_skeleton, layer_reserve, plan_activations,
 )
 from tests.conftest import TATOEBA, build_tiny_model
 
@@ -68,8 +70,8 @@ CASES = [
     ("gemma3", torch.float32, dict(method="sparsegpt", sparsity=0.6)),
     ("qwen2", torch.bfloat16, dict(method="magnitude", sparsity=0.5, calib=None)),
     ("qwen2", torch.float32, dict(method="sparsegpt", sparsity=0.5)),
-    ("llama", torch.bfloat16, dict(method="gptq", quantization=Quantization(bits=4, group_size=32))),
-    ("gemma3", torch.float32, dict(method="gptq", quantization=Quantization(bits=3, group_size=16, act_order=True))),
+    ("llama", torch.bfloat16, dict(method="gptq", quantization=Quantization(bits=4, group_size=32), checkpoint_format="dense")),
+    ("gemma3", torch.float32, dict(method="gptq", quantization=Quantization(bits=3, group_size=16, act_order=True), checkpoint_format="dense")),
 ]
 
 
@@ -85,9 +87,12 @@ def test_streamed_weights_are_bit_identical_to_the_in_memory_path(arch, dtype, k
     changed = {name for name in a if not torch.equal(a[name], dense[name])}
     assert changed and all(name.endswith("proj.weight") for name in changed)
     assert streamed.record["base_model"]["dtype"] == str(dtype).split(".")[-1]
-    assert streamed.record["sparsity"]["overall"] == pytest.approx(in_memory.record["sparsity"]["overall"])
-    assert streamed.record["sparsity"]["per_layer"][0]["modules"][0]["relative_error"] == (
-        in_memory.record["sparsity"]["per_layer"][0]["modules"][0]["relative_error"])
+    if "quantization" in kwargs:  # a quantization record carries its own section
+        assert streamed.record["quantization"]["relative_error_per_module"] == in_memory.record["quantization"]["relative_error_per_module"]
+    else:
+        assert streamed.record["sparsity"]["overall"] == pytest.approx(in_memory.record["sparsity"]["overall"])
+        assert streamed.record["sparsity"]["per_layer"][0]["modules"][0]["relative_error"] == (
+            in_memory.record["sparsity"]["per_layer"][0]["modules"][0]["relative_error"])
 
 
 def test_sharded_base_stays_sharded_and_non_linear_tensors_are_bit_identical(tokenizer, models_root, tmp_path):
