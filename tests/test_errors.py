@@ -273,16 +273,27 @@ def _enospc(*args, **kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-def test_disk_full_while_saving_a_checkpoint_leaves_nothing(tiny_llama, work, monkeypatch):
+@pytest.mark.parametrize("path", ["in-memory", "streamed"])
+def test_disk_full_while_saving_a_checkpoint_leaves_nothing(tiny_llama, work, monkeypatch, path):
     import transformers.modeling_utils
+
+    import prunekit.streaming
 
     def half_written(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"\0" * 1000)  # what a full disk leaves: a part of the file
         _enospc()
 
-    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", half_written)
-    assert_user_error(["prune", tiny_llama, "--method", "magnitude", "--calib", "en", "--calib-source", TATOEBA,
-                       "--nsamples", "1", "--seqlen", "16", "--out", work / "out", "-q"],
+    def half_copied(source, target, *args, **kwargs):
+        Path(target).write_bytes(b"\0" * 1000)
+        _enospc()
+
+    if path == "in-memory":  # another dtype than the checkpoint's own: the model is loaded and saved whole
+        monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", half_written)
+        extra = ["--dtype", "bfloat16"]
+    else:  # the layers stream into a copy of the base's shards
+        monkeypatch.setattr(prunekit.streaming.shutil, "copyfile", half_copied)
+        extra = []
+    assert_user_error(["prune", tiny_llama, "--method", "magnitude", *extra, "--out", work / "out", "-q"],
                       str(work / "out"), "no space left", roots=[work])
 
 
@@ -295,8 +306,8 @@ def test_disk_full_reported_by_safetensors_itself(tiny_llama, work, monkeypatch)
         raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
 
     monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)
-    assert_user_error(["prune", tiny_llama, "--method", "magnitude", "--calib", "en", "--calib-source", TATOEBA,
-                       "--nsamples", "1", "--seqlen", "16", "--out", work / "out", "-q"], "no space left", roots=[work])
+    assert_user_error(["prune", tiny_llama, "--method", "magnitude", "--dtype", "bfloat16", "--out", work / "out", "-q"],
+                      "no space left", roots=[work])
 
 
 def test_disk_full_while_writing_results_leaves_nothing(tiny_llama, work, monkeypatch):
@@ -313,7 +324,7 @@ def test_a_disk_error_the_checks_did_not_catch_is_still_a_user_error(tiny_llama,
     def unwritable(*args, **kwargs):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(work / "somewhere"))
 
-    monkeypatch.setattr(prunekit.pipeline, "load_model", unwritable)
+    monkeypatch.setattr(prunekit.pipeline, "load_tokenizer", unwritable)  # read on either path (streamed or whole)
     assert_user_error(["prune", tiny_llama, *PRUNE, "--out", work / "out"], str(work / "somewhere"), roots=[work])
 
 
@@ -408,12 +419,12 @@ def test_debug_is_accepted_after_the_command(monkeypatch, capsys):
     def bug(*args, **kwargs):
         raise RuntimeError("a prunekit bug")
 
-    monkeypatch.setattr(prunekit.pipeline, "load_model", bug)
+    monkeypatch.setattr(prunekit.pipeline, "load_tokenizer", bug)
     with pytest.raises(RuntimeError, match="a prunekit bug"):  # --debug: the traceback, not one line
-        main(["prune", "embedded:gemma-3-270m", "--method", "magnitude", "--calib", "en", "--out", "/nonexistent/x", "--debug"])
+        main(["prune", "embedded:gemma-3-270m", "--method", "magnitude", "--out", "/nonexistent/x", "--debug"])
     monkeypatch.setitem(app_module.DEBUG, "enabled", False)
     with pytest.raises(SystemExit) as exit_info:
-        main(["prune", "embedded:gemma-3-270m", "--method", "magnitude", "--calib", "en", "--out", "/nonexistent/x"])
+        main(["prune", "embedded:gemma-3-270m", "--method", "magnitude", "--out", "/nonexistent/x"])
     assert exit_info.value.code == 1 and "internal error" in capsys.readouterr().err
 
 
@@ -426,7 +437,7 @@ def test_cuda_out_of_memory_is_a_user_error_with_advice(tiny_llama, work, monkey
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total capacity)")
 
-    monkeypatch.setattr(prunekit.pipeline, "load_model", oom)
+    monkeypatch.setattr(prunekit.pipeline, "load_tokenizer", oom)
     line = assert_user_error(["prune", tiny_llama, *PRUNE, "--out", work / "out"], "out of GPU memory", roots=[work])
     for advice in ("--dtype", "--nsamples", "--batch-size", "CPU"):
         assert advice in line

@@ -217,7 +217,8 @@ def run_sweep(
     by_id = {o.task_id: o for o in outcomes}
     labels = {row.task.task_id: describe(row.task) for row in final.rows}
     summary.outcomes = outcomes
-    summary.completed = sum(1 for o in outcomes if o.state == "done" and final_complete(final, o.task_id))
+    # completed now: this process ran a stage of it (a task found done, run meanwhile elsewhere, is not counted)
+    summary.completed = sum(1 for o in outcomes if o.state == "done" and (o.ran or not o.skipped) and final_complete(final, o.task_id))
     summary.completed_elsewhere = max(0, final.counts()["complete"] - summary.already_done - summary.completed)
     summary.busy = [row.task.task_id for row in final.rows if "busy" in row.states.values()]
     for row in final.rows:
