@@ -479,3 +479,8 @@ def test_an_existing_in_place_directory_needs_only_itself_writable(read_only):
         check_output_location(runs)
     with pytest.raises(ConfigError, match="is a directory"):
         check_output_location(runs, kind="file")
+
+
+def test_a_misspelt_backend_fails_before_loading_even_without_tasks(tiny_llama, work):
+    assert_user_error(["eval", tiny_llama, *EVAL, "--backend", "vlm", "--out", work / "r.json"],
+                      "unknown --backend 'vlm'", roots=[work])

@@ -319,6 +319,12 @@ def _task_batch_size(value: int | str | None, device, fallback: int) -> int | st
     raise ConfigError(f"--task-batch-size must be a number, 'auto' or 'auto:N' (N re-searches), got '{value}'")
 
 
+def check_backend(backend: str) -> None:
+    """A misspelt --backend fails before anything loads, whether or not tasks are asked for."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown --backend '{backend}'; choose one of: {', '.join(BACKENDS)}")
+
+
 def plan_backend(
     backend: str, parallelize: bool | None, device, task_batch_size: int | str | None, batch_size: int,
     path: str | Path | None = None, dtype=None, trust_remote_code: bool = False,
@@ -328,8 +334,7 @@ def plan_backend(
 
     import torch
 
-    if backend not in BACKENDS:
-        raise ConfigError(f"unknown --backend '{backend}'; choose one of: {', '.join(BACKENDS)}")
+    check_backend(backend)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if parallelize is None:
         parallelize = backend == "hf" and device.type == "cuda" and gpus > 1 and path is not None

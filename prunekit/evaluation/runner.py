@@ -13,7 +13,7 @@ from prunekit.artifacts import RESULTS_KIND, library_versions, read_record, writ
 from prunekit.conventions import DESCRIPTIONS, describe as describe_conventions, parse_conventions
 from prunekit.errors import ConfigError
 from prunekit.evaluation.forward import ModelWeights, Weights, open_weights
-from prunekit.evaluation.harness import BackendPlan, partial_results_path, plan_backend, plan_tasks, resolve_chat_template, run_tasks
+from prunekit.evaluation.harness import BackendPlan, check_backend, partial_results_path, plan_backend, plan_tasks, resolve_chat_template, run_tasks
 from prunekit.evaluation.hidden_states import (
     DenseReference,
     check_compatible,
@@ -257,6 +257,7 @@ def evaluate(
         langs = default_evaluation_languages(read_record(resolve_model(str(checkpoint)).path))[0]
     languages = _languages(langs)
     plan_tasks(tasks, languages)  # fail on unknown tasks before loading anything
+    check_backend(backend)
     wanted = torch_dtype(dtype)
     source = resolve_model(str(checkpoint))
     tokenizer = load_tokenizer(source, trust_remote_code)
