@@ -83,7 +83,7 @@ def test_asymmetric_grid_adds_zero_points_packed_along_the_rows(llama128, tmp_pa
     assert saved[f"{prefix}.weight_scale"].shape == (128, 4)
     assert saved[f"{prefix}.weight_zero_point"].dtype == torch.int32 and saved[f"{prefix}.weight_zero_point"].shape == (128 // 4, 4)
     weights = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]["weights"]
-    assert weights["num_bits"] == 8 and weights["symmetric"] is False and weights["actorder"] is None
+    assert weights["num_bits"] == 8 and weights["symmetric"] is False and weights.get("actorder") is None  # compressed-tensors 0.20 omits None fields
 
 
 @pytest.mark.parametrize("quantization", [
