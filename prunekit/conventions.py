@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prunekit.errors import ConfigError
+from prunekit.errors import ConfigError, did_you_mean
 
 PRUNEKIT = "prunekit"
 STUDY = "study"
@@ -64,7 +64,7 @@ def parse_conventions(value: str | None) -> str:
         return DEFAULT_CONVENTIONS
     name = str(value).strip().lower()
     if name not in CONVENTIONS:
-        raise ConfigError(f"unknown --conventions '{value}'; choose {' or '.join(CONVENTIONS)}")
+        raise ConfigError(f"unknown --conventions '{value}'{did_you_mean(name, CONVENTIONS)}; choose {' or '.join(CONVENTIONS)}")
     return name
 
 

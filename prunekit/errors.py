@@ -4,6 +4,10 @@ The CLI prints the message of a ``PrunekitError`` as one line and exits 2; any
 other exception is a bug in prunekit and shows a traceback only with ``--debug``.
 """
 
+from __future__ import annotations
+
+from typing import Iterable
+
 
 class PrunekitError(Exception):
     """Something the user can fix: the message says what was wrong and what to do."""
@@ -23,3 +27,11 @@ class ModelError(PrunekitError):
 
 class SchemaError(PrunekitError):
     """An artefact on disk written by an incompatible prunekit version."""
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'X'?)`` for the closest of ``choices`` to a misspelt ``word``, or ``""``."""
+    import difflib
+
+    hint = difflib.get_close_matches(str(word), list(choices), n=1)
+    return f" (did you mean '{hint[0]}'?)" if hint else ""
