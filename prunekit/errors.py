@@ -23,3 +23,7 @@ class ModelError(PrunekitError):
 
 class SchemaError(PrunekitError):
     """An artefact on disk written by an incompatible prunekit version."""
+
+
+class HubError(PrunekitError):
+    """The Hugging Face Hub refused or failed a request: the message says whether to log in, wait or change it."""
