@@ -1,6 +1,6 @@
-"""What a model card says: front matter (``ModelCardData`` with a model-index of every measured result) and the
-body's rows, each built by one small function from ``prunekit.json`` and ``results.json``. A card never
-publishes a local absolute path: locations are reduced to their last component."""
+"""Model cards: what they say (front matter with a model-index of every result, and the body's rows, each built
+by one small function from ``prunekit.json`` and ``results.json``), rendered from ``hub_cards/*.j2`` and checked
+with huggingface_hub's card classes. A card never publishes a local absolute path."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from prunekit.artifacts import RESULTS_FILE
 from prunekit.errors import ConfigError, PrunekitError
-from prunekit.hub.names import base_model_name, hub_id_from_cache_path, validate_repo_id
+from prunekit.hub.names import base_model_name, hub_id_from_cache_path, recipe_slug, validate_repo_id
 
 log = logging.getLogger("prunekit.hub")
 METHOD_NAMES = {"wanda": "Wanda", "sparsegpt": "SparseGPT", "magnitude": "magnitude pruning", "gptq": "GPTQ"}
@@ -35,8 +35,6 @@ QA_METRICS = {"f1", "exact_match", "em"}
 # model-index groups results by task type and dataset, so perplexity and hidden-state metrics on the same
 # evaluation text share one task entry (and one name, or the name would not round-trip).
 TEXT_TASK = "Language modelling"
-LICENSE_NOTE = ("License: the base model's card was not available when this repo was published, so no license is "
-                "declared here; the base model's license applies — check its card.")
 _LOCAL_PATH = re.compile(r"^(?:~|[A-Za-z]:[\\/]|/)")
 # An absolute path inside text: '/' or '~/' not preceded by what makes it part of a URL, a word or a tag.
 _PATH_IN_TEXT = re.compile(r"(?<![\w:/.<~\-])~?/[^\s/`'\"|)<>\]]+(?:/[^\s/`'\"|)<>\]]*)+")
@@ -54,7 +52,7 @@ def _public(value: Any) -> Any:
     return value
 
 
-def public_text(text: str) -> str:
+def _public_text(text: str) -> str:
     """``text`` with every absolute local path replaced by its last component (the net under a card's fields)."""
     return _PATH_IN_TEXT.sub(lambda m: Path(m.group(0).rstrip("/")).name, text)
 
@@ -65,7 +63,7 @@ def _public_command(command: str, base_kind: str | None, base_name: str) -> str:
     try:
         parts = shlex.split(command)
     except ValueError:
-        return public_text(command)
+        return _public_text(command)
     if len(parts) > 2 and parts[0] == "prunekit" and base_kind in ("local", "gguf"):
         parts[2] = base_name
     return shlex.join(_public(p) for p in parts)
@@ -107,13 +105,8 @@ def _base_readme(record: dict[str, Any]) -> Path | None:
 
 
 def base_model_metadata(record: dict[str, Any]) -> dict[str, Any]:
-    """The YAML front matter of the base model's card, when it is on this machine.
-
-    Args:
-        record: the checkpoint's ``prunekit.json``.
-    Returns:
-        The metadata (license, language, base_model, ...); empty when there is no card or it does not parse.
-    """
+    """The front matter of a record's base model card (license, language, base_model, ...), when it is on this
+    machine; empty when there is none or it does not parse."""
     from huggingface_hub.repocard import metadata_load
 
     readme = _base_readme(record)
@@ -170,7 +163,7 @@ def _check_dense_results(results: dict[str, Any], dense: dict[str, Any]) -> None
                     f"{key}={row[key]!r}; deltas would be meaningless: evaluate both with the same settings")
 
 
-def metric_scale(name: str) -> float:
+def _metric_scale(name: str) -> float:
     """Fractions (accuracy, F1, exact match) are shown in points (× 100); perplexity-like metrics as they are."""
     base = name.split(",")[0]
     return 1.0 if ("perplexity" in base or "bits_per_byte" in base or base.startswith(("bleu", "chrf", "ter"))) else 100.0
@@ -250,7 +243,7 @@ def _task_rows(res: dict[str, Any], dres: dict[str, Any], eval_results: list) ->
     for task, row in (res.get("tasks") or {}).items():
         dense_metrics, metrics = (((dres.get("tasks") or {}).get(task) or {}).get("metrics") or {}), []
         for name, value in (row.get("metrics") or {}).items():
-            stderr, dense, scale = (row.get("stderr") or {}).get(name), dense_metrics.get(name), metric_scale(name)
+            stderr, dense, scale = (row.get("stderr") or {}).get(name), dense_metrics.get(name), _metric_scale(name)
             metrics.append({"name": name, "value": value, "stderr": stderr if _finite(stderr) else None, "dense": dense,
                             "scale": scale, "delta": scale * (value - dense) if _finite(value) and _finite(dense) else None})
             if row.get("status", "ok") == "ok" and _finite(value):
@@ -267,22 +260,13 @@ def _task_rows(res: dict[str, Any], dres: dict[str, Any], eval_results: list) ->
 
 
 def _recipe_rows(record: dict[str, Any]) -> dict[str, Any]:
-    """The recipe: method, pattern (with its description), quantization, checkpoint format, measured sparsity."""
+    """The recipe: method, pattern, quantization, checkpoint format, measured sparsity."""
     recipe, quant = record.get("recipe") or {}, record.get("quantization") or {}
     method, pattern = recipe.get("method", "unknown"), recipe.get("pattern") or {}
     kind = recipe.get("kind") or ("quantize" if recipe.get("quantization") else "prune")
-    sparsity = float(pattern.get("sparsity") or 0.0)
-    if pattern.get("m"):
-        n, m = pattern["n"], pattern["m"]
-        description = (f"{n}:{m} semi-structured: {n} of every {m} consecutive weights in each row of every "
-                       f"decoder linear layer are zero ({sparsity:.0%})")
-        display = f"{n}:{m} semi-structured ({sparsity:.0%})"
-    else:
-        description = f"unstructured, {sparsity:.0%} of the weights of every decoder linear layer"
-        display = f"{sparsity:.0%} unstructured"
     return {
         "kind": kind, "method": {"name": method, "display": METHOD_NAMES.get(method, method)},
-        "pattern": {**pattern, "display": display, "description": description},
+        "pattern": {"n": pattern.get("n"), "m": pattern.get("m"), "share": f"{float(pattern.get('sparsity') or 0):.0%}"},
         "quantization": recipe.get("quantization"),
         "checkpoint": {"format": quant.get("format") if kind == "quantize" else "dense",
                        "kept_dense": [e["name"] for e in quant.get("kept_dense") or [] if e["name"] != "lm_head"]},
@@ -312,13 +296,12 @@ def _card_data(recipe: dict[str, Any], record: dict[str, Any], metadata: dict[st
     inherited = [] if inherited is None else inherited if isinstance(inherited, (list, tuple)) else [inherited]
     codes = [str(code).split("-")[0].lower() for code in [*inherited, *calib_langs]]
     languages = list(dict.fromkeys(code for code in codes if code))
+    pattern, method = recipe["pattern"], recipe["method"]["name"]
     if recipe["kind"] == "quantize":
-        tags = ["quantized", f"{(recipe['quantization'] or {}).get('bits')}-bit", recipe["method"]["name"]]
+        tags = ["quantized", f"{(recipe['quantization'] or {}).get('bits')}-bit", method]
         tags += ["compressed-tensors"] if recipe["checkpoint"]["format"] == "pack-quantized" else []
     else:
-        pattern = recipe["pattern"]
-        tags = ["pruned", "sparse", recipe["method"]["name"],
-                f"{pattern['n']}of{pattern['m']}-sparsity" if pattern.get("m") else "unstructured-sparsity"]
+        tags = ["pruned", "sparse", method, f"{pattern['n']}of{pattern['m']}-sparsity" if pattern["m"] else "unstructured-sparsity"]
     license_id = metadata.get("license")
     return ModelCardData(
         base_model=hub_base, language=languages or None, license=license_id,
@@ -384,7 +367,7 @@ def build_card_content(record: dict[str, Any], results: dict[str, Any] | None = 
         "run_id": record.get("run_id"), "created": record.get("created"),
         "command": _public_command(record.get("command") or "(the record has no command)", base.get("kind"),
                                    hub_base or base_model_name(record)),
-        "license": {"id": metadata.get("license"), "note": None if metadata.get("license") else LICENSE_NOTE},
+        "license": metadata.get("license"),
         "has_results": results is not None, "results_version": res.get("prunekit_version", ""),
         "dense": {**dense, "spec": _public(dense.get("spec"))} if dense else None,
         "has_dense_numbers": dense_results is not None, "perplexity": perplexity, "hidden": hidden,
@@ -395,3 +378,152 @@ def build_card_content(record: dict[str, Any], results: dict[str, Any] | None = 
         "prompt": STUDY_PROMPTS.get(((calibration or {}).get("languages") or ["en"])[0], STUDY_PROMPTS["en"]),
     }
     return CardContent(_card_data(recipe, record, metadata, hub_base, eval_results, repo_name), eval_results, context)
+
+
+def _num(value: Any, spec: str = ".2f") -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return "nan" if math.isnan(value) else format(value, spec)
+    return str(value)
+
+
+FILTERS = {
+    "num": _num,
+    "signed": lambda value, spec="+.2f": _num(value, spec),
+    "pct": lambda value: "n/a" if value is None else _num(100.0 * value) + "%",
+    "points": lambda value: "n/a" if value is None else _num(100.0 * value),
+    "scaled": lambda value, scale: "n/a" if value is None else _num(scale * value),
+}
+
+
+def _render(template: str, **context: Any) -> str:
+    """A card template rendered (trimmed blocks, strict variables, the number filters), blank runs squeezed."""
+    import jinja2
+
+    from prunekit.hub_cards import template_text
+
+    env = jinja2.Environment(loader=jinja2.FunctionLoader(template_text), undefined=jinja2.StrictUndefined,
+                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
+    env.filters.update(FILTERS)
+    return re.sub(r"\n{3,}", "\n\n", env.get_template(template).render(**context)).rstrip() + "\n"
+
+
+def render_model_card(record: dict[str, Any], results: dict[str, Any] | None = None,
+                      dense_results: dict[str, Any] | None = None, repo_id: str = "namespace/model",
+                      base_model: str | None = None) -> str:
+    """The README.md of a pruned checkpoint's repo.
+
+    Args:
+        record, results, dense_results, repo_id, base_model: as for :func:`build_card_content`.
+    Returns:
+        The card, with no local absolute path, validated by :func:`validate_model_card`.
+    Raises:
+        ConfigError: as :func:`build_card_content`.
+    """
+    from prunekit.hub_cards import MODEL_CARD
+
+    content = build_card_content(record, results, dense_results, repo_id, base_model)
+    text = _public_text(_render(MODEL_CARD, card_data=content.card_data.to_yaml(), **content.context))
+    validate_model_card(text, content.eval_results)
+    return text
+
+
+def _eval_key(result) -> tuple:
+    return (result.task_type, str(result.task_name), result.dataset_type, result.dataset_name,
+            str(result.dataset_config), result.metric_type, str(result.metric_name))
+
+
+def validate_model_card(text: str, expected_eval_results: list[Any] | None = None):
+    """Parse a card with huggingface_hub's ``ModelCard`` and check that its model-index round-trips.
+
+    Args:
+        text: the card.
+        expected_eval_results: the ``EvalResult`` entries the model-index must give back.
+    Returns:
+        The parsed ``ModelCard``.
+    Raises:
+        RuntimeError: the card lacks required metadata or loses results (a prunekit bug).
+        ValueError: huggingface_hub cannot parse the front matter.
+    """
+    from huggingface_hub import ModelCard
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    card = ModelCard(text, ignore_metadata_errors=False)
+    data = card.data.to_dict()
+    for key in ("library_name", "pipeline_tag", "tags"):
+        if not data.get(key):
+            raise RuntimeError(f"model card lacks '{key}' (a prunekit bug)")
+    if expected_eval_results:
+        if not data.get("model-index"):
+            raise RuntimeError("model card lost its model-index (a prunekit bug)")
+        _, parsed = model_index_to_eval_results(data["model-index"])
+        if sorted(parsed, key=_eval_key) != sorted(expected_eval_results, key=_eval_key):
+            raise RuntimeError("the model card's model-index does not round-trip its results (a prunekit bug)")
+    return card
+
+
+def _run_row(entry: dict[str, Any]) -> dict[str, Any]:
+    """One run of a collection: its name, recipe and headline numbers (the dense baseline has no record)."""
+    record, results, repo_id = entry.get("record"), entry.get("results") or {}, entry.get("repo_id")
+    if record is None:
+        model = results.get("model") or {}
+        name = entry.get("name") or f"{Path(str(model.get('spec', 'dense'))).name} (dense)"
+        row = {"name": name, "repo_id": repo_id, "base": model.get("spec", ""), "method": "dense", "pattern": "-",
+               "calibration": "-", "seed": "-", "sparsity": 0.0}
+    else:
+        recipe, calib = record.get("recipe") or {}, record.get("calibration") or {}
+        pattern = recipe.get("pattern") or {}
+        row = {
+            "name": entry.get("name") or (repo_id.split("/")[-1] if repo_id else record.get("run_id", "run")),
+            "repo_id": repo_id, "base": base_model_name(record), "method": recipe.get("method", ""),
+            "pattern": (f"{pattern.get('n')}:{pattern.get('m')}" if pattern.get("m") else
+                        f"unstructured {float(pattern.get('sparsity', 0)):.0%}" if pattern else recipe_slug(record)),
+            "calibration": "+".join(calib.get("languages") or []) or "none", "seed": calib.get("seed", "-"),
+            "sparsity": (record.get("sparsity") or {}).get("overall"),
+        }
+    row["ppl"] = {lang: r.get("ppl") for lang, r in (results.get("perplexity") or {}).items()}
+    row["snr"] = {lang: r.get("snr_db") for lang, r in (results.get("hidden_states") or {}).items()}
+    row["tasks"] = {f"{task}/{metric}": value if r.get("status", "ok") == "ok" else None
+                    for task, r in (results.get("tasks") or {}).items() for metric, value in (r.get("metrics") or {}).items()}
+    return row
+
+
+def render_collection_readme(runs: Iterable[dict[str, Any]], title: str = "prunekit sweep",
+                             description: str = "Pruned models from one prunekit sweep, with every run's measured results.",
+                             tags: Iterable[str] = ()) -> str:
+    """The README.md of a sweep's collection / report repo: every run's recipe and results, one table per kind.
+
+    Args:
+        runs: one dict per run with ``record`` (its ``prunekit.json``; None for the dense baseline), ``results``
+            (its ``results.json`` or None) and optionally ``repo_id`` and ``name``.
+        title, description: the README's heading and first paragraph.
+        tags: tags added to 'prunekit' and 'pruning'.
+    Returns:
+        The README, parsed once by huggingface_hub's ``RepoCard``.
+    """
+    from huggingface_hub import CardData, RepoCard
+
+    from prunekit.hub_cards import COLLECTION_README
+
+    runs = list(runs)
+    rows = [_run_row(entry) for entry in runs]
+    keys = list(dict.fromkeys(key for row in rows for key in row["tasks"]))
+    languages = list(dict.fromkeys(code for entry in runs
+                                   for code in ((entry.get("record") or {}).get("calibration") or {}).get("languages") or []))
+
+    def seen(field: str) -> list[str]:
+        return list(dict.fromkeys(row[field] for row in rows if row[field] and row[field] != "-")) or ["-"]
+
+    text = _render(
+        COLLECTION_README, card_data=CardData(tags=["prunekit", "pruning", *tags], language=languages or None).to_yaml(),
+        title=title, description=description, runs=rows,
+        ppl_languages=list(dict.fromkeys(lang for row in rows for lang in row["ppl"])),
+        snr_languages=list(dict.fromkeys(lang for row in rows for lang in row["snr"])),
+        task_columns=[{"key": key, "task": key.rsplit("/", 1)[0], "metric": key.rsplit("/", 1)[1]} for key in keys],
+        bases=seen("base"), methods=seen("method"), calibrations=seen("calibration"),
+    )
+    RepoCard(text, ignore_metadata_errors=False)  # parses, or raises: a prunekit bug
+    return text

@@ -23,8 +23,7 @@ def _slug(text: str) -> str:
 
 
 def hub_id_from_cache_path(path: str | None) -> str | None:
-    """The Hub id a huggingface_hub cache path belongs to: '.../models--google--gemma-3-270m/snapshots/<sha>' ->
-    'google/gemma-3-270m'; None for any other path."""
+    """'.../models--google--gemma-3-270m/snapshots/<sha>' -> 'google/gemma-3-270m'; None for other paths."""
     for part in Path(path).parts if path else ():
         match = _CACHE_DIR.match(part)
         if match:
@@ -33,14 +32,8 @@ def hub_id_from_cache_path(path: str | None) -> str | None:
 
 
 def base_model_name(record: dict[str, Any]) -> str:
-    """The short name of a checkpoint's base model.
-
-    Args:
-        record: the checkpoint's ``prunekit.json``.
-    Returns:
-        'gemma-3-270m' for google/gemma-3-270m, embedded:gemma-3-270m or a Hub cache path; a local directory's
-        or GGUF file's own name otherwise.
-    """
+    """The short name of a record's base model: 'gemma-3-270m' for google/gemma-3-270m, embedded:gemma-3-270m or
+    a Hub cache path; a local directory's or GGUF file's own name otherwise."""
     base = record.get("base_model") or {}
     spec, kind = str(base.get("spec", "model")), base.get("kind")
     if kind == "embedded" or spec.startswith("embedded:"):
@@ -64,9 +57,8 @@ def recipe_slug(record: dict[str, Any]) -> str:
 
 
 def default_repo_id(record: dict[str, Any], namespace: str) -> str:
-    """A run's repo id, ``{namespace}/{base-name}-{method}-{pattern}-calib-{langs}-s{seed}``: lowercase,
-    deterministic and valid. A name over the Hub's 96 characters keeps the recipe part whole and truncates the
-    base name, adding six hex digits of the full name's hash so that different long names stay different.
+    """A run's repo id, ``{namespace}/{base}-{method}-{pattern}-calib-{langs}-s{seed}``: lowercase, deterministic,
+    valid. Over the Hub's 96 characters, the base name is cut and six hex digits of the full name's hash added.
 
     Args:
         record: the checkpoint's ``prunekit.json``.
@@ -94,10 +86,8 @@ def default_repo_id(record: dict[str, Any], namespace: str) -> str:
 
 
 def validate_namespace(namespace: str) -> str:
-    """Check a Hub user or organization name.
+    """Check a Hub user or organization name; return it stripped.
 
-    Returns:
-        The namespace, stripped.
     Raises:
         ConfigError: it has characters the Hub refuses, or '--' / '..'.
     """
@@ -111,10 +101,8 @@ def validate_namespace(namespace: str) -> str:
 
 
 def validate_repo_id(repo_id: str) -> str:
-    """Check ``namespace/name`` with huggingface_hub's own rules (96 characters, valid characters only).
+    """Check ``namespace/name`` with huggingface_hub's own rules; return it stripped.
 
-    Returns:
-        The repo id, stripped.
     Raises:
         ConfigError: it is not a valid ``namespace/name``.
     """

@@ -1,8 +1,6 @@
-"""Push a checkpoint with its card as one ``HfApi.create_commit``, and pull it back (:func:`prunekit.remote.download_snapshot`).
-
-huggingface_hub skips the files the repo already holds, and makes no commit when nothing changed. The repo
-mirrors the checkpoint: its files that the checkpoint no longer has are deleted in the same commit.
-"""
+"""Push a checkpoint with its card as one ``HfApi.create_commit``; pull it back with the one download path,
+:func:`prunekit.remote.download_snapshot`. huggingface_hub skips the files the repo already holds and makes no
+empty commit. The repo mirrors the checkpoint: files it no longer has are deleted in the same commit."""
 
 from __future__ import annotations
 
@@ -17,9 +15,8 @@ from typing import Any
 
 from prunekit.artifacts import CHECKPOINT_PATTERNS, RECORD_FILE, RESULTS_FILE, RESULTS_KIND, read_record
 from prunekit.errors import ConfigError, HubError
-from prunekit.hub.card import check_results_belong
+from prunekit.hub.card import check_results_belong, render_model_card
 from prunekit.hub.names import default_repo_id, validate_repo_id
-from prunekit.hub.render import render_model_card
 from prunekit.io import atomic_directory, read_versioned
 from prunekit.remote import (LOGIN_HINT, RetryPolicy, download_snapshot, get_token, hub_call, is_offline, offline_error,
                              resolve_endpoint)
@@ -64,14 +61,8 @@ def _managed(path: str) -> bool:
     return any(fnmatch.fnmatch(path, pattern) for pattern in CHECKPOINT_PATTERNS)
 
 
-def checkpoint_files(checkpoint: Path) -> dict[str, Path]:
-    """The files of a checkpoint dir that go to the Hub (README.md is rendered, not copied; hidden files stay).
-
-    Args:
-        checkpoint: the checkpoint directory.
-    Returns:
-        Path in the repo -> local file, sorted.
-    """
+def _checkpoint_files(checkpoint: Path) -> dict[str, Path]:
+    """The files of a checkpoint dir that go to the Hub (README.md is rendered, not copied; hidden files stay)."""
     files = {}
     for path in sorted(checkpoint.rglob("*")):
         rel = path.relative_to(checkpoint).as_posix()
@@ -107,9 +98,9 @@ def stage_folder(files: dict[str, Path], card: str, results_bytes: bytes | None,
     """Write what a push would send into a folder (a dry run's staging).
 
     Args:
-        files: the checkpoint's files (:func:`checkpoint_files`).
-        card: the rendered model card (README.md).
-        results_bytes: the results.json to publish in place of the checkpoint's own, if any.
+        files: the checkpoint's files to publish (path in the repo -> local file).
+        card: the model card (README.md).
+        results_bytes: a results.json to publish in place of the checkpoint's own, if any.
         staging: the folder to fill.
     """
     for rel, source in _contents(files, card, results_bytes).items():
@@ -181,7 +172,7 @@ def prepare_push(checkpoint: str | Path, repo_id: str | None = None, namespace: 
             raise ConfigError("--dense-results needs the pruned model's results too (--results or CHECKPOINT/results.json)")
         dense_data, _ = _read_json(Path(dense_results), "--dense-results")
     card = render_model_card(record, results_data, dense_data, repo_id, base_model)
-    return PushPlan(repo_id, folder, record, checkpoint_files(folder), card, results_bytes)
+    return PushPlan(repo_id, folder, record, _checkpoint_files(folder), card, results_bytes)
 
 
 def _staging_target(staging: str | Path | None, plan: PushPlan) -> Path:
@@ -274,16 +265,17 @@ def push(checkpoint: str | Path, repo_id: str | None = None, namespace: str | No
     call(f"creating {repo_id}", lambda: api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model"))
     if revision != "main":
         call(f"creating branch {revision}", lambda: api.create_branch(repo_id, branch=revision, exist_ok=True))
-    before = call(f"listing {repo_id}", lambda: _remote_files(api, repo_id, revision))
-    stale = [path for path in before if path not in contents and _managed(path)]
 
-    def commit():  # operations are single-use: a retry builds them anew
-        operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=source if isinstance(source, bytes) else str(source))
-                      for rel, source in contents.items()] + [CommitOperationDelete(path_in_repo=rel) for rel in stale]
-        return api.create_commit(repo_id, operations, revision=revision, commit_message=f"prunekit push: {repo_id.split('/')[-1]}",
-                                 commit_description=f"run {plan.record.get('run_id')}; the model card says how to reproduce it")
+    def commit():  # a retry looks at the repo again (the failed attempt may have landed) and builds new operations
+        before = _remote_files(api, repo_id, revision)
+        stale = [rel for rel in before if rel not in contents and _managed(rel)]
+        operations = [CommitOperationAdd(rel, source) for rel, source in contents.items()]
+        operations += [CommitOperationDelete(rel) for rel in stale]
+        return before, stale, api.create_commit(
+            repo_id, operations, revision=revision, commit_message=f"prunekit push: {repo_id.split('/')[-1]}",
+            commit_description=f"run {plan.record.get('run_id')}; the model card says how to reproduce it")
 
-    info = call(f"uploading to {repo_id}", commit)
+    before, stale, info = call(f"uploading to {repo_id}", commit)
     after = call(f"listing {repo_id}", lambda: _remote_files(api, repo_id, info.oid))
     files = [FileStatus(rel, _size(source), file_status(before.get(rel), after.get(rel))) for rel, source in contents.items()]
     files += [FileStatus(rel, before[rel].size, "deleted") for rel in stale]
