@@ -64,26 +64,40 @@ def resolve_endpoint(endpoint: str | None = None) -> str:
     """
     value = endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
     if not re.match(r"^https?://[^\s/]+", value):
-        raise ConfigError(f"invalid --endpoint '{value}': give a URL such as https://huggingface.co")
+        raise ConfigError(f"invalid Hub endpoint '{value}' (--endpoint or HF_ENDPOINT): give a URL such as https://huggingface.co")
     return value.rstrip("/")
 
 
 def get_token(token: str | None = None) -> str | None:
-    """``token``, else huggingface_hub's own (``$HF_TOKEN``, or what ``hf auth login`` saved), else None."""
+    """The Hub token to use; never printed or written.
+
+    Args:
+        token: a token given explicitly.
+    Returns:
+        ``token``, else huggingface_hub's own (``$HF_TOKEN``, or what ``hf auth login`` saved), else None.
+    """
     from huggingface_hub import get_token as saved_token
 
     return token or saved_token()
 
 
 def is_offline() -> bool:
-    """Whether huggingface_hub's offline mode (``HF_HUB_OFFLINE=1``) is on."""
+    """Returns:
+        Whether huggingface_hub's offline mode (``HF_HUB_OFFLINE=1``) is on.
+    """
     from huggingface_hub import constants
 
     return constants.is_offline_mode() if hasattr(constants, "is_offline_mode") else bool(constants.HF_HUB_OFFLINE)
 
 
 def offline_error(what: str, endpoint: str, hint: str = OFFLINE_HINT) -> HubError:
-    """The error for a request that offline mode forbids (nothing to retry)."""
+    """The error for a request that offline mode forbids (nothing to retry).
+
+    Args:
+        what: the action ("pushing org/x"); endpoint: the Hub URL; hint: what to do instead.
+    Returns:
+        The error, to raise.
+    """
     return HubError(f"offline mode (HF_HUB_OFFLINE=1) is on, so {what} cannot reach the Hub at {endpoint}; {hint}")
 
 

@@ -105,8 +105,13 @@ def _base_readme(record: dict[str, Any]) -> Path | None:
 
 
 def base_model_metadata(record: dict[str, Any]) -> dict[str, Any]:
-    """The front matter of a record's base model card (license, language, base_model, ...), when it is on this
-    machine; empty when there is none or it does not parse."""
+    """The front matter of the base model's card, when that card is on this machine.
+
+    Args:
+        record: the checkpoint's ``prunekit.json``.
+    Returns:
+        The metadata (license, language, base_model, ...); empty when there is no card or it does not parse.
+    """
     from huggingface_hub.repocard import metadata_load
 
     readme = _base_readme(record)

@@ -23,7 +23,13 @@ def _slug(text: str) -> str:
 
 
 def hub_id_from_cache_path(path: str | None) -> str | None:
-    """'.../models--google--gemma-3-270m/snapshots/<sha>' -> 'google/gemma-3-270m'; None for other paths."""
+    """The Hub id of a huggingface_hub cache path.
+
+    Args:
+        path: a local path, e.g. '.../models--google--gemma-3-270m/snapshots/<sha>'.
+    Returns:
+        'google/gemma-3-270m' for that example; None for a path outside a Hub cache.
+    """
     for part in Path(path).parts if path else ():
         match = _CACHE_DIR.match(part)
         if match:
@@ -32,8 +38,14 @@ def hub_id_from_cache_path(path: str | None) -> str | None:
 
 
 def base_model_name(record: dict[str, Any]) -> str:
-    """The short name of a record's base model: 'gemma-3-270m' for google/gemma-3-270m, embedded:gemma-3-270m or
-    a Hub cache path; a local directory's or GGUF file's own name otherwise."""
+    """The short name of a checkpoint's base model.
+
+    Args:
+        record: the checkpoint's ``prunekit.json``.
+    Returns:
+        'gemma-3-270m' for google/gemma-3-270m, embedded:gemma-3-270m or its Hub cache path; else the local
+        directory's or GGUF file's own name.
+    """
     base = record.get("base_model") or {}
     spec, kind = str(base.get("spec", "model")), base.get("kind")
     if kind == "embedded" or spec.startswith("embedded:"):
@@ -45,7 +57,13 @@ def base_model_name(record: dict[str, Any]) -> str:
 
 
 def recipe_slug(record: dict[str, Any]) -> str:
-    """The recipe part of a repo name: '50pct', '2of4', or 'w4g128' for a quantization."""
+    """The recipe part of a repo name.
+
+    Args:
+        record: the checkpoint's ``prunekit.json``.
+    Returns:
+        '50pct' (unstructured), '2of4' (N:M) or 'w4g128' (a quantization).
+    """
     recipe = record.get("recipe") or {}
     quant, pattern = recipe.get("quantization"), recipe.get("pattern") or {}
     if quant:
