@@ -276,6 +276,22 @@ def test_resolve_model_downloads_a_hub_id_from_hf_endpoint_and_records_the_commi
     assert set(HUB_ALLOW_PATTERNS) >= {"prunekit.json", "results.json", "README.md"}
 
 
+def test_a_hub_id_already_cached_resolves_offline_and_an_offline_pull_into_a_directory_fails_at_once(hub, pruned, tmp_path,
+                                                                                                    monkeypatch):
+    """One download path: offline, model resolution and pull read the Hub cache; a copy into a directory needs the Hub."""
+    result = push(pruned, namespace="org", retry=FAST)
+    online = resolve_model(result.repo_id)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    requests = len(hub.requests)
+    offline = resolve_model(result.repo_id)
+    assert offline.path == online.path and offline.revision == result.commit
+    assert pull(result.repo_id, retry=FAST).revision == result.commit
+    with pytest.raises(PrunekitError, match="HF_HUB_OFFLINE"):
+        pull(result.repo_id, out=tmp_path / "copy", retry=FAST)
+    assert not (tmp_path / "copy").exists() and len(hub.requests) == requests
+
+
 # ---- the CLI never shows or stores the token ------------------------------------------------------------
 
 def run_cli(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
