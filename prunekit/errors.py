@@ -29,6 +29,10 @@ class SchemaError(PrunekitError):
     """An artefact on disk written by an incompatible prunekit version."""
 
 
+class HubError(PrunekitError):
+    """The Hugging Face Hub refused or failed a request: the message says whether to log in, wait or change it."""
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """`` (did you mean 'X'?)`` for the closest of ``choices`` to a misspelt ``word``, or ``""``."""
     import difflib

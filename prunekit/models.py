@@ -19,6 +19,7 @@ from prunekit.artifacts import CHECKPOINT_PATTERNS as HUB_ALLOW_PATTERNS  # what
 from prunekit.errors import ConfigError, ModelError
 from prunekit.gguf_conversion import convert_gguf, has_config
 from prunekit.io import cache_dir, check_model_files, check_safetensors
+from prunekit.remote import download_snapshot
 
 EMBEDDED_PREFIX = "embedded:"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -91,24 +92,6 @@ def _embedded_model_dir(name: str) -> Path:
     return embedded_model_dir(name)
 
 
-def _hub_snapshot(repo_id: str, revision: str | None) -> tuple[Path, str | None]:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-    endpoint = os.environ.get("HF_ENDPOINT") or None  # read now: huggingface_hub reads it only at import
-    try:
-        path = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS, endpoint=endpoint)
-    except RepositoryNotFoundError as err:
-        raise ModelError(f"Hub repository '{repo_id}' was not found (or is private: log in with `hf auth login`)") from err
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
-        raise ModelError(
-            f"could not download '{repo_id}' from the Hugging Face Hub ({type(err).__name__}); "
-            "check the id and your network, or pass a local model directory"
-        ) from err
-    path = Path(path)
-    return path, path.name  # snapshot folders are named by commit sha
-
-
 def resolve_model(spec: str, revision: str | None = None) -> ModelSource:
     """Turn a MODEL argument into a local directory with config and weights."""
     spec = str(spec)
@@ -123,7 +106,7 @@ def resolve_model(spec: str, revision: str | None = None) -> ModelSource:
         return ModelSource(spec, check_model_files(path.resolve()), "local")
     looks_local = spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").split("/", 1)[-1] or path.suffix
     if HUB_ID.match(spec) and not looks_local:
-        local, sha = _hub_snapshot(spec, revision)
+        local, sha = download_snapshot(spec, revision)
         return ModelSource(spec, check_model_files(local), "hub", revision=sha)
     raise ModelError(
         f"model '{spec}' not found: give a local model directory, a .gguf file, a Hub id such as "

@@ -390,7 +390,7 @@ def test_offline_mode_met_inside_a_hub_call_is_not_retried():
     from huggingface_hub.errors import OfflineModeIsEnabled
 
     from prunekit.errors import PrunekitError
-    from prunekit.hub import RetryPolicy, _with_retries
+    from prunekit.hub import RetryPolicy, hub_call
 
     calls = []
 
@@ -399,7 +399,7 @@ def test_offline_mode_met_inside_a_hub_call_is_not_retried():
         raise OfflineModeIsEnabled("offline")
 
     with pytest.raises(PrunekitError, match="HF_HUB_OFFLINE"):
-        _with_retries("reading org/x", call, RetryPolicy(5, 10.0), "https://hub.example", None)
+        hub_call("reading org/x", call, repo_id="org/x", endpoint="https://hub.example", retry=RetryPolicy(5, 10.0))
     assert calls == [1]
 
 

@@ -95,7 +95,9 @@ def test_push_then_pull_gives_identical_bytes_and_an_unchanged_push_makes_no_com
     assert {f.status for f in second.files} == {"unchanged"}
     assert len(hub.commit_log) == commits
     routes = [route for _, route, _, _ in hub.requests[requests_before:]]
-    assert "commit" not in routes and "preupload" not in routes
+    # huggingface_hub decides what is unchanged from one pre-upload request (paths, sizes, 512-byte samples) and
+    # the oids the Hub answers: no commit, and no file's content is sent
+    assert "commit" not in routes and routes.count("preupload") == 1
 
 
 def test_a_changed_result_commits_only_the_files_that_changed(hub, pruned, tmp_path):
@@ -155,22 +157,39 @@ def test_a_private_push_is_invisible_without_the_token(hub, pruned, tmp_path, mo
         pull("org/secret", out=tmp_path / "without-token", retry=FAST)
 
 
-def test_unchanged_check_uses_git_blob_sha1_for_regular_files_and_sha256_for_lfs(tmp_path):
+def test_a_file_changed_in_place_is_committed_even_at_the_same_size(hub, pruned, tmp_path):
+    """huggingface_hub compares contents (the git blob sha1 of regular files, the sha256 of LFS files) with what
+    the Hub holds, not sizes: one byte changed in place is found, and only that file is committed."""
+    repo = push(pruned, namespace="org", retry=FAST).repo_id
+    edited = tmp_path / "edited"
+    shutil.copytree(pruned, edited)
+    config = (edited / "generation_config.json").read_bytes()
+    changed = config[:-1] + (b" " if config[-1:] != b" " else b"\n")
+    (edited / "generation_config.json").write_bytes(changed)
+    assert len(changed) == len(config) and changed != config
+    result = push(edited, repo_id=repo, retry=FAST)
+    assert result.committed
+    assert {f.path: f.status for f in result.files if f.status != "unchanged"} == {"generation_config.json": "changed"}
+    assert hub.commit_log[-1][2] == ["generation_config.json"]
+    assert hub.files(repo)["generation_config.json"] == changed
+
+
+def test_a_files_status_compares_the_git_blob_before_and_after_the_commit():
+    """Regular files by their git blob sha1; LFS files by their pointer's blob, which carries the content's sha256."""
     from huggingface_hub.hf_api import RepoFile
 
-    from prunekit.hub import _same_as_remote
+    from prunekit.hub import file_status
 
     data = b"weights" * 1000
-    local = tmp_path / "model.safetensors"
-    local.write_bytes(data)
     blob = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-    sha256 = hashlib.sha256(data).hexdigest()
-    assert _same_as_remote(local, RepoFile(path="m", size=len(data), oid=blob))
-    assert not _same_as_remote(local, RepoFile(path="m", size=len(data), oid="0" * 40))
-    lfs = {"size": len(data), "oid": sha256, "pointerSize": 134}
-    assert _same_as_remote(local, RepoFile(path="m", size=len(data), oid="1" * 40, lfs=lfs))
-    assert not _same_as_remote(local, RepoFile(path="m", size=len(data), oid=blob, lfs={**lfs, "oid": "f" * 64}))
-    assert not _same_as_remote(local, RepoFile(path="m", size=len(data) + 1, oid=blob))
+    regular = RepoFile(path="m", size=len(data), oid=blob)
+    assert file_status(None, regular) == "new"
+    assert file_status(regular, RepoFile(path="m", size=len(data), oid=blob)) == "unchanged"
+    assert file_status(regular, RepoFile(path="m", size=len(data), oid="0" * 40)) == "changed"  # same size
+    lfs = {"size": len(data), "oid": hashlib.sha256(data).hexdigest(), "pointerSize": 134}
+    pointer = RepoFile(path="m", size=len(data), oid="1" * 40, lfs=lfs)
+    assert file_status(pointer, RepoFile(path="m", size=len(data), oid="1" * 40, lfs=lfs)) == "unchanged"
+    assert file_status(pointer, RepoFile(path="m", size=len(data), oid="2" * 40, lfs={**lfs, "oid": "f" * 64})) == "changed"
 
 
 def test_staging_links_big_weights_and_copies_small_files(tmp_path):
@@ -255,6 +274,22 @@ def test_resolve_model_downloads_a_hub_id_from_hf_endpoint_and_records_the_commi
     for (name, a), (_, b) in zip(model.state_dict().items(), local.state_dict().items()):
         assert torch.equal(a, b), name
     assert set(HUB_ALLOW_PATTERNS) >= {"prunekit.json", "results.json", "README.md"}
+
+
+def test_a_hub_id_already_cached_resolves_offline_and_an_offline_pull_into_a_directory_fails_at_once(hub, pruned, tmp_path,
+                                                                                                    monkeypatch):
+    """One download path: offline, model resolution and pull read the Hub cache; a copy into a directory needs the Hub."""
+    result = push(pruned, namespace="org", retry=FAST)
+    online = resolve_model(result.repo_id)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    requests = len(hub.requests)
+    offline = resolve_model(result.repo_id)
+    assert offline.path == online.path and offline.revision == result.commit
+    assert pull(result.repo_id, retry=FAST).revision == result.commit
+    with pytest.raises(PrunekitError, match="HF_HUB_OFFLINE"):
+        pull(result.repo_id, out=tmp_path / "copy", retry=FAST)
+    assert not (tmp_path / "copy").exists() and len(hub.requests) == requests
 
 
 # ---- the CLI never shows or stores the token ------------------------------------------------------------

@@ -1,0 +1,308 @@
+"""Push a checkpoint with its card as one ``HfApi.create_commit``; pull it back with the one download path,
+:func:`prunekit.remote.download_snapshot`. huggingface_hub skips the files the repo already holds and makes no
+empty commit. The repo mirrors the checkpoint: files it no longer has are deleted in the same commit."""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prunekit.artifacts import CHECKPOINT_PATTERNS, RECORD_FILE, RESULTS_FILE, RESULTS_KIND, read_record
+from prunekit.errors import ConfigError, HubError
+from prunekit.hub.card import check_results_belong, render_model_card
+from prunekit.hub.names import default_repo_id, validate_repo_id
+from prunekit.io import atomic_directory, read_versioned
+from prunekit.remote import (LOGIN_HINT, RetryPolicy, download_snapshot, get_token, hub_call, is_offline, offline_error,
+                             resolve_endpoint)
+
+CARD_FILE = "README.md"
+LINK_MIN_BYTES = 1 << 20  # staged files at least this big are linked, not copied
+
+
+@dataclass
+class FileStatus:
+    path: str
+    size: int
+    status: str  # "new", "changed", "unchanged", "deleted", or "staged" (dry run)
+
+
+@dataclass
+class PushResult:
+    repo_id: str
+    endpoint: str
+    revision: str
+    url: str
+    files: list[FileStatus]
+    card: str
+    dry_run: bool = False
+    staging: Path | None = None
+    commit: str | None = None  # the head commit after the push
+    commit_url: str | None = None
+    committed: bool = False  # False: nothing changed (or a dry run), no commit was made
+
+
+@dataclass
+class PullResult:
+    repo_id: str
+    endpoint: str
+    revision: str  # the commit sha that was downloaded
+    requested: str | None
+    path: Path
+    files: list[str] = field(default_factory=list)
+
+
+def _managed(path: str) -> bool:
+    return any(fnmatch.fnmatch(path, pattern) for pattern in CHECKPOINT_PATTERNS)
+
+
+def _checkpoint_files(checkpoint: Path) -> dict[str, Path]:
+    """The files of a checkpoint dir that go to the Hub (README.md is rendered, not copied; hidden files stay)."""
+    files = {}
+    for path in sorted(checkpoint.rglob("*")):
+        rel = path.relative_to(checkpoint).as_posix()
+        if path.is_file() and not any(part.startswith(".") for part in rel.split("/")) and rel != CARD_FILE and _managed(rel):
+            files[rel] = path
+    return files
+
+
+def _contents(files: dict[str, Path], card: str, results_bytes: bytes | None) -> dict[str, Path | bytes]:
+    """What the repo holds after a push: path in the repo -> local file or bytes, sorted."""
+    contents: dict[str, Path | bytes] = dict(files)
+    contents[CARD_FILE] = card.encode()
+    if results_bytes is not None:
+        contents[RESULTS_FILE] = results_bytes
+    return dict(sorted(contents.items()))
+
+
+def _size(source: Path | bytes) -> int:
+    return len(source) if isinstance(source, bytes) else source.stat().st_size
+
+
+def _place(source: Path, target: Path) -> None:
+    """Copy a small file (an edit of the copy must not reach the checkpoint); hard-link a big one (no second copy
+    of multi-GB weights), else symlink it, else copy it."""
+    if _size(source) >= LINK_MIN_BYTES:
+        for link in (os.link, lambda s, t: t.symlink_to(s.resolve())):
+            with contextlib.suppress(OSError):
+                return link(source, target)
+    shutil.copy2(source, target)
+
+
+def stage_folder(files: dict[str, Path], card: str, results_bytes: bytes | None, staging: Path) -> None:
+    """Write what a push would send into a folder (a dry run's staging).
+
+    Args:
+        files: the checkpoint's files to publish (path in the repo -> local file).
+        card: the model card (README.md).
+        results_bytes: a results.json to publish in place of the checkpoint's own, if any.
+        staging: the folder to fill.
+    """
+    for rel, source in _contents(files, card, results_bytes).items():
+        target = staging / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(source, bytes):
+            target.write_bytes(source)
+        else:
+            _place(source, target)
+
+
+def _read_json(path: Path, option: str) -> tuple[dict[str, Any], bytes]:
+    if not path.is_file():
+        raise ConfigError(f"{option} '{path}' does not exist")
+    try:
+        return read_versioned(path, RESULTS_KIND), path.read_bytes()
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{option} '{path}' is not valid JSON ({err})") from None
+
+
+@dataclass
+class PushPlan:
+    """What a push sends, decided locally (no network): repo id, files, rendered card."""
+
+    repo_id: str
+    checkpoint: Path
+    record: dict[str, Any]
+    files: dict[str, Path]
+    card: str
+    results_bytes: bytes | None
+
+    def contents(self) -> dict[str, Path | bytes]:
+        return _contents(self.files, self.card, self.results_bytes)
+
+
+def prepare_push(checkpoint: str | Path, repo_id: str | None = None, namespace: str | None = None,
+                 results: str | Path | None = None, dense_results: str | Path | None = None,
+                 base_model: str | None = None) -> PushPlan:
+    """Read the checkpoint's record and results, name the repo and render the card, without the network.
+
+    Args:
+        checkpoint, repo_id, namespace, results, dense_results, base_model: as for :func:`push`.
+    Returns:
+        The plan.
+    Raises:
+        ConfigError: no destination, not a prunekit checkpoint, or results that are missing, invalid or another run's.
+    """
+    folder = Path(str(checkpoint)).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"'{checkpoint}' is a file; push takes a checkpoint directory written by prunekit prune")
+    if not folder.exists():
+        from prunekit.models import resolve_model  # a Hub id or embedded: spec
+
+        folder = resolve_model(str(checkpoint)).path
+    record = read_record(folder)
+    if record is None:
+        raise ConfigError(f"'{checkpoint}' has no {RECORD_FILE}: push publishes checkpoints written by `prunekit prune` "
+                          "(their record is what the model card is made from)")
+    if not (repo_id or namespace):
+        raise ConfigError("say where to push: --repo-id NAMESPACE/NAME, or --namespace ORG for the default name")
+    repo_id = validate_repo_id(repo_id) if repo_id else default_repo_id(record, namespace)
+    results_path = Path(results) if results else folder / RESULTS_FILE
+    results_data, results_bytes, dense_data = None, None, None
+    if results or results_path.is_file():
+        results_data, results_bytes = _read_json(results_path, "--results")
+        check_results_belong(record, results_data, str(results_path))
+    if dense_results:
+        if results_data is None:
+            raise ConfigError("--dense-results needs the pruned model's results too (--results or CHECKPOINT/results.json)")
+        dense_data, _ = _read_json(Path(dense_results), "--dense-results")
+    card = render_model_card(record, results_data, dense_data, repo_id, base_model)
+    return PushPlan(repo_id, folder, record, _checkpoint_files(folder), card, results_bytes)
+
+
+def _staging_target(staging: str | Path | None, plan: PushPlan) -> Path:
+    """Where a dry run writes; never over a directory that is not an earlier staging."""
+    target = Path(staging) if staging else Path.cwd() / "hub-staging" / plan.repo_id.split("/")[-1]
+    if target.exists():
+        if not target.is_dir():
+            raise ConfigError(f"--staging '{target}' is a file; give a directory")
+        if target.resolve() == plan.checkpoint.resolve():
+            raise ConfigError("--staging must not be the checkpoint directory itself; give another directory")
+        entries = {p.name for p in target.iterdir()}
+        if entries and not {CARD_FILE, RECORD_FILE} <= entries:
+            raise ConfigError(f"--staging '{target}' is a non-empty directory that is not an earlier push staging; "
+                              "give a new or empty directory")
+    return target
+
+
+def _remote_files(api, repo_id: str, revision: str) -> dict[str, Any]:
+    from huggingface_hub.errors import RevisionNotFoundError
+    from huggingface_hub.hf_api import RepoFile
+
+    try:
+        return {e.path: e for e in api.list_repo_tree(repo_id, revision=revision, recursive=True) if isinstance(e, RepoFile)}
+    except RevisionNotFoundError:  # an empty repo
+        return {}
+
+
+def file_status(before: Any | None, after: Any | None) -> str:
+    """A file's status in a push, from the repo's entries (``RepoFile``) before and after the commit.
+
+    Args:
+        before, after: the file's entry at the previous head and at the new one (None: absent).
+    Returns:
+        "new", "unchanged" (the same git blob: for LFS files, the pointer, which carries the content's sha256)
+        or "changed".
+    """
+    if before is None:
+        return "new"
+    return "unchanged" if after is not None and after.blob_id == before.blob_id else "changed"
+
+
+def push(checkpoint: str | Path, repo_id: str | None = None, namespace: str | None = None, private: bool = False,
+         revision: str | None = None, endpoint: str | None = None, dry_run: bool = False,
+         results: str | Path | None = None, dense_results: str | Path | None = None, base_model: str | None = None,
+         staging: str | Path | None = None, token: str | None = None, retry: RetryPolicy | None = None) -> PushResult:
+    """Publish a pruned checkpoint with its model card; what ``prunekit push`` does.
+
+    Args:
+        checkpoint: a checkpoint directory written by prunekit (or a Hub id / ``embedded:`` spec).
+        repo_id: the target ``namespace/name``; or ``namespace``, for :func:`default_repo_id`.
+        private: create the repo private (an existing repo keeps its visibility).
+        revision: the branch, created when missing (default main).
+        endpoint: the Hub URL (default ``$HF_ENDPOINT``, else the public Hub).
+        dry_run: write the files into ``staging`` (default ./hub-staging/NAME) and contact nothing.
+        results, dense_results: ``results.json`` of the checkpoint (default CHECKPOINT/results.json) and of the dense model.
+        base_model: the base model's Hub id, when it was pruned from a local copy.
+        token: the Hub token (default huggingface_hub's own); never printed or written.
+        retry: the retry policy (default from ``PRUNEKIT_HUB_RETRIES`` / ``PRUNEKIT_HUB_BACKOFF``).
+    Returns:
+        The repo, each file's status, the card, and the head commit (``committed`` False when nothing changed).
+    Raises:
+        ConfigError: bad arguments, not a prunekit checkpoint, or results that do not belong to it.
+        HubError: offline mode, no or a rejected token, no permission, or a Hub that kept failing.
+    """
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+
+    from prunekit import __version__
+
+    endpoint, revision = resolve_endpoint(endpoint), revision or "main"
+    plan = prepare_push(checkpoint, repo_id, namespace, results, dense_results, base_model)
+    repo_id, contents = plan.repo_id, plan.contents()
+    url = f"{endpoint}/{repo_id}" + (f"/tree/{revision}" if revision != "main" else "")
+    if dry_run:
+        target = _staging_target(staging, plan)
+        with atomic_directory(target, overwrite=True) as tmp:
+            stage_folder(plan.files, plan.card, plan.results_bytes, tmp)
+        files = [FileStatus(rel, _size(source), "staged") for rel, source in contents.items()]
+        return PushResult(repo_id, endpoint, revision, url, files, plan.card, dry_run=True, staging=target)
+
+    if is_offline():
+        raise offline_error(f"pushing {repo_id}", endpoint, "unset HF_HUB_OFFLINE to publish, or use --dry-run to stage the files")
+    token = get_token(token)
+    if not token:
+        raise HubError(f"no Hub token found, so nothing can be pushed to {endpoint}; {LOGIN_HINT}")
+    api = HfApi(endpoint=endpoint, token=token, library_name="prunekit", library_version=__version__)
+
+    def call(what: str, fn):
+        return hub_call(what, fn, repo_id=repo_id, endpoint=endpoint, token=token, retry=retry, revision=revision)
+
+    call(f"creating {repo_id}", lambda: api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model"))
+    if revision != "main":
+        call(f"creating branch {revision}", lambda: api.create_branch(repo_id, branch=revision, exist_ok=True))
+
+    def commit():  # a retry looks at the repo again (the failed attempt may have landed) and builds new operations
+        before = _remote_files(api, repo_id, revision)
+        stale = [rel for rel in before if rel not in contents and _managed(rel)]
+        operations = [CommitOperationAdd(rel, source) for rel, source in contents.items()]
+        operations += [CommitOperationDelete(rel) for rel in stale]
+        return before, stale, api.create_commit(
+            repo_id, operations, revision=revision, commit_message=f"prunekit push: {repo_id.split('/')[-1]}",
+            commit_description=f"run {plan.record.get('run_id')}; the model card says how to reproduce it")
+
+    before, stale, info = call(f"uploading to {repo_id}", commit)
+    after = call(f"listing {repo_id}", lambda: _remote_files(api, repo_id, info.oid))
+    files = [FileStatus(rel, _size(source), file_status(before.get(rel), after.get(rel))) for rel, source in contents.items()]
+    files += [FileStatus(rel, before[rel].size, "deleted") for rel in stale]
+    committed = any(f.status != "unchanged" for f in files)
+    return PushResult(repo_id, endpoint, revision, url, files, plan.card, commit=info.oid,
+                      commit_url=info.commit_url if committed else None, committed=committed)
+
+
+def pull(repo_id: str, revision: str | None = None, out: str | Path | None = None, endpoint: str | None = None,
+         cache_dir: str | Path | None = None, token: str | None = None, retry: RetryPolicy | None = None) -> PullResult:
+    """Download a checkpoint repo; what ``prunekit pull`` does.
+
+    Args:
+        repo_id: ``namespace/name``.
+        revision: a branch, tag or commit (default main).
+        out: download into this directory (default: the Hub cache).
+        endpoint, cache_dir, token, retry: as for :func:`prunekit.remote.download_snapshot`.
+    Returns:
+        The commit downloaded, the local directory and its files.
+    Raises:
+        ConfigError: an invalid repo id or endpoint.
+        ModelError: the repo or revision does not exist, or is private.
+        HubError: offline mode, a rejected token, or a Hub that kept failing.
+    """
+    repo_id, endpoint = validate_repo_id(repo_id), resolve_endpoint(endpoint)
+    path, sha = download_snapshot(repo_id, revision, local_dir=out, cache_dir=cache_dir, endpoint=endpoint,
+                                  token=token, retry=retry)
+    files = sorted(rel for rel in (p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+                   if not rel.startswith("."))
+    return PullResult(repo_id, endpoint, sha, revision, path, files)

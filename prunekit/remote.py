@@ -1,0 +1,230 @@
+"""The Hub connection that model resolution (models) and publishing (hub) share: the endpoint, the token,
+one error message per failure, retries, and the one download path (:func:`download_snapshot`).
+
+huggingface_hub retries its own listings, pre-upload checks and file transfers (``http_backoff``). The calls
+it makes once (repo info, create_repo, create_branch, the commit) are retried here, on the status codes and
+network errors that ``http_backoff`` retries by default: ``PRUNEKIT_HUB_RETRIES`` attempts (default 5), the
+first delay ``PRUNEKIT_HUB_BACKOFF`` seconds (default 1), doubling. The token is never printed or written.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, TypeVar
+
+from prunekit.artifacts import CHECKPOINT_PATTERNS
+from prunekit.errors import ConfigError, HubError, ModelError, PrunekitError
+
+log = logging.getLogger("prunekit.remote")
+T = TypeVar("T")
+LOGIN_HINT = ("log in with `hf auth login` or set HF_TOKEN (tokens: https://huggingface.co/settings/tokens; "
+              "pushing needs write access)")
+OFFLINE_HINT = "unset HF_HUB_OFFLINE to reach it, or give commands the copy you already have (a local directory)"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how patiently a Hub call that failed transiently is tried again."""
+
+    attempts: int = 5
+    backoff_s: float = 1.0
+    max_backoff_s: float = 30.0
+
+    @classmethod
+    def from_env(cls) -> "RetryPolicy":
+        """The policy of ``PRUNEKIT_HUB_RETRIES`` (attempts) and ``PRUNEKIT_HUB_BACKOFF`` (first delay, seconds).
+
+        Raises:
+            ConfigError: a value is not a number.
+        """
+        try:
+            return cls(int(os.environ.get("PRUNEKIT_HUB_RETRIES", 5)), float(os.environ.get("PRUNEKIT_HUB_BACKOFF", 1.0)))
+        except ValueError as err:
+            raise ConfigError(f"PRUNEKIT_HUB_RETRIES / PRUNEKIT_HUB_BACKOFF must be numbers ({err})") from None
+
+    def delay(self, attempt: int) -> float:
+        return min(self.backoff_s * 2 ** (attempt - 1), self.max_backoff_s)
+
+
+def resolve_endpoint(endpoint: str | None = None) -> str:
+    """The Hub URL to talk to.
+
+    Args:
+        endpoint: a URL; None reads ``$HF_ENDPOINT`` now (huggingface_hub reads it only at import), else the public Hub.
+    Returns:
+        The URL without a trailing slash.
+    Raises:
+        ConfigError: it is not an http(s) URL.
+    """
+    value = endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    if not re.match(r"^https?://[^\s/]+", value):
+        raise ConfigError(f"invalid Hub endpoint '{value}' (--endpoint or HF_ENDPOINT): give a URL such as https://huggingface.co")
+    return value.rstrip("/")
+
+
+def get_token(token: str | None = None) -> str | None:
+    """The Hub token to use; never printed or written.
+
+    Args:
+        token: a token given explicitly.
+    Returns:
+        ``token``, else huggingface_hub's own (``$HF_TOKEN``, or what ``hf auth login`` saved), else None.
+    """
+    from huggingface_hub import get_token as saved_token
+
+    return token or saved_token()
+
+
+def is_offline() -> bool:
+    """Returns:
+        Whether huggingface_hub's offline mode (``HF_HUB_OFFLINE=1``) is on.
+    """
+    from huggingface_hub import constants
+
+    return constants.is_offline_mode() if hasattr(constants, "is_offline_mode") else bool(constants.HF_HUB_OFFLINE)
+
+
+def offline_error(what: str, endpoint: str, hint: str = OFFLINE_HINT) -> HubError:
+    """The error for a request that offline mode forbids (nothing to retry).
+
+    Args:
+        what: the action ("pushing org/x"); endpoint: the Hub URL; hint: what to do instead.
+    Returns:
+        The error, to raise.
+    """
+    return HubError(f"offline mode (HF_HUB_OFFLINE=1) is on, so {what} cannot reach the Hub at {endpoint}; {hint}")
+
+
+def _chain(err: BaseException | None) -> Iterator[BaseException]:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def _status(err: BaseException) -> int | None:
+    statuses = (getattr(getattr(e, "response", None), "status_code", None) for e in _chain(err))
+    return next((s for s in statuses if isinstance(s, int)), None)
+
+
+def _transient(err: BaseException) -> bool:
+    """What huggingface_hub's ``http_backoff`` retries by default: its status codes and network errors."""
+    from huggingface_hub.utils import http_backoff
+
+    defaults = inspect.signature(http_backoff).parameters
+    codes, kinds = defaults["retry_on_status_codes"].default, defaults["retry_on_exceptions"].default
+    status = _status(err)
+    if status is not None:
+        return status in ((codes,) if isinstance(codes, int) else codes)
+    return any(isinstance(e, kinds) for e in _chain(err))
+
+
+def _describe(err: BaseException, token: str | None) -> str:
+    status, server = _status(err), getattr(err, "server_message", None)
+    text = str(err).strip()
+    text = f"{status} {server}".strip() if status and server else (text.splitlines()[0] if text else type(err).__name__)
+    return text.replace(token, "hf_***") if token else text
+
+
+def hub_call(what: str, call: Callable[[], T], *, repo_id: str, endpoint: str, token: str | None = None,
+             retry: RetryPolicy | None = None, revision: str | None = None) -> T:
+    """Run one huggingface_hub call, retrying transient failures; turn every failure into a message that says what to do.
+
+    Args:
+        what: the action, for messages ("creating org/x").
+        call: the call, without arguments.
+        repo_id, endpoint, revision: named in the messages.
+        token: the token in use, redacted from messages.
+        retry: the retry policy (default: :meth:`RetryPolicy.from_env`).
+    Returns:
+        What ``call`` returns.
+    Raises:
+        ModelError: the repo or revision does not exist (or is private), or it could not be downloaded.
+        HubError: offline mode, no or a rejected token, no permission, a Hub that kept failing or refused.
+    """
+    from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError, LocalTokenNotFoundError,
+                                        OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
+
+    retry = retry or RetryPolicy.from_env()
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return call()
+        except PrunekitError:
+            raise
+        except OfflineModeIsEnabled:  # a ConnectionError, but nothing a retry can fix
+            raise offline_error(what, endpoint) from None
+        except LocalTokenNotFoundError:
+            raise HubError(f"not logged in to the Hub at {endpoint} while {what}; {LOGIN_HINT}") from None
+        except RepositoryNotFoundError:
+            raise ModelError(f"Hub repository '{repo_id}' was not found at {endpoint} (or it is private: {LOGIN_HINT})") from None
+        except RevisionNotFoundError:
+            raise ModelError(f"revision '{revision}' of '{repo_id}' was not found at {endpoint}") from None
+        except Exception as err:  # noqa: BLE001 - classified below; anything unexpected is re-raised
+            status = _status(err)
+            if status == 401:
+                raise HubError(f"the Hub at {endpoint} rejected the token while {what} (401 Unauthorized); {LOGIN_HINT}") from None
+            if status == 403:
+                raise HubError(
+                    f"the token may not do this at {endpoint} while {what} (403 Forbidden): use a token with write access "
+                    "to that namespace (https://huggingface.co/settings/tokens), or choose a --namespace you own"
+                ) from None
+            if not _transient(err):
+                if isinstance(err, LocalEntryNotFoundError):  # snapshot_download found neither the Hub nor a cached copy
+                    if is_offline():
+                        raise offline_error(what, endpoint) from None
+                    raise ModelError(f"could not download '{repo_id}' from the Hub at {endpoint} ({_describe(err, token)}); "
+                                     "check the id and your network, or pass a local model directory") from None
+                if any(isinstance(e, HfHubHTTPError) for e in _chain(err)):
+                    raise HubError(f"the Hub at {endpoint} refused {what}: {_describe(err, token)}") from None
+                raise
+            if attempt >= retry.attempts:
+                raise HubError(f"the Hub at {endpoint} kept failing while {what} ({_describe(err, token)}; "
+                               f"{attempt} attempts); try again later") from None
+            log.warning("transient Hub error while %s (%s); retrying in %.2g s (attempt %d of %d)",
+                        what, _describe(err, token), retry.delay(attempt), attempt + 1, retry.attempts)
+            time.sleep(retry.delay(attempt))
+
+
+def download_snapshot(repo_id: str, revision: str | None = None, *, local_dir: str | Path | None = None,
+                      cache_dir: str | Path | None = None, endpoint: str | None = None, token: str | None = None,
+                      retry: RetryPolicy | None = None) -> tuple[Path, str]:
+    """Download a checkpoint repo's files (:data:`prunekit.artifacts.CHECKPOINT_PATTERNS`): the one download path
+    of ``prunekit pull`` and of every command given a Hub id.
+
+    Into the Hub cache, a copy already cached is used when the Hub cannot be reached or offline mode is on.
+
+    Args:
+        repo_id: ``namespace/name``.
+        revision: a branch, tag or commit (default main).
+        local_dir: download into this directory instead of the cache.
+        cache_dir: the Hub cache to use (default huggingface_hub's).
+        endpoint: the Hub URL (default ``$HF_ENDPOINT``, else the public Hub).
+        token: the token (default huggingface_hub's own).
+        retry: the retry policy (default :meth:`RetryPolicy.from_env`).
+    Returns:
+        (the local directory, the commit sha downloaded).
+    Raises:
+        ModelError: the repo or revision does not exist, or is private; or the Hub is unreachable and nothing is cached.
+        HubError: offline mode with ``local_dir``, a rejected token, or a Hub that kept failing.
+    """
+    from huggingface_hub import HfApi, snapshot_download
+
+    endpoint = resolve_endpoint(endpoint)
+    token = get_token(token)
+    context = dict(repo_id=repo_id, endpoint=endpoint, token=token, retry=retry, revision=revision)
+    if local_dir is not None:  # a copy to keep: name the commit first, so that its files and the sha reported agree
+        api = HfApi(endpoint=endpoint, token=token)
+        revision = hub_call(f"reading {repo_id}", lambda: api.repo_info(repo_id, revision=revision).sha, **context)
+    path = Path(hub_call(f"downloading {repo_id}", lambda: snapshot_download(
+        repo_id, revision=revision, allow_patterns=list(CHECKPOINT_PATTERNS), local_dir=local_dir, cache_dir=cache_dir,
+        endpoint=endpoint, token=token), **context))
+    return path, str(revision) if local_dir is not None else path.name  # cache snapshots are named by commit
