@@ -1,14 +1,12 @@
 """Jinja2 templates for prunekit's Hub cards (package data; rendered by :mod:`prunekit.hub`).
 
 - ``model_card.md.j2``: the README.md of one pruned checkpoint's repo.
-- ``collection_readme.md.j2``: the README.md of a sweep's collection / report repo.
 - ``serving.md.j2``: how a checkpoint is stored and served (included by the model card).
 """
 
 from importlib import resources
 
 MODEL_CARD = "model_card.md.j2"
-COLLECTION_README = "collection_readme.md.j2"
 
 
 def template_text(name: str) -> str:

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from huggingface_hub import ModelCard, RepoCard
+from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
 from huggingface_hub.utils import validate_repo_id
 
 import prunekit
 from prunekit.errors import ConfigError
-from prunekit.hub import default_repo_id, render_collection_readme, render_model_card
+from prunekit.hub import default_repo_id, render_model_card
 from tests.conftest import TATOEBA
 from tests.hub_server import example_results
 
@@ -227,30 +227,6 @@ def test_card_model_index_omits_non_finite_values_but_the_body_shows_them(record
     card = ModelCard(render_model_card(record, results, repo_id="org/x"))
     assert all(r.metric_value != math.inf for r in card.data.eval_results)
     assert "| English (`en`) | inf |" in card.text
-
-
-# ---- collection README --------------------------------------------------------------------------------
-
-def test_collection_readme_tabulates_every_run_and_parses(record):
-    other = variant(record, run_id="feedfacecafe")
-    other["calibration"].update(languages=["en"], spec="en")
-    runs = [
-        {"record": None, "results": example_results(None, dense=True, model_path="dense-base")},
-        {"record": record, "results": example_results(record), "repo_id": "org/tiny-wanda-de"},
-        {"record": other, "results": None, "repo_id": "org/tiny-wanda-en"},
-    ]
-    text = render_collection_readme(runs, title="Calibration-language sweep")
-    card = RepoCard(text, ignore_metadata_errors=False)
-    assert card.data.to_dict()["tags"][:2] == ["prunekit", "pruning"]
-    assert "# Calibration-language sweep" in text
-    assert "[tiny-wanda-de](https://huggingface.co/org/tiny-wanda-de)" in text
-    pruned = example_results(record)
-    de_row = next(line for line in text.split("## Perplexity")[1].splitlines() if line.startswith("| tiny-wanda-de |"))
-    assert f"{pruned['perplexity']['de']['ppl']:.2f}" in de_row and f"{pruned['perplexity']['en']['ppl']:.2f}" in de_row
-    en_row = next(line for line in text.split("## Perplexity")[1].splitlines() if line.startswith("| tiny-wanda-en |"))
-    assert en_row.count("n/a") == 2  # no results for that run
-    assert f"{100 * pruned['tasks']['belebele_deu_Latn']['metrics']['acc']:.2f}" in text
-    assert "| dense-base (dense) |" in text
 
 
 def test_card_renders_the_results_json_that_prunekit_evaluation_writes(record, pruned_dir, tiny_llama):

@@ -4,7 +4,7 @@
 takes, :func:`prunekit.remote.download_snapshot`). The endpoint is ``endpoint=`` / ``--endpoint``, else
 ``$HF_ENDPOINT`` read at call time, else the public Hub."""
 
-from prunekit.hub.card import (CardContent, base_model_metadata, build_card_content, render_collection_readme,
+from prunekit.hub.card import (CardContent, base_model_metadata, build_card_content,
                                render_model_card, validate_model_card)
 from prunekit.hub.names import base_model_name, default_repo_id, validate_namespace, validate_repo_id
 from prunekit.hub.transfer import (LINK_MIN_BYTES, FileStatus, PullResult, PushPlan, PushResult, file_status,
@@ -13,5 +13,5 @@ from prunekit.remote import RetryPolicy, hub_call, resolve_endpoint
 
 __all__ = ["CardContent", "FileStatus", "LINK_MIN_BYTES", "PullResult", "PushPlan", "PushResult", "RetryPolicy",
            "base_model_metadata", "base_model_name", "build_card_content", "default_repo_id", "file_status", "hub_call",
-           "prepare_push", "pull", "push", "render_collection_readme", "render_model_card", "resolve_endpoint",
+           "prepare_push", "pull", "push", "render_model_card", "resolve_endpoint",
            "stage_folder", "validate_model_card", "validate_namespace", "validate_repo_id"]

@@ -11,7 +11,7 @@ import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from prunekit.artifacts import RESULTS_FILE
 from prunekit.errors import ConfigError, PrunekitError
@@ -468,67 +468,3 @@ def validate_model_card(text: str, expected_eval_results: list[Any] | None = Non
         if sorted(parsed, key=_eval_key) != sorted(expected_eval_results, key=_eval_key):
             raise RuntimeError("the model card's model-index does not round-trip its results (a prunekit bug)")
     return card
-
-
-def _run_row(entry: dict[str, Any]) -> dict[str, Any]:
-    """One run of a collection: its name, recipe and headline numbers (the dense baseline has no record)."""
-    record, results, repo_id = entry.get("record"), entry.get("results") or {}, entry.get("repo_id")
-    if record is None:
-        model = results.get("model") or {}
-        name = entry.get("name") or f"{Path(str(model.get('spec', 'dense'))).name} (dense)"
-        row = {"name": name, "repo_id": repo_id, "base": model.get("spec", ""), "method": "dense", "pattern": "-",
-               "calibration": "-", "seed": "-", "sparsity": 0.0}
-    else:
-        recipe, calib = record.get("recipe") or {}, record.get("calibration") or {}
-        pattern = recipe.get("pattern") or {}
-        row = {
-            "name": entry.get("name") or (repo_id.split("/")[-1] if repo_id else record.get("run_id", "run")),
-            "repo_id": repo_id, "base": base_model_name(record), "method": recipe.get("method", ""),
-            "pattern": (f"{pattern.get('n')}:{pattern.get('m')}" if pattern.get("m") else
-                        f"unstructured {float(pattern.get('sparsity', 0)):.0%}" if pattern else recipe_slug(record)),
-            "calibration": "+".join(calib.get("languages") or []) or "none", "seed": calib.get("seed", "-"),
-            "sparsity": (record.get("sparsity") or {}).get("overall"),
-        }
-    row["ppl"] = {lang: r.get("ppl") for lang, r in (results.get("perplexity") or {}).items()}
-    row["snr"] = {lang: r.get("snr_db") for lang, r in (results.get("hidden_states") or {}).items()}
-    row["tasks"] = {f"{task}/{metric}": value if r.get("status", "ok") == "ok" else None
-                    for task, r in (results.get("tasks") or {}).items() for metric, value in (r.get("metrics") or {}).items()}
-    return row
-
-
-def render_collection_readme(runs: Iterable[dict[str, Any]], title: str = "prunekit sweep",
-                             description: str = "Pruned models from one prunekit sweep, with every run's measured results.",
-                             tags: Iterable[str] = ()) -> str:
-    """The README.md of a sweep's collection / report repo: every run's recipe and results, one table per kind.
-
-    Args:
-        runs: one dict per run with ``record`` (its ``prunekit.json``; None for the dense baseline), ``results``
-            (its ``results.json`` or None) and optionally ``repo_id`` and ``name``.
-        title, description: the README's heading and first paragraph.
-        tags: tags added to 'prunekit' and 'pruning'.
-    Returns:
-        The README, parsed once by huggingface_hub's ``RepoCard``.
-    """
-    from huggingface_hub import CardData, RepoCard
-
-    from prunekit.hub_cards import COLLECTION_README
-
-    runs = list(runs)
-    rows = [_run_row(entry) for entry in runs]
-    keys = list(dict.fromkeys(key for row in rows for key in row["tasks"]))
-    languages = list(dict.fromkeys(code for entry in runs
-                                   for code in ((entry.get("record") or {}).get("calibration") or {}).get("languages") or []))
-
-    def seen(field: str) -> list[str]:
-        return list(dict.fromkeys(row[field] for row in rows if row[field] and row[field] != "-")) or ["-"]
-
-    text = _render(
-        COLLECTION_README, card_data=CardData(tags=["prunekit", "pruning", *tags], language=languages or None).to_yaml(),
-        title=title, description=description, runs=rows,
-        ppl_languages=list(dict.fromkeys(lang for row in rows for lang in row["ppl"])),
-        snr_languages=list(dict.fromkeys(lang for row in rows for lang in row["snr"])),
-        task_columns=[{"key": key, "task": key.rsplit("/", 1)[0], "metric": key.rsplit("/", 1)[1]} for key in keys],
-        bases=seen("base"), methods=seen("method"), calibrations=seen("calibration"),
-    )
-    RepoCard(text, ignore_metadata_errors=False)  # parses, or raises: a prunekit bug
-    return text
