@@ -11,7 +11,7 @@ from prunekit.recipe import Quantization
 from tests.conftest import TATOEBA
 from tests.test_gptq import check_groups_on_grid
 
-sweep = pytest.importorskip("prunekit.sweep")
+import prunekit.sweep as sweep  # noqa: E402
 
 
 def test_sweep_grid_mixing_wanda_and_gptq_names_each_run_by_the_identity_its_checkpoint_records(tiny_llama, tmp_path):
