@@ -249,4 +249,4 @@ def test_the_cycle_check_sees_a_cycle_through_a_function_level_import():
     edges = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert cycles(edges) == [["a", "b", "c"]]
     imports = {(imp.importer, imp.imported) for imp in ALL_IMPORTS}
-    assert ("prunekit.sweep.execute", "prunekit.pipeline") in imports  # imported inside run_one
+    assert ("prunekit.sweep.stages", "prunekit.pipeline") in imports  # imported inside run_one

@@ -254,7 +254,7 @@ def test_collection_readme_tabulates_every_run_and_parses(record):
 
 
 def test_card_renders_the_results_json_that_prunekit_evaluation_writes(record, pruned_dir, tiny_llama):
-    runner = pytest.importorskip("prunekit.evaluation.runner")
+    runner = pytest.importorskip("prunekit.evaluation.suite")
     checkpoint = pruned_dir
     kwargs = dict(langs="de", ppl_source=str(TATOEBA), seqlen=32, max_windows=2, device="cpu", progress=False)
     results = runner.evaluate(str(checkpoint), dense=str(tiny_llama), **kwargs)

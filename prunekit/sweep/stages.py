@@ -1,5 +1,6 @@
-"""Doing the work of one task: the dense evaluation of a model, a run (prune -> eval -> push) or an
-analysis pair. Every executor (in-process, local processes, submitit) ends up in ``execute_tasks``.
+"""The stages of one task and their state on disk: the dense evaluation of a model, a run (prune ->
+eval -> push) or an analysis pair. Every backend (in-process, local processes, submitit) ends up in
+``execute_tasks``.
 
 Runs-dir layout::
 
@@ -184,7 +185,7 @@ class TaskOutcome:
 
 
 # ---------------------------------------------------------------------------------------------
-# Library calls (the evaluation / hub / analysis modules are optional at import time)
+# Library calls (evaluation, hub and analysis are imported on first use: lm-eval is slow to import)
 # ---------------------------------------------------------------------------------------------
 
 
