@@ -23,7 +23,7 @@ from prunekit.engine import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS, Engine, LayerRes
 from prunekit.errors import ConfigError
 from prunekit.languages import parse_languages
 from prunekit.io import atomic_directory, check_output_location, versioned
-from prunekit.methods import get_method
+from prunekit.methods import Method, available_methods, get_method
 from prunekit.models import (
     MODULE_NAMES, checkpoint_dtype, expected_checkpoint_bytes, find_decoder_layers, linear_sublayers, load_model, load_tokenizer, parse_dtype,
     resolve_device, resolve_dtype, resolve_model, text_config,
@@ -37,6 +37,7 @@ from prunekit.streaming import (
 )
 
 DEFAULT_CALIB = "en"  # the calibration language of a method that needs one when none is given
+METHOD_KINDS = ("prune", "quantize")
 
 
 @dataclass
@@ -108,6 +109,22 @@ def summarize_layers(layers: list[LayerResult]) -> dict[str, Any]:
     }
 
 
+def method_of_kind(name: str, kind: str | None = None) -> Method:
+    """The registered method ``name``; with ``kind`` ("prune" or "quantize") it must be of that kind.
+
+    Raises ConfigError for an unknown method (with the closest name) or one of the other kind (naming
+    the command that runs it), e.g. ``method_of_kind("gptq", "prune")``."""
+    if kind is not None and kind not in METHOD_KINDS:
+        raise ValueError(f"kind must be one of {METHOD_KINDS} or None, got {kind!r}")
+    method = get_method(name)
+    if kind == "prune" and method.kind != "prune":
+        raise ConfigError(f"'{name}' is a quantization method: use `prunekit quantize` "
+                          f"(pruning methods: {', '.join(available_methods('prune'))})")
+    if kind == "quantize" and method.kind != "quantize":
+        raise ConfigError(f"'{name}' is a pruning method: use `prunekit prune --method {name}`")
+    return method
+
+
 def check_output_dir(out: str | Path | None, overwrite: bool) -> Path | None:
     if out is None:
         return None
@@ -141,6 +158,7 @@ def prune(
     checkpoint_format: str = "packed",
     conventions: str = "prunekit",
     stream: bool | None = None,
+    kind: str | None = None,
 ) -> PruneResult:
     """Prune (or quantize) ``model`` and optionally write the checkpoint to ``out``.
 
@@ -153,9 +171,10 @@ def prune(
     dtype the layers stream from the base's safetensors shards into a mirror of them
     (``prunekit.streaming``; host memory: one layer and the calibration activations); ``stream=False``
     loads the whole model instead, ``stream=True`` refuses to. Packed quantized checkpoints load whole.
+    ``kind`` "prune" or "quantize" insists on a method of that kind (``prunekit prune`` / ``quantize``).
     """
     started = time.perf_counter()
-    method_obj = get_method(method)
+    method_obj = method_of_kind(method, kind)
     conventions = parse_conventions(conventions)
     if method_obj.kind == "quantize":
         recipe = Recipe(method, quantization=validate_quantization(quantization or Quantization()), conventions=conventions)
