@@ -43,13 +43,17 @@ class CheckpointOptions:
     conventions: str
     quiet: bool
 
-    def pipeline_arguments(self) -> dict[str, Any]:
-        """The keyword arguments of ``prunekit.pipeline.prune`` these options give (all but the model)."""
+    def pipeline_arguments(self, checkpoint_format: str = "packed") -> dict[str, Any]:
+        """The keyword arguments of ``prunekit.pipeline.prune`` these options give (all but the model): the
+        calibration and output specs, made (and so validated) here, once."""
+        from prunekit.pipeline import OutputSpec
+        from prunekit.recipe import CalibrationSpec
+
         return {
-            "calib": self.calib, "calib_source": self.calib_source, "nsamples": self.nsamples, "seqlen": self.seqlen,
-            "seed": self.seed, "out": self.out, "dtype": self.dtype, "device": self.device, "skip_layers": self.skip_layers,
-            "overwrite": self.overwrite, "batch_size": self.batch_size, "trust_remote_code": self.trust_remote_code,
-            "conventions": self.conventions, "progress": not self.quiet,
+            "calibration": CalibrationSpec(self.calib, self.calib_source, self.nsamples, self.seqlen, self.seed, self.conventions),
+            "output": OutputSpec(self.out, self.dtype, checkpoint_format, self.overwrite),
+            "device": self.device, "skip_layers": self.skip_layers, "batch_size": self.batch_size,
+            "trust_remote_code": self.trust_remote_code, "progress": not self.quiet,
         }
 
 

@@ -16,7 +16,9 @@ stdout = Console()
 
 
 def print_prune_summary(record: dict, out: Path | None) -> None:
-    sparsity = record["sparsity"]
+    from prunekit.artifacts import method_seconds, sparsity_summary
+
+    sparsity = sparsity_summary(record)
     table = Table(title=f"{record['recipe']['method']} · {record['base_model']['spec']}")
     table.add_column("layer", justify="right")
     modules = sorted({m["name"] for layer in sparsity["per_layer"] for m in layer["modules"]})
@@ -40,7 +42,7 @@ def print_prune_summary(record: dict, out: Path | None) -> None:
     timings = record["timings"]
     stdout.print(
         f"overall sparsity of the pruned linears: [bold]{sparsity['overall']:.4f}[/bold] · "
-        f"load {timings['load_s']:.1f}s, calibration {timings['calibration_s']:.1f}s, pruning {timings['prune_s']:.1f}s"
+        f"load {timings['load_s']:.1f}s, calibration {timings['calibration_s']:.1f}s, pruning {method_seconds(record):.1f}s"
     )
     if out is not None:
         stdout.print(f"checkpoint written to [bold]{out}[/bold] (prunekit.json holds the full record)")

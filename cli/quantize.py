@@ -16,12 +16,13 @@ stdout = Console()
 
 def print_quantize_summary(record: dict, out: Path | None) -> None:
     """Per layer and module: the relative output error ‖(W−W′)X‖²/‖WX‖² on the first calibration batch."""
+    from prunekit.artifacts import method_seconds, quantization_summary
     from prunekit.models import MODULE_NAMES
 
     recipe = record["recipe"]
     q = recipe["quantization"]
     group = "per-channel" if q["group_size"] == -1 else f"group size {q['group_size']}"
-    summary = record["quantization"]
+    summary = quantization_summary(record)
     layers = summary["per_layer"]
     table = Table(
         title=f"{recipe['method']} {q['bits']}-bit, {group} · {record['base_model']['spec']}",
@@ -45,7 +46,7 @@ def print_quantize_summary(record: dict, out: Path | None) -> None:
     stdout.print(table)
     timings = record["timings"]
     stdout.print(
-        f"load {timings['load_s']:.1f}s, calibration {timings['calibration_s']:.1f}s, quantization {timings['quantize_s']:.1f}s"
+        f"load {timings['load_s']:.1f}s, calibration {timings['calibration_s']:.1f}s, quantization {method_seconds(record):.1f}s"
     )
     if summary["format"] != "dense":
         size = summary["bytes"]
@@ -93,6 +94,6 @@ def quantize(
     if dynamic_groups and not act_order:
         raise ConfigError("--dynamic-groups only applies with --act-order")
     result = run_prune(options.model, method=method, kind="quantize", quantization=quantization,
-                       checkpoint_format=checkpoint_format, **options.pipeline_arguments())
+                       **options.pipeline_arguments(checkpoint_format))
     if not options.quiet:
         print_quantize_summary(result.record, result.out)
