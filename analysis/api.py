@@ -28,7 +28,7 @@ from prunekit.analysis import lsar as lsar_mod
 from prunekit.analysis.activations import DEFAULT_MAX_LENGTH, prepare_texts, reference_states, run_pass
 from prunekit.analysis.checkpoints import DEFAULT_CHUNK_ELEMENTS, open_checkpoint
 from prunekit.analysis.masks import compare_masks
-from prunekit.artifacts import read_record
+from prunekit.artifacts import overall_sparsity, read_record
 from prunekit.errors import ConfigError, ModelError
 from prunekit.io import atomic_directory, versioned, write_json_atomic, write_text_atomic
 from prunekit.languages import parse_languages
@@ -81,7 +81,7 @@ def _describe(role: str, source: ModelSource) -> dict[str, Any]:
             "pattern": (recipe.get("pattern") or {}).get("name"),
             "calibration": calib.get("spec"),
             "seed": calib.get("seed"),
-            "sparsity": (record.get("sparsity") or {}).get("overall"),
+            "sparsity": overall_sparsity(record),
             "conventions": (record.get("conventions") or {}).get("name", "prunekit"),
         }
     return info

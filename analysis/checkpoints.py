@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from prunekit.artifacts import read_record
+from prunekit.artifacts import overall_sparsity, read_record
 from prunekit.errors import ModelError
 from prunekit.models import MODULE_NAMES, ModelSource, resolve_model
 
@@ -93,7 +93,7 @@ class Checkpoint:
                 "calibration": calib.get("spec"),
                 "calibration_languages": calib.get("languages"),
                 "seed": calib.get("seed"),
-                "sparsity": (self.record.get("sparsity") or {}).get("overall"),
+                "sparsity": overall_sparsity(self.record),
             }
         return info
 

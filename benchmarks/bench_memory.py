@@ -122,7 +122,7 @@ def worker(kind: str, spec: dict) -> dict:
         extra = {"streamed": result.record["streamed"], "dtype": result.record["base_model"]["dtype"],
                  "sparsity": result.record["sparsity"]["overall"]}
     else:
-        from prunekit.evaluation.runner import evaluate
+        from prunekit.evaluation.suite import evaluate
 
         result = evaluate(spec["model"], langs="en", seqlen=spec["seqlen"], device="cpu", progress=False,
                           max_windows=spec["windows"])

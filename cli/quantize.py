@@ -3,26 +3,26 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from prunekit.cli.app import app, user_errors
-from prunekit.conventions import HELP as CONVENTIONS_HELP
+from prunekit.cli.checkpoint_options import CheckpointOptions, checkpoint_options
 
 stdout = Console()
 
 
 def print_quantize_summary(record: dict, out: Path | None) -> None:
     """Per layer and module: the relative output error ‖(W−W′)X‖²/‖WX‖² on the first calibration batch."""
+    from prunekit.artifacts import method_seconds, quantization_summary
     from prunekit.models import MODULE_NAMES
 
     recipe = record["recipe"]
     q = recipe["quantization"]
     group = "per-channel" if q["group_size"] == -1 else f"group size {q['group_size']}"
-    summary = record["quantization"]
+    summary = quantization_summary(record)
     layers = summary["per_layer"]
     table = Table(
         title=f"{recipe['method']} {q['bits']}-bit, {group} · {record['base_model']['spec']}",
@@ -46,7 +46,7 @@ def print_quantize_summary(record: dict, out: Path | None) -> None:
     stdout.print(table)
     timings = record["timings"]
     stdout.print(
-        f"load {timings['load_s']:.1f}s, calibration {timings['calibration_s']:.1f}s, quantization {timings['quantize_s']:.1f}s"
+        f"load {timings['load_s']:.1f}s, calibration {timings['calibration_s']:.1f}s, quantization {method_seconds(record):.1f}s"
     )
     if summary["format"] != "dense":
         size = summary["bytes"]
@@ -66,32 +66,19 @@ def print_quantize_summary(record: dict, out: Path | None) -> None:
 
 @app.command()
 @user_errors
+@checkpoint_options(uncalibrated="rtn")
 def quantize(
-    model: str = typer.Argument(..., help="Local model dir, .gguf file, Hub id (org/name) or embedded:gemma-3-270m."),
+    options: CheckpointOptions,
     bits: int = typer.Option(4, "--bits", "-b", help="Bits per weight: 4 or 8 (the study's), also 2 or 3."),
     group_size: int = typer.Option(128, "--group-size", "-g", help="Input columns sharing one grid (scale, zero point); -1 = one grid per output row."),
     act_order: bool = typer.Option(False, "--act-order", help="Quantize columns by descending Hessian diagonal (groups stay fixed: static groups)."),
     dynamic_groups: bool = typer.Option(False, "--dynamic-groups", help="With --act-order: refit groups in activation order instead of fixing them first."),
     symmetric: bool = typer.Option(False, "--symmetric", help="Symmetric grid ±max|w| (default: asymmetric min-max)."),
     method: str = typer.Option("gptq", "--method", "-m", help="gptq (error feedback, needs calibration) or rtn (round-to-nearest baseline)."),
-    calib: Optional[str] = typer.Option(None, "--calib", "-c", help="Calibration language: a code (de), a mix (en+de, equal shares) or 'all' (the study's seven). Default en; rtn uses none."),
-    calib_source: str = typer.Option("embedded", "--calib-source", help="mc4 (streamed with datasets), embedded (prunekit's own texts) or a PATH (.txt/.jsonl/.parquet, or a dir with one file per language)."),
-    nsamples: Optional[int] = typer.Option(None, "--nsamples", help="Number of calibration sequences (default: the study's 128, or as many as the text supplies; the choice is printed)."),
-    seqlen: Optional[int] = typer.Option(None, "--seqlen", help="Tokens per calibration sequence (default: the study's 8192 capped by the model's context, or shorter when the text is short)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the calibration sampling."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint directory (written atomically)."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (the checkpoint's own), bfloat16, float16 or float32: the dtype of the model and of the saved weights (statistics are always fp32)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:i]: where each decoder layer is computed."),
-    skip_layers: Optional[str] = typer.Option(None, "--skip-layers", help="Layers kept in full precision: 'first', 'last' and/or indices, comma-separated."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out directory."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Calibration sequences per forward (default: ~8192 tokens)."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the Hub (off by default)."),
     checkpoint_format: str = typer.Option(
         "packed", "--format",
         help="packed: compressed-tensors pack-quantized (int weights + scales + zero points; vLLM serves it, transformers loads it with compressed-tensors installed); dense: fake-quantized weights in --dtype.",
     ),
-    conventions: str = typer.Option("prunekit", "--conventions", help=CONVENTIONS_HELP),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
 ) -> None:
     """Quantize MODEL's weights with GPTQ layer by layer, calibrated on text in one language or a mix.
 
@@ -100,21 +87,13 @@ def quantize(
     Example: prunekit quantize embedded:gemma-3-270m --bits 4 --group-size 128 --calib sw --nsamples 32 --seqlen 256 --out gemma-sw-w4g128
     """
     from prunekit.errors import ConfigError
-    from prunekit.methods import get_method
     from prunekit.pipeline import prune as run_prune
     from prunekit.recipe import parse_quantization
 
     quantization = parse_quantization(bits, group_size, act_order, static_groups=not dynamic_groups, symmetric=symmetric)
     if dynamic_groups and not act_order:
         raise ConfigError("--dynamic-groups only applies with --act-order")
-    if get_method(method).kind != "quantize":
-        raise ConfigError(f"'{method}' is a pruning method: use `prunekit prune --method {method}`")
-    result = run_prune(
-        model, method=method, quantization=quantization, calib=calib, calib_source=calib_source,
-        nsamples=nsamples, seqlen=seqlen, seed=seed, out=out, dtype=dtype, device=device,
-        skip_layers=skip_layers, overwrite=overwrite, batch_size=batch_size,
-        trust_remote_code=trust_remote_code, progress=not quiet, checkpoint_format=checkpoint_format,
-        conventions=conventions,
-    )
-    if not quiet:
+    result = run_prune(options.model, method=method, kind="quantize", quantization=quantization,
+                       **options.pipeline_arguments(checkpoint_format))
+    if not options.quiet:
         print_quantize_summary(result.record, result.out)

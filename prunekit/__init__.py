@@ -1,4 +1,9 @@
-"""prunekit: prune multilingual LLMs with language-specific calibration."""
+"""prunekit: prune multilingual LLMs with language-specific calibration.
+
+    import prunekit
+    prunekit.prune("embedded:gemma-3-270m", "wanda", calibration=prunekit.CalibrationSpec("sw"),
+                   output=prunekit.OutputSpec("gemma-sw"))
+"""
 
 __version__ = "0.1.0"
 
@@ -10,4 +15,17 @@ def prune(*args, **kwargs):
     return _prune(*args, **kwargs)
 
 
-__all__ = ["__version__", "prune"]
+def __getattr__(name: str):
+    """The run's specs, imported on first use: ``CalibrationSpec`` (prunekit.recipe) and ``OutputSpec`` (prunekit.pipeline)."""
+    if name == "CalibrationSpec":
+        from prunekit.recipe import CalibrationSpec
+
+        return CalibrationSpec
+    if name == "OutputSpec":
+        from prunekit.pipeline import OutputSpec
+
+        return OutputSpec
+    raise AttributeError(f"module 'prunekit' has no attribute '{name}'")
+
+
+__all__ = ["CalibrationSpec", "OutputSpec", "__version__", "prune"]

@@ -1,7 +1,7 @@
 """What prunekit leaves on disk: the one home for artefact names, kinds and their readers / writers.
 
 A pruned checkpoint is a Hugging Face model folder plus ``prunekit.json`` (its *record*: recipe,
-calibration, per-layer sparsity, timings, versions); an evaluation is a ``results.json``. Both are
+calibration, per-layer sparsity or quantization summary, timings, versions); an evaluation is a ``results.json``. Both are
 versioned JSON (``kind`` + ``schema_version``, see :mod:`prunekit.io`). Every module that names,
 reads or writes them goes through this one, so a name or a kind is spelled once:
 
@@ -86,6 +86,50 @@ def read_record(checkpoint: str | Path) -> dict[str, Any] | None:
 def write_record(checkpoint: str | Path, record: dict[str, Any]) -> Path:
     """Write (atomically) the record of a checkpoint dir; returns its path."""
     return write_json_atomic(record_path(checkpoint), record)
+
+
+# What a record holds per kind of run (``record["recipe"]["kind"]``): its own summary and its own timing.
+# A pruning run: ``record["sparsity"]`` (overall, per module, per layer) and ``timings["prune_s"]``; a
+# quantization run: ``record["quantization"]`` (format, bytes, per-Linear errors) and ``timings["quantize_s"]``.
+SUMMARY_KEYS = {"prune": "sparsity", "quantize": "quantization"}
+METHOD_SECONDS_KEYS = {"prune": "prune_s", "quantize": "quantize_s"}
+
+
+def summary_key(kind: str) -> str:
+    """The record key of a run's summary: ``sparsity`` for a pruning run, ``quantization`` for a quantization run."""
+    return SUMMARY_KEYS[kind]
+
+
+def method_seconds_key(kind: str) -> str:
+    """The ``timings`` key of the method's own time: ``prune_s`` or ``quantize_s``."""
+    return METHOD_SECONDS_KEYS[kind]
+
+
+def record_kind(record: dict[str, Any]) -> str:
+    """``prune`` or ``quantize``: the recipe's kind (a record without one is a quantization if its recipe
+    has a quantization)."""
+    recipe = record.get("recipe") or {}
+    return recipe.get("kind") or ("quantize" if recipe.get("quantization") else "prune")
+
+
+def sparsity_summary(record: dict[str, Any]) -> dict[str, Any] | None:
+    """A pruning run's sparsity (``overall``, ``per_module``, ``per_layer``); None for a quantization run."""
+    return record.get(SUMMARY_KEYS["prune"]) if record_kind(record) == "prune" else None
+
+
+def quantization_summary(record: dict[str, Any]) -> dict[str, Any] | None:
+    """A quantization run's summary (``format``, ``bytes``, ``kept_dense``, per-Linear errors); None for a pruning run."""
+    return record.get(SUMMARY_KEYS["quantize"]) if record_kind(record) == "quantize" else None
+
+
+def overall_sparsity(record: dict[str, Any]) -> float | None:
+    """The fraction of the pruned Linears' weights that are zero; None for a quantization run."""
+    return (sparsity_summary(record) or {}).get("overall")
+
+
+def method_seconds(record: dict[str, Any]) -> float | None:
+    """The seconds the method itself took (``prune_s`` or ``quantize_s``), None if not recorded."""
+    return (record.get("timings") or {}).get(method_seconds_key(record_kind(record)))
 
 
 def results_path(directory: str | Path) -> Path:

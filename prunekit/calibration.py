@@ -21,11 +21,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from prunekit.conventions import STUDY, STUDY_NSAMPLES, STUDY_SEQLEN, parse_conventions
-from prunekit.errors import ConfigError, DataError
+from prunekit.conventions import STUDY, STUDY_NSAMPLES, STUDY_SEQLEN
+from prunekit.errors import DataError
 from prunekit.io import cache_dir
 from prunekit.languages import parse_languages
 from prunekit.models import tokenizer_fingerprint
+from prunekit.recipe import CalibrationSpec
 from prunekit.textsources import load_texts
 
 CHARS_PER_TOKEN_BUDGET = 8  # how much text to stream from mC4 per token needed (generous for every script)
@@ -264,16 +265,21 @@ def build_calibration_set(
     conventions: str = "prunekit",
     max_seqlen: int | None = None,
 ) -> CalibrationSet:
-    """Sample a calibration set for ``calib`` (``en``, ``en+de`` or ``all``) from ``source``.
+    """Sample a calibration set for ``calib`` (``en``, ``en+de`` or ``all``) from ``source``: the
+    :class:`~prunekit.recipe.CalibrationSpec` these arguments make, by :func:`sample_calibration_set`."""
+    spec = CalibrationSpec(calib, source, nsamples, seqlen, seed, conventions)
+    return sample_calibration_set(tokenizer, spec, use_cache=use_cache, max_seqlen=max_seqlen)
 
-    ``nsamples`` / ``seqlen`` None: sized by :func:`choose_size` (``max_seqlen``: the model's context);
-    the choice is in ``CalibrationSet.sizing`` with a one-line message."""
-    conventions = parse_conventions(conventions)
-    if nsamples is not None and nsamples < 1:
-        raise ConfigError(f"--nsamples must be at least 1, got {nsamples}")
-    if seqlen is not None and seqlen < 2:
-        raise ConfigError(f"--seqlen must be at least 2, got {seqlen}")
-    languages = [lang.code for lang in parse_languages(calib)]
+
+def sample_calibration_set(tokenizer, spec: CalibrationSpec, *, use_cache: bool = True, max_seqlen: int | None = None) -> CalibrationSet:
+    """Sample the calibration set ``spec`` chooses (its languages given).
+
+    ``spec.nsamples`` / ``spec.seqlen`` None: sized by :func:`choose_size` (``max_seqlen``: the model's
+    context); the choice is in ``CalibrationSet.sizing`` with a one-line message."""
+    if spec.languages is None:
+        raise ValueError("the calibration spec names no languages; fill in the method's default with spec.for_method(...)")
+    source, nsamples, seqlen, seed, conventions = spec.source, spec.nsamples, spec.seqlen, spec.seed, spec.conventions
+    languages = [lang.code for lang in parse_languages(spec.languages)]
     budget_shares = split_budget(nsamples if nsamples is not None else STUDY_NSAMPLES, languages)
     budget_seqlen = seqlen if seqlen is not None else min(STUDY_SEQLEN, max_seqlen or STUDY_SEQLEN)
     texts = {

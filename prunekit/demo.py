@@ -16,6 +16,7 @@ from prunekit.errors import ConfigError
 from prunekit.languages import parse_languages
 from prunekit.methods import available_methods
 from prunekit.models import resolve_device
+from prunekit.recipe import check_calibration_size
 
 DEMO_MODEL = "embedded:gemma-3-270m"
 # Sized to finish within 10 minutes on 2 CPU cores, GGUF conversion included: 12 × 128 calibration
@@ -79,10 +80,7 @@ def run_demo(
             hint = difflib.get_close_matches(method, pruning, n=1)
             did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
             raise ConfigError(f"unknown pruning method '{method}' in --methods{did_you_mean}; choose from {', '.join(pruning)}")
-    if nsamples < 1:
-        raise ConfigError(f"--nsamples must be at least 1, got {nsamples}")
-    if seqlen < 2:
-        raise ConfigError(f"--seqlen must be at least 2, got {seqlen}")
+    check_calibration_size(nsamples, seqlen)
     resolve_device(device)  # the demo runs here: a missing GPU fails now, not once per run
     out = Path(out).expanduser()
     config = demo_config(codes, method_list, nsamples, seqlen, dtype, device, parse_conventions(conventions))

@@ -16,27 +16,64 @@ from typing import Any
 
 import torch
 
-from prunekit.artifacts import CHECKPOINT_KIND, library_versions, write_record
-from prunekit.calibration import build_calibration_set
-from prunekit.conventions import describe as describe_conventions, parse_conventions
+from prunekit.artifacts import CHECKPOINT_KIND, library_versions, method_seconds_key, summary_key, write_record
+from prunekit.calibration import sample_calibration_set
+from prunekit.conventions import describe as describe_conventions
 from prunekit.engine import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS, Engine, LayerResult, check_solve_threads, parse_skip_layers
 from prunekit.errors import ConfigError
-from prunekit.languages import parse_languages
 from prunekit.io import atomic_directory, check_output_location, versioned
-from prunekit.methods import get_method
+from prunekit.methods import Method, available_methods, get_method
 from prunekit.models import (
     MODULE_NAMES, checkpoint_dtype, expected_checkpoint_bytes, find_decoder_layers, linear_sublayers, load_model, load_tokenizer, parse_dtype,
     resolve_device, resolve_dtype, resolve_model, text_config,
 )
 from prunekit.packing import check_format, save_packed, summarize_quantization, take_grids
 from prunekit.progress import progress_bar, stderr_console
-from prunekit.recipe import Quantization, Recipe, parse_pattern, validate_quantization
+from prunekit.recipe import CalibrationSpec, Quantization, Recipe, parse_pattern, validate_quantization
 from prunekit.streaming import (
     ActivationPlan, MirrorWriter, SafetensorsCheckpoint, StreamedLayers, build_skeleton, device_available,
     host_available, layer_reserve, plan_activations,
 )
 
-DEFAULT_CALIB = "en"  # the calibration language of a method that needs one when none is given
+METHOD_KINDS = ("prune", "quantize")
+# The keywords ``prune`` still takes for each spec's fields (its signature before the specs).
+CALIBRATION_KEYWORDS = {"calib": "languages", "calib_source": "source", "nsamples": "nsamples", "seqlen": "seqlen",
+                        "seed": "seed", "conventions": "conventions"}
+OUTPUT_KEYWORDS = {"out": "out", "dtype": "dtype", "checkpoint_format": "checkpoint_format", "overwrite": "overwrite",
+                   "stream": "stream"}
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """Where and how a run writes its checkpoint, validated once, when it is made.
+
+    Args:
+        out: the checkpoint directory (written atomically); None keeps the model in memory only.
+        dtype: ``auto`` (the base checkpoint's own, kept in the output), ``bfloat16``, ``float16`` or
+            ``float32``: the dtype of the model and of the saved weights.
+        checkpoint_format: a quantized checkpoint's format, ``packed`` (compressed-tensors
+            pack-quantized) or ``dense`` (fake-quantized weights); a pruned checkpoint is always dense.
+        overwrite: replace a non-empty ``out``.
+        stream: None streams the layers into ``out`` when it can (``prunekit.streaming``), True insists,
+            False loads the whole model.
+
+    Raises:
+        ConfigError: an unknown dtype or format.
+
+    Example: ``OutputSpec("gemma-sw", dtype="bfloat16", overwrite=True)``.
+    """
+
+    out: Path | None = None
+    dtype: str = "auto"
+    checkpoint_format: str = "packed"
+    overwrite: bool = False
+    stream: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.out is not None:
+            object.__setattr__(self, "out", Path(self.out))
+        parse_dtype(self.dtype)
+        check_format(self.checkpoint_format, None)
 
 
 @dataclass
@@ -55,15 +92,14 @@ class PruneResult:
 
 
 def run_identity(
-    model: str, revision: str | None, recipe: Recipe, calib: str | None, calib_source: str | None,
-    nsamples: int | None, seqlen: int | None, seed: int, dtype: str, skip_layers: str | None,
+    model: str, revision: str | None, recipe: Recipe, calibration: CalibrationSpec | None, dtype: str, skip_layers: str | None,
 ) -> tuple[dict[str, Any], str]:
     """The canonical description of a run and its hash (what names a run in sweeps and on the Hub)."""
     identity = {
         "model": model,
         "revision": revision,
         "recipe": recipe.to_json(),
-        "calibration": None if calib is None else {"calib": calib, "source": calib_source, "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
+        "calibration": None if calibration is None else calibration.identity(),
         "dtype": dtype,
         "skip_layers": skip_layers or None,
     }
@@ -71,7 +107,8 @@ def run_identity(
     return identity, digest
 
 
-def reproduce_command(model: str, recipe: Recipe, calib, calib_source, nsamples, seqlen, seed, dtype, skip_layers, checkpoint_format="packed") -> str:
+def reproduce_command(model: str, recipe: Recipe, calibration: CalibrationSpec | None, dtype: str, skip_layers: str | None,
+                      checkpoint_format: str = "packed") -> str:
     verb = "quantize" if recipe.quantization is not None else "prune"
     parts = ["prunekit", verb, model] + (["--conventions", recipe.conventions] if recipe.conventions != "prunekit" else [])
     if recipe.quantization is not None:
@@ -83,8 +120,7 @@ def reproduce_command(model: str, recipe: Recipe, calib, calib_source, nsamples,
     else:
         parts += ["--method", recipe.method]
         parts += ["--pattern", recipe.pattern.name] if recipe.pattern.is_nm else ["--sparsity", f"{recipe.pattern.sparsity:g}"]
-    if calib is not None:
-        parts += ["--calib", calib, "--calib-source", calib_source, "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--seed", str(seed)]
+    parts += [] if calibration is None else calibration.command_arguments()
     parts += ["--dtype", dtype]
     if skip_layers:
         parts += ["--skip-layers", skip_layers]
@@ -108,6 +144,22 @@ def summarize_layers(layers: list[LayerResult]) -> dict[str, Any]:
     }
 
 
+def method_of_kind(name: str, kind: str | None = None) -> Method:
+    """The registered method ``name``; with ``kind`` ("prune" or "quantize") it must be of that kind.
+
+    Raises ConfigError for an unknown method (with the closest name) or one of the other kind (naming
+    the command that runs it), e.g. ``method_of_kind("gptq", "prune")``."""
+    if kind is not None and kind not in METHOD_KINDS:
+        raise ValueError(f"kind must be one of {METHOD_KINDS} or None, got {kind!r}")
+    method = get_method(name)
+    if kind == "prune" and method.kind != "prune":
+        raise ConfigError(f"'{name}' is a quantization method: use `prunekit quantize` "
+                          f"(pruning methods: {', '.join(available_methods('prune'))})")
+    if kind == "quantize" and method.kind != "quantize":
+        raise ConfigError(f"'{name}' is a pruning method: use `prunekit prune --method {name}`")
+    return method
+
+
 def check_output_dir(out: str | Path | None, overwrite: bool) -> Path | None:
     if out is None:
         return None
@@ -117,95 +169,101 @@ def check_output_dir(out: str | Path | None, overwrite: bool) -> Path | None:
     return out
 
 
+def specs_from_keywords(calibration: CalibrationSpec | None, output: OutputSpec | None,
+                        keywords: dict[str, Any]) -> tuple[CalibrationSpec, OutputSpec]:
+    """The specs of a ``prune`` call: as given, or made of the keywords of their fields (``calib=``,
+    ``out=``, ...: ``prune``'s arguments before the specs). Raises TypeError for an unknown keyword or
+    one given beside its spec."""
+    unknown = sorted(set(keywords) - set(CALIBRATION_KEYWORDS) - set(OUTPUT_KEYWORDS))
+    if unknown:
+        raise TypeError(f"prune() got an unexpected keyword argument '{unknown[0]}'")
+    specs = []
+    for spec, cls, names, name in ((calibration, CalibrationSpec, CALIBRATION_KEYWORDS, "calibration"),
+                                   (output, OutputSpec, OUTPUT_KEYWORDS, "output")):
+        given = {field: keywords[key] for key, field in names.items() if key in keywords}
+        if spec is not None and given:
+            raise TypeError(f"prune() takes {name}= or {', '.join(k for k in names if k in keywords)}=, not both")
+        specs.append(spec if spec is not None else cls(**given))
+    return specs[0], specs[1]
+
+
 def prune(
     model: str,
     method: str = "wanda",
+    *,
     sparsity: float | None = None,
     pattern: str | None = None,
-    calib: str | None = None,
-    calib_source: str = "embedded",
-    nsamples: int | None = None,
-    seqlen: int | None = None,
-    seed: int = 0,
-    out: str | Path | None = None,
-    dtype: str = "auto",
+    quantization: Quantization | None = None,
+    calibration: CalibrationSpec | None = None,
+    output: OutputSpec | None = None,
     device: str = "auto",
     skip_layers: str | None = None,
-    overwrite: bool = False,
-    quantization: Quantization | None = None,
     batch_size: int | None = None,
+    solve_threads: int | None = None,
     revision: str | None = None,
     trust_remote_code: bool = False,
     progress: bool = True,
-    solve_threads: int | None = None,
-    checkpoint_format: str = "packed",
-    conventions: str = "prunekit",
-    stream: bool | None = None,
+    kind: str | None = None,
+    **keywords: Any,
 ) -> PruneResult:
-    """Prune (or quantize) ``model`` and optionally write the checkpoint to ``out``.
+    """Prune (or quantize) ``model`` and optionally write the checkpoint.
 
-    Mirrors ``prunekit prune``; returns the pruned model, its tokenizer and the record that
-    is written as ``prunekit.json``. A quantized checkpoint is compressed-tensors pack-quantized
-    unless ``checkpoint_format="dense"`` (fake-quantized weights); a pruned one is always dense.
-    ``calib`` None means English for a method that needs
-    calibration; ``nsamples`` / ``seqlen`` None are sized to the text (``calibration.choose_size``).
-    ``dtype="auto"`` keeps the checkpoint's own dtype. With an output directory and the checkpoint's own
-    dtype the layers stream from the base's safetensors shards into a mirror of them
-    (``prunekit.streaming``; host memory: one layer and the calibration activations); ``stream=False``
-    loads the whole model instead, ``stream=True`` refuses to. Packed quantized checkpoints load whole.
+    Mirrors ``prunekit prune`` / ``prunekit quantize``; returns the pruned model, its tokenizer and the
+    record that is written as ``prunekit.json``.
+
+    Args:
+        model: a local model dir, a ``.gguf`` file, a Hub id (``revision``: its branch, tag or commit) or
+            ``embedded:NAME``.
+        method: a registered method; ``kind`` "prune" or "quantize" insists on one of that kind.
+        sparsity / pattern: a pruning method's target (``recipe.parse_pattern``); ``quantization``: a
+            quantization method's grid (default 4 bits, groups of 128).
+        calibration: the text (:class:`~prunekit.recipe.CalibrationSpec`); its languages None mean
+            English for a method that calibrates.
+        output: where and how the checkpoint is written (:class:`OutputSpec`); none keeps it in memory.
+        device: where each decoder layer is computed; ``skip_layers``: layers left as they are;
+            ``batch_size``: calibration sequences per forward; ``solve_threads``: SparseGPT on the CPU.
+        keywords: the fields of the specs as before they existed: ``calib``, ``calib_source``,
+            ``nsamples``, ``seqlen``, ``seed``, ``conventions`` (calibration) and ``out``, ``dtype``,
+            ``checkpoint_format``, ``overwrite``, ``stream`` (output).
+
+    Raises:
+        ConfigError: a wrong argument, before the model loads; ModelError / DataError: a model or text
+        that cannot be read.
+
+    Example: ``prune("embedded:gemma-3-270m", "wanda", calibration=CalibrationSpec("sw"), output=OutputSpec("gemma-sw"))``,
+    or ``prune("embedded:gemma-3-270m", "wanda", calib="sw", out="gemma-sw")``.
     """
     started = time.perf_counter()
-    method_obj = get_method(method)
-    conventions = parse_conventions(conventions)
-    if method_obj.kind == "quantize":
-        recipe = Recipe(method, quantization=validate_quantization(quantization or Quantization()), conventions=conventions)
-        check_format(checkpoint_format, recipe.quantization)
+    calibration, output = specs_from_keywords(calibration, output, keywords)
+    method_obj = method_of_kind(method, kind)
+    quantize = method_obj.kind == "quantize"
+    if quantize:
+        recipe = Recipe(method, quantization=validate_quantization(quantization or Quantization()), conventions=calibration.conventions)
+        check_format(output.checkpoint_format, recipe.quantization)
     else:
-        recipe = Recipe(method, pattern=parse_pattern(sparsity, pattern), conventions=conventions)
-    if not method_obj.needs_calibration and calib is not None:
-        raise ConfigError(f"method '{method}' uses no calibration text: drop --calib {calib}")
-    if method_obj.needs_calibration:
-        calib = calib or DEFAULT_CALIB
-        parse_languages(calib)  # fail on an unknown language before loading anything
+        recipe = Recipe(method, pattern=parse_pattern(sparsity, pattern), conventions=calibration.conventions)
+    calibration = calibration.for_method(method, method_obj.needs_calibration)
     check_solve_threads(solve_threads)  # before the model loads
-    if calib is not None and ((nsamples is not None and nsamples < 1) or (seqlen is not None and seqlen < 2)):
-        raise ConfigError(f"--nsamples must be >= 1 and --seqlen >= 2 (got {nsamples} and {seqlen})")
-    out_path = check_output_dir(out, overwrite)
-    check_output_location(out_path, expected_checkpoint_bytes(model, dtype) if out_path else 0)  # before hours of work
+    out_path = check_output_dir(output.out, output.overwrite)
+    check_output_location(out_path, expected_checkpoint_bytes(model, output.dtype) if out_path else 0)  # before hours of work
     compute_device = resolve_device(device)
 
     t0 = time.perf_counter()
     source = resolve_model(model, revision)
-    dtype_name = resolve_dtype(dtype, source.path)
-    parse_dtype(dtype_name)
+    dtype_name = resolve_dtype(output.dtype, source.path)
     tokenizer = load_tokenizer(source, trust_remote_code)
-    quantize = method_obj.kind == "quantize"
-    packed = quantize and checkpoint_format == "packed"
-    checkpoint = streamable_checkpoint(source, dtype_name, out_path, stream, packed)
-    streamed = None
-    if checkpoint is not None:
-        loaded = build_skeleton(source.path, parse_dtype(dtype_name), trust_remote_code)
-        streamed = StreamedLayers(loaded, checkpoint, None)
-        missing = streamed.missing()
-        if missing:  # names or shapes that transformers converts on loading: the in-memory path does that
-            streamed.close()
-            streamed = checkpoint = None
-            if stream:
-                raise ConfigError(f"cannot stream '{source.spec}': its checkpoint does not hold {missing[0]} as the model "
-                                  f"needs it ({len(missing)} such tensors); leave out stream=True to load it whole")
-    if checkpoint is None:
-        loaded, _, _ = load_model(source, dtype_name, trust_remote_code=trust_remote_code, with_tokenizer=False)
+    packed = quantize and output.checkpoint_format == "packed"
+    loaded, streamed, checkpoint = load_for_run(source, dtype_name, out_path, output.stream, packed, trust_remote_code)
     layers_prefix, layers = find_decoder_layers(loaded)
     skipped = parse_skip_layers(skip_layers, len(layers))
     timings = {"load_s": time.perf_counter() - t0}
 
     t0 = time.perf_counter()
     calib_set = None
-    if calib is not None:
+    if calibration.uses_text:
         context = getattr(text_config(loaded.config), "max_position_embeddings", None)
-        calib_set = build_calibration_set(tokenizer, calib, calib_source, nsamples, seqlen, seed,
-                                          conventions=conventions, max_seqlen=context)
-        nsamples, seqlen = calib_set.nsamples, calib_set.seqlen  # what was used, for the record
+        calib_set = sample_calibration_set(tokenizer, calibration, max_seqlen=context)
+        calibration = calibration.sized(calib_set.nsamples, calib_set.seqlen)  # what was used, for the record
         if calib_set.sizing is not None and progress:
             print(calib_set.sizing["message"], file=sys.stderr)
     timings["calibration_s"] = time.perf_counter() - t0
@@ -221,7 +279,7 @@ def prune(
     with contextlib.ExitStack() as stack:
         if streamed is not None:
             stack.callback(streamed.close)
-            staging = stack.enter_context(atomic_directory(out_path, overwrite=may_replace(out_path, overwrite)))
+            staging = stack.enter_context(atomic_directory(out_path, overwrite=may_replace(out_path, output.overwrite)))
             streamed.writer = writer = MirrorWriter(checkpoint, staging)
             writer.start()
         t0 = time.perf_counter()
@@ -230,12 +288,13 @@ def prune(
             engine = Engine(method_obj, recipe, compute_device, skipped, batch_size, update, solve_threads=solve_threads,
                             activation_device=activations)
             layer_results = engine.run(loaded, None if calib_set is None else calib_set.input_ids, streamed)
-        timings["quantize_s" if quantize else "prune_s"] = time.perf_counter() - t0
+        timings[method_seconds_key(method_obj.kind)] = time.perf_counter() - t0
         grids = take_grids(layer_results, layers_prefix)  # the quantizers' grids, for the packed checkpoint
 
-        identity, run_id = run_identity(
-            source.spec, source.revision, recipe, calib, calib_source if calib else None, nsamples, seqlen, seed, dtype, skip_layers
-        )
+        calibrated = calibration if calibration.uses_text else None
+        identity, run_id = run_identity(source.spec, source.revision, recipe, calibrated, output.dtype, skip_layers)
+        summary = (summarize_quantization(layer_results, loaded, grids, recipe.quantization, packed, MODULE_NAMES) if quantize
+                   else summarize_layers(layer_results))
         record = versioned(
             CHECKPOINT_KIND,
             {
@@ -245,18 +304,16 @@ def prune(
                 "base_model": source.to_json()
                 | {"model_type": config.model_type, "architectures": config.architectures, "dtype": dtype_name,
                    "num_layers": len(layers), "name_or_path": getattr(config, "_name_or_path", "")},
-                "calibration": None if calib_set is None else calib_set.provenance() | {"spec": calib},
-                "conventions": describe_conventions(conventions),
+                "calibration": None if calib_set is None else calib_set.provenance() | {"spec": calibration.languages},
+                "conventions": describe_conventions(calibration.conventions),
                 "skip_layers": sorted(skipped),
                 "device": str(compute_device),
                 "activations": None if activations is None else str(activations),
                 "streamed": streamed is not None,
-                **({"quantization": summarize_quantization(layer_results, loaded, grids, recipe.quantization, packed, MODULE_NAMES)}
-                   if quantize else {"sparsity": summarize_layers(layer_results)}),
+                summary_key(method_obj.kind): summary,
                 "timings": timings,
                 "versions": library_versions(),
-                "command": reproduce_command(source.spec, recipe, calib, calib_source, nsamples, seqlen, seed, dtype, skip_layers,
-                                             checkpoint_format),
+                "command": reproduce_command(source.spec, recipe, calibrated, output.dtype, skip_layers, output.checkpoint_format),
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             },
         )
@@ -267,12 +324,30 @@ def prune(
             timings["save_s"] = time.perf_counter() - t0
     if out_path is not None and streamed is None:
         t0 = time.perf_counter()
-        save_checkpoint(loaded, tokenizer, record, out_path, overwrite, (grids, recipe.quantization) if packed else None)
+        save_checkpoint(loaded, tokenizer, record, out_path, output.overwrite, (grids, recipe.quantization) if packed else None)
         timings["save_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - started
     if out_path is not None:
         write_record(out_path, record)
     return PruneResult(tokenizer, record, out_path, None if streamed is not None else loaded)
+
+
+def load_for_run(source, dtype: str, out: Path | None, stream: bool | None, packed: bool, trust_remote_code: bool):
+    """(model, streamed layers or None, their safetensors or None): a skeleton whose layers stream from
+    the base's shards when the run can stream (:func:`streamable_checkpoint`), else the whole model."""
+    checkpoint = streamable_checkpoint(source, dtype, out, stream, packed)
+    if checkpoint is not None:
+        loaded = build_skeleton(source.path, parse_dtype(dtype), trust_remote_code)
+        streamed = StreamedLayers(loaded, checkpoint, None)
+        missing = streamed.missing()
+        if not missing:
+            return loaded, streamed, checkpoint
+        streamed.close()  # names or shapes that transformers converts on loading: the in-memory path does that
+        if stream:
+            raise ConfigError(f"cannot stream '{source.spec}': its checkpoint does not hold {missing[0]} as the model "
+                              f"needs it ({len(missing)} such tensors); leave out stream=True to load it whole")
+    loaded, _, _ = load_model(source, dtype, trust_remote_code=trust_remote_code, with_tokenizer=False)
+    return loaded, None, None
 
 
 def streamable_checkpoint(source, dtype: str, out: Path | None, stream: bool | None,

@@ -1,12 +1,16 @@
-"""What to do to each weight matrix: method, sparsity pattern and method options."""
+"""What a run does: to each weight matrix (:class:`Recipe`: method, sparsity pattern or quantization, method
+options) and on which text (:class:`CalibrationSpec`: languages, source, size, seed, conventions)."""
 
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
+from prunekit.conventions import DEFAULT_CONVENTIONS, parse_conventions
 from prunekit.errors import ConfigError
+from prunekit.languages import parse_languages
 
 
 @dataclass(frozen=True)
@@ -163,3 +167,80 @@ class Recipe:
         if self.pattern is not None:
             data["pattern"]["name"] = self.pattern.name
         return data
+
+
+DEFAULT_CALIBRATION = "en"  # the calibration language of a method that needs one when none is given
+
+
+def check_calibration_size(nsamples: int | None, seqlen: int | None) -> None:
+    """``--nsamples`` at least 1 and ``--seqlen`` at least 2 (None: sized to the text)."""
+    if nsamples is not None and nsamples < 1:
+        raise ConfigError(f"--nsamples must be at least 1, got {nsamples}")
+    if seqlen is not None and seqlen < 2:
+        raise ConfigError(f"--seqlen must be at least 2, got {seqlen}")
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """The calibration choice of a run, validated once, when it is made.
+
+    Args:
+        languages: a language code (``de``), an equal-share mix (``en+de``) or ``all``; None: the method's
+            default (:data:`DEFAULT_CALIBRATION` for a method that calibrates, no text for one that does not).
+        source: ``embedded``, ``mc4`` or a local PATH (``.txt`` / ``.jsonl`` / ``.parquet``, or a dir of them).
+        nsamples / seqlen: sequences and tokens per sequence; None sizes them to the text
+            (``prunekit.calibration.choose_size``).
+        seed: the seed of the window sampling.
+        conventions: ``prunekit`` or ``study`` (``prunekit.conventions``): how the windows are cut, and the
+            run's thresholds.
+
+    Raises:
+        ConfigError: an unknown language or conventions, ``nsamples`` < 1 or ``seqlen`` < 2.
+
+    Example: ``CalibrationSpec("en+de", nsamples=32, seqlen=256)``.
+    """
+
+    languages: str | None = None
+    source: str = "embedded"
+    nsamples: int | None = None
+    seqlen: int | None = None
+    seed: int = 0
+    conventions: str = DEFAULT_CONVENTIONS
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "conventions", parse_conventions(self.conventions))
+        object.__setattr__(self, "source", str(self.source) if isinstance(self.source, Path) else self.source)
+        if self.languages is not None:
+            parse_languages(self.languages)
+        check_calibration_size(self.nsamples, self.seqlen)
+
+    @property
+    def uses_text(self) -> bool:
+        return self.languages is not None
+
+    def for_method(self, method: str, needs_calibration: bool) -> CalibrationSpec:
+        """This spec with the method's default filled in: English for a method that calibrates.
+
+        Raises ConfigError when a method that uses no calibration text is given languages."""
+        if not needs_calibration:
+            if self.languages is not None:
+                raise ConfigError(f"method '{method}' uses no calibration text: drop --calib {self.languages}")
+            return self
+        return self if self.languages is not None else replace(self, languages=DEFAULT_CALIBRATION)
+
+    def sized(self, nsamples: int, seqlen: int) -> CalibrationSpec:
+        """The spec with the size the calibration set was built with (what a run's identity records)."""
+        return replace(self, nsamples=nsamples, seqlen=seqlen)
+
+    def identity(self) -> dict[str, Any] | None:
+        """What of the choice names a run (``pipeline.run_identity``); None without calibration text."""
+        if self.languages is None:
+            return None
+        return {"calib": self.languages, "source": self.source, "nsamples": self.nsamples, "seqlen": self.seqlen, "seed": self.seed}
+
+    def command_arguments(self) -> list[str]:
+        """The calibration flags of ``prunekit prune`` / ``quantize`` that make this choice (conventions aside)."""
+        if self.languages is None:
+            return []
+        return ["--calib", self.languages, "--calib-source", self.source, "--nsamples", str(self.nsamples),
+                "--seqlen", str(self.seqlen), "--seed", str(self.seed)]

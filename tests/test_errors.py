@@ -199,12 +199,12 @@ def no_model_loads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the output location was checked")
 
-    import prunekit.evaluation.runner
+    import prunekit.evaluation.suite
     import prunekit.pipeline
 
     monkeypatch.setattr(prunekit.pipeline, "load_model", refuse)
-    monkeypatch.setattr(prunekit.evaluation.runner, "load_model", refuse)
-    monkeypatch.setattr(prunekit.evaluation.runner, "resolve_model", refuse)
+    monkeypatch.setattr(prunekit.evaluation.suite, "load_model", refuse)
+    monkeypatch.setattr(prunekit.evaluation.suite, "resolve_model", refuse)
 
 
 def _commands(tiny_llama, tmp_path, out: Path) -> dict[str, list]:

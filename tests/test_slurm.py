@@ -99,7 +99,7 @@ def test_slurm_arrays_run_in_parallel_and_a_multi_gpu_job_runs_one_rank_per_gpu(
 def test_the_sbatch_script_asks_one_task_per_gpu_and_no_array_cap(tmp_path, monkeypatch):
     pytest.importorskip("submitit")
     from prunekit.sweep.config import load_config
-    from prunekit.sweep.executors import submitit_executor
+    from prunekit.sweep.backends import submitit_executor
 
     fake = tmp_path / "bin"
     fake.mkdir()
@@ -212,7 +212,7 @@ def test_a_requeued_job_redoes_the_stage_its_killed_run_left_running_on_another_
     """The node died mid-eval: the status still says 'running' on node-7, heartbeat fresh. The same job,
     requeued on this host, redoes it at once; a different job leaves it alone (busy)."""
     pytest.importorskip("submitit")
-    from prunekit.sweep.execute import execute_task
+    from prunekit.sweep.stages import execute_task
     from prunekit.sweep.state import stage_state
 
     runs_dir, config, task = finished_run
@@ -237,16 +237,16 @@ def test_a_requeued_job_redoes_the_stage_its_killed_run_left_running_on_another_
 
 def test_a_timeout_is_never_swallowed_as_a_task_failure(finished_run, monkeypatch):
     submitit = pytest.importorskip("submitit")
-    from prunekit.sweep import execute
+    from prunekit.sweep import stages
 
     runs_dir, config, task = finished_run
 
     def timed_out(*args, **kwargs):
         raise submitit.core.utils.UncompletedJobError("Job not requeued because: timed-out too many times.")
 
-    monkeypatch.setattr(execute, "run_one", timed_out)
+    monkeypatch.setattr(stages, "run_one", timed_out)
     with pytest.raises(submitit.core.utils.UncompletedJobError):
-        execute.execute_task(config, runs_dir, task)
+        stages.execute_task(config, runs_dir, task)
 
     def timed_out_inside_a_lazy_import(*args, **kwargs):  # what transformers makes of it
         try:
@@ -254,16 +254,16 @@ def test_a_timeout_is_never_swallowed_as_a_task_failure(finished_run, monkeypatc
         except Exception as err:
             raise ModuleNotFoundError("Could not import module 'LlamaConfig'") from err
 
-    monkeypatch.setattr(execute, "run_one", timed_out_inside_a_lazy_import)
+    monkeypatch.setattr(stages, "run_one", timed_out_inside_a_lazy_import)
     with pytest.raises(ModuleNotFoundError):
-        execute.execute_task(config, runs_dir, task)
+        stages.execute_task(config, runs_dir, task)
 
     def requeued(*args, **kwargs):
         raise SystemExit(3)  # what submitit's requeue does in the job (LocalExecutor's code)
 
-    monkeypatch.setattr(execute, "run_one", requeued)
+    monkeypatch.setattr(stages, "run_one", requeued)
     with pytest.raises(SystemExit):
-        execute.execute_task(config, runs_dir, task)
+        stages.execute_task(config, runs_dir, task)
 
 
 def test_an_interrupted_stage_says_so_in_its_status(tmp_path):
@@ -401,8 +401,8 @@ def test_a_job_with_two_ranks_splits_its_runs_between_them(tiny_llama, tmp_path)
     each rank takes its own share of the job's runs, in its own process."""
     submitit = pytest.importorskip("submitit")
     from prunekit.sweep import expand, load_config
-    from prunekit.sweep.execute import execute_task, write_snapshot
-    from prunekit.sweep.slurm import SweepJob
+    from prunekit.sweep.stages import execute_task, write_snapshot
+    from prunekit.sweep.slurm_job import SweepJob
 
     raw = tiny_config(tiny_llama)
     raw["methods"] = ["wanda"]

@@ -329,7 +329,7 @@ def test_a_job_known_dead_fails_its_running_stage_at_once(tmp_path):
 
 def test_slurm_settings_become_sbatch_options(tmp_path, monkeypatch):
     pytest.importorskip("submitit")
-    from prunekit.sweep.executors import submitit_executor
+    from prunekit.sweep.backends import submitit_executor
 
     config = load_config(ROOT / "configs" / "study-full-grid.yaml")
     with pytest.raises(ConfigError, match="slurm.cluster: local"):
@@ -443,7 +443,7 @@ def test_a_stage_that_finds_the_dense_evaluation_running_waits_for_it(tiny_llama
     and the dense evaluation is not run a second time."""
     import threading
 
-    from prunekit.sweep import execute
+    from prunekit.sweep import stages
     from prunekit.sweep.grid import DenseTask
 
     path = small_config(tiny_llama, tmp_path)
@@ -451,21 +451,21 @@ def test_a_stage_that_finds_the_dense_evaluation_running_waits_for_it(tiny_llama
     assert run_sweep(path, runs_dir, progress=False).ok
     config = load_config(path)
     task = expand(config).runs[0]
-    dense = execute.dense_dir(runs_dir, DenseTask(task.model))
+    dense = stages.dense_dir(runs_dir, DenseTask(task.model))
     finished = status(dense, "dense")
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (dense / "dense.status.json").write_text(json.dumps(dict(finished, state="running", pid=other.pid, pid_start=None,
                                                                  heartbeat=time.time())))
         (runs_dir / "runs" / task.run_id / "eval.status.json").unlink()
-        monkeypatch.setattr(execute, "DENSE_POLL_S", 0.2)
+        monkeypatch.setattr(stages, "DENSE_POLL_S", 0.2)
 
         def other_finishes():
             time.sleep(2)
             (dense / "dense.status.json").write_text(json.dumps(finished))
 
         threading.Thread(target=other_finishes).start()
-        outcome = execute.execute_task(config, runs_dir, task)
+        outcome = stages.execute_task(config, runs_dir, task)
     finally:
         other.kill()
     assert outcome.state == "done" and outcome.ran == ["eval"], outcome

@@ -18,7 +18,7 @@ from prunekit.evaluation.hidden_states import (
     pruning_error_and_snr,
 )
 from prunekit.evaluation.perplexity import PerplexityResult, Windows, make_windows, perplexity
-from prunekit.evaluation.runner import RESULTS_KIND, evaluate, evaluate_loaded
+from prunekit.evaluation.suite import RESULTS_KIND, evaluate, evaluate_loaded
 
 __all__ = [
     "COUNTERS",

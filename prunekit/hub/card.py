@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prunekit.artifacts import RESULTS_FILE
+from prunekit.artifacts import RESULTS_FILE, overall_sparsity, quantization_summary, record_kind, sparsity_summary
 from prunekit.errors import ConfigError, PrunekitError
 from prunekit.hub.names import base_model_name, hub_id_from_cache_path, recipe_slug, validate_repo_id
 
@@ -266,17 +266,16 @@ def _task_rows(res: dict[str, Any], dres: dict[str, Any], eval_results: list) ->
 
 def _recipe_rows(record: dict[str, Any]) -> dict[str, Any]:
     """The recipe: method, pattern, quantization, checkpoint format, measured sparsity."""
-    recipe, quant = record.get("recipe") or {}, record.get("quantization") or {}
+    recipe, quant = record.get("recipe") or {}, quantization_summary(record) or {}
     method, pattern = recipe.get("method", "unknown"), recipe.get("pattern") or {}
-    kind = recipe.get("kind") or ("quantize" if recipe.get("quantization") else "prune")
+    kind = record_kind(record)
     return {
         "kind": kind, "method": {"name": method, "display": METHOD_NAMES.get(method, method)},
         "pattern": {"n": pattern.get("n"), "m": pattern.get("m"), "share": f"{float(pattern.get('sparsity') or 0):.0%}"},
         "quantization": recipe.get("quantization"),
         "checkpoint": {"format": quant.get("format") if kind == "quantize" else "dense",
                        "kept_dense": [e["name"] for e in quant.get("kept_dense") or [] if e["name"] != "lm_head"]},
-        "sparsity": {"overall": (record.get("sparsity") or {}).get("overall"),
-                     "per_module": (record.get("sparsity") or {}).get("per_module") or {}},
+        "sparsity": {"overall": overall_sparsity(record), "per_module": (sparsity_summary(record) or {}).get("per_module") or {}},
     }
 
 

@@ -8,6 +8,7 @@ once per model.
 
 from prunekit.sweep.config import SweepConfig, load_config
 from prunekit.sweep.grid import Grid, expand
-from prunekit.sweep.runner import Plan, SweepSummary, make_plan, plan_table, run_sweep
+from prunekit.sweep.orchestrate import SweepSummary, run_sweep
+from prunekit.sweep.plan import Plan, make_plan, plan_table
 
 __all__ = ["Grid", "Plan", "SweepConfig", "SweepSummary", "expand", "load_config", "make_plan", "plan_table", "run_sweep"]

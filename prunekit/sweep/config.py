@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from prunekit.errors import ConfigError
+from prunekit.recipe import CalibrationSpec
 from prunekit.sweep.schema import (DEFAULT_CONVENTIONS, MethodEntry, ModelEntry, SweepSpec, check_source, did_you_mean,
                                    method_entry, slug, type_name)
 
@@ -132,9 +133,13 @@ class SweepConfig:
     skip_layers: str | None = None
     keep_checkpoints: bool = True
     slurm: dict[str, Any] = field(default_factory=dict)
-    conventions: str = "prunekit"  # prunekit.conventions: study | prunekit
+    conventions: str = DEFAULT_CONVENTIONS  # prunekit.conventions: study | prunekit
     raw: dict[str, Any] = field(default_factory=dict)  # the validated input, for the snapshot
-    conventions: str = DEFAULT_CONVENTIONS
+
+    def calibration_spec(self, languages: str | None, seed: int | None) -> CalibrationSpec:
+        """One point of the calibration grid: ``languages`` (one of ``calib_sets``, or None for a method
+        that uses no text) with ``seed``, in this sweep's source, size and conventions."""
+        return CalibrationSpec(languages, self.calib_source, self.nsamples, self.seqlen, 0 if seed is None else seed, self.conventions)
 
     @property
     def eval_settings(self) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from prunekit.pipeline import run_identity
-from prunekit.recipe import Pattern, Recipe, parse_pattern
+from prunekit.recipe import CalibrationSpec, Pattern, Recipe, parse_pattern
 from prunekit.sweep.config import MethodEntry, ModelEntry, SweepConfig, slug
 
 
@@ -35,12 +35,20 @@ class RunTask:
     pattern: Pattern | None  # None for quantization
     sparsity: float | None  # what was given to parse_pattern
     pattern_spec: str | None
-    calib: str | None  # None: a method that needs no calibration (magnitude)
-    seed: int | None
+    calibration: CalibrationSpec  # its languages None: a method that needs no calibration (magnitude)
 
     @property
     def task_id(self) -> str:
         return f"run:{self.run_id}"
+
+    @property
+    def calib(self) -> str | None:
+        """The calibration set (``en``, ``en+de``), None for a method that needs no calibration."""
+        return self.calibration.languages
+
+    @property
+    def seed(self) -> int | None:
+        return self.calibration.seed if self.calibration.uses_text else None
 
     @property
     def pattern_label(self) -> str:
@@ -119,14 +127,12 @@ def expand(config: SweepConfig) -> Grid:
             for recipe, parsed, sparsity, pattern in recipes:
                 calibrations = [(c, s) for c in config.calib_sets for s in config.seeds] if method.needs_calibration else [(None, None)]
                 for calib, seed in calibrations:
-                    identity, run_id = run_identity(
-                        model.spec, model.revision, recipe, calib, config.calib_source if calib else None,
-                        config.nsamples, config.seqlen, seed if seed is not None else 0, model.dtype, config.skip_layers,
-                    )
+                    calibration = config.calibration_spec(calib, seed)
+                    identity, run_id = run_identity(model.spec, model.revision, recipe, calibration, model.dtype, config.skip_layers)
                     if run_id in seen:
                         continue
                     seen.add(run_id)
-                    runs.append(RunTask(run_id, identity, model, method, parsed, sparsity, pattern, calib, seed))
+                    runs.append(RunTask(run_id, identity, model, method, parsed, sparsity, pattern, calibration))
     analysis: list[AnalysisTask] = []
     for a, b in config.analysis_pairs:
         for model in config.models:

@@ -1,6 +1,6 @@
 """The sweep config's schema, declared with pydantic: every key, its type, range and default.
 
-:class:`SweepSpec` and its sections (:class:`ModelSpec`, :class:`CalibrationSpec`, ...) forbid unknown
+:class:`SweepSpec` and its sections (:class:`ModelSpec`, :class:`CalibrationGrid`, ...) forbid unknown
 keys. Checks that need the library (method registry, languages, text sources, paths relative to the
 config file) or more than one key (a pair of calibration sets must be among ``calibration.sets``) are
 validators of those models; they raise :func:`invalid`, whose message :mod:`prunekit.sweep.config`
@@ -21,11 +21,10 @@ from typing import Annotated, Any, Callable, Iterator, Optional
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from prunekit.conventions import CONVENTIONS, DEFAULT_CONVENTIONS
 from prunekit.errors import PrunekitError
 
 SLURM_CLUSTERS = ("slurm", "local", "debug")
-CONVENTIONS = ("prunekit", "study")  # issue 18: the study's windows and thresholds, or prunekit's own
-DEFAULT_CONVENTIONS = "prunekit"
 DEFAULT_DTYPE = "auto"  # the checkpoint's own dtype (issue 16)
 
 
@@ -225,7 +224,10 @@ class ModelSpec(_Section):
         return ModelEntry(spec, self.name or display, self.dtype, self.revision, self.trust_remote_code)
 
 
-class CalibrationSpec(_Section):
+class CalibrationGrid(_Section):
+    """The ``calibration:`` section: every set × every seed, of one source and size. Each point of the grid
+    is one :class:`prunekit.recipe.CalibrationSpec` (``SweepConfig.calibration_spec``)."""
+
     sets: Annotated[list[LanguageSpec], Listed, Field(min_length=1)] = Field(
         description="calibration sets: a language, a mix such as en+de or [en, de], or all")
     source: Text = Field("embedded", description="embedded, mc4 or a local PATH with LANG.txt / .jsonl / .parquet")
@@ -249,7 +251,7 @@ class CalibrationSpec(_Section):
         return seeds
 
     @model_validator(mode="after")
-    def _texts_and_sizes(self, info: ValidationInfo) -> "CalibrationSpec":
+    def _texts_and_sizes(self, info: ValidationInfo) -> "CalibrationGrid":
         check_source(self.source, self.languages, "calibration", _base(info), "source")
         for i, s in enumerate(self.sets):
             if len(_languages_of(s)) > self.nsamples:
@@ -436,7 +438,7 @@ class SweepSpec(_Section):
         ["unstructured"], description="'unstructured' and/or N:M patterns such as '2:4'")
     sparsities: Optional[Annotated[list[float], Listed, Field(min_length=1)]] = Field(
         None, description="unstructured sparsities in (0, 1), default [0.5]")
-    calibration: CalibrationSpec
+    calibration: CalibrationGrid
     evaluation: EvaluationSpec = EvaluationSpec()
     analysis: Optional[AnalysisSpec] = None
     push: Optional[PushSpec] = None

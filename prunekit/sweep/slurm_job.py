@@ -1,4 +1,5 @@
-"""The callable a Slurm (or submitit LocalExecutor) job runs: checkpointable, so that a preempted or
+"""What a Slurm (or submitit LocalExecutor) job runs, as the local pool's worker runs
+:mod:`prunekit.sweep.pool_worker`: a callable, checkpointable, so that a preempted or
 timed-out job is requeued and picks up where it stopped.
 
 On the signal Slurm sends before the time limit (or on a preemption), submitit calls ``checkpoint``
@@ -23,7 +24,7 @@ class SweepJob(submitit.helpers.Checkpointable):
     """``SweepJob()(runs_dir, config_digest, task_ids)``: this rank's share of ``task_ids``."""
 
     def __call__(self, runs_dir: str, config_digest: str, task_ids: list[str]) -> list[dict[str, Any]]:
-        from prunekit.sweep.execute import execute_tasks, read_snapshot
+        from prunekit.sweep.stages import execute_tasks, read_snapshot
 
         env = submitit.JobEnvironment()
         mine = split_for_rank(list(task_ids), env.global_rank, env.num_tasks)

@@ -1,4 +1,6 @@
-"""``run_sweep``: validate, expand, plan, run (dense -> runs -> analysis), summarize."""
+"""``run_sweep``: validate, expand, plan, run the phases (dense -> runs -> analysis) through a backend,
+summarize. The plan is :mod:`prunekit.sweep.plan`'s, the work of one task :mod:`prunekit.sweep.stages`'s,
+where it runs :mod:`prunekit.sweep.backends`'s."""
 
 from __future__ import annotations
 
@@ -9,87 +11,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
-
 from prunekit.artifacts import SWEEP_KIND
 from prunekit.errors import ConfigError
-from prunekit.progress import stderr_console
 from prunekit.io import versioned, write_json_atomic
+from prunekit.progress import stderr_console
+from prunekit.sweep.backends import describe, get_executor
 from prunekit.sweep.config import SweepConfig, load_config
-from prunekit.sweep.execute import TaskOutcome, is_complete, task_states, write_snapshot
-from prunekit.sweep.executors import describe, get_executor
-from prunekit.sweep.grid import AnalysisTask, DenseTask, Grid, RunTask, expand
+from prunekit.sweep.grid import AnalysisTask, DenseTask, RunTask
+from prunekit.sweep.plan import Plan, make_plan, plan_console, plan_table
+from prunekit.sweep.stages import TaskOutcome, write_snapshot
 from prunekit.sweep.state import now_iso
-
-STATE_STYLE = {"done": "green", "todo": "yellow", "failed": "red", "stale": "magenta", "busy": "cyan"}
-STATE_TEXT = {"done": "done", "todo": "to do", "failed": "failed → retry", "stale": "killed → redo", "busy": "running elsewhere"}
-
-
-@dataclass
-class PlanRow:
-    task: Any
-    states: dict[str, str]
-
-    @property
-    def complete(self) -> bool:
-        return is_complete(self.states)
-
-
-@dataclass
-class Plan:
-    config: SweepConfig
-    grid: Grid
-    rows: list[PlanRow]
-
-    def pending(self, kind: type) -> list:
-        return [row.task for row in self.rows if isinstance(row.task, kind) and not row.complete and "busy" not in row.states.values()]
-
-    def counts(self) -> dict[str, int]:
-        return {
-            "tasks": len(self.rows),
-            "runs": sum(isinstance(r.task, RunTask) for r in self.rows),
-            "complete": sum(r.complete for r in self.rows),
-            "busy": sum("busy" in r.states.values() for r in self.rows),
-        }
-
-
-def make_plan(config: SweepConfig, runs_dir: Path) -> Plan:
-    grid = expand(config)
-    rows = [PlanRow(task, task_states(config, runs_dir, task)) for task in [*grid.dense, *grid.runs, *grid.analysis]]
-    return Plan(config, grid, rows)
-
-
-def plan_table(plan: Plan, runs_dir: Path) -> Table:
-    counts = plan.counts()
-    title = (f"sweep '{plan.config.name}' · {counts['runs']} runs · {len(plan.grid.dense)} dense · "
-             f"{len(plan.grid.analysis)} analysis · {counts['complete']}/{counts['tasks']} tasks already done · {runs_dir}")
-    table = Table(title=title, title_justify="left")
-    for column in ("task", "model", "method", "pattern", "calibration", "seed"):
-        table.add_column(column, no_wrap=True)
-    stages = ["dense", "prune", "eval"] + (["push"] if plan.config.push else []) + (["analysis"] if plan.grid.analysis else [])
-    for name in stages:
-        table.add_column(name, no_wrap=True)
-    for row in plan.rows:
-        task = row.task
-        if isinstance(task, DenseTask):
-            cells = [task.task_id, task.model.name, "(dense)", "-", "-", "-"]
-        elif isinstance(task, RunTask):
-            cells = [task.run_id, task.model.name, task.method.label, task.pattern_label, task.calib or "none",
-                     "-" if task.seed is None else str(task.seed)]
-        else:
-            cells = [task.key, task.model.name, task.method.label, task.pattern_label, " vs ".join(task.pair), f"{len(task.runs_a)} seed(s)"]
-        for name in stages:
-            state = row.states.get(name)
-            cells.append("" if state is None else f"[{STATE_STYLE[state]}]{STATE_TEXT[state]}[/]")
-        table.add_row(*cells)
-    return table
-
-
-def plan_console() -> Console:
-    """stdout; wide enough for the plan when writing to a file or pipe (a log)."""
-    console = Console(stderr=False)
-    return console if console.is_terminal else Console(stderr=False, width=200)
 
 
 @dataclass
@@ -173,7 +104,7 @@ def run_sweep(
     started = time.perf_counter()
     cfg = load_config(config)  # every config mistake fails here, before any work
     if executor == "local":  # how many workers, each on which GPU (prunekit.placement.worker_plan)
-        from prunekit.sweep.executors import local_worker_plan
+        from prunekit.sweep.backends import local_worker_plan
 
         get_executor(executor, max_parallel)  # an unknown executor or a negative count fails first
         if not dry_run:  # a plan may be printed where the GPUs are not

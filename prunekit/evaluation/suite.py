@@ -1,4 +1,5 @@
-"""``prunekit.evaluation.evaluate``: perplexity, hidden-state SNR / PE and lm-eval tasks -> results.json."""
+"""The evaluation suite of one model: ``evaluate`` / ``evaluate_loaded`` run perplexity, hidden-state
+SNR / pruning error and lm-eval tasks and assemble them into results.json."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Executors: where tasks run.
+"""Backends: where tasks run (``--executor local | slurm`` picks one).
 
 - ``inprocess``: sequentially in this process (``--executor local``, ``--max-parallel 1``).
 - ``pool``: ``--executor local --max-parallel N``: N worker processes at a time, one task each;
@@ -6,11 +6,11 @@
   GPU (``prunekit.placement.worker_plan``); an explicit ``cuda:N`` is left as written.
 - ``submitit``: ``--executor slurm``: one job-array task per ``slurm.runs_per_job`` runs (× the GPUs
   of a node: one rank per GPU), ``slurm_array_parallelism = --max-parallel`` (default: no cap);
-  each job is a checkpointable ``SweepJob``, requeued after a preemption or a timeout;
+  each job is a checkpointable ``slurm_job.SweepJob``, requeued after a preemption or a timeout;
   ``slurm.cluster: local`` runs the same jobs through submitit's LocalExecutor (for testing on a
   workstation).
 
-Each executor returns one ``TaskOutcome`` per task; a task that fails never stops the others.
+Each backend returns one ``TaskOutcome`` per task; a task that fails never stops the others.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any, Callable
 from prunekit.errors import ConfigError
 from prunekit.progress import progress_bar, stderr_console
 from prunekit.sweep.config import SweepConfig
-from prunekit.sweep.execute import TaskOutcome, execute_task, is_complete, task_states
+from prunekit.sweep.stages import TaskOutcome, execute_task, is_complete, task_states
 
 EXECUTORS = ("local", "slurm")
 
@@ -56,7 +56,7 @@ def local_worker_plan(config: SweepConfig, max_parallel: int | None):
 
 def outcome_from_disk(config: SweepConfig, runs_dir: Path, task, note: str | None = None) -> TaskOutcome:
     """What a worker that ran elsewhere achieved, read back from the status files."""
-    from prunekit.sweep.execute import stage_names, task_dir
+    from prunekit.sweep.stages import stage_names, task_dir
     from prunekit.sweep.state import read_status
 
     states = task_states(config, runs_dir, task)
@@ -119,7 +119,7 @@ def run_pool(config: SweepConfig, runs_dir: Path, tasks: list, progress: bool, c
                         env["PRUNEKIT_DEVICE"] = devices[slot]  # so an explicit cuda:N keeps its meaning
                     log_path = logs / f"{task.task_id.replace(':', '-')}.log"
                     handle = open(log_path, "a", encoding="utf-8")  # noqa: SIM115 - closed when the worker ends
-                    cmd = [sys.executable, "-m", "prunekit.sweep.worker", str(runs_dir), config_digest, task.task_id]
+                    cmd = [sys.executable, "-m", "prunekit.sweep.pool_worker", str(runs_dir), config_digest, task.task_id]
                     proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
                     running[proc] = (task, slot, log_path, handle)
                 for proc in [p for p in running if p.poll() is not None]:
@@ -190,8 +190,8 @@ def chunk(tasks: list, size: int) -> list[list]:
 
 
 def run_submitit(config: SweepConfig, runs_dir: Path, tasks: list, progress: bool, config_digest: str, max_parallel: int | None, **_: Any) -> list[TaskOutcome]:
-    from prunekit.sweep.execute import stage_names, task_dir
-    from prunekit.sweep.slurm import SweepJob
+    from prunekit.sweep.stages import stage_names, task_dir
+    from prunekit.sweep.slurm_job import SweepJob
     from prunekit.sweep.state import abandon
 
     executor = submitit_executor(config, runs_dir, max_parallel)

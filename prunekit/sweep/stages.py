@@ -1,5 +1,6 @@
-"""Doing the work of one task: the dense evaluation of a model, a run (prune -> eval -> push) or an
-analysis pair. Every executor (in-process, local processes, submitit) ends up in ``execute_tasks``.
+"""The stages of one task and their state on disk: the dense evaluation of a model, a run (prune ->
+eval -> push) or an analysis pair. Every backend (in-process, local processes, submitit) ends up in
+``execute_tasks``.
 
 Runs-dir layout::
 
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from prunekit.artifacts import (SWEEP_ANALYSIS_KIND, SWEEP_ANALYSIS_RESULT_KIND, SWEEP_CONFIG_KIND, SWEEP_DENSE_KIND,
-                                SWEEP_RUN_KIND, read_record, record_path, results_path, write_results)
+                                SWEEP_RUN_KIND, overall_sparsity, read_record, record_path, results_path, write_results)
 from prunekit.errors import PrunekitError
 from prunekit.io import atomic_directory, read_versioned, versioned, write_json_atomic
 from prunekit.sweep.config import SweepConfig, load_config
@@ -184,7 +185,7 @@ class TaskOutcome:
 
 
 # ---------------------------------------------------------------------------------------------
-# Library calls (the evaluation / hub / analysis modules are optional at import time)
+# Library calls (evaluation, hub and analysis are imported on first use: lm-eval is slow to import)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -314,7 +315,7 @@ def ensure_dense(config: SweepConfig, runs_dir: Path, task: DenseTask, progress:
 
 
 def run_one(config: SweepConfig, runs_dir: Path, task: RunTask, progress: bool) -> TaskOutcome:
-    from prunekit.pipeline import prune
+    from prunekit.pipeline import OutputSpec, prune
 
     directory = ensure_task_dir(run_dir(runs_dir, task), RUN_KIND, task.describe())
     outcome = TaskOutcome(task.task_id, DONE)
@@ -335,15 +336,14 @@ def run_one(config: SweepConfig, runs_dir: Path, task: RunTask, progress: bool) 
         with stage(directory, "prune", None, {"identity_hash": task.run_id}) as details:
             clean_partials(directory)  # only once this process holds the stage: another may be writing there
             result = prune(
-                task.model.spec, method=task.method.method, sparsity=task.sparsity, pattern=task.pattern_spec,
-                calib=task.calib, calib_source=config.calib_source, nsamples=config.nsamples, seqlen=config.seqlen,
-                seed=task.seed if task.seed is not None else 0, out=checkpoint, dtype=task.model.dtype,
-                device=config.device, skip_layers=config.skip_layers, overwrite=True,
-                quantization=task.method.quantization, batch_size=config.batch_size, revision=task.model.revision,
-                trust_remote_code=task.model.trust_remote_code, progress=progress, conventions=config.conventions,
+                task.model.spec, task.method.method, sparsity=task.sparsity, pattern=task.pattern_spec,
+                quantization=task.method.quantization, calibration=task.calibration,
+                output=OutputSpec(checkpoint, task.model.dtype, overwrite=True), device=config.device,
+                skip_layers=config.skip_layers, batch_size=config.batch_size, revision=task.model.revision,
+                trust_remote_code=task.model.trust_remote_code, progress=progress,
             )
             details["record_run_id"] = result.record["run_id"]
-            details["overall_sparsity"] = (result.record.get("sparsity") or {}).get("overall")  # None for a quantized run
+            details["overall_sparsity"] = overall_sparsity(result.record)  # None for a quantized run
             details["timings"] = result.record["timings"]
         loaded = (result.model, result.tokenizer, result.record)
         del result
