@@ -12,8 +12,9 @@ what is specific to a CPU (or a GPU) lives here, behind the few names ``Backend`
 - ``solve_groups`` — on a multi-core CPU, a helper thread prepares (factorises) the next groups while
   this one solves, for methods that have a ``prepare`` step.
 
-On CUDA the allocator calls do nothing, ``gemms`` is the layer's own forward and groups are solved one
-after the other; the results never depend on the backend.
+On CUDA ``gemms`` is the layer's own forward and groups are solved one after the other; the allocator
+calls act on host memory (glibc's heaps, where streamed weights are read) whatever the device, and do
+nothing where glibc is not the allocator. The results never depend on the backend.
 """
 
 from __future__ import annotations
@@ -236,7 +237,9 @@ class Backend:
         torch's alone): the thread count is process-wide, and each would otherwise restore the other's on
         leaving its own single-threaded stretch. ``solve_threads=1`` turns the second thread off. The
         results do not depend on it. ``solve`` may return a lazy sequence: applied at once, one solution
-        is applied (and freed) before the next is solved."""
+        is applied (and freed) before the next is solved. One after the other, the heaps are trimmed after
+        each group (``release_memory``), so that one group's freed temporaries do not stay resident
+        under the next one's."""
         threads = min(torch.get_num_threads(), self.solve_threads or torch.get_num_threads())
         ahead = self.device.type == "cpu" and prepare is not None and threads > 1 and len(jobs) > 1
         jobs.sort(key=width)  # preparation (a factorisation) grows with the input width
@@ -245,6 +248,7 @@ class Backend:
                 names, stats = jobs.pop(0)
                 apply(names, solve(names, stats))
                 del stats
+                self.release_memory()  # the group's statistics, solutions and temporaries
             return
 
         def prepared_only(stats) -> None:  # returns nothing: a finished future must not keep the factor alive
@@ -268,3 +272,4 @@ class Backend:
                 del stats, ready, solutions
             for done in applied:
                 done.result()
+        self.release_memory()  # both threads are done: what the groups left free goes back at once

@@ -198,6 +198,7 @@ class Engine:
             for index, layer in enumerate(layers):
                 start = time.perf_counter()
                 kwargs = _to_device(kwargs_per_layer[index], self.device)
+                kwargs_per_layer[index] = None  # each layer's kwargs (masks, position embeddings) go with it
                 source.load(index, layer, self.device)
                 with self.backend.gemms(layer):
                     hidden, result = self._process_layer(index, layer, hidden, kwargs, last=index == len(layers) - 1)
@@ -216,6 +217,7 @@ class Engine:
         if index in self.skip_layers:
             return ([] if last else self._propagate(layer, hidden, kwargs, {})[0]), LayerResult(index, True, 0.0)
         statistics = self._collect_statistics(layer, hidden, kwargs)
+        self.backend.release_memory()  # the dense forward's intermediates, before the solve's own
         infos, deltas = self._solve_layer(layer, statistics, keep_deltas=bool(self.error_tokens))
         del statistics
         if last:  # only the sequences the error is measured on
