@@ -1,13 +1,18 @@
-"""Layer-wise sequential engine: statistics -> solve -> propagate, one decoder layer at a time.
+"""Layer-wise sequential engine: capture, statistics, solve, propagate, one decoder layer at a time.
 
 The engine knows no method: it asks the method for a statistics accumulator per Linear and
 for a solve over (weight, statistics, recipe). A layer source gives it each decoder layer on the
 compute device in turn and takes it back once solved: ``InMemoryLayers`` moves the layers of a
 loaded model; ``prunekit.streaming.StreamedLayers`` reads them from the checkpoint's shards and
 writes them to the output's. The calibration activations live on the compute device or in host
-memory (``activation_device``) and go to the compute device one micro-batch at a time. The forward kwargs of every decoder layer (position
-embeddings, masks; Gemma-3 alternates sliding and full attention) are captured once from the
-model's own forward, so no architecture's signature is hard-coded.
+memory (``activation_device``) and go to the compute device one micro-batch at a time. The forward
+kwargs of every decoder layer (position embeddings, masks; Gemma-3 alternates sliding and full
+attention) are captured once from the model's own forward (``prunekit.layer_inputs``), so no
+architecture's signature is hard-coded.
+
+How each step runs on this device (micro-batch size, the host allocator, fp32 GEMMs on CPUs without
+fast bf16, weight copies, a second solve thread) is ``prunekit.backend``'s: the code here is the same
+on a CPU and a GPU.
 """
 
 from __future__ import annotations
@@ -204,7 +209,7 @@ class Engine:
                     hidden, result = self._process_layer(index, layer, hidden, kwargs, last=index == len(layers) - 1)
                 source.done(index, layer)  # written (when streamed) and released
                 del kwargs
-                self.backend.release_memory()
+                self.backend.release_memory()  # the layer's weights, deltas and intermediates are gone
                 result.seconds = time.perf_counter() - start
                 results.append(result)
                 if self.progress:
