@@ -1,45 +1,44 @@
-"""Layer-wise sequential engine: statistics -> solve -> propagate, one decoder layer at a time.
+"""Layer-wise sequential engine: capture, statistics, solve, propagate, one decoder layer at a time.
 
 The engine knows no method: it asks the method for a statistics accumulator per Linear and
 for a solve over (weight, statistics, recipe). A layer source gives it each decoder layer on the
 compute device in turn and takes it back once solved: ``InMemoryLayers`` moves the layers of a
 loaded model; ``prunekit.streaming.StreamedLayers`` reads them from the checkpoint's shards and
 writes them to the output's. The calibration activations live on the compute device or in host
-memory (``activation_device``) and go to the compute device one micro-batch at a time. The forward kwargs of every decoder layer (position
-embeddings, masks; Gemma-3 alternates sliding and full attention) are captured once from the
-model's own forward, so no architecture's signature is hard-coded.
+memory (``activation_device``) and go to the compute device one micro-batch at a time. The forward
+kwargs of every decoder layer (position embeddings, masks; Gemma-3 alternates sliding and full
+attention) are captured once from the model's own forward (``prunekit.layer_inputs``), so no
+architecture's signature is hard-coded.
+
+How each step runs on this device (micro-batch size, the host allocator, fp32 GEMMs on CPUs without
+fast bf16, weight copies, a second solve thread) is ``prunekit.backend``'s: the code here is the same
+on a CPU and a GPU.
 """
 
 from __future__ import annotations
 
-import os
-import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
+from prunekit.backend import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS, Backend
 from prunekit.errors import ConfigError
+from prunekit.layer_inputs import capture_inputs, decoder_of
 from prunekit.methods import Method
-from prunekit.methods.hessian import one_cpu_thread
 from prunekit.models import find_decoder_layers, layer_output, linear_sublayers
 from prunekit.recipe import Recipe
 
+__all__ = ["CPU_BATCH_TOKENS", "GPU_BATCH_TOKENS", "Engine", "InMemoryLayers", "LayerResult", "ModuleResult",
+           "capture_layer_inputs", "check_solve_threads", "parse_skip_layers", "run_layer"]
 
-CPU_BATCH_TOKENS = 2048  # per micro-batch on the CPU: intermediates stay small enough to be reused, not page-faulted
-GPU_BATCH_TOKENS = 8192
 ERROR_TOKENS = 1024  # tokens (whole sequences, at least one) of the first batch the per-Linear error is measured on
 
 
 class _StopLayer(Exception):
     """Raised by the last statistics hook: the rest of the layer's forward is not needed."""
-
-
-class _StopForward(Exception):
-    """Raised by a recorder once it has what it needs: the rest of the model's forward is not run."""
 
 
 class InMemoryLayers:
@@ -106,179 +105,21 @@ def _to_device(value: Any, device: torch.device) -> Any:
     return value
 
 
-@contextmanager
-def _layers_replaced_by_recorders(layers: torch.nn.ModuleList, record: Callable[[int, torch.Tensor, dict], None]):
-    """Temporarily replace each decoder layer's forward by an identity that records its inputs."""
-
-    def make(index: int):
-        def forward(*args, **kwargs):
-            hidden = args[0] if args else kwargs.pop("hidden_states")
-            record(index, hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"})
-            return hidden
-
-        return forward
-
-    for i, layer in enumerate(layers):
-        layer.forward = make(i)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            del layer.forward
-
-
 def capture_layer_inputs(
     model: torch.nn.Module, input_ids: torch.Tensor, batch_size: int
 ) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
-    """Inputs of the first decoder layer per micro-batch, and the forward kwargs of every layer.
+    """Inputs of the first decoder layer per micro-batch, and the forward kwargs of every layer
+    (``prunekit.layer_inputs``: the model's own forward up to the first layer).
 
     Kwargs depend on the sequence shape, not on content; they are captured from a batch of one
     and broadcast over the batch dimension.
     """
     _, layers = find_decoder_layers(model)
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
-    kwargs_per_layer: list[dict[str, Any]] = [{} for _ in layers]
-    inputs: list[torch.Tensor] = []
-
-    def record_kwargs(index, hidden, kwargs):
-        kwargs.pop("past_key_values", None)
-        kwargs.pop("past_key_value", None)
-        kwargs["use_cache"] = False
-        kwargs_per_layer[index] = kwargs
-        if index == len(layers) - 1:  # the final norm and what follows are not needed (nor read, when streaming)
-            raise _StopForward
-
-    def record_inputs(index, hidden, kwargs):
-        inputs.append(hidden.detach())
-        raise _StopForward
-
-    def forward(ids: torch.Tensor) -> None:
-        try:
-            base(input_ids=ids, use_cache=False)
-        except _StopForward:
-            pass
-
-    with torch.no_grad():
-        with _layers_replaced_by_recorders(layers, record_kwargs):
-            forward(input_ids[:1])
-        with _layers_replaced_by_recorders(layers, record_inputs):
-            for start in range(0, input_ids.shape[0], batch_size):
-                forward(input_ids[start : start + batch_size])
+    decoder = decoder_of(model)
+    _, kwargs_per_layer = capture_inputs(decoder, layers, input_ids[:1])
+    inputs = [capture_inputs(decoder, layers, input_ids[start : start + batch_size], with_kwargs=False)[0]
+              for start in range(0, input_ids.shape[0], batch_size)]
     return inputs, kwargs_per_layer
-
-
-_ALLOCATOR_TUNED = False
-MMAP_THRESHOLD = 64 << 20  # blocks above this (Hessians of wide layers, weights) are still mapped and unmapped
-TRIM_THRESHOLD = 256 << 20  # free memory kept at the top of the heap for the next batch
-
-
-def keep_freed_memory() -> None:
-    """Let glibc reuse freed large blocks instead of returning them to the kernel.
-
-    By default glibc serves allocations above its (dynamic) mmap threshold with fresh mappings and
-    unmaps them on free, and trims free memory at the top of the heap, so the activations of every
-    batch are page-faulted in anew (4 KB at a time: ~0.6 s per GB). With a 64 MB mmap threshold
-    and a 256 MB trim threshold the activations of one batch reuse the memory of the previous one
-    (~10 % less time on the CPU), while big long-lived blocks stay mapped, so the peak memory does
-    not grow. Once per process, Linux/glibc only; PRUNEKIT_MALLOC_TUNING=0 turns it off."""
-    global _ALLOCATOR_TUNED
-    if _ALLOCATOR_TUNED or not sys.platform.startswith("linux") or os.environ.get("PRUNEKIT_MALLOC_TUNING") == "0":
-        return
-    _ALLOCATOR_TUNED = True
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD)
-        libc.mallopt(m_trim_threshold, TRIM_THRESHOLD)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
-_SLOW_HALF_GEMM: dict[torch.dtype, bool] = {}
-
-
-def half_gemm_is_slow(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether a bf16/fp16 GEMM on this CPU is slower than converting to fp32 and back (CPUs without
-    native bf16/fp16 dot products emulate it). Measured once per process on a small GEMM."""
-    if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
-        return False
-    if dtype not in _SLOW_HALF_GEMM:
-        x, w = torch.randn(256, 1024).to(dtype), torch.randn(1024, 1024).to(dtype)
-
-        def best(fn) -> float:
-            fn()
-            times = []
-            for _ in range(3):
-                start = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - start)
-            return min(times)
-
-        native = best(lambda: torch.nn.functional.linear(x, w))
-        upcast = best(lambda: torch.nn.functional.linear(x.float(), w.float()).to(dtype))
-        _SLOW_HALF_GEMM[dtype] = upcast < 0.8 * native
-    return _SLOW_HALF_GEMM[dtype]
-
-
-@contextmanager
-def fp32_gemms(layer: torch.nn.Module):
-    """Run the layer's Linears as fp32 GEMMs on half-precision inputs and weights, rounding the output
-    back to the half dtype: the same products, accumulated in fp32 as a native bf16 GEMM does."""
-    linears = list(linear_sublayers(layer).values())
-
-    def make(module: torch.nn.Linear):
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            bias = None if module.bias is None else module.bias.float()
-            return torch.nn.functional.linear(x.float(), module.weight.float(), bias).to(x.dtype)
-
-        return forward
-
-    for module in linears:
-        module.forward = make(module)
-    try:
-        yield
-    finally:
-        for module in linears:
-            del module.forward
-
-
-def _largest_magnitude(x: torch.Tensor) -> float:
-    if x.numel() == 0:
-        return 0.0
-    low, high = torch.aminmax(x)  # no temporary the size of x, unlike x.abs()
-    return max(abs(float(low)), abs(float(high)))
-
-
-_STRIPE = 64  # rows of the solved weight made contiguous at a time
-
-
-def _replace_weight(weight: torch.Tensor, new: torch.Tensor, keep_delta: bool) -> torch.Tensor | None:
-    """weight ← new, rounded to weight's dtype; with ``keep_delta`` return W − W′ as well.
-
-    ``new`` may be a transposed view (SparseGPT solves [in, out]): a stripe of rows at a time is
-    first made contiguous in a small buffer, so the transposition is paid once and the difference
-    and the copy run on contiguous memory (~1.5× faster than both on the strided view). For fp32
-    weights the difference is kept in fp16 (half the memory, 90 MB a layer of a 2048×5632 Llama; the
-    measured relative error moves by ~1e-5), unless max|W| + max|W′| could overflow fp16."""
-    delta = None
-    if keep_delta:
-        dtype = weight.dtype
-        if dtype == torch.float32:
-            bound = _largest_magnitude(weight) + _largest_magnitude(new)
-            dtype = torch.float16 if bound < torch.finfo(torch.float16).max else torch.float32
-        delta = torch.empty(weight.shape, dtype=dtype, device=weight.device)
-    contiguous = new.is_contiguous()
-    buffer = None if contiguous else torch.empty(min(_STRIPE, weight.shape[0]), weight.shape[1], dtype=new.dtype, device=new.device)
-    for lo in range(0, weight.shape[0], _STRIPE):
-        hi = min(lo + _STRIPE, weight.shape[0])
-        stripe = new[lo:hi] if contiguous else buffer[: hi - lo].copy_(new[lo:hi])
-        stripe = stripe.to(weight.dtype)
-        if delta is not None:
-            torch.sub(weight[lo:hi], stripe, out=delta[lo:hi])
-        weight[lo:hi].copy_(stripe)
-    return delta
 
 
 def check_solve_threads(solve_threads: int | None) -> int | None:
@@ -315,6 +156,7 @@ class Engine:
         self.error_tokens = error_tokens
         self.solve_threads = check_solve_threads(solve_threads)
         self.activation_device = self.device if activation_device is None else torch.device(activation_device)
+        self.backend = Backend(self.device, self.solve_threads)
 
     def _store(self, hidden: torch.Tensor) -> torch.Tensor:
         """An activation batch where the activations live (pinned host memory when they stream to a GPU)."""
@@ -327,8 +169,7 @@ class Engine:
         return hidden.to(self.device, non_blocking=True)
 
     def _batch_size(self, seqlen: int) -> int:
-        tokens = GPU_BATCH_TOKENS if self.device.type == "cuda" else CPU_BATCH_TOKENS
-        return self.batch_size or max(1, tokens // seqlen)
+        return self.batch_size or max(1, self.backend.batch_tokens() // seqlen)
 
     def run(self, model: torch.nn.Module, input_ids: torch.Tensor | None, source=None) -> list[LayerResult]:
         """Solve every decoder layer of ``model``; ``source`` gives and takes back the layers
@@ -346,26 +187,29 @@ class Engine:
                     source.load(index, layer, self.device)
                     results.append(self._solve_without_data(index, layer))
                     source.done(index, layer)
+                    self.backend.release_memory()
                 if self.progress:
                     self.progress(index + 1, len(layers))
             return results
         batch = self._batch_size(input_ids.shape[1])
-        keep_freed_memory()
+        self.backend.tune_allocator()
         with torch.no_grad():
             with source.inputs():
                 hidden, kwargs_per_layer = capture_layer_inputs(model, input_ids, batch)
             for i in range(len(hidden)):  # one batch at a time: never two copies of every batch
                 hidden[i] = self._store(hidden[i])
+            self.backend.release_memory()  # the embedding's forward is done
             results = []
             for index, layer in enumerate(layers):
                 start = time.perf_counter()
                 kwargs = _to_device(kwargs_per_layer[index], self.device)
+                kwargs_per_layer[index] = None  # each layer's kwargs (masks, position embeddings) go with it
                 source.load(index, layer, self.device)
-                dtype = next(layer.parameters()).dtype
-                gemms = fp32_gemms(layer) if half_gemm_is_slow(dtype, self.device) else nullcontext()
-                with gemms:
+                with self.backend.gemms(layer):
                     hidden, result = self._process_layer(index, layer, hidden, kwargs, last=index == len(layers) - 1)
-                source.done(index, layer)
+                source.done(index, layer)  # written (when streamed) and released
+                del kwargs
+                self.backend.release_memory()  # the layer's weights, deltas and intermediates are gone
                 result.seconds = time.perf_counter() - start
                 results.append(result)
                 if self.progress:
@@ -378,6 +222,7 @@ class Engine:
         if index in self.skip_layers:
             return ([] if last else self._propagate(layer, hidden, kwargs, {})[0]), LayerResult(index, True, 0.0)
         statistics = self._collect_statistics(layer, hidden, kwargs)
+        self.backend.release_memory()  # the dense forward's intermediates, before the solve's own
         infos, deltas = self._solve_layer(layer, statistics, keep_deltas=bool(self.error_tokens))
         del statistics
         if last:  # only the sequences the error is measured on
@@ -437,23 +282,15 @@ class Engine:
 
     def _solve_layer(self, layer, statistics, keep_deltas: bool = False):
         """Solve every Linear (those sharing statistics together, when the method can); with
-        ``keep_deltas`` also return W_dense − W_new per Linear (module dtype).
-
-        For a method with a ``prepare`` step (SparseGPT's factorisations), on a multi-core CPU, a
-        second thread prepares the groups with the widest inputs (the longest factorisations) while
-        this one solves the others, narrowest first, preparing them itself; the helper then copies
-        the solved weights back. A solve is Python-driven (a column loop): two at once would contend
-        for the GIL, so only one runs at a time.
-        ``solve_threads=1`` turns the second thread off. The results do not depend on it."""
+        ``keep_deltas`` also return W_dense − W_new per Linear (module dtype). Each group's statistics
+        (Hessian, factor) go once it is solved. The backend orders the groups and may prepare some on a
+        second thread (``Backend.solve_groups``); the results do not depend on it."""
         linears = linear_sublayers(layer)
         groups: dict[int, list[str]] = {}
         for name in linears:
             groups.setdefault(id(statistics.get(name)), []).append(name)
-        jobs = []
-        for names in groups.values():
-            jobs.append((names, statistics.get(names[0])))
-            for name in names:  # each group's statistics (Hessian, factor) go once it is solved
-                statistics.pop(name, None)
+        jobs = [(names, statistics.get(names[0])) for names in groups.values()]
+        statistics.clear()
         infos, deltas = {}, {}
 
         def solve(names, stats):
@@ -461,45 +298,19 @@ class Engine:
             if self.method.solve_group is not None and stats is not None and len(names) > 1:
                 return self.method.solve_group(weights, stats, self.recipe)
             # one at a time: each solution is applied (and freed) before the next Linear is solved
-            solutions = (self.method.solve(w, stats, self.recipe) for w in weights)
-            return list(solutions) if ahead else solutions
+            return (self.method.solve(w, stats, self.recipe) for w in weights)
 
         def apply(names, solutions):
             for name, solution in zip(names, solutions):
-                delta = _replace_weight(linears[name].weight.data, solution.weight, keep_deltas)
+                delta = self.backend.replace_weight(linears[name].weight.data, solution.weight, keep_deltas)
                 if delta is not None:
                     deltas[name] = delta
                 # a quantizer's grids ride along in the module's info until the checkpoint is written
                 infos[name] = solution.info if solution.grid is None else {**solution.info, "grid": solution.grid}
 
-        def prepare(stats) -> None:  # returns nothing: a finished future must not keep the factor alive
-            self.method.prepare(stats, self.recipe)
-
-        threads = min(torch.get_num_threads(), self.solve_threads or torch.get_num_threads())
-        ahead = self.device.type == "cpu" and self.method.prepare is not None and threads > 1 and len(jobs) > 1
-        jobs.sort(key=lambda job: linears[job[0][0]].in_features)  # preparation (a factorisation) grows with it
-        # one torch/BLAS thread throughout when two run: the thread count is process-wide, and each would
-        # otherwise restore the other's on leaving its own single-threaded stretch
-        with one_cpu_thread(self.device) if ahead else nullcontext(), ThreadPoolExecutor(max_workers=1) if ahead else nullcontext() as helper:
-            # the helper prepares the costliest first; this thread solves the cheapest first and
-            # prepares itself whatever the helper has not started yet
-            prepared, applied = {}, []
-            for _, stats in reversed(jobs) if ahead else ():
-                if stats is not None:
-                    prepared[id(stats)] = helper.submit(prepare, stats)
-            while jobs:
-                names, stats = jobs.pop(0)
-                ready = prepared.pop(id(stats), None)
-                if ready is not None and not ready.cancel():
-                    ready.result()
-                solutions = solve(names, stats)
-                if ahead:  # copying the weights back runs on the helper too, once it is free
-                    applied.append(helper.submit(apply, names, solutions))
-                else:
-                    apply(names, solutions)
-                del stats, ready, solutions
-            for done in applied:
-                done.result()
+        prepare = None if self.method.prepare is None else (lambda stats: self.method.prepare(stats, self.recipe))
+        self.backend.solve_groups(jobs, lambda job: linears[job[0][0]].in_features, solve, apply, prepare,
+                                  self.method.one_thread)
         return infos, deltas
 
     def _error_rows(self, hidden: list[torch.Tensor]) -> int:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from prunekit.backend import replace_weight
 from prunekit.calibration import build_calibration_set
-from prunekit.engine import Engine, _replace_weight, capture_layer_inputs, run_layer
+from prunekit.engine import Engine, capture_layer_inputs, run_layer
 from prunekit.errors import ConfigError
 from prunekit.methods import get_method
 from prunekit.methods import lapack
@@ -353,7 +354,7 @@ def test_engine_without_error_measurement_prunes_identically(tiny_llama):
 
 
 def test_fp32_gemms_give_the_native_bf16_layer_output_up_to_bf16_rounding(tiny_llama):
-    from prunekit.engine import fp32_gemms, half_gemm_is_slow
+    from prunekit.backend import fp32_gemms, half_gemm_is_slow
 
     model, tok, _ = load_model(str(tiny_llama), "bfloat16")
     ids = build_calibration_set(tok, "en", str(TATOEBA), nsamples=2, seqlen=32, seed=0).input_ids
@@ -443,20 +444,20 @@ def test_replace_weight_takes_a_transposed_solution_and_returns_the_difference(d
     weight = torch.randn(300, 520, generator=gen).to(dtype)
     dense = weight.clone()
     new = torch.randn(520, 300, generator=gen).mT  # a transposed view, as SparseGPT returns it
-    delta = _replace_weight(weight, new, keep_delta=True)
+    delta = replace_weight(weight, new, keep_delta=True)
     assert torch.equal(weight, new.to(dtype))
     if dtype == torch.float32:
         assert delta.dtype == torch.float16 and torch.equal(delta, (dense - new).half())
     else:
         assert delta.dtype == dtype and torch.equal(delta, dense - new.to(dtype))
-    assert _replace_weight(weight, new, keep_delta=False) is None
+    assert replace_weight(weight, new, keep_delta=False) is None
 
 
 def test_replace_weight_keeps_an_fp32_difference_that_overflows_fp16():
     weight = torch.zeros(4, 4)
     new = torch.zeros(4, 4)
     new[1, 2] = 1e6  # |difference| > fp16's 65504
-    delta = _replace_weight(weight, new, keep_delta=True)
+    delta = replace_weight(weight, new, keep_delta=True)
     assert delta.dtype == torch.float32 and float(delta[1, 2]) == -1e6 and torch.equal(weight, new)
 
 

@@ -6,7 +6,8 @@ through :func:`run_forward`. It takes a batch list and runs the model layer-majo
 1. **inputs** — every batch goes through the model's own decoder forward with each decoder layer
    replaced by a recorder: the first layer's input (embedding, Gemma's scaling and all) and every
    layer's keyword arguments (masks per layer type, rotary position embeddings) are exactly what the
-   model computes; the recorder of the last layer stops the forward before the final norm.
+   model computes; the recorder of the last layer stops the forward before the final norm
+   (``prunekit.layer_inputs``, shared with the pruning engine).
 2. **layers** — decoder layer k is loaded (see below), every batch's hidden state goes through it,
    the consumers see each output (``Consumer.layer``), and the layer is released.
 3. **head** — only when a consumer wants scores: the decoder forward runs once more per batch with
@@ -29,17 +30,17 @@ numbers equal it (the head's chunking aside, within float rounding).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from prunekit.errors import ModelError
+from prunekit.layer_inputs import capture_inputs, decoder_of, layers_replaced
 from prunekit.models import find_decoder_layers, layer_output, text_config
 from prunekit.progress import progress_bar
 
@@ -91,15 +92,6 @@ class Callback(Consumer):
 
 
 # ----------------------------------------------------------------------------------- weights
-
-
-def decoder_of(model: torch.nn.Module) -> torch.nn.Module:
-    """The model without its LM head (its output is the final, normed hidden state)."""
-    if hasattr(model, "get_decoder"):
-        decoder = model.get_decoder()
-        if decoder is not None and decoder is not model:
-            return decoder
-    return model.base_model
 
 
 def _move_outside_layers(module: torch.nn.Module, layers: torch.nn.ModuleList, device: torch.device) -> None:
@@ -339,49 +331,6 @@ def as_weights(model_or_weights) -> Weights:
 # ------------------------------------------------------------------------------------ stages
 
 
-class _Stop(Exception):
-    """Raised by the last layer's recorder: the rest of the decoder forward is not needed."""
-
-
-@contextlib.contextmanager
-def _layers_replaced(layers: torch.nn.ModuleList, make: Callable[[int], Callable[..., Any]]) -> Iterator[None]:
-    """Temporarily replace each decoder layer's forward by ``make(index)``."""
-    for index, layer in enumerate(layers):
-        layer.forward = make(index)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            del layer.forward
-
-
-def _capture(decoder, layers, batch: Batch, device: torch.device) -> tuple[torch.Tensor, list[dict[str, Any]]]:
-    """The first layer's input and every layer's keyword arguments for ``batch``."""
-    first: list[torch.Tensor] = []
-    kwargs: list[dict[str, Any]] = [{} for _ in layers]
-    last = len(layers) - 1
-
-    def make(index: int):
-        def record(*args, **kw):
-            hidden = args[0] if args else kw.pop("hidden_states")
-            kw.pop("past_key_values", None)
-            kw.pop("past_key_value", None)
-            kw["use_cache"] = False
-            kwargs[index] = kw
-            if index == 0:
-                first.append(hidden)
-            if index == last:
-                raise _Stop
-            return hidden
-
-        return record
-
-    mask = None if batch.attention_mask is None else batch.attention_mask.to(device)
-    with _layers_replaced(layers, make), contextlib.suppress(_Stop):
-        decoder(input_ids=batch.input_ids.to(device), attention_mask=mask, use_cache=False)
-    return first[0], kwargs
-
-
 def _replayed(model_or_decoder, layers, hidden: torch.Tensor, mask: torch.Tensor | None, **extra):
     """The module's own forward after the decoder layers, with the last layer's output ``hidden``."""
     last = len(layers) - 1
@@ -392,7 +341,7 @@ def _replayed(model_or_decoder, layers, hidden: torch.Tensor, mask: torch.Tensor
 
         return replay
 
-    with _layers_replaced(layers, make):
+    with layers_replaced(layers, make):
         return model_or_decoder(inputs_embeds=hidden, attention_mask=mask, use_cache=False, **extra)
 
 
@@ -515,7 +464,8 @@ def run_forward(
             weights.load_input(device)
             try:
                 for batch in batches:
-                    first, kw = _capture(decoder, layers, batch, device)
+                    mask = None if batch.attention_mask is None else batch.attention_mask.to(device)
+                    first, kw = capture_inputs(decoder, layers, batch.input_ids.to(device), mask)
                     hidden.append(first)
                     if batch.attention_mask is None:
                         kw = shared.setdefault(tuple(batch.input_ids.shape), kw)

@@ -8,6 +8,7 @@ the new weight and the pruning mask.
 from __future__ import annotations
 
 import difflib
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
@@ -45,6 +46,10 @@ class Method:
     # on a second thread while the current group's solve runs; ``solve`` must give the same result
     # whether or not its statistics were prepared.
     prepare: Callable[[Statistics, Recipe], None] | None = None
+    # optional, with ``prepare``: a context that puts torch and the libraries the method calls (SparseGPT:
+    # scipy's BLAS/LAPACK) on one CPU thread; the engine solves a layer in it while the helper prepares,
+    # so that two threads do not each run a pool of their own. No effect on other devices.
+    one_thread: Callable[[torch.device], AbstractContextManager] | None = None
 
     @property
     def needs_calibration(self) -> bool:

@@ -187,4 +187,5 @@ def prepare(stats: HessianStats, recipe: Recipe) -> None:
     stats.damped_factor(recipe.dampening, consume=True)
 
 
-register(Method("sparsegpt", "prune", "OBS reconstruction with the layer Hessian", HessianStats, solve, solve_group, prepare))
+register(Method("sparsegpt", "prune", "OBS reconstruction with the layer Hessian", HessianStats, solve, solve_group, prepare,
+                one_cpu_thread))
