@@ -118,7 +118,7 @@ def worker(kind: str, spec: dict) -> dict:
 
         result = prune(spec["model"], method=spec["method"], sparsity=0.5, calib="en", calib_source="embedded",
                        nsamples=spec["nsamples"], seqlen=spec["seqlen"], out=spec["out"], device="cpu",
-                       overwrite=True, progress=False, stream=spec["stream"])
+                       overwrite=True, progress=False, stream=spec["stream"], solve_threads=spec.get("solve_threads"))
         extra = {"streamed": result.record["streamed"], "dtype": result.record["base_model"]["dtype"],
                  "sparsity": result.record["sparsity"]["overall"]}
     else:
@@ -182,6 +182,8 @@ def main() -> None:
     parser.add_argument("--no-eval", action="store_true")
     parser.add_argument("--eval-only", type=Path, default=None, help="only evaluate this (pruned) checkpoint")
     parser.add_argument("--eval-windows", type=int, default=2, help="perplexity windows of --seqlen tokens")
+    parser.add_argument("--solve-threads", type=int, default=None,
+                        help="SparseGPT's solve threads on the CPU (default: prunekit's own choice; 1 holds one Hessian at a time)")
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -208,7 +210,7 @@ def main() -> None:
                 for stream in [True] + ([False] if depth in args.in_memory_depths else []):
                     out = root / f"out-{depth}L-{method}-{'stream' if stream else 'memory'}"
                     spec = {"model": str(base), "method": method, "nsamples": args.nsamples, "seqlen": args.seqlen,
-                            "out": str(out), "stream": stream}
+                            "out": str(out), "stream": stream, "solve_threads": args.solve_threads}
                     measured = run_worker("prune", spec, root / f"{out.name}.log")
                     checks = check_output(base, out)
                     row = {"layers": depth, "base_gb": base_gb, "method": method,
