@@ -59,7 +59,8 @@ def prune(
     solve_threads: Optional[int] = typer.Option(
         None, "--solve-threads",
         help="SparseGPT on the CPU: 1 solves on one thread; 2 or more (the default on a multi-core CPU) factorises "
-        "the widest Hessians (down_proj's) on a second thread while the other groups are solved. Same results either way.",
+        "the widest Hessians (down_proj's) on a second thread while the other groups are solved. Same results either way; "
+        "1 holds one Hessian at a time (8B shapes: 2.91 GB peak against 3.34 GB, 1.23x the time).",
     ),
 ) -> None:
     """Prune MODEL layer by layer, calibrated on text in one language or a mix.
