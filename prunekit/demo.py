@@ -5,14 +5,13 @@ sweep and report code as ``prunekit sweep`` / ``prunekit report``, so it is resu
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prunekit.conventions import parse_conventions
 from prunekit.embedded import embedded_languages
-from prunekit.errors import ConfigError
+from prunekit.errors import ConfigError, did_you_mean
 from prunekit.languages import parse_languages
 from prunekit.methods import available_methods
 from prunekit.models import resolve_device
@@ -77,9 +76,7 @@ def run_demo(
     pruning = available_methods("prune")
     for method in method_list:
         if method not in pruning:
-            hint = difflib.get_close_matches(method, pruning, n=1)
-            did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
-            raise ConfigError(f"unknown pruning method '{method}' in --methods{did_you_mean}; choose from {', '.join(pruning)}")
+            raise ConfigError(f"unknown pruning method '{method}' in --methods{did_you_mean(method, pruning)}; choose from {', '.join(pruning)}")
     check_calibration_size(nsamples, seqlen)
     resolve_device(device)  # the demo runs here: a missing GPU fails now, not once per run
     out = Path(out).expanduser()

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 
-from prunekit.errors import ConfigError
+from prunekit.errors import ConfigError, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -47,10 +46,8 @@ def get_language(code: str) -> Language:
         return STUDY_LANGUAGES[code]
     if code in MC4_CODES:
         return Language(code, code, "", code)
-    hint = difflib.get_close_matches(code, MC4_CODES, n=1)
-    did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
     raise ConfigError(
-        f"unknown language code '{code}'{did_you_mean}; valid codes are the study's "
+        f"unknown language code '{code}'{did_you_mean(code, MC4_CODES)}; valid codes are the study's "
         f"{', '.join(STUDY_LANGUAGES)} or any mC4 code: {' '.join(MC4_CODES)}"
     )
 

@@ -20,7 +20,6 @@ finishes, so a killed evaluation resumes. Tasks come from three places:
 from __future__ import annotations
 
 import copy
-import difflib
 import json
 import logging
 import math
@@ -28,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from prunekit.errors import ConfigError
+from prunekit.errors import ConfigError, did_you_mean
 from prunekit.evaluation.tasks import ALIASES, GROUPS, TASKS_DIR, TaskCell, cells_for, known_cells
 
 log = logging.getLogger(__name__)
@@ -77,10 +76,9 @@ def plan_tasks(tasks: str | Sequence[str] | None, langs: Sequence[str]) -> list[
         index = set(task_manager(True).all_tasks)
         for name in unknown:
             if name not in index:
-                hint = difflib.get_close_matches(name, list(GROUPS) + list(ALIASES) + list(known_cells()) + sorted(index), n=1)
-                did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
+                hint = did_you_mean(name, list(GROUPS) + list(ALIASES) + list(known_cells()) + sorted(index))
                 raise ConfigError(
-                    f"unknown task '{name}'{did_you_mean}; use a group ({', '.join(GROUPS)}, or 'study' for the "
+                    f"unknown task '{name}'{hint}; use a group ({', '.join(GROUPS)}, or 'study' for the "
                     f"study's suite), a task such as belebele_deu_Latn or mkqa_de, or any lm-eval task name"
                 )
             cells.append(TaskCell(name, "lm-eval", None, "lm-eval"))

@@ -7,14 +7,13 @@ the new weight and the pruning mask.
 
 from __future__ import annotations
 
-import difflib
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 import torch
 
-from prunekit.errors import ConfigError
+from prunekit.errors import ConfigError, did_you_mean
 from prunekit.recipe import Recipe
 
 
@@ -71,9 +70,7 @@ def _load_builtins() -> None:
 def get_method(name: str) -> Method:
     _load_builtins()
     if name not in _REGISTRY:
-        hint = difflib.get_close_matches(name, list(_REGISTRY), n=1)
-        did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
-        raise ConfigError(f"unknown method '{name}'{did_you_mean}; choose one of: {', '.join(sorted(_REGISTRY))}")
+        raise ConfigError(f"unknown method '{name}'{did_you_mean(name, _REGISTRY)}; choose one of: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
 
 

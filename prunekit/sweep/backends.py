@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from prunekit.errors import ConfigError
+from prunekit.errors import ConfigError, did_you_mean
 from prunekit.progress import progress_bar, stderr_console
 from prunekit.sweep.config import SweepConfig
 from prunekit.sweep.stages import TaskOutcome, execute_task, is_complete, task_states
@@ -233,10 +233,7 @@ def run_submitit(config: SweepConfig, runs_dir: Path, tasks: list, progress: boo
 def get_executor(name: str, max_parallel: int | None) -> Callable[..., list[TaskOutcome]]:
     """``max_parallel``: local workers (already planned: ``local_worker_plan``), or Slurm jobs at a time (None: no cap)."""
     if name not in EXECUTORS:
-        import difflib
-
-        hint = difflib.get_close_matches(name, EXECUTORS, n=1)
-        raise ConfigError(f"unknown executor '{name}'{f' (did you mean {hint[0]!r}?)' if hint else ''}; use local or slurm")
+        raise ConfigError(f"unknown executor '{name}'{did_you_mean(name, EXECUTORS)}; use local or slurm")
     if max_parallel is not None and max_parallel < 0:
         raise ConfigError(f"--max-parallel must be at least 1 (or 0: automatic), got {max_parallel}")
     if name == "slurm":

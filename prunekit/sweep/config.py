@@ -18,10 +18,10 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from prunekit.errors import ConfigError
+from prunekit.errors import ConfigError, did_you_mean
 from prunekit.recipe import CalibrationSpec
-from prunekit.sweep.schema import (DEFAULT_CONVENTIONS, MethodEntry, ModelEntry, SweepSpec, check_source, did_you_mean,
-                                   method_entry, slug, type_name)
+from prunekit.sweep.schema import (DEFAULT_CONVENTIONS, MethodEntry, ModelEntry, SweepSpec, check_source, method_entry,
+                                   slug, type_name)
 
 __all__ = ["MethodEntry", "ModelEntry", "SweepConfig", "SweepSpec", "load_config", "slug"]
 

@@ -10,7 +10,6 @@ prints after the YAML path that pydantic's error location gives.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import hashlib
 import json
 import re
@@ -22,7 +21,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationIn
 from pydantic_core import PydanticCustomError
 
 from prunekit.conventions import CONVENTIONS, DEFAULT_CONVENTIONS
-from prunekit.errors import PrunekitError
+from prunekit.errors import PrunekitError, did_you_mean
 
 SLURM_CLUSTERS = ("slurm", "local", "debug")
 DEFAULT_DTYPE = "auto"  # the checkpoint's own dtype (issue 16)
@@ -31,11 +30,6 @@ DEFAULT_DTYPE = "auto"  # the checkpoint's own dtype (issue 16)
 # --------------------------------------------------------------------------------------------
 # Messages
 # --------------------------------------------------------------------------------------------
-
-
-def did_you_mean(name: str, choices: list[str]) -> str:
-    hint = difflib.get_close_matches(str(name), choices, n=1, cutoff=0.6)
-    return f" (did you mean '{hint[0]}'?)" if hint else ""
 
 
 def type_name(value: Any) -> str:
