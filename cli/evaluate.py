@@ -12,6 +12,7 @@ from rich.table import Table
 
 from prunekit.cli.app import app, user_errors
 from prunekit.conventions import HELP as CONVENTIONS_HELP
+from prunekit.conventions import parse_conventions
 
 stdout = Console()
 
@@ -104,6 +105,7 @@ def evaluate_command(
     from prunekit.io import check_output_location
 
     check_output_location(out, kind="file")  # before the model loads
+    conventions = parse_conventions(conventions)  # a typo fails before anything is read or printed
     if langs is None:
         from prunekit.languages import default_evaluation_languages
         from prunekit.models import resolve_model

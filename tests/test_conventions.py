@@ -315,6 +315,12 @@ def test_a_typo_gets_a_suggestion(tiny_llama, tmp_path):
     assert result.stderr.strip() == "error: unknown --conventions 'studdy' (did you mean 'study'?); choose prunekit or study"
 
 
+def test_eval_refuses_a_typo_before_choosing_its_languages(tiny_llama, tmp_path):
+    result = CliRunner().invoke(app, ["eval", str(tiny_llama), "--conventions", "studdy", "--out", str(tmp_path / "r.json")])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "error: unknown --conventions 'studdy' (did you mean 'study'?); choose prunekit or study"
+
+
 def test_study_is_recorded_in_the_checkpoint_and_the_results(tiny_llama, tmp_path):
     out = tmp_path / "w"
     result = CliRunner().invoke(app, ["prune", str(tiny_llama), "--method", "sparsegpt", "--calib", "de", "--nsamples", "4",
