@@ -289,8 +289,27 @@ def _calibration_row(calib: dict[str, Any] | None) -> dict[str, Any] | None:
             "source": _public(calib.get("source")), "seed": calib.get("seed"), "languages": langs}
 
 
+def _prunekit_metadata(recipe: dict[str, Any], record: dict[str, Any], dres: dict[str, Any]) -> dict[str, Any]:
+    """The front matter's ``prunekit:`` block: the recipe in machine-readable form, which ``prunekit find`` reads
+    (documented in hub_cards/README.md)."""
+    calib, pattern = record.get("calibration") or None, (record.get("recipe") or {}).get("pattern") or {}
+    quant = recipe["quantization"] or {}
+    dense = {lang: float(row["ppl"]) for lang, row in (dres.get("perplexity") or {}).items() if _finite(row.get("ppl"))}
+    block = {
+        "kind": recipe["kind"], "method": recipe["method"]["name"], "recipe": recipe_slug(record),
+        "pattern": (f"{pattern['n']}:{pattern['m']}" if pattern.get("m") else "unstructured") if recipe["kind"] != "quantize" else None,
+        "sparsity": round(float(recipe["sparsity"]["overall"]), 4) if _finite(recipe["sparsity"]["overall"]) else None,
+        "bits": quant.get("bits"), "group_size": quant.get("group_size"),
+        "calibration": {"languages": list(calib.get("languages") or []), "source": _public(calib.get("source")),
+                        "nsamples": calib.get("nsamples"), "seqlen": calib.get("seqlen"), "seed": calib.get("seed")}
+        if calib else None,
+        "dense_perplexity": dense or None, "run_id": record.get("run_id"),
+    }
+    return {key: value for key, value in block.items() if value is not None}
+
+
 def _card_data(recipe: dict[str, Any], record: dict[str, Any], metadata: dict[str, Any], hub_base: str | None,
-               eval_results: list, repo_name: str):
+               eval_results: list, repo_name: str, block: dict[str, Any]):
     """The front matter: base model, languages and license inherited from the base card, tags, datasets, model-index."""
     from huggingface_hub import ModelCardData
 
@@ -315,7 +334,7 @@ def _card_data(recipe: dict[str, Any], record: dict[str, Any], metadata: dict[st
         tags=[*tags, *(f"calibration-{code}" for code in calib_langs), "prunekit"],
         datasets=["allenai/c4"] if calib.get("source") == "mc4" else None,
         model_name=repo_name if eval_results else None,  # model-index needs a name; otherwise leave it out
-        eval_results=eval_results or None,
+        eval_results=eval_results or None, prunekit=block,
     )
 
 
@@ -381,7 +400,8 @@ def build_card_content(record: dict[str, Any], results: dict[str, Any] | None = 
                                     indent=2, ensure_ascii=False, default=str),
         "prompt": STUDY_PROMPTS.get(((calibration or {}).get("languages") or ["en"])[0], STUDY_PROMPTS["en"]),
     }
-    return CardContent(_card_data(recipe, record, metadata, hub_base, eval_results, repo_name), eval_results, context)
+    block = _prunekit_metadata(recipe, record, dres)
+    return CardContent(_card_data(recipe, record, metadata, hub_base, eval_results, repo_name, block), eval_results, context)
 
 
 def _num(value: Any, spec: str = ".2f") -> str:
