@@ -171,3 +171,86 @@ def test_find_library_raises_hub_error_when_refused(hub):
     with pytest.raises(HubError, match="cannot reach the Hub at http://127.0.0.1:9"):
         find_checkpoints(BASE, "sw", endpoint="http://127.0.0.1:9")
     assert time.perf_counter() - started < 5
+
+
+# ---- a new user's path: sweep with push -> collection -> hosted leaderboard -> find -> pull --best-for ---------
+
+TINY_BASE = "meta/tiny-llama"
+
+
+@pytest.fixture
+def one_thread():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_pushed_sweep_makes_a_collection_a_space_and_find_ranks_its_checkpoints(hub, tiny_llama, tmp_path, one_thread):
+    from prunekit.hub.space import external_requests
+    from prunekit.sweep import run_sweep
+
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    api.create_repo(TINY_BASE)
+    api.upload_folder(folder_path=str(tiny_llama), repo_id=TINY_BASE)
+    langs = ["en", "de", "sw"]
+    config = {
+        "name": "tiny-study", "models": [{"id": TINY_BASE}], "methods": ["wanda", "sparsegpt"],
+        "calibration": {"sets": langs, "source": str(TATOEBA), "nsamples": 4, "seqlen": 32, "seeds": [0]},
+        "evaluation": {"languages": langs, "perplexity_source": str(TATOEBA), "seqlen": 32, "max_windows": 4,
+                       "batch_size": 8},
+        "execution": {"device": "cpu"},
+        "push": {"namespace": "org", "private": False, "endpoint": hub.url, "leaderboard": "org/leaderboard"},
+    }
+    runs_dir = tmp_path / "runs"
+    summary = run_sweep(config, runs_dir, progress=False)
+    assert summary.ok, summary.lines()
+    pushed = {json.loads((d / "push.json").read_text())["repo_id"]: d for d in (runs_dir / "runs").iterdir()}
+    assert len(pushed) == 6 and set(hub.repos) == {TINY_BASE, *pushed}
+
+    # one collection, one item per checkpoint, each with its calibration set and headline perplexity
+    assert len(hub.collections) == 1
+    collection = next(iter(hub.collections.values()))
+    assert collection.title == "tiny-study (prunekit sweep)"
+    assert sorted(item["id"] for item in collection.items) == sorted(pushed)
+    assert any(f"Hub collection: {hub.url}/collections/{collection.slug}" in note for note in summary.notes)
+    for item in collection.items:
+        results = json.loads((pushed[item["id"]] / "results.json").read_text())
+        calib = json.loads((pushed[item["id"]] / "checkpoint" / "prunekit.json").read_text())["calibration"]["languages"]
+        assert f"calibrated on {calib[0]}; {calib[0]} perplexity {results['perplexity'][calib[0]]['ppl']:.2f}" in item["note"]["text"]
+    # each card links the collection, the leaderboard and its two siblings (same method, other calibration sets)
+    for repo_id in pushed:
+        card = hub.files(repo_id)["README.md"].decode()
+        assert f"/collections/{collection.slug}" in card and f"{hub.url}/spaces/org/leaderboard" in card
+        method = "sparsegpt" if "sparsegpt" in repo_id else "wanda"
+        siblings = {r for r in pushed if r != repo_id and method in r and ("sparsegpt" in r) == (method == "sparsegpt")}
+        assert len(siblings) == 2 and all(f"[`{s}`]" in card for s in siblings), card
+        assert card.count("<!-- prunekit:related -->") == 1
+    # a rerun changes nothing
+    commits = len(hub.commit_log)
+    again = run_sweep(config, runs_dir, progress=False)
+    assert again.ok and len(hub.commit_log) == commits and len(next(iter(hub.collections.values())).items) == 6
+
+    env = cli_env(hub, tmp_path)
+    # the hosted leaderboard
+    report = run_cli(["report", str(runs_dir), "--out", str(tmp_path / "report"), "--push", "org/leaderboard"], env, tmp_path)
+    assert report.returncode == 0, report.stderr
+    space = hub.spaces["org/leaderboard"].resolve("main").files
+    assert {"index.html", "results.csv", "README.md"} <= set(space)
+    assert space["index.html"] == (tmp_path / "report" / "report.html").read_bytes()
+    assert external_requests(space["index.html"].decode()) == []
+    assert "sdk: static" in space["README.md"].decode()
+
+    # find ranks the six by their Swahili perplexity, as the runs measured it
+    found = run_cli(["find", "--base", TINY_BASE, "--lang", "sw", "--json"], env, tmp_path)
+    assert found.returncode == 0, found.stderr
+    rows = json.loads(found.stdout)["checkpoints"]
+    measured = sorted(pushed, key=lambda r: json.loads((pushed[r] / "results.json").read_text())["perplexity"]["sw"]["ppl"])
+    assert [row["repo_id"] for row in rows] == measured
+    assert all(row["ratio_to_dense"] and row["ratio_to_dense"] > 0 for row in rows)
+    pulled = run_cli(["pull", "--best-for", "sw", "--base", TINY_BASE, "--out", str(tmp_path / "best")], env, tmp_path)
+    assert pulled.returncode == 0, pulled.stderr
+    assert f"chose {measured[0]} @ {hub.head(measured[0])}" in pulled.stdout
+    assert (tmp_path / "best" / "prunekit.json").read_bytes() == (pushed[measured[0]] / "checkpoint" / "prunekit.json").read_bytes()

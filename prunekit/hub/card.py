@@ -455,6 +455,31 @@ def render_model_card(record: dict[str, Any], results: dict[str, Any] | None = N
     return text
 
 
+RELATED_START, RELATED_END = "<!-- prunekit:related -->", "<!-- /prunekit:related -->"
+
+
+def with_related_section(card: str, **context: Any) -> str:
+    """A card with its 'Related checkpoints' section (``hub_cards/related.md.j2``) put in or replaced.
+
+    Args:
+        card: the card's text.
+        context: the template's variables: title, count, collection_url, leaderboard ({id, url} or None),
+            recipe, siblings ([{repo_id, url, calibration, headline}]).
+    Returns:
+        The card with the section between its markers, before '## Reproduce' the first time.
+    """
+    from prunekit.hub_cards import RELATED
+
+    section = _render(RELATED, **context).strip()
+    start, end = card.find(RELATED_START), card.find(RELATED_END)
+    if start >= 0 and end > start:
+        return card[:start] + section + card[end + len(RELATED_END):]
+    anchor = card.find("\n## Reproduce")
+    if anchor < 0:
+        return card.rstrip() + "\n\n" + section + "\n"
+    return card[:anchor] + "\n" + section + "\n" + card[anchor:]
+
+
 def _eval_key(result) -> tuple:
     return (result.task_type, str(result.task_name), result.dataset_type, result.dataset_name,
             str(result.dataset_config), result.metric_type, str(result.metric_name))

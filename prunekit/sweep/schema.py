@@ -354,6 +354,9 @@ class PushSpec(_Section):
     namespace: Text = Field(description="Hub user or organization the runs are pushed to")
     private: bool = True
     endpoint: Optional[Text] = None
+    collection: Optional[Text] = Field(None, max_length=60, description="title of the sweep's Hub collection (default: NAME (prunekit sweep))")
+    leaderboard: Optional[Text] = Field(None, pattern=r"^[\w.\-]+/[\w.\-]+$",
+                                        description="Space ORG/NAME that `prunekit report --push` publishes to; the cards link it")
 
     @field_validator("namespace")
     @classmethod
