@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from prunekit.errors import ConfigError
+from prunekit.hub.card import METHOD_NAMES
 from prunekit.hub.names import validate_repo_id
 from prunekit.remote import (RetryPolicy, check_reachable, get_token, hub_call, is_offline, offline_error,
                              resolve_endpoint)
@@ -137,7 +138,8 @@ def checkpoint_row(info: Any, lang: str | None, base: str, endpoint: str) -> Fou
         reason = "no perplexity in the card's model-index"
     last = getattr(info, "last_modified", None)
     return FoundCheckpoint(
-        repo_id=info.id, revision=info.sha, url=f"{endpoint}/{info.id}", method=block.get("method"),
+        repo_id=info.id, revision=info.sha, url=f"{endpoint}/{info.id}",
+        method=block.get("method") or next((t for t in tags if t in METHOD_NAMES), None),
         kind=block.get("kind"), recipe=_recipe_text(block, tags), calibration=_calibration_text(block, tags),
         perplexity=value, dense_perplexity=dense_value,
         ratio_to_dense=value / dense_value if value is not None and dense_value else None, tasks=tasks,
