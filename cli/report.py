@@ -41,8 +41,9 @@ def report(
     With --push ORG/NAME the same page is hosted as a static Space (no server code, nothing loaded from the
     network), next to results.csv and the figures; publishing again updates it (unchanged files are not sent).
 
-    Examples: prunekit report runs/tiny --out report/tiny --open
-              prunekit report runs/tiny --out report/tiny --push my-org/tiny-leaderboard
+    Example: prunekit report runs/tiny --out report/tiny --open
+
+    Hosted: `prunekit report runs/tiny --out report/tiny --push my-org/tiny-leaderboard`.
     """
     from prunekit.errors import ConfigError
     from prunekit.io import check_output_location
