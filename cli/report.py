@@ -21,7 +21,7 @@ def report(
     metric: str = typer.Option("perplexity", "--finding-metric", help="Metric of the printed diagonal finding: perplexity, snr_db, pruning_error or a task table such as belebele/acc."),
     open_page: bool = typer.Option(False, "--open", help="Open report.html in your web browser when it is written."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only where the report went."),
-    push: Optional[str] = typer.Option(None, "--push", help="Also publish the leaderboard as a static Hugging Face Space ORG/NAME (created if missing): report.html as index.html, results.csv and the heatmaps, in one commit. A sweep whose push.leaderboard names it links it from every card."),
+    push: Optional[str] = typer.Option(None, "--push", help="Also publish the leaderboard as a static Hugging Face Space ORG/NAME (created if missing): report.html as index.html, results.csv and the heatmaps, in one commit. The sweep's collection and the cards of its pushed checkpoints link it."),
     private: bool = typer.Option(False, "--private", help="With --push: create the Space private."),
     endpoint: Optional[str] = typer.Option(None, "--endpoint", help="With --push: Hub URL (default: $HF_ENDPOINT or https://huggingface.co)."),
 ) -> None:
@@ -79,6 +79,14 @@ def report(
         space = push_report_space(out, push, title=f"{result.name} leaderboard", private=private, endpoint=endpoint)
         stdout.print(f"leaderboard published to [bold]{space.url}[/bold] (commit {space.commit}; "
                      f"{len(space.files)} files: {', '.join(space.files)})", highlight=False)
+        repos = list(dict.fromkeys(link["repo_id"] for entry in result.leaderboard.entries for link in entry.hub))
+        if repos:  # the sweep pushed its runs: its collection and cards link the Space
+            from prunekit.hub.collection import publish_sweep_collection
+
+            linked = publish_sweep_collection(result.name, repos, repos[0].split("/")[0], endpoint=endpoint,
+                                              leaderboard=push)
+            stdout.print(f"linked from the collection {linked.url} and the cards of {len(repos)} checkpoints "
+                         f"({len(linked.cards_updated)} updated)", highlight=False)
     if open_page:
         import webbrowser
 

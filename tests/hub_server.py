@@ -102,6 +102,7 @@ ROUTES = [  # (route name, HTTP methods, regex over the raw path)
     ("validate-yaml", {"POST"}, re.compile(r"^/api/validate-yaml$")),
     ("list-models", {"GET"}, re.compile(r"^/api/models$")),
     ("collections", {"POST"}, re.compile(r"^/api/collections$")),
+    ("list-collections", {"GET"}, re.compile(r"^/api/collections$")),
     ("collection", {"GET"}, re.compile(r"^/api/collections/([^/]+/[^/]+)$")),
     ("collection-items", {"POST"}, re.compile(r"^/api/collections/([^/]+/[^/]+)/items$")),
     ("collection-item", {"PATCH"}, re.compile(r"^/api/collections/([^/]+/[^/]+)/items/([^/]+)$")),
@@ -546,6 +547,19 @@ class _Handler(BaseHTTPRequestHandler):
             hub.collections[slug] = Collection(slug, body["title"], namespace, bool(body.get("private")),
                                                body.get("description"), last_updated=_now())
         self._send(200, hub.collections[slug].to_json())
+
+    def route_list_collections(self, groups, method):
+        query = parse_qs(urlsplit(self.path).query)
+        owners, items = query.get("owner", []), query.get("item", [])  # item: "models/ORG/NAME"
+        authorized = self.fake.authorized(self.headers.get("Authorization"))
+        with self.fake.lock:
+            rows = [c.to_json() for c in self.fake.collections.values()
+                    if (authorized or not c.private) and (not owners or c.namespace in owners)
+                    and all(any(f"{i['type']}s/{i['id']}" == want for i in c.items) for want in items)]
+        for row in rows:
+            row["items"] = row["items"][:4]  # the Hub truncates the items of a listing to 4
+            row.pop("position")  # and gives the position by the order of the list
+        self._send(200, rows)
 
     def route_collection(self, groups, method):
         collection = self._collection(groups[0])

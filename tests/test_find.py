@@ -242,6 +242,11 @@ def test_a_pushed_sweep_makes_a_collection_a_space_and_find_ranks_its_checkpoint
     assert space["index.html"] == (tmp_path / "report" / "report.html").read_bytes()
     assert external_requests(space["index.html"].decode()) == []
     assert "sdk: static" in space["README.md"].decode()
+    # ... which the sweep's collection now holds too, and the cards kept their one related section
+    assert "linked from the collection" in report.stdout
+    items = next(iter(hub.collections.values())).items
+    assert len(items) == 7 and {"id": "org/leaderboard", "type": "space"}.items() <= items[-1].items()
+    assert all(hub.files(r)["README.md"].decode().count("<!-- prunekit:related -->") == 1 for r in pushed)
 
     # find ranks the six by their Swahili perplexity, as the runs measured it
     found = run_cli(["find", "--base", TINY_BASE, "--lang", "sw", "--json"], env, tmp_path)

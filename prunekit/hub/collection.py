@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prunekit.errors import ConfigError
+from prunekit.errors import ConfigError, HubError, ModelError
 from prunekit.hub.card import validate_model_card, with_related_section
 from prunekit.hub.names import validate_namespace, validate_repo_id
 from prunekit.remote import RetryPolicy, get_token, hub_call, is_offline, offline_error, resolve_endpoint
@@ -104,7 +104,8 @@ def publish_sweep_collection(sweep_name: str, repo_ids: list[str], namespace: st
         namespace: the user or organization that owns the collection.
         private: create the collection private (an existing one keeps its visibility).
         endpoint: the Hub URL (default ``$HF_ENDPOINT``, else the public Hub).
-        title: the collection's title (at most 60 characters).
+        title: the collection's title (at most 60 characters); without one, the collection that already holds the
+            first repo is updated, else one titled after the sweep is created.
         leaderboard: the Space id the sweep's report is published to (``prunekit report --push``): cards link it.
         token, retry: the token and the retry policy.
     Returns:
@@ -119,6 +120,7 @@ def publish_sweep_collection(sweep_name: str, repo_ids: list[str], namespace: st
 
     namespace, endpoint = validate_namespace(namespace), resolve_endpoint(endpoint)
     repo_ids = [validate_repo_id(r) for r in dict.fromkeys(repo_ids)]
+    explicit_title = bool(title)
     title = (title or default_title(sweep_name)).strip()
     if not title or len(title) > TITLE_MAX:
         raise ConfigError(f"the collection title '{title}' must have 1 to {TITLE_MAX} characters; shorten push.collection")
@@ -137,9 +139,16 @@ def publish_sweep_collection(sweep_name: str, repo_ids: list[str], namespace: st
         f"listing {owner}'s checkpoints", lambda owner=owner: list(api.list_models(
             author=owner, filter=["prunekit"], expand=["cardData", "sha"])), owner) if info.id in wanted]
     published = sorted((published_from_info(info) for info in infos), key=lambda p: repo_ids.index(p.repo_id))
-    collection = call(f"creating the collection '{title}'", lambda: api.create_collection(
-        title, namespace=namespace, private=private, exists_ok=True,
-        description=f"Checkpoints of the prunekit sweep '{sweep_name}': one per method, pattern and calibration set."))
+    holding = None if explicit_title else next(iter(call(
+        f"looking for the collection of {repo_ids[0]}", lambda: list(api.list_collections(
+            owner=namespace, item=f"models/{repo_ids[0]}", limit=1)))), None) if repo_ids else None
+    if holding is not None:  # the sweep's collection already exists (under whatever title it was given)
+        collection = call(f"reading the collection {holding.slug}", lambda: api.get_collection(holding.slug))
+        title = collection.title
+    else:
+        collection = call(f"creating the collection '{title}'", lambda: api.create_collection(
+            title, namespace=namespace, private=private, exists_ok=True,
+            description=f"Checkpoints of the prunekit sweep '{sweep_name}': one per method, pattern and calibration set."))
     result = CollectionResult(collection.slug, collection.url, title, [])
     present = {item.item_id: item for item in collection.items if item.item_type == "model"}
     for item in published:
@@ -154,6 +163,13 @@ def publish_sweep_collection(sweep_name: str, repo_ids: list[str], namespace: st
             result.notes_updated.append(item.repo_id)
         result.items.append(item.repo_id)
     space = {"id": leaderboard, "url": f"{endpoint}/spaces/{leaderboard}"} if leaderboard else None
+    if leaderboard and not any(i.item_type == "space" and i.item_id == leaderboard for i in collection.items):
+        try:  # the Space exists once `prunekit report --push` has run; until then the cards link it only
+            call(f"adding the Space {leaderboard} to {collection.slug}", lambda: api.add_collection_item(
+                collection.slug, leaderboard, "space", note="The sweep's leaderboard", exists_ok=True), leaderboard)
+            result.added.append(leaderboard)
+        except (ModelError, HubError):
+            pass
     for item in published:
         path = call(f"reading {item.repo_id}'s card", lambda: api.hf_hub_download(
             item.repo_id, CARD_FILE, revision=item.sha), item.repo_id)
