@@ -451,6 +451,10 @@ class _Handler(BaseHTTPRequestHandler):
         commit = self._commit_at(repo, revision or "main")
         if commit is None:
             return
+        expand = parse_qs(urlsplit(self.path).query).get("expand")
+        if expand:  # only what was asked for, as the Hub answers
+            self._send(200, self._model_json(repo, commit, expand, True))
+            return
         self._send(200, {
             "_id": repo.repo_id, "id": repo.repo_id, "modelId": repo.repo_id, "author": ns,
             "sha": commit.oid, "private": repo.private, "disabled": False, "gated": False,

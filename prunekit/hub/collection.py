@@ -133,12 +133,9 @@ def publish_sweep_collection(sweep_name: str, repo_ids: list[str], namespace: st
     def call(what: str, fn, repo_id: str = namespace):
         return hub_call(what, fn, repo_id=repo_id, endpoint=endpoint, token=token, retry=retry)
 
-    wanted = set(repo_ids)
-    owners = sorted({r.split("/")[0] for r in repo_ids})
-    infos = [info for owner in owners for info in call(
-        f"listing {owner}'s checkpoints", lambda owner=owner: list(api.list_models(
-            author=owner, filter=["prunekit"], expand=["cardData", "sha"])), owner) if info.id in wanted]
-    published = sorted((published_from_info(info) for info in infos), key=lambda p: repo_ids.index(p.repo_id))
+    # each repo read directly (the Hub's search listing can lag behind a push made a moment ago)
+    published = [published_from_info(call(f"reading {repo_id}", lambda repo_id=repo_id: api.model_info(
+        repo_id, expand=["cardData", "sha"]), repo_id)) for repo_id in repo_ids]
     holding = None if explicit_title else next(iter(call(
         f"looking for the collection of {repo_ids[0]}", lambda: list(api.list_collections(
             owner=namespace, item=f"models/{repo_ids[0]}", limit=1)))), None) if repo_ids else None
