@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from prunekit.cli.app import app, user_errors
 
@@ -54,7 +55,7 @@ def find(
     for row in result.rows:
         tasks = ", ".join(f"{k} {v:.1f}" for k, v in row.tasks.items()) or "-"
         table.add_row(str(row.rank) if row.rank else "-", row.repo_id, row.method or "?", row.recipe or "?",
-                      row.calibration or "?", _num(row.perplexity) if row.rank else f"[dim]{row.reason}[/dim]",
+                      row.calibration or "?", _num(row.perplexity) if row.rank else Text(row.reason or "", style="dim", justify="left"),
                       _num(row.ratio_to_dense, ".3f"), tasks, str(row.downloads if row.downloads is not None else "?"),
                       (row.last_modified or "?")[:10])
     stdout.print(table)

@@ -259,3 +259,15 @@ def test_a_pushed_sweep_makes_a_collection_a_space_and_find_ranks_its_checkpoint
     assert pulled.returncode == 0, pulled.stderr
     assert f"chose {measured[0]} @ {hub.head(measured[0])}" in pulled.stdout
     assert (tmp_path / "best" / "prunekit.json").read_bytes() == (pushed[measured[0]] / "checkpoint" / "prunekit.json").read_bytes()
+
+
+def test_report_push_options_are_checked_before_any_work(tmp_path):
+    from typer.testing import CliRunner
+
+    from prunekit.cli.main import app
+
+    for args, message in ((["--private"], "--private and --endpoint only apply with --push"),
+                          (["--push", "no-namespace"], "invalid repo id 'no-namespace'")):
+        done = CliRunner().invoke(app, ["report", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), *args])
+        assert done.exit_code == 2 and message in done.stderr, done.stderr
+        assert not (tmp_path / "out").exists()
