@@ -271,3 +271,16 @@ def test_report_push_options_are_checked_before_any_work(tmp_path):
         done = CliRunner().invoke(app, ["report", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), *args])
         assert done.exit_code == 2 and message in done.stderr, done.stderr
         assert not (tmp_path / "out").exists()
+
+
+def test_the_sweeps_collection_keys_are_validated_and_kept_out_of_the_push_fingerprint():
+    from prunekit.sweep import load_config
+
+    base = {"models": ["embedded:gemma-3-270m"], "methods": ["wanda"], "calibration": {"sets": ["de"]}}
+    config = load_config(base | {"push": {"namespace": "org", "collection": "My study", "leaderboard": "org/board"}})
+    assert config.collection == {"title": "My study", "leaderboard": "org/board"}
+    assert config.push == load_config(base | {"push": {"namespace": "org"}}).push  # no re-push when they change
+    for push, message in (({"leaderboard": "board"}, "push.leaderboard: 'board' is not a Space id"),
+                          ({"collection": "x" * 61}, "push.collection: a collection title has 1 to 60 characters")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(base | {"push": {"namespace": "org", **push}})
