@@ -101,6 +101,26 @@ def offline_error(what: str, endpoint: str, hint: str = OFFLINE_HINT) -> HubErro
     return HubError(f"offline mode (HF_HUB_OFFLINE=1) is on, so {what} cannot reach the Hub at {endpoint}; {hint}")
 
 
+def check_reachable(endpoint: str, what: str, timeout_s: float = 3.0) -> None:
+    """Fail fast when the Hub's host does not answer (connection refused, unknown host, no answer in ``timeout_s``):
+    huggingface_hub's listings retry network errors on their own for about 20 s. Skipped behind a proxy.
+
+    Raises:
+        HubError: the host cannot be reached; says what to do.
+    """
+    import socket
+    from urllib.parse import urlsplit
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+        return
+    parts = urlsplit(endpoint)
+    try:
+        socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)), timeout_s).close()
+    except OSError as err:
+        raise HubError(f"cannot reach the Hub at {endpoint} while {what} ({err.strerror or type(err).__name__}); check "
+                       "your network and --endpoint / HF_ENDPOINT") from None
+
+
 def _chain(err: BaseException | None) -> Iterator[BaseException]:
     seen = set()
     while err is not None and id(err) not in seen:

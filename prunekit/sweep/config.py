@@ -126,6 +126,7 @@ class SweepConfig:
     hidden_states: bool
     analysis_pairs: list[tuple[str, str]]
     push: dict[str, Any] | None
+    collection: dict[str, Any] = field(default_factory=dict)  # push.collection / push.leaderboard: not in the push's fingerprint
     eval_options: dict[str, Any] = field(default_factory=dict)  # max_windows, batch_size, ... (only those given)
     analysis_options: dict[str, Any] = field(default_factory=dict)  # only, max_tokens
     device: str = "auto"
@@ -198,11 +199,12 @@ def load_config(config: str | Path | dict[str, Any]) -> SweepConfig:
     analysis_options: dict[str, Any] = {}
     if spec.analysis is not None:
         analysis_options = {k: v for k, v in (("only", spec.analysis.only), ("max_tokens", spec.analysis.max_tokens)) if v is not None}
-    push = None
+    push, collection = None, {}
     if spec.push is not None:
         push = {"namespace": spec.push.namespace, "private": spec.push.private}
         if spec.push.endpoint is not None:
             push["endpoint"] = spec.push.endpoint
+        collection = {"title": spec.push.collection, "leaderboard": spec.push.leaderboard}
     eval_options = ev.options()
     if spec.conventions != "prunekit":  # the eval stage depends on it (the default leaves digests as they were)
         eval_options["conventions"] = spec.conventions
@@ -212,6 +214,7 @@ def load_config(config: str | Path | dict[str, Any]) -> SweepConfig:
         seqlen=calib.seqlen, seeds=list(calib.seeds), eval_languages=spec.eval_languages, ppl_source=ppl_source,
         eval_seqlen=ev.seqlen, tasks=list(ev.tasks) if ev.tasks else None, limit=limit, hidden_states=ev.hidden_states,
         analysis_pairs=[tuple(p) for p in spec.analysis.pairs] if spec.analysis is not None else [], push=push,
+        collection=collection,
         eval_options=eval_options, analysis_options=analysis_options, device=execution.device, batch_size=execution.batch_size,
         skip_layers=execution.skip_layers, keep_checkpoints=execution.keep_checkpoints, slurm=spec.slurm.settings(),
         raw=_normalized_raw(raw, models, calib_source, ppl_source, eval_options), conventions=spec.conventions,

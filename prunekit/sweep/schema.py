@@ -354,6 +354,22 @@ class PushSpec(_Section):
     namespace: Text = Field(description="Hub user or organization the runs are pushed to")
     private: bool = True
     endpoint: Optional[Text] = None
+    collection: Optional[Text] = Field(None, description="title of the sweep's Hub collection (default: NAME (prunekit sweep))")
+    leaderboard: Optional[Text] = Field(None, description="Space ORG/NAME that `prunekit report --push` publishes to; the cards link it")
+
+    @field_validator("collection")
+    @classmethod
+    def _collection(cls, title: str | None) -> str | None:
+        if title is not None and not 1 <= len(title.strip()) <= 60:
+            raise invalid(f"a collection title has 1 to 60 characters; '{title}' has {len(title.strip())}")
+        return title
+
+    @field_validator("leaderboard")
+    @classmethod
+    def _leaderboard(cls, space: str | None) -> str | None:
+        if space is not None and not re.match(r"^[A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w.\-]*$", space):
+            raise invalid(f"'{space}' is not a Space id: give ORG/NAME, the one `prunekit report RUNS --push ORG/NAME` publishes")
+        return space
 
     @field_validator("namespace")
     @classmethod
