@@ -28,8 +28,19 @@ app = typer.Typer(
 DEBUG = {"enabled": bool(os.environ.get("PRUNEKIT_DEBUG"))}
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from prunekit import __version__
+
+        print(f"prunekit {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for prunekit bugs (also accepted after the command).")) -> None:
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for prunekit bugs (also accepted after the command)."),
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print prunekit's version and exit."),
+) -> None:
     if debug:
         DEBUG["enabled"] = True
 
