@@ -79,7 +79,9 @@ def user_errors(func: Callable) -> Callable:
         try:
             return func(*args, **kwargs)
         except PrunekitError as err:
-            print(f"error: {err}", file=sys.stderr)
+            from prunekit.remote import strip_api_hints  # huggingface_hub's hints for its Python API users
+
+            print(f"error: {strip_api_hints(str(err))}", file=sys.stderr)
             raise SystemExit(2) from None
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

@@ -3,7 +3,8 @@ one error message per failure, retries, and the one download path (:func:`downlo
 
 huggingface_hub retries its own listings, pre-upload checks and file transfers (``http_backoff``). The calls
 it makes once (repo info, create_repo, create_branch, the commit) are retried here, on the status codes and
-network errors that ``http_backoff`` retries by default: ``PRUNEKIT_HUB_RETRIES`` attempts (default 5), the
+network errors that ``http_backoff`` retries by default, except an endpoint that cannot be reached at all
+(connection refused, no route, a name that does not resolve), which fails at once naming it: ``PRUNEKIT_HUB_RETRIES`` attempts (default 5), the
 first delay ``PRUNEKIT_HUB_BACKOFF`` seconds (default 1), doubling. The token is never printed or written.
 """
 
@@ -114,6 +115,40 @@ def _status(err: BaseException) -> int | None:
     return next((s for s in statuses if isinstance(s, int)), None)
 
 
+UNREACHABLE_HINT = "check the network (a compute node may have none), or the endpoint: --endpoint or HF_ENDPOINT"
+
+
+def unreachable_reason(err: BaseException) -> str | None:
+    """Why the endpoint cannot be reached at all, when a retry cannot change it: the connection was refused,
+    there is no route to it, or its name does not resolve (DNS). None for anything else (a timeout, a reset,
+    an HTTP status), which may be transient."""
+    import errno
+    import socket
+
+    for e in _chain(err):
+        if isinstance(e, socket.gaierror):
+            return f"its host name could not be resolved: {e.strerror or e}"
+        if isinstance(e, ConnectionRefusedError) or (isinstance(e, OSError) and e.errno in (
+                errno.ECONNREFUSED, errno.ENETUNREACH, errno.EHOSTUNREACH)):
+            return {errno.ECONNREFUSED: "connection refused", errno.ENETUNREACH: "network unreachable",
+                    errno.EHOSTUNREACH: "no route to host"}.get(e.errno, e.strerror or str(e))
+    return None
+
+
+def unreachable_error(what: str, endpoint: str, reason: str, cached: bool = False) -> HubError:
+    """The error for a Hub that cannot be reached at all (not retried)."""
+    nothing_cached = " and no copy is in the cache" if cached else ""
+    return HubError(f"cannot reach the Hub at {endpoint} while {what} ({reason}){nothing_cached}; {UNREACHABLE_HINT}")
+
+
+API_HINTS = re.compile(r"\s*Use `\w+` argument if needed\.?")
+
+
+def strip_api_hints(text: str) -> str:
+    """A huggingface_hub message without the hints meant for its Python API users ("Use `repo_type` argument")."""
+    return API_HINTS.sub("", text)
+
+
 def _transient(err: BaseException) -> bool:
     """What huggingface_hub's ``http_backoff`` retries by default: its status codes and network errors."""
     from huggingface_hub.utils import http_backoff
@@ -130,6 +165,7 @@ def _describe(err: BaseException, token: str | None) -> str:
     status, server = _status(err), getattr(err, "server_message", None)
     text = str(err).strip()
     text = f"{status} {server}".strip() if status and server else (text.splitlines()[0] if text else type(err).__name__)
+    text = strip_api_hints(text)
     return text.replace(token, "hf_***") if token else text
 
 
@@ -177,6 +213,11 @@ def hub_call(what: str, call: Callable[[], T], *, repo_id: str, endpoint: str, t
                     f"the token may not do this at {endpoint} while {what} (403 Forbidden): use a token with write access "
                     "to that namespace (https://huggingface.co/settings/tokens), or choose a --namespace you own"
                 ) from None
+            reason = unreachable_reason(err)
+            if reason is not None:  # refused, no route, no DNS: the same on every retry
+                if is_offline():
+                    raise offline_error(what, endpoint) from None
+                raise unreachable_error(what, endpoint, reason, cached=isinstance(err, LocalEntryNotFoundError)) from None
             if not _transient(err):
                 if isinstance(err, LocalEntryNotFoundError):  # snapshot_download found neither the Hub nor a cached copy
                     if is_offline():

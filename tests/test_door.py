@@ -1,0 +1,206 @@
+"""Damaged inputs caught at the door (issue 26 §2), offline answers fast (§4) and memory checked before a
+whole-model load (issue 25 §5): each is one `error:` line, exit 2, before any work.
+
+The damaged checkpoints are real files cut short or removed; the unreachable Hub is a closed local port;
+the available memory is the one number monkeypatched."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.test_errors import assert_user_error, run
+
+
+@pytest.fixture
+def work(tmp_path) -> Path:
+    folder = tmp_path / "work"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sharded(tiny_llama, tmp_path_factory) -> Path:
+    """The tiny Llama saved in several shards with their index, as a Hub download leaves it."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("door") / "sharded"
+    AutoModelForCausalLM.from_pretrained(tiny_llama).save_pretrained(out, max_shard_size="100KB")
+    for file in tiny_llama.iterdir():
+        if file.name.startswith("tokenizer"):
+            shutil.copy(file, out / file.name)
+    assert len(list(out.glob("*.safetensors"))) >= 3
+    return out
+
+
+def copy_of(model: Path, target: Path) -> Path:
+    shutil.copytree(model, target)
+    return target
+
+
+def independent_data_end(file: Path) -> int:
+    """Where a safetensors file's last tensor ends, read here from the format's definition."""
+    raw = file.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    return 8 + n + max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
+
+
+# --- checked at the door ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["prune", "eval"])
+def test_a_shard_missing_from_its_index_fails_at_the_door(command, sharded, tmp_path, work):
+    model = copy_of(sharded, tmp_path / "model")
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    gone = sorted(set(index["weight_map"].values()))[1]
+    (model / gone).unlink()
+    args = (["prune", model, "--method", "magnitude", "--out", work / "out"] if command == "prune"
+            else ["eval", model, "--langs", "en", "--out", work / "results.json"])
+    started = time.perf_counter()
+    line = assert_user_error(args, gone, "incomplete", "missing", roots=[work, model])
+    assert time.perf_counter() - started < 20
+    assert "internal error" not in line
+
+
+def test_a_shard_cut_short_is_named_by_its_own_header(sharded, tmp_path, work):
+    from prunekit.errors import ModelError
+    from prunekit.io import check_model_files
+
+    model = copy_of(sharded, tmp_path / "model")
+    shard = sorted(model.glob("*.safetensors"))[0]
+    end = independent_data_end(shard)
+    assert end == shard.stat().st_size  # a whole file ends where its header says
+    with open(shard, "r+b") as handle:
+        handle.truncate(end - 1)
+    with pytest.raises(ModelError, match=f"{shard.name} is damaged.*{end}"):
+        check_model_files(model)
+    assert_user_error(["prune", model, "--method", "magnitude", "--out", work / "out"], shard.name, "damaged",
+                      roots=[work])
+
+
+def test_a_whole_sharded_checkpoint_passes_the_door(sharded):
+    from prunekit.io import check_model_files
+
+    assert check_model_files(sharded) == sharded
+
+
+@pytest.mark.parametrize("layout", ["single", "sharded"])
+def test_a_pickle_only_checkpoint_is_refused_with_how_to_convert(layout, tiny_llama, tmp_path, work):
+    model = copy_of(tiny_llama, tmp_path / "model")
+    weights = load_file(model / "model.safetensors")
+    (model / "model.safetensors").unlink()
+    if layout == "single":
+        torch.save(weights, model / "pytorch_model.bin")
+    else:
+        names = sorted(weights)
+        half = len(names) // 2
+        parts = {"pytorch_model-00001-of-00002.bin": names[:half], "pytorch_model-00002-of-00002.bin": names[half:]}
+        for file, keys in parts.items():
+            torch.save({k: weights[k] for k in keys}, model / file)
+        (model / "pytorch_model.bin.index.json").write_text(json.dumps(
+            {"metadata": {}, "weight_map": {k: f for f, keys in parts.items() for k in keys}}))
+    for command in (["prune", model, "--method", "magnitude", "--out", work / "out"],
+                    ["eval", model, "--langs", "en", "--out", work / "results.json"]):
+        line = assert_user_error(command, "pickle", "safetensors", "save_pretrained", "safe_serialization=True",
+                                 roots=[work, model])
+        assert "weights_only" not in line
+
+
+def test_a_model_directory_without_weights_says_so(tiny_llama, tmp_path, work):
+    model = copy_of(tiny_llama, tmp_path / "model")
+    (model / "model.safetensors").unlink()
+    assert_user_error(["prune", model, "--method", "magnitude", "--out", work / "out"], "has no weights", roots=[work])
+
+
+# --- offline answers fast ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def closed_endpoint(monkeypatch) -> str:
+    """A local port nothing listens on, as HF_ENDPOINT; retries made slow enough that a test would see one."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    monkeypatch.setenv("HF_TOKEN", "hf_door_test_token")
+    monkeypatch.setenv("PRUNEKIT_HUB_RETRIES", "5")
+    monkeypatch.setenv("PRUNEKIT_HUB_BACKOFF", "3")
+    return endpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_llama, tmp_path_factory) -> Path:
+    import prunekit
+
+    out = tmp_path_factory.mktemp("door-ckpt") / "ckpt"
+    prunekit.prune(str(tiny_llama), method="magnitude", calib=None, out=out, device="cpu", progress=False)
+    return out
+
+
+def test_push_and_pull_to_an_unreachable_endpoint_fail_at_once_naming_it(closed_endpoint, checkpoint, work):
+    for args in (["push", checkpoint, "--repo-id", "org/x"], ["pull", "org/x", "--out", work / "pulled"],
+                 ["pull", "org/x"]):
+        started = time.perf_counter()
+        line = assert_user_error(args, closed_endpoint, "connection refused", "network", "HF_ENDPOINT",
+                                 roots=[work, checkpoint])
+        assert time.perf_counter() - started < 5.0
+        assert "try again later" not in line and "hf_door_test_token" not in line
+
+
+def test_a_name_that_does_not_resolve_is_not_retried(closed_endpoint):
+    from prunekit.errors import HubError
+    from prunekit.remote import RetryPolicy, hub_call
+
+    calls = []
+
+    def call():
+        calls.append(1)
+        try:
+            raise socket.gaierror(-2, "Name or service not known")
+        except socket.gaierror as err:
+            raise ConnectionError("connect failed") from err
+
+    with pytest.raises(HubError, match="hub.invalid.*could not be resolved.*HF_ENDPOINT"):
+        hub_call("reading org/x", call, repo_id="org/x", endpoint="http://hub.invalid", retry=RetryPolicy(5, 10.0))
+    assert calls == [1]
+
+
+def test_a_reset_connection_is_still_retried(closed_endpoint):
+    from prunekit.remote import RetryPolicy, hub_call
+
+    import inspect
+
+    from huggingface_hub.utils import http_backoff
+
+    network_error = inspect.signature(http_backoff).parameters["retry_on_exceptions"].default[1]  # httpx's NetworkError
+    calls = []
+
+    def call():
+        calls.append(1)
+        if len(calls) < 2:
+            try:
+                raise ConnectionResetError(104, "Connection reset by peer")
+            except ConnectionResetError as err:
+                raise network_error("reset") from err
+        return "ok"
+
+    assert hub_call("reading org/x", call, repo_id="org/x", endpoint="http://hub", retry=RetryPolicy(3, 0.01)) == "ok"
+    assert len(calls) == 2
+
+
+def test_cli_messages_carry_no_hints_for_python_api_users():
+    code, err = run(["pull", "a/b/c"])
+    assert code == 2 and err.startswith("error: ") and "repo_type" not in err and "argument" not in err, err
