@@ -204,3 +204,118 @@ def test_a_reset_connection_is_still_retried(closed_endpoint):
 def test_cli_messages_carry_no_hints_for_python_api_users():
     code, err = run(["pull", "a/b/c"])
     assert code == 2 and err.startswith("error: ") and "repo_type" not in err and "argument" not in err, err
+
+
+# --- sweep state validated, not just present ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    import os
+
+    threads, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    yield
+    torch.set_num_threads(threads)
+    if env is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = env
+
+
+def truncate(path: Path) -> None:
+    text = path.read_text()
+    path.write_text(text[: len(text) // 2])  # a write cut short
+
+
+def warnings_in(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("warning:")]
+
+
+def test_a_truncated_results_json_is_redone_with_one_warning_and_reported(one_thread, tiny_llama, tmp_path):
+    from prunekit.report.collect import collect
+    from prunekit.sweep import run_sweep
+    from tests.test_sweep import cli_sweep, small_config, status
+
+    path = small_config(tiny_llama, tmp_path)
+    runs_dir = tmp_path / "runs"
+    assert run_sweep(path, runs_dir, progress=False).ok
+    run = next((runs_dir / "runs").iterdir())
+    prune_before, results_before = status(run, "prune"), json.loads((run / "results.json").read_text())
+    truncate(run / "results.json")
+    truncate(run / "run.json")
+    done = cli_sweep(str(path), "--runs-dir", str(runs_dir))
+    assert done.returncode == 0, done.stderr
+    warned = warnings_in(done.stderr)
+    assert sum("results.json cannot be read" in w and "redone" in w for w in warned) == 1, done.stderr
+    assert sum("run.json cannot be read" in w and "written again" in w for w in warned) == 1, done.stderr
+    assert "1 completed now · 0 failed" in done.stdout, done.stdout
+    assert status(run, "prune") == prune_before  # only the evaluation is redone
+    assert status(run, "eval")["executions"] == 2
+    redone = json.loads((run / "results.json").read_text())
+    assert redone["kind"] == results_before["kind"] and redone.get("perplexity") == results_before.get("perplexity")
+    assert json.loads((run / "run.json").read_text())["kind"] == "prunekit-sweep-run"
+    collected = collect(runs_dir)
+    assert [r.path for r in collected.runs] == [run] and not collected.warnings
+
+
+def test_results_of_another_kind_count_as_not_done(one_thread, tiny_llama, tmp_path):
+    from prunekit.sweep import load_config
+    from prunekit.sweep.plan import make_plan
+    from prunekit.sweep import run_sweep
+    from tests.test_sweep import small_config
+
+    path = small_config(tiny_llama, tmp_path)
+    runs_dir = tmp_path / "runs"
+    assert run_sweep(path, runs_dir, progress=False).ok
+    run = next((runs_dir / "runs").iterdir())
+    results = json.loads((run / "results.json").read_text())
+    (run / "results.json").write_text(json.dumps(results | {"kind": "prunekit-checkpoint"}))
+    states = {type(r.task).__name__: r.states for r in make_plan(load_config(path), runs_dir).rows}
+    assert states["RunTask"] == {"prune": "done", "eval": "todo"}
+    assert states["DenseTask"] == {"dense": "done"}
+
+
+def test_a_truncated_config_snapshot_is_rewritten_and_two_workers_complete(one_thread, tiny_llama, tmp_path):
+    from prunekit.sweep import load_config
+    from tests.test_sweep import cli_sweep, small_config
+
+    path = small_config(tiny_llama, tmp_path, langs=("en", "de"))
+    runs_dir = tmp_path / "runs"
+    snapshot = runs_dir / "sweeps" / f"{load_config(path).digest}.json"
+    snapshot.parent.mkdir(parents=True)
+    snapshot.write_text('{"kind": "prunekit-sweep-config", "schema_version": "1.0", "config": {"na')
+    import os
+
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = "0,1"  # two "GPUs": -j 2 runs two pool workers (on the CPU: device cpu)
+    try:
+        done = cli_sweep(str(path), "--runs-dir", str(runs_dir), "-j", "2")
+    finally:
+        if env is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES")
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = env
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "0 failed" in done.stdout, done.stdout
+    assert sum(str(snapshot.name) in w and "written again" in w for w in warnings_in(done.stderr)) == 1, done.stderr
+    assert json.loads(snapshot.read_text())["config"]["name"] == "small"
+    assert all((run / "results.json").exists() for run in (runs_dir / "runs").iterdir())
+
+
+def test_report_advice_to_rerun_only_where_a_rerun_fixes_it(one_thread, tiny_llama, tmp_path):
+    from prunekit.report.collect import collect
+    from prunekit.sweep import run_sweep
+    from tests.test_sweep import small_config
+
+    path = small_config(tiny_llama, tmp_path, langs=("en", "de", "sw"))
+    runs_dir = tmp_path / "runs"
+    assert run_sweep(path, runs_dir, progress=False).ok
+    truncated, newer, _ = sorted((runs_dir / "runs").iterdir())
+    truncate(truncated / "results.json")  # the sweep redoes its evaluation: say so
+    results = json.loads((newer / "results.json").read_text())
+    (newer / "results.json").write_text(json.dumps(results | {"schema_version": "2.0"}))  # a newer prunekit's
+    warned = {Path(w.split(":")[0].removeprefix("skipped ")).parent.name: w for w in collect(runs_dir).warnings}
+    assert "rerun the sweep with its config to redo its evaluation" in warned[truncated.name]
+    assert "upgrade prunekit" in warned[newer.name] and "rerun the sweep" not in warned[newer.name]
