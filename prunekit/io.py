@@ -187,6 +187,17 @@ PICKLE_ADVICE = (
 )
 
 
+def safetensors_header(file: str | Path) -> dict[str, Any]:
+    """A .safetensors file's JSON header (tensor name -> dtype, shape, data_offsets; ``__metadata__``), read
+    from its first bytes only. Raises ModelError for a file too short or whose header is not JSON."""
+    problem = check_safetensors_size(file)
+    if problem is not None:
+        raise problem
+    with open(file, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        return json.loads(handle.read(length))
+
+
 def check_safetensors_size(file: str | Path) -> ModelError | None:
     """A .safetensors file's size against its own header (8-byte length, JSON, then the data): the error for
     a file cut short (an interrupted download or copy), naming it, else None. Reads the header only."""
@@ -222,6 +233,11 @@ def _pickle_only(directory: Path) -> list[str]:
     if any(directory.glob("*.safetensors")):
         return []
     return sorted({f.name for pattern in PICKLE_WEIGHTS for f in directory.glob(pattern) if f.is_file()})
+
+
+def human_size(n: float) -> str:
+    """Bytes for a message: 812 B, 3.4 MiB, 16.1 GiB."""
+    return _size(n)
 
 
 def check_model_files(directory: str | Path) -> Path:

@@ -269,3 +269,34 @@ def download_snapshot(repo_id: str, revision: str | None = None, *, local_dir: s
         repo_id, revision=revision, allow_patterns=list(CHECKPOINT_PATTERNS), local_dir=local_dir, cache_dir=cache_dir,
         endpoint=endpoint, token=token), **context))
     return path, str(revision) if local_dir is not None else path.name  # cache snapshots are named by commit
+
+
+def repository_size(repo_id: str, itemsize: int | None = None, revision: str | None = None, *,
+                    endpoint: str | None = None, token: str | None = None) -> int:
+    """About how many bytes a checkpoint made from the Hub repo ``repo_id`` takes on disk, from the repository's
+    file sizes (``model_info(files_metadata=True)``): its safetensors weights (or, with ``itemsize``, its
+    safetensors parameter count × ``itemsize``: the weights saved in another dtype) plus its small files.
+    0 when the Hub cannot say (offline, unreachable, not found, no safetensors metadata): the download that
+    follows reports those."""
+    import fnmatch
+
+    from huggingface_hub import HfApi
+
+    if is_offline():
+        return 0
+    try:
+        endpoint = resolve_endpoint(endpoint)
+        token = get_token(token)
+        api = HfApi(endpoint=endpoint, token=token)
+        info = hub_call(f"reading {repo_id}", lambda: api.model_info(repo_id, revision=revision, files_metadata=True),
+                        repo_id=repo_id, endpoint=endpoint, token=token, retry=RetryPolicy(attempts=1), revision=revision)
+    except Exception:  # noqa: BLE001 - an estimate: the download names the problem
+        return 0
+    files = [(s.rfilename, s.size or 0) for s in (info.siblings or [])
+             if any(fnmatch.fnmatch(s.rfilename, pattern) for pattern in CHECKPOINT_PATTERNS)]
+    weights = sum(size for name, size in files if name.endswith(".safetensors"))
+    others = sum(size for name, size in files if not name.endswith((".safetensors", ".bin")))
+    parameters = getattr(getattr(info, "safetensors", None), "total", None)
+    if itemsize is not None and parameters:
+        weights = int(parameters) * itemsize
+    return weights + others

@@ -319,3 +319,89 @@ def test_report_advice_to_rerun_only_where_a_rerun_fixes_it(one_thread, tiny_lla
     warned = {Path(w.split(":")[0].removeprefix("skipped ")).parent.name: w for w in collect(runs_dir).warnings}
     assert "rerun the sweep with its config to redo its evaluation" in warned[truncated.name]
     assert "upgrade prunekit" in warned[newer.name] and "rerun the sweep" not in warned[newer.name]
+
+
+# --- memory checked before a whole-model load -----------------------------------------------------------
+
+
+def weights_bytes_reference(model: Path, dtype: torch.dtype) -> int:
+    """The bytes of the model's weights in ``dtype``, counted here from the tensors themselves."""
+    return sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
+               for t in load_file(model / "model.safetensors").values())
+
+
+def test_whole_model_bytes_counts_the_headers_as_the_tensors_do(tiny_llama, sharded):
+    from prunekit.models import whole_model_bytes
+
+    for dtype in (torch.float32, torch.bfloat16):
+        assert whole_model_bytes(tiny_llama, dtype) == weights_bytes_reference(tiny_llama, dtype)
+        assert whole_model_bytes(sharded, dtype) == weights_bytes_reference(tiny_llama, dtype)
+    assert whole_model_bytes(tiny_llama) == weights_bytes_reference(tiny_llama, torch.float32)  # stored: float32
+
+
+@pytest.fixture
+def little_memory(monkeypatch):
+    """The host has 64 KiB available: less than the tiny model needs whole."""
+    import prunekit.models
+
+    monkeypatch.delenv("PRUNEKIT_FORCE", raising=False)
+    monkeypatch.setattr(prunekit.models, "available_host_memory", lambda: 1 << 16)
+
+
+def test_a_whole_model_load_that_cannot_fit_is_refused_saying_what_would(little_memory, tiny_llama, work):
+    from prunekit.models import whole_model_bytes
+
+    assert whole_model_bytes(tiny_llama, torch.bfloat16) > 1 << 16
+    line = assert_user_error(["prune", tiny_llama, "--method", "magnitude", "--dtype", "bfloat16", "--out", work / "out"],
+                             "host memory", "64.0 KiB is available", "--dtype auto", "float32", "--force", roots=[work])
+    assert "bfloat16" in line
+    # the checkpoint's own dtype streams: no whole load, no refusal
+    code, err = run(["prune", tiny_llama, "--method", "magnitude", "--out", work / "streamed", "--quiet"])
+    assert code == 0, err
+    # --force loads it anyway
+    code, err = run(["prune", tiny_llama, "--method", "magnitude", "--dtype", "bfloat16", "--out", work / "forced",
+                     "--force", "--quiet"])
+    assert code == 0, err
+    assert json.loads((work / "forced" / "prunekit.json").read_text())["base_model"]["dtype"] == "bfloat16"
+
+
+def test_eval_tasks_check_host_memory_before_anything_runs(little_memory, tiny_llama, work):
+    assert_user_error(["eval", tiny_llama, "--langs", "en", "--tasks", "xcopa", "--device", "cpu",
+                       "--out", work / "results.json"], "host memory", "leave out --tasks", "--force", roots=[work])
+
+
+def test_eval_tasks_on_a_gpu_check_its_memory_and_name_the_gpus_that_would_fit(tiny_llama, work, monkeypatch):
+    import prunekit.models
+    from prunekit.models import whole_model_bytes
+
+    need = whole_model_bytes(tiny_llama, torch.float32)
+    per_gpu = need // 3  # each GPU holds a third of it: 4 GPUs fit it with the check's margins
+    monkeypatch.setattr(prunekit.models, "available_host_memory", lambda: 1 << 40)
+    monkeypatch.setattr(prunekit.models, "resolve_device", lambda device: torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i=0: (per_gpu, per_gpu))
+    line = assert_user_error(["eval", tiny_llama, "--langs", "en", "--tasks", "xcopa", "--out", work / "results.json"],
+                             "GPU memory", "--parallelize over 4 GPUs", "--backend vllm with 4 GPUs", "--force", roots=[work])
+    assert "cuda:0" in line
+
+
+def test_a_hub_id_gets_a_disk_estimate_from_the_repository_file_sizes(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.hf_api import ModelInfo
+
+    from prunekit.models import expected_checkpoint_bytes
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    info = ModelInfo(id="org/model", siblings=[
+        {"rfilename": "model-00001-of-00002.safetensors", "size": 6_000}, {"rfilename": "model-00002-of-00002.safetensors", "size": 4_000},
+        {"rfilename": "config.json", "size": 100}, {"rfilename": "tokenizer.json", "size": 900},
+        {"rfilename": "pytorch_model.bin", "size": 10_000}, {"rfilename": "figures/plot.png", "size": 50_000}],
+        safetensors={"parameters": {"BF16": 5_000}, "total": 5_000})
+    asked = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info",
+                        lambda self, repo_id, revision=None, files_metadata=False: asked.append(files_metadata) or info)
+    assert expected_checkpoint_bytes("org/model", "auto") == 6_000 + 4_000 + 100 + 900
+    assert expected_checkpoint_bytes("org/model", "float32") == 5_000 * 4 + 100 + 900
+    assert asked == [True, True]
