@@ -179,7 +179,8 @@ def check_safetensors(file: str | Path) -> None:
 
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "*.bin", "*.pt", "*.pth", "*.ckpt")
+# PyTorch pickle weights (not training_args.bin and the like, which are not weights)
+PICKLE_WEIGHTS = ("pytorch_model*.bin", "pytorch_model.bin.index.json", "model*.bin", "*.pt", "*.pth", "*.ckpt")
 PICKLE_ADVICE = (
     "prunekit loads only safetensors, which hold tensors and no code; convert it once, in an environment you trust "
     "with the file's origin: `AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR, "

@@ -265,10 +265,66 @@ def download_snapshot(repo_id: str, revision: str | None = None, *, local_dir: s
     if local_dir is not None:  # a copy to keep: name the commit first, so that its files and the sha reported agree
         api = HfApi(endpoint=endpoint, token=token)
         revision = hub_call(f"reading {repo_id}", lambda: api.repo_info(repo_id, revision=revision).sha, **context)
+    check_download_space(repo_id, revision, local_dir=local_dir, cache_dir=cache_dir, endpoint=endpoint, token=token)
     path = Path(hub_call(f"downloading {repo_id}", lambda: snapshot_download(
         repo_id, revision=revision, allow_patterns=list(CHECKPOINT_PATTERNS), local_dir=local_dir, cache_dir=cache_dir,
         endpoint=endpoint, token=token), **context))
     return path, str(revision) if local_dir is not None else path.name  # cache snapshots are named by commit
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the disk that holds ``path`` (or its nearest existing parent)."""
+    import shutil
+
+    path = Path(path).expanduser().absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def check_download_space(repo_id: str, revision: str | None = None, *, local_dir: str | Path | None = None,
+                         cache_dir: str | Path | None = None, endpoint: str | None = None,
+                         token: str | None = None) -> None:
+    """Before a download: does the disk it goes to have room for the checkpoint files not there yet (their sizes
+    from the repository's file metadata)? Skipped when the Hub cannot say (the download then reports why, or
+    uses a cached copy).
+
+    Raises:
+        ConfigError: the disk has less free space than the files still to download.
+    """
+    import fnmatch
+
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+
+    if is_offline():
+        return
+    try:
+        endpoint = resolve_endpoint(endpoint)
+        token = get_token(token)
+        api = HfApi(endpoint=endpoint, token=token)
+        info = hub_call(f"reading {repo_id}", lambda: api.model_info(repo_id, revision=revision, files_metadata=True),
+                        repo_id=repo_id, endpoint=endpoint, token=token, retry=RetryPolicy(attempts=1), revision=revision)
+    except Exception:  # noqa: BLE001 - an estimate: the download names the problem
+        return
+    missing = 0
+    for sibling in info.siblings or []:
+        name, size = sibling.rfilename, sibling.size or 0
+        if not any(fnmatch.fnmatch(name, pattern) for pattern in CHECKPOINT_PATTERNS):
+            continue
+        if local_dir is not None:
+            there = Path(local_dir) / name
+            missing += 0 if there.is_file() and there.stat().st_size == size else size
+        else:
+            cached = try_to_load_from_cache(repo_id, name, cache_dir=cache_dir, revision=info.sha)
+            missing += 0 if isinstance(cached, str) else size
+    target = Path(local_dir) if local_dir is not None else Path(cache_dir or constants.HF_HUB_CACHE)
+    free = free_bytes(target)
+    if missing > free:
+        from prunekit.io import human_size
+
+        where = "--out" if local_dir is not None else "the Hub cache (HF_HUB_CACHE or HF_HOME)"
+        raise ConfigError(f"downloading '{repo_id}' needs about {human_size(missing)} more on the disk of '{target}', "
+                          f"which has {human_size(free)} free; free some space or point {where} at a larger disk")
 
 
 def repository_size(repo_id: str, itemsize: int | None = None, revision: str | None = None, *,

@@ -405,3 +405,30 @@ def test_a_hub_id_gets_a_disk_estimate_from_the_repository_file_sizes(monkeypatc
     assert expected_checkpoint_bytes("org/model", "auto") == 6_000 + 4_000 + 100 + 900
     assert expected_checkpoint_bytes("org/model", "float32") == 5_000 * 4 + 100 + 900
     assert asked == [True, True]
+
+
+def test_a_download_that_cannot_fit_on_its_disk_is_refused_before_it_starts(monkeypatch, tmp_path):
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.hf_api import ModelInfo
+
+    import prunekit.remote
+    from prunekit.errors import ConfigError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    info = ModelInfo(id="org/model", sha="a" * 40, siblings=[
+        {"rfilename": "model.safetensors", "size": 8_000}, {"rfilename": "config.json", "size": 100},
+        {"rfilename": "figures/plot.png", "size": 50_000}])
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda self, *a, **k: info)
+    monkeypatch.setattr(prunekit.remote, "free_bytes", lambda path: 5_000)
+    downloads = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: downloads.append(k) or str(tmp_path))
+    out = tmp_path / "pulled"
+    with pytest.raises(ConfigError, match=r"org/model.*7\.9 KiB more.*4\.9 KiB free.*--out"):
+        prunekit.remote.download_snapshot("org/model", local_dir=out)
+    assert downloads == []
+    out.mkdir()  # the weights already there: only config.json is left to fetch, and it fits
+    (out / "model.safetensors").write_bytes(b"\0" * 8_000)
+    prunekit.remote.download_snapshot("org/model", local_dir=out)
+    assert len(downloads) == 1
