@@ -350,10 +350,11 @@ def available_host_memory() -> int | None:
         free = int(psutil.virtual_memory().available)
     except (ImportError, OSError):
         pass
-    with contextlib.suppress(OSError, ValueError):
+    with contextlib.suppress(OSError, ValueError, KeyError):  # cgroup v2; its page cache ("file") can be reclaimed, "anon" not
         limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
         if limit != "max":
-            left = int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+            stat = dict(line.split() for line in Path("/sys/fs/cgroup/memory.stat").read_text().splitlines() if line.strip())
+            left = int(limit) - int(stat["anon"])
             free = left if free is None else min(free, left)
     return free
 
