@@ -94,7 +94,7 @@ def evaluate_command(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the Hub (off by default)."),
     conventions: str = typer.Option("prunekit", "--conventions", help=CONVENTIONS_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
-    force: bool = typer.Option(False, "--force", help="Run --tasks even when the memory check says the whole model will not fit in host or GPU memory."),
+    force: bool = typer.Option(False, "--force", help="Run --tasks even when the memory check says the whole model will not fit in host or GPU memory (PRUNEKIT_FORCE=1 does the same for every command and sweep)."),
 ) -> None:
     """Evaluate CHECKPOINT per language: perplexity, SNR / pruning error against --dense, lm-eval tasks.
 
