@@ -28,8 +28,19 @@ app = typer.Typer(
 DEBUG = {"enabled": bool(os.environ.get("PRUNEKIT_DEBUG"))}
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from prunekit import __version__
+
+        print(f"prunekit {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for prunekit bugs (also accepted after the command).")) -> None:
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for prunekit bugs (also accepted after the command)."),
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print prunekit's version and exit."),
+) -> None:
     if debug:
         DEBUG["enabled"] = True
 
@@ -68,7 +79,9 @@ def user_errors(func: Callable) -> Callable:
         try:
             return func(*args, **kwargs)
         except PrunekitError as err:
-            print(f"error: {err}", file=sys.stderr)
+            from prunekit.remote import strip_api_hints  # huggingface_hub's hints for its Python API users
+
+            print(f"error: {strip_api_hints(str(err))}", file=sys.stderr)
             raise SystemExit(2) from None
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

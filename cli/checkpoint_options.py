@@ -42,6 +42,7 @@ class CheckpointOptions:
     trust_remote_code: bool
     conventions: str
     quiet: bool
+    force: bool
 
     def pipeline_arguments(self, checkpoint_format: str = "packed") -> dict[str, Any]:
         """The keyword arguments of ``prunekit.pipeline.prune`` these options give (all but the model): the
@@ -88,6 +89,9 @@ def _shared(uncalibrated: str) -> dict[str, tuple[Any, Any]]:
         "trust_remote_code": (bool, typer.Option(False, "--trust-remote-code", help="Allow model code from the Hub (off by default).")),
         "conventions": (str, typer.Option("prunekit", "--conventions", help=CONVENTIONS_HELP)),
         "quiet": (bool, typer.Option(False, "--quiet", "-q", help="No progress bars or tables.")),
+        "force": (bool, typer.Option(
+            False, "--force", help="Load the model whole even when the memory check says it will not fit (a --dtype other "
+            "than the checkpoint's, or a checkpoint that cannot stream, is loaded whole; the checkpoint's own dtype streams).")),
     }
 
 
@@ -113,7 +117,10 @@ def checkpoint_options(uncalibrated: str) -> Callable[[Callable[..., Any]], Call
         @functools.wraps(command)
         def with_options(**values: Any) -> Any:
             options = CheckpointOptions(**{name: values.pop(name) for name in SHARED})
-            return command(options, **values)
+            from prunekit.models import memory_check_forced
+
+            with memory_check_forced(options.force):
+                return command(options, **values)
 
         with_options.__signature__ = inspect.signature(command).replace(parameters=parameters)  # type: ignore[attr-defined]
         return with_options

@@ -94,6 +94,7 @@ def evaluate_command(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the Hub (off by default)."),
     conventions: str = typer.Option("prunekit", "--conventions", help=CONVENTIONS_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
+    force: bool = typer.Option(False, "--force", help="Run --tasks even when the memory check says the whole model will not fit in host or GPU memory (PRUNEKIT_FORCE=1 does the same for every command and sweep)."),
 ) -> None:
     """Evaluate CHECKPOINT per language: perplexity, SNR / pruning error against --dense, lm-eval tasks.
 
@@ -115,13 +116,18 @@ def evaluate_command(
         langs = ",".join(codes)
         typer.echo(note, err=True)
 
-    results = evaluate(
-        checkpoint, dense=dense, langs=langs, ppl_source=None if ppl_source == "none" else ppl_source,
-        tasks=tasks, limit=_limit(limit), seqlen=seqlen, dtype=dtype, device=device, out=out, progress=not quiet,
-        task_data=task_data, chat_template=chat_template, batch_size=batch_size, snr_tokens=snr_tokens,
-        exclude_bos=not include_bos, max_windows=max_windows, num_fewshot=num_fewshot,
-        task_batch_size=task_batch_size, backend=backend, parallelize=parallelize,
-        bootstrap_iters=bootstrap_iters, trust_remote_code=trust_remote_code, conventions=conventions,
-    )
+    from prunekit.models import check_task_memory, memory_check_forced
+
+    with memory_check_forced(force):
+        if tasks:  # lm-eval holds the whole model: refuse now what cannot fit, not after perplexity
+            check_task_memory(checkpoint, dtype, device, backend, parallelize)
+        results = evaluate(
+            checkpoint, dense=dense, langs=langs, ppl_source=None if ppl_source == "none" else ppl_source,
+            tasks=tasks, limit=_limit(limit), seqlen=seqlen, dtype=dtype, device=device, out=out, progress=not quiet,
+            task_data=task_data, chat_template=chat_template, batch_size=batch_size, snr_tokens=snr_tokens,
+            exclude_bos=not include_bos, max_windows=max_windows, num_fewshot=num_fewshot,
+            task_batch_size=task_batch_size, backend=backend, parallelize=parallelize,
+            bootstrap_iters=bootstrap_iters, trust_remote_code=trust_remote_code, conventions=conventions,
+        )
     if not quiet:
         print_results(results, out)
