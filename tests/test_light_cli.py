@@ -65,7 +65,7 @@ def test_help_and_version_load_no_torch(args):
 
 
 def test_push_and_pull_load_no_torch(tiny_llama, tmp_path):
-    """Both run to their first Hub request (a closed local port answers at once) without torch: push has read
+    """push, pull and find run to their first Hub request (a closed local port answers at once) without torch: push has read
     the record and results and rendered the card by then."""
     import prunekit
 
@@ -76,7 +76,7 @@ def test_push_and_pull_load_no_torch(tiny_llama, tmp_path):
     prunekit.prune(str(tiny_llama), method="magnitude", calib=None, out=checkpoint, device="cpu", progress=False)
     env = {"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HUB_OFFLINE": "0", "HF_TOKEN": "hf_light_cli_test"}
     for args in (["pull", "org/x", "--out", str(tmp_path / "pulled")], ["pull", "org/x"],
-                 ["push", str(checkpoint), "--repo-id", "org/x"]):
+                 ["push", str(checkpoint), "--repo-id", "org/x"], ["find", "--base", "org/base", "--lang", "sw"]):
         result = probe(cli(*args), env=env)
         assert result["code"] == 2, result["output"]
         assert "error: cannot reach the Hub" in result["output"], result["output"]
