@@ -76,7 +76,7 @@ def test_layout_is_what_llm_compressor_writes_for_w4a16(llama128, tmp_path):
 
 def test_asymmetric_grid_adds_zero_points_packed_along_the_rows(llama128, tmp_path):
     out = tmp_path / "w8g64"
-    quantize(llama128, out, Quantization(8, 64), dtype="bfloat16")
+    quantize(llama128, out, Quantization(8, 64, symmetric=False), dtype="bfloat16")
     saved = tensors(out)
     prefix = "model.layers.0.mlp.down_proj"  # 128 × 256
     assert saved[f"{prefix}.weight_packed"].shape == (128, 256 // 4)
@@ -236,7 +236,7 @@ def test_cards_state_the_format_tags_and_serve_command(tiny_llama, tmp_path):
     def front_matter(card: str) -> dict:
         return yaml.safe_load(re.match(r"^---\n(.*?)\n---\n", card, re.DOTALL).group(1))
 
-    record = quantize(tiny_llama, tmp_path / "q", Quantization(4, 32)).record
+    record = quantize(tiny_llama, tmp_path / "q", Quantization(4, 32, symmetric=False)).record
     card = render_model_card(record, repo_id="org/q")
     assert front_matter(card)["tags"] == ["quantized", "4-bit", "rtn", "compressed-tensors", "prunekit"]
     assert "**pack-quantized** format (W4A16" in card and "vllm serve org/q" in card and "packed zero points" in card

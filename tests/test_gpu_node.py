@@ -69,6 +69,12 @@ def test_default_quantize_output_loads_in_a_fresh_process_without_prunekit(llama
     seen = json.loads(ran.stdout.strip().splitlines()[-1])
     assert seen == {"finite": True, "shape": [1, 5, len_vocab(llama128)], "prunekit": False}
 
+    from prunekit.hub import render_model_card
+
+    card = render_model_card(record, repo_id="org/q")
+    assert 'model = AutoModelForCausalLM.from_pretrained("org/q")' in card  # the usage snippet is the code run above
+    assert "enable_loading" not in card
+
 
 def len_vocab(model: Path) -> int:
     return json.loads((model / "config.json").read_text())["vocab_size"]
