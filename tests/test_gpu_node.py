@@ -98,3 +98,50 @@ def test_quantize_help_labels_both_grids():
 
     text = " ".join(CliRunner().invoke(app, ["quantize", "--help"], terminal_width=200).output.replace("│", " ").split())
     assert "--symmetric" in text and "--asymmetric" in text and "llm-compressor" in text and "study" in text
+
+
+# --- §1 one GPU per worker --------------------------------------------------------------------------
+
+
+def test_two_pool_workers_on_a_two_gpu_machine_each_see_one(tmp_path, monkeypatch):
+    """run_pool starts real worker processes (their command swapped for one that reports what it sees) on
+    a machine with two (faked) GPUs: each sees exactly one, its own, as cuda:0."""
+    from types import SimpleNamespace
+
+    from prunekit.sweep import backends
+    from prunekit.sweep.stages import TaskOutcome
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,7")  # the two GPUs this machine shows
+    report = "import json, os, sys; print(json.dumps({k: os.environ.get(k) for k in ('CUDA_VISIBLE_DEVICES', 'PRUNEKIT_DEVICE')}))"
+    real_popen = subprocess.Popen
+    started = []
+
+    def popen(cmd, **kwargs):
+        started.append(cmd[-1])
+        return real_popen([sys.executable, "-c", report], **kwargs)
+
+    monkeypatch.setattr(backends.subprocess, "Popen", popen)
+    monkeypatch.setattr(backends, "outcome_from_disk", lambda config, runs_dir, task, note=None: TaskOutcome(task.task_id, "done"))
+    config = SimpleNamespace(device="auto", gpus_per_worker=1)
+    tasks = [SimpleNamespace(task_id=f"run:{i}") for i in range(2)]
+    outcomes = backends.run_pool(config, tmp_path, tasks, False, "digest", max_parallel=2)
+    assert [o.state for o in outcomes] == ["done", "done"] and sorted(started) == ["run:0", "run:1"]
+    seen = [json.loads((tmp_path / "logs" / f"run-{i}.log").read_text().strip().splitlines()[-1]) for i in range(2)]
+    assert sorted(s["CUDA_VISIBLE_DEVICES"] for s in seen) == ["3", "7"]  # one each, never both
+    assert {s["PRUNEKIT_DEVICE"] for s in seen} == {"cuda:0"}
+
+
+def test_a_slurm_rank_narrows_its_environment_to_its_own_gpu():
+    pytest.importorskip("submitit")
+    from prunekit.sweep.slurm_job import own_gpus
+
+    for rank, expected in enumerate(["0", "1", "2", "3"]):
+        environ = {"CUDA_VISIBLE_DEVICES": "0,1,2,3"}
+        own_gpus("auto", rank, environ=environ)
+        assert environ == {"CUDA_VISIBLE_DEVICES": expected, "PRUNEKIT_DEVICE": "cuda:0"}
+    environ = {"SLURM_JOB_GPUS": "4,5,6,7"}
+    own_gpus("auto", 1, gpus_per_rank=2, environ=environ)
+    assert environ["CUDA_VISIBLE_DEVICES"] == "6,7" and environ["PRUNEKIT_DEVICE"] == "cuda:0"
+    environ = {"CUDA_VISIBLE_DEVICES": "0,1"}
+    own_gpus("cpu", 1, environ=environ)
+    assert environ == {"CUDA_VISIBLE_DEVICES": "0,1"}  # cpu (or an explicit cuda:N): left as it is

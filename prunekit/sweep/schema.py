@@ -369,6 +369,9 @@ def _as_text(value: Any) -> Any:
 
 class ExecutionSpec(_Section):
     device: Text = Field("auto", description="auto, cpu or cuda[:i]")
+    gpus_per_worker: int = Field(1, ge=1, description=(
+        "GPUs each worker (local pool process, Slurm rank) owns as its whole CUDA_VISIBLE_DEVICES; more than 1 lets "
+        "lm-eval spread the model over them (parallelize; vLLM: tensor parallelism)"))
     batch_size: Optional[int] = Field(None, ge=1)
     skip_layers: Optional[Annotated[Text, BeforeValidator(_as_text)]] = None
     keep_checkpoints: bool = True
