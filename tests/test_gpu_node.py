@@ -145,3 +145,170 @@ def test_a_slurm_rank_narrows_its_environment_to_its_own_gpu():
     environ = {"CUDA_VISIBLE_DEVICES": "0,1"}
     own_gpus("cpu", 1, environ=environ)
     assert environ == {"CUDA_VISIBLE_DEVICES": "0,1"}  # cpu (or an explicit cuda:N): left as it is
+
+
+# --- §1/§2 lm-eval and vLLM beside prunekit ---------------------------------------------------------
+
+
+@pytest.fixture
+def two_gpus(monkeypatch):
+    """A machine with two (faked) GPUs and vllm importable (nothing of either is run)."""
+    import importlib.util
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else real(name, *a))
+
+
+def test_the_harness_receives_parallelize_false_unless_asked(tiny_llama, monkeypatch):
+    """A whole evaluation on a machine that shows two GPUs: lm-eval's HFLM is made with parallelize=False."""
+    import lm_eval.api.registry
+
+    from prunekit.evaluation import evaluate
+    from tests.conftest import TEST_DATA
+
+    real_get_model, made = lm_eval.api.registry.get_model, []
+
+    def get_model(name):
+        cls = real_get_model(name)
+
+        def make(**kwargs):
+            made.append(kwargs)
+            return cls(**kwargs)
+
+        return make
+
+    monkeypatch.setattr(lm_eval.api.registry, "get_model", get_model)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # visible, not used: the compute device is the CPU
+    res = evaluate(tiny_llama, langs="sw", ppl_source=None, tasks="xcopa", task_data=TEST_DATA, limit=2, device="cpu",
+                   progress=False, chat_template=False)
+    assert res["tasks"]["xcopa_local_sw"]["status"] == "ok"
+    assert len(made) == 1 and made[0]["parallelize"] is False
+
+
+def test_vllm_settings_model_args_and_one_gpu_of_its_own(tiny_llama, two_gpus):
+    from prunekit.evaluation.lm_backend import lm_arguments, plan_backend
+
+    plan = plan_backend("vllm", None, torch.device("cuda:1"), None, 8, path=tiny_llama, dtype=torch.bfloat16,
+                        gpu_memory_utilization=0.5, max_model_len=4096, model_args="enforce_eager=true,swap_space=8,max_model_len=2048")
+    assert plan.visible_devices == "6"  # the compute device's GPU alone, not both
+    assert lm_arguments(plan, None, None) == {
+        "pretrained": str(tiny_llama), "tokenizer": str(tiny_llama), "dtype": "bfloat16", "batch_size": "auto",
+        "tensor_parallel_size": 1, "trust_remote_code": False, "gpu_memory_utilization": 0.5,
+        "max_model_len": 2048, "enforce_eager": True, "swap_space": 8}  # the user's model_args win
+    for bad, match in [(dict(gpu_memory_utilization=1.5), "gpu-memory-utilization"), (dict(max_model_len=0), "max-model-len"),
+                       (dict(model_args="enforce_eager"), "key=value")]:
+        with pytest.raises(ConfigError, match=match):
+            plan_backend("vllm", None, torch.device("cuda"), None, 8, path=tiny_llama, **bad)
+    with pytest.raises(ConfigError, match="vLLM settings"):
+        plan_backend("hf", None, torch.device("cuda"), None, 8, path=tiny_llama, max_model_len=10)
+    with pytest.raises(ConfigError, match="runs on a GPU"):
+        plan_backend("vllm", None, torch.device("cpu"), None, 8, path=tiny_llama)
+
+
+def test_tensor_parallelism_is_checked_against_the_heads(tmp_path, two_gpus, monkeypatch):
+    from prunekit.evaluation.lm_backend import check_tensor_parallel, plan_backend
+
+    llama70b = {"num_attention_heads": 64, "num_key_value_heads": 8}
+    for gpus in (1, 2, 4, 8, 16):
+        check_tensor_parallel(llama70b, gpus, "Llama-3-70B")
+    for gpus in (3, 5, 6):
+        with pytest.raises(ConfigError, match=rf"64 attention heads and 8 key/value heads, which do not divide over {gpus}"):
+            check_tensor_parallel(llama70b, gpus, "Llama-3-70B")
+    check_tensor_parallel({"num_attention_heads": 8, "num_key_value_heads": 1}, 4, "mqa")  # vLLM replicates the one KV head
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"num_attention_heads": 64, "num_key_value_heads": 8}))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
+    with pytest.raises(ConfigError, match="over 3"):
+        plan_backend("vllm", True, torch.device("cuda"), None, 8, path=model)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    assert plan_backend("vllm", True, torch.device("cuda"), None, 8, path=model).tensor_parallel == 4
+
+
+def test_a_packed_checkpoint_goes_to_vllm_in_half_precision(tmp_path, two_gpus):
+    from prunekit.evaluation.lm_backend import plan_backend
+
+    model = tmp_path / "packed"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"num_attention_heads": 4, "quantization_config": {"quant_method": "compressed-tensors"}}))
+    for given, sent in [(torch.float32, "bfloat16"), (None, "bfloat16"), (torch.float16, "float16"), (torch.bfloat16, "bfloat16")]:
+        assert plan_backend("vllm", None, torch.device("cuda"), None, 8, path=model, dtype=given).dtype == sent
+    (model / "config.json").write_text(json.dumps({"num_attention_heads": 4}))
+    assert plan_backend("vllm", None, torch.device("cuda"), None, 8, path=model, dtype=torch.float32).dtype == "float32"
+
+
+def test_gpu_memory_is_freed_before_the_harness_starts(tiny_llama, monkeypatch):
+    from prunekit.evaluation import harness
+    from prunekit.evaluation.tasks import TaskCell
+    from tests.conftest import TEST_DATA
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: calls.append("synchronize"))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+
+    def make_lm(*args):
+        calls.append("make_lm")
+        raise KeyboardInterrupt  # enough: the order is what is checked
+
+    monkeypatch.setattr(harness, "make_lm", make_lm)
+    from transformers import AutoTokenizer
+
+    with pytest.raises(KeyboardInterrupt):
+        harness.run_tasks(object(), AutoTokenizer.from_pretrained(tiny_llama), [TaskCell("xcopa_local_sw", "xcopa", "sw", "prunekit")],
+                          task_data=TEST_DATA, limit=2, chat_template=False)
+    assert calls == ["synchronize", "empty_cache", "make_lm"]
+
+
+def test_vllm_runs_in_a_subprocess_and_finished_tasks_are_kept(tiny_llama, two_gpus, monkeypatch, tmp_path):
+    """The vLLM path, with a fake process in place of ``python -m prunekit.evaluation.lm_worker``: the
+    request is JSON, the process gets its own CUDA_VISIBLE_DEVICES, finished tasks are kept when it fails."""
+    from prunekit.errors import ModelError
+    from prunekit.evaluation import harness, lm_backend
+    from prunekit.evaluation.tasks import TaskCell
+    from tests.conftest import TEST_DATA
+
+    seen = {}
+
+    def fake_run(cmd, env, **kwargs):
+        assert cmd[1:3] == ["-m", "prunekit.evaluation.lm_worker"]
+        seen.update(request=json.loads(Path(cmd[3]).read_text()), visible=env["CUDA_VISIBLE_DEVICES"])
+        row = {"acc,none": 0.5, "acc_stderr,none": 0.1, "alias": "xcopa_local_sw"}
+        result = {"results": {"xcopa_local_sw": row}, "versions": {"xcopa_local_sw": 1.0}, "n-samples": {"xcopa_local_sw": {"effective": 2}}}
+        Path(cmd[4]).write_text(json.dumps({"task": "xcopa_local_sw", "result": result}) + "\n")
+        return subprocess.CompletedProcess(cmd, 1, "", "torch.OutOfMemoryError: CUDA out of memory")
+
+    monkeypatch.setattr(lm_backend, "RUNNER", fake_run)
+    monkeypatch.setattr(harness, "make_lm", lambda *a: pytest.fail("vLLM must not be made in this process"))
+    plan = lm_backend.plan_backend("vllm", None, torch.device("cuda"), None, 8, path=tiny_llama, dtype=torch.bfloat16)
+    from transformers import AutoTokenizer
+
+    cells = [TaskCell("xcopa_local_sw", "xcopa", "sw", "prunekit"), TaskCell("xcopa_local_zh", "xcopa", "zh", "prunekit")]
+    partial = tmp_path / "partial.json"
+    with pytest.raises(ModelError, match="failed after 1 task.*out of memory.*--gpu-memory-utilization"):
+        harness.run_tasks(None, AutoTokenizer.from_pretrained(tiny_llama), cells, task_data=TEST_DATA, limit=2,
+                          chat_template=False, backend=plan, partial=partial, identity={"model": "m"})
+    assert seen["visible"] == "4" and seen["request"]["backend"] == "vllm"
+    assert seen["request"]["lm_args"]["pretrained"] == str(tiny_llama) and seen["request"]["evaluate"]["limit"] == 2
+    assert [c["name"] for c in seen["request"]["cells"]] == ["xcopa_local_sw", "xcopa_local_zh"]
+    saved = json.loads(partial.read_text())["tasks"]
+    assert list(saved) == ["xcopa_local_sw"] and saved["xcopa_local_sw"]["result"]["metrics"] == {"acc": 0.5}
+
+
+def test_the_worker_process_runs_the_tasks_for_real(tiny_llama, tmp_path):
+    """lm_worker in a real fresh process (with lm-eval's hf model standing in for vLLM, which needs a GPU):
+    the JSON request in, one JSON line per finished task out, the same numbers as in this process."""
+    from prunekit.evaluation import lm_backend
+    from tests.conftest import TEST_DATA
+
+    request = {"backend": "hf", "lm_args": {"pretrained": str(tiny_llama), "batch_size": 4, "device": "cpu"},
+               "uses_defaults": False, "task_data": str(TEST_DATA),
+               "cells": [{"name": "xcopa_local_sw", "group": "xcopa", "language": "sw", "kind": "prunekit", "note": None}],
+               "evaluate": {"num_fewshot": 0, "limit": 3, "bootstrap_iters": 0, "apply_chat_template": False, "random_seed": 0}}
+    results = dict(lm_backend.run_worker(request))
+    row = results["xcopa_local_sw"]["results"]["xcopa_local_sw"]
+    assert 0 <= row["acc,none"] <= 1 and results["xcopa_local_sw"]["n-samples"]["xcopa_local_sw"]["effective"] == 3
