@@ -89,7 +89,9 @@ def test_asymmetric_grid_adds_zero_points_packed_along_the_rows(llama128, tmp_pa
 @pytest.mark.parametrize("quantization", [
     pytest.param(Quantization(4, 32), id="w4g32"),
     pytest.param(Quantization(8, -1, symmetric=True), id="w8-per-channel-sym"),
-    pytest.param(Quantization(3, 64), id="w3g64"),
+    pytest.param(Quantization(3, 64), id="w3g64", marks=pytest.mark.skipif(
+        tuple(int(p) for p in __import__("compressed_tensors").__version__.split(".")[:2]) < (0, 19),
+        reason="compressed-tensors before 0.19 (vLLM's pin, 0.17) packs whole 3-bit codes per int32, not a bit stream")),
 ])
 def test_packed_codes_scales_and_zero_points_are_the_solvers_grid(tiny_llama, tmp_path, quantization):
     """Each stored code, read back from the bits, times the stored scale gives the fake-quantized weight;

@@ -51,8 +51,7 @@ def quantize_cli(model: Path, out: Path, *extra: str) -> dict:
 
 
 def fresh_load(path: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    return subprocess.run([sys.executable, "-c", FRESH_LOAD, str(path)], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-c", FRESH_LOAD, str(path)], capture_output=True, text=True,
                           cwd=str(path.parent), timeout=300)
 
 
