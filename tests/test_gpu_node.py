@@ -311,3 +311,38 @@ def test_the_worker_process_runs_the_tasks_for_real(tiny_llama, tmp_path):
     results = dict(lm_backend.run_worker(request))
     row = results["xcopa_local_sw"]["results"]["xcopa_local_sw"]
     assert 0 <= row["acc,none"] <= 1 and results["xcopa_local_sw"]["n-samples"]["xcopa_local_sw"]["effective"] == 3
+
+
+# --- §3 the out-of-memory advice names real flags ------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["prune", "quantize", "eval", "compare", "demo"])
+def test_out_of_memory_advice_names_only_flags_the_command_has(command, monkeypatch, capsys):
+    import re
+
+    from typer.testing import CliRunner
+
+    import prunekit.cli.main  # noqa: F401  (registers every command)
+    from prunekit.cli import app as app_module
+    from prunekit.cli.main import main
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    target = {"prune": "prunekit.pipeline.prune", "quantize": "prunekit.pipeline.prune", "eval": "prunekit.evaluation.evaluate",
+              "compare": "prunekit.analysis.compare", "demo": "prunekit.demo.run_demo"}[command]
+    monkeypatch.setattr(target, oom)
+    monkeypatch.setitem(app_module.DEBUG, "enabled", False)
+    args = {"prune": ["prune", "M", "--method", "magnitude", "--sparsity", "0.5", "--out", "/tmp/x"],
+            "quantize": ["quantize", "M", "--method", "rtn", "--out", "/tmp/x"],
+            "eval": ["eval", "M", "--langs", "en"], "compare": ["compare", "A", "B", "--langs", "en", "--out", "/tmp/x"], "demo": ["demo", "--out", "/tmp/x"]}[command]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    line = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and line.startswith("error: out of GPU memory"), line
+    flags = set(re.findall(r"--[a-z][a-z-]+", line.split("use less of it:")[1]))
+    assert flags, line
+    monkeypatch.setenv("COLUMNS", "400")  # rich wraps the help to the terminal's width
+    help_text = CliRunner().invoke(app_module.app, [command, "--help"]).output
+    for flag in flags:
+        assert re.search(rf"{flag}\b", help_text), f"{command}: the advice names {flag}, which it does not have"
