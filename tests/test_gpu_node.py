@@ -346,3 +346,81 @@ def test_out_of_memory_advice_names_only_flags_the_command_has(command, monkeypa
     help_text = CliRunner().invoke(app_module.app, [command, "--help"]).output
     for flag in flags:
         assert re.search(rf"{flag}\b", help_text), f"{command}: the advice names {flag}, which it does not have"
+
+
+# --- §7 the CUDA-only paths, reached on the CPU --------------------------------------------------------
+
+
+def test_activations_streamed_to_a_gpu_are_pinned_and_fetched_without_blocking(monkeypatch):
+    """Engine._store / _fetch for a CUDA compute device with the activations in host memory: the copy is
+    made into pinned memory (asked for; this CPU-only torch has no pinned allocator, so the fake hands
+    back plain memory) and fetched with a non-blocking copy."""
+    import prunekit.engine as engine_module
+    from prunekit.engine import Engine
+    from prunekit.methods import get_method
+    from prunekit.recipe import Pattern, Recipe
+
+    asked, real_empty = [], torch.empty
+
+    def empty(*args, pin_memory=False, **kwargs):
+        asked.append(pin_memory)
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module.torch, "empty", empty)
+    engine = Engine(get_method("wanda"), Recipe("wanda", pattern=Pattern(0.5)), device="cuda", activation_device="cpu")
+    hidden = torch.randn(2, 8, 16, dtype=torch.bfloat16)
+    stored = engine._store(hidden)
+    assert asked == [True] and stored.device.type == "cpu" and torch.equal(stored, hidden) and stored.data_ptr() != hidden.data_ptr()
+    copies = []
+    real_to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: copies.append((a, k)) or real_to(self, "cpu"))
+    assert torch.equal(engine._fetch(stored), hidden)
+    assert copies == [((torch.device("cuda"),), {"non_blocking": True})]
+    same = Engine(get_method("wanda"), Recipe("wanda", pattern=Pattern(0.5)), device="cpu")
+    asked.clear()
+    same._store(hidden)
+    assert asked == []  # on the CPU nothing is pinned
+
+
+def test_activation_planning_reads_the_gpus_free_memory(tiny_llama, monkeypatch):
+    """pipeline.activation_plan on a (faked) GPU: torch.cuda.mem_get_info decides device or host."""
+    from transformers import AutoModelForCausalLM
+
+    from prunekit.pipeline import activation_plan
+    from prunekit.streaming import device_available
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    free = {"bytes": 80 * 10**9}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 80 * 10**9))
+    cuda = torch.device("cuda:0")
+    assert device_available(cuda) == 80 * 10**9 and device_available(torch.device("cpu")) is None
+    assert activation_plan(model, (128, 2048), cuda, statistics=True).where == "device"
+    free["bytes"] = 10**6  # 1 MB free: the two 128 × 2048 × 64 fp32 buffers (134 MB) go to pinned host memory
+    plan = activation_plan(model, (128, 2048), cuda, statistics=True)
+    assert plan.where == "host" and plan.device_type == "cuda"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_kthvalue_mask_path_is_the_stable_sort(dtype):
+    """Half-precision scores (as on a GPU) take torch.kthvalue instead of numpy's selection: the mask is
+    the first k of a stable ascending sort, ties included."""
+    from prunekit.methods.masks import lowest_overall, lowest_per_row
+
+    generator = torch.Generator().manual_seed(0)
+    scores = (torch.randint(0, 12, (16, 64), generator=generator).float() / 4).to(dtype)  # many ties
+    for fraction in (0.25, 0.5, 0.7):
+        k = int(64 * fraction)
+        expected = torch.zeros(16, 64, dtype=torch.bool)
+        expected.scatter_(1, torch.sort(scores.float(), dim=1, stable=True).indices[:, :k], True)
+        assert torch.equal(lowest_per_row(scores, fraction), expected)
+        overall = lowest_overall(scores, fraction)
+        assert int(overall.sum()) == int(scores.numel() * fraction)
+        assert scores[overall].float().max() <= scores[~overall].float().min()
+
+
+def test_the_dense_cache_key_names_the_gpu_model(monkeypatch):
+    from prunekit.evaluation.hidden_states import device_key
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert device_key(torch.device("cuda:0")) == "cuda:NVIDIA H100 80GB HBM3"
+    assert device_key(torch.device("cpu")) == "cpu"
