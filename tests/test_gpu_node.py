@@ -424,3 +424,25 @@ def test_the_dense_cache_key_names_the_gpu_model(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
     assert device_key(torch.device("cuda:0")) == "cuda:NVIDIA H100 80GB HBM3"
     assert device_key(torch.device("cpu")) == "cpu"
+
+
+# --- §5 benchmarks/gpu_check.py ----------------------------------------------------------------------
+
+
+def test_gpu_check_runs_every_step_on_the_cpu_and_prints_one_json(llama128, tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--tiny", str(llama128)],
+                          capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)  # stdout is the JSON and nothing else
+    steps = {s["name"]: s for s in report["steps"]}
+    assert report["ok"] and report["device"] == "cpu"
+    for method in ("wanda", "sparsegpt"):
+        assert steps[f"prune tiny {method}"]["status"] == "ok"
+        detail = steps[f"perplexity+snr tiny {method} (en,sw)"]["detail"]
+        assert set(detail["ppl"]) == {"en", "sw"} and all(v > 1 for v in detail["ppl"].values())
+    assert steps["lm-eval hf tiny xcopa --limit 3"]["status"] == "ok"
+    assert steps["quantize tiny gptq w4g128 packed"]["detail"]["format"] == "pack-quantized"
+    assert steps["load tiny w4 in plain transformers (fresh process)"]["detail"] == {"finite": True, "prunekit": False}
+    vllm = steps["lm-eval vllm tiny xcopa --limit 3"]
+    assert vllm["status"] == "skipped" and "vllm" in vllm["reason"]  # not installable here
+    assert all({"seconds", "peak_gpu_bytes", "predicted_peak_bytes"} <= set(s) for s in report["steps"])
