@@ -446,3 +446,32 @@ def test_gpu_check_runs_every_step_on_the_cpu_and_prints_one_json(llama128, tmp_
     vllm = steps["lm-eval vllm tiny xcopa --limit 3"]
     assert vllm["status"] == "skipped" and "vllm" in vllm["reason"]  # not installable here
     assert all({"seconds", "peak_gpu_bytes", "predicted_peak_bytes"} <= set(s) for s in report["steps"])
+
+
+def test_sweep_keys_for_gpus_per_worker_and_vllm(tmp_path, monkeypatch):
+    """execution.gpus_per_worker gives each pool worker its own GPUs (and asks lm-eval to spread over them);
+    the evaluation's vLLM keys reach prunekit.evaluation and are checked where they are written."""
+    import yaml
+
+    from prunekit.placement import worker_environment, worker_plan
+    from prunekit.sweep.config import load_config
+
+    raw = yaml.safe_load((ROOT / "configs" / "tiny-example.yaml").read_text())
+    raw["execution"]["gpus_per_worker"] = 2
+    raw["evaluation"].update(backend="vllm", gpu_memory_utilization=0.8, max_model_len=4096, model_args={"enforce_eager": True})
+    config = load_config(raw)
+    assert config.gpus_per_worker == 2
+    assert {k: config.eval_options[k] for k in ("parallelize", "backend", "gpu_memory_utilization", "max_model_len", "model_args")} == {
+        "parallelize": True, "backend": "vllm", "gpu_memory_utilization": 0.8, "max_model_len": 4096, "model_args": {"enforce_eager": True}}
+    plan = worker_plan(config.device, None, 4, config.gpus_per_worker)
+    envs = [worker_environment({}, plan, slot, ["0", "1", "2", "3"]) for slot in range(plan.workers)]
+    assert envs == [{"CUDA_VISIBLE_DEVICES": "0,1", "PRUNEKIT_DEVICE": "cuda:0"}, {"CUDA_VISIBLE_DEVICES": "2,3", "PRUNEKIT_DEVICE": "cuda:0"}]
+    default = load_config(yaml.safe_load((ROOT / "configs" / "tiny-example.yaml").read_text()))
+    assert default.gpus_per_worker == 1 and "parallelize" not in default.eval_options
+    for section, key, value, match in [("evaluation", "backend", "tgi", "evaluation.backend"),
+                                       ("evaluation", "gpu_memory_utilization", 1.5, "evaluation.gpu_memory_utilization"),
+                                       ("execution", "gpus_per_worker", 0, "execution.gpus_per_worker")]:
+        bad = yaml.safe_load((ROOT / "configs" / "tiny-example.yaml").read_text())
+        bad[section][key] = value
+        with pytest.raises(ConfigError, match=match):
+            load_config(bad)
