@@ -83,7 +83,10 @@ def evaluate_command(
     batch_size: int = typer.Option(4, "--batch-size", help="Windows per forward pass for perplexity / SNR (and lm-eval's batch size on the CPU)."),
     task_batch_size: Optional[str] = typer.Option(None, "--task-batch-size", help="lm-eval's batch size: N, auto or auto:N (default: auto on a GPU, --batch-size on the CPU)."),
     backend: str = typer.Option("hf", "--backend", help="lm-eval model for --tasks: hf (transformers) or vllm (needs vllm installed; GPU nodes)."),
-    parallelize: Optional[bool] = typer.Option(None, "--parallelize/--no-parallelize", help="hf tasks: let lm-eval spread the model over all visible GPUs (device_map=auto); default: on when more than one GPU is visible."),
+    parallelize: bool = typer.Option(False, "--parallelize/--no-parallelize", help="Spread the task model over every GPU this process sees (CUDA_VISIBLE_DEVICES): hf: lm-eval's device_map=auto; vllm: tensor parallelism (the GPU count must divide the attention heads). Default: off, one GPU."),
+    gpu_memory_utilization: Optional[float] = typer.Option(None, "--gpu-memory-utilization", help="--backend vllm: fraction of the GPU's memory vLLM may take (vLLM's default 0.9); lower it when something else shares the GPU."),
+    max_model_len: Optional[int] = typer.Option(None, "--max-model-len", help="--backend vllm: longest sequence vLLM plans its KV cache for (default: the model's); lower it when vLLM says the KV cache does not fit."),
+    model_args: Optional[str] = typer.Option(None, "--model-args", help="Extra keyword arguments of lm-eval's model (HFLM or vLLM), key=value,key=value, e.g. enforce_eager=true,swap_space=8; they win over prunekit's."),
     snr_tokens: int = typer.Option(4096, "--snr-tokens", help="Token positions per language for SNR / pruning error (the dense states of these are cached)."),
     include_bos: bool = typer.Option(False, "--include-bos", help="Count the BOS position in SNR / pruning error (excluded by default: its massive activation dominates)."),
     max_windows: Optional[int] = typer.Option(None, "--max-windows", help="At most N perplexity windows per language (default: all the text; mc4: 256)."),
@@ -127,6 +130,7 @@ def evaluate_command(
             task_data=task_data, chat_template=chat_template, batch_size=batch_size, snr_tokens=snr_tokens,
             exclude_bos=not include_bos, max_windows=max_windows, num_fewshot=num_fewshot,
             task_batch_size=task_batch_size, backend=backend, parallelize=parallelize,
+            gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, model_args=model_args,
             bootstrap_iters=bootstrap_iters, trust_remote_code=trust_remote_code, conventions=conventions,
         )
     if not quiet:

@@ -29,7 +29,7 @@ from prunekit.models import (
 )
 from prunekit.packing import check_format, save_packed, summarize_quantization, take_grids
 from prunekit.progress import progress_bar, stderr_console
-from prunekit.recipe import CalibrationSpec, Quantization, Recipe, parse_pattern, validate_quantization
+from prunekit.recipe import CalibrationSpec, Quantization, Recipe, default_symmetric, parse_pattern, validate_quantization
 from prunekit.streaming import (
     ActivationPlan, MirrorWriter, SafetensorsCheckpoint, StreamedLayers, build_skeleton, device_available,
     host_available, layer_reserve, plan_activations,
@@ -114,7 +114,9 @@ def reproduce_command(model: str, recipe: Recipe, calibration: CalibrationSpec |
     if recipe.quantization is not None:
         q = recipe.quantization
         parts += ["--bits", str(q.bits), "--group-size", str(q.group_size)] + (["--act-order"] if q.act_order else [])
-        parts += (["--dynamic-groups"] if q.act_order and not q.static_groups else []) + (["--symmetric"] if q.symmetric else [])
+        parts += ["--dynamic-groups"] if q.act_order and not q.static_groups else []
+        if q.symmetric != default_symmetric(recipe.conventions):
+            parts += ["--symmetric"] if q.symmetric else ["--asymmetric"]
         parts += ["--method", recipe.method] if recipe.method != "gptq" else []
         parts += ["--format", checkpoint_format] if checkpoint_format != "packed" else []
     else:
@@ -238,7 +240,7 @@ def prune(
     method_obj = method_of_kind(method, kind)
     quantize = method_obj.kind == "quantize"
     if quantize:
-        recipe = Recipe(method, quantization=validate_quantization(quantization or Quantization()), conventions=calibration.conventions)
+        recipe = Recipe(method, quantization=validate_quantization(quantization or Quantization(symmetric=default_symmetric(calibration.conventions))), conventions=calibration.conventions)
         check_format(output.checkpoint_format, recipe.quantization)
     else:
         recipe = Recipe(method, pattern=parse_pattern(sparsity, pattern), conventions=calibration.conventions)

@@ -83,6 +83,9 @@ def _evaluate(
     task_batch_size: int | str | None = None,
     backend: str = "hf",
     parallelize: bool | None = None,
+    gpu_memory_utilization: float | None = None,
+    max_model_len: int | None = None,
+    model_args: str | dict[str, Any] | None = None,
     snr_tokens: int = DEFAULT_SNR_TOKENS,
     exclude_bos: bool = True,
     snr_store_dtype: str | None = None,
@@ -119,7 +122,8 @@ def _evaluate(
     dtype = next(model.parameters()).dtype
     backend_plan = plan_backend(backend, parallelize, compute_device, task_batch_size, batch_size,
                                 path=None if source is None else source.path, dtype=dtype,
-                                trust_remote_code=trust_remote_code) if cells else BackendPlan("hf", False, batch_size)
+                                trust_remote_code=trust_remote_code, gpu_memory_utilization=gpu_memory_utilization,
+                                max_model_len=max_model_len, model_args=model_args) if cells else BackendPlan("hf", False, batch_size)
     timings: dict[str, float] = {}
 
     perplexities: dict[str, Any] = {}
@@ -236,6 +240,9 @@ def evaluate(
     task_batch_size: int | str | None = None,
     backend: str = "hf",
     parallelize: bool | None = None,
+    gpu_memory_utilization: float | None = None,
+    max_model_len: int | None = None,
+    model_args: str | dict[str, Any] | None = None,
     snr_tokens: int = DEFAULT_SNR_TOKENS,
     exclude_bos: bool = True,
     snr_store_dtype: str | None = None,
@@ -283,6 +290,7 @@ def evaluate(
         weights, tokenizer, task_model, source=source, record=record, dense=dense_ref, langs=languages,
         ppl_source=ppl_source, tasks=tasks, limit=limit, seqlen=seqlen, device=device, batch_size=batch_size,
         task_batch_size=task_batch_size, backend=backend, parallelize=parallelize, snr_tokens=snr_tokens,
+        gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, model_args=model_args,
         exclude_bos=exclude_bos, snr_store_dtype=snr_store_dtype, max_windows=max_windows, task_data=task_data,
         chat_template=chat_template, num_fewshot=num_fewshot, bootstrap_iters=bootstrap_iters, seed=seed,
         out=out, progress=progress, trust_remote_code=trust_remote_code, conventions=conventions,

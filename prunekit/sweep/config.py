@@ -130,6 +130,7 @@ class SweepConfig:
     eval_options: dict[str, Any] = field(default_factory=dict)  # max_windows, batch_size, ... (only those given)
     analysis_options: dict[str, Any] = field(default_factory=dict)  # only, max_tokens
     device: str = "auto"
+    gpus_per_worker: int = 1  # GPUs each worker (pool process, Slurm rank) owns; > 1 turns lm-eval's parallelize on
     batch_size: int | None = None
     skip_layers: str | None = None
     keep_checkpoints: bool = True
@@ -208,6 +209,8 @@ def load_config(config: str | Path | dict[str, Any]) -> SweepConfig:
     eval_options = ev.options()
     if spec.conventions != "prunekit":  # the eval stage depends on it (the default leaves digests as they were)
         eval_options["conventions"] = spec.conventions
+    if execution.gpus_per_worker > 1:  # a worker owns several GPUs by the user's choice: lm-eval spreads over them
+        eval_options["parallelize"] = True
     return SweepConfig(
         name=spec.name or default_name, models=models, methods=[method_entry(m) for m in spec.methods],
         patterns=spec.pattern_pairs(), calib_sets=list(calib.sets), calib_source=calib_source, nsamples=calib.nsamples,
@@ -215,7 +218,8 @@ def load_config(config: str | Path | dict[str, Any]) -> SweepConfig:
         eval_seqlen=ev.seqlen, tasks=list(ev.tasks) if ev.tasks else None, limit=limit, hidden_states=ev.hidden_states,
         analysis_pairs=[tuple(p) for p in spec.analysis.pairs] if spec.analysis is not None else [], push=push,
         collection=collection,
-        eval_options=eval_options, analysis_options=analysis_options, device=execution.device, batch_size=execution.batch_size,
+        eval_options=eval_options, analysis_options=analysis_options, device=execution.device, gpus_per_worker=execution.gpus_per_worker,
+        batch_size=execution.batch_size,
         skip_layers=execution.skip_layers, keep_checkpoints=execution.keep_checkpoints, slurm=spec.slurm.settings(),
         raw=_normalized_raw(raw, models, calib_source, ppl_source, eval_options), conventions=spec.conventions,
     )

@@ -15,7 +15,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterator, Optional
+from typing import Annotated, Any, Callable, Iterator, Literal, Optional
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -279,6 +279,10 @@ class EvaluationSpec(_Section):
     num_fewshot: Optional[int] = Field(None, ge=0)
     chat_template: Optional[bool] = None
     bootstrap_iters: Optional[int] = Field(None, ge=0)
+    backend: Optional[Literal["hf", "vllm"]] = Field(None, description="lm-eval model for the tasks: hf (default) or vllm (in a subprocess of its own)")
+    gpu_memory_utilization: Optional[float] = Field(None, gt=0, le=1, description="vllm: fraction of the GPU vLLM may take")
+    max_model_len: Optional[int] = Field(None, ge=1, description="vllm: longest sequence its KV cache is planned for")
+    model_args: Optional[dict[str, Any]] = Field(None, description="extra keyword arguments of lm-eval's model (HFLM or vLLM)")
 
     @field_validator("languages", mode="before")
     @classmethod
@@ -309,7 +313,8 @@ class EvaluationSpec(_Section):
 
     def options(self) -> dict[str, Any]:
         """The evaluation options given (max_windows, batch_size, ...), for ``evaluate_loaded``."""
-        keys = ("max_windows", "batch_size", "snr_tokens", "num_fewshot", "bootstrap_iters", "chat_template", "task_data")
+        keys = ("max_windows", "batch_size", "snr_tokens", "num_fewshot", "bootstrap_iters", "chat_template", "task_data",
+                "backend", "gpu_memory_utilization", "max_model_len", "model_args")
         return {key: getattr(self, key) for key in keys if getattr(self, key) is not None}
 
 
@@ -385,6 +390,9 @@ def _as_text(value: Any) -> Any:
 
 class ExecutionSpec(_Section):
     device: Text = Field("auto", description="auto, cpu or cuda[:i]")
+    gpus_per_worker: int = Field(1, ge=1, description=(
+        "GPUs each worker (local pool process, Slurm rank) owns as its whole CUDA_VISIBLE_DEVICES; more than 1 lets "
+        "lm-eval spread the model over them (parallelize; vLLM: tensor parallelism)"))
     batch_size: Optional[int] = Field(None, ge=1)
     skip_layers: Optional[Annotated[Text, BeforeValidator(_as_text)]] = None
     keep_checkpoints: bool = True
