@@ -81,13 +81,15 @@ def read_versioned(path: str | Path, kind: str) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def atomic_directory(target: str | Path, overwrite: bool = False, staging: str | Path | None = None) -> Iterator[Path]:
+def atomic_directory(target: str | Path, overwrite: bool = False, staging: str | Path | None = None,
+                     kept: Callable[[], str | None] | None = None) -> Iterator[Path]:
     """Yield a temporary sibling directory that replaces ``target`` only if the block succeeds.
 
     The sibling is ``.TARGET.<random>.partial``, owned by this process while the block runs (``owned``: a
     later run removes it once this process is gone, ``remove_leftovers``), and removed if the block fails.
     ``staging``: an existing directory to fill instead (a resumable one: ``prunekit.staging`` owns it,
-    and it is kept when the block fails). With ``overwrite`` the old ``target`` is moved aside to an
+    and it is kept when the block fails; ``kept()`` says what of it a failure leaves, for the error
+    message, or None when nothing is). With ``overwrite`` the old ``target`` is moved aside to an
     owned ``.TARGET.old-<random>`` and deleted once the new one is in place."""
     target = Path(target)
     given = staging is not None
@@ -116,7 +118,7 @@ def atomic_directory(target: str | Path, overwrite: bool = False, staging: str |
     except BaseException as err:
         if not given:
             shutil.rmtree(staging, ignore_errors=True)
-        raise _disk_error(err, target) or err
+        raise _disk_error(err, target, None if kept is None else kept()) or err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,7 +337,7 @@ DISK_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk 
                errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "not permitted"}
 
 
-def _disk_error(err: BaseException, target: Path) -> PrunekitError | None:
+def _disk_error(err: BaseException, target: Path, kept: str | None = None) -> PrunekitError | None:
     """The user error for a write that failed because of the disk (full, read-only, no permission)."""
     code = getattr(err, "errno", None)
     if code is None and type(err).__name__ == "SafetensorError":  # safetensors reports the OS error in its text
@@ -347,7 +349,7 @@ def _disk_error(err: BaseException, target: Path) -> PrunekitError | None:
         hint = "free some space or write somewhere else"
     else:
         hint = "choose a location you can write to"
-    return PrunekitError(f"cannot write {target}: {DISK_ERRNOS[code]}; {hint} (nothing was left behind)")
+    return PrunekitError(f"cannot write {target}: {DISK_ERRNOS[code]}; {hint} ({kept or 'nothing was left behind'})")
 
 
 @contextlib.contextmanager

@@ -299,7 +299,7 @@ def prune(
                                                                     solve_threads, activations),
                                               say, resume=output.resume and resumable))
             staging = stack.enter_context(atomic_directory(out_path, overwrite=may_replace(out_path, output.overwrite),
-                                                           staging=run.path))
+                                                           staging=run.path, kept=run.kept))
             writer.resume() if run.point is not None else writer.start()
             run.started(len(layers), gemm_plan(next(loaded.parameters()).dtype, compute_device))
             resume_point, gemms = run.point, run.gemms

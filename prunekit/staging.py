@@ -104,6 +104,7 @@ class Staging:
         self.layers: int | None = None
         self._stack = contextlib.ExitStack()
         self._inputs: str | None = None
+        self.finished = 0  # layers on disk (recorded in the manifest)
 
     # ------------------------------------------------------------------------------------ entering
 
@@ -141,7 +142,7 @@ class Staging:
             self.point = self._load(manifest)
             self.gemms = manifest.get("gemms")
             self._inputs = manifest.get("inputs")
-            done = self.point.next_layer
+            done = self.finished = self.point.next_layer
             self.say(f"resumed at layer {done} of {manifest['num_layers']}: layers 0-{done - 1} and the activations "
                      f"entering layer {done} reused from {self.path.name} ({format_size(tree_bytes(self.path))})")
             return
@@ -213,6 +214,7 @@ class Staging:
                 os.close(fd)
             os.replace(tmp, self.path / inputs)
         self._write(index + 1, results, inputs)
+        self.finished = index + 1
         for entry in self.path.glob(".prunekit-inputs-*"):
             if entry.name != inputs:
                 entry.unlink(missing_ok=True)
@@ -235,5 +237,14 @@ class Staging:
             entry.unlink(missing_ok=True)
         self._stack.close()
 
-    def __exit__(self, *exc: Any) -> None:
-        self._stack.close()  # on failure the staging stays, to be resumed
+    def kept(self) -> str | None:
+        """What a failure now leaves for a rerun to resume (None: nothing; the staging is then removed)."""
+        if not self.finished:
+            return None
+        return (f"its {self.finished} finished layers are kept in {self.path.name} "
+                f"({format_size(tree_bytes(self.path))}): rerun the same command to resume")
+
+    def __exit__(self, kind: Any, *exc: Any) -> None:
+        self._stack.close()
+        if kind is not None and not self.finished:  # nothing to resume: nothing left behind
+            shutil.rmtree(self.path, ignore_errors=True)
