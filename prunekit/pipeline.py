@@ -297,7 +297,7 @@ def prune(
             resumable = getattr(writer, "resumable", False)
             run = stack.enter_context(Staging(out_path, staging_run(identity, checkpoint, compute_device, batch_size,
                                                                     solve_threads, activations),
-                                              say, resume=output.resume and resumable))
+                                              say, resume=output.resume, resumable=resumable))
             staging = stack.enter_context(atomic_directory(out_path, overwrite=may_replace(out_path, output.overwrite),
                                                            staging=run.path, kept=run.kept))
             writer.resume() if run.point is not None else writer.start()
@@ -305,7 +305,8 @@ def prune(
             resume_point, gemms = run.point, run.gemms
 
             def layer_done(index, hidden, results):
-                writer.layer_done(index)
+                if hasattr(writer, "layer_done"):
+                    writer.layer_done(index)
                 if resumable:
                     run.layer_done(index, hidden, results)
         t0 = time.perf_counter()

@@ -93,12 +93,14 @@ class Staging:
     On entering, a staging left by a dead process is resumed (``point``: where to continue; ``gemms``:
     as the interrupted run computed) or removed; one a live process owns raises ConfigError."""
 
-    def __init__(self, out: str | Path, run: dict[str, Any], say: Callable[[str], None], resume: bool = True):
+    def __init__(self, out: str | Path, run: dict[str, Any], say: Callable[[str], None], resume: bool = True,
+                 resumable: bool = True):
         self.out = Path(out)
         self.path = staging_path(self.out)
         self.run = _normal(run)
         self.say = say
-        self.resume = resume
+        self.resumable = resumable  # the writer can continue in a staging (else nothing is recorded)
+        self.resume = resume and resumable
         self.point: ResumePoint | None = None
         self.gemms: str | None = None
         self.layers: int | None = None
@@ -143,8 +145,10 @@ class Staging:
             self.gemms = manifest.get("gemms")
             self._inputs = manifest.get("inputs")
             done = self.finished = self.point.next_layer
-            self.say(f"resumed at layer {done} of {manifest['num_layers']}: layers 0-{done - 1} and the activations "
-                     f"entering layer {done} reused from {self.path.name} ({format_size(tree_bytes(self.path))})")
+            reused = (f"layers 0-{done - 1} and the activations entering layer {done}" if done
+                      else "the copy of the base's shards")
+            self.say(f"resumed at layer {done} of {manifest['num_layers']}: {reused} reused from {self.path.name} "
+                     f"({format_size(tree_bytes(self.path))})")
             return
         size = tree_bytes(self.path)
         for entry in self.path.iterdir():
@@ -193,7 +197,7 @@ class Staging:
     def started(self, num_layers: int, gemms: str | None) -> None:
         """The writer has filled a fresh staging (or resumed one): record it (layer 0 next, when fresh)."""
         self.layers = num_layers
-        if self.point is None:
+        if self.point is None and self.resumable:
             self.gemms = gemms
             self._write(0, [], None)
 
