@@ -269,3 +269,15 @@ def test_a_resumed_run_computes_its_gemms_as_the_interrupted_run_recorded(base, 
     monkeypatch.setattr(backend.Backend, "gemms", gemms)
     run(base, out)
     assert plans == [flipped] * 3
+
+
+def test_a_requeued_sweep_run_keeps_its_prune_staging(tmp_path):
+    from prunekit.sweep.state import clean_partials
+
+    task = tmp_path / "runs" / "abc"
+    staging = staging_path(task / "checkpoint")
+    staging.mkdir(parents=True)
+    (staging / MANIFEST).write_text("{}")
+    (task / ".checkpoint.x1y2z3w4.partial").mkdir()
+    clean_partials(task)
+    assert staging.exists() and not (task / ".checkpoint.x1y2z3w4.partial").exists()
