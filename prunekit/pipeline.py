@@ -18,6 +18,7 @@ import torch
 
 import prunekit
 from prunekit.artifacts import CHECKPOINT_KIND, library_versions, method_seconds_key, summary_key, write_record
+from prunekit.backend import gemm_plan
 from prunekit.calibration import sample_calibration_set
 from prunekit.conventions import describe as describe_conventions
 from prunekit.engine import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS, Engine, LayerResult, check_solve_threads, parse_skip_layers
@@ -31,7 +32,6 @@ from prunekit.models import (
 from prunekit.packing import check_format, save_packed, summarize_quantization, take_grids
 from prunekit.progress import progress_bar, stderr_console
 from prunekit.recipe import CalibrationSpec, Quantization, Recipe, parse_pattern, validate_quantization
-from prunekit.backend import gemm_plan
 from prunekit.staging import Staging, discard_staging, file_fingerprint, staging_path
 from prunekit.streaming import (
     ActivationPlan, MirrorWriter, SafetensorsCheckpoint, StreamedLayers, build_skeleton, device_available,
