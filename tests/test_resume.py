@@ -281,3 +281,22 @@ def test_a_requeued_sweep_run_keeps_its_prune_staging(tmp_path):
     (task / ".checkpoint.x1y2z3w4.partial").mkdir()
     clean_partials(task)
     assert staging.exists() and not (task / ".checkpoint.x1y2z3w4.partial").exists()
+
+
+def test_a_dense_quantize_resumes_byte_identical(base, tmp_path, monkeypatch, capsys):
+    def quantize(out):
+        args = {k: v for k, v in RUN.items() if k != "num_hidden_layers"}
+        return prune(str(base), "gptq", kind="quantize", out=out, checkpoint_format="dense", **args)
+
+    reference = shard_bytes(quantize(tmp_path / "reference").out)
+    out = tmp_path / "out"
+    interrupt_after(monkeypatch, 1)
+    with pytest.raises(RuntimeError):
+        quantize(out)
+    monkeypatch.undo()
+    capsys.readouterr()
+    result = quantize(out)
+    assert "resumed at layer 2 of 4" in capsys.readouterr().err
+    assert shard_bytes(out) == reference
+    assert len(result.record["quantization"]["per_layer"]) == 4
+    assert leftovers(tmp_path) == []
