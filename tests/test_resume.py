@@ -213,10 +213,14 @@ def test_a_staging_a_live_process_owns_is_never_touched(base, tmp_path):
 
 def test_overwrite_leaves_no_old_copy_and_two_runs_are_byte_identical(base, reference, tmp_path):
     out = tmp_path / "out"
-    run(base, out)
-    first = shard_bytes(out)
-    run(base, out, overwrite=True)
+    errors = []
+    for again in (False, True):
+        record = run(base, out, overwrite=again).record
+        errors.append([[m["relative_error"] for m in layer["modules"]] for layer in record["sparsity"]["per_layer"]])
+        if not again:
+            first = shard_bytes(out)
     assert shard_bytes(out) == first == reference["wanda"]
+    assert errors[0] == errors[1]  # the records' per-Linear errors too, to the last bit
     assert leftovers(tmp_path) == []
 
 
