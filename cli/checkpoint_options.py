@@ -38,6 +38,7 @@ class CheckpointOptions:
     device: str
     skip_layers: Optional[str]
     overwrite: bool
+    no_resume: bool
     batch_size: Optional[int]
     trust_remote_code: bool
     conventions: str
@@ -52,7 +53,7 @@ class CheckpointOptions:
 
         return {
             "calibration": CalibrationSpec(self.calib, self.calib_source, self.nsamples, self.seqlen, self.seed, self.conventions),
-            "output": OutputSpec(self.out, self.dtype, checkpoint_format, self.overwrite),
+            "output": OutputSpec(self.out, self.dtype, checkpoint_format, self.overwrite, resume=not self.no_resume),
             "device": self.device, "skip_layers": self.skip_layers, "batch_size": self.batch_size,
             "trust_remote_code": self.trust_remote_code, "progress": not self.quiet,
         }
@@ -84,6 +85,11 @@ def _shared(uncalibrated: str) -> dict[str, tuple[Any, Any]]:
         "skip_layers": (Optional[str], typer.Option(
             None, "--skip-layers", help="Layers left as they are (neither pruned nor quantized): 'first', 'last' and/or indices, comma-separated.")),
         "overwrite": (bool, typer.Option(False, "--overwrite", help="Replace a non-empty --out directory.")),
+        "no_resume": (bool, typer.Option(
+            False, "--no-resume",
+            help="Start at layer 0 even if an interrupted run of this same command left its staging (.OUT.partial beside "
+                 "--out: the finished layers and the next layer's inputs); by default a streamed run resumes there, "
+                 "and removes a staging of another run.")),
         "batch_size": (Optional[int], typer.Option(
             None, "--batch-size", help="Calibration sequences per forward (default: ~8192 tokens).")),
         "trust_remote_code": (bool, typer.Option(False, "--trust-remote-code", help="Allow model code from the Hub (off by default).")),

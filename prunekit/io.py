@@ -10,8 +10,11 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -78,27 +81,165 @@ def read_versioned(path: str | Path, kind: str) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory that replaces ``target`` only if the block succeeds."""
+def atomic_directory(target: str | Path, overwrite: bool = False, staging: str | Path | None = None,
+                     kept: Callable[[], str | None] | None = None) -> Iterator[Path]:
+    """Yield a temporary sibling directory that replaces ``target`` only if the block succeeds.
+
+    The sibling is ``.TARGET.<random>.partial``, owned by this process while the block runs (``owned``: a
+    later run removes it once this process is gone, ``remove_leftovers``), and removed if the block fails.
+    ``staging``: an existing directory to fill instead (a resumable one: ``prunekit.staging`` owns it,
+    and it is kept when the block fails; ``kept()`` says what of it a failure leaves, for the error
+    message, or None when nothing is). With ``overwrite`` the old ``target`` is moved aside to an
+    owned ``.TARGET.old-<random>`` and deleted once the new one is in place."""
     target = Path(target)
+    given = staging is not None
     with disk_errors(target):
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
-    os.chmod(staging, 0o777 & ~_umask())
+        if staging is None:
+            staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+            os.chmod(staging, 0o777 & ~_umask())
+    staging = Path(staging)
     try:
-        yield staging
+        with contextlib.ExitStack() as owner:
+            if not given:
+                owner.enter_context(owned(staging, target.name))
+            yield staging
         if target.exists():
             if not overwrite:
                 raise FileExistsError(target)
             trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))  # unique across hosts
-            os.replace(target, trash)
-            os.replace(staging, target)
+            with owned(trash, target.name):
+                os.replace(target, trash / target.name)
+                os.replace(staging, target)
+                shutil.rmtree(trash / target.name, ignore_errors=True)
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(staging, target)
     except BaseException as err:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise _disk_error(err, target) or err
+        if not given:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise _disk_error(err, target, None if kept is None else kept()) or err
+
+
+# ---------------------------------------------------------------------------------------------
+# Who is writing a staging directory, and what an interrupted run left behind
+# ---------------------------------------------------------------------------------------------
+
+OWNER_FILE = ".prunekit-owner.json"  # inside a staging directory: {"host", "pid", "target"}
+OWNER_LOCK = ".prunekit-owner.lock"  # held (prunekit.locks) by the owner while it lives
+LEGACY_STALE_S = 3600.0  # a leftover with no owner recorded (an older prunekit) is stale once unchanged this long
+
+
+@contextlib.contextmanager
+def owned(directory: str | Path, target: str) -> Iterator[None]:
+    """Mark ``directory`` as this process's work towards ``target`` (a sibling's name) for the block: a lock
+    that dies with the process and a record of host and pid. Raises ``prunekit.locks.LockBusy`` when a
+    live process owns it. The marks are removed when the block ends."""
+    from prunekit.locks import exclusive
+
+    directory = Path(directory)
+    with exclusive(directory / OWNER_LOCK, wait=False, marker=False):
+        write_json_atomic(directory / OWNER_FILE, {"host": socket.gethostname(), "pid": os.getpid(), "target": target})
+        try:
+            yield
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                (directory / OWNER_FILE).unlink()
+    with contextlib.suppress(FileNotFoundError):
+        (directory / OWNER_LOCK).unlink()
+
+
+def owner_of(directory: str | Path) -> dict[str, Any] | None:
+    """The owner record ``owned`` wrote in ``directory``; None when there is none (or it is damaged)."""
+    with contextlib.suppress(OSError, ValueError):
+        record = json.loads((Path(directory) / OWNER_FILE).read_text(encoding="utf-8"))
+        if isinstance(record, dict):
+            return record
+    return None
+
+
+def _pid_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def owner_alive(directory: str | Path, record: dict[str, Any] | None = None) -> bool:
+    """Whether another live process owns ``directory``: its lock is held; or, where the filesystem has no
+    locks, its recorded pid runs on this host (or it was recorded on another host, which cannot be asked)."""
+    from prunekit.locks import lock_state
+
+    directory = Path(directory)
+    record = owner_of(directory) if record is None else record
+    state = lock_state(directory / OWNER_LOCK)
+    if state in ("held", "free"):
+        return state == "held"
+    if record is None:
+        return False
+    if record.get("host") != socket.gethostname():
+        return state == "unsupported"
+    return record.get("pid") != os.getpid() and _pid_alive(record.get("pid"))
+
+
+def tree_bytes(path: str | Path) -> int:
+    """The bytes of the files under ``path`` (0 when it does not exist)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
+def _newest_change(path: Path) -> float:
+    newest = path.stat().st_mtime
+    for root, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+    return newest
+
+
+def remove_leftovers(out: str | Path, say: Callable[[str], None], staging: bool = True) -> int:
+    """Remove what interrupted runs left beside ``out`` and say so, one line each with its size:
+    ``.OUT.<random>.partial`` (an atomic write's staging), ``.OUT.old-<random>`` (an interrupted
+    --overwrite) and, with ``staging``, the resumable ``.OUT.partial`` (``prunekit.staging``). What a live
+    process owns is never touched (named, once); what an older prunekit left without an owner record is
+    removed once unchanged for an hour. Returns the bytes removed."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        return 0
+    name = re.escape(out.name)
+    pattern = re.compile(rf"^\.{name}\.(?:[a-z0-9_]{{8}}\.partial|old-[a-z0-9_]{{8}}" + ("|partial)$" if staging else ")$"))
+    removed = 0
+    for path in sorted(out.parent.iterdir()):
+        if not pattern.match(path.name) or not path.is_dir() or path.is_symlink():
+            continue
+        record = owner_of(path)
+        if record is not None and record.get("target") not in (None, out.name):
+            continue
+        size = tree_bytes(path)
+        if owner_alive(path, record):
+            who = f"pid {record.get('pid')} on {record.get('host')}" if record else "a live process"
+            say(f"left {path.name} ({_size(size)}) alone: {who} is writing it")
+            continue
+        if record is None and path.name != f".{out.name}.partial":
+            idle = time.time() - _newest_change(path)
+            if idle < LEGACY_STALE_S:
+                say(f"left {path.name} ({_size(size)}) alone: no owner recorded and changed {idle / 60:.0f} min ago; "
+                    "remove it yourself if no prunekit is writing it")
+                continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed += size
+        why = f"pid {record.get('pid')} on {record.get('host')} is gone" if record else "an interrupted run's"
+        say(f"removed {path.name} ({_size(size)}) beside {out.name}: {why}")
+    return removed
 
 
 def publish_directory(target: str | Path, build: Callable[[Path], Any],
@@ -288,7 +429,7 @@ DISK_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk 
                errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "not permitted"}
 
 
-def _disk_error(err: BaseException, target: Path) -> PrunekitError | None:
+def _disk_error(err: BaseException, target: Path, kept: str | None = None) -> PrunekitError | None:
     """The user error for a write that failed because of the disk (full, read-only, no permission)."""
     code = getattr(err, "errno", None)
     if code is None and type(err).__name__ == "SafetensorError":  # safetensors reports the OS error in its text
@@ -300,7 +441,7 @@ def _disk_error(err: BaseException, target: Path) -> PrunekitError | None:
         hint = "free some space or write somewhere else"
     else:
         hint = "choose a location you can write to"
-    return PrunekitError(f"cannot write {target}: {DISK_ERRNOS[code]}; {hint} (nothing was left behind)")
+    return PrunekitError(f"cannot write {target}: {DISK_ERRNOS[code]}; {hint} ({kept or 'nothing was left behind'})")
 
 
 @contextlib.contextmanager
@@ -313,6 +454,11 @@ def disk_errors(target: str | Path) -> Iterator[None]:
         if converted is None:
             raise
         raise converted from None
+
+
+def format_size(n: float) -> str:
+    """Bytes for people: ``512 B``, ``3.6 GiB``."""
+    return _size(n)
 
 
 def _size(n: float) -> str:

@@ -335,6 +335,8 @@ def clean_partials(root: Path) -> list[Path]:
     for path in candidates:
         name = path.name
         if name.endswith(".partial") or name.endswith(".tmp") or ".old-" in name:
+            if path.is_dir() and (path / ".prunekit-staging.json").exists():
+                continue  # a streamed prune's resumable staging (prunekit.staging): its rerun resumes or removes it
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             else:
