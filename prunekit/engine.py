@@ -50,7 +50,7 @@ class InMemoryLayers:
     def load(self, index: int, layer: torch.nn.Module, device: torch.device) -> None:
         layer.to(device)
 
-    def done(self, index: int, layer: torch.nn.Module) -> None:
+    def done(self, index: int, layer: torch.nn.Module, result: "LayerResult | None" = None) -> None:
         layer.to("cpu")
 
 
@@ -186,7 +186,7 @@ class Engine:
                 else:
                     source.load(index, layer, self.device)
                     results.append(self._solve_without_data(index, layer))
-                    source.done(index, layer)
+                    source.done(index, layer, results[-1])
                     self.backend.release_memory()
                 if self.progress:
                     self.progress(index + 1, len(layers))
@@ -207,7 +207,7 @@ class Engine:
                 source.load(index, layer, self.device)
                 with self.backend.gemms(layer):
                     hidden, result = self._process_layer(index, layer, hidden, kwargs, last=index == len(layers) - 1)
-                source.done(index, layer)  # written (when streamed) and released
+                source.done(index, layer, result)  # written (when streamed; a quantizer's grids in result) and released
                 del kwargs
                 self.backend.release_memory()  # the layer's weights, deltas and intermediates are gone
                 result.seconds = time.perf_counter() - start

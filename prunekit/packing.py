@@ -35,6 +35,7 @@ from prunekit.recipe import Quantization
 
 FORMATS = ("packed", "dense")
 PACKED_FORMAT = "pack-quantized"  # compressed-tensors' name of the format
+MAX_SHARD_SIZE = "50GB"  # the safetensors files' size limit, transformers' save_pretrained default
 
 
 def check_format(checkpoint_format: str, quantization: Quantization | None) -> str:
@@ -302,6 +303,6 @@ def save_packed(model: torch.nn.Module, grids: dict[str, Any], quantization: Qua
         del state_dict[f"{name}.weight"]
         for key, tensor in pack_linear(modules[name].weight.detach(), grids[name], scheme).items():
             state_dict[f"{name}.{key}"] = tensor
-    model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
+    model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True, max_shard_size=MAX_SHARD_SIZE)
     ModelCompressor(quantization_config=quantization_config(quantization, plan)).update_config(str(out_dir))
     return plan

@@ -27,6 +27,7 @@ from prunekit.models import (
     MODULE_NAMES, checkpoint_dtype, expected_checkpoint_bytes, find_decoder_layers, linear_sublayers, load_model, load_tokenizer, parse_dtype,
     resolve_device, resolve_dtype, resolve_model, text_config,
 )
+from prunekit.packed_writer import PackedWriter
 from prunekit.packing import check_format, save_packed, summarize_quantization, take_grids
 from prunekit.progress import progress_bar, stderr_console
 from prunekit.recipe import CalibrationSpec, Quantization, Recipe, parse_pattern, validate_quantization
@@ -280,7 +281,8 @@ def prune(
         if streamed is not None:
             stack.callback(streamed.close)
             staging = stack.enter_context(atomic_directory(out_path, overwrite=may_replace(out_path, output.overwrite)))
-            streamed.writer = writer = MirrorWriter(checkpoint, staging)
+            streamed.writer = writer = (PackedWriter(checkpoint, staging, loaded, recipe.quantization) if packed
+                                        else MirrorWriter(checkpoint, staging))
             writer.start()
         t0 = time.perf_counter()
         verb = "quantizing" if quantize else "pruning"
@@ -358,8 +360,6 @@ def streamable_checkpoint(source, dtype: str, out: Path | None, stream: bool | N
     if stream is False:
         return None
     reasons = []
-    if packed:
-        reasons.append("a pack-quantized checkpoint has another layout than its base (use --format dense to stream)")
     if out is None:
         reasons.append("no output directory (--out) to stream the layers into")
     if dtype != checkpoint_dtype(source.path):
@@ -388,9 +388,10 @@ def activation_plan(model, shape, device: torch.device, statistics: bool) -> Act
 
 
 def finish_streamed_checkpoint(base: Path, staging: Path, tokenizer, record: dict[str, Any]) -> None:
-    """Config and generation config as the base has them, the tokenizer and the record, beside the shards."""
+    """Config and generation config as the base has them (unless the writer wrote its own: a packed
+    checkpoint's), the tokenizer and the record, beside the shards."""
     for name in ("config.json", "generation_config.json"):
-        if (Path(base) / name).exists():
+        if (Path(base) / name).exists() and not (staging / name).exists():
             shutil.copyfile(Path(base) / name, staging / name)
     tokenizer.save_pretrained(staging)
     write_record(staging, record)

@@ -159,7 +159,8 @@ class MirrorWriter:
         if self.base.index_file is not None:
             shutil.copyfile(self.base.index_file, self.staging / INDEX_FILE)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor, grid: Any = None) -> None:
+        """``grid``: a quantizer's grid, unused here (fake-quantized weights are written as they are)."""
         file, begin, end, code, shape = self.layout[name]
         if _ST_DTYPES.get(code) != tensor.dtype or tuple(tensor.shape) != shape:
             raise ModelError(f"internal: {name} is {tensor.dtype} {tuple(tensor.shape)}, the base holds {code} {shape}")
@@ -282,11 +283,12 @@ class StreamedLayers:
         del tensors
         layer.to(device)  # the layer's own buffers, if any
 
-    def done(self, index: int, layer: torch.nn.Module) -> None:
+    def done(self, index: int, layer: torch.nn.Module, result: Any = None) -> None:
         if self.writer is not None:
             params = dict(layer.named_parameters())
+            grids = {} if result is None else {module.name: module.info.get("grid") for module in result.modules}
             for name in self.linear_weights[index]:
-                self.writer.write(self.prefixes[index] + name, params[name])
+                self.writer.write(self.prefixes[index] + name, params[name], grids.get(name.removesuffix(".weight")))
         _release(layer)
 
     def close(self) -> None:
