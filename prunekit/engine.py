@@ -50,8 +50,15 @@ class InMemoryLayers:
     def load(self, index: int, layer: torch.nn.Module, device: torch.device) -> None:
         layer.to(device)
 
-    def done(self, index: int, layer: torch.nn.Module, result: "LayerResult | None" = None) -> None:
+    def done(self, index: int, layer: torch.nn.Module) -> None:
         layer.to("cpu")
+
+
+def _solved(source, result: "LayerResult") -> None:
+    """Tell a layer source that keeps them (``StreamedLayers``: a packed writer needs the quantizers' grids)
+    the layer's result before ``done``."""
+    if hasattr(source, "solved"):
+        source.solved(result)
 
 
 @dataclass
@@ -186,7 +193,8 @@ class Engine:
                 else:
                     source.load(index, layer, self.device)
                     results.append(self._solve_without_data(index, layer))
-                    source.done(index, layer, results[-1])
+                    _solved(source, results[-1])
+                    source.done(index, layer)
                     self.backend.release_memory()
                 if self.progress:
                     self.progress(index + 1, len(layers))
@@ -207,7 +215,8 @@ class Engine:
                 source.load(index, layer, self.device)
                 with self.backend.gemms(layer):
                     hidden, result = self._process_layer(index, layer, hidden, kwargs, last=index == len(layers) - 1)
-                source.done(index, layer, result)  # written (when streamed; a quantizer's grids in result) and released
+                _solved(source, result)
+                source.done(index, layer)  # written (when streamed) and released
                 del kwargs
                 self.backend.release_memory()  # the layer's weights, deltas and intermediates are gone
                 result.seconds = time.perf_counter() - start
