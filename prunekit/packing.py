@@ -124,6 +124,7 @@ def pack_linear(weight: torch.Tensor, grid: Any, scheme) -> dict[str, torch.Tens
     }
     compressor = BaseCompressor.get_value_from_registry(PACKED_FORMAT)
     packed = compressor.compress(state, scheme)
+    del state  # the fp32 multiples, before decompression makes its own fp32 copy
     packed["weight_scale"] = scale.to(weight.dtype)
     restored = compressor.decompress(dict(packed), scheme)["weight"].to(weight.dtype)
     if not torch.equal(restored, weight):
@@ -290,7 +291,9 @@ def prepare_loading(quantization_config: Any, spec: str) -> dict[str, Any]:
 def save_packed(model: torch.nn.Module, grids: dict[str, Any], quantization: Quantization, out_dir: str | Path) -> PackingPlan:
     """Write ``model`` (fake-quantized, every quantized Linear's weight on its grid in ``grids``) into
     ``out_dir`` as a pack-quantized checkpoint: safetensors + config.json with ``quantization_config``.
-    ``out_dir`` is a staging directory (the caller makes the write atomic); the model is not changed."""
+    ``out_dir`` is a staging directory (the caller makes the write atomic); the model is not changed.
+    The whole-model path (``stream=False``); a streamed run writes the same bytes with
+    ``packed_writer.PackedWriter``."""
     from compressed_tensors.compressors import ModelCompressor
 
     plan = plan_packing(model, grids, quantization)

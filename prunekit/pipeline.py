@@ -254,7 +254,7 @@ def prune(
     dtype_name = resolve_dtype(output.dtype, source.path)
     tokenizer = load_tokenizer(source, trust_remote_code)
     packed = quantize and output.checkpoint_format == "packed"
-    loaded, streamed, checkpoint = load_for_run(source, dtype_name, out_path, output.stream, packed, trust_remote_code)
+    loaded, streamed, checkpoint = load_for_run(source, dtype_name, out_path, output.stream, trust_remote_code)
     layers_prefix, layers = find_decoder_layers(loaded)
     skipped = parse_skip_layers(skip_layers, len(layers))
     timings = {"load_s": time.perf_counter() - t0}
@@ -334,10 +334,10 @@ def prune(
     return PruneResult(tokenizer, record, out_path, None if streamed is not None else loaded)
 
 
-def load_for_run(source, dtype: str, out: Path | None, stream: bool | None, packed: bool, trust_remote_code: bool):
+def load_for_run(source, dtype: str, out: Path | None, stream: bool | None, trust_remote_code: bool):
     """(model, streamed layers or None, their safetensors or None): a skeleton whose layers stream from
     the base's shards when the run can stream (:func:`streamable_checkpoint`), else the whole model."""
-    checkpoint = streamable_checkpoint(source, dtype, out, stream, packed)
+    checkpoint = streamable_checkpoint(source, dtype, out, stream)
     if checkpoint is not None:
         loaded = build_skeleton(source.path, parse_dtype(dtype), trust_remote_code)
         streamed = StreamedLayers(loaded, checkpoint, None)
@@ -352,10 +352,9 @@ def load_for_run(source, dtype: str, out: Path | None, stream: bool | None, pack
     return loaded, None, None
 
 
-def streamable_checkpoint(source, dtype: str, out: Path | None, stream: bool | None,
-                          packed: bool = False) -> SafetensorsCheckpoint | None:
+def streamable_checkpoint(source, dtype: str, out: Path | None, stream: bool | None) -> SafetensorsCheckpoint | None:
     """The base's safetensors when the run can stream (an output directory, weights kept in the base's own
-    dtype and layout), else None. ``stream=True`` insists (a clear error when it cannot), False turns
+    dtype; a packed quantize writes its layout layer by layer, ``prunekit.packed_writer``), else None. ``stream=True`` insists (a clear error when it cannot), False turns
     streaming off."""
     if stream is False:
         return None
