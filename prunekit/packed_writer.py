@@ -60,7 +60,9 @@ class PackedWriter:
         self.scheme = quantization_scheme(quantization)
 
     def start(self) -> None:
-        prefix, layers = find_decoder_layers(self.model)
+        """Refuse, before any layer is solved, a recipe that packs no Linear or a base that lacks a tensor the
+        checkpoint needs; make the parts directory."""
+        _, layers = find_decoder_layers(self.model)
         widths = {module.in_features for layer in layers for module in linear_sublayers(layer).values()}
         if all(unpackable_reason(self.quantization, width) is not None for width in widths):
             raise ConfigError("no Linear of this model can be packed with this recipe; pass --format dense")
