@@ -113,6 +113,8 @@ def worker(kind: str, spec: dict) -> dict:
     sys.path.insert(0, str(HERE))
     from _rss import peak_rss_bytes
 
+    if kind == "quantize":
+        return quantize_worker(spec) | {"peak_rss": peak_rss_bytes()}
     if kind == "prune":
         from prunekit.pipeline import prune
 
@@ -171,6 +173,49 @@ def check_output(base: Path, out: Path) -> dict:
             "size_ratio": size(out) / size(base), "out_gb": size(out) / 1e9, "shards": len(list(out.glob("*.safetensors")))}
 
 
+# -------------------------------------------------------------------------------- packed quantize
+
+def quantize_worker(spec: dict) -> dict:
+    """``prunekit quantize BASE --method METHOD --bits 4 --out OUT`` (packed, streamed), in the measured worker."""
+    from prunekit.pipeline import prune
+    from prunekit.recipe import Quantization
+
+    calib = (dict(calib="en", calib_source="embedded", nsamples=spec["nsamples"], seqlen=spec["seqlen"])
+             if spec["method"] == "gptq" else dict(calib=None))
+    result = prune(spec["model"], method=spec["method"], quantization=Quantization(bits=4), out=spec["out"], device="cpu",
+                   overwrite=True, progress=False, stream=spec["stream"], kind="quantize", **calib)
+    return {"streamed": result.record["streamed"], "packed_linears": result.record["quantization"]["packed_linears"]}
+
+
+def bench_quantize(args: argparse.Namespace) -> None:
+    """``--quantize [BASE]``: a packed 4-bit quantize (streamed) of BASE, or of a generated 8-layer checkpoint, for
+    each quantization method in --methods (rtn when none is); prints peak RSS and output bytes / base bytes
+    (issue 25's reach: ≤ 3.0 GB and ≤ 0.35× with RTN at 8 layers)."""
+    root = args.root or Path(tempfile.mkdtemp(prefix="prunekit-bench-quantize-"))
+    root.mkdir(parents=True, exist_ok=True)
+    base = Path(args.quantize) if args.quantize is not True else generate(root / "llama3-8b-shaped-8L", 8)
+    size = lambda d: sum(f.stat().st_size for f in Path(d).glob("*.safetensors"))  # noqa: E731
+    rows = []
+    try:
+        for method in [m for m in args.methods if m in ("rtn", "gptq")] or ["rtn"]:
+            out = root / f"out-{base.name}-{method}-packed"
+            spec = {"model": str(base), "method": method, "nsamples": args.nsamples, "seqlen": args.seqlen, "out": str(out),
+                    "stream": True}
+            measured = run_worker("quantize", spec, root / f"{out.name}.log")
+            rows.append({"base": base.name, "base_gb": size(base) / 1e9, "method": method, **measured,
+                         "out_gb": size(out) / 1e9, "size_ratio": size(out) / size(base)})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            if not args.keep:
+                shutil.rmtree(out)
+    finally:
+        if not args.keep and args.root is None:
+            shutil.rmtree(root, ignore_errors=True)
+    print(f"\n{'base':>22} {'base GB':>8} {'method':>7} {'streamed':>8} {'peak RSS GB':>11} {'wall s':>7} {'out GB':>7} {'out/base':>8}")
+    for r in rows:
+        print(f"{r['base']:>22} {r['base_gb']:8.2f} {r['method']:>7} {str(r['streamed']):>8} {r['peak_rss'] / 1e9:11.2f} "
+              f"{r['wall_s']:7.1f} {r['out_gb']:7.2f} {r['size_ratio']:8.4f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=None, help="where the synthetic checkpoints go (default: a temp dir)")
@@ -186,9 +231,15 @@ def main() -> None:
                         help="SparseGPT's solve threads on the CPU (default: prunekit's own choice; 1 holds one Hessian at a time)")
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--quantize", nargs="?", const=True, default=None, metavar="BASE",
+                        help="packed 4-bit quantize, streamed, of BASE (default: a generated 8-layer checkpoint) with the "
+                             "quantization methods in --methods (default rtn): peak RSS and output bytes / base bytes")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker[0], json.loads(Path(args.worker[1]).read_text()))), flush=True)
+        return
+    if args.quantize:
+        bench_quantize(args)
         return
 
     if args.eval_only:

@@ -54,6 +54,13 @@ class InMemoryLayers:
         layer.to("cpu")
 
 
+def _solved(source, result: "LayerResult") -> None:
+    """Tell a layer source that keeps them (``StreamedLayers``: a packed writer needs the quantizers' grids)
+    the layer's result before ``done``."""
+    if hasattr(source, "solved"):
+        source.solved(result)
+
+
 @dataclass
 class ModuleResult:
     name: str
@@ -210,6 +217,7 @@ class Engine:
                 else:
                     source.load(index, layer, self.device)
                     results.append(self._solve_without_data(index, layer))
+                    _solved(source, results[-1])
                     source.done(index, layer)
                     self.backend.release_memory()
                 if layer_done is not None:
@@ -239,6 +247,7 @@ class Engine:
                 source.load(index, layer, self.device)
                 with self.backend.gemms(layer):
                     hidden, result = self._process_layer(index, layer, hidden, kwargs, last=index == len(layers) - 1)
+                _solved(source, result)
                 source.done(index, layer)  # written (when streamed) and released
                 del kwargs
                 self.backend.release_memory()  # the layer's weights, deltas and intermediates are gone

@@ -35,6 +35,7 @@ from prunekit.recipe import Quantization
 
 FORMATS = ("packed", "dense")
 PACKED_FORMAT = "pack-quantized"  # compressed-tensors' name of the format
+MAX_SHARD_SIZE = "50GB"  # the safetensors files' size limit, transformers' save_pretrained default
 
 
 def check_format(checkpoint_format: str, quantization: Quantization | None) -> str:
@@ -123,6 +124,7 @@ def pack_linear(weight: torch.Tensor, grid: Any, scheme) -> dict[str, torch.Tens
     }
     compressor = BaseCompressor.get_value_from_registry(PACKED_FORMAT)
     packed = compressor.compress(state, scheme)
+    del state  # the fp32 multiples, before decompression makes its own fp32 copy
     packed["weight_scale"] = scale.to(weight.dtype)
     restored = compressor.decompress(dict(packed), scheme)["weight"].to(weight.dtype)
     if not torch.equal(restored, weight):
@@ -290,7 +292,9 @@ def prepare_loading(quantization_config: Any, spec: str) -> dict[str, Any]:
 def save_packed(model: torch.nn.Module, grids: dict[str, Any], quantization: Quantization, out_dir: str | Path) -> PackingPlan:
     """Write ``model`` (fake-quantized, every quantized Linear's weight on its grid in ``grids``) into
     ``out_dir`` as a pack-quantized checkpoint: safetensors + config.json with ``quantization_config``.
-    ``out_dir`` is a staging directory (the caller makes the write atomic); the model is not changed."""
+    ``out_dir`` is a staging directory (the caller makes the write atomic); the model is not changed.
+    The whole-model path (``stream=False``); a streamed run writes the same bytes with
+    ``packed_writer.PackedWriter``."""
     from compressed_tensors.compressors import ModelCompressor
 
     plan = plan_packing(model, grids, quantization)
@@ -303,6 +307,6 @@ def save_packed(model: torch.nn.Module, grids: dict[str, Any], quantization: Qua
         del state_dict[f"{name}.weight"]
         for key, tensor in pack_linear(modules[name].weight.detach(), grids[name], scheme).items():
             state_dict[f"{name}.{key}"] = tensor
-    model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
+    model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True, max_shard_size=MAX_SHARD_SIZE)
     ModelCompressor(quantization_config=quantization_config(quantization, plan)).update_config(str(out_dir))
     return plan

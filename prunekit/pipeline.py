@@ -29,6 +29,7 @@ from prunekit.models import (
     MODULE_NAMES, checkpoint_dtype, expected_checkpoint_bytes, find_decoder_layers, linear_sublayers, load_model, load_tokenizer, parse_dtype,
     resolve_device, resolve_dtype, resolve_model, text_config,
 )
+from prunekit.packed_writer import PackedWriter
 from prunekit.packing import check_format, save_packed, summarize_quantization, take_grids
 from prunekit.progress import progress_bar, stderr_console
 from prunekit.recipe import CalibrationSpec, Quantization, Recipe, default_symmetric, parse_pattern, validate_quantization
@@ -264,7 +265,7 @@ def prune(
     dtype_name = resolve_dtype(output.dtype, source.path)
     tokenizer = load_tokenizer(source, trust_remote_code)
     packed = quantize and output.checkpoint_format == "packed"
-    loaded, streamed, checkpoint = load_for_run(source, dtype_name, out_path, output.stream, packed, trust_remote_code)
+    loaded, streamed, checkpoint = load_for_run(source, dtype_name, out_path, output.stream, trust_remote_code)
     layers_prefix, layers = find_decoder_layers(loaded)
     skipped = parse_skip_layers(skip_layers, len(layers))
     timings = {"load_s": time.perf_counter() - t0}
@@ -295,7 +296,8 @@ def prune(
             discard_staging(out_path, say)  # an interrupted streamed run's staging: this run cannot resume it
         if streamed is not None:
             stack.callback(streamed.close)
-            streamed.writer = writer = MirrorWriter(checkpoint, staging_path(out_path))
+            streamed.writer = writer = (PackedWriter(checkpoint, staging_path(out_path), loaded, recipe.quantization) if packed
+                                        else MirrorWriter(checkpoint, staging_path(out_path)))
             resumable = getattr(writer, "resumable", False)
             run = stack.enter_context(Staging(out_path, staging_run(identity, checkpoint, compute_device, batch_size,
                                                                     solve_threads, activations),
@@ -382,10 +384,10 @@ def staging_run(identity: dict[str, Any], checkpoint: SafetensorsCheckpoint, dev
     }
 
 
-def load_for_run(source, dtype: str, out: Path | None, stream: bool | None, packed: bool, trust_remote_code: bool):
+def load_for_run(source, dtype: str, out: Path | None, stream: bool | None, trust_remote_code: bool):
     """(model, streamed layers or None, their safetensors or None): a skeleton whose layers stream from
     the base's shards when the run can stream (:func:`streamable_checkpoint`), else the whole model."""
-    checkpoint = streamable_checkpoint(source, dtype, out, stream, packed)
+    checkpoint = streamable_checkpoint(source, dtype, out, stream)
     if checkpoint is not None:
         loaded = build_skeleton(source.path, parse_dtype(dtype), trust_remote_code)
         streamed = StreamedLayers(loaded, checkpoint, None)
@@ -400,16 +402,13 @@ def load_for_run(source, dtype: str, out: Path | None, stream: bool | None, pack
     return loaded, None, None
 
 
-def streamable_checkpoint(source, dtype: str, out: Path | None, stream: bool | None,
-                          packed: bool = False) -> SafetensorsCheckpoint | None:
+def streamable_checkpoint(source, dtype: str, out: Path | None, stream: bool | None) -> SafetensorsCheckpoint | None:
     """The base's safetensors when the run can stream (an output directory, weights kept in the base's own
-    dtype and layout), else None. ``stream=True`` insists (a clear error when it cannot), False turns
+    dtype; a packed quantize writes its layout layer by layer, ``prunekit.packed_writer``), else None. ``stream=True`` insists (a clear error when it cannot), False turns
     streaming off."""
     if stream is False:
         return None
     reasons = []
-    if packed:
-        reasons.append("a pack-quantized checkpoint has another layout than its base (use --format dense to stream)")
     if out is None:
         reasons.append("no output directory (--out) to stream the layers into")
     if dtype != checkpoint_dtype(source.path):
@@ -438,9 +437,10 @@ def activation_plan(model, shape, device: torch.device, statistics: bool) -> Act
 
 
 def finish_streamed_checkpoint(base: Path, staging: Path, tokenizer, record: dict[str, Any]) -> None:
-    """Config and generation config as the base has them, the tokenizer and the record, beside the shards."""
+    """Config and generation config as the base has them (unless the writer wrote its own: a packed
+    checkpoint's), the tokenizer and the record, beside the shards."""
     for name in ("config.json", "generation_config.json"):
-        if (Path(base) / name).exists():
+        if (Path(base) / name).exists() and not (staging / name).exists():
             shutil.copyfile(Path(base) / name, staging / name)
     tokenizer.save_pretrained(staging)
     write_record(staging, record)

@@ -180,7 +180,8 @@ class MirrorWriter:
         for handle in self._handles.values():
             os.fdatasync(handle)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor, grid: Any = None) -> None:
+        """``grid``: a quantizer's grid, unused here (fake-quantized weights are written as they are)."""
         file, begin, end, code, shape = self.layout[name]
         if _ST_DTYPES.get(code) != tensor.dtype or tuple(tensor.shape) != shape:
             raise ModelError(f"internal: {name} is {tensor.dtype} {tuple(tensor.shape)}, the base holds {code} {shape}")
@@ -259,6 +260,7 @@ class StreamedLayers:
         self.embedding_name = _module_name(model, embedding)
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prunekit-read") if prefetch else None
         self._pending: dict[int, Future] = {}
+        self._grids: dict[str, Any] = {}  # the grids of the layer being solved (``solved``)
 
     def missing(self) -> list[str]:
         """Tensors the skeleton needs that the checkpoint lacks or holds with another dtype or shape
@@ -303,11 +305,16 @@ class StreamedLayers:
         del tensors
         layer.to(device)  # the layer's own buffers, if any
 
+    def solved(self, result: Any) -> None:
+        """The engine's result of the layer about to be ``done``: its quantizers' grids go to the writer."""
+        self._grids = {module.name: module.info.get("grid") for module in result.modules}
+
     def done(self, index: int, layer: torch.nn.Module) -> None:
         if self.writer is not None:
             params = dict(layer.named_parameters())
+            grids, self._grids = self._grids, {}
             for name in self.linear_weights[index]:
-                self.writer.write(self.prefixes[index] + name, params[name])
+                self.writer.write(self.prefixes[index] + name, params[name], grids.get(name.removesuffix(".weight")))
         _release(layer)
 
     def close(self) -> None:

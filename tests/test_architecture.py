@@ -20,7 +20,7 @@ PARTS = {
     "core": ["prunekit", "prunekit.errors", "prunekit.io", "prunekit.progress", "prunekit.languages",
              "prunekit.recipe", "prunekit.artifacts"],
     "models": ["prunekit.models", "prunekit.gguf_conversion", "prunekit.embedded", "prunekit.packing",
-               "prunekit.streaming", "prunekit.remote", "prunekit.layer_inputs"],
+               "prunekit.packed_writer", "prunekit.streaming", "prunekit.remote", "prunekit.layer_inputs"],
     "data": ["prunekit.textsources", "prunekit.calibration"],
     "methods": ["prunekit.methods"],
     "engine": ["prunekit.engine", "prunekit.backend", "prunekit.staging"],
