@@ -305,3 +305,23 @@ def test_a_dense_quantize_resumes_byte_identical(base, tmp_path, monkeypatch, ca
     assert shard_bytes(out) == reference
     assert len(result.record["quantization"]["per_layer"]) == 4
     assert leftovers(tmp_path) == []
+
+
+def test_an_interrupted_packed_quantize_starts_again_and_leaves_nothing(base, tmp_path, monkeypatch, capsys):
+    """A packed quantize streams but does not resume yet: its interrupted staging is removed by the rerun,
+    which writes what an uninterrupted run writes."""
+    def quantize(out):
+        args = {k: v for k, v in RUN.items() if k != "num_hidden_layers"}
+        return prune(str(base), "gptq", kind="quantize", out=out, checkpoint_format="packed", **args)
+
+    reference = shard_bytes(quantize(tmp_path / "reference").out)
+    out = tmp_path / "out"
+    interrupt_after(monkeypatch, 1)
+    with pytest.raises(RuntimeError):
+        quantize(out)
+    monkeypatch.undo()
+    capsys.readouterr()
+    quantize(out)
+    assert "resumed" not in capsys.readouterr().err
+    assert shard_bytes(out) == reference
+    assert leftovers(tmp_path) == []
