@@ -200,3 +200,15 @@ def test_statistics_do_not_depend_on_batching():
     assert torch.allclose(a.scaler_row, b.scaler_row, rtol=1e-6)
     h1, h2 = stats_of(HessianStats, x, batch=1), stats_of(HessianStats, x, batch=3)
     assert torch.allclose(h1.hessian, h2.hessian, rtol=1e-5, atol=1e-4)
+
+
+def test_register_refuses_a_second_method_of_the_same_name():
+    from prunekit.errors import ConfigError
+    from prunekit.methods import Method, get_method, register
+
+    wanda = get_method("wanda")
+    assert register(wanda) is wanda  # the same object again: harmless
+    impostor = Method("wanda", "prune", "not Wanda", None, lambda weight, stats, recipe: None)
+    with pytest.raises(ConfigError, match="already registered"):
+        register(impostor)
+    assert get_method("wanda") is wanda

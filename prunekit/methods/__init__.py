@@ -59,6 +59,16 @@ _REGISTRY: dict[str, Method] = {}
 
 
 def register(method: Method) -> Method:
+    """Add ``method`` to the registry under its name.
+
+    Raises:
+        ConfigError: another method already has that name (registering the same object again is a no-op,
+            so a module imported twice stays harmless).
+    """
+    existing = _REGISTRY.get(method.name)
+    if existing is not None and existing is not method:
+        raise ConfigError(f"a method named '{method.name}' is already registered ({existing.kind}: {existing.description}); "
+                          f"give the new one another name")
     _REGISTRY[method.name] = method
     return method
 
