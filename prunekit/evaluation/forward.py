@@ -188,6 +188,7 @@ class ShardWeights(Weights):
 
     def __init__(self, model: torch.nn.Module, files: dict[str, Path], names: dict[str, str]):
         self.model = model
+        self.path: Path | None = None  # the checkpoint directory (set by :meth:`open`)
         self.files = files  # checkpoint tensor name -> file
         self.names = names  # model tensor name -> checkpoint tensor name (tied names share one)
         self.layers_name, self.layers = find_decoder_layers(model)
@@ -233,7 +234,9 @@ class ShardWeights(Weights):
                 log.info("'%s' has no tensor '%s' in its shards; loading the model whole", path, name)
                 return None
             names[name] = stored
-        return cls(model, files, names)
+        weights = cls(model, files, names)
+        weights.path = path
+        return weights
 
     def _read(self, names: Sequence[str], device: torch.device) -> None:
         from accelerate.utils import set_module_tensor_to_device
@@ -445,12 +448,15 @@ def run_forward(
     *,
     progress: bool = True,
     description: str = "forward",
+    store: torch.device | str | None = None,
 ) -> int:
     """Run ``batches`` through the model layer by layer, feeding ``consumers``; returns the layer count.
 
-    ``weights`` is a :class:`Weights` or an in-memory model."""
+    ``weights`` is a :class:`Weights` or an in-memory model. ``store``: where the batches' hidden states
+    wait between layers (default: the compute device; host RAM moves each to the device for its turn)."""
     weights = as_weights(weights)
     device = torch.device(device)
+    store = device if store is None else torch.device(store)
     model = weights.model
     decoder = decoder_of(model)
     _, layers = find_decoder_layers(model)
@@ -466,7 +472,7 @@ def run_forward(
                 for batch in batches:
                     mask = None if batch.attention_mask is None else batch.attention_mask.to(device)
                     first, kw = capture_inputs(decoder, layers, batch.input_ids.to(device), mask)
-                    hidden.append(first)
+                    hidden.append(first.to(store))
                     if batch.attention_mask is None:
                         kw = shared.setdefault(tuple(batch.input_ids.shape), kw)
                     kwargs.append(kw)
@@ -480,10 +486,10 @@ def run_forward(
                     for b, batch in enumerate(batches):
                         for consumer in consumers:
                             consumer.before(index, batch)
-                        out = layer_output(layer(hidden[b], **kwargs[b][index]))
+                        out = layer_output(layer(hidden[b].to(device), **kwargs[b][index]))
                         for consumer in consumers:
                             consumer.layer(index, out, batch)
-                        hidden[b] = out
+                        hidden[b] = out.to(store)
                 finally:
                     for handle in handles:
                         handle.remove()
@@ -502,6 +508,7 @@ def _score(weights: Weights, decoder, layers, batches, hidden, consumers, device
     try:
         head = Head(weights.model, layers)
         for b, batch in enumerate(batches):
+            hidden[b] = hidden[b].to(device)
             mask = None if batch.attention_mask is None else batch.attention_mask.to(device)
             normed = _replayed(decoder, layers, hidden[b], mask).last_hidden_state
             if not head.probed:
