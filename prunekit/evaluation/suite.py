@@ -174,7 +174,7 @@ def _evaluate(subject: Subject, spec: EvaluationSpec, dense: DenseReference | No
         if spec.ppl_source is not None:
             timings["perplexity_and_hidden_states_s"] = time.perf_counter() - t0
         results = _results(subject, spec, dense, device, backend, cells, perplexities, hidden, {}, {}, timings)
-        if out is not None and cells:
+        if out is not None and cells and spec.ppl_source is not None:
             write_results(out, results)  # saved before the tasks start: an error there loses nothing
     else:
         timings = results["settings"]["timings"]
