@@ -258,27 +258,24 @@ class CalibrationGrid(_Section):
         return sorted({code for s in self.sets for code in _languages_of(s)})
 
 
-def _positive_limit(value: Any) -> Any:
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
-        raise invalid("must be positive (a count of examples, or a fraction below 1)")
-    return value
+class EvaluationSection(_Section):
+    """The ``evaluation:`` section. Its ranges are checked by the library's ``EvaluationSpec`` (one home),
+    reported here at the key's YAML path."""
 
-
-class EvaluationSpec(_Section):
     languages: Optional[Annotated[list[Text], Listed]] = Field(
         None, description="languages to evaluate (a list, or a spec such as 'en,de' / 'all'); default: the calibration languages")
     perplexity_source: Optional[Text] = Field(None, description="default: calibration.source")
-    seqlen: int = Field(2048, ge=2)
+    seqlen: int = 2048
     tasks: Optional[Annotated[list[Text], Listed]] = None
-    limit: Optional[Annotated[float, BeforeValidator(_positive_limit)]] = None
+    limit: Optional[float] = None
     hidden_states: bool = True
-    max_windows: Optional[int] = Field(None, ge=1)
-    batch_size: Optional[int] = Field(None, ge=1)
-    snr_tokens: Optional[int] = Field(None, ge=2)
+    max_windows: Optional[int] = None
+    batch_size: Optional[int] = None
+    snr_tokens: Optional[int] = None
     task_data: Optional[Text] = None
-    num_fewshot: Optional[int] = Field(None, ge=0)
+    num_fewshot: Optional[int] = None
     chat_template: Optional[bool] = None
-    bootstrap_iters: Optional[int] = Field(None, ge=0)
+    bootstrap_iters: Optional[int] = None
 
     @field_validator("languages", mode="before")
     @classmethod
@@ -307,8 +304,22 @@ class EvaluationSpec(_Section):
             raise invalid(f"'{given}' does not exist (relative to {base})")
         return str(task_data.resolve())
 
+    @model_validator(mode="after")
+    def _ranges(self) -> "EvaluationSection":
+        self.spec()
+        return self
+
+    def spec(self, **given: Any):
+        """The library's ``EvaluationSpec`` of this section (languages, device, dtype: ``given``)."""
+        from prunekit.evaluation.spec import EvaluationSpec, OptionError
+
+        try:
+            return EvaluationSpec(seqlen=self.seqlen, limit=self.limit, **self.options(), **given)
+        except OptionError as err:
+            raise invalid(err.reason, err.option) from None
+
     def options(self) -> dict[str, Any]:
-        """The evaluation options given (max_windows, batch_size, ...), for ``evaluate_loaded``."""
+        """The evaluation options given (max_windows, batch_size, ...), for ``EvaluationSpec``."""
         keys = ("max_windows", "batch_size", "snr_tokens", "num_fewshot", "bootstrap_iters", "chat_template", "task_data")
         return {key: getattr(self, key) for key in keys if getattr(self, key) is not None}
 
@@ -433,7 +444,7 @@ class SweepSpec(_Section):
     sparsities: Optional[Annotated[list[float], Listed, Field(min_length=1)]] = Field(
         None, description="unstructured sparsities in (0, 1), default [0.5]")
     calibration: CalibrationGrid
-    evaluation: EvaluationSpec = EvaluationSpec()
+    evaluation: EvaluationSection = EvaluationSection()
     analysis: Optional[AnalysisSpec] = None
     push: Optional[PushSpec] = None
     execution: ExecutionSpec = ExecutionSpec()
