@@ -133,3 +133,28 @@ def test_perplexity_is_saved_before_the_tasks_and_a_rerun_skips_it(tiny_llama, t
     assert measured == [] and "perplexity of sw already in" in caplog.text
     assert res["perplexity"] == saved["perplexity"] and res["tasks"]["xcopa_local_sw"]["status"] == "ok"
     assert json.loads(out.read_text())["tasks"]["xcopa_local_sw"]["status"] == "ok"
+
+
+def test_a_packed_checkpoint_is_evaluated_streamed_in_its_own_dtype(tiny_llama, texts, tmp_path, monkeypatch):
+    """§4: each packed Linear is unpacked as its layer is read (never a whole-model load, never a silent
+    float32); the numbers are those of the model transformers loads whole (the reference)."""
+    from prunekit.evaluation import perplexity, make_windows
+    from prunekit.models import load_model as load_whole
+    from prunekit.pipeline import prune
+    from prunekit.recipe import Quantization
+
+    out = tmp_path / "w4"
+    prune(str(tiny_llama), method="rtn", quantization=Quantization(4, 32), out=out, dtype="bfloat16", progress=False)
+    assert "quantization_config" in json.loads((out / "config.json").read_text())
+    monkeypatch.setattr("prunekit.evaluation.forward.load_model", lambda *a, **k: pytest.fail("loaded whole"), raising=False)
+    monkeypatch.setattr("prunekit.models.load_model", lambda *a, **k: pytest.fail("loaded whole"))
+    reads = _count_layer_reads(monkeypatch)
+    res = evaluate(out, EvaluationSpec(langs="de", ppl_source=str(texts), seqlen=32, device="cpu"), progress=False)
+    assert res["settings"]["dtype"] == "bfloat16"
+    assert reads == Counter({(out.name, i): 1 for i in range(3)})
+    monkeypatch.undo()
+    model, tok, _ = load_whole(str(out), "bfloat16")
+    assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    text = (texts / "de.txt").read_text(encoding="utf-8").splitlines()
+    reference = perplexity(model, make_windows(tok, text, 32), 4, progress=False, device="cpu")
+    assert res["perplexity"]["de"]["ppl"] == pytest.approx(reference.ppl, rel=1e-3)

@@ -197,6 +197,7 @@ class ShardWeights(Weights):
         prefix = f"{self.layers_name}."
         self.output_names = [n for n in names if not n.startswith(prefix) and n not in self.input_names]
         self.tensors_read = 0  # bytes read from the shards (tests and benchmarks check it)
+        self.scheme = None  # a pack-quantized checkpoint's compressed-tensors scheme (its Linears are unpacked)
 
     @classmethod
     def open(cls, path: str | Path, dtype: torch.dtype | None, trust_remote_code: bool = False) -> "ShardWeights | None":
@@ -210,9 +211,13 @@ class ShardWeights(Weights):
         if files is None:
             return None
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        scheme = None
         if getattr(config, "quantization_config", None) is not None:
-            return None  # packed (compressed-tensors) weights: transformers decompresses them on a whole load
-        if dtype is None:
+            scheme = packed_scheme(config.quantization_config)
+            if scheme is None:
+                return None  # another quantization: transformers reads it on a whole load
+            del config.quantization_config  # the skeleton has plain Linears; each is unpacked as it is read
+        if dtype is None:  # the checkpoint's own (a packed one's: the dtype its scales and kept Linears are in)
             dtype = getattr(text_config(config), "dtype", None) or getattr(config, "dtype", None) or torch.float32
             dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         try:
@@ -230,12 +235,14 @@ class ShardWeights(Weights):
         for name in model.state_dict():
             group = aliases.get(id(model.get_parameter(name)) if _is_parameter(model, name) else None, [name])
             stored = next((n for n in [name, *group] if n in files), None)
+            if stored is None and scheme is not None and f"{name}_packed" in files:
+                stored = f"{name}_packed"  # a packed Linear: weight_packed, weight_scale, weight_shape (+ zero point)
             if stored is None:
                 log.info("'%s' has no tensor '%s' in its shards; loading the model whole", path, name)
                 return None
             names[name] = stored
         weights = cls(model, files, names)
-        weights.path = path
+        weights.path, weights.scheme = path, scheme
         return weights
 
     def _read(self, names: Sequence[str], device: torch.device) -> None:
@@ -253,9 +260,31 @@ class ShardWeights(Weights):
                     stored = self.names[name]
                     if stored not in read:
                         target = _tensor_of(self.model, name)
-                        read[stored] = handle.get_tensor(stored).to(device=device, dtype=target.dtype)
-                        self.tensors_read += read[stored].numel() * read[stored].element_size()
+                        tensor = self._unpack(handle, stored) if stored.endswith("_packed") else handle.get_tensor(stored)
+                        if not stored.endswith("_packed"):
+                            self.tensors_read += tensor.numel() * tensor.element_size()
+                        read[stored] = tensor.to(device=device, dtype=target.dtype)
                     set_module_tensor_to_device(self.model, name, device, value=read[stored])
+
+    def _unpack(self, handle, stored: str) -> torch.Tensor:
+        """One packed Linear's weight, decompressed by compressed-tensors (in the dtype of its scales)."""
+        from compressed_tensors.compressors import BaseCompressor
+
+        prefix = stored[: -len("weight_packed")]
+        state = {}
+        for part in ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point"):
+            key = f"{prefix}{part}"
+            if key in self.files:
+                if self.files[key] == self.files[stored]:
+                    state[part] = handle.get_tensor(key)
+                else:  # a shard boundary fell inside the Linear's tensors
+                    from safetensors import safe_open
+
+                    with safe_open(str(self.files[key]), framework="pt", device="cpu") as other:
+                        state[part] = other.get_tensor(key)
+                self.tensors_read += state[part].numel() * state[part].element_size()
+        compressor = BaseCompressor.get_value_from_registry(PACKED_FORMAT)
+        return compressor.decompress(state, self.scheme)["weight"].to(state["weight_scale"].dtype)
 
     def _drop(self, names: Sequence[str]) -> None:
         from accelerate.utils import set_module_tensor_to_device
@@ -294,6 +323,24 @@ class ShardWeights(Weights):
 
     def release_output(self) -> None:
         self._drop(self.output_names)
+
+
+PACKED_FORMAT = "pack-quantized"
+
+
+def packed_scheme(quantization_config: Any):
+    """The compressed-tensors scheme of a pack-quantized checkpoint whose Linears share one scheme
+    (prunekit's and llm-compressor's WxA16); None for any other quantization."""
+    config = quantization_config if isinstance(quantization_config, dict) else quantization_config.to_dict()
+    groups = config.get("config_groups") or {}
+    if config.get("quant_method") != "compressed-tensors" or config.get("format") != PACKED_FORMAT or len(groups) != 1:
+        return None
+    from prunekit.packing import require_compressed_tensors
+
+    require_compressed_tensors("reading a pack-quantized checkpoint needs compressed-tensors")
+    from compressed_tensors.quantization import QuantizationScheme
+
+    return QuantizationScheme.model_validate(next(iter(groups.values())))
 
 
 def _split(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
