@@ -20,7 +20,7 @@ LANGS = ("en", "de", "sw")
 @pytest.fixture(scope="module")
 def texts(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("pass-texts")
-    for lang in (*LANGS, "es"):
+    for lang in (*LANGS, "es", "zh"):
         lines = (TATOEBA / f"{lang}.txt").read_text(encoding="utf-8").splitlines()[:10]
         (root / f"{lang}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return root
@@ -103,36 +103,51 @@ def test_one_pass_gives_the_numbers_of_separate_passes_per_language(tiny_llama, 
     assert alone["hidden_states"]["de"]["per_layer"] == res["hidden_states"]["de"]["per_layer"]
 
 
-def test_perplexity_is_saved_before_the_tasks_and_a_rerun_skips_it(tiny_llama, texts, tmp_path, monkeypatch, caplog):
-    """§7: an error in the tasks keeps the perplexity in results.json; run again, it is not computed again."""
+def test_perplexity_is_saved_before_the_tasks_each_task_as_it_ends_and_a_rerun_skips_them(
+        tiny_llama, texts, tmp_path, monkeypatch, caplog):
+    """§7: an error in the second task keeps the perplexity and the first task in results.json; run again,
+    neither is computed again, and it says so."""
     import lm_eval
 
     from prunekit.evaluation import harness, suite
     from tests.conftest import TEST_DATA
 
-    def failing(model, tasks, **kwargs):
-        raise MemoryError("out of memory in the tasks")
+    ran: list[str] = []
+    fail = [True]
 
-    monkeypatch.setattr(lm_eval, "simple_evaluate", failing)
+    def simple_evaluate(model, tasks, **kwargs):
+        name = tasks[0].config.task
+        if name == "xcopa_local_zh" and fail[0]:
+            fail[0] = False
+            raise MemoryError("out of memory in the second task")
+        ran.append(name)
+        return {"results": {name: {"alias": name, "acc,none": 0.5, "acc_stderr,none": 0.25}},
+                "n-samples": {name: {"original": 4, "effective": 4}}, "versions": {name: 1.0}, "lm_eval_version": "t"}
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", simple_evaluate)
     monkeypatch.setattr(harness, "make_lm", lambda plan, model, tokenizer: "lm")
     out = tmp_path / "results.json"
-    spec = EvaluationSpec(langs="sw", ppl_source=str(texts), seqlen=32, tasks="xcopa", task_data=TEST_DATA, limit=4,
+    spec = EvaluationSpec(langs="sw,zh", ppl_source=str(texts), seqlen=32, tasks="xcopa", task_data=TEST_DATA, limit=4,
                           device="cpu")
     with pytest.raises(MemoryError):
         evaluate(tiny_llama, spec, out=out, progress=False)
     saved = json.loads(out.read_text())
-    assert saved["perplexity"]["sw"]["ppl"] > 1 and saved["tasks"] == {}
+    assert saved["perplexity"]["sw"]["ppl"] > 1 and saved["perplexity"]["zh"]["ppl"] > 1
+    assert list(saved["tasks"]) == ["xcopa_local_sw"] and saved["tasks"]["xcopa_local_sw"]["status"] == "ok"
 
-    measured = []
-    monkeypatch.setattr(suite, "measure", lambda *a, **k: measured.append(1))
-    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda model, tasks, **kw: {
-        "results": {tasks[0].config.task: {"alias": "x", "acc,none": 0.5, "acc_stderr,none": 0.25}},
-        "n-samples": {tasks[0].config.task: {"original": 4, "effective": 4}}, "versions": {}, "lm_eval_version": "t"})
-    with caplog.at_level(logging.WARNING, logger="prunekit.evaluation.suite"):
+    measured, real = [], suite.measure
+    monkeypatch.setattr(suite, "measure", lambda *a, **k: measured.append(1) or real(*a, **k))
+    with caplog.at_level(logging.WARNING, logger="prunekit.evaluation"):
         res = evaluate(tiny_llama, spec, out=out, progress=False)
-    assert measured == [] and "perplexity of sw already in" in caplog.text
-    assert res["perplexity"] == saved["perplexity"] and res["tasks"]["xcopa_local_sw"]["status"] == "ok"
-    assert json.loads(out.read_text())["tasks"]["xcopa_local_sw"]["status"] == "ok"
+    assert measured == [] and "perplexity of sw,zh already in" in caplog.text
+    assert "task xcopa_local_sw already done" in caplog.text and ran == ["xcopa_local_sw", "xcopa_local_zh"]
+    assert res["perplexity"] == saved["perplexity"]
+    final = json.loads(out.read_text())
+    assert {name: cell["status"] for name, cell in final["tasks"].items()} == {"xcopa_local_sw": "ok", "xcopa_local_zh": "ok"}
+
+    # Another setting that changes the numbers (here the window length) measures again.
+    evaluate(tiny_llama, EvaluationSpec(**(spec.to_settings() | {"seqlen": 24})), out=out, progress=False)
+    assert measured == [1]
 
 
 def test_a_packed_checkpoint_is_evaluated_streamed_in_its_own_dtype(tiny_llama, texts, tmp_path, monkeypatch):

@@ -180,7 +180,7 @@ def _evaluate(subject: Subject, spec: EvaluationSpec, dense: DenseReference | No
         timings = results["settings"]["timings"]
     if cells:
         t0 = time.perf_counter()
-        task_results, harness_info = _tasks(subject, spec, backend, cells, device, out)
+        task_results, harness_info = _tasks(subject, spec, backend, cells, device, out, dict(results))
         timings["tasks_s"] = time.perf_counter() - t0
         results = _results(subject, spec, dense, device, backend, cells, results["perplexity"],
                            results["hidden_states"], task_results, harness_info, timings)
@@ -239,13 +239,18 @@ def _perplexity_and_hidden_states(subject: Subject, spec: EvaluationSpec, dense:
     return perplexities, measured.hidden
 
 
-def _tasks(subject: Subject, spec: EvaluationSpec, backend: BackendPlan, cells, device, out) -> tuple[dict, dict]:
+def _tasks(subject: Subject, spec: EvaluationSpec, backend: BackendPlan, cells, device, out, saved) -> tuple[dict, dict]:
+    def save(done: dict[str, Any], info: dict[str, Any]) -> None:  # each task in results.json as it ends
+        saved["tasks"] = done
+        write_results(out, saved)
+
     return run_tasks(
         backend.model(subject.task_model, device), subject.tokenizer, cells, limit=spec.limit,
         task_data=spec.task_data, chat_template=spec.chat_template, num_fewshot=spec.num_fewshot,
         batch_size=backend.batch_size, bootstrap_iters=spec.bootstrap_iters, seed=spec.seed,
         model_name=f"'{subject.name}'", backend=backend, partial=None if out is None else partial_results_path(out),
         identity={"model": subject.identity(), "dtype": str(subject.dtype)},
+        on_task=save if out is not None and spec.ppl_source is not None else None,
     )
 
 
