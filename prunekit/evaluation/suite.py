@@ -173,7 +173,7 @@ def _evaluate(subject: Subject, spec: EvaluationSpec, dense: DenseReference | No
         perplexities, hidden = _perplexity_and_hidden_states(subject, spec, dense, device, progress)
         if spec.ppl_source is not None:
             timings["perplexity_and_hidden_states_s"] = time.perf_counter() - t0
-        results = _results(subject, spec, dense, device, backend, cells, perplexities, hidden, {}, {}, timings)
+        results = _results(subject, spec, dense, device, backend, cells, (perplexities, hidden), ({}, {}), timings)
         if out is not None and cells and spec.ppl_source is not None:
             write_results(out, results)  # saved before the tasks start: an error there loses nothing
     else:
@@ -182,8 +182,8 @@ def _evaluate(subject: Subject, spec: EvaluationSpec, dense: DenseReference | No
         t0 = time.perf_counter()
         task_results, harness_info = _tasks(subject, spec, backend, cells, device, out, dict(results))
         timings["tasks_s"] = time.perf_counter() - t0
-        results = _results(subject, spec, dense, device, backend, cells, results["perplexity"],
-                           results["hidden_states"], task_results, harness_info, timings)
+        results = _results(subject, spec, dense, device, backend, cells, (results["perplexity"], results["hidden_states"]),
+                           (task_results, harness_info), timings)
     timings["total_s"] = time.perf_counter() - started
     results["settings"]["timings"] = timings
     if out is not None:
@@ -284,8 +284,10 @@ def _settings(subject: Subject, spec: EvaluationSpec, dense, device, backend, ce
     }
 
 
-def _results(subject: Subject, spec: EvaluationSpec, dense, device, backend, cells, perplexities, hidden,
-             task_results, harness_info, timings) -> dict[str, Any]:
+def _results(subject: Subject, spec: EvaluationSpec, dense, device, backend, cells, measured: tuple[dict, dict],
+             tasks: tuple[dict, dict], timings) -> dict[str, Any]:
+    """results.json: ``measured`` = (perplexity, hidden_states), ``tasks`` = (task results, harness info)."""
+    (perplexities, hidden), (task_results, harness_info) = measured, tasks
     source = subject.source
     model_block = {
         "spec": subject.name,
