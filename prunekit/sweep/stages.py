@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from prunekit.artifacts import (SWEEP_ANALYSIS_KIND, SWEEP_ANALYSIS_RESULT_KIND, SWEEP_CONFIG_KIND, SWEEP_DENSE_KIND,
-                                SWEEP_RUN_KIND, overall_sparsity, read_record, record_path, results_path, write_results)
+                                SWEEP_RUN_KIND, overall_sparsity, record_path, results_path, write_results)
 from prunekit.errors import PrunekitError
 from prunekit.io import atomic_directory, read_versioned, versioned, write_json_atomic
 from prunekit.sweep.config import SweepConfig, load_config
