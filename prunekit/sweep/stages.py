@@ -210,23 +210,26 @@ def evaluation_spec(config: SweepConfig, model_entry):
     return replace(config.evaluation, dtype=model_entry.dtype, trust_remote_code=model_entry.trust_remote_code)
 
 
-def evaluate_checkpoint(config: SweepConfig, checkpoint: Path, model_entry, progress: bool) -> dict[str, Any]:
+def evaluate_checkpoint(config: SweepConfig, checkpoint: Path, model_entry, progress: bool,
+                        out: Path | None = None) -> dict[str, Any]:
     """Evaluate a pruned checkpoint on disk, streamed a layer at a time, every language in one pass, against
-    the dense model (whose hidden states the dense stage cached, so the dense model is not even read)."""
+    the dense model (whose hidden states the dense stage cached, so the dense model is not even read).
+    ``out``: the run's results.json, written as results finish (a failed stage run again keeps them)."""
     dense = None
     if config.hidden_states:
         dense = dense_reference(model_entry.spec, model_entry.dtype, model_entry.trust_remote_code)
-    return _evaluation().evaluate(str(checkpoint), evaluation_spec(config, model_entry), dense=dense, progress=progress)
+    return _evaluation().evaluate(str(checkpoint), evaluation_spec(config, model_entry), dense=dense, out=out,
+                                  progress=progress)
 
 
-def evaluate_dense(config: SweepConfig, model_entry, progress: bool) -> dict[str, Any]:
+def evaluate_dense(config: SweepConfig, model_entry, progress: bool, out: Path | None = None) -> dict[str, Any]:
     """The dense model's own evaluation (the report's dense row), streamed like every run's; as the
     reference side it also caches the dense hidden states every run of this model compares against
     (collected in its own pass: the dense model is read once)."""
     dense = None
     if config.hidden_states:
         dense = dense_reference(model_entry.spec, model_entry.dtype, model_entry.trust_remote_code)
-    return _evaluation().evaluate(model_entry.spec, evaluation_spec(config, model_entry), dense=dense,
+    return _evaluation().evaluate(model_entry.spec, evaluation_spec(config, model_entry), dense=dense, out=out,
                                   progress=progress, revision=model_entry.revision)
 
 
@@ -253,7 +256,7 @@ def run_dense(config: SweepConfig, runs_dir: Path, task: DenseTask, progress: bo
         clean_partials(directory)  # only once this process holds the stage: another may be writing there
         # The dense model against itself: its own perplexity per language (the "dense" row) and, as the
         # reference side, its hidden states -- cached by content hash in cache_dir("dense") for every run.
-        results = evaluate_dense(config, task.model, progress)
+        results = evaluate_dense(config, task.model, progress, out=results_path(directory))
         write_results(results_path(directory), results)
         details["languages"] = list(config.eval_languages)
         details["dense_hidden_states"] = {lang: (entry.get("dense_cache") or {}).get("status")
@@ -340,7 +343,7 @@ def run_one(config: SweepConfig, runs_dir: Path, task: RunTask, progress: bool) 
             clean_partials(directory)
             if dense_state != "done":
                 raise PrunekitError(f"the dense evaluation of {task.model.name} is {dense_state}, not done; see {dense_dir(runs_dir, dense_task)}")
-            results = evaluate_checkpoint(config, checkpoint, task.model, progress)
+            results = evaluate_checkpoint(config, checkpoint, task.model, progress, out=results_path(directory))
             write_results(results_path(directory), results)
             details["languages"] = list(config.eval_languages)
             details["dense_hidden_states"] = {lang: (entry.get("dense_cache") or {}).get("status")
