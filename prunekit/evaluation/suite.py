@@ -95,7 +95,7 @@ def evaluate(
     checkpoint: str | Path,
     spec: EvaluationSpec | None = None,
     *,
-    dense: str | None = None,
+    dense: str | DenseReference | None = None,
     out: str | Path | None = None,
     progress: bool = True,
     revision: str | None = None,
@@ -107,8 +107,8 @@ def evaluate(
             ``embedded:NAME``.
         spec (`EvaluationSpec`, *optional*): what to measure and how; default ``EvaluationSpec()``. Its
             ``langs`` None: the study's seven plus the checkpoint's calibration languages.
-        dense (`str`, *optional*): the dense model the checkpoint was pruned from; enables SNR / pruning
-            error of hidden states (cached per dense model).
+        dense (`str` or `DenseReference`, *optional*): the dense model the checkpoint was pruned from; enables
+            SNR / pruning error of hidden states (cached per dense model; a sweep passes one reference for all runs).
         out (`str` or `Path`, *optional*): results.json to write atomically, the perplexity before the tasks.
         progress (`bool`, defaults to `True`): progress bars.
         revision (`str`, *optional*): the Hub revision of ``checkpoint``.
