@@ -28,24 +28,45 @@ app = typer.Typer(
 DEBUG = {"enabled": bool(os.environ.get("PRUNEKIT_DEBUG"))}
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from prunekit import __version__
+
+        print(f"prunekit {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for prunekit bugs (also accepted after the command).")) -> None:
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for prunekit bugs (also accepted after the command)."),
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print prunekit's version and exit."),
+) -> None:
     if debug:
         DEBUG["enabled"] = True
 
 
-OUT_OF_MEMORY_ADVICE = (
-    "out of GPU memory ({detail}); use less of it: a smaller --dtype (bfloat16), fewer --nsamples, a smaller "
-    "--batch-size, or keep the activations on the CPU (--device cpu computes there too)"
-)
+OUT_OF_MEMORY_ADVICE = "out of GPU memory ({detail}); use less of it: {remedies}"
+# What lowers GPU memory, per command: only flags (or sweep keys) that command has.
+OUT_OF_MEMORY_REMEDIES = {
+    "prune": "a smaller --batch-size, fewer --nsamples or a shorter --seqlen, --dtype bfloat16, --solve-threads 1, or --device cpu",
+    "quantize": "a smaller --batch-size, fewer --nsamples or a shorter --seqlen, --dtype bfloat16, or --device cpu",
+    "evaluate_command": "a smaller --batch-size or --task-batch-size, a shorter --seqlen, fewer --snr-tokens, --dtype bfloat16, "
+                        "with --backend vllm a lower --gpu-memory-utilization or --max-model-len, or --device cpu",
+    "compare": "a smaller --batch-size, fewer --max-tokens or a shorter --max-length, --dtype bfloat16, or --device cpu",
+    "demo": "fewer --nsamples or a shorter --seqlen, --dtype bfloat16, or --device cpu",
+    "sweep": "in the config, a smaller execution.batch_size or evaluation.batch_size, fewer calibration.nsamples, "
+             "a lower evaluation.gpu_memory_utilization (vllm), or execution.device: cpu",
+}
+OUT_OF_MEMORY_DEFAULT = "a smaller --batch-size, --dtype bfloat16, or --device cpu"
 
 
-def as_user_error(err: BaseException) -> str | None:
+def as_user_error(err: BaseException, command: str | None = None) -> str | None:
     """The one-line message for an error the user or the machine caused that surfaced outside prunekit's
     own checks (out of GPU memory, a full or read-only disk, a damaged safetensors file), else None."""
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(err, getattr(torch, "OutOfMemoryError", ())):
-        return OUT_OF_MEMORY_ADVICE.format(detail=str(err).strip().splitlines()[0][:200] if str(err).strip() else "CUDA")
+        return OUT_OF_MEMORY_ADVICE.format(detail=str(err).strip().splitlines()[0][:200] if str(err).strip() else "CUDA",
+                                           remedies=OUT_OF_MEMORY_REMEDIES.get(command or "", OUT_OF_MEMORY_DEFAULT))
     from prunekit.io import DISK_ERRNOS
 
     if isinstance(err, OSError) and err.errno in DISK_ERRNOS:
@@ -68,7 +89,9 @@ def user_errors(func: Callable) -> Callable:
         try:
             return func(*args, **kwargs)
         except PrunekitError as err:
-            print(f"error: {err}", file=sys.stderr)
+            from prunekit.remote import strip_api_hints  # huggingface_hub's hints for its Python API users
+
+            print(f"error: {strip_api_hints(str(err))}", file=sys.stderr)
             raise SystemExit(2) from None
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
@@ -76,7 +99,7 @@ def user_errors(func: Callable) -> Callable:
         except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort):  # a command's own exit code
             raise
         except Exception as err:  # a bug: say so, traceback only with --debug
-            message = as_user_error(err)
+            message = as_user_error(err, func.__name__)
             if message is not None and not DEBUG["enabled"]:
                 print(f"error: {message}", file=sys.stderr)
                 raise SystemExit(2) from None

@@ -38,10 +38,12 @@ class CheckpointOptions:
     device: str
     skip_layers: Optional[str]
     overwrite: bool
+    no_resume: bool
     batch_size: Optional[int]
     trust_remote_code: bool
     conventions: str
     quiet: bool
+    force: bool
 
     def pipeline_arguments(self, checkpoint_format: str = "packed") -> dict[str, Any]:
         """The keyword arguments of ``prunekit.pipeline.prune`` these options give (all but the model): the
@@ -51,7 +53,7 @@ class CheckpointOptions:
 
         return {
             "calibration": CalibrationSpec(self.calib, self.calib_source, self.nsamples, self.seqlen, self.seed, self.conventions),
-            "output": OutputSpec(self.out, self.dtype, checkpoint_format, self.overwrite),
+            "output": OutputSpec(self.out, self.dtype, checkpoint_format, self.overwrite, resume=not self.no_resume),
             "device": self.device, "skip_layers": self.skip_layers, "batch_size": self.batch_size,
             "trust_remote_code": self.trust_remote_code, "progress": not self.quiet,
         }
@@ -83,11 +85,19 @@ def _shared(uncalibrated: str) -> dict[str, tuple[Any, Any]]:
         "skip_layers": (Optional[str], typer.Option(
             None, "--skip-layers", help="Layers left as they are (neither pruned nor quantized): 'first', 'last' and/or indices, comma-separated.")),
         "overwrite": (bool, typer.Option(False, "--overwrite", help="Replace a non-empty --out directory.")),
+        "no_resume": (bool, typer.Option(
+            False, "--no-resume",
+            help="Start at layer 0 even if an interrupted run of this same command left its staging (.OUT.partial beside "
+                 "--out: the finished layers and the next layer's inputs); by default a streamed run resumes there, "
+                 "and removes a staging of another run.")),
         "batch_size": (Optional[int], typer.Option(
             None, "--batch-size", help="Calibration sequences per forward (default: ~8192 tokens).")),
         "trust_remote_code": (bool, typer.Option(False, "--trust-remote-code", help="Allow model code from the Hub (off by default).")),
         "conventions": (str, typer.Option("prunekit", "--conventions", help=CONVENTIONS_HELP)),
         "quiet": (bool, typer.Option(False, "--quiet", "-q", help="No progress bars or tables.")),
+        "force": (bool, typer.Option(
+            False, "--force", help="Load the model whole even when the memory check says it will not fit (a --dtype other "
+            "than the checkpoint's, or a checkpoint that cannot stream, is loaded whole; the checkpoint's own dtype streams).")),
     }
 
 
@@ -113,7 +123,10 @@ def checkpoint_options(uncalibrated: str) -> Callable[[Callable[..., Any]], Call
         @functools.wraps(command)
         def with_options(**values: Any) -> Any:
             options = CheckpointOptions(**{name: values.pop(name) for name in SHARED})
-            return command(options, **values)
+            from prunekit.models import memory_check_forced
+
+            with memory_check_forced(options.force):
+                return command(options, **values)
 
         with_options.__signature__ = inspect.signature(command).replace(parameters=parameters)  # type: ignore[attr-defined]
         return with_options

@@ -69,6 +69,7 @@ def evaluate_command(
     dense: Optional[str] = typer.Option(None, "--dense", help="The dense model CHECKPOINT was pruned from: enables SNR / pruning error of hidden states (cached per dense model)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the results JSON here (written atomically, perplexity and SNR before the tasks start; a rerun skips what it holds; schema in prunekit/evaluation/SCHEMA.md)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
+    force: bool = typer.Option(False, "--force", help="Run --tasks even when the memory check says the whole model will not fit in host or GPU memory (PRUNEKIT_FORCE=1 does the same for every command and sweep)."),
 ) -> None:
     """Evaluate CHECKPOINT per language: perplexity, SNR / pruning error against --dense, lm-eval tasks.
 
@@ -80,6 +81,7 @@ def evaluate_command(
     """
     from prunekit.evaluation import evaluate
     from prunekit.io import check_output_location
+    from prunekit.models import check_task_memory, memory_check_forced
 
     check_output_location(out, kind="file")  # before the model loads
     if spec.langs is None:
@@ -88,6 +90,9 @@ def evaluate_command(
 
         spec, note = spec.with_default_languages(read_record(resolve_model(checkpoint).path))
         typer.echo(note, err=True)
-    results = evaluate(checkpoint, spec, dense=dense, out=out, progress=not quiet)
+    with memory_check_forced(force):
+        if spec.tasks:  # lm-eval holds the whole model: refuse now what cannot fit, not after perplexity
+            check_task_memory(checkpoint, spec.dtype, spec.device, spec.backend, spec.parallelize)
+        results = evaluate(checkpoint, spec, dense=dense, out=out, progress=not quiet)
     if not quiet:
         print_results(results, out)

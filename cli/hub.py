@@ -78,17 +78,36 @@ def push(
 @app.command()
 @user_errors
 def pull(
-    repo_id: str = typer.Argument(..., help="Hub repo id, e.g. my-org/gemma-3-270m-wanda-50pct-calib-sw-s0."),
+    repo_id: Optional[str] = typer.Argument(None, help="Hub repo id, e.g. my-org/gemma-3-270m-wanda-50pct-calib-sw-s0 (or use --best-for)."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Branch, tag or commit (default main)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Download into this directory (default: the Hub cache)."),
     endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Hub URL (default: $HF_ENDPOINT or https://huggingface.co)."),
+    best_for: Optional[str] = typer.Option(None, "--best-for", help="Instead of a repo id: the checkpoint of --base with the lowest perplexity in this language (as `prunekit find --lang` ranks them), pinned to its commit."),
+    base: Optional[str] = typer.Option(None, "--base", help="With --best-for: Hub id of the base model."),
 ) -> None:
     """Download a pruned checkpoint (weights, config, tokenizer, prunekit.json, results.json, card).
 
     Any command that takes a checkpoint also takes the Hub id directly; pull is for a copy you keep.
+    With --best-for LANG --base MODEL it chooses for you: the top of `prunekit find --base MODEL --lang LANG`,
+    downloaded at the commit the listing saw, and says which one it chose and why.
 
-    Example: prunekit pull my-org/gemma-3-270m-wanda-50pct-calib-sw-s0 --out gemma-sw
+    Examples: prunekit pull my-org/gemma-3-270m-wanda-50pct-calib-sw-s0 --out gemma-sw
+              prunekit pull --best-for sw --base meta-llama/Meta-Llama-3-8B --out llama-sw
     """
+    from prunekit.errors import ConfigError
+
+    if best_for is not None or base is not None:
+        if repo_id is not None or revision is not None or best_for is None or base is None:
+            raise ConfigError("--best-for LANG needs --base MODEL and replaces the repo id and --revision: "
+                              "prunekit pull --best-for sw --base meta-llama/Meta-Llama-3-8B")
+        from prunekit.hub.find import pull_best
+
+        best = pull_best(best_for, base, out=out, endpoint=endpoint)
+        stdout.print(f"chose [bold]{best.chosen.repo_id}[/bold] @ {best.revision}: {best.why}", highlight=False)
+        stdout.print(f"pulled into [bold]{best.path}[/bold] ({len(best.files)} files: {', '.join(best.files)})")
+        return
+    if repo_id is None:
+        raise ConfigError("say what to pull: a repo id (prunekit pull ORG/NAME), or --best-for LANG --base MODEL")
     from prunekit.hub import pull as run_pull
 
     result = run_pull(repo_id, revision=revision, out=out, endpoint=endpoint)

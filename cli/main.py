@@ -6,7 +6,7 @@ import importlib
 
 from prunekit.cli.app import app
 
-COMMAND_MODULES = ["prune", "quantize", "evaluate", "compare", "hub", "sweep", "report", "demo"]
+COMMAND_MODULES = ["prune", "quantize", "evaluate", "compare", "hub", "find", "sweep", "report", "demo"]
 
 for _name in COMMAND_MODULES:  # each registers its command on ``app``
     importlib.import_module(f"prunekit.cli.{_name}")

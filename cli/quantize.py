@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.console import Console
@@ -59,7 +60,7 @@ def print_quantize_summary(record: dict, out: Path | None) -> None:
     if out is not None:
         what = (
             "fake-quantized weights in the model's dtype" if summary["format"] == "dense"
-            else f"compressed-tensors {summary['format']}: `vllm serve {out}` serves it; transformers loads it with compressed-tensors installed"
+            else f"compressed-tensors {summary['format']}, {summary.get('scheme') or 'W4A16'}; `vllm serve {out}` serves it"
         )
         stdout.print(f"checkpoint written to [bold]{out}[/bold] ({what}; prunekit.json holds the quantization and the full record)")
 
@@ -73,16 +74,21 @@ def quantize(
     group_size: int = typer.Option(128, "--group-size", "-g", help="Input columns sharing one grid (scale, zero point); -1 = one grid per output row."),
     act_order: bool = typer.Option(False, "--act-order", help="Quantize columns by descending Hessian diagonal (groups stay fixed: static groups)."),
     dynamic_groups: bool = typer.Option(False, "--dynamic-groups", help="With --act-order: refit groups in activation order instead of fixing them first."),
-    symmetric: bool = typer.Option(False, "--symmetric", help="Symmetric grid ±max|w| (default: asymmetric min-max)."),
+    symmetric: Optional[bool] = typer.Option(
+        None, "--symmetric/--asymmetric",
+        help="--symmetric (the default): grid ±max|w|, no zero point, W4A16/W8A16 like llm-compressor's presets; plain "
+             "transformers (with compressed-tensors) and vLLM load the packed checkpoint as it is. --asymmetric: min-max grid "
+             "with zero points, the study's reference choice (the default under --conventions study); vLLM and prunekit "
+             "load it, plain transformers with compressed-tensors 0.19-0.20 cannot."),
     method: str = typer.Option("gptq", "--method", "-m", help="gptq (error feedback, needs calibration) or rtn (round-to-nearest baseline)."),
     checkpoint_format: str = typer.Option(
         "packed", "--format",
-        help="packed: compressed-tensors pack-quantized (int weights + scales + zero points; vLLM serves it, transformers loads it with compressed-tensors installed); dense: fake-quantized weights in --dtype.",
+        help="packed: compressed-tensors pack-quantized (int weights + scales, + zero points if --asymmetric; vLLM serves it; plain transformers with compressed-tensors installed loads the default symmetric grid); dense: fake-quantized weights in --dtype.",
     ),
 ) -> None:
     """Quantize MODEL's weights with GPTQ layer by layer, calibrated on text in one language or a mix.
 
-    The checkpoint is compressed-tensors pack-quantized (what llm-compressor writes and `vllm serve` runs): per Linear the packed integer weights, the scales and, for an asymmetric grid, the zero points, and a quantization_config in config.json. A Linear the format cannot hold (input width not a multiple of --group-size) stays in --dtype and is listed in prunekit.json. --format dense writes fake-quantized weights in --dtype instead (every group of a row takes at most 2^bits values).
+    The checkpoint is compressed-tensors pack-quantized (what llm-compressor writes and `vllm serve` runs): per Linear the packed integer weights, the scales and, for an --asymmetric grid, the zero points, and a quantization_config in config.json. The default symmetric grid loads with `AutoModelForCausalLM.from_pretrained(OUT)` wherever compressed-tensors is installed. A Linear the format cannot hold (input width not a multiple of --group-size) stays in --dtype and is listed in prunekit.json. --format dense writes fake-quantized weights in --dtype instead (every group of a row takes at most 2^bits values).
 
     Example: prunekit quantize embedded:gemma-3-270m --bits 4 --group-size 128 --calib sw --nsamples 32 --seqlen 256 --out gemma-sw-w4g128
     """
@@ -90,7 +96,8 @@ def quantize(
     from prunekit.pipeline import prune as run_prune
     from prunekit.recipe import parse_quantization
 
-    quantization = parse_quantization(bits, group_size, act_order, static_groups=not dynamic_groups, symmetric=symmetric)
+    quantization = parse_quantization(bits, group_size, act_order, static_groups=not dynamic_groups, symmetric=symmetric,
+                                      conventions=options.conventions)
     if dynamic_groups and not act_order:
         raise ConfigError("--dynamic-groups only applies with --act-order")
     result = run_prune(options.model, method=method, kind="quantize", quantization=quantization,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.console import Console
@@ -20,6 +21,9 @@ def report(
     metric: str = typer.Option("perplexity", "--finding-metric", help="Metric of the printed diagonal finding: perplexity, snr_db, pruning_error or a task table such as belebele/acc."),
     open_page: bool = typer.Option(False, "--open", help="Open report.html in your web browser when it is written."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only where the report went."),
+    push: Optional[str] = typer.Option(None, "--push", help="Also publish the leaderboard as a static Hugging Face Space ORG/NAME (created if missing): report.html as index.html, results.csv and the heatmaps, in one commit. The sweep's collection and the cards of its pushed checkpoints link it."),
+    private: bool = typer.Option(False, "--private", help="With --push: create the Space private."),
+    endpoint: Optional[str] = typer.Option(None, "--endpoint", help="With --push: Hub URL (default: $HF_ENDPOINT or https://huggingface.co)."),
 ) -> None:
     """Turn a sweep's runs into a leaderboard and the study's Tables 1–4.
 
@@ -34,11 +38,23 @@ def report(
     metric, with deltas against dense, the best cell per column, heatmaps with the diagonal outlined
     and a calibration advisor. Cells are mean ± std over seeds.
 
+    With --push ORG/NAME the same page is hosted as a static Space (no server code, nothing loaded from the
+    network), next to results.csv and the figures; publishing again updates it (unchanged files are not sent).
+
     Example: prunekit report runs/tiny --out report/tiny --open
+
+    Hosted: `prunekit report runs/tiny --out report/tiny --push my-org/tiny-leaderboard`.
     """
+    from prunekit.errors import ConfigError
     from prunekit.io import check_output_location
     from prunekit.report import build_report, diagonal_finding
 
+    if push is None and (private or endpoint):
+        raise ConfigError("--private and --endpoint only apply with --push ORG/NAME (the Space to publish to)")
+    if push is not None:
+        from prunekit.hub.names import validate_repo_id
+
+        validate_repo_id(push)  # before the report is built
     check_output_location(out, in_place=True)
     result = build_report(runs_dir, out)
     for warning in result.collected.warnings:
@@ -57,6 +73,20 @@ def report(
     page = result.files["report.html"]
     stdout.print(f"report written to [bold]{page}[/bold] "
                  f"({len(result.collected.runs)} runs, {len(result.tables)} tables, {len(result.heatmaps)} heatmaps)")
+    if push is not None:
+        from prunekit.hub.space import push_report_space
+
+        space = push_report_space(out, push, title=f"{result.name} leaderboard", private=private, endpoint=endpoint)
+        stdout.print(f"leaderboard published to [bold]{space.url}[/bold] (commit {space.commit}; "
+                     f"{len(space.files)} files: {', '.join(space.files)})", highlight=False)
+        repos = list(dict.fromkeys(link["repo_id"] for entry in result.leaderboard.entries for link in entry.hub))
+        if repos:  # the sweep pushed its runs: its collection and cards link the Space
+            from prunekit.hub.collection import publish_sweep_collection
+
+            linked = publish_sweep_collection(result.name, repos, repos[0].split("/")[0], endpoint=endpoint,
+                                              leaderboard=push)
+            stdout.print(f"linked from the collection {linked.url} and the cards of {len(repos)} checkpoints "
+                         f"({len(linked.cards_updated)} updated)", highlight=False)
     if open_page:
         import webbrowser
 

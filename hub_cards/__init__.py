@@ -2,11 +2,16 @@
 
 - ``model_card.md.j2``: the README.md of one pruned checkpoint's repo.
 - ``serving.md.j2``: how a checkpoint is stored and served (included by the model card).
+- ``related.md.j2``: the section a sweep adds to each of its cards once they are all pushed: the sweep's
+  collection, its leaderboard Space when known, and the sibling checkpoints.
+
+``README.md`` here documents the tags and metadata prunekit writes into a card and what ``prunekit find`` reads.
 """
 
 from importlib import resources
 
 MODEL_CARD = "model_card.md.j2"
+RELATED = "related.md.j2"
 
 
 def template_text(name: str) -> str:

@@ -5,8 +5,9 @@ what is specific to a CPU (or a GPU) lives here, behind the few names ``Backend`
   rather than page-faulted);
 - ``tune_allocator`` / ``release_memory`` — glibc's allocator keeps freed blocks for the next batch
   while a layer is processed, and gives them back to the kernel once a layer is done;
-- ``gemms(layer)`` — on CPUs without native bf16/fp16 dot products, half-precision Linears run as fp32
-  GEMMs (same products, accumulated in fp32);
+- ``gemms(layer)`` — on CPUs without native bf16/fp16 dot products (known from the CPU's flags, never
+  from a timing, so the choice and the checkpoint do not depend on the machine's load), half-precision
+  Linears run as fp32 GEMMs (same products, accumulated in fp32);
 - ``replace_weight`` — the solved weight copied in stripes of contiguous rows, with W − W′ kept for the
   error measurement;
 - ``solve_groups`` — on a multi-core CPU, a helper thread prepares (factorises) the next groups while
@@ -22,7 +23,6 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Callable
@@ -90,30 +90,40 @@ def release_freed_memory() -> None:
 
 # ------------------------------------------------------------------------------------------- GEMMs
 
-_SLOW_HALF_GEMM: dict[torch.dtype, bool] = {}
+_NATIVE_FLAGS = {  # /proc/cpuinfo flags of x86 CPUs whose oneDNN kernels multiply this dtype natively
+    torch.bfloat16: ("avx512_bf16", "amx_bf16"),
+    torch.float16: ("avx512_fp16", "amx_fp16"),
+}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
+            line = next((line for line in handle if line.startswith("flags")), "")
+    except OSError:
+        return set()
+    return set(line.partition(":")[2].split())
 
 
 def half_gemm_is_slow(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether a bf16/fp16 GEMM on this CPU is slower than converting to fp32 and back (CPUs without
-    native bf16/fp16 dot products emulate it). Measured once per process on a small GEMM."""
-    if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
+    """Whether a bf16/fp16 GEMM on this CPU is emulated (then fp32 GEMMs are several times faster).
+
+    Decided from hardware facts, never from a timing: the CPU's instruction-set flags (avx512_bf16 or
+    AMX for bf16, avx512_fp16 or AMX-FP16 for fp16). The two paths round differently, so a timing
+    could make a checkpoint depend on how loaded the machine was; the same CPU always chooses the
+    same. PRUNEKIT_HALF_GEMMS=fp32 or =native overrides it."""
+    if device.type != "cpu" or dtype not in _NATIVE_FLAGS:
         return False
-    if dtype not in _SLOW_HALF_GEMM:
-        x, w = torch.randn(256, 1024).to(dtype), torch.randn(1024, 1024).to(dtype)
+    forced = os.environ.get("PRUNEKIT_HALF_GEMMS")
+    if forced in ("fp32", "native"):
+        return forced == "fp32"
+    return not (_cpu_flags() & set(_NATIVE_FLAGS[dtype]))
 
-        def best(fn) -> float:
-            fn()
-            times = []
-            for _ in range(3):
-                start = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - start)
-            return min(times)
 
-        native = best(lambda: torch.nn.functional.linear(x, w))
-        upcast = best(lambda: torch.nn.functional.linear(x.float(), w.float()).to(dtype))
-        _SLOW_HALF_GEMM[dtype] = upcast < 0.8 * native
-    return _SLOW_HALF_GEMM[dtype]
+def gemm_plan(dtype: torch.dtype, device: torch.device) -> str:
+    """``fp32`` or ``native``: how this device runs the Linears of a model in ``dtype`` (what a staging
+    directory records, so that a resumed run computes as the interrupted one did)."""
+    return "fp32" if half_gemm_is_slow(dtype, device) else "native"
 
 
 @contextmanager
@@ -196,9 +206,10 @@ Job = tuple[list[str], Any]  # (the names of Linears that share statistics, thei
 class Backend:
     """The device-specific side of the engine, for one compute device."""
 
-    def __init__(self, device: torch.device, solve_threads: int | None = None):
+    def __init__(self, device: torch.device, solve_threads: int | None = None, gemms: str | None = None):
         self.device = device
         self.solve_threads = solve_threads
+        self.forced_gemms = gemms  # ``fp32`` / ``native`` as recorded by an interrupted run; None: this device's
 
     def batch_tokens(self) -> int:
         return GPU_BATCH_TOKENS if self.device.type == "cuda" else CPU_BATCH_TOKENS
@@ -214,7 +225,8 @@ class Backend:
     def gemms(self, layer: torch.nn.Module) -> AbstractContextManager:
         """The context the layer's forwards run in: fp32 GEMMs where half-precision ones are slow here."""
         dtype = next(layer.parameters()).dtype
-        return fp32_gemms(layer) if half_gemm_is_slow(dtype, self.device) else nullcontext()
+        plan = self.forced_gemms or gemm_plan(dtype, self.device)
+        return fp32_gemms(layer) if plan == "fp32" and dtype in _NATIVE_FLAGS else nullcontext()
 
     replace_weight = staticmethod(replace_weight)
 

@@ -13,9 +13,6 @@ from prunekit.conventions import parse_conventions
 from prunekit.embedded import embedded_languages
 from prunekit.errors import ConfigError, did_you_mean
 from prunekit.languages import parse_languages
-from prunekit.methods import available_methods
-from prunekit.models import resolve_device
-from prunekit.recipe import check_calibration_size
 
 DEMO_MODEL = "embedded:gemma-3-270m"
 # Sized to finish within 10 minutes on 2 CPU cores, GGUF conversion included: 12 × 128 calibration
@@ -63,6 +60,9 @@ def run_demo(
     progress: bool = True,
     conventions: str = "prunekit",
 ) -> DemoResult:
+    from prunekit.methods import available_methods  # torch: loaded by the command, not by `prunekit --help`
+    from prunekit.models import resolve_device
+    from prunekit.recipe import check_calibration_size
     from prunekit.report import build_report, diagonal_finding
     from prunekit.sweep import run_sweep
 

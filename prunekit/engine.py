@@ -32,7 +32,7 @@ from prunekit.models import find_decoder_layers, layer_output, linear_sublayers
 from prunekit.recipe import Recipe
 
 __all__ = ["CPU_BATCH_TOKENS", "GPU_BATCH_TOKENS", "Engine", "InMemoryLayers", "LayerResult", "ModuleResult",
-           "capture_layer_inputs", "check_solve_threads", "parse_skip_layers", "run_layer"]
+           "ResumePoint", "capture_layer_inputs", "check_solve_threads", "parse_skip_layers", "run_layer"]
 
 ERROR_TOKENS = 1024  # tokens (whole sequences, at least one) of the first batch the per-Linear error is measured on
 
@@ -69,6 +69,21 @@ class LayerResult:
     skipped: bool
     seconds: float
     modules: list[ModuleResult] = field(default_factory=list)
+
+
+@dataclass
+class ResumePoint:
+    """Where an interrupted run stopped (``prunekit.staging`` keeps it on disk): the first unfinished layer,
+    the results of the layers before it, and the calibration activations entering it (one tensor per
+    micro-batch; None for a method without calibration). The layers' forward kwargs are not kept: they
+    depend on the sequence shape only and are captured again, as the first run captured them."""
+
+    next_layer: int
+    results: list[LayerResult]
+    hidden: list[torch.Tensor] | None = None
+
+
+LayerDone = Callable[[int, "list[torch.Tensor] | None", "list[LayerResult]"], None]
 
 
 def parse_skip_layers(spec: str | None, num_layers: int) -> set[int]:
@@ -146,6 +161,7 @@ class Engine:
         error_tokens: int | None = ERROR_TOKENS,
         solve_threads: int | None = None,
         activation_device: torch.device | str | None = None,
+        gemms: str | None = None,
     ):
         self.method = method
         self.recipe = recipe
@@ -156,7 +172,7 @@ class Engine:
         self.error_tokens = error_tokens
         self.solve_threads = check_solve_threads(solve_threads)
         self.activation_device = self.device if activation_device is None else torch.device(activation_device)
-        self.backend = Backend(self.device, self.solve_threads)
+        self.backend = Backend(self.device, self.solve_threads, gemms)
 
     def _store(self, hidden: torch.Tensor) -> torch.Tensor:
         """An activation batch where the activations live (pinned host memory when they stream to a GPU)."""
@@ -171,16 +187,24 @@ class Engine:
     def _batch_size(self, seqlen: int) -> int:
         return self.batch_size or max(1, self.backend.batch_tokens() // seqlen)
 
-    def run(self, model: torch.nn.Module, input_ids: torch.Tensor | None, source=None) -> list[LayerResult]:
+    def run(self, model: torch.nn.Module, input_ids: torch.Tensor | None, source=None,
+            resume: ResumePoint | None = None, layer_done: LayerDone | None = None) -> list[LayerResult]:
         """Solve every decoder layer of ``model``; ``source`` gives and takes back the layers
-        (default: ``InMemoryLayers``, for a model loaded in host memory)."""
+        (default: ``InMemoryLayers``, for a model loaded in host memory). ``resume`` starts at its
+        layer with its activations (the layers before it are neither read nor solved); ``layer_done(index,
+        activations entering the next layer, results so far)`` is called once each layer is written."""
         _, layers = find_decoder_layers(model)
         source = source or InMemoryLayers()
         if self.method.needs_calibration and input_ids is None:
             raise ConfigError(f"method '{self.method.name}' needs calibration data (--calib)")
+        start = 0 if resume is None else resume.next_layer
+        results = [] if resume is None else list(resume.results[:start])
+        if self.progress and start:
+            self.progress(start, len(layers))
         if input_ids is None:
-            results = []
             for index, layer in enumerate(layers):
+                if index < start:
+                    continue
                 if index in self.skip_layers:
                     results.append(LayerResult(index, True, 0.0))
                 else:
@@ -188,6 +212,8 @@ class Engine:
                     results.append(self._solve_without_data(index, layer))
                     source.done(index, layer)
                     self.backend.release_memory()
+                if layer_done is not None:
+                    layer_done(index, None, results)
                 if self.progress:
                     self.progress(index + 1, len(layers))
             return results
@@ -195,13 +221,19 @@ class Engine:
         self.backend.tune_allocator()
         with torch.no_grad():
             with source.inputs():
-                hidden, kwargs_per_layer = capture_layer_inputs(model, input_ids, batch)
+                if resume is not None and resume.hidden is not None:  # the kwargs again; the activations as kept
+                    _, kwargs_per_layer = capture_inputs(decoder_of(model), layers, input_ids[:1])
+                    hidden = list(resume.hidden)
+                else:
+                    hidden, kwargs_per_layer = capture_layer_inputs(model, input_ids, batch)
             for i in range(len(hidden)):  # one batch at a time: never two copies of every batch
                 hidden[i] = self._store(hidden[i])
             self.backend.release_memory()  # the embedding's forward is done
-            results = []
             for index, layer in enumerate(layers):
-                start = time.perf_counter()
+                if index < start:
+                    kwargs_per_layer[index] = None
+                    continue
+                begin = time.perf_counter()
                 kwargs = _to_device(kwargs_per_layer[index], self.device)
                 kwargs_per_layer[index] = None  # each layer's kwargs (masks, position embeddings) go with it
                 source.load(index, layer, self.device)
@@ -210,8 +242,10 @@ class Engine:
                 source.done(index, layer)  # written (when streamed) and released
                 del kwargs
                 self.backend.release_memory()  # the layer's weights, deltas and intermediates are gone
-                result.seconds = time.perf_counter() - start
+                result.seconds = time.perf_counter() - begin
                 results.append(result)
+                if layer_done is not None:
+                    layer_done(index, hidden, results)
                 if self.progress:
                     self.progress(index + 1, len(layers))
         return results

@@ -10,8 +10,11 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -78,27 +81,165 @@ def read_versioned(path: str | Path, kind: str) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory that replaces ``target`` only if the block succeeds."""
+def atomic_directory(target: str | Path, overwrite: bool = False, staging: str | Path | None = None,
+                     kept: Callable[[], str | None] | None = None) -> Iterator[Path]:
+    """Yield a temporary sibling directory that replaces ``target`` only if the block succeeds.
+
+    The sibling is ``.TARGET.<random>.partial``, owned by this process while the block runs (``owned``: a
+    later run removes it once this process is gone, ``remove_leftovers``), and removed if the block fails.
+    ``staging``: an existing directory to fill instead (a resumable one: ``prunekit.staging`` owns it,
+    and it is kept when the block fails; ``kept()`` says what of it a failure leaves, for the error
+    message, or None when nothing is). With ``overwrite`` the old ``target`` is moved aside to an
+    owned ``.TARGET.old-<random>`` and deleted once the new one is in place."""
     target = Path(target)
+    given = staging is not None
     with disk_errors(target):
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
-    os.chmod(staging, 0o777 & ~_umask())
+        if staging is None:
+            staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+            os.chmod(staging, 0o777 & ~_umask())
+    staging = Path(staging)
     try:
-        yield staging
+        with contextlib.ExitStack() as owner:
+            if not given:
+                owner.enter_context(owned(staging, target.name))
+            yield staging
         if target.exists():
             if not overwrite:
                 raise FileExistsError(target)
             trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))  # unique across hosts
-            os.replace(target, trash)
-            os.replace(staging, target)
+            with owned(trash, target.name):
+                os.replace(target, trash / target.name)
+                os.replace(staging, target)
+                shutil.rmtree(trash / target.name, ignore_errors=True)
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(staging, target)
     except BaseException as err:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise _disk_error(err, target) or err
+        if not given:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise _disk_error(err, target, None if kept is None else kept()) or err
+
+
+# ---------------------------------------------------------------------------------------------
+# Who is writing a staging directory, and what an interrupted run left behind
+# ---------------------------------------------------------------------------------------------
+
+OWNER_FILE = ".prunekit-owner.json"  # inside a staging directory: {"host", "pid", "target"}
+OWNER_LOCK = ".prunekit-owner.lock"  # held (prunekit.locks) by the owner while it lives
+LEGACY_STALE_S = 3600.0  # a leftover with no owner recorded (an older prunekit) is stale once unchanged this long
+
+
+@contextlib.contextmanager
+def owned(directory: str | Path, target: str) -> Iterator[None]:
+    """Mark ``directory`` as this process's work towards ``target`` (a sibling's name) for the block: a lock
+    that dies with the process and a record of host and pid. Raises ``prunekit.locks.LockBusy`` when a
+    live process owns it. The marks are removed when the block ends."""
+    from prunekit.locks import exclusive
+
+    directory = Path(directory)
+    with exclusive(directory / OWNER_LOCK, wait=False, marker=False):
+        write_json_atomic(directory / OWNER_FILE, {"host": socket.gethostname(), "pid": os.getpid(), "target": target})
+        try:
+            yield
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                (directory / OWNER_FILE).unlink()
+    with contextlib.suppress(FileNotFoundError):
+        (directory / OWNER_LOCK).unlink()
+
+
+def owner_of(directory: str | Path) -> dict[str, Any] | None:
+    """The owner record ``owned`` wrote in ``directory``; None when there is none (or it is damaged)."""
+    with contextlib.suppress(OSError, ValueError):
+        record = json.loads((Path(directory) / OWNER_FILE).read_text(encoding="utf-8"))
+        if isinstance(record, dict):
+            return record
+    return None
+
+
+def _pid_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def owner_alive(directory: str | Path, record: dict[str, Any] | None = None) -> bool:
+    """Whether another live process owns ``directory``: its lock is held; or, where the filesystem has no
+    locks, its recorded pid runs on this host (or it was recorded on another host, which cannot be asked)."""
+    from prunekit.locks import lock_state
+
+    directory = Path(directory)
+    record = owner_of(directory) if record is None else record
+    state = lock_state(directory / OWNER_LOCK)
+    if state in ("held", "free"):
+        return state == "held"
+    if record is None:
+        return False
+    if record.get("host") != socket.gethostname():
+        return state == "unsupported"
+    return record.get("pid") != os.getpid() and _pid_alive(record.get("pid"))
+
+
+def tree_bytes(path: str | Path) -> int:
+    """The bytes of the files under ``path`` (0 when it does not exist)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
+def _newest_change(path: Path) -> float:
+    newest = path.stat().st_mtime
+    for root, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+    return newest
+
+
+def remove_leftovers(out: str | Path, say: Callable[[str], None], staging: bool = True) -> int:
+    """Remove what interrupted runs left beside ``out`` and say so, one line each with its size:
+    ``.OUT.<random>.partial`` (an atomic write's staging), ``.OUT.old-<random>`` (an interrupted
+    --overwrite) and, with ``staging``, the resumable ``.OUT.partial`` (``prunekit.staging``). What a live
+    process owns is never touched (named, once); what an older prunekit left without an owner record is
+    removed once unchanged for an hour. Returns the bytes removed."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        return 0
+    name = re.escape(out.name)
+    pattern = re.compile(rf"^\.{name}\.(?:[a-z0-9_]{{8}}\.partial|old-[a-z0-9_]{{8}}" + ("|partial)$" if staging else ")$"))
+    removed = 0
+    for path in sorted(out.parent.iterdir()):
+        if not pattern.match(path.name) or not path.is_dir() or path.is_symlink():
+            continue
+        record = owner_of(path)
+        if record is not None and record.get("target") not in (None, out.name):
+            continue
+        size = tree_bytes(path)
+        if owner_alive(path, record):
+            who = f"pid {record.get('pid')} on {record.get('host')}" if record else "a live process"
+            say(f"left {path.name} ({_size(size)}) alone: {who} is writing it")
+            continue
+        if record is None and path.name != f".{out.name}.partial":
+            idle = time.time() - _newest_change(path)
+            if idle < LEGACY_STALE_S:
+                say(f"left {path.name} ({_size(size)}) alone: no owner recorded and changed {idle / 60:.0f} min ago; "
+                    "remove it yourself if no prunekit is writing it")
+                continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed += size
+        why = f"pid {record.get('pid')} on {record.get('host')} is gone" if record else "an interrupted run's"
+        say(f"removed {path.name} ({_size(size)}) beside {out.name}: {why}")
+    return removed
 
 
 def publish_directory(target: str | Path, build: Callable[[Path], Any],
@@ -178,8 +319,74 @@ def check_safetensors(file: str | Path) -> None:
         ) from None
 
 
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+# PyTorch pickle weights (not training_args.bin and the like, which are not weights)
+PICKLE_WEIGHTS = ("pytorch_model*.bin", "pytorch_model.bin.index.json", "model*.bin", "*.pt", "*.pth", "*.ckpt")
+PICKLE_ADVICE = (
+    "prunekit loads only safetensors, which hold tensors and no code; convert it once, in an environment you trust "
+    "with the file's origin: `AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR, "
+    "safe_serialization=True)` (and the tokenizer's save_pretrained(NEW_DIR)), then give prunekit NEW_DIR"
+)
+
+
+def safetensors_header(file: str | Path) -> dict[str, Any]:
+    """A .safetensors file's JSON header (tensor name -> dtype, shape, data_offsets; ``__metadata__``), read
+    from its first bytes only. Raises ModelError for a file too short or whose header is not JSON."""
+    problem = check_safetensors_size(file)
+    if problem is not None:
+        raise problem
+    with open(file, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        return json.loads(handle.read(length))
+
+
+def check_safetensors_size(file: str | Path) -> ModelError | None:
+    """A .safetensors file's size against its own header (8-byte length, JSON, then the data): the error for
+    a file cut short (an interrupted download or copy), naming it, else None. Reads the header only."""
+    file = Path(file)
+    size = file.stat().st_size
+
+    def damaged(reason: str) -> ModelError:
+        return ModelError(f"{file} is damaged ({reason}: truncated or corrupt); download or write the checkpoint again")
+
+    with open(file, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            return damaged(f"{size} bytes, shorter than a safetensors header")
+        length = int.from_bytes(head, "little")
+        if 8 + length > size:
+            return damaged(f"its header needs {8 + length} bytes but the file has {size}")
+        try:
+            header = json.loads(handle.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return damaged("its header is not JSON")
+    if not isinstance(header, dict):
+        return damaged("its header is not a JSON object")
+    ends = [entry["data_offsets"][1] for name, entry in header.items()
+            if name != "__metadata__" and isinstance(entry, dict) and isinstance(entry.get("data_offsets"), list)
+            and len(entry["data_offsets"]) == 2 and isinstance(entry["data_offsets"][1], int)]
+    if ends and 8 + length + max(ends) > size:
+        return damaged(f"its tensors end at byte {8 + length + max(ends)} but the file has {size}")
+    return None
+
+
+def _pickle_only(directory: Path) -> list[str]:
+    """The pickle weight files of a directory that has no safetensors weights, else []."""
+    if any(directory.glob("*.safetensors")):
+        return []
+    return sorted({f.name for pattern in PICKLE_WEIGHTS for f in directory.glob(pattern) if f.is_file()})
+
+
+def human_size(n: float) -> str:
+    """Bytes for a message: 812 B, 3.4 MiB, 16.1 GiB."""
+    return _size(n)
+
+
 def check_model_files(directory: str | Path) -> Path:
-    """Check that a model directory's JSON files parse and its safetensors files are whole (headers only)."""
+    """Check a model directory before anything runs: its JSON files parse, every shard its safetensors index
+    lists is present, every safetensors file is whole (its size agrees with its header; headers only, no
+    weights read), and it has safetensors weights at all (a pickle-only checkpoint is refused with how to
+    convert it)."""
     directory = Path(directory)
     for file in sorted(directory.glob("*.json")):  # config, record, shard index, tokenizer settings
         if file.is_file() and file.name != "tokenizer.json":  # the vocabulary (tens of MB) is parsed by its loader
@@ -187,7 +394,33 @@ def check_model_files(directory: str | Path) -> Path:
                 read_json(file)
             except SchemaError as err:
                 raise ModelError(str(err)) from None
+    pickles = _pickle_only(directory)
+    if pickles:
+        raise ModelError(
+            f"'{directory}' holds its weights only as PyTorch pickle files ({', '.join(pickles[:3])}"
+            f"{', …' if len(pickles) > 3 else ''}), which can run code when loaded; {PICKLE_ADVICE}"
+        )
+    index = directory / SAFETENSORS_INDEX
+    if not index.is_file() and not any(directory.glob("*.safetensors")):
+        raise ModelError(f"'{directory}' has no weights (no *.safetensors file and no {SAFETENSORS_INDEX}); "
+                         "give the directory that holds the model's weights, or download or copy them again")
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ModelError(f"{index} has no 'weight_map'; download or write the checkpoint again")
+        listed = sorted(set(map(str, weight_map.values())))
+        missing = [name for name in listed if not (directory / name).is_file()]
+        if missing:
+            raise ModelError(
+                f"'{directory}' is incomplete: {len(missing)} of the {len(listed)} shards its {SAFETENSORS_INDEX} "
+                f"lists {'is' if len(missing) == 1 else 'are'} missing ({', '.join(missing[:3])}"
+                f"{', …' if len(missing) > 3 else ''}); an interrupted download or copy? download or copy it again "
+                "(for a Hub model: `prunekit pull` or `hf download`)"
+            )
     for file in sorted(directory.glob("*.safetensors")):
+        problem = check_safetensors_size(file)
+        if problem is not None:
+            raise problem
         check_safetensors(file)
     return directory
 
@@ -196,7 +429,7 @@ DISK_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk 
                errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "not permitted"}
 
 
-def _disk_error(err: BaseException, target: Path) -> PrunekitError | None:
+def _disk_error(err: BaseException, target: Path, kept: str | None = None) -> PrunekitError | None:
     """The user error for a write that failed because of the disk (full, read-only, no permission)."""
     code = getattr(err, "errno", None)
     if code is None and type(err).__name__ == "SafetensorError":  # safetensors reports the OS error in its text
@@ -208,7 +441,7 @@ def _disk_error(err: BaseException, target: Path) -> PrunekitError | None:
         hint = "free some space or write somewhere else"
     else:
         hint = "choose a location you can write to"
-    return PrunekitError(f"cannot write {target}: {DISK_ERRNOS[code]}; {hint} (nothing was left behind)")
+    return PrunekitError(f"cannot write {target}: {DISK_ERRNOS[code]}; {hint} ({kept or 'nothing was left behind'})")
 
 
 @contextlib.contextmanager
@@ -221,6 +454,11 @@ def disk_errors(target: str | Path) -> Iterator[None]:
         if converted is None:
             raise
         raise converted from None
+
+
+def format_size(n: float) -> str:
+    """Bytes for people: ``512 B``, ``3.6 GiB``."""
+    return _size(n)
 
 
 def _size(n: float) -> str:

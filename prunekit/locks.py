@@ -109,3 +109,20 @@ def held_elsewhere(path: str | Path) -> bool:
     if fd is not None:
         os.close(fd)
     return False
+
+
+def lock_state(path: str | Path) -> str:
+    """``held`` (by another live process), ``free`` (a lock file nobody holds: its last holder is gone),
+    ``absent`` (no lock file) or ``unsupported`` (the filesystem has no locks: ask the holder's pid)."""
+    path = Path(path)
+    if str(path) in _HELD:
+        return "free"  # this process's own: not another's
+    if not path.exists():
+        return "absent"
+    fd = _try(path)
+    if fd is False:
+        return "held"
+    if fd is None:
+        return "unsupported"
+    os.close(fd)
+    return "free"

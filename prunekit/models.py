@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
+import math
 import json
 import os
 import re
@@ -18,8 +20,8 @@ import torch
 from prunekit.artifacts import CHECKPOINT_PATTERNS as HUB_ALLOW_PATTERNS  # what a checkpoint repo on the Hub holds
 from prunekit.errors import ConfigError, ModelError
 from prunekit.gguf_conversion import convert_gguf, has_config
-from prunekit.io import cache_dir, check_model_files, check_safetensors
-from prunekit.remote import download_snapshot
+from prunekit.io import cache_dir, check_model_files, check_safetensors, human_size, safetensors_header
+from prunekit.remote import download_snapshot, repository_size
 
 EMBEDDED_PREFIX = "embedded:"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -155,9 +157,9 @@ def load_model(
     hf_logging.disable_progress_bar()
     source = spec if isinstance(spec, ModelSource) else resolve_model(spec, revision)
     if isinstance(dtype, str):
-
         dtype = parse_dtype(resolve_dtype(dtype, source.path))
     torch_dtype = dtype
+    check_host_memory(source, torch_dtype)  # the whole model is about to be held in memory
     try:
         config = AutoConfig.from_pretrained(str(source.path), trust_remote_code=trust_remote_code)
         extra: dict[str, Any] = {}
@@ -261,6 +263,8 @@ def expected_checkpoint_bytes(spec: str, dtype: str) -> int:
     else:
         path = Path(spec).expanduser()
     if not path.is_dir():
+        if HUB_ID.match(spec) and not path.suffix:  # the repository's own file sizes, asked of the Hub
+            return repository_size(spec, DTYPES[dtype].itemsize if dtype in DTYPES else None)
         return 0
     if dtype == AUTO_DTYPE:  # kept in the base's own dtype: the checkpoint's own size
         for file in path.glob("*.safetensors"):
@@ -307,3 +311,115 @@ def checkpoint_dtype(path: str | Path) -> str:
 def resolve_dtype(dtype: str, path: str | Path) -> str:
     """``auto`` -> the checkpoint's own dtype name; any other name is returned as given."""
     return checkpoint_dtype(path) if dtype == AUTO_DTYPE else dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory checked before a whole-model load: host RAM, and GPU memory for lm-eval tasks
+# ---------------------------------------------------------------------------------------------
+
+FORCE_ENV = "PRUNEKIT_FORCE"  # "1": skip the memory checks (what --force does), e.g. for a sweep's workers
+_FORCED: contextvars.ContextVar[bool] = contextvars.ContextVar("prunekit_memory_check_forced", default=False)
+LOAD_OVERHEAD = 1.10  # beyond the weights: buffers, the loader's bookkeeping, the rest of the process
+SAFETENSORS_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+                        "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+FLOATING = {"F64", "F32", "F16", "BF16"}
+
+
+@contextlib.contextmanager
+def memory_check_forced(force: bool = True) -> Iterator[None]:
+    """Within the block, whole-model loads skip the memory check (``--force``): the user knows better, e.g.
+    swap, or memory that another process is about to free."""
+    token = _FORCED.set(bool(force) or _FORCED.get())
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
+
+
+def memory_check_is_forced() -> bool:
+    return _FORCED.get() or os.environ.get(FORCE_ENV, "").strip() not in ("", "0")
+
+
+def available_host_memory() -> int | None:
+    """Bytes this process can still get: the OS's available memory, capped by its cgroup's limit (a Slurm
+    job's or a container's); None when unknown."""
+    free = None
+    try:
+        import psutil  # accelerate's dependency
+
+        free = int(psutil.virtual_memory().available)
+    except (ImportError, OSError):
+        pass
+    with contextlib.suppress(OSError, ValueError, KeyError):  # cgroup v2; its page cache ("file") can be reclaimed, "anon" not
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            stat = dict(line.split() for line in Path("/sys/fs/cgroup/memory.stat").read_text().splitlines() if line.strip())
+            left = int(limit) - int(stat["anon"])
+            free = left if free is None else min(free, left)
+    return free
+
+
+def whole_model_bytes(path: str | Path, dtype: torch.dtype | None = None) -> int:
+    """The bytes of a model directory's weights held whole in ``dtype`` (None: as stored), from its safetensors
+    headers (no weight is read). Integer tensors (packed quantized weights) keep their own size."""
+    total = 0
+    for file in Path(path).glob("*.safetensors"):
+        for name, entry in safetensors_header(file).items():
+            if name == "__metadata__" or not isinstance(entry, dict):
+                continue
+            stored = str(entry.get("dtype"))
+            size = dtype.itemsize if dtype is not None and stored in FLOATING else SAFETENSORS_ITEMSIZE.get(stored, 4)
+            total += math.prod(entry.get("shape") or [1]) * size
+    return total
+
+
+def _too_big(what: str, need: int, have: int, where: str, advice: list[str]) -> ConfigError:
+    options = "; or ".join(advice + ["pass --force to try anyway"])
+    return ConfigError(f"{what} needs about {human_size(need)} of {where}, but {human_size(have)} is available; "
+                       f"{options}")
+
+
+def check_host_memory(source: ModelSource, dtype: torch.dtype | None, advice: list[str] | None = None) -> None:
+    """Refuse to load ``source`` whole in ``dtype`` when host memory cannot hold it (:func:`memory_check_forced`
+    and ``$PRUNEKIT_FORCE`` skip this). Raises ConfigError naming what would fit."""
+    if memory_check_is_forced():
+        return
+    need = int(whole_model_bytes(source.path, dtype) * LOAD_OVERHEAD)
+    have = available_host_memory()
+    if have is None or need <= have:
+        return
+    own = checkpoint_dtype(source.path)
+    default = [f"stream it a layer at a time in the checkpoint's own dtype ({own}: --dtype auto), which prune, "
+               "quantize and eval (perplexity, SNR) do"]
+    name = str(dtype).replace("torch.", "") if dtype is not None else own
+    raise _too_big(f"loading '{source.spec}' whole in {name}", need, have, "host memory", advice or default)
+
+
+def check_task_memory(spec: str, dtype: str, device: str, backend: str = "hf", parallelize: bool | None = None) -> None:
+    """Before lm-eval tasks (which hold the whole model): host memory for transformers' load and, on a GPU with
+    the hf backend, the free memory of the GPU (or of all visible GPUs with ``parallelize``). Raises ConfigError
+    saying what would fit: ``--parallelize`` over N GPUs, the vLLM backend with N GPUs, or streaming."""
+    if memory_check_is_forced() or backend != "hf":
+        return
+    source = resolve_model(spec)
+    wanted = parse_dtype(resolve_dtype(dtype, source.path))
+    stream = ["leave out --tasks: perplexity and SNR stream the model a layer at a time"]
+    check_host_memory(source, wanted, stream)
+    target = resolve_device(device)
+    if target.type != "cuda":
+        return
+    need = int(whole_model_bytes(source.path, wanted) * LOAD_OVERHEAD)
+    count = torch.cuda.device_count()
+    spread = count > 1 if parallelize is None else parallelize
+    indices = range(count) if spread else [target.index or 0]
+    free_total = [torch.cuda.mem_get_info(i) for i in indices]
+    have = sum(free for free, _ in free_total)
+    if need <= have:
+        return
+    per_gpu = max(total for _, total in free_total)
+    gpus = max(2, math.ceil(need / (0.9 * per_gpu)))
+    advice = [f"use --backend vllm with {gpus} GPUs (tensor parallel)"]
+    if not spread or count < gpus:
+        advice.insert(0, f"spread it with --parallelize over {gpus} GPUs")
+    raise _too_big(f"lm-eval tasks on '{source.spec}'", need, have,
+                   "GPU memory" + (f" on {len(free_total)} GPUs" if spread else f" on {target}"), advice + stream)

@@ -225,6 +225,7 @@ def summarize_quantization(
         "bits": quantization.bits,
         "group_size": quantization.group_size,
         "symmetric": quantization.symmetric,
+        "scheme": quantization.scheme,  # what the grid is and what loads it
         "act_order": quantization.act_order,
         "static_groups": quantization.act_order and quantization.static_groups,
         "format": "dense",  # fake-quantized weights in the model's dtype

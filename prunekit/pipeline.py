@@ -16,12 +16,14 @@ from typing import Any
 
 import torch
 
+import prunekit
 from prunekit.artifacts import CHECKPOINT_KIND, library_versions, method_seconds_key, summary_key, write_record
+from prunekit.backend import gemm_plan
 from prunekit.calibration import sample_calibration_set
 from prunekit.conventions import describe as describe_conventions
 from prunekit.engine import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS, Engine, LayerResult, check_solve_threads, parse_skip_layers
 from prunekit.errors import ConfigError
-from prunekit.io import atomic_directory, check_output_location, versioned
+from prunekit.io import atomic_directory, check_output_location, remove_leftovers, tree_bytes, versioned
 from prunekit.methods import Method, available_methods, get_method
 from prunekit.models import (
     MODULE_NAMES, checkpoint_dtype, expected_checkpoint_bytes, find_decoder_layers, linear_sublayers, load_model, load_tokenizer, parse_dtype,
@@ -29,7 +31,8 @@ from prunekit.models import (
 )
 from prunekit.packing import check_format, save_packed, summarize_quantization, take_grids
 from prunekit.progress import progress_bar, stderr_console
-from prunekit.recipe import CalibrationSpec, Quantization, Recipe, parse_pattern, validate_quantization
+from prunekit.recipe import CalibrationSpec, Quantization, Recipe, default_symmetric, parse_pattern, validate_quantization
+from prunekit.staging import Staging, discard_staging, file_fingerprint, staging_path
 from prunekit.streaming import (
     ActivationPlan, MirrorWriter, SafetensorsCheckpoint, StreamedLayers, build_skeleton, device_available,
     host_available, layer_reserve, plan_activations,
@@ -40,7 +43,7 @@ METHOD_KINDS = ("prune", "quantize")
 CALIBRATION_KEYWORDS = {"calib": "languages", "calib_source": "source", "nsamples": "nsamples", "seqlen": "seqlen",
                         "seed": "seed", "conventions": "conventions"}
 OUTPUT_KEYWORDS = {"out": "out", "dtype": "dtype", "checkpoint_format": "checkpoint_format", "overwrite": "overwrite",
-                   "stream": "stream"}
+                   "stream": "stream", "resume": "resume"}
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,8 @@ class OutputSpec:
         overwrite: replace a non-empty ``out``.
         stream: None streams the layers into ``out`` when it can (``prunekit.streaming``), True insists,
             False loads the whole model.
+        resume: a streamed run continues where an interrupted run of the same command stopped (its
+            staging ``.OUT.partial``, ``prunekit.staging``); False removes that staging and starts fresh.
 
     Raises:
         ConfigError: an unknown dtype or format.
@@ -68,6 +73,7 @@ class OutputSpec:
     checkpoint_format: str = "packed"
     overwrite: bool = False
     stream: bool | None = None
+    resume: bool = True
 
     def __post_init__(self) -> None:
         if self.out is not None:
@@ -114,7 +120,9 @@ def reproduce_command(model: str, recipe: Recipe, calibration: CalibrationSpec |
     if recipe.quantization is not None:
         q = recipe.quantization
         parts += ["--bits", str(q.bits), "--group-size", str(q.group_size)] + (["--act-order"] if q.act_order else [])
-        parts += (["--dynamic-groups"] if q.act_order and not q.static_groups else []) + (["--symmetric"] if q.symmetric else [])
+        parts += ["--dynamic-groups"] if q.act_order and not q.static_groups else []
+        if q.symmetric != default_symmetric(recipe.conventions):
+            parts += ["--symmetric"] if q.symmetric else ["--asymmetric"]
         parts += ["--method", recipe.method] if recipe.method != "gptq" else []
         parts += ["--format", checkpoint_format] if checkpoint_format != "packed" else []
     else:
@@ -238,14 +246,17 @@ def prune(
     method_obj = method_of_kind(method, kind)
     quantize = method_obj.kind == "quantize"
     if quantize:
-        recipe = Recipe(method, quantization=validate_quantization(quantization or Quantization()), conventions=calibration.conventions)
+        recipe = Recipe(method, quantization=validate_quantization(quantization or Quantization(symmetric=default_symmetric(calibration.conventions))), conventions=calibration.conventions)
         check_format(output.checkpoint_format, recipe.quantization)
     else:
         recipe = Recipe(method, pattern=parse_pattern(sparsity, pattern), conventions=calibration.conventions)
     calibration = calibration.for_method(method, method_obj.needs_calibration)
     check_solve_threads(solve_threads)  # before the model loads
     out_path = check_output_dir(output.out, output.overwrite)
-    check_output_location(out_path, expected_checkpoint_bytes(model, output.dtype) if out_path else 0)  # before hours of work
+    if out_path is not None:  # what killed runs left beside it, before the free-space check counts it as used
+        remove_leftovers(out_path, say, staging=False)
+    expected = expected_checkpoint_bytes(model, output.dtype) - tree_bytes(staging_path(out_path)) if out_path else 0
+    check_output_location(out_path, expected)  # before hours of work
     compute_device = resolve_device(device)
 
     t0 = time.perf_counter()
@@ -276,23 +287,40 @@ def prune(
         activations = compute_device if plan.where == "device" else torch.device("cpu")
 
     config = loaded.config
+    calibrated = calibration if calibration.uses_text else None
+    identity, run_id = run_identity(source.spec, source.revision, recipe, calibrated, output.dtype, skip_layers)
     with contextlib.ExitStack() as stack:
+        run = resume_point = layer_done = gemms = None
+        if streamed is None and out_path is not None:
+            discard_staging(out_path, say)  # an interrupted streamed run's staging: this run cannot resume it
         if streamed is not None:
             stack.callback(streamed.close)
-            staging = stack.enter_context(atomic_directory(out_path, overwrite=may_replace(out_path, output.overwrite)))
-            streamed.writer = writer = MirrorWriter(checkpoint, staging)
-            writer.start()
+            streamed.writer = writer = MirrorWriter(checkpoint, staging_path(out_path))
+            resumable = getattr(writer, "resumable", False)
+            run = stack.enter_context(Staging(out_path, staging_run(identity, checkpoint, compute_device, batch_size,
+                                                                    solve_threads, activations),
+                                              say, resume=output.resume, resumable=resumable))
+            staging = stack.enter_context(atomic_directory(out_path, overwrite=may_replace(out_path, output.overwrite),
+                                                           staging=run.path, kept=run.kept))
+            writer.resume() if run.point is not None else writer.start()
+            run.started(len(layers), gemm_plan(next(loaded.parameters()).dtype, compute_device))
+            resume_point, gemms = run.point, run.gemms
+
+            def layer_done(index, hidden, results):
+                if hasattr(writer, "layer_done"):
+                    writer.layer_done(index)
+                if resumable:
+                    run.layer_done(index, hidden, results)
         t0 = time.perf_counter()
         verb = "quantizing" if quantize else "pruning"
         with progress_bar(f"{verb} {method} layers", len(layers), progress) as update:
             engine = Engine(method_obj, recipe, compute_device, skipped, batch_size, update, solve_threads=solve_threads,
-                            activation_device=activations)
-            layer_results = engine.run(loaded, None if calib_set is None else calib_set.input_ids, streamed)
+                            activation_device=activations, gemms=gemms)
+            layer_results = engine.run(loaded, None if calib_set is None else calib_set.input_ids, streamed,
+                                       resume=resume_point, layer_done=layer_done)
         timings[method_seconds_key(method_obj.kind)] = time.perf_counter() - t0
         grids = take_grids(layer_results, layers_prefix)  # the quantizers' grids, for the packed checkpoint
 
-        calibrated = calibration if calibration.uses_text else None
-        identity, run_id = run_identity(source.spec, source.revision, recipe, calibrated, output.dtype, skip_layers)
         summary = (summarize_quantization(layer_results, loaded, grids, recipe.quantization, packed, MODULE_NAMES) if quantize
                    else summarize_layers(layer_results))
         record = versioned(
@@ -321,6 +349,7 @@ def prune(
             t0 = time.perf_counter()
             writer.close()
             finish_streamed_checkpoint(source.path, staging, tokenizer, record)
+            run.finish()
             timings["save_s"] = time.perf_counter() - t0
     if out_path is not None and streamed is None:
         t0 = time.perf_counter()
@@ -330,6 +359,27 @@ def prune(
     if out_path is not None:
         write_record(out_path, record)
     return PruneResult(tokenizer, record, out_path, None if streamed is not None else loaded)
+
+
+def say(message: str) -> None:
+    """One line to the user (what was resumed or removed), whatever ``progress`` is."""
+    print(message, file=sys.stderr)
+
+
+def staging_run(identity: dict[str, Any], checkpoint: SafetensorsCheckpoint, device: torch.device,
+                batch_size: int | None, solve_threads: int | None, activations: torch.device | None) -> dict[str, Any]:
+    """What a streamed run's staging must match to be resumed (``prunekit.staging``): the run identity, the
+    base's weight files by size and time, the engine settings that change its numbers, and the versions."""
+    import transformers
+
+    files = list(checkpoint.files) + ([checkpoint.index_file.name] if checkpoint.index_file is not None else [])
+    return {
+        "identity": identity,
+        "base": file_fingerprint(checkpoint.directory, files),
+        "engine": {"device": str(device), "batch_size": batch_size, "solve_threads": solve_threads,
+                   "activations": None if activations is None else str(activations), "threads": torch.get_num_threads()},
+        "versions": {"prunekit": prunekit.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
+    }
 
 
 def load_for_run(source, dtype: str, out: Path | None, stream: bool | None, packed: bool, trust_remote_code: bool):

@@ -27,29 +27,37 @@ _CUDA = re.compile(r"^cuda(?::(\d+))?$")
 
 @dataclass(frozen=True)
 class WorkerPlan:
-    """How many workers run at once and the device each one's ``--device auto`` means (None: leave it)."""
+    """How many workers run at once, the device each one's ``--device auto`` means (None: leave it),
+    and the GPUs each one owns: ``gpus[i]`` are indices into the visible GPUs that become worker i's
+    whole ``CUDA_VISIBLE_DEVICES`` (None: its environment is left as it is)."""
 
     workers: int
     devices: list[str | None]
     warnings: list[str] = field(default_factory=list)
+    gpus: list[list[int] | None] = field(default_factory=list)
 
 
-def worker_plan(device: str, requested: int | None, gpus: int) -> WorkerPlan:
+def worker_plan(device: str, requested: int | None, gpus: int, gpus_per_worker: int = 1) -> WorkerPlan:
     """Workers for ``device`` (the config's ``execution.device``) on a machine with ``gpus`` visible GPUs.
 
     ``requested``: ``--max-parallel`` (None or 0: automatic). A GPU holds one worker: two processes
     on one GPU contend for its memory and run no faster, so asking for more workers than GPUs is
-    capped, with a warning. ``auto``/``cuda`` give worker i its own ``cuda:i``; an explicit
-    ``cuda:N`` is honoured as written, so it holds one worker. On the CPU (or with no GPU) the
-    workers share the cores: automatic means one; more are the user's call.
+    capped, with a warning. ``auto``/``cuda`` give worker i its own GPU(s): ``gpus_per_worker`` of them
+    (``execution.gpus_per_worker``; more than one only by the user's choice, for lm-eval's
+    ``parallelize`` or vLLM's tensor parallelism), as the worker's whole ``CUDA_VISIBLE_DEVICES``, so it
+    sees them as ``cuda:0`` … and never touches another worker's. An explicit ``cuda:N`` is honoured as
+    written (environment unchanged), so it holds one worker. On the CPU (or with no GPU) the workers
+    share the cores: automatic means one; more are the user's call.
     """
     auto = requested in (None, 0)
     if requested is not None and requested < 0:
         raise ConfigError(f"--max-parallel must be at least 1 (or 0: automatic), got {requested}")
+    if gpus_per_worker < 1:
+        raise ConfigError(f"execution.gpus_per_worker must be at least 1, got {gpus_per_worker}")
     match = _CUDA.match(device)
     if device == "cpu" or (device == "auto" and gpus == 0):
         workers = 1 if auto else int(requested)
-        return WorkerPlan(workers, [None] * workers)
+        return WorkerPlan(workers, [None] * workers, [], [None] * workers)
     if match is None and device != "auto":
         raise ConfigError(f"unknown device '{device}': use auto, cpu or cuda[:i]")
     if gpus == 0:
@@ -61,20 +69,47 @@ def worker_plan(device: str, requested: int | None, gpus: int) -> WorkerPlan:
         warnings = [] if auto or requested == 1 else [
             f"--max-parallel {requested} with execution.device {device}: one GPU holds one worker, so 1 worker runs; "
             "set execution.device to auto (or cuda) to use every visible GPU"]
-        return WorkerPlan(1, [device], warnings)
-    workers = gpus if auto else min(int(requested), gpus)
-    warnings = [] if auto or int(requested) <= gpus else [
-        f"--max-parallel {requested} but {gpus} GPU(s) are visible: one GPU holds one worker, so {gpus} run at once"]
-    return WorkerPlan(workers, [f"cuda:{i}" for i in range(workers)], warnings)
+        return WorkerPlan(1, [device], warnings, [None])
+    if gpus_per_worker > gpus:
+        raise ConfigError(f"execution.gpus_per_worker is {gpus_per_worker}, but only {gpus} GPU(s) are visible")
+    fit = gpus // gpus_per_worker
+    workers = fit if auto else min(int(requested), fit)
+    unit = "GPU(s)" if gpus_per_worker == 1 else f"GPU(s), {gpus_per_worker} per worker,"
+    warnings = [] if auto or int(requested) <= fit else [
+        f"--max-parallel {requested} but {gpus} {unit} are visible: one GPU holds one worker, so {fit} run at once"]
+    owned = [list(range(i * gpus_per_worker, (i + 1) * gpus_per_worker)) for i in range(workers)]
+    return WorkerPlan(workers, ["cuda:0"] * workers, warnings, owned)
 
 
-def rank_device(device: str, local_rank: int, visible: int) -> str | None:
-    """The GPU of one Slurm rank (``tasks_per_node`` = ``gpus_per_node``: one rank per GPU). Every rank
-    sees the node's GPUs (cuda:local_rank), or only its own where the cluster binds GPUs to tasks
-    (cuda:0). None: leave ``device`` as the config says (cpu, an explicit cuda:N, or no GPU)."""
-    if device not in ("auto", "cuda") or visible == 0:
-        return None
-    return f"cuda:{local_rank}" if visible > local_rank else "cuda:0"
+def worker_environment(env: dict[str, str], plan: WorkerPlan, slot: int, visible: list[str]) -> dict[str, str]:
+    """The environment of worker ``slot``: ``CUDA_VISIBLE_DEVICES`` its own GPUs (of the ``visible`` ids
+    the parent sees) and ``PRUNEKIT_DEVICE`` what its ``device: auto`` means; otherwise ``env`` as is."""
+    env = dict(env)
+    if plan.devices[slot] is not None:
+        env["PRUNEKIT_DEVICE"] = plan.devices[slot]
+    owned = plan.gpus[slot] if slot < len(plan.gpus) else None
+    if owned is not None:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(visible[i] for i in owned)
+    return env
+
+
+def rank_device(device: str, local_rank: int, visible: int | list[str], gpus_per_rank: int = 1) -> tuple[str | None, str | None]:
+    """The GPU(s) of one Slurm rank (``tasks_per_node`` = GPUs / ``gpus_per_rank``): (its
+    ``CUDA_VISIBLE_DEVICES``, what its ``device=auto`` means). ``visible``: the GPU ids this rank sees
+    (from ``CUDA_VISIBLE_DEVICES``), or only their count where they are unknown. Every rank sees the
+    node's GPUs: it keeps its own (``CUDA_VISIBLE_DEVICES`` narrowed, ``cuda:0``); where only the count
+    is known it takes ``cuda:local_rank·gpus_per_rank`` (the environment can no longer be narrowed);
+    where the cluster already binds GPUs to tasks it sees only its own: ``cuda:0``. (None, None): leave
+    the config's device (cpu, an explicit cuda:N, or no GPU)."""
+    count = visible if isinstance(visible, int) else len(visible)
+    if device not in ("auto", "cuda") or count == 0:
+        return None, None
+    first = local_rank * gpus_per_rank
+    if count < first + gpus_per_rank:  # bound by the cluster: these are the rank's own
+        return None, "cuda:0"
+    if isinstance(visible, int):
+        return None, f"cuda:{first}"
+    return ",".join(visible[first:first + gpus_per_rank]), "cuda:0"
 
 
 @dataclass(frozen=True)
@@ -89,10 +124,13 @@ class SlurmLayout:
     array_parallelism: int | None
 
 
-def slurm_layout(gpus_per_node: int, runs_per_job: int, max_parallel: int | None) -> SlurmLayout:
+def slurm_layout(gpus_per_node: int, runs_per_job: int, max_parallel: int | None, gpus_per_rank: int = 1) -> SlurmLayout:
     """Arrays run in parallel: ``--max-parallel`` caps the jobs running at once (None/0: no cap). A job
-    with ``gpus_per_node`` GPUs runs one rank per GPU, each with ``runs_per_job`` runs."""
-    ranks = max(1, gpus_per_node)
+    with ``gpus_per_node`` GPUs runs one rank per GPU (per ``gpus_per_rank`` GPUs: the sweep's
+    ``execution.gpus_per_worker``), each with ``runs_per_job`` runs."""
+    if gpus_per_node and gpus_per_rank > gpus_per_node:
+        raise ConfigError(f"execution.gpus_per_worker is {gpus_per_rank}, more than slurm.gpus_per_node ({gpus_per_node})")
+    ranks = max(1, gpus_per_node // max(1, gpus_per_rank))
     return SlurmLayout(gpus_per_node, ranks, runs_per_job * ranks, None if not max_parallel else int(max_parallel))
 
 

@@ -61,7 +61,10 @@ def parse_pattern(sparsity: float | None, pattern: str | None = None) -> Pattern
 @dataclass(frozen=True)
 class Quantization:
     """Weight quantization: ``bits`` per weight, one min-max grid per ``group_size`` input columns of a
-    row (-1: one grid per row), asymmetric unless ``symmetric``. ``act_order`` processes columns by
+    row (-1: one grid per row), symmetric (±max|w|, no zero point: W4A16 / W8A16 group 128 like
+    llm-compressor's presets, the scheme plain transformers and vLLM load as they are) unless
+    ``symmetric`` is False (the asymmetric min-max grid of the study's reference code, with packed zero
+    points, that plain transformers cannot read with compressed-tensors 0.19-0.20). ``act_order`` processes columns by
     descending diag(H); with it, ``static_groups`` fixes the group grids on the weights before any
     update (groups stay contiguous in the original column order). Without ``act_order`` groups are
     always contiguous and fitted as GPTQ reaches them (``static_groups`` has no effect)."""
@@ -70,17 +73,26 @@ class Quantization:
     group_size: int = 128
     act_order: bool = False
     static_groups: bool = True
-    symmetric: bool = False
+    symmetric: bool = True
 
     @property
     def slug(self) -> str:
-        """Canonical short name: ``w4g128``, ``w8`` (per-channel), ``w4g128-act``, ``w4g128-actdyn``, ``-sym``."""
+        """Canonical short name: ``w4g128``, ``w8`` (per-channel), ``w4g128-act``, ``w4g128-actdyn``, ``-asym``."""
         name = f"w{self.bits}" + (f"g{self.group_size}" if self.group_size != -1 else "")
         if self.act_order:
             name += "-act" if self.static_groups else "-actdyn"
-        if self.symmetric:
-            name += "-sym"
+        if not self.symmetric:
+            name += "-asym"
         return name
+
+    @property
+    def scheme(self) -> str:
+        """What the record and the card call the grid, and what loads it."""
+        if self.symmetric:
+            return (f"symmetric W{self.bits}A16 (llm-compressor's preset scheme): plain transformers with "
+                    "compressed-tensors and vLLM load it as it is")
+        return (f"asymmetric W{self.bits}A16 (the study's reference grid, packed zero points): vLLM and prunekit "
+                "load it; plain transformers with compressed-tensors 0.19-0.20 cannot")
 
 
 QUANTIZATION_BITS = (2, 3, 4, 8)
@@ -92,16 +104,26 @@ def parse_quantization(
     group_size: int = 128,
     act_order: bool = False,
     static_groups: bool = True,
-    symmetric: bool = False,
+    symmetric: bool | None = None,
+    conventions: str = "prunekit",
 ) -> Quantization:
-    """Validate ``--bits`` / ``--group-size`` (and friends) and build the Quantization."""
+    """Validate ``--bits`` / ``--group-size`` (and friends) and build the Quantization. ``symmetric``
+    None: the conventions' default (``default_symmetric``)."""
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in QUANTIZATION_BITS:
         raise ConfigError(f"--bits must be one of {', '.join(map(str, QUANTIZATION_BITS))} (the study uses 4 and 8), got {bits}")
     if isinstance(group_size, bool) or not isinstance(group_size, int) or not (group_size > 0 or group_size == -1):
         raise ConfigError(
             f"--group-size must be a positive number of input columns (e.g. 128) or -1 for one grid per output row, got {group_size}"
         )
+    if symmetric is None:
+        symmetric = default_symmetric(conventions)
     return Quantization(int(bits), int(group_size), bool(act_order), bool(static_groups), bool(symmetric))
+
+
+def default_symmetric(conventions: str = "prunekit") -> bool:
+    """The grid when neither --symmetric nor --asymmetric is given: symmetric (what the ecosystem loads
+    as it is), except under ``--conventions study``, which keeps the reference code's asymmetric grid."""
+    return conventions != "study"
 
 
 def validate_quantization(quantization: Quantization) -> Quantization:
@@ -111,7 +133,7 @@ def validate_quantization(quantization: Quantization) -> Quantization:
     )
 
 
-_QUANT_SLUG = re.compile(r"^w(\d+)(?:g(\d+))?((?:-(?:act|actdyn|sym))*)$")
+_QUANT_SLUG = re.compile(r"^w(\d+)(?:g(\d+))?((?:-(?:act|actdyn|sym|asym))*)$")
 
 
 def quantization_from_name(name: str) -> Quantization | None:
@@ -119,7 +141,8 @@ def quantization_from_name(name: str) -> Quantization | None:
 
     ``gptq-w4g128`` -> 4 bits, groups of 128; ``gptq-w8`` -> 8 bits, one grid per row;
     suffixes ``-act`` (act-order, static groups), ``-actdyn`` (act-order, groups refitted in
-    activation order), ``-sym`` (symmetric grid). Plain ``gptq`` means the defaults (w4g128).
+    activation order), ``-asym`` (the asymmetric grid; symmetric is the default, ``-sym`` is accepted
+    and changes nothing). Plain ``gptq`` means the defaults (w4g128, symmetric).
     The method is the part before the first '-' (see ``split_method_name``).
     """
     method, _, slug = name.strip().partition("-")
@@ -130,15 +153,17 @@ def quantization_from_name(name: str) -> Quantization | None:
     match = _QUANT_SLUG.match(slug)
     if not match:
         raise ConfigError(
-            f"malformed quantization method name '{name}': use {method}-w<bits>[g<group>][-act][-sym], e.g. {method}-w4g128"
+            f"malformed quantization method name '{name}': use {method}-w<bits>[g<group>][-act][-asym], e.g. {method}-w4g128"
         )
     suffixes = set(filter(None, match.group(3).split("-")))
     if {"act", "actdyn"} <= suffixes:
         raise ConfigError(f"'{name}': use either -act (static groups) or -actdyn, not both")
+    if {"sym", "asym"} <= suffixes:
+        raise ConfigError(f"'{name}': use either -sym (the default) or -asym, not both")
     group = int(match.group(2)) if match.group(2) is not None else -1
     return parse_quantization(
         int(match.group(1)), group, act_order=bool(suffixes & {"act", "actdyn"}),
-        static_groups="actdyn" not in suffixes, symmetric="sym" in suffixes,
+        static_groups="actdyn" not in suffixes, symmetric="asym" not in suffixes,
     )
 
 

@@ -3,7 +3,8 @@ one error message per failure, retries, and the one download path (:func:`downlo
 
 huggingface_hub retries its own listings, pre-upload checks and file transfers (``http_backoff``). The calls
 it makes once (repo info, create_repo, create_branch, the commit) are retried here, on the status codes and
-network errors that ``http_backoff`` retries by default: ``PRUNEKIT_HUB_RETRIES`` attempts (default 5), the
+network errors that ``http_backoff`` retries by default, except an endpoint that cannot be reached at all
+(connection refused, no route, a name that does not resolve), which fails at once naming it: ``PRUNEKIT_HUB_RETRIES`` attempts (default 5), the
 first delay ``PRUNEKIT_HUB_BACKOFF`` seconds (default 1), doubling. The token is never printed or written.
 """
 
@@ -101,6 +102,26 @@ def offline_error(what: str, endpoint: str, hint: str = OFFLINE_HINT) -> HubErro
     return HubError(f"offline mode (HF_HUB_OFFLINE=1) is on, so {what} cannot reach the Hub at {endpoint}; {hint}")
 
 
+def check_reachable(endpoint: str, what: str, timeout_s: float = 3.0) -> None:
+    """Fail fast when the Hub's host does not answer (connection refused, unknown host, no answer in ``timeout_s``):
+    huggingface_hub's listings retry network errors on their own for about 20 s. Skipped behind a proxy.
+
+    Raises:
+        HubError: the host cannot be reached; says what to do.
+    """
+    import socket
+    from urllib.parse import urlsplit
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+        return
+    parts = urlsplit(endpoint)
+    try:
+        socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)), timeout_s).close()
+    except OSError as err:
+        raise HubError(f"cannot reach the Hub at {endpoint} while {what} ({err.strerror or type(err).__name__}); check "
+                       "your network and --endpoint / HF_ENDPOINT") from None
+
+
 def _chain(err: BaseException | None) -> Iterator[BaseException]:
     seen = set()
     while err is not None and id(err) not in seen:
@@ -112,6 +133,40 @@ def _chain(err: BaseException | None) -> Iterator[BaseException]:
 def _status(err: BaseException) -> int | None:
     statuses = (getattr(getattr(e, "response", None), "status_code", None) for e in _chain(err))
     return next((s for s in statuses if isinstance(s, int)), None)
+
+
+UNREACHABLE_HINT = "check the network (a compute node may have none), or the endpoint: --endpoint or HF_ENDPOINT"
+
+
+def unreachable_reason(err: BaseException) -> str | None:
+    """Why the endpoint cannot be reached at all, when a retry cannot change it: the connection was refused,
+    there is no route to it, or its name does not resolve (DNS). None for anything else (a timeout, a reset,
+    an HTTP status), which may be transient."""
+    import errno
+    import socket
+
+    for e in _chain(err):
+        if isinstance(e, socket.gaierror):
+            return f"its host name could not be resolved: {e.strerror or e}"
+        if isinstance(e, ConnectionRefusedError) or (isinstance(e, OSError) and e.errno in (
+                errno.ECONNREFUSED, errno.ENETUNREACH, errno.EHOSTUNREACH)):
+            return {errno.ECONNREFUSED: "connection refused", errno.ENETUNREACH: "network unreachable",
+                    errno.EHOSTUNREACH: "no route to host"}.get(e.errno, e.strerror or str(e))
+    return None
+
+
+def unreachable_error(what: str, endpoint: str, reason: str, cached: bool = False) -> HubError:
+    """The error for a Hub that cannot be reached at all (not retried)."""
+    nothing_cached = " and no copy is in the cache" if cached else ""
+    return HubError(f"cannot reach the Hub at {endpoint} while {what} ({reason}){nothing_cached}; {UNREACHABLE_HINT}")
+
+
+API_HINTS = re.compile(r"\s*Use `\w+` argument if needed\.?")
+
+
+def strip_api_hints(text: str) -> str:
+    """A huggingface_hub message without the hints meant for its Python API users ("Use `repo_type` argument")."""
+    return API_HINTS.sub("", text)
 
 
 def _transient(err: BaseException) -> bool:
@@ -130,6 +185,7 @@ def _describe(err: BaseException, token: str | None) -> str:
     status, server = _status(err), getattr(err, "server_message", None)
     text = str(err).strip()
     text = f"{status} {server}".strip() if status and server else (text.splitlines()[0] if text else type(err).__name__)
+    text = strip_api_hints(text)
     return text.replace(token, "hf_***") if token else text
 
 
@@ -177,6 +233,11 @@ def hub_call(what: str, call: Callable[[], T], *, repo_id: str, endpoint: str, t
                     f"the token may not do this at {endpoint} while {what} (403 Forbidden): use a token with write access "
                     "to that namespace (https://huggingface.co/settings/tokens), or choose a --namespace you own"
                 ) from None
+            reason = unreachable_reason(err)
+            if reason is not None:  # refused, no route, no DNS: the same on every retry
+                if is_offline():
+                    raise offline_error(what, endpoint) from None
+                raise unreachable_error(what, endpoint, reason, cached=isinstance(err, LocalEntryNotFoundError)) from None
             if not _transient(err):
                 if isinstance(err, LocalEntryNotFoundError):  # snapshot_download found neither the Hub nor a cached copy
                     if is_offline():
@@ -224,7 +285,94 @@ def download_snapshot(repo_id: str, revision: str | None = None, *, local_dir: s
     if local_dir is not None:  # a copy to keep: name the commit first, so that its files and the sha reported agree
         api = HfApi(endpoint=endpoint, token=token)
         revision = hub_call(f"reading {repo_id}", lambda: api.repo_info(repo_id, revision=revision).sha, **context)
+    check_download_space(repo_id, revision, local_dir=local_dir, cache_dir=cache_dir, endpoint=endpoint, token=token)
     path = Path(hub_call(f"downloading {repo_id}", lambda: snapshot_download(
         repo_id, revision=revision, allow_patterns=list(CHECKPOINT_PATTERNS), local_dir=local_dir, cache_dir=cache_dir,
         endpoint=endpoint, token=token), **context))
     return path, str(revision) if local_dir is not None else path.name  # cache snapshots are named by commit
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the disk that holds ``path`` (or its nearest existing parent)."""
+    import shutil
+
+    path = Path(path).expanduser().absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def check_download_space(repo_id: str, revision: str | None = None, *, local_dir: str | Path | None = None,
+                         cache_dir: str | Path | None = None, endpoint: str | None = None,
+                         token: str | None = None) -> None:
+    """Before a download: does the disk it goes to have room for the checkpoint files not there yet (their sizes
+    from the repository's file metadata)? Skipped when the Hub cannot say (the download then reports why, or
+    uses a cached copy).
+
+    Raises:
+        ConfigError: the disk has less free space than the files still to download.
+    """
+    import fnmatch
+
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+
+    if is_offline():
+        return
+    try:
+        endpoint = resolve_endpoint(endpoint)
+        token = get_token(token)
+        api = HfApi(endpoint=endpoint, token=token)
+        info = hub_call(f"reading {repo_id}", lambda: api.model_info(repo_id, revision=revision, files_metadata=True),
+                        repo_id=repo_id, endpoint=endpoint, token=token, retry=RetryPolicy(attempts=1), revision=revision)
+    except Exception:  # noqa: BLE001 - an estimate: the download names the problem
+        return
+    missing = 0
+    for sibling in info.siblings or []:
+        name, size = sibling.rfilename, sibling.size or 0
+        if not any(fnmatch.fnmatch(name, pattern) for pattern in CHECKPOINT_PATTERNS):
+            continue
+        if local_dir is not None:
+            there = Path(local_dir) / name
+            missing += 0 if there.is_file() and there.stat().st_size == size else size
+        else:
+            cached = try_to_load_from_cache(repo_id, name, cache_dir=cache_dir, revision=info.sha)
+            missing += 0 if isinstance(cached, str) else size
+    target = Path(local_dir) if local_dir is not None else Path(cache_dir or constants.HF_HUB_CACHE)
+    free = free_bytes(target)
+    if missing > free:
+        from prunekit.io import human_size
+
+        where = "--out" if local_dir is not None else "the Hub cache (HF_HUB_CACHE or HF_HOME)"
+        raise ConfigError(f"downloading '{repo_id}' needs about {human_size(missing)} more on the disk of '{target}', "
+                          f"which has {human_size(free)} free; free some space or point {where} at a larger disk")
+
+
+def repository_size(repo_id: str, itemsize: int | None = None, revision: str | None = None, *,
+                    endpoint: str | None = None, token: str | None = None) -> int:
+    """About how many bytes a checkpoint made from the Hub repo ``repo_id`` takes on disk, from the repository's
+    file sizes (``model_info(files_metadata=True)``): its safetensors weights (or, with ``itemsize``, its
+    safetensors parameter count × ``itemsize``: the weights saved in another dtype) plus its small files.
+    0 when the Hub cannot say (offline, unreachable, not found, no safetensors metadata): the download that
+    follows reports those."""
+    import fnmatch
+
+    from huggingface_hub import HfApi
+
+    if is_offline():
+        return 0
+    try:
+        endpoint = resolve_endpoint(endpoint)
+        token = get_token(token)
+        api = HfApi(endpoint=endpoint, token=token)
+        info = hub_call(f"reading {repo_id}", lambda: api.model_info(repo_id, revision=revision, files_metadata=True),
+                        repo_id=repo_id, endpoint=endpoint, token=token, retry=RetryPolicy(attempts=1), revision=revision)
+    except Exception:  # noqa: BLE001 - an estimate: the download names the problem
+        return 0
+    files = [(s.rfilename, s.size or 0) for s in (info.siblings or [])
+             if any(fnmatch.fnmatch(s.rfilename, pattern) for pattern in CHECKPOINT_PATTERNS)]
+    weights = sum(size for name, size in files if name.endswith(".safetensors"))
+    others = sum(size for name, size in files if not name.endswith((".safetensors", ".bin")))
+    parameters = getattr(getattr(info, "safetensors", None), "total", None)
+    if itemsize is not None and parameters:
+        weights = int(parameters) * itemsize
+    return weights + others

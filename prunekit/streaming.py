@@ -140,7 +140,15 @@ class MirrorWriter:
 
     ``start`` copies the base's safetensors files (and index) into ``staging``; ``write`` overwrites one
     tensor's bytes in place, after checking that its dtype and shape are the base's. Tensors never written
-    stay bit-identical to the base."""
+    stay bit-identical to the base.
+
+    The interface a streamed writer offers the pipeline (a packed writer offers the same): ``start()``
+    (a fresh staging), ``write(name, tensor)``, ``layer_done(index)`` (the layer's bytes are on disk: the
+    staging may record it as finished), ``close()``; and, when ``resumable``, ``resume()`` (continue in a
+    staging whose finished layers ``prunekit.staging`` recorded: their bytes are kept, the later layers
+    are written again)."""
+
+    resumable = True
 
     def __init__(self, base: SafetensorsCheckpoint, staging: Path):
         self.base = base
@@ -158,6 +166,19 @@ class MirrorWriter:
             shutil.copyfile(self.base.directory / file, self.staging / file)  # sendfile: no copy in this process
         if self.base.index_file is not None:
             shutil.copyfile(self.base.index_file, self.staging / INDEX_FILE)
+
+    def resume(self) -> None:
+        """Continue in a staging that ``start`` filled: its shards must be the base's files, by size."""
+        for file in self.base.files:
+            copy = self.staging / file
+            if not copy.is_file() or copy.stat().st_size != (self.base.directory / file).stat().st_size:
+                raise ModelError(f"internal: the staging's {file} is not a whole copy of the base's")
+
+    def layer_done(self, index: int) -> None:
+        """Layer ``index``'s tensors are written: flush them to disk (a kill, or a crash of the node, after
+        the staging records the layer as finished cannot lose them)."""
+        for handle in self._handles.values():
+            os.fdatasync(handle)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         file, begin, end, code, shape = self.layout[name]

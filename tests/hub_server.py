@@ -5,6 +5,12 @@ runs its own code end to end: httpx, headers, NDJSON commits, the download cache
 regular (non-LFS) files only: preupload always answers ``"regular"`` and returns the git-blob oid
 of the file already stored at that path, so an unchanged file is recognised as such.
 
+Besides repos, files and commits it serves what ``prunekit find`` and a sweep's publishing use: the model
+listing (``list_models``: ``filter`` tags, ``author``, ``search``, ``limit``, and ``expand`` / ``full`` /
+``cardData`` answered from each repo's README front matter), collections (create, get, add and update items)
+and Space repositories (``repo_type="space"``: created, committed to, stored in ``hub.spaces``). Each GET of a
+repo's ``config.json`` counts as one download, as on the Hub.
+
 Test controls: ``hub.valid_tokens`` (writes need one of them), ``hub.fail(route, status, times)``
 (answer the next ``times`` requests of a route with ``status``; ``status=0`` drops the connection),
 ``hub.requests`` (method, route, path, authorization header) and ``hub.commit_log``.
@@ -17,6 +23,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -43,6 +50,9 @@ class Repo:
     private: bool
     commits: dict[str, Commit] = field(default_factory=dict)
     refs: dict[str, str] = field(default_factory=dict)
+    kind: str = "model"  # "model" or "space"
+    downloads: int = 0
+    last_modified: str = ""
 
     def resolve(self, revision: str) -> Commit | None:
         if revision in self.refs:
@@ -55,12 +65,49 @@ def _commit_oid(parent: str | None, summary: str, files: dict[str, bytes]) -> st
     return hashlib.sha1(f"{parent}\n{summary}\n{tree}".encode()).hexdigest()
 
 
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
+
+
+def front_matter(readme: bytes | None) -> dict:
+    """A README's YAML front matter (what the Hub serves as ``cardData``); {} without one."""
+    match = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", (readme or b"").decode("utf-8", "replace"), re.DOTALL)
+    try:
+        meta = yaml.safe_load(match.group(1)) if match else None
+    except yaml.YAMLError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+@dataclass
+class Collection:
+    slug: str
+    title: str
+    namespace: str
+    private: bool
+    description: str | None = None
+    items: list[dict] = field(default_factory=list)  # {"_id", "id", "type", "position", "note"}
+    last_updated: str = ""
+
+    def to_json(self) -> dict:
+        return {"slug": self.slug, "title": self.title, "owner": {"name": self.namespace, "type": "user"},
+                "items": [dict(item) for item in self.items], "lastUpdated": self.last_updated or _now(),
+                "position": 0, "private": self.private, "theme": "blue", "upvotes": 0,
+                "description": self.description}
+
+
 ROUTES = [  # (route name, HTTP methods, regex over the raw path)
     ("whoami", {"GET"}, re.compile(r"^/api/whoami-v2$")),
     ("create", {"POST"}, re.compile(r"^/api/repos/create$")),
     ("validate-yaml", {"POST"}, re.compile(r"^/api/validate-yaml$")),
-    ("preupload", {"POST"}, re.compile(r"^/api/models/([^/]+)/([^/]+)/preupload/([^/]+)$")),
-    ("commit", {"POST"}, re.compile(r"^/api/models/([^/]+)/([^/]+)/commit/([^/]+)$")),
+    ("list-models", {"GET"}, re.compile(r"^/api/models$")),
+    ("collections", {"POST"}, re.compile(r"^/api/collections$")),
+    ("list-collections", {"GET"}, re.compile(r"^/api/collections$")),
+    ("collection", {"GET"}, re.compile(r"^/api/collections/([^/]+/[^/]+)$")),
+    ("collection-items", {"POST"}, re.compile(r"^/api/collections/([^/]+/[^/]+)/items$")),
+    ("collection-item", {"PATCH"}, re.compile(r"^/api/collections/([^/]+/[^/]+)/items/([^/]+)$")),
+    ("preupload", {"POST"}, re.compile(r"^/api/(?:models|spaces)/([^/]+)/([^/]+)/preupload/([^/]+)$")),
+    ("commit", {"POST"}, re.compile(r"^/api/(?:models|spaces)/([^/]+)/([^/]+)/commit/([^/]+)$")),
     ("branch", {"POST"}, re.compile(r"^/api/models/([^/]+)/([^/]+)/branch/([^/]+)$")),
     ("paths-info", {"POST"}, re.compile(r"^/api/models/([^/]+)/([^/]+)/paths-info/([^/]+)$")),
     ("tree", {"GET"}, re.compile(r"^/api/models/([^/]+)/([^/]+)/tree/([^/]+)(?:/(.*))?$")),
@@ -76,6 +123,8 @@ class FakeHub:
         self.user = user
         self.valid_tokens = set(valid_tokens or ())
         self.repos: dict[str, Repo] = {}
+        self.spaces: dict[str, Repo] = {}
+        self.collections: dict[str, Collection] = {}
         self.requests: list[tuple[str, str, str, str | None]] = []
         self.commit_log: list[tuple[str, str, list[str]]] = []  # (repo_id, commit oid, paths added/deleted)
         self._failures: dict[str, list[int]] = {}
@@ -203,12 +252,16 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802
         self._dispatch("POST")
 
+    def do_PATCH(self):  # noqa: N802
+        self._dispatch("PATCH")
+
     def _repo(self, ns: str, name: str, write: bool, head: bool = False) -> Repo | None:
         hub = self.fake
         if write and not hub.authorized(self.headers.get("Authorization")):
             self._error(401, "You must be authenticated to write", head=head)
             return None
-        repo = hub.repos.get(f"{ns}/{name}")
+        store = hub.spaces if urlsplit(self.path).path.startswith(("/api/spaces/", "/spaces/")) else hub.repos
+        repo = store.get(f"{ns}/{name}")
         if repo is None or (repo.private and not hub.authorized(self.headers.get("Authorization"))):
             self._error(404, "Repository not found", "RepoNotFound", head=head)
             return None
@@ -236,18 +289,26 @@ class _Handler(BaseHTTPRequestHandler):
             return
         namespace = body.get("organization") or hub.user
         repo_id = f"{namespace}/{body['name']}"
-        url = f"{hub.url}/{repo_id}"
+        kind = body.get("type") or "model"
+        if kind not in ("model", "space"):
+            self._error(400, f"this test hub does not support {kind} repositories")
+            return
+        if kind == "space" and body.get("sdk") not in ("static", "gradio", "docker", "streamlit"):
+            self._error(400, "a Space needs an sdk: static, gradio, docker or streamlit")
+            return
+        store = hub.spaces if kind == "space" else hub.repos
+        url = f"{hub.url}/{'spaces/' if kind == 'space' else ''}{repo_id}"
         with hub.lock:
-            if repo_id in hub.repos:
-                self._send(409, {"error": "You already created this model repo", "url": url})
+            if repo_id in store:
+                self._send(409, {"error": f"You already created this {kind} repo", "url": url})
                 return
             private = bool(body.get("private")) or body.get("visibility") == "private"
-            repo = Repo(repo_id, private)
+            repo = Repo(repo_id, private, kind=kind, last_modified=_now())
             initial = {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"}
             oid = _commit_oid(None, "initial commit", initial)
             repo.commits[oid] = Commit(oid, None, "initial commit", initial)
             repo.refs["main"] = oid
-            hub.repos[repo_id] = repo
+            store[repo_id] = repo
         self._send(200, {"url": url, "name": repo_id})
 
     def route_validate_yaml(self, groups, method):
@@ -314,6 +375,7 @@ class _Handler(BaseHTTPRequestHandler):
                 oid = _commit_oid(parent.oid, header.get("summary", ""), files)
                 repo.commits[oid] = Commit(oid, parent.oid, header.get("summary", ""), files)
                 repo.refs[revision] = oid
+                repo.last_modified = _now()
                 hub.commit_log.append((repo.repo_id, oid, touched))
         self._send(200, {"commitOid": oid, "commitUrl": f"{hub.url}/{repo.repo_id}/commit/{oid}",
                          "pullRequestUrl": None})
@@ -389,6 +451,10 @@ class _Handler(BaseHTTPRequestHandler):
         commit = self._commit_at(repo, revision or "main")
         if commit is None:
             return
+        expand = parse_qs(urlsplit(self.path).query).get("expand")
+        if expand:  # only what was asked for, as the Hub answers
+            self._send(200, self._model_json(repo, commit, expand, True))
+            return
         self._send(200, {
             "_id": repo.repo_id, "id": repo.repo_id, "modelId": repo.repo_id, "author": ns,
             "sha": commit.oid, "private": repo.private, "disabled": False, "gated": False,
@@ -408,8 +474,144 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, f"Entry not found: {path}", "EntryNotFound", head=head)
             return
         data = commit.files[path]
+        if path == "config.json" and not head:  # the Hub counts a model's downloads by its config.json
+            with self.fake.lock:
+                repo.downloads += 1
         self._send(200, raw=data, head=head,
                    headers={"X-Repo-Commit": commit.oid, "ETag": f'"{git_blob_oid(data)}"'})
+
+    # ---- model listing ---------------------------------------------------------------------------
+    def _model_json(self, repo: Repo, commit: Commit, expand: list[str] | None, card: bool) -> dict:
+        meta = front_matter(commit.files.get("README.md"))
+        tags = [str(t) for t in meta.get("tags") or []]
+        tags += [meta["library_name"]] if meta.get("library_name") else []
+        languages = meta.get("language") or []
+        tags += [str(c) for c in (languages if isinstance(languages, list) else [languages])]
+        bases = meta.get("base_model") or []
+        for base in bases if isinstance(bases, list) else [bases]:  # the Hub derives these from base_model
+            tags += [f"base_model:{base}", f"base_model:finetune:{base}"]
+        tags += [f"license:{meta['license']}"] if meta.get("license") else []
+        every = {
+            "author": repo.repo_id.split("/")[0], "sha": commit.oid, "lastModified": repo.last_modified or _now(),
+            "downloads": repo.downloads, "likes": 0, "private": repo.private, "tags": list(dict.fromkeys(tags)),
+            "pipeline_tag": meta.get("pipeline_tag"), "library_name": meta.get("library_name"),
+            "cardData": meta, "model-index": meta.get("model-index"), "createdAt": repo.last_modified or _now(),
+        }
+        base = {"_id": repo.repo_id, "id": repo.repo_id, "modelId": repo.repo_id}
+        if expand:
+            return base | {key: every[key] for key in expand if key in every}
+        keys = ["likes", "downloads", "tags", "pipeline_tag", "library_name", "createdAt", "private"]
+        keys += ["cardData", "sha", "lastModified", "author"] if card else []
+        return base | {key: every[key] for key in keys}
+
+    def route_list_models(self, groups, method):
+        query = parse_qs(urlsplit(self.path).query)
+        filters, author = query.get("filter", []), (query.get("author") or [None])[0]
+        search = (query.get("search") or [""])[0].lower()
+        limit = int((query.get("limit") or ["0"])[0]) or None
+        expand = query.get("expand") or query.get("expand[]")
+        card = any((query.get(key) or [""])[0].lower() == "true" for key in ("full", "cardData"))
+        authorized = self.fake.authorized(self.headers.get("Authorization"))
+        rows = []
+        with self.fake.lock:
+            for repo in self.fake.repos.values():
+                if repo.private and not authorized:
+                    continue
+                row = self._model_json(repo, repo.resolve("main"), None, True)
+                if author and row["author"] != author or search and search not in repo.repo_id.lower():
+                    continue
+                if any(f not in row["tags"] for f in filters):
+                    continue
+                rows.append(self._model_json(repo, repo.resolve("main"), expand, card))
+        self._send(200, rows[:limit] if limit else rows)
+
+    # ---- collections -----------------------------------------------------------------------------
+    def _collection(self, slug: str) -> Collection | None:
+        collection = self.fake.collections.get(slug)
+        if collection is None or (collection.private and not self.fake.authorized(self.headers.get("Authorization"))):
+            self._error(404, f"Collection {slug} not found", "RepoNotFound")
+            return None
+        return collection
+
+    def route_collections(self, groups, method):
+        body = json.loads(self._body() or b"{}")
+        hub = self.fake
+        if not hub.authorized(self.headers.get("Authorization")):
+            self._error(401, "You must be authenticated to create a collection")
+            return
+        namespace = body.get("namespace") or hub.user
+        with hub.lock:
+            same = next((c for c in hub.collections.values() if c.namespace == namespace and c.title == body["title"]), None)
+            if same is not None:
+                self._send(409, {"error": "A collection with this title already exists", "slug": same.slug})
+                return
+            title_slug = re.sub(r"[^a-z0-9]+", "-", body["title"].lower()).strip("-") or "collection"
+            digest = hashlib.sha1(f"{namespace}/{body['title']}".encode()).hexdigest()[:24]
+            slug = f"{namespace}/{title_slug}-{digest}"
+            hub.collections[slug] = Collection(slug, body["title"], namespace, bool(body.get("private")),
+                                               body.get("description"), last_updated=_now())
+        self._send(200, hub.collections[slug].to_json())
+
+    def route_list_collections(self, groups, method):
+        query = parse_qs(urlsplit(self.path).query)
+        owners, items = query.get("owner", []), query.get("item", [])  # item: "models/ORG/NAME"
+        authorized = self.fake.authorized(self.headers.get("Authorization"))
+        with self.fake.lock:
+            rows = [c.to_json() for c in self.fake.collections.values()
+                    if (authorized or not c.private) and (not owners or c.namespace in owners)
+                    and all(any(f"{i['type']}s/{i['id']}" == want for i in c.items) for want in items)]
+        for row in rows:
+            row["items"] = row["items"][:4]  # the Hub truncates the items of a listing to 4
+            row.pop("position")  # and gives the position by the order of the list
+        self._send(200, rows)
+
+    def route_collection(self, groups, method):
+        collection = self._collection(groups[0])
+        if collection is not None:
+            self._send(200, collection.to_json())
+
+    def route_collection_items(self, groups, method):
+        body = json.loads(self._body() or b"{}")
+        if not self.fake.authorized(self.headers.get("Authorization")):
+            self._error(401, "You must be authenticated to edit a collection")
+            return
+        collection = self._collection(groups[0])
+        if collection is None:
+            return
+        item = body.get("item") or {}
+        store = {"model": self.fake.repos, "space": self.fake.spaces}.get(item.get("type"))
+        if store is None or item.get("id") not in store:
+            self._error(404, f"{item.get('type')} {item.get('id')} not found", "RepoNotFound")
+            return
+        with self.fake.lock:
+            if any(i["id"] == item["id"] and i["type"] == item["type"] for i in collection.items):
+                self._send(409, {"error": "Item already in the collection"})
+                return
+            note = body.get("note")
+            collection.items.append({"_id": hashlib.sha1(f"{collection.slug}/{item['id']}".encode()).hexdigest()[:24],
+                                     "id": item["id"], "type": item["type"], "position": len(collection.items),
+                                     "note": {"text": note, "html": note} if note else None})
+            collection.last_updated = _now()
+        self._send(200, collection.to_json())
+
+    def route_collection_item(self, groups, method):
+        body = json.loads(self._body() or b"{}")
+        if not self.fake.authorized(self.headers.get("Authorization")):
+            self._error(401, "You must be authenticated to edit a collection")
+            return
+        collection = self._collection(groups[0])
+        if collection is None:
+            return
+        with self.fake.lock:
+            item = next((i for i in collection.items if i["_id"] == groups[1]), None)
+            if item is None:
+                self._error(404, "Item not found")
+                return
+            if "note" in body:
+                item["note"] = {"text": body["note"], "html": body["note"]}
+            if "position" in body:
+                item["position"] = body["position"]
+        self._send(200, item)
 
 
 # ---- shared by the hub tests: a results.json written by hand (the evaluation schema) --------------------

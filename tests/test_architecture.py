@@ -23,7 +23,7 @@ PARTS = {
                "prunekit.streaming", "prunekit.remote", "prunekit.layer_inputs"],
     "data": ["prunekit.textsources", "prunekit.calibration"],
     "methods": ["prunekit.methods"],
-    "engine": ["prunekit.engine", "prunekit.backend"],
+    "engine": ["prunekit.engine", "prunekit.backend", "prunekit.staging"],
     "pipeline": ["prunekit.pipeline"],
     "evaluation": ["prunekit.evaluation"],
     "analysis": ["prunekit.analysis"],

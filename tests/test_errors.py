@@ -439,7 +439,7 @@ def test_cuda_out_of_memory_is_a_user_error_with_advice(tiny_llama, work, monkey
 
     monkeypatch.setattr(prunekit.pipeline, "load_tokenizer", oom)
     line = assert_user_error(["prune", tiny_llama, *PRUNE, "--out", work / "out"], "out of GPU memory", roots=[work])
-    for advice in ("--dtype", "--nsamples", "--batch-size", "CPU"):
+    for advice in ("--dtype", "--nsamples", "--batch-size", "--device cpu"):
         assert advice in line
     assert torch.cuda.OutOfMemoryError is torch.OutOfMemoryError  # one class: both spellings are caught
 

@@ -270,7 +270,7 @@ def test_task_batch_size_is_auto_on_a_gpu_and_the_cpu_path_is_unchanged(tiny_lla
 
     cpu = plan_backend("hf", None, torch.device("cpu"), None, 4, path=tiny_llama)
     assert (cpu.backend, cpu.parallelize, cpu.batch_size, cpu.loads_itself) == ("hf", False, 4, False)
-    assert lm_arguments(cpu, "MODEL", "TOK") == {"pretrained": "MODEL", "tokenizer": "TOK", "batch_size": 4}
+    assert lm_arguments(cpu, "MODEL", "TOK") == {"pretrained": "MODEL", "tokenizer": "TOK", "batch_size": 4, "parallelize": False}
     assert plan_backend("hf", None, torch.device("cuda"), None, 4, path=tiny_llama).batch_size == "auto"
     assert plan_backend("hf", None, torch.device("cpu"), "auto:2", 4).batch_size == "auto:2"
     assert plan_backend("hf", None, torch.device("cpu"), "16", 4).batch_size == 16
@@ -288,14 +288,18 @@ def test_parallelize_and_vllm_arguments_on_a_simulated_gpu_node(tiny_llama, monk
 
     with pytest.raises(ConfigError, match="--parallelize"):
         harness.plan_backend("hf", True, torch.device("cpu"), None, 4, path=tiny_llama)  # no GPU here
-    with pytest.raises(ConfigError, match="pip install vllm"):
+    with pytest.raises(ConfigError, match="pip install"):
         harness.plan_backend("vllm", None, torch.device("cpu"), None, 4, path=tiny_llama)
     with pytest.raises(ConfigError, match="unknown --backend"):
         harness.plan_backend("tgi", None, torch.device("cpu"), None, 4)
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    plan = harness.plan_backend("hf", None, torch.device("cuda"), None, 8, path=tiny_llama, dtype=torch.bfloat16)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    # Four GPUs visible: parallelize stays off unless asked (a worker's lm-eval never spreads over them by itself).
+    one = harness.plan_backend("hf", None, torch.device("cuda"), None, 8, path=tiny_llama, dtype=torch.bfloat16)
+    assert not one.parallelize and not one.loads_itself
+    plan = harness.plan_backend("hf", True, torch.device("cuda"), None, 8, path=tiny_llama, dtype=torch.bfloat16)
     assert plan.parallelize and plan.loads_itself and plan.model(lambda: pytest.fail("loaded"), "cuda") is None
     assert harness.lm_arguments(plan, None, "TOK") == {
         "pretrained": str(tiny_llama), "tokenizer": "TOK", "dtype": "bfloat16", "batch_size": "auto",
@@ -306,10 +310,12 @@ def test_parallelize_and_vllm_arguments_on_a_simulated_gpu_node(tiny_llama, monk
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else real_find_spec(name, *a))
     vllm = harness.plan_backend("vllm", None, torch.device("cuda"), None, 8, path=tiny_llama, dtype=torch.bfloat16)
-    assert vllm.backend == "vllm" and not vllm.parallelize
+    assert vllm.backend == "vllm" and not vllm.parallelize and vllm.in_subprocess and vllm.visible_devices == "0"
     assert harness.lm_arguments(vllm, None, "TOK") == {
         "pretrained": str(tiny_llama), "tokenizer": str(tiny_llama), "dtype": "bfloat16", "batch_size": "auto",
-        "tensor_parallel_size": 4, "trust_remote_code": False}
+        "tensor_parallel_size": 1, "trust_remote_code": False}
+    tp = harness.plan_backend("vllm", True, torch.device("cuda"), None, 8, path=tiny_llama, dtype=torch.bfloat16)
+    assert harness.lm_arguments(tp, None, None)["tensor_parallel_size"] == 4 and tp.visible_devices is None
     made = {}
 
     class FakeVLLM:
@@ -317,5 +323,5 @@ def test_parallelize_and_vllm_arguments_on_a_simulated_gpu_node(tiny_llama, monk
             made.update(kwargs)
 
     monkeypatch.setattr("lm_eval.api.registry.get_model", lambda name: {"vllm": FakeVLLM}[name])
-    harness.make_lm(vllm, None, object())
+    harness.make_lm(tp, None, object())
     assert made["pretrained"] == str(tiny_llama) and made["tensor_parallel_size"] == 4

@@ -355,7 +355,7 @@ def test_solution_grid_is_the_grid_the_weights_lie_on(quantization, blocksize):
 
 def test_rtn_grid_is_the_reference_min_max_grid_and_bf16_scales_are_bf16_values():
     W = problem(rows=8, cols=128, seed=2)[0]
-    q = Quantization(4, 32)
+    q = Quantization(4, 32, symmetric=False)  # the asymmetric min-max grid (--asymmetric)
     solution = get_method("rtn").solve(W, None, Recipe("rtn", quantization=q))
     for g in range(4):
         scale, zero = ref_grid(W[:, g * 32 : (g + 1) * 32], 4, False)

@@ -76,7 +76,7 @@ def test_layout_is_what_llm_compressor_writes_for_w4a16(llama128, tmp_path):
 
 def test_asymmetric_grid_adds_zero_points_packed_along_the_rows(llama128, tmp_path):
     out = tmp_path / "w8g64"
-    quantize(llama128, out, Quantization(8, 64), dtype="bfloat16")
+    quantize(llama128, out, Quantization(8, 64, symmetric=False), dtype="bfloat16")
     saved = tensors(out)
     prefix = "model.layers.0.mlp.down_proj"  # 128 × 256
     assert saved[f"{prefix}.weight_packed"].shape == (128, 256 // 4)
@@ -89,7 +89,9 @@ def test_asymmetric_grid_adds_zero_points_packed_along_the_rows(llama128, tmp_pa
 @pytest.mark.parametrize("quantization", [
     pytest.param(Quantization(4, 32), id="w4g32"),
     pytest.param(Quantization(8, -1, symmetric=True), id="w8-per-channel-sym"),
-    pytest.param(Quantization(3, 64), id="w3g64"),
+    pytest.param(Quantization(3, 64), id="w3g64", marks=pytest.mark.skipif(
+        tuple(int(p) for p in __import__("compressed_tensors").__version__.split(".")[:2]) < (0, 19),
+        reason="compressed-tensors before 0.19 (vLLM's pin, 0.17) packs whole 3-bit codes per int32, not a bit stream")),
 ])
 def test_packed_codes_scales_and_zero_points_are_the_solvers_grid(tiny_llama, tmp_path, quantization):
     """Each stored code, read back from the bits, times the stored scale gives the fake-quantized weight;
@@ -236,7 +238,7 @@ def test_cards_state_the_format_tags_and_serve_command(tiny_llama, tmp_path):
     def front_matter(card: str) -> dict:
         return yaml.safe_load(re.match(r"^---\n(.*?)\n---\n", card, re.DOTALL).group(1))
 
-    record = quantize(tiny_llama, tmp_path / "q", Quantization(4, 32)).record
+    record = quantize(tiny_llama, tmp_path / "q", Quantization(4, 32, symmetric=False)).record
     card = render_model_card(record, repo_id="org/q")
     assert front_matter(card)["tags"] == ["quantized", "4-bit", "rtn", "compressed-tensors", "prunekit"]
     assert "**pack-quantized** format (W4A16" in card and "vllm serve org/q" in card and "packed zero points" in card

@@ -257,3 +257,51 @@ def test_card_and_name_of_a_quantized_checkpoint_describe_bits_not_sparsity(reco
     body = ModelCard(text).text
     assert "quantized to 4 bits with GPTQ" in body and "4-bit, group size 128, act-order" in body
     assert "Measured sparsity" not in body
+
+
+# ---- what `prunekit find` reads, the sweep's related section, the hosted page ---------------------------------
+
+def test_the_prunekit_block_states_the_recipe_and_the_dense_perplexity(record):
+    from prunekit.artifacts import overall_sparsity
+
+    results, dense = example_results(record), example_results(None, dense=True, model_path="dense-base")
+    block = front_matter(render_model_card(record, results, dense, repo_id="org/x"))["prunekit"]
+    assert block == {
+        "kind": "prune", "method": record["recipe"]["method"], "recipe": "50pct", "pattern": "unstructured",
+        "sparsity": round(overall_sparsity(record), 4),
+        "calibration": {"languages": ["de"], "source": "tatoeba", "nsamples": 4, "seqlen": 32, "seed": 0},
+        "dense_perplexity": {lang: row["ppl"] for lang, row in dense["perplexity"].items()},
+        "run_id": record["run_id"],
+    }
+    assert "dense_perplexity" not in front_matter(render_model_card(record, results, repo_id="org/x"))["prunekit"]
+
+
+def test_the_related_section_goes_before_reproduce_once_and_is_replaced_in_place(record):
+    from prunekit.hub.card import RELATED_START, validate_model_card, with_related_section
+
+    card = render_model_card(record, example_results(record), repo_id="org/x")
+    sibling = {"repo_id": "org/y", "url": "https://hub.test/org/y", "calibration": "sw", "headline": "12.34 (sw)"}
+    context = dict(title="tiny (prunekit sweep)", count=2, collection_url="https://hub.test/collections/org/tiny-1",
+                   leaderboard={"id": "org/board", "url": "https://hub.test/spaces/org/board"}, recipe="wanda 50pct",
+                   siblings=[sibling])
+    once = with_related_section(card, **context)
+    assert once.index(RELATED_START) < once.index("## Reproduce") and once.count(RELATED_START) == 1
+    assert "| [`org/y`](https://hub.test/org/y) | sw | 12.34 (sw) |" in once
+    assert "[org/board](https://hub.test/spaces/org/board)" in once and "(https://hub.test/collections/org/tiny-1)" in once
+    assert with_related_section(once, **context) == once
+    alone = with_related_section(once, **(context | {"siblings": [], "leaderboard": None}))
+    assert alone.count(RELATED_START) == 1 and "org/y" not in alone and "org/board" not in alone
+    assert alone.count("## Reproduce") == 1
+    validate_model_card(once)
+
+
+def test_a_page_that_would_load_from_the_network_is_caught():
+    from prunekit.hub.space import external_requests
+
+    clean = ('<link rel="icon" href="data:,"><img src="data:image/png;base64,AAAA">'
+             '<a href="https://huggingface.co/org/x">org/x</a><script>document.title = "a // b";</script>')
+    assert external_requests(clean) == []
+    for bad in ('<img src="https://cdn.example/x.png">', '<link rel="stylesheet" href="//cdn.example/a.css">',
+                '<script src="http://cdn.example/a.js"></script>', '<style>body{background:url(https://x/y.png)}</style>',
+                '<style>@import "https://x/y.css";</style>', '<script>fetch("/data.json")</script>'):
+        assert external_requests(bad), bad

@@ -68,21 +68,26 @@ def test_the_solve_of_aya_down_proj_is_the_widest_hessian():
 
 
 def test_local_workers_get_one_gpu_each_and_never_share_one():
-    assert worker_plan("auto", None, 4).devices == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]  # default: every GPU
+    four = worker_plan("auto", None, 4)  # default: every GPU, each worker sees only its own, as cuda:0
+    assert four.devices == ["cuda:0"] * 4 and four.gpus == [[0], [1], [2], [3]]
     assert worker_plan("cuda", 2, 4) == worker_plan("auto", 2, 4)
     capped = worker_plan("auto", 8, 2)
-    assert capped.workers == 2 and capped.devices == ["cuda:0", "cuda:1"] and "2 GPU(s) are visible" in capped.warnings[0]
-    explicit = worker_plan("cuda:1", 3, 2)  # the config's cuda:1 is kept, and holds one worker
-    assert explicit.devices == ["cuda:1"] and explicit.warnings
+    assert capped.workers == 2 and capped.gpus == [[0], [1]] and "2 GPU(s) are visible" in capped.warnings[0]
+    explicit = worker_plan("cuda:1", 3, 2)  # the config's cuda:1 is kept (environment unchanged), and holds one worker
+    assert explicit.devices == ["cuda:1"] and explicit.gpus == [None] and explicit.warnings
     assert worker_plan("cuda:1", None, 2).warnings == []
     assert worker_plan("cpu", None, 4).devices == [None] and worker_plan("cpu", 3, 4).devices == [None] * 3
     assert worker_plan("auto", None, 0).workers == 1 and worker_plan("auto", 2, 0).devices == [None, None]
+    pairs = worker_plan("auto", None, 5, gpus_per_worker=2)  # several GPUs per worker only by the user's choice
+    assert pairs.workers == 2 and pairs.gpus == [[0, 1], [2, 3]]
     with pytest.raises(ConfigError, match="only 2 GPU"):
         worker_plan("cuda:2", None, 2)
     with pytest.raises(ConfigError, match="no CUDA device"):
         worker_plan("cuda", None, 0)
     with pytest.raises(ConfigError, match="at least 1"):
         worker_plan("auto", -1, 2)
+    with pytest.raises(ConfigError, match="gpus_per_worker is 4, but only 2"):
+        worker_plan("auto", None, 2, gpus_per_worker=4)
 
 
 def test_slurm_arrays_run_in_parallel_and_a_multi_gpu_job_runs_one_rank_per_gpu():
@@ -91,9 +96,16 @@ def test_slurm_arrays_run_in_parallel_and_a_multi_gpu_job_runs_one_rank_per_gpu(
     four = slurm_layout(4, 2, None)
     assert four.ranks == 4 and four.tasks_per_job == 8
     assert [split_for_rank(list("abcdefgh"), r, 4) for r in range(4)] == [["a", "e"], ["b", "f"], ["c", "g"], ["d", "h"]]
-    assert [rank_device("auto", r, 4) for r in range(4)] == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
-    assert rank_device("auto", 3, 1) == "cuda:0"  # the cluster binds one GPU to each task
-    assert rank_device("cuda:1", 0, 4) is None and rank_device("cpu", 0, 4) is None and rank_device("auto", 0, 0) is None
+    node = ["0", "1", "2", "3"]  # every rank sees the node's GPUs: each narrows CUDA_VISIBLE_DEVICES to its own
+    assert [rank_device("auto", r, node) for r in range(4)] == [("0", "cuda:0"), ("1", "cuda:0"), ("2", "cuda:0"), ("3", "cuda:0")]
+    assert rank_device("auto", 1, node, gpus_per_rank=2) == ("2,3", "cuda:0")
+    assert rank_device("auto", 3, ["5"]) == (None, "cuda:0")  # the cluster binds one GPU to each task
+    assert [rank_device("auto", r, 4) for r in range(4)] == [(None, f"cuda:{r}") for r in range(4)]  # ids unknown: the count
+    assert rank_device("cuda:1", 0, node) == (None, None) and rank_device("cpu", 0, node) == (None, None)
+    assert rank_device("auto", 0, []) == (None, None)
+    assert slurm_layout(4, 1, None, gpus_per_rank=2).ranks == 2
+    with pytest.raises(ConfigError, match="gpus_per_worker"):
+        slurm_layout(2, 1, None, gpus_per_rank=4)
 
 
 def test_the_sbatch_script_asks_one_task_per_gpu_and_no_array_cap(tmp_path, monkeypatch):

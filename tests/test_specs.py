@@ -99,6 +99,10 @@ def test_records_are_read_by_their_kind():
     ({"num_fewshot": -1}, "--num-fewshot must be >= 0, got -1"),
     ({"limit": -3}, "--limit must be positive, got -3"),
     ({"backend": "vlm"}, "unknown --backend 'vlm'"),
+    ({"backend": "vllm", "gpu_memory_utilization": 1.5}, r"--gpu-memory-utilization is the fraction of the GPU vLLM may take, in \(0, 1\], got 1.5"),
+    ({"backend": "vllm", "max_model_len": 0}, "--max-model-len must be at least 1 token, got 0"),
+    ({"gpu_memory_utilization": 0.5}, "--gpu-memory-utilization and --max-model-len are vLLM settings: add --backend vllm"),
+    ({"model_args": "enforce_eager"}, "--model-args must be key=value pairs"),
     ({"dtype": "fp8"}, "unknown --dtype 'fp8'"),
     ({"conventions": "paper"}, "unknown --conventions 'paper'"),
     ({"langs": "en", "tasks": "belebel"}, "unknown task 'belebel'"),
@@ -116,9 +120,11 @@ def test_an_evaluation_spec_normalizes_once_and_fingerprints_what_changes_the_nu
     settings = spec.to_settings()
     assert settings["langs"] == ["sw", "en"] and json.loads(json.dumps(settings)) == settings
     same = prunekit.EvaluationSpec(langs=["sw", "en"], tasks=["xcopa", "belebele"], limit=3, ppl_source=None,
-                                   task_data=str(tmp_path), device="cuda", backend="vllm", task_batch_size="auto")
+                                   task_data=str(tmp_path), device="cuda", backend="vllm", task_batch_size="auto",
+                                   parallelize=True, gpu_memory_utilization=0.5)
     assert same.fingerprint() == spec.fingerprint()  # where and how fast: not part of it
-    for change in ({"seqlen": 1024}, {"include_bos": True}, {"limit": 4}, {"langs": "en,sw"}, {"conventions": "study"}):
+    for change in ({"seqlen": 1024}, {"include_bos": True}, {"limit": 4}, {"langs": "en,sw"}, {"conventions": "study"},
+                   {"backend": "vllm", "max_model_len": 512}, {"model_args": "add_bos_token=false"}):
         other = prunekit.EvaluationSpec(**(dict(langs="sw,en", tasks="xcopa,belebele", limit=3, ppl_source=None,
                                                 task_data=tmp_path) | change))
         assert other.fingerprint() != spec.fingerprint(), change
@@ -150,7 +156,8 @@ def test_the_sweep_evaluation_section_is_checked_by_the_spec():
     section = EvaluationSection(seqlen=64, max_windows=2, snr_tokens=128)
     assert section.spec(langs="en").max_windows == 2 and section.spec(langs="en").seqlen == 64
     for key, value, message in (("seqlen", 1, "must be at least 2, got 1"), ("limit", -1, "must be positive"),
-                                ("num_fewshot", -2, "must be >= 0")):
+                                ("num_fewshot", -2, "must be >= 0"), ("gpu_memory_utilization", 1.5, "in (0, 1], got 1.5"),
+                                ("max_model_len", 0, "must be at least 1 token"), ("max_model_len", 8, "is a vLLM setting")):
         with pytest.raises(Exception) as err:
             EvaluationSection(**{key: value})
         assert message in str(err.value) and key in str(err.value)

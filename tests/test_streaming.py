@@ -183,7 +183,9 @@ def test_a_failed_streamed_run_leaves_no_output(tokenizer, models_root, tmp_path
     with pytest.raises(RuntimeError, match="killed"):
         prune(str(base), out=tmp_path / "out", method="wanda", sparsity=0.5, **RUN)
     assert calls == [0, 1]
-    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+    # no output; only the resumable staging (tests/test_resume.py), which names its finished layer
+    assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.glob(".out.*")] == [".out.partial"]
+    assert json.loads((tmp_path / ".out.partial" / ".prunekit-staging.json").read_text())["next_layer"] == 1
 
 
 class RecordingSource:

@@ -2,8 +2,9 @@
 
 By default ``lm_eval.simple_evaluate`` runs with ``HFLM(pretrained=model, tokenizer=tokenizer)`` on
 the in-memory model, so nothing is reloaded or downloaded for the model; on a GPU node lm-eval can
-load the checkpoint itself instead, spread over the GPUs (``parallelize``) or in vLLM
-(``backend="vllm"``), see :class:`BackendPlan`. Each task runs on its own and is saved as it
+load the checkpoint itself instead, spread over the GPUs this process owns (``parallelize``, only when
+asked) or in vLLM in a subprocess of its own (``backend="vllm"``), see
+:mod:`prunekit.evaluation.lm_backend`. Each task runs on its own and is saved as it
 finishes, so a killed evaluation resumes. Tasks come from three places:
 
 * lm-eval's own tasks (the study's suite: ARC, HellaSwag, MMLU, Belebele and Okapi translations),
@@ -28,6 +29,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from prunekit.errors import ConfigError, did_you_mean
+from prunekit.evaluation.lm_backend import (  # noqa: F401 - the backends' names, re-exported
+    BACKENDS, BackendPlan, check_backend, free_accelerator_memory, lm_arguments, make_lm, plan_backend, run_worker,
+)
 from prunekit.evaluation.tasks import ALIASES, GROUPS, TASKS_DIR, TaskCell, cells_for, known_cells
 
 log = logging.getLogger(__name__)
@@ -264,111 +268,7 @@ def _samples(res: dict[str, Any], name: str) -> int | None:
 
 # ------------------------------------------------------------------------------------ backends
 
-BACKENDS = ("hf", "vllm")
 PARTIAL_KIND = "prunekit-task-progress"
-
-
-@dataclass
-class BackendPlan:
-    """Which lm-eval model runs the tasks, and how.
-
-    * ``hf`` (default): lm-eval's HFLM on the in-memory model, on the compute device;
-    * ``hf`` with ``parallelize``: HFLM loads the checkpoint itself with ``device_map="auto"`` over
-      the GPUs present (lm-eval's ``parallelize=True``);
-    * ``vllm``: lm-eval's vLLM backend loads the checkpoint (tensor parallel over the GPUs present).
-    """
-
-    backend: str
-    parallelize: bool
-    batch_size: int | str
-    path: Path | None = None
-    dtype: str | None = None
-    gpus: int = 0
-    trust_remote_code: bool = False
-
-    @property
-    def loads_itself(self) -> bool:
-        """Whether lm-eval loads the checkpoint from ``path`` (no in-memory model is needed)."""
-        return self.backend == "vllm" or self.parallelize
-
-    def model(self, task_model, device):
-        """The in-memory model run_tasks gets (on ``device``), or None when lm-eval loads the checkpoint."""
-        if self.loads_itself:
-            return None
-        model = task_model()
-        model.to(device)
-        return model
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.backend, "parallelize": self.parallelize, "gpus": self.gpus if self.loads_itself else None}
-
-
-def _task_batch_size(value: int | str | None, device, fallback: int) -> int | str:
-    """lm-eval's batch size: ``auto`` (lm-eval finds the largest that fits) on a GPU; on the CPU the
-    perplexity batch size, as before (lm-eval's search probes from 64 windows, too much for host RAM)."""
-    if value is None:
-        return "auto" if device.type == "cuda" else fallback
-    if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
-        if int(value) < 1:
-            raise ConfigError(f"--task-batch-size must be at least 1 or 'auto', got {value}")
-        return int(value)
-    if value == "auto" or (value.startswith("auto:") and value[5:].isdigit()):
-        return value
-    raise ConfigError(f"--task-batch-size must be a number, 'auto' or 'auto:N' (N re-searches), got '{value}'")
-
-
-def check_backend(backend: str) -> None:
-    """A misspelt --backend fails before anything loads, whether or not tasks are asked for."""
-    if backend not in BACKENDS:
-        raise ConfigError(f"unknown --backend '{backend}'; choose one of: {', '.join(BACKENDS)}")
-
-
-def plan_backend(
-    backend: str, parallelize: bool | None, device, task_batch_size: int | str | None, batch_size: int,
-    path: str | Path | None = None, dtype=None, trust_remote_code: bool = False,
-) -> BackendPlan:
-    """Check the task backend options and choose; ``parallelize=None``: on when more than one GPU is visible."""
-    import importlib.util
-
-    import torch
-
-    check_backend(backend)
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if parallelize is None:
-        parallelize = backend == "hf" and device.type == "cuda" and gpus > 1 and path is not None
-    if backend == "vllm":
-        if importlib.util.find_spec("vllm") is None:
-            raise ConfigError("--backend vllm needs the vllm package on this machine: pip install vllm (on a GPU node), "
-                              "or use --backend hf")
-        parallelize = False
-    if (backend == "vllm" or parallelize) and path is None:
-        raise ConfigError(f"--backend {backend}{' --parallelize' if parallelize else ''} loads the checkpoint from "
-                          "disk; evaluate a checkpoint directory, not an in-memory model")
-    if parallelize and gpus == 0:
-        raise ConfigError("--parallelize spreads the model over GPUs, and none is visible; drop --parallelize")
-    name = None if dtype is None else str(dtype).replace("torch.", "")
-    return BackendPlan(backend, bool(parallelize), _task_batch_size(task_batch_size, device, batch_size),
-                       None if path is None else Path(path), name, gpus, trust_remote_code)
-
-
-def lm_arguments(plan: BackendPlan, model, tokenizer) -> dict[str, Any]:
-    """Keyword arguments of the lm-eval model class of ``plan`` (tests check them without a GPU)."""
-    if plan.backend == "vllm":
-        return {"pretrained": str(plan.path), "tokenizer": str(plan.path), "dtype": plan.dtype or "auto",
-                "batch_size": plan.batch_size, "tensor_parallel_size": max(1, plan.gpus),
-                "trust_remote_code": plan.trust_remote_code}
-    if plan.parallelize:
-        return {"pretrained": str(plan.path), "tokenizer": tokenizer, "dtype": plan.dtype or "auto",
-                "batch_size": plan.batch_size, "parallelize": True, "trust_remote_code": plan.trust_remote_code}
-    return {"pretrained": model, "tokenizer": tokenizer, "batch_size": plan.batch_size}
-
-
-def make_lm(plan: BackendPlan, model, tokenizer):
-    """The lm-eval model object (HFLM or VLLM, from lm-eval's own registry)."""
-    from lm_eval.api.registry import get_model
-
-    # HFLM may give the tokenizer a pad token; the object can be shared (models.load_tokenizer), so it gets a copy.
-    return get_model(plan.backend)(**lm_arguments(plan, model, copy.deepcopy(tokenizer)))
 
 
 def partial_results_path(out: str | Path) -> Path:
@@ -463,24 +363,11 @@ def run_tasks(
             del objects[name]
             log.warning("task %s already done in %s; skipping it", name, partial_path)
     if objects:
-        import lm_eval
-
-        lm = make_lm(backend, model, tokenizer)
-        for cell in cells:
-            if cell.name not in objects:
-                continue
-            res = lm_eval.simple_evaluate(
-                model=lm,
-                tasks=[objects[cell.name]],
-                num_fewshot=num_fewshot,
-                limit=limit,
-                bootstrap_iters=bootstrap_iters,
-                log_samples=False,
-                apply_chat_template=apply_template,
-                fewshot_as_multiturn=False,
-                task_manager=task_manager(uses_defaults),
-                random_seed=seed,
-            )
+        settings = {"num_fewshot": num_fewshot, "limit": limit, "bootstrap_iters": bootstrap_iters,
+                    "apply_chat_template": apply_template, "random_seed": seed}
+        free_accelerator_memory()  # what prunekit's allocator keeps reserved would count against lm-eval / vLLM
+        for cell, res in _evaluations(backend, model, tokenizer, [c for c in cells if c.name in objects], objects,
+                                      task_data, uses_defaults, settings):
             versions = {k: v for k, v in res.get("versions", {}).items() if k == cell.name}
             info.update(lm_eval_version=res.get("lm_eval_version"), chat_template_sha=res.get("chat_template_sha"))
             info["task_versions"].update(versions)
@@ -501,3 +388,23 @@ def run_tasks(
                 on_task({c.name: results[c.name] for c in cells if c.name in results}, info)
     ordered = {cell.name: results[cell.name] for cell in cells}
     return ordered, info
+
+
+def _evaluations(backend: BackendPlan, model, tokenizer, cells: list[TaskCell], objects: dict[str, Any],
+                 task_data, uses_defaults: bool, settings: dict[str, Any]):
+    """(cell, lm-eval's result) per task as each finishes: in this process, or (vLLM) in a subprocess
+    of its own that the tasks share (``lm_backend.run_worker``)."""
+    if backend.in_subprocess:
+        request = {"backend": backend.backend, "lm_args": lm_arguments(backend, None, None), "uses_defaults": uses_defaults,
+                   "cells": [{"name": c.name, "group": c.group, "language": c.language, "kind": c.kind, "note": c.note} for c in cells],
+                   "task_data": None if task_data is None else str(Path(task_data).expanduser().resolve()), "evaluate": settings}
+        by_name = {cell.name: cell for cell in cells}
+        for name, res in run_worker(request, backend.visible_devices):
+            yield by_name[name], res
+        return
+    import lm_eval
+
+    lm = make_lm(backend, model, tokenizer)
+    for cell in cells:
+        yield cell, lm_eval.simple_evaluate(model=lm, tasks=[objects[cell.name]], log_samples=False, fewshot_as_multiturn=False,
+                                            task_manager=task_manager(uses_defaults), **settings)

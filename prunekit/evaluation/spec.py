@@ -18,17 +18,19 @@ from prunekit.conventions import parse_conventions
 from prunekit.errors import ConfigError
 
 DEFAULT_SNR_TOKENS = 4096
-# What changes no number of the results (left out of the fingerprint).
-NOT_MEASURED = ("device", "task_batch_size", "backend", "parallelize", "trust_remote_code")
+# What changes no number of the results (left out of the fingerprint): where and how fast they are
+# computed. vLLM's max_model_len (it truncates long contexts) and lm-eval's model_args (free-form: a
+# dtype, max_length, ...) can change them, so they stay in.
+NOT_MEASURED = ("device", "task_batch_size", "backend", "parallelize", "gpu_memory_utilization", "trust_remote_code")
 
 
 class OptionError(ConfigError):
     """An evaluation option out of range: ``option`` is the field, ``reason`` the sentence without the flag
     (the sweep schema reports it at its YAML path, the CLI as ``--flag reason``)."""
 
-    def __init__(self, option: str, reason: str):
+    def __init__(self, option: str, reason: str, message: str | None = None):
         self.option, self.reason = option, reason
-        super().__init__(f"--{option.replace('_', '-')} {reason}")
+        super().__init__(message or f"--{option.replace('_', '-')} {reason}")
 
 
 def _at_least(option: str, value: int | None, minimum: int) -> None:
@@ -66,7 +68,13 @@ class EvaluationSpec:
         device: ``auto``, ``cpu`` or ``cuda[:i]``.
         batch_size: windows per forward pass (and lm-eval's batch size on the CPU).
         task_batch_size: lm-eval's batch size: N, ``auto`` or ``auto:N``; None: auto on a GPU.
-        backend: ``hf`` or ``vllm`` for the tasks. parallelize: hf tasks over all visible GPUs (None: when > 1).
+        backend: ``hf`` or ``vllm`` (in a subprocess of its own) for the tasks.
+        parallelize: spread the task model over every GPU this process owns (hf: ``device_map=auto``; vllm:
+            tensor parallelism); off by default, one GPU (a sweep turns it on with ``execution.gpus_per_worker`` > 1).
+        gpu_memory_utilization: vllm: the fraction of the GPU vLLM may take, in (0, 1] (None: vLLM's 0.9).
+        max_model_len: vllm: the longest sequence its KV cache is planned for (None: the model's).
+        model_args: extra keyword arguments of lm-eval's model (HFLM or vLLM), ``"key=value,key=value"`` or a
+            mapping; kept as a dict; they win over prunekit's.
         snr_tokens: token positions per language for SNR / pruning error.
         include_bos: count the BOS position in SNR / pruning error (excluded by default).
         snr_store_dtype: dtype of the cached dense states (None: the model's).
@@ -91,7 +99,10 @@ class EvaluationSpec:
     batch_size: int = 4
     task_batch_size: int | str | None = None
     backend: str = "hf"
-    parallelize: bool | None = None
+    parallelize: bool = False
+    gpu_memory_utilization: float | None = None
+    max_model_len: int | None = None
+    model_args: dict[str, Any] | None = None
     snr_tokens: int = DEFAULT_SNR_TOKENS
     include_bos: bool = False
     snr_store_dtype: str | None = None
@@ -106,6 +117,7 @@ class EvaluationSpec:
 
     def __post_init__(self) -> None:
         from prunekit.evaluation.harness import check_backend, plan_tasks
+        from prunekit.evaluation.lm_backend import parse_model_args
         from prunekit.evaluation.hidden_states import store_dtype_for, torch_dtype
         from prunekit.languages import parse_language_list
 
@@ -127,10 +139,24 @@ class EvaluationSpec:
             raise OptionError("num_fewshot", f"must be >= 0, got {self.num_fewshot}")
         _at_least("bootstrap_iters", self.bootstrap_iters, 0)
         check_backend(self.backend)
+        object.__setattr__(self, "parallelize", bool(self.parallelize))
+        object.__setattr__(self, "model_args", parse_model_args(self.model_args) or None)
+        self._check_vllm_settings()
         torch_dtype(self.dtype)
         store_dtype_for(None, self.snr_store_dtype)
         if langs is not None:
             plan_tasks(self.tasks, list(langs))  # unknown task names fail before any work
+
+    def _check_vllm_settings(self) -> None:
+        utilization, length = self.gpu_memory_utilization, self.max_model_len
+        if utilization is not None and not 0 < utilization <= 1:
+            raise OptionError("gpu_memory_utilization", f"is the fraction of the GPU vLLM may take, in (0, 1], got {utilization}")
+        if length is not None and length < 1:
+            raise OptionError("max_model_len", f"must be at least 1 token, got {length}")
+        if self.backend != "vllm" and (utilization is not None or length is not None):
+            raise OptionError("gpu_memory_utilization" if utilization is not None else "max_model_len",
+                              "is a vLLM setting: set the backend to vllm, or drop it",
+                              "--gpu-memory-utilization and --max-model-len are vLLM settings: add --backend vllm, or drop them")
 
     @property
     def exclude_bos(self) -> bool:

@@ -165,7 +165,8 @@ def _evaluate(subject: Subject, spec: EvaluationSpec, dense: DenseReference | No
     device = resolve_device(spec.device)
     backend = plan_backend(spec.backend, spec.parallelize, device, spec.task_batch_size, spec.batch_size,
                            path=None if subject.source is None else subject.source.path, dtype=subject.dtype,
-                           trust_remote_code=spec.trust_remote_code) if cells else None
+                           trust_remote_code=spec.trust_remote_code, gpu_memory_utilization=spec.gpu_memory_utilization,
+                           max_model_len=spec.max_model_len, model_args=spec.model_args) if cells else None
     timings: dict[str, float] = {}
     results = _resumed(out, subject, spec, dense)
     if results is None:
@@ -263,6 +264,8 @@ def _settings(subject: Subject, spec: EvaluationSpec, dense, device, backend, ce
         "batch_size": spec.batch_size,
         "task_batch_size": backend.batch_size if cells else None,
         "backend": backend.describe() if cells else None,
+        "max_model_len": spec.max_model_len,
+        "model_args": spec.model_args,
         "ppl_source": spec.ppl_source,
         "max_windows": spec.max_windows,
         "conventions": describe_conventions(conventions),

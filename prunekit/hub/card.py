@@ -289,8 +289,27 @@ def _calibration_row(calib: dict[str, Any] | None) -> dict[str, Any] | None:
             "source": _public(calib.get("source")), "seed": calib.get("seed"), "languages": langs}
 
 
+def _prunekit_metadata(recipe: dict[str, Any], record: dict[str, Any], dres: dict[str, Any]) -> dict[str, Any]:
+    """The front matter's ``prunekit:`` block: the recipe in machine-readable form, which ``prunekit find`` reads
+    (documented in hub_cards/README.md)."""
+    calib, pattern = record.get("calibration") or None, (record.get("recipe") or {}).get("pattern") or {}
+    quant = recipe["quantization"] or {}
+    dense = {lang: float(row["ppl"]) for lang, row in (dres.get("perplexity") or {}).items() if _finite(row.get("ppl"))}
+    block = {
+        "kind": recipe["kind"], "method": recipe["method"]["name"], "recipe": recipe_slug(record),
+        "pattern": (f"{pattern['n']}:{pattern['m']}" if pattern.get("m") else "unstructured") if recipe["kind"] != "quantize" else None,
+        "sparsity": round(float(recipe["sparsity"]["overall"]), 4) if _finite(recipe["sparsity"]["overall"]) else None,
+        "bits": quant.get("bits"), "group_size": quant.get("group_size"),
+        "calibration": {"languages": list(calib.get("languages") or []), "source": _public(calib.get("source")),
+                        "nsamples": calib.get("nsamples"), "seqlen": calib.get("seqlen"), "seed": calib.get("seed")}
+        if calib else None,
+        "dense_perplexity": dense or None, "run_id": record.get("run_id"),
+    }
+    return {key: value for key, value in block.items() if value is not None}
+
+
 def _card_data(recipe: dict[str, Any], record: dict[str, Any], metadata: dict[str, Any], hub_base: str | None,
-               eval_results: list, repo_name: str):
+               eval_results: list, repo_name: str, block: dict[str, Any]):
     """The front matter: base model, languages and license inherited from the base card, tags, datasets, model-index."""
     from huggingface_hub import ModelCardData
 
@@ -315,7 +334,7 @@ def _card_data(recipe: dict[str, Any], record: dict[str, Any], metadata: dict[st
         tags=[*tags, *(f"calibration-{code}" for code in calib_langs), "prunekit"],
         datasets=["allenai/c4"] if calib.get("source") == "mc4" else None,
         model_name=repo_name if eval_results else None,  # model-index needs a name; otherwise leave it out
-        eval_results=eval_results or None,
+        eval_results=eval_results or None, prunekit=block,
     )
 
 
@@ -381,7 +400,8 @@ def build_card_content(record: dict[str, Any], results: dict[str, Any] | None = 
                                     indent=2, ensure_ascii=False, default=str),
         "prompt": STUDY_PROMPTS.get(((calibration or {}).get("languages") or ["en"])[0], STUDY_PROMPTS["en"]),
     }
-    return CardContent(_card_data(recipe, record, metadata, hub_base, eval_results, repo_name), eval_results, context)
+    block = _prunekit_metadata(recipe, record, dres)
+    return CardContent(_card_data(recipe, record, metadata, hub_base, eval_results, repo_name, block), eval_results, context)
 
 
 def _num(value: Any, spec: str = ".2f") -> str:
@@ -433,6 +453,31 @@ def render_model_card(record: dict[str, Any], results: dict[str, Any] | None = N
     text = _public_text(_render(MODEL_CARD, card_data=content.card_data.to_yaml(), **content.context))
     validate_model_card(text, content.eval_results)
     return text
+
+
+RELATED_START, RELATED_END = "<!-- prunekit:related -->", "<!-- /prunekit:related -->"
+
+
+def with_related_section(card: str, **context: Any) -> str:
+    """A card with its 'Related checkpoints' section (``hub_cards/related.md.j2``) put in or replaced.
+
+    Args:
+        card: the card's text.
+        context: the template's variables: title, count, collection_url, leaderboard ({id, url} or None),
+            recipe, siblings ([{repo_id, url, calibration, headline}]).
+    Returns:
+        The card with the section between its markers, before '## Reproduce' the first time.
+    """
+    from prunekit.hub_cards import RELATED
+
+    section = _render(RELATED, **context).strip()
+    start, end = card.find(RELATED_START), card.find(RELATED_END)
+    if start >= 0 and end > start:
+        return card[:start] + section + card[end + len(RELATED_END):]
+    anchor = card.find("\n## Reproduce")
+    if anchor < 0:
+        return card.rstrip() + "\n\n" + section + "\n"
+    return card[:anchor] + "\n" + section + "\n" + card[anchor:]
 
 
 def _eval_key(result) -> tuple:

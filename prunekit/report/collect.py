@@ -54,8 +54,17 @@ def _state(path: Path) -> str | None:
     return data.get("state") if isinstance(data, dict) else None
 
 
-def _damaged(path: Path, err: Exception, what: str) -> str:
-    return f"skipped {path}: {err if isinstance(err, SchemaError) else f'{type(err).__name__}: {err}'} ({what})"
+RERUN = "rerun the sweep with its config to {}"
+
+
+def _damaged(path: Path, err: Exception, what: str, rerun: str | None = None) -> str:
+    """The warning for a file the report skips. ``rerun``: what rerunning the sweep does about it, said only
+    where a rerun fixes it: the sweep redoes a stage whose output is damaged, but a file written by a prunekit
+    with another major schema version needs that prunekit (the error says so), not a rerun."""
+    reason = err if isinstance(err, SchemaError) else f"{type(err).__name__}: {err}"
+    newer = isinstance(err, SchemaError) and "schema version" in str(err)
+    advice = f"; {RERUN.format(rerun)}" if rerun and not newer else ""
+    return f"skipped {path}: {reason} ({what}{advice})"
 
 
 def collect(runs_dir: str | Path) -> Collected:
@@ -70,7 +79,7 @@ def collect(runs_dir: str | Path) -> Collected:
         try:
             sweep = read_versioned(runs_dir / "sweep.json", SWEEP_KIND)
         except (SchemaError, OSError) as err:
-            warnings.append(_damaged(runs_dir / "sweep.json", err, "the report keeps the default orderings"))
+            warnings.append(_damaged(runs_dir / "sweep.json", err, "the report keeps the default orderings", "rewrite it"))
     runs: list[RunResult] = []
     missing: list[dict[str, Any]] = []
     for directory in sorted(p for p in (runs_dir / "runs").glob("*") if p.is_dir() and not p.name.startswith(".")):
@@ -80,7 +89,7 @@ def collect(runs_dir: str | Path) -> Collected:
         try:
             desc = read_versioned(desc_path, SWEEP_RUN_KIND)
         except (SchemaError, OSError) as err:
-            warnings.append(_damaged(desc_path, err, "the run is left out; rerun the sweep to rewrite it"))
+            warnings.append(_damaged(desc_path, err, "the run is left out", "rewrite it"))
             continue
         label = {"run_id": desc["run_id"], "model": desc["model"]["name"], "method": desc["method"]["label"],
                  "calibration": desc["calibration"], "seed": desc["seed"]}
@@ -94,7 +103,7 @@ def collect(runs_dir: str | Path) -> Collected:
             results = read_results(results_file)
         except (SchemaError, OSError) as err:
             missing.append(label | {"reason": str(err)})
-            warnings.append(_damaged(results_file, err, "the run is left out; rerun the sweep to redo its evaluation"))
+            warnings.append(_damaged(results_file, err, "the run is left out", "redo its evaluation"))
             continue
         runs.append(RunResult(
             run_id=desc["run_id"], model=desc["model"]["name"], model_key=desc["model"]["key"],
@@ -112,25 +121,33 @@ def collect(runs_dir: str | Path) -> Collected:
             desc = read_versioned(directory / "dense.json", SWEEP_DENSE_KIND)
             dense_results = read_results(results_path(directory))
         except (SchemaError, OSError) as err:
-            warnings.append(_damaged(directory, err, "the dense row is left out; rerun the sweep to redo it"))
+            warnings.append(_damaged(directory, err, "the dense row is left out", "redo it"))
             continue
         dense[directory.name] = DenseResult(desc["model"]["name"], directory.name, dense_results, directory)
     if warnings and not runs:
+        fixable = any(RERUN.format("") in w for w in warnings)
         raise ConfigError(
             f"no usable results in '{runs_dir}': " + "; ".join(warnings)
-            + f". Rerun `prunekit sweep CONFIG --runs-dir {runs_dir}` to redo the damaged stages"
+            + (f". Rerun `prunekit sweep CONFIG --runs-dir {runs_dir}` with the sweep's config to redo the damaged stages"
+               if fixable else "")
         )
-    return Collected(runs_dir, runs, dense, missing, sweep, collect_analysis(runs_dir), warnings)
+    return Collected(runs_dir, runs, dense, missing, sweep, collect_analysis(runs_dir, warnings), warnings)
 
 
-def collect_analysis(runs_dir: Path) -> list[dict[str, Any]]:
-    """Finished analysis pairs: what was compared and where its compare summary lies (or why n/a)."""
+def collect_analysis(runs_dir: Path, warnings: list[str] | None = None) -> list[dict[str, Any]]:
+    """Finished analysis pairs: what was compared and where its compare summary lies (or why n/a). A damaged
+    description or result is skipped with a warning (added to ``warnings``)."""
     out = []
     for directory in sorted(p for p in (runs_dir / "analysis").glob("*") if p.is_dir() and not p.name.startswith(".")):
         if not (directory / "analysis.json").exists() or not (directory / "result.json").exists():
             continue
-        desc = read_versioned(directory / "analysis.json", SWEEP_ANALYSIS_KIND)
-        result = read_versioned(directory / "result.json", SWEEP_ANALYSIS_RESULT_KIND)
+        try:
+            desc = read_versioned(directory / "analysis.json", SWEEP_ANALYSIS_KIND)
+            result = read_versioned(directory / "result.json", SWEEP_ANALYSIS_RESULT_KIND)
+        except (SchemaError, OSError) as err:
+            if warnings is not None:
+                warnings.append(_damaged(directory, err, "the comparison is left out", "redo it"))
+            continue
         summary = directory / result["summary"] if result.get("summary") else None
         out.append({
             "model": desc.get("model_name", desc["model"]), "method": desc["method"], "pattern": desc["pattern"],

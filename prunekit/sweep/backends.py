@@ -2,8 +2,10 @@
 
 - ``inprocess``: sequentially in this process (``--executor local``, ``--max-parallel 1``).
 - ``pool``: ``--executor local --max-parallel N``: N worker processes at a time, one task each;
-  worker i's ``device: auto`` (or ``cuda``) means ``cuda:i`` (``PRUNEKIT_DEVICE``), one worker per
-  GPU (``prunekit.placement.worker_plan``); an explicit ``cuda:N`` is left as written.
+  worker i owns its own GPU (``execution.gpus_per_worker`` of them): its ``CUDA_VISIBLE_DEVICES`` is
+  that GPU alone and its ``device: auto`` (or ``cuda``) means ``cuda:0`` (``PRUNEKIT_DEVICE``), so
+  neither prunekit nor lm-eval in it can touch another worker's GPU
+  (``prunekit.placement.worker_plan``); an explicit ``cuda:N`` is left as written.
 - ``submitit``: ``--executor slurm``: one job-array task per ``slurm.runs_per_job`` runs (× the GPUs
   of a node: one rank per GPU), ``slurm_array_parallelism = --max-parallel`` (default: no cap);
   each job is a checkpointable ``slurm_job.SweepJob``, requeued after a preemption or a timeout;
@@ -48,7 +50,7 @@ def local_worker_plan(config: SweepConfig, max_parallel: int | None):
     """Workers and their devices on this machine; a warning for each request that was capped."""
     from prunekit.placement import worker_plan
 
-    plan = worker_plan(config.device, max_parallel, len(visible_gpus()))
+    plan = worker_plan(config.device, max_parallel, len(visible_gpus()), config.gpus_per_worker)
     for warning in plan.warnings:
         stderr_console.print(f"warning: {warning}", markup=False, highlight=False)
     return plan
@@ -99,10 +101,11 @@ def run_inprocess(config: SweepConfig, runs_dir: Path, tasks: list, progress: bo
 
 
 def run_pool(config: SweepConfig, runs_dir: Path, tasks: list, progress: bool, config_digest: str, max_parallel: int, **_: Any) -> list[TaskOutcome]:
-    from prunekit.placement import worker_plan
+    from prunekit.placement import worker_environment, worker_plan
 
-    devices = worker_plan(config.device, max_parallel, len(visible_gpus())).devices  # warned once in run_sweep
-    max_parallel = len(devices)
+    gpus = visible_gpus()
+    plan = worker_plan(config.device, max_parallel, len(gpus), config.gpus_per_worker)  # warned once in run_sweep
+    max_parallel = plan.workers
     logs = runs_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     queue = list(tasks)
@@ -114,9 +117,7 @@ def run_pool(config: SweepConfig, runs_dir: Path, tasks: list, progress: bool, c
             while queue or running:
                 while queue and free:
                     slot, task = free.pop(0), queue.pop(0)
-                    env = dict(os.environ)
-                    if devices[slot] is not None:  # the worker's device=auto; CUDA_VISIBLE_DEVICES is left alone,
-                        env["PRUNEKIT_DEVICE"] = devices[slot]  # so an explicit cuda:N keeps its meaning
+                    env = worker_environment(dict(os.environ), plan, slot, gpus)  # its own GPU(s) only
                     log_path = logs / f"{task.task_id.replace(':', '-')}.log"
                     handle = open(log_path, "a", encoding="utf-8")  # noqa: SIM115 - closed when the worker ends
                     cmd = [sys.executable, "-m", "prunekit.sweep.pool_worker", str(runs_dir), config_digest, task.task_id]
@@ -147,7 +148,7 @@ def job_layout(config: SweepConfig, max_parallel: int | None):
     gpus = config.slurm["gpus_per_node"]
     if config.slurm["cluster"] != "slurm":
         gpus = min(gpus, len(visible_gpus()))
-    return slurm_layout(gpus, config.slurm["runs_per_job"], max_parallel)
+    return slurm_layout(gpus, config.slurm["runs_per_job"], max_parallel, config.gpus_per_worker)
 
 
 def submitit_executor(config: SweepConfig, runs_dir: Path, max_parallel: int | None):
@@ -168,7 +169,7 @@ def submitit_executor(config: SweepConfig, runs_dir: Path, max_parallel: int | N
         "gpus_per_node": layout.gpus_per_node,
         "cpus_per_task": slurm["cpus_per_task"],
         "mem_gb": slurm["mem_gb"],
-        "tasks_per_node": layout.ranks,  # one rank per GPU, each on its own device
+        "tasks_per_node": layout.ranks,  # one rank per GPU (per gpus_per_worker GPUs), each on its own
         "nodes": 1,
     }
     if cluster == "slurm":

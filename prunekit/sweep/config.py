@@ -20,8 +20,8 @@ from pydantic import BaseModel, ValidationError
 
 from prunekit.errors import ConfigError, did_you_mean
 from prunekit.recipe import CalibrationSpec
-from prunekit.sweep.schema import (DEFAULT_CONVENTIONS, MethodEntry, ModelEntry, SweepSpec, check_source, method_entry,
-                                   slug, type_name)
+from prunekit.sweep.entries import MethodEntry, ModelEntry, slug
+from prunekit.sweep.schema import DEFAULT_CONVENTIONS, SweepSpec, check_source, method_entry, type_name
 
 __all__ = ["MethodEntry", "ModelEntry", "SweepConfig", "SweepSpec", "load_config", "slug"]
 
@@ -126,9 +126,11 @@ class SweepConfig:
     hidden_states: bool
     analysis_pairs: list[tuple[str, str]]
     push: dict[str, Any] | None
+    collection: dict[str, Any] = field(default_factory=dict)  # push.collection / push.leaderboard: not in the push's fingerprint
     eval_options: dict[str, Any] = field(default_factory=dict)  # max_windows, batch_size, ... (only those given)
     analysis_options: dict[str, Any] = field(default_factory=dict)  # only, max_tokens
     device: str = "auto"
+    gpus_per_worker: int = 1  # GPUs each worker (pool process, Slurm rank) owns; > 1 turns lm-eval's parallelize on
     batch_size: int | None = None
     skip_layers: str | None = None
     keep_checkpoints: bool = True
@@ -197,25 +199,30 @@ def load_config(config: str | Path | dict[str, Any]) -> SweepConfig:
     analysis_options: dict[str, Any] = {}
     if spec.analysis is not None:
         analysis_options = {k: v for k, v in (("only", spec.analysis.only), ("max_tokens", spec.analysis.max_tokens)) if v is not None}
-    push = None
+    push, collection = None, {}
     if spec.push is not None:
         push = {"namespace": spec.push.namespace, "private": spec.push.private}
         if spec.push.endpoint is not None:
             push["endpoint"] = spec.push.endpoint
+        collection = {"title": spec.push.collection, "leaderboard": spec.push.leaderboard}
     eval_options = ev.options()
     if spec.conventions != "prunekit":  # the eval stage depends on it (the default leaves digests as they were)
         eval_options["conventions"] = spec.conventions
+    if execution.gpus_per_worker > 1:  # a worker owns several GPUs by the user's choice: lm-eval spreads over them
+        eval_options["parallelize"] = True
     return SweepConfig(
         name=spec.name or default_name, models=models, methods=[method_entry(m) for m in spec.methods],
         patterns=spec.pattern_pairs(), calib_sets=list(calib.sets), calib_source=calib_source, nsamples=calib.nsamples,
         seqlen=calib.seqlen, seeds=list(calib.seeds), eval_languages=spec.eval_languages, ppl_source=ppl_source,
         eval_seqlen=ev.seqlen, tasks=list(ev.tasks) if ev.tasks else None, limit=limit, hidden_states=ev.hidden_states,
         analysis_pairs=[tuple(p) for p in spec.analysis.pairs] if spec.analysis is not None else [], push=push,
-        eval_options=eval_options, analysis_options=analysis_options, device=execution.device, batch_size=execution.batch_size,
+        collection=collection,
+        eval_options=eval_options, analysis_options=analysis_options, device=execution.device, gpus_per_worker=execution.gpus_per_worker,
+        batch_size=execution.batch_size,
         skip_layers=execution.skip_layers, keep_checkpoints=execution.keep_checkpoints, slurm=spec.slurm.settings(),
         raw=_normalized_raw(raw, models, calib_source, ppl_source, eval_options), conventions=spec.conventions,
         evaluation=ev.spec(langs=spec.eval_languages, ppl_source=ppl_source, tasks=ev.tasks, device=execution.device,
-                           conventions=spec.conventions),
+                           conventions=spec.conventions, parallelize=execution.gpus_per_worker > 1),
     )
 
 

@@ -160,6 +160,7 @@ def run_sweep(
                                          outcome.stage if outcome else None,
                                          outcome.error if outcome else "not run (an earlier stage or dependency failed)"))
     summary.notes = dense_cache_notes(runs_dir, [o.task_id for o in outcomes if "eval" in o.ran])
+    summary.notes += publish_collection(cfg, runs_dir, final) if cfg.push else []
     summary.seconds = round(time.perf_counter() - started, 3)
     write_json_atomic(runs_dir / "sweep-summary.json", versioned("prunekit-sweep-summary", summary.to_json() | {"finished": now_iso()}))
     return summary
@@ -215,6 +216,26 @@ def dense_cache_notes(runs_dir: Path, evaluated: list[str]) -> list[str]:
         return []
     return [f"{recomputed} run(s) recomputed the dense hidden states instead of reading the dense stage's cache; "
             "on a cluster put PRUNEKIT_CACHE on storage every node shares"]
+
+
+def publish_collection(cfg: SweepConfig, runs_dir: Path, plan: Plan) -> list[str]:
+    """After the pushes: the sweep's Hub collection of the repos pushed, linked from each card (prunekit.hub.collection)."""
+    import json
+
+    from prunekit.errors import PrunekitError
+    from prunekit.hub.collection import publish_sweep_collection
+
+    pushed = [runs_dir / "runs" / task.run_id / "push.json" for task in plan.grid.runs]
+    repo_ids = [json.loads(path.read_text())["repo_id"] for path in pushed if path.is_file()]
+    if not repo_ids:
+        return []
+    try:
+        done = publish_sweep_collection(cfg.name, repo_ids, cfg.push["namespace"], private=cfg.push["private"],
+                                        endpoint=cfg.push.get("endpoint"), **cfg.collection)
+    except PrunekitError as err:
+        return [f"the sweep's Hub collection was not updated ({err}); rerun the sweep to retry"]
+    return [f"Hub collection: {done.url} ({len(done.items)} checkpoints; {len(done.added)} added, "
+            f"{len(done.cards_updated)} cards updated)"]
 
 
 def final_complete(plan: Plan, task_id: str) -> bool:

@@ -10,18 +10,16 @@ prints after the YAML path that pydantic's error location gives.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterator, Optional
+from typing import Annotated, Any, Callable, Iterator, Literal, Optional
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from prunekit.conventions import CONVENTIONS, DEFAULT_CONVENTIONS
 from prunekit.errors import PrunekitError, did_you_mean
+from prunekit.sweep.entries import MethodEntry, ModelEntry
 
 SLURM_CLUSTERS = ("slurm", "local", "debug")
 DEFAULT_DTYPE = "auto"  # the checkpoint's own dtype (issue 16)
@@ -276,6 +274,10 @@ class EvaluationSection(_Section):
     num_fewshot: Optional[int] = None
     chat_template: Optional[bool] = None
     bootstrap_iters: Optional[int] = None
+    backend: Optional[Literal["hf", "vllm"]] = Field(None, description="lm-eval model for the tasks: hf (default) or vllm (in a subprocess of its own)")
+    gpu_memory_utilization: Optional[float] = Field(None, description="vllm: fraction of the GPU vLLM may take, in (0, 1]")
+    max_model_len: Optional[int] = Field(None, description="vllm: longest sequence its KV cache is planned for")
+    model_args: Optional[dict[str, Any]] = Field(None, description="extra keyword arguments of lm-eval's model (HFLM or vLLM)")
 
     @field_validator("languages", mode="before")
     @classmethod
@@ -320,7 +322,8 @@ class EvaluationSection(_Section):
 
     def options(self) -> dict[str, Any]:
         """The evaluation options given (max_windows, batch_size, ...), for ``EvaluationSpec``."""
-        keys = ("max_windows", "batch_size", "snr_tokens", "num_fewshot", "bootstrap_iters", "chat_template", "task_data")
+        keys = ("max_windows", "batch_size", "snr_tokens", "num_fewshot", "bootstrap_iters", "chat_template", "task_data",
+                "backend", "gpu_memory_utilization", "max_model_len", "model_args")
         return {key: getattr(self, key) for key in keys if getattr(self, key) is not None}
 
 
@@ -365,6 +368,22 @@ class PushSpec(_Section):
     namespace: Text = Field(description="Hub user or organization the runs are pushed to")
     private: bool = True
     endpoint: Optional[Text] = None
+    collection: Optional[Text] = Field(None, description="title of the sweep's Hub collection (default: NAME (prunekit sweep))")
+    leaderboard: Optional[Text] = Field(None, description="Space ORG/NAME that `prunekit report --push` publishes to; the cards link it")
+
+    @field_validator("collection")
+    @classmethod
+    def _collection(cls, title: str | None) -> str | None:
+        if title is not None and not 1 <= len(title.strip()) <= 60:
+            raise invalid(f"a collection title has 1 to 60 characters; '{title}' has {len(title.strip())}")
+        return title
+
+    @field_validator("leaderboard")
+    @classmethod
+    def _leaderboard(cls, space: str | None) -> str | None:
+        if space is not None and not re.match(r"^[A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w.\-]*$", space):
+            raise invalid(f"'{space}' is not a Space id: give ORG/NAME, the one `prunekit report RUNS --push ORG/NAME` publishes")
+        return space
 
     @field_validator("namespace")
     @classmethod
@@ -380,6 +399,9 @@ def _as_text(value: Any) -> Any:
 
 class ExecutionSpec(_Section):
     device: Text = Field("auto", description="auto, cpu or cuda[:i]")
+    gpus_per_worker: int = Field(1, ge=1, description=(
+        "GPUs each worker (local pool process, Slurm rank) owns as its whole CUDA_VISIBLE_DEVICES; more than 1 lets "
+        "lm-eval spread the model over them (parallelize; vLLM: tensor parallelism)"))
     batch_size: Optional[int] = Field(None, ge=1)
     skip_layers: Optional[Annotated[Text, BeforeValidator(_as_text)]] = None
     keep_checkpoints: bool = True
@@ -555,36 +577,3 @@ def method_entry(name: str) -> "MethodEntry":
     choices = prune_methods + [f"{q}-w4g128" for q in quantize_methods]
     raise invalid(f"unknown method '{name}'{did_you_mean(name, choices)}; choose from {', '.join(prune_methods)} "
                    "or a quantization such as gptq-w4g128 (gptq-w{bits}g{group})")
-
-
-# --------------------------------------------------------------------------------------------
-# What the schema normalizes to
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelEntry:
-    spec: str  # Hub id, local path (absolute), .gguf file or embedded:NAME
-    name: str  # display label in plans and reports
-    dtype: str = "float32"
-    revision: str | None = None
-    trust_remote_code: bool = False
-
-    @property
-    def key(self) -> str:
-        """Names the model's ``dense/`` dir: hash of what identifies the dense model."""
-        blob = json.dumps({"model": self.spec, "revision": self.revision, "dtype": self.dtype}, sort_keys=True)
-        return f"{slug(self.name)}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
-
-
-@dataclass(frozen=True)
-class MethodEntry:
-    label: str  # what the user wrote: wanda, gptq-w4g128
-    method: str  # registry name: wanda, gptq
-    kind: str  # prune | quantize
-    needs_calibration: bool = True
-    quantization: Any = None  # prunekit.recipe.Quantization for kind "quantize"
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "model"

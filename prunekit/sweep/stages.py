@@ -35,7 +35,8 @@ from prunekit.errors import PrunekitError
 from prunekit.io import atomic_directory, read_versioned, versioned, write_json_atomic
 from prunekit.sweep.config import SweepConfig, load_config
 from prunekit.sweep.grid import AnalysisTask, DenseTask, Grid, RunTask, expand
-from prunekit.sweep.state import DONE, StageBusy, clean_partials, clear_status, now_iso, read_status, stage, stage_state
+from prunekit.sweep.state import (DONE, StageBusy, clean_partials, clear_status, now_iso, read_artifact, read_status, stage,
+                                  stage_state)
 
 CONFIG_KIND, RUN_KIND, DENSE_KIND, ANALYSIS_KIND = SWEEP_CONFIG_KIND, SWEEP_RUN_KIND, SWEEP_DENSE_KIND, SWEEP_ANALYSIS_KIND
 
@@ -129,7 +130,7 @@ def is_complete(states: dict[str, str]) -> bool:
 
 def write_snapshot(runs_dir: Path, config: SweepConfig) -> str:
     path = Path(runs_dir) / "sweeps" / f"{config.digest}.json"
-    if not path.exists():
+    if read_artifact(path, CONFIG_KIND, "it is written again from the config") is None:  # missing or damaged
         write_json_atomic(path, versioned(CONFIG_KIND, {"name": config.name, "config": config.to_json(), "created": now_iso()}))
     return config.digest
 
@@ -148,9 +149,9 @@ def log(runs_dir: Path, message: str) -> None:
 def ensure_task_dir(directory: Path, kind: str, payload: dict[str, Any]) -> Path:
     """Create a task dir atomically with its description file (run.json / dense.json / analysis.json)."""
     filename = {RUN_KIND: "run.json", DENSE_KIND: "dense.json", ANALYSIS_KIND: "analysis.json"}[kind]
-    if (directory / filename).exists():
+    if read_artifact(directory / filename, kind, "it is written again from the config") is not None:
         return directory
-    if directory.exists():  # a dir without its description: left by hand or an old layout; fill it in
+    if directory.exists():  # a dir without its (readable) description: left by hand or an old layout; fill it in
         write_json_atomic(directory / filename, versioned(kind, payload))
         return directory
     try:

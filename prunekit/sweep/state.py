@@ -12,8 +12,10 @@ two processes that reach the same stage at the same moment (two sweeps on one ru
 array tasks sharing a dense model) cannot both run it, and the lock dies with its process. Where
 the filesystem has no locks, the status file alone decides, as before.
 
-A status file that cannot be read (truncated, not JSON) counts as "never ran": its stage is redone,
-with a warning that names the file.
+A status file that cannot be read (truncated, not JSON, another kind or major version) counts as "never
+ran": its stage is redone, with a warning that names the file. So does a 'done' stage whose output
+(:data:`STAGE_OUTPUTS`: an evaluation's ``results.json``, an analysis's ``result.json``, a checkpoint's record)
+cannot be read: files are parsed and checked for their kind and version, not only found.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from prunekit import locks
+from prunekit.artifacts import CHECKPOINT_KIND, RECORD_FILE, RESULTS_FILE, RESULTS_KIND, SWEEP_ANALYSIS_RESULT_KIND
 from prunekit.errors import SchemaError
 from prunekit.io import read_versioned, versioned, write_json_atomic
 
@@ -70,15 +73,57 @@ def status_path(directory: Path, stage: str) -> Path:
 _WARNED: set[str] = set()
 
 
-def _warn_corrupt(path: Path, err: Exception) -> None:
+REDONE = "its stage counts as not done and is redone"
+
+
+def _warn_corrupt(path: Path, err: Exception, consequence: str = REDONE) -> None:
     if str(path) in _WARNED:
         return
     _WARNED.add(str(path))
     from prunekit.progress import stderr_console
 
     reason = err.msg if isinstance(err, json.JSONDecodeError) else str(err)
-    stderr_console.print(f"warning: {path} cannot be read ({reason}); its stage counts as not done and is redone",
+    stderr_console.print(f"warning: {path} cannot be read ({reason}); {consequence}",
                          markup=False, highlight=False, soft_wrap=True)
+
+
+def read_artifact(path: str | Path, kind: str, consequence: str = REDONE) -> dict[str, Any] | None:
+    """A sweep's JSON artefact (``run.json``, ``results.json``, a config snapshot…) parsed and checked for its
+    kind and major version; None when it is missing, or damaged: then one warning names it and says
+    ``consequence`` (what happens instead)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        data = read_versioned(path, kind)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, UnicodeDecodeError, ValueError, SchemaError, AttributeError, TypeError) as err:
+        _warn_corrupt(path, err, consequence)
+        return None
+    return data
+
+
+# What a 'done' stage left in its directory, and its kind; True: the stage is not done without it (False: it
+# may have been removed on purpose, e.g. a checkpoint the sweep does not keep, so only a damaged one counts).
+STAGE_OUTPUTS: dict[str, tuple[str, str, bool]] = {
+    "eval": (RESULTS_FILE, RESULTS_KIND, True),
+    "dense": (RESULTS_FILE, RESULTS_KIND, True),
+    "analysis": ("result.json", SWEEP_ANALYSIS_RESULT_KIND, True),
+    "prune": (f"checkpoint/{RECORD_FILE}", CHECKPOINT_KIND, False),
+}
+
+
+def outputs_ok(directory: Path, stage: str) -> bool:
+    """Whether a stage's output (:data:`STAGE_OUTPUTS`) is there, when required, and readable (a warning names
+    a damaged one)."""
+    if stage not in STAGE_OUTPUTS:
+        return True
+    name, kind, required = STAGE_OUTPUTS[stage]
+    path = Path(directory) / name
+    if not path.exists():
+        return not required
+    return read_artifact(path, kind) is not None
 
 
 def read_status(directory: Path, stage: str) -> dict[str, Any] | None:
@@ -90,7 +135,7 @@ def read_status(directory: Path, stage: str) -> dict[str, Any] | None:
         status = read_versioned(path, STATUS_KIND)
         if not isinstance(status, dict) or not isinstance(status.get("state"), str):
             raise ValueError("no stage state in it")
-    except (OSError, UnicodeDecodeError, ValueError, SchemaError, AttributeError) as err:  # JSONDecodeError is a ValueError
+    except (OSError, UnicodeDecodeError, ValueError, SchemaError, AttributeError, TypeError) as err:  # JSONDecodeError is a ValueError
         _warn_corrupt(path, err)
         return None
     return status
@@ -144,7 +189,8 @@ def is_stale(status: dict[str, Any]) -> bool:
 
 
 def stage_state(directory: Path, stage: str, fingerprint: str | None = None) -> str:
-    """'done', 'todo' (never ran, or its settings changed), 'failed', 'stale' or 'busy' (running elsewhere)."""
+    """'done', 'todo' (never ran, its settings changed, or its output is missing or damaged), 'failed', 'stale'
+    or 'busy' (running elsewhere)."""
     status = read_status(directory, stage)
     if status is None:
         return "todo"
@@ -152,7 +198,7 @@ def stage_state(directory: Path, stage: str, fingerprint: str | None = None) -> 
     if state == DONE:
         if fingerprint is not None and status.get("fingerprint") != fingerprint:
             return "todo"
-        return "done"
+        return "done" if outputs_ok(directory, stage) else "todo"
     if state == RUNNING:
         return "stale" if is_stale(status) else "busy"
     return "failed"
@@ -289,6 +335,8 @@ def clean_partials(root: Path) -> list[Path]:
     for path in candidates:
         name = path.name
         if name.endswith(".partial") or name.endswith(".tmp") or ".old-" in name:
+            if path.is_dir() and (path / ".prunekit-staging.json").exists():
+                continue  # a streamed prune's resumable staging (prunekit.staging): its rerun resumes or removes it
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             else:
