@@ -24,7 +24,6 @@ import copy
 import json
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 

@@ -116,8 +116,8 @@ class EvaluationSpec:
     conventions: str = "prunekit"
 
     def __post_init__(self) -> None:
-        from prunekit.evaluation.harness import check_backend, plan_tasks
-        from prunekit.evaluation.lm_backend import parse_model_args
+        from prunekit.evaluation.harness import plan_tasks
+        from prunekit.evaluation.lm_backend import check_backend, parse_model_args
         from prunekit.evaluation.hidden_states import store_dtype_for, torch_dtype
         from prunekit.languages import parse_language_list
 

@@ -23,7 +23,8 @@ from prunekit.artifacts import RESULTS_KIND, library_versions, read_record, read
 from prunekit.conventions import DESCRIPTIONS, describe as describe_conventions
 from prunekit.errors import ConfigError, PrunekitError
 from prunekit.evaluation.forward import ModelWeights, Weights, open_weights
-from prunekit.evaluation.harness import BackendPlan, partial_results_path, plan_backend, plan_tasks, resolve_chat_template, run_tasks
+from prunekit.evaluation.harness import partial_results_path, plan_tasks, resolve_chat_template, run_tasks
+from prunekit.evaluation.lm_backend import BackendPlan, plan_backend
 from prunekit.evaluation.hidden_states import DenseReference, check_compatible, model_fingerprint, torch_dtype
 from prunekit.evaluation.passes import Language, measure
 from prunekit.evaluation.perplexity import make_windows
