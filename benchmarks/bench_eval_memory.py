@@ -120,11 +120,11 @@ def report():
     hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
     print(f"BENCH peak_rss_gb={hwm * 1024 / 1e9:.2f} wall_s={time.perf_counter() - start:.1f}", file=sys.stderr)
 atexit.register(report)
-from prunekit.evaluation import evaluate_loaded
+from prunekit.evaluation import EvaluationSpec, evaluate_loaded
 from prunekit.models import load_model
 model, tok, source = load_model(sys.argv[1], "bfloat16")
-res = evaluate_loaded(model, tok, source=source, langs="en", ppl_source=sys.argv[2], seqlen=32, max_windows=2,
-                      device="cpu", progress=False)
+res = evaluate_loaded(model, tok, EvaluationSpec(langs="en", ppl_source=sys.argv[2], seqlen=32, max_windows=2,
+                      device="cpu"), source=source, progress=False)
 print("ppl", res["perplexity"]["en"]["ppl"])
 '''
 

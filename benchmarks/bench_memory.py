@@ -11,6 +11,8 @@ keeps the base's dtype and shape, non-Linear tensors are bit-identical, total si
 usage (about 30 min on 2 cores; needs ~12 GB of disk under --root and ~6 GB of RAM for the in-memory run):
   python benchmarks/bench_memory.py                       # streamed at 4 and 8 layers, in-memory at 4, eval of 8
   python benchmarks/bench_memory.py --depths 4 --methods wanda --no-eval
+  python benchmarks/bench_memory.py --one-run-sweep /work/ckpts/llama8b-4L /work/ckpts/llama8b-8L --eval-langs en,de,sw
+                                                          # a one-run sweep at each depth, then a 3-language eval
 The synthetic checkpoints and outputs are deleted at the end unless --keep.
 """
 
@@ -123,13 +125,86 @@ def worker(kind: str, spec: dict) -> dict:
                        overwrite=True, progress=False, stream=spec["stream"], solve_threads=spec.get("solve_threads"))
         extra = {"streamed": result.record["streamed"], "dtype": result.record["base_model"]["dtype"],
                  "sparsity": result.record["sparsity"]["overall"]}
+    elif kind == "sweep":
+        return sweep_worker(spec)
     else:
-        from prunekit.evaluation.suite import evaluate
+        from prunekit.evaluation import EvaluationSpec, evaluate
 
-        result = evaluate(spec["model"], langs="en", seqlen=spec["seqlen"], device="cpu", progress=False,
-                          max_windows=spec["windows"])
-        extra = {"perplexity": json.dumps(result.get("perplexity"), default=str)[:200]}
+        langs = spec.get("langs", "en")
+        result = evaluate(spec["model"], EvaluationSpec(langs=langs, seqlen=spec["seqlen"], device="cpu",
+                                                        max_windows=spec["windows"], snr_tokens=spec.get("snr_tokens", 4096)),
+                          dense=spec.get("dense"), progress=False)
+        extra = {"perplexity": {k: round(v["ppl"], 3) for k, v in result["perplexity"].items()},
+                 "snr_db": {k: round(v["snr_db"], 2) for k, v in result["hidden_states"].items()},
+                 "dense_cache": sorted({v["dense_cache"]["status"] for v in result["hidden_states"].values()})}
     return {"peak_rss": peak_rss_bytes(), **extra}
+
+
+# ------------------------------------------------- the one-run sweep and the multi-language eval (issue 25)
+
+def sweep_config(base: str, spec: dict) -> dict:
+    """A one-run sweep: Wanda 50 %, one calibration language, perplexity and SNR in two languages, the dense
+    stage included, the model's dtype left at its default."""
+    return {
+        "name": "bench-one-run", "models": [{"path": base}], "methods": ["wanda"], "sparsities": [0.5],
+        "calibration": {"sets": ["en"], "source": "embedded", "nsamples": spec["nsamples"], "seqlen": spec["seqlen"]},
+        "evaluation": {"languages": ["en", "de"], "perplexity_source": "embedded", "seqlen": spec["seqlen"],
+                       "max_windows": spec["windows"], "hidden_states": True},
+        "execution": {"device": "cpu", "keep_checkpoints": spec.get("keep", False)},
+    }
+
+
+def sweep_worker(spec: dict) -> dict:
+    """Runs the sweep in this process and its worker processes (if any): each one's peak RSS."""
+    import resource
+
+    from _rss import peak_rss_bytes
+
+    from prunekit.sweep import run_sweep
+
+    summary = run_sweep(sweep_config(spec["model"], spec), spec["runs_dir"], executor="local", max_parallel=1,
+                        progress=False)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # the largest worker process (0: none)
+    return {"peak_rss": peak_rss_bytes(), "peak_rss_children": children, "ok": summary.ok}
+
+
+def bench_sweep_and_eval(args) -> None:
+    """--one-run-sweep BASE... : the sweep at each depth (each process's peak RSS); then, with --eval-langs, a
+    multi-language eval of the deepest run's pruned checkpoint against its base (dense cache miss, then hit)."""
+    root = Path(args.root or tempfile.mkdtemp(prefix="prunekit-bench-sweep-"))
+    root.mkdir(parents=True, exist_ok=True)
+    os.environ["PRUNEKIT_CACHE"] = str(root / "cache")  # a cold dense cache; the workers inherit it
+    rows = []
+    try:
+        for base in args.one_run_sweep:
+            depth = json.loads((Path(base) / "config.json").read_text())["num_hidden_layers"]
+            runs = root / f"runs-{depth}L"
+            spec = {"model": str(base), "runs_dir": str(runs), "nsamples": args.nsamples, "seqlen": args.seqlen,
+                    "windows": args.eval_windows, "keep": bool(args.eval_langs)}
+            measured = run_worker("sweep", spec, root / f"sweep-{depth}L.log")
+            rows.append({"what": f"one-run sweep, {depth} layers", **measured})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            if args.eval_langs and base == args.one_run_sweep[-1]:
+                checkpoint = next(runs.glob("runs/*/checkpoint"))
+                for attempt in ("cold dense cache", "warm dense cache"):
+                    if attempt.startswith("cold"):
+                        shutil.rmtree(root / "cache" / "dense", ignore_errors=True)
+                    spec = {"model": str(checkpoint), "dense": str(base), "langs": args.eval_langs, "seqlen": args.seqlen,
+                            "windows": args.eval_windows}
+                    measured = run_worker("eval", spec, root / f"eval-{depth}L.log")
+                    rows.append({"what": f"eval {args.eval_langs} vs dense, {depth} layers, {attempt}", **measured})
+                    print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            shutil.rmtree(runs, ignore_errors=True)
+    finally:
+        if args.root is None:
+            shutil.rmtree(root, ignore_errors=True)
+    print(f"\n{'what':<58} {'peak RSS GB':>11} {'workers GB':>10} {'wall s':>7}")
+    for r in rows:
+        print(f"{r['what']:<58} {r['peak_rss'] / 1e9:11.2f} {r.get('peak_rss_children', 0) / 1e9:10.2f} {r['wall_s']:7.1f}")
+    sweeps = [r for r in rows if r["what"].startswith("one-run")]
+    if len(sweeps) == 2:
+        peak = lambda r: max(r["peak_rss"], r.get("peak_rss_children", 0))  # noqa: E731
+        print(f"one-run sweep: peak RSS deeper / shallower = {peak(sweeps[1]) / peak(sweeps[0]):.3f}")
 
 
 def run_worker(kind: str, spec: dict, log: Path) -> dict:
@@ -230,6 +305,12 @@ def main() -> None:
     parser.add_argument("--solve-threads", type=int, default=None,
                         help="SparseGPT's solve threads on the CPU (default: prunekit's own choice; 1 holds one Hessian at a time)")
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--one-run-sweep", type=Path, nargs="+", default=None, metavar="BASE",
+                        help="run the one-run sweep (Wanda 50 %%, en, ppl+SNR in en,de, dense stage) on these existing "
+                             "checkpoints, e.g. /work/ckpts/llama8b-4L /work/ckpts/llama8b-8L")
+    parser.add_argument("--eval-langs", default=None,
+                        help="with --one-run-sweep: then evaluate the last one's pruned checkpoint in these languages "
+                             "against its base (e.g. en,de,sw)")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--quantize", nargs="?", const=True, default=None, metavar="BASE",
                         help="packed 4-bit quantize, streamed, of BASE (default: a generated 8-layer checkpoint) with the "
@@ -240,6 +321,9 @@ def main() -> None:
         return
     if args.quantize:
         bench_quantize(args)
+        return
+    if args.one_run_sweep:
+        bench_sweep_and_eval(args)
         return
 
     if args.eval_only:

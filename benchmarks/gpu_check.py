@@ -154,7 +154,7 @@ def fresh_process(code: str, path: Path, timeout: int = 600) -> dict[str, Any]:
 
 def check_model(steps: Steps, name: str, spec: str, args, work: Path, calib: Path) -> None:
     import prunekit
-    from prunekit.evaluation import evaluate
+    from prunekit.evaluation import EvaluationSpec, evaluate
     from prunekit.recipe import Quantization
 
     common = dict(calib="en", calib_source=str(calib), nsamples=args.nsamples, seqlen=args.seqlen, dtype="bfloat16",
@@ -173,9 +173,9 @@ def check_model(steps: Steps, name: str, spec: str, args, work: Path, calib: Pat
         def perplexity_and_snr(out=out):
             if out not in pruned.values():
                 raise Skip("its prune failed")
-            res = evaluate(out, dense=spec, langs=",".join(LANGS), ppl_source="embedded", seqlen=args.eval_seqlen,
-                           max_windows=args.max_windows, snr_tokens=args.snr_tokens, dtype="bfloat16", device=args.device,
-                           progress=False)
+            res = evaluate(out, EvaluationSpec(langs=LANGS, ppl_source="embedded", seqlen=args.eval_seqlen,
+                                               max_windows=args.max_windows, snr_tokens=args.snr_tokens, dtype="bfloat16",
+                                               device=args.device), dense=spec, progress=False)
             ppl = {lang: res["perplexity"][lang]["ppl"] for lang in LANGS}
             snr = {lang: res["hidden_states"][lang]["snr_db_finite_layers"] for lang in LANGS}
             check_finite(ppl, "perplexity")
@@ -189,8 +189,9 @@ def check_model(steps: Steps, name: str, spec: str, args, work: Path, calib: Pat
                 raise Skip("vllm is not installed (pip install 'prunekit[vllm]')")
             if "wanda" not in pruned:
                 raise Skip("the wanda prune failed")
-            res = evaluate(pruned["wanda"], langs=args.task_lang, ppl_source=None, tasks=args.task, limit=args.limit,
-                           task_data=args.task_data, device=args.device, backend=backend, dtype="bfloat16", progress=False)
+            res = evaluate(pruned["wanda"], EvaluationSpec(langs=args.task_lang, ppl_source=None, tasks=args.task, limit=args.limit,
+                                                           task_data=args.task_data, device=args.device, backend=backend,
+                                                           dtype="bfloat16"), progress=False)
             rows = res["tasks"]
             unavailable = {k: v["note"] for k, v in rows.items() if v["status"] != "ok"}
             if unavailable:

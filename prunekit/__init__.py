@@ -16,11 +16,16 @@ def prune(*args, **kwargs):
 
 
 def __getattr__(name: str):
-    """The run's specs, imported on first use: ``CalibrationSpec`` (prunekit.recipe) and ``OutputSpec`` (prunekit.pipeline)."""
+    """The run's specs, imported on first use: ``CalibrationSpec`` (prunekit.recipe), ``EvaluationSpec``
+    (prunekit.evaluation.spec) and ``OutputSpec`` (prunekit.pipeline)."""
     if name == "CalibrationSpec":
         from prunekit.recipe import CalibrationSpec
 
         return CalibrationSpec
+    if name == "EvaluationSpec":
+        from prunekit.evaluation.spec import EvaluationSpec
+
+        return EvaluationSpec
     if name == "OutputSpec":
         from prunekit.pipeline import OutputSpec
 
@@ -28,4 +33,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'prunekit' has no attribute '{name}'")
 
 
-__all__ = ["CalibrationSpec", "OutputSpec", "__version__", "prune"]
+__all__ = ["CalibrationSpec", "EvaluationSpec", "OutputSpec", "__version__", "prune"]

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from prunekit.evaluation import DenseReference, evaluate_loaded
+from prunekit.evaluation import DenseReference, EvaluationSpec, evaluate_loaded
 from prunekit.models import load_model
 from tests.conftest import TEST_DATA
 
@@ -17,11 +17,7 @@ def test_gemma_local_xcopa_and_perplexity_against_itself(embedded_gemma):
     # One loaded model serves as checkpoint and as dense reference (the sweep's way of reusing models).
     model, tokenizer, source = load_model(str(embedded_gemma))
     dense = DenseReference.from_loaded(model, tokenizer, source)
-    res = evaluate_loaded(
-        model, tokenizer, source=source, dense=dense, langs="sw", ppl_source="embedded", seqlen=128, max_windows=2,
-        snr_tokens=128, tasks="xcopa_local_sw", task_data=TEST_DATA, limit=20, device="cpu", progress=False,
-        bootstrap_iters=1, batch_size=8,
-    )
+    res = evaluate_loaded(model, tokenizer, EvaluationSpec(langs="sw", ppl_source="embedded", seqlen=128, max_windows=2, snr_tokens=128, tasks="xcopa_local_sw", task_data=TEST_DATA, limit=20, device="cpu", bootstrap_iters=1, batch_size=8), source=source, dense=dense, progress=False)
     xcopa = res["tasks"]["xcopa_local_sw"]
     assert xcopa["status"] == "ok" and xcopa["samples"] == 20
     assert 0.0 <= xcopa["metrics"]["acc"] <= 1.0

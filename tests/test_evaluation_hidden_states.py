@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from prunekit.errors import ModelError
-from prunekit.evaluation import COUNTERS, DenseReference, evaluate, pruning_error_and_snr
+from prunekit.evaluation import COUNTERS, DenseReference, EvaluationSpec, evaluate, pruning_error_and_snr
 from prunekit.evaluation.hidden_states import summarize
 from prunekit.models import load_model
 from tests.conftest import TATOEBA, train_tokenizer
@@ -73,8 +73,7 @@ def test_identical_states_give_zero_error_and_infinite_snr():
 
 
 def test_dense_model_against_itself_has_pe_zero_and_snr_inf(tiny_llama, texts_dir):
-    res = evaluate(tiny_llama, dense=str(tiny_llama), langs="en", ppl_source=str(texts_dir), seqlen=32,
-                   device="cpu", progress=False, snr_tokens=96)
+    res = evaluate(tiny_llama, EvaluationSpec(langs="en", ppl_source=str(texts_dir), seqlen=32, device="cpu", snr_tokens=96), dense=str(tiny_llama), progress=False)
     hidden = res["hidden_states"]["en"]
     assert hidden["pruning_error"] == 0.0 and hidden["snr_db"] == math.inf
     assert hidden["per_layer"]["pruning_error"] == [0.0, 0.0, 0.0]
@@ -84,11 +83,11 @@ def test_dense_model_against_itself_has_pe_zero_and_snr_inf(tiny_llama, texts_di
 def test_perturbing_layer_one_leaves_layer_zero_exact_and_the_dense_pass_is_cached(
     tiny_llama, perturbed_llama, texts_dir, monkeypatch
 ):
-    kwargs = dict(dense=str(tiny_llama), langs="en,de", ppl_source=str(texts_dir), seqlen=32, device="cpu",
-                  progress=False, snr_tokens=64)
+    kwargs = dict(dense=str(tiny_llama), progress=False,
+                  spec=EvaluationSpec(langs="en,de", ppl_source=str(texts_dir), seqlen=32, device="cpu", snr_tokens=64))
     before = COUNTERS["dense_passes"]
     first = evaluate(perturbed_llama, **kwargs)
-    assert COUNTERS["dense_passes"] == before + 2  # one dense pass per language
+    assert COUNTERS["dense_passes"] == before + 1  # one dense pass for both languages
     for lang in ("en", "de"):
         layers = first["hidden_states"][lang]["per_layer"]
         assert layers["pruning_error"][0] == 0.0 and layers["snr_db"][0] == math.inf
@@ -99,7 +98,7 @@ def test_perturbing_layer_one_leaves_layer_zero_exact_and_the_dense_pass_is_cach
     # A second checkpoint against the same dense model: no dense forward, the dense weights are not even loaded.
     monkeypatch.setattr(DenseReference, "weights", lambda self: pytest.fail("the dense model was loaded again"))
     second = evaluate(tiny_llama, **kwargs)
-    assert COUNTERS["dense_passes"] == before + 2
+    assert COUNTERS["dense_passes"] == before + 1
     assert {second["hidden_states"][lang]["dense_cache"]["status"] for lang in ("en", "de")} == {"hit"}
     assert second["hidden_states"]["en"]["pruning_error"] == 0.0
     again = evaluate(perturbed_llama, **kwargs)
@@ -107,22 +106,20 @@ def test_perturbing_layer_one_leaves_layer_zero_exact_and_the_dense_pass_is_cach
 
 
 def test_including_bos_is_recorded_and_counts_the_bos_positions(tiny_llama, perturbed_llama, texts_dir):
-    res = evaluate(perturbed_llama, dense=str(tiny_llama), langs="de", ppl_source=str(texts_dir), seqlen=32,
-                   device="cpu", progress=False, snr_tokens=64, exclude_bos=False)
+    res = evaluate(perturbed_llama, EvaluationSpec(langs="de", ppl_source=str(texts_dir), seqlen=32, device="cpu", snr_tokens=64, include_bos=True), dense=str(tiny_llama), progress=False)
     hidden = res["hidden_states"]["de"]
     assert hidden["exclude_bos"] is False and hidden["tokens"] == 64
     assert res["settings"]["exclude_bos"] is False
 
 
 def test_results_without_dense_have_empty_hidden_states(tiny_llama, texts_dir):
-    res = evaluate(tiny_llama, langs="en", ppl_source=str(texts_dir), seqlen=32, device="cpu", progress=False)
+    res = evaluate(tiny_llama, EvaluationSpec(langs="en", ppl_source=str(texts_dir), seqlen=32, device="cpu"), progress=False)
     assert res["hidden_states"] == {} and res["dense"] is None
 
 
 def test_different_architecture_or_tokenizer_is_a_clear_model_error(tiny_models, tmp_path, texts_dir):
     with pytest.raises(ModelError, match="different architectures"):
-        evaluate(tiny_models["llama"], dense=str(tiny_models["qwen2"]), langs="en", ppl_source=str(texts_dir),
-                 seqlen=32, device="cpu", progress=False)
+        evaluate(tiny_models["llama"], EvaluationSpec(langs="en", ppl_source=str(texts_dir), seqlen=32, device="cpu"), dense=str(tiny_models["qwen2"]), progress=False)
     # Same architecture and vocabulary size, different tokenizer content.
     model, tok, _ = load_model(str(tiny_models["llama"]))
     alt_tok = train_tokenizer(vocab_size=512)
@@ -131,8 +128,7 @@ def test_different_architecture_or_tokenizer_is_a_clear_model_error(tiny_models,
     model.save_pretrained(alt)
     alt_tok.save_pretrained(alt)
     with pytest.raises(ModelError, match="different tokenizers"):
-        evaluate(alt, dense=str(tiny_models["llama"]), langs="en", ppl_source=str(texts_dir), seqlen=32,
-                 device="cpu", progress=False)
+        evaluate(alt, EvaluationSpec(langs="en", ppl_source=str(texts_dir), seqlen=32, device="cpu"), dense=str(tiny_models["llama"]), progress=False)
 
 
 def test_cli_refuses_a_dense_model_of_another_architecture(tiny_models, texts_dir):
@@ -150,8 +146,7 @@ def test_pruned_checkpoint_carries_its_record_and_errs_in_every_layer(tiny_llama
     out = tmp_path / "wanda-de"
     prune(str(tiny_llama), method="wanda", sparsity=0.5, calib="de", calib_source=str(texts_dir), nsamples=2,
           seqlen=32, out=out, device="cpu", progress=False)
-    res = evaluate(out, dense=str(tiny_llama), langs="de", ppl_source=str(texts_dir), seqlen=32, device="cpu",
-                   progress=False, snr_tokens=64)
+    res = evaluate(out, EvaluationSpec(langs="de", ppl_source=str(texts_dir), seqlen=32, device="cpu", snr_tokens=64), dense=str(tiny_llama), progress=False)
     assert res["model"]["record"]["kind"] == "prunekit-checkpoint"
     assert res["model"]["record"]["recipe"]["method"] == "wanda" and res["model"]["kind"] == "local"
     layers = res["hidden_states"]["de"]["per_layer"]
@@ -244,8 +239,7 @@ def test_a_dense_cache_miss_never_has_both_models_on_the_device(tiny_llama, pert
         return original(self, index, device)
 
     monkeypatch.setattr(forward.ShardWeights, "load_layer", load_layer)
-    res = evaluate_loaded(model, tok, source=source, dense=dense, langs="en", ppl_source=str(texts_dir), seqlen=32,
-                          device="cpu", progress=False, snr_tokens=64)
+    res = evaluate_loaded(model, tok, EvaluationSpec(langs="en", ppl_source=str(texts_dir), seqlen=32, device="cpu", snr_tokens=64), source=source, dense=dense, progress=False)
     assert res["hidden_states"]["en"]["dense_cache"]["status"] == "computed"
     assert moved == []  # the whole model was never moved
     assert loads and all(real == [] for real in loads)  # no other dense layer was on the device

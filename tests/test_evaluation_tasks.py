@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 from typer.testing import CliRunner
 
 from prunekit.errors import ConfigError
-from prunekit.evaluation import evaluate, plan_tasks
+from prunekit.evaluation import EvaluationSpec, evaluate, plan_tasks
 from prunekit.evaluation.tasks import utils as task_utils
 from prunekit.io import read_versioned
 from tests.conftest import TEST_DATA, TATOEBA
@@ -99,12 +100,11 @@ def test_unknown_task_and_unknown_language_are_config_errors(tiny_llama):
     with pytest.raises(ConfigError, match="unknown task 'belebel'.*did you mean"):
         plan_tasks("belebel", ["en"])
     with pytest.raises(ConfigError, match="unknown language code 'xx'"):
-        evaluate(tiny_llama, langs="en,xx", ppl_source=None, tasks="xcopa", progress=False)
+        evaluate(tiny_llama, EvaluationSpec(langs="en,xx", ppl_source=None, tasks="xcopa"), progress=False)
 
 
 def test_language_a_task_lacks_is_reported_na_with_a_note(tiny_llama):
-    res = evaluate(tiny_llama, langs="de", ppl_source=None, tasks="xcopa,mkqa_de", task_data=TEST_DATA,
-                   device="cpu", progress=False)
+    res = evaluate(tiny_llama, EvaluationSpec(langs="de", ppl_source=None, tasks="xcopa,mkqa_de", task_data=TEST_DATA, device="cpu"), progress=False)
     cell = res["tasks"]["xcopa_local_de"]
     assert cell["status"] == "n/a" and "XCOPA has no German" in cell["note"] and cell["metrics"] == {}
     # mkqa_de is runnable, but its data file is not under --task-data: n/a naming the file it looked for
@@ -113,10 +113,9 @@ def test_language_a_task_lacks_is_reported_na_with_a_note(tiny_llama):
 
 def test_local_task_without_task_data_or_with_a_chat_template_it_lacks_fails_clearly(tiny_llama):
     with pytest.raises(ConfigError, match="pass --task-data DIR with xcopa/sw/test.jsonl"):
-        evaluate(tiny_llama, langs="sw", ppl_source=None, tasks="xcopa", device="cpu", progress=False)
+        evaluate(tiny_llama, EvaluationSpec(langs="sw", ppl_source=None, tasks="xcopa", device="cpu"), progress=False)
     with pytest.raises(ConfigError, match="no chat template"):
-        evaluate(tiny_llama, langs="sw", ppl_source=None, tasks="xcopa", task_data=TEST_DATA, chat_template=True,
-                 device="cpu", progress=False)
+        evaluate(tiny_llama, EvaluationSpec(langs="sw", ppl_source=None, tasks="xcopa", task_data=TEST_DATA, chat_template=True, device="cpu"), progress=False)
 
 
 # ------------------------------------------------------------------------------- end to end
@@ -130,8 +129,7 @@ def _check_ok(cell: dict, metric: str, samples: int) -> None:
 
 
 def test_xcopa_from_local_files_runs_end_to_end(tiny_llama):
-    res = evaluate(tiny_llama, langs="sw,zh", ppl_source=None, tasks="xcopa", task_data=TEST_DATA, limit=10,
-                   device="cpu", progress=False, bootstrap_iters=1)
+    res = evaluate(tiny_llama, EvaluationSpec(langs="sw,zh", ppl_source=None, tasks="xcopa", task_data=TEST_DATA, limit=10, device="cpu", bootstrap_iters=1), progress=False)
     for lang in ("sw", "zh"):
         cell = res["tasks"][f"xcopa_local_{lang}"]
         assert cell["group"] == "xcopa" and cell["language"] == lang
@@ -145,8 +143,7 @@ def test_mgsm_and_mkqa_generate_until_tasks_run_end_to_end(tiny_llama, tmp_path)
     rows = [_mkqa_example(0), _mkqa_example(1, "unanswerable"), _mkqa_example(2), _mkqa_example(3, "number")]
     (data / "mkqa" / "mkqa.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     (data / "mgsm").symlink_to(TEST_DATA / "mgsm", target_is_directory=True)
-    res = evaluate(tiny_llama, langs="zh", ppl_source=None, tasks="mgsm,mkqa", task_data=data, limit=3,
-                   device="cpu", progress=False, bootstrap_iters=1)
+    res = evaluate(tiny_llama, EvaluationSpec(langs="zh", ppl_source=None, tasks="mgsm,mkqa", task_data=data, limit=3, device="cpu", bootstrap_iters=1), progress=False)
     _check_ok(res["tasks"]["mgsm_local_zh"], "exact_match", 3)
     mkqa = res["tasks"]["mkqa_zh"]
     _check_ok(mkqa, "f1", 3)  # 3 answerable short-answer questions survive the study's filter
@@ -163,8 +160,7 @@ def test_builtin_lm_eval_task_reads_local_rows_offline(tiny_llama, tmp_path):
         for i in range(4)
     ]
     (data / "belebele_deu_Latn.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    res = evaluate(tiny_llama, langs="de", ppl_source=None, tasks="belebele", task_data=data, device="cpu",
-                   progress=False, bootstrap_iters=1)
+    res = evaluate(tiny_llama, EvaluationSpec(langs="de", ppl_source=None, tasks="belebele", task_data=data, device="cpu", bootstrap_iters=1), progress=False)
     cell = res["tasks"]["belebele_deu_Latn"]
     _check_ok(cell, "acc", 4)
     assert "acc_norm" in cell["metrics"]
@@ -241,8 +237,8 @@ def test_tasks_are_saved_as_they_finish_and_a_killed_evaluation_resumes(tiny_lla
     monkeypatch.setattr(lm_eval, "simple_evaluate", simple_evaluate)
     monkeypatch.setattr(harness, "make_lm", lambda plan, model, tokenizer: "lm")
     out = tmp_path / "results.json"
-    options = dict(langs="sw,zh", ppl_source=None, tasks="xcopa", task_data=TEST_DATA, device="cpu", progress=False,
-                   out=out, limit=4)
+    spec = EvaluationSpec(langs="sw,zh", ppl_source=None, tasks="xcopa", task_data=TEST_DATA, device="cpu", limit=4)
+    options = dict(spec=spec, progress=False, out=out)
     kill = True
     with pytest.raises(KeyboardInterrupt):
         evaluate(tiny_llama, **options)
@@ -263,7 +259,7 @@ def test_tasks_are_saved_as_they_finish_and_a_killed_evaluation_resumes(tiny_lla
     with pytest.raises(KeyboardInterrupt):
         evaluate(tiny_llama, **options)
     kill = False
-    evaluate(tiny_llama, **(options | {"limit": 3}))
+    evaluate(tiny_llama, **(options | {"spec": replace(spec, limit=3)}))
     assert ran == ["xcopa_local_sw", "xcopa_local_sw", "xcopa_local_zh"]
 
 

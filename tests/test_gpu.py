@@ -118,15 +118,14 @@ def test_a_tiny_prune_and_eval_agree_between_cpu_and_cuda(tiny_llama, tmp_path, 
     to fp32 rounding (CPU and CUDA sum in different orders and break N:M ties differently), so at most
     1 % of the weights; the sparsity is exact on both; the perplexities within 1 % of each other."""
     import prunekit
-    from prunekit.evaluation import evaluate
+    from prunekit.evaluation import EvaluationSpec, evaluate
 
     results = {}
     for device in ("cpu", "cuda"):
         pruned = prunekit.prune(str(tiny_llama), method=method, calib="en", calib_source=str(TATOEBA), nsamples=8,
                                 seqlen=32, out=tmp_path / device, device=device, progress=False)
         masks = {name: (p.detach().cpu() == 0) for name, p in pruned.model.named_parameters() if "proj" in name}
-        ppl = evaluate(tmp_path / device, langs="en", ppl_source=str(TATOEBA), seqlen=32, max_windows=8, device=device,
-                       progress=False)["perplexity"]["en"]["ppl"]
+        ppl = evaluate(tmp_path / device, EvaluationSpec(langs="en", ppl_source=str(TATOEBA), seqlen=32, max_windows=8, device=device), progress=False)["perplexity"]["en"]["ppl"]
         results[device] = (masks, pruned.record["sparsity"]["overall"], ppl)
     (cpu_masks, cpu_sparsity, cpu_ppl), (gpu_masks, gpu_sparsity, gpu_ppl) = results["cpu"], results["cuda"]
     assert cpu_sparsity == gpu_sparsity

@@ -165,7 +165,7 @@ def test_the_harness_receives_parallelize_false_unless_asked(tiny_llama, monkeyp
     """A whole evaluation on a machine that shows two GPUs: lm-eval's HFLM is made with parallelize=False."""
     import lm_eval.api.registry
 
-    from prunekit.evaluation import evaluate
+    from prunekit.evaluation import EvaluationSpec, evaluate
     from tests.conftest import TEST_DATA
 
     real_get_model, made = lm_eval.api.registry.get_model, []
@@ -181,14 +181,15 @@ def test_the_harness_receives_parallelize_false_unless_asked(tiny_llama, monkeyp
 
     monkeypatch.setattr(lm_eval.api.registry, "get_model", get_model)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # visible, not used: the compute device is the CPU
-    res = evaluate(tiny_llama, langs="sw", ppl_source=None, tasks="xcopa", task_data=TEST_DATA, limit=2, device="cpu",
-                   progress=False, chat_template=False)
+    res = evaluate(tiny_llama, EvaluationSpec(langs="sw", ppl_source=None, tasks="xcopa", task_data=TEST_DATA, limit=2, device="cpu",
+                                              chat_template=False), progress=False)
     assert res["tasks"]["xcopa_local_sw"]["status"] == "ok"
     assert len(made) == 1 and made[0]["parallelize"] is False
 
 
 def test_vllm_settings_model_args_and_one_gpu_of_its_own(tiny_llama, two_gpus):
     from prunekit.evaluation.lm_backend import lm_arguments, plan_backend
+    from prunekit.evaluation.spec import EvaluationSpec
 
     plan = plan_backend("vllm", None, torch.device("cuda:1"), None, 8, path=tiny_llama, dtype=torch.bfloat16,
                         gpu_memory_utilization=0.5, max_model_len=4096, model_args="enforce_eager=true,swap_space=8,max_model_len=2048")
@@ -197,12 +198,15 @@ def test_vllm_settings_model_args_and_one_gpu_of_its_own(tiny_llama, two_gpus):
         "pretrained": str(tiny_llama), "tokenizer": str(tiny_llama), "dtype": "bfloat16", "batch_size": "auto",
         "tensor_parallel_size": 1, "trust_remote_code": False, "gpu_memory_utilization": 0.5,
         "max_model_len": 2048, "enforce_eager": True, "swap_space": 8}  # the user's model_args win
-    for bad, match in [(dict(gpu_memory_utilization=1.5), "gpu-memory-utilization"), (dict(max_model_len=0), "max-model-len"),
+    # The settings' own ranges are checked once, where the EvaluationSpec is made (the CLI's and the sweep's).
+    for bad, match in [(dict(gpu_memory_utilization=1.5), r"--gpu-memory-utilization is the fraction .* in \(0, 1\], got 1.5"),
+                       (dict(gpu_memory_utilization=0.0), "gpu-memory-utilization"), (dict(max_model_len=0), "max-model-len"),
                        (dict(model_args="enforce_eager"), "key=value")]:
         with pytest.raises(ConfigError, match=match):
-            plan_backend("vllm", None, torch.device("cuda"), None, 8, path=tiny_llama, **bad)
+            EvaluationSpec(backend="vllm", **bad)
     with pytest.raises(ConfigError, match="vLLM settings"):
-        plan_backend("hf", None, torch.device("cuda"), None, 8, path=tiny_llama, max_model_len=10)
+        EvaluationSpec(backend="hf", max_model_len=10)
+    assert EvaluationSpec(backend="vllm", model_args="enforce_eager=true,swap_space=8").model_args == {"enforce_eager": True, "swap_space": 8}
     with pytest.raises(ConfigError, match="runs on a GPU"):
         plan_backend("vllm", None, torch.device("cpu"), None, 8, path=tiny_llama)
 
@@ -463,11 +467,14 @@ def test_sweep_keys_for_gpus_per_worker_and_vllm(tmp_path, monkeypatch):
     assert config.gpus_per_worker == 2
     assert {k: config.eval_options[k] for k in ("parallelize", "backend", "gpu_memory_utilization", "max_model_len", "model_args")} == {
         "parallelize": True, "backend": "vllm", "gpu_memory_utilization": 0.8, "max_model_len": 4096, "model_args": {"enforce_eager": True}}
+    spec = config.evaluation  # what every eval stage runs: the same settings, in the EvaluationSpec
+    assert (spec.parallelize, spec.backend, spec.gpu_memory_utilization, spec.max_model_len, spec.model_args) == (
+        True, "vllm", 0.8, 4096, {"enforce_eager": True})
     plan = worker_plan(config.device, None, 4, config.gpus_per_worker)
     envs = [worker_environment({}, plan, slot, ["0", "1", "2", "3"]) for slot in range(plan.workers)]
     assert envs == [{"CUDA_VISIBLE_DEVICES": "0,1", "PRUNEKIT_DEVICE": "cuda:0"}, {"CUDA_VISIBLE_DEVICES": "2,3", "PRUNEKIT_DEVICE": "cuda:0"}]
     default = load_config(yaml.safe_load((ROOT / "configs" / "tiny-example.yaml").read_text()))
-    assert default.gpus_per_worker == 1 and "parallelize" not in default.eval_options
+    assert default.gpus_per_worker == 1 and "parallelize" not in default.eval_options and default.evaluation.parallelize is False
     for section, key, value, match in [("evaluation", "backend", "tgi", "evaluation.backend"),
                                        ("evaluation", "gpu_memory_utilization", 1.5, "evaluation.gpu_memory_utilization"),
                                        ("execution", "gpus_per_worker", 0, "execution.gpus_per_worker")]:

@@ -232,7 +232,8 @@ def test_card_model_index_omits_non_finite_values_but_the_body_shows_them(record
 def test_card_renders_the_results_json_that_prunekit_evaluation_writes(record, pruned_dir, tiny_llama):
     import prunekit.evaluation as runner
     checkpoint = pruned_dir
-    kwargs = dict(langs="de", ppl_source=str(TATOEBA), seqlen=32, max_windows=2, device="cpu", progress=False)
+    kwargs = dict(spec=runner.EvaluationSpec(langs="de", ppl_source=str(TATOEBA), seqlen=32, max_windows=2, device="cpu"),
+                  progress=False)
     results = runner.evaluate(str(checkpoint), dense=str(tiny_llama), **kwargs)
     dense = runner.evaluate(str(tiny_llama), **kwargs)
     card = ModelCard(render_model_card(record, results, dense, repo_id="org/x"))

@@ -85,3 +85,79 @@ def test_records_are_read_by_their_kind():
     assert artifacts.quantization_summary(quantized) == {"format": "pack-quantized"} and artifacts.quantization_summary(pruned) is None
     assert artifacts.method_seconds(pruned) == 2.0 and artifacts.method_seconds(quantized) == 3.0
     assert artifacts.sparsity_summary(quantized) is None and artifacts.method_seconds(old_quantized) is None
+
+
+# ------------------------------------------------------------------------------------ EvaluationSpec
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"langs": "en,xx"}, "unknown language code 'xx'"),
+    ({"seqlen": 1}, "--seqlen must be at least 2, got 1"),
+    ({"batch_size": 0}, "--batch-size must be at least 1, got 0"),
+    ({"snr_tokens": 1}, "--snr-tokens must be at least 2, got 1"),
+    ({"max_windows": 0}, "--max-windows must be at least 1, got 0"),
+    ({"num_fewshot": -1}, "--num-fewshot must be >= 0, got -1"),
+    ({"limit": -3}, "--limit must be positive, got -3"),
+    ({"backend": "vlm"}, "unknown --backend 'vlm'"),
+    ({"backend": "vllm", "gpu_memory_utilization": 1.5}, r"--gpu-memory-utilization is the fraction of the GPU vLLM may take, in \(0, 1\], got 1.5"),
+    ({"backend": "vllm", "max_model_len": 0}, "--max-model-len must be at least 1 token, got 0"),
+    ({"gpu_memory_utilization": 0.5}, "--gpu-memory-utilization and --max-model-len are vLLM settings: add --backend vllm"),
+    ({"model_args": "enforce_eager"}, "--model-args must be key=value pairs"),
+    ({"dtype": "fp8"}, "unknown --dtype 'fp8'"),
+    ({"conventions": "paper"}, "unknown --conventions 'paper'"),
+    ({"langs": "en", "tasks": "belebel"}, "unknown task 'belebel'"),
+])
+def test_an_evaluation_spec_is_validated_when_it_is_made(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        prunekit.EvaluationSpec(**kwargs)
+
+
+def test_an_evaluation_spec_normalizes_once_and_fingerprints_what_changes_the_numbers(tmp_path):
+    spec = prunekit.EvaluationSpec(langs="sw, en", tasks="xcopa,belebele", limit=3.0, ppl_source="none", task_data=tmp_path)
+    assert spec.langs == ("sw", "en") and spec.tasks == ("xcopa", "belebele") and spec.limit == 3
+    assert spec.ppl_source is None and spec.task_data == str(tmp_path.resolve())
+    assert prunekit.EvaluationSpec(limit=0.5).limit == 0.5
+    settings = spec.to_settings()
+    assert settings["langs"] == ["sw", "en"] and json.loads(json.dumps(settings)) == settings
+    same = prunekit.EvaluationSpec(langs=["sw", "en"], tasks=["xcopa", "belebele"], limit=3, ppl_source=None,
+                                   task_data=str(tmp_path), device="cuda", backend="vllm", task_batch_size="auto",
+                                   parallelize=True, gpu_memory_utilization=0.5)
+    assert same.fingerprint() == spec.fingerprint()  # where and how fast: not part of it
+    for change in ({"seqlen": 1024}, {"include_bos": True}, {"limit": 4}, {"langs": "en,sw"}, {"conventions": "study"},
+                   {"backend": "vllm", "max_model_len": 512}, {"model_args": "add_bos_token=false"}):
+        other = prunekit.EvaluationSpec(**(dict(langs="sw,en", tasks="xcopa,belebele", limit=3, ppl_source=None,
+                                                task_data=tmp_path) | change))
+        assert other.fingerprint() != spec.fingerprint(), change
+    assert spec.exclude_bos and not prunekit.EvaluationSpec(include_bos=True).exclude_bos
+
+
+def test_the_default_languages_are_chosen_by_the_library():
+    spec, note = prunekit.EvaluationSpec().with_default_languages({"calibration": {"languages": ["fr"]}})
+    assert spec.langs == ("ar", "de", "en", "es", "ru", "sw", "zh", "fr") and "fr" in note
+    given, none = prunekit.EvaluationSpec(langs="de").with_default_languages({"calibration": {"languages": ["fr"]}})
+    assert given.langs == ("de",) and none is None
+
+
+def test_every_eval_option_is_a_spec_field_of_the_same_name():
+    """One name per option from the CLI to the library (``--include-bos`` is ``include_bos``)."""
+    from dataclasses import fields
+
+    from prunekit.cli.evaluation_options import OPTIONS
+
+    names = {f.name for f in fields(prunekit.EvaluationSpec)}
+    assert set(OPTIONS) <= names
+    for name, (_, option) in OPTIONS.items():
+        assert f"--{name.replace('_', '-')}" in option.param_decls[0], name
+
+
+def test_the_sweep_evaluation_section_is_checked_by_the_spec():
+    from prunekit.sweep.schema import EvaluationSection
+
+    section = EvaluationSection(seqlen=64, max_windows=2, snr_tokens=128)
+    assert section.spec(langs="en").max_windows == 2 and section.spec(langs="en").seqlen == 64
+    for key, value, message in (("seqlen", 1, "must be at least 2, got 1"), ("limit", -1, "must be positive"),
+                                ("num_fewshot", -2, "must be >= 0"), ("gpu_memory_utilization", 1.5, "in (0, 1], got 1.5"),
+                                ("max_model_len", 0, "must be at least 1 token"), ("max_model_len", 8, "is a vLLM setting")):
+        with pytest.raises(Exception) as err:
+            EvaluationSection(**{key: value})
+        assert message in str(err.value) and key in str(err.value)

@@ -1,8 +1,8 @@
 """Evaluation: per-language perplexity, SNR / pruning error of hidden states, lm-eval tasks.
 
-    from prunekit.evaluation import evaluate
-    results = evaluate("gemma-sw", dense="embedded:gemma-3-270m", langs=["sw", "en"],
-                       ppl_source="embedded", tasks=["belebele"], out="results.json")
+    from prunekit.evaluation import EvaluationSpec, evaluate
+    spec = EvaluationSpec(langs=["sw", "en"], ppl_source="embedded", tasks=["belebele"])
+    results = evaluate("gemma-sw", spec, dense="embedded:gemma-3-270m", out="results.json")
 
 ``evaluate_loaded`` takes an already-loaded (model, tokenizer) so sweeps reuse loaded models.
 The results schema is documented in SCHEMA.md beside this file.
@@ -17,12 +17,14 @@ from prunekit.evaluation.hidden_states import (
     perplexity_and_hidden_state_errors,
     pruning_error_and_snr,
 )
+from prunekit.evaluation.spec import EvaluationSpec
 from prunekit.evaluation.perplexity import PerplexityResult, Windows, make_windows, perplexity
 from prunekit.evaluation.suite import RESULTS_KIND, evaluate, evaluate_loaded
 
 __all__ = [
     "COUNTERS",
     "DenseReference",
+    "EvaluationSpec",
     "PerplexityResult",
     "RESULTS_KIND",
     "Windows",

@@ -188,6 +188,7 @@ class ShardWeights(Weights):
 
     def __init__(self, model: torch.nn.Module, files: dict[str, Path], names: dict[str, str]):
         self.model = model
+        self.path: Path | None = None  # the checkpoint directory (set by :meth:`open`)
         self.files = files  # checkpoint tensor name -> file
         self.names = names  # model tensor name -> checkpoint tensor name (tied names share one)
         self.layers_name, self.layers = find_decoder_layers(model)
@@ -196,6 +197,7 @@ class ShardWeights(Weights):
         prefix = f"{self.layers_name}."
         self.output_names = [n for n in names if not n.startswith(prefix) and n not in self.input_names]
         self.tensors_read = 0  # bytes read from the shards (tests and benchmarks check it)
+        self.scheme = None  # a pack-quantized checkpoint's compressed-tensors scheme (its Linears are unpacked)
 
     @classmethod
     def open(cls, path: str | Path, dtype: torch.dtype | None, trust_remote_code: bool = False) -> "ShardWeights | None":
@@ -209,9 +211,13 @@ class ShardWeights(Weights):
         if files is None:
             return None
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        scheme = None
         if getattr(config, "quantization_config", None) is not None:
-            return None  # packed (compressed-tensors) weights: transformers decompresses them on a whole load
-        if dtype is None:
+            scheme = packed_scheme(config.quantization_config)
+            if scheme is None:
+                return None  # another quantization: transformers reads it on a whole load
+            del config.quantization_config  # the skeleton has plain Linears; each is unpacked as it is read
+        if dtype is None:  # the checkpoint's own (a packed one's: the dtype its scales and kept Linears are in)
             dtype = getattr(text_config(config), "dtype", None) or getattr(config, "dtype", None) or torch.float32
             dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         try:
@@ -229,11 +235,15 @@ class ShardWeights(Weights):
         for name in model.state_dict():
             group = aliases.get(id(model.get_parameter(name)) if _is_parameter(model, name) else None, [name])
             stored = next((n for n in [name, *group] if n in files), None)
+            if stored is None and scheme is not None and f"{name}_packed" in files:
+                stored = f"{name}_packed"  # a packed Linear: weight_packed, weight_scale, weight_shape (+ zero point)
             if stored is None:
                 log.info("'%s' has no tensor '%s' in its shards; loading the model whole", path, name)
                 return None
             names[name] = stored
-        return cls(model, files, names)
+        weights = cls(model, files, names)
+        weights.path, weights.scheme = path, scheme
+        return weights
 
     def _read(self, names: Sequence[str], device: torch.device) -> None:
         from accelerate.utils import set_module_tensor_to_device
@@ -250,9 +260,31 @@ class ShardWeights(Weights):
                     stored = self.names[name]
                     if stored not in read:
                         target = _tensor_of(self.model, name)
-                        read[stored] = handle.get_tensor(stored).to(device=device, dtype=target.dtype)
-                        self.tensors_read += read[stored].numel() * read[stored].element_size()
+                        tensor = self._unpack(handle, stored) if stored.endswith("_packed") else handle.get_tensor(stored)
+                        if not stored.endswith("_packed"):
+                            self.tensors_read += tensor.numel() * tensor.element_size()
+                        read[stored] = tensor.to(device=device, dtype=target.dtype)
                     set_module_tensor_to_device(self.model, name, device, value=read[stored])
+
+    def _unpack(self, handle, stored: str) -> torch.Tensor:
+        """One packed Linear's weight, decompressed by compressed-tensors (in the dtype of its scales)."""
+        from compressed_tensors.compressors import BaseCompressor
+
+        prefix = stored[: -len("weight_packed")]
+        state = {}
+        for part in ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point"):
+            key = f"{prefix}{part}"
+            if key in self.files:
+                if self.files[key] == self.files[stored]:
+                    state[part] = handle.get_tensor(key)
+                else:  # a shard boundary fell inside the Linear's tensors
+                    from safetensors import safe_open
+
+                    with safe_open(str(self.files[key]), framework="pt", device="cpu") as other:
+                        state[part] = other.get_tensor(key)
+                self.tensors_read += state[part].numel() * state[part].element_size()
+        compressor = BaseCompressor.get_value_from_registry(PACKED_FORMAT)
+        return compressor.decompress(state, self.scheme)["weight"].to(state["weight_scale"].dtype)
 
     def _drop(self, names: Sequence[str]) -> None:
         from accelerate.utils import set_module_tensor_to_device
@@ -291,6 +323,24 @@ class ShardWeights(Weights):
 
     def release_output(self) -> None:
         self._drop(self.output_names)
+
+
+PACKED_FORMAT = "pack-quantized"
+
+
+def packed_scheme(quantization_config: Any):
+    """The compressed-tensors scheme of a pack-quantized checkpoint whose Linears share one scheme
+    (prunekit's and llm-compressor's WxA16); None for any other quantization."""
+    config = quantization_config if isinstance(quantization_config, dict) else quantization_config.to_dict()
+    groups = config.get("config_groups") or {}
+    if config.get("quant_method") != "compressed-tensors" or config.get("format") != PACKED_FORMAT or len(groups) != 1:
+        return None
+    from prunekit.packing import require_compressed_tensors
+
+    require_compressed_tensors("reading a pack-quantized checkpoint needs compressed-tensors")
+    from compressed_tensors.quantization import QuantizationScheme
+
+    return QuantizationScheme.model_validate(next(iter(groups.values())))
 
 
 def _split(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
@@ -445,12 +495,15 @@ def run_forward(
     *,
     progress: bool = True,
     description: str = "forward",
+    store: torch.device | str | None = None,
 ) -> int:
     """Run ``batches`` through the model layer by layer, feeding ``consumers``; returns the layer count.
 
-    ``weights`` is a :class:`Weights` or an in-memory model."""
+    ``weights`` is a :class:`Weights` or an in-memory model. ``store``: where the batches' hidden states
+    wait between layers (default: the compute device; host RAM moves each to the device for its turn)."""
     weights = as_weights(weights)
     device = torch.device(device)
+    store = device if store is None else torch.device(store)
     model = weights.model
     decoder = decoder_of(model)
     _, layers = find_decoder_layers(model)
@@ -466,7 +519,7 @@ def run_forward(
                 for batch in batches:
                     mask = None if batch.attention_mask is None else batch.attention_mask.to(device)
                     first, kw = capture_inputs(decoder, layers, batch.input_ids.to(device), mask)
-                    hidden.append(first)
+                    hidden.append(first.to(store))
                     if batch.attention_mask is None:
                         kw = shared.setdefault(tuple(batch.input_ids.shape), kw)
                     kwargs.append(kw)
@@ -480,10 +533,10 @@ def run_forward(
                     for b, batch in enumerate(batches):
                         for consumer in consumers:
                             consumer.before(index, batch)
-                        out = layer_output(layer(hidden[b], **kwargs[b][index]))
+                        out = layer_output(layer(hidden[b].to(device), **kwargs[b][index]))
                         for consumer in consumers:
                             consumer.layer(index, out, batch)
-                        hidden[b] = out
+                        hidden[b] = out.to(store)
                 finally:
                     for handle in handles:
                         handle.remove()
@@ -502,6 +555,7 @@ def _score(weights: Weights, decoder, layers, batches, hidden, consumers, device
     try:
         head = Head(weights.model, layers)
         for b, batch in enumerate(batches):
+            hidden[b] = hidden[b].to(device)
             mask = None if batch.attention_mask is None else batch.attention_mask.to(device)
             normed = _replayed(decoder, layers, hidden[b], mask).last_hidden_state
             if not head.probed:

@@ -24,7 +24,6 @@ import copy
 import json
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -311,12 +310,14 @@ def run_tasks(
     backend: BackendPlan | None = None,
     partial: str | Path | None = None,
     identity: dict[str, Any] | None = None,
+    on_task: Any = None,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """Run ``cells`` on the in-memory model (or, per ``backend``, a model lm-eval loads itself).
 
     Returns (tasks block of the results, harness info). Each task runs on its own and, with
     ``partial`` (a file) and an ``identity`` naming the model, is saved there as soon as it finishes:
-    a killed evaluation run again with the same model and settings skips the tasks already done."""
+    a killed evaluation run again with the same model and settings skips the tasks already done (and says
+    so). ``on_task(results so far, info)`` is called as each task ends (the suite saves them in results.json)."""
     apply_template = resolve_chat_template(tokenizer, chat_template, model_name)
     if task_data is not None and not Path(task_data).expanduser().is_dir():
         raise ConfigError(f"--task-data '{task_data}' is not a directory")
@@ -359,6 +360,7 @@ def run_tasks(
             info["task_versions"].update(done[name].get("versions", {}))
             info.setdefault("chat_template_sha", done[name].get("chat_template_sha"))
             del objects[name]
+            log.warning("task %s already done in %s; skipping it", name, partial_path)
     if objects:
         settings = {"num_fewshot": num_fewshot, "limit": limit, "bootstrap_iters": bootstrap_iters,
                     "apply_chat_template": apply_template, "random_seed": seed}
@@ -381,6 +383,8 @@ def run_tasks(
                 done[cell.name] = {"result": results[cell.name], "versions": versions,
                                    "chat_template_sha": res.get("chat_template_sha")}
                 _write_partial(partial_path, identity, done)
+            if on_task is not None:
+                on_task({c.name: results[c.name] for c in cells if c.name in results}, info)
     ordered = {cell.name: results[cell.name] for cell in cells}
     return ordered, info
 

@@ -372,7 +372,7 @@ def _load_cache(path: Path, n_tokens: int) -> list[torch.Tensor] | None:
     return states
 
 
-def _save_cache(path: Path, states: list[torch.Tensor], meta: dict[str, Any]) -> None:
+def save_cache(path: Path, states: list[torch.Tensor], meta: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -421,7 +421,7 @@ def cache_entry(
 
 
 def _store(entry: CacheEntry, dense: DenseReference, states: list[torch.Tensor], lang: str) -> None:
-    _save_cache(entry.path, states, {"dense": dense.to_json(), "lang": lang, "tokens": entry.tokens, "settings": entry.settings})
+    save_cache(entry.path, states, {"dense": dense.to_json(), "lang": lang, "tokens": entry.tokens, "settings": entry.settings})
 
 
 def dense_states(
@@ -452,7 +452,7 @@ def _compute_dense_states(
     return states
 
 
-def _errors_json(layers: list[dict[str, float]], tokens: int, exclude_first: bool, windows: Windows, cache: str, path: Path) -> dict[str, Any]:
+def errors_json(layers: list[dict[str, float]], tokens: int, exclude_first: bool, windows: Windows, cache: str, path: Path) -> dict[str, Any]:
     summary = summarize(layers)
     return {
         "snr_db": summary["snr_db"],
@@ -484,7 +484,7 @@ def hidden_state_errors(
     layers = compare_states(model, windows, states, batch_size, exclude_bos, progress, f"hidden-state error {lang}".strip(),
                             device=device)
     exclude_first = bool(exclude_bos and windows.bos is not None)
-    return _errors_json(layers, int(states[0].shape[0]), exclude_first, windows, cache, path)
+    return errors_json(layers, int(states[0].shape[0]), exclude_first, windows, cache, path)
 
 
 def perplexity_and_hidden_state_errors(
@@ -528,4 +528,4 @@ def perplexity_and_hidden_state_errors(
         result = perplexity(model, windows, batch_size, progress, f"{description} + hidden-state error",
                             device=device, consumers=[comparer])
         layers = comparer.finish()
-    return result, _errors_json(layers, int(states[0].shape[0]), entry.exclude_first, windows, cache, entry.path)
+    return result, errors_json(layers, int(states[0].shape[0]), entry.exclude_first, windows, cache, entry.path)

@@ -156,8 +156,10 @@ def plan_backend(
     gpu_memory_utilization: float | None = None, max_model_len: int | None = None,
     model_args: str | dict[str, Any] | None = None,
 ) -> BackendPlan:
-    """Check the task backend options and choose. ``parallelize`` (None: off) spreads the model over
-    the GPUs this process owns, only when asked."""
+    """Check the task backend against this machine and the checkpoint, and choose. ``parallelize``
+    (None: off) spreads the model over the GPUs this process owns, only when asked. The options' own
+    ranges (``gpu_memory_utilization``, ``max_model_len``, ``model_args``' syntax) were checked when the
+    :class:`~prunekit.evaluation.spec.EvaluationSpec` they come from was made."""
     import importlib.util
 
     import torch
@@ -165,12 +167,6 @@ def plan_backend(
     check_backend(backend)
     parallelize = bool(parallelize)
     extra = parse_model_args(model_args)
-    if gpu_memory_utilization is not None and not 0 < gpu_memory_utilization <= 1:
-        raise ConfigError(f"--gpu-memory-utilization is the fraction of the GPU vLLM may take, in (0, 1], got {gpu_memory_utilization}")
-    if max_model_len is not None and max_model_len < 1:
-        raise ConfigError(f"--max-model-len must be at least 1 token, got {max_model_len}")
-    if backend != "vllm" and (gpu_memory_utilization is not None or max_model_len is not None):
-        raise ConfigError("--gpu-memory-utilization and --max-model-len are vLLM settings: add --backend vllm, or drop them")
     owned = visible_gpu_ids() if torch.cuda.is_available() else []
     if backend == "vllm":
         if importlib.util.find_spec("vllm") is None:

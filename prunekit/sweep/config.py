@@ -20,8 +20,8 @@ from pydantic import BaseModel, ValidationError
 
 from prunekit.errors import ConfigError, did_you_mean
 from prunekit.recipe import CalibrationSpec
-from prunekit.sweep.schema import (DEFAULT_CONVENTIONS, MethodEntry, ModelEntry, SweepSpec, check_source, method_entry,
-                                   slug, type_name)
+from prunekit.sweep.entries import MethodEntry, ModelEntry, slug
+from prunekit.sweep.schema import DEFAULT_CONVENTIONS, SweepSpec, check_source, method_entry, type_name
 
 __all__ = ["MethodEntry", "ModelEntry", "SweepConfig", "SweepSpec", "load_config", "slug"]
 
@@ -137,6 +137,7 @@ class SweepConfig:
     slurm: dict[str, Any] = field(default_factory=dict)
     conventions: str = DEFAULT_CONVENTIONS  # prunekit.conventions: study | prunekit
     raw: dict[str, Any] = field(default_factory=dict)  # the validated input, for the snapshot
+    evaluation: Any = None  # the EvaluationSpec every eval stage runs (the dtype and trust_remote_code: each model's)
 
     def calibration_spec(self, languages: str | None, seed: int | None) -> CalibrationSpec:
         """One point of the calibration grid: ``languages`` (one of ``calib_sets``, or None for a method
@@ -194,9 +195,7 @@ def load_config(config: str | Path | dict[str, Any]) -> SweepConfig:
     calib, ev, execution = spec.calibration, spec.evaluation, spec.execution
     calib_source = check_source(calib.source, calib.languages, "calibration", base)
     ppl_source = check_source(ev.perplexity_source or calib.source, spec.eval_languages, "evaluation", base)
-    limit = ev.limit
-    if limit is not None:
-        limit = int(limit) if limit >= 1 and float(limit).is_integer() else limit
+    limit = ev.spec().limit  # normalized by the library: 3.0 is 3 examples
     analysis_options: dict[str, Any] = {}
     if spec.analysis is not None:
         analysis_options = {k: v for k, v in (("only", spec.analysis.only), ("max_tokens", spec.analysis.max_tokens)) if v is not None}
@@ -222,6 +221,8 @@ def load_config(config: str | Path | dict[str, Any]) -> SweepConfig:
         batch_size=execution.batch_size,
         skip_layers=execution.skip_layers, keep_checkpoints=execution.keep_checkpoints, slurm=spec.slurm.settings(),
         raw=_normalized_raw(raw, models, calib_source, ppl_source, eval_options), conventions=spec.conventions,
+        evaluation=ev.spec(langs=spec.eval_languages, ppl_source=ppl_source, tasks=ev.tasks, device=execution.device,
+                           conventions=spec.conventions, parallelize=execution.gpus_per_worker > 1),
     )
 
 

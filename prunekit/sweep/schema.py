@@ -10,10 +10,7 @@ prints after the YAML path that pydantic's error location gives.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Callable, Iterator, Literal, Optional
 
@@ -22,6 +19,7 @@ from pydantic_core import PydanticCustomError
 
 from prunekit.conventions import CONVENTIONS, DEFAULT_CONVENTIONS
 from prunekit.errors import PrunekitError, did_you_mean
+from prunekit.sweep.entries import MethodEntry, ModelEntry
 
 SLURM_CLUSTERS = ("slurm", "local", "debug")
 DEFAULT_DTYPE = "auto"  # the checkpoint's own dtype (issue 16)
@@ -258,30 +256,27 @@ class CalibrationGrid(_Section):
         return sorted({code for s in self.sets for code in _languages_of(s)})
 
 
-def _positive_limit(value: Any) -> Any:
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
-        raise invalid("must be positive (a count of examples, or a fraction below 1)")
-    return value
+class EvaluationSection(_Section):
+    """The ``evaluation:`` section. Its ranges are checked by the library's ``EvaluationSpec`` (one home),
+    reported here at the key's YAML path."""
 
-
-class EvaluationSpec(_Section):
     languages: Optional[Annotated[list[Text], Listed]] = Field(
         None, description="languages to evaluate (a list, or a spec such as 'en,de' / 'all'); default: the calibration languages")
     perplexity_source: Optional[Text] = Field(None, description="default: calibration.source")
-    seqlen: int = Field(2048, ge=2)
+    seqlen: int = 2048
     tasks: Optional[Annotated[list[Text], Listed]] = None
-    limit: Optional[Annotated[float, BeforeValidator(_positive_limit)]] = None
+    limit: Optional[float] = None
     hidden_states: bool = True
-    max_windows: Optional[int] = Field(None, ge=1)
-    batch_size: Optional[int] = Field(None, ge=1)
-    snr_tokens: Optional[int] = Field(None, ge=2)
+    max_windows: Optional[int] = None
+    batch_size: Optional[int] = None
+    snr_tokens: Optional[int] = None
     task_data: Optional[Text] = None
-    num_fewshot: Optional[int] = Field(None, ge=0)
+    num_fewshot: Optional[int] = None
     chat_template: Optional[bool] = None
-    bootstrap_iters: Optional[int] = Field(None, ge=0)
+    bootstrap_iters: Optional[int] = None
     backend: Optional[Literal["hf", "vllm"]] = Field(None, description="lm-eval model for the tasks: hf (default) or vllm (in a subprocess of its own)")
-    gpu_memory_utilization: Optional[float] = Field(None, gt=0, le=1, description="vllm: fraction of the GPU vLLM may take")
-    max_model_len: Optional[int] = Field(None, ge=1, description="vllm: longest sequence its KV cache is planned for")
+    gpu_memory_utilization: Optional[float] = Field(None, description="vllm: fraction of the GPU vLLM may take, in (0, 1]")
+    max_model_len: Optional[int] = Field(None, description="vllm: longest sequence its KV cache is planned for")
     model_args: Optional[dict[str, Any]] = Field(None, description="extra keyword arguments of lm-eval's model (HFLM or vLLM)")
 
     @field_validator("languages", mode="before")
@@ -311,8 +306,22 @@ class EvaluationSpec(_Section):
             raise invalid(f"'{given}' does not exist (relative to {base})")
         return str(task_data.resolve())
 
+    @model_validator(mode="after")
+    def _ranges(self) -> "EvaluationSection":
+        self.spec()
+        return self
+
+    def spec(self, **given: Any):
+        """The library's ``EvaluationSpec`` of this section (languages, device, dtype: ``given``)."""
+        from prunekit.evaluation.spec import EvaluationSpec, OptionError
+
+        try:
+            return EvaluationSpec(seqlen=self.seqlen, limit=self.limit, **self.options(), **given)
+        except OptionError as err:
+            raise invalid(err.reason, err.option) from None
+
     def options(self) -> dict[str, Any]:
-        """The evaluation options given (max_windows, batch_size, ...), for ``evaluate_loaded``."""
+        """The evaluation options given (max_windows, batch_size, ...), for ``EvaluationSpec``."""
         keys = ("max_windows", "batch_size", "snr_tokens", "num_fewshot", "bootstrap_iters", "chat_template", "task_data",
                 "backend", "gpu_memory_utilization", "max_model_len", "model_args")
         return {key: getattr(self, key) for key in keys if getattr(self, key) is not None}
@@ -457,7 +466,7 @@ class SweepSpec(_Section):
     sparsities: Optional[Annotated[list[float], Listed, Field(min_length=1)]] = Field(
         None, description="unstructured sparsities in (0, 1), default [0.5]")
     calibration: CalibrationGrid
-    evaluation: EvaluationSpec = EvaluationSpec()
+    evaluation: EvaluationSection = EvaluationSection()
     analysis: Optional[AnalysisSpec] = None
     push: Optional[PushSpec] = None
     execution: ExecutionSpec = ExecutionSpec()
@@ -568,36 +577,3 @@ def method_entry(name: str) -> "MethodEntry":
     choices = prune_methods + [f"{q}-w4g128" for q in quantize_methods]
     raise invalid(f"unknown method '{name}'{did_you_mean(name, choices)}; choose from {', '.join(prune_methods)} "
                    "or a quantization such as gptq-w4g128 (gptq-w{bits}g{group})")
-
-
-# --------------------------------------------------------------------------------------------
-# What the schema normalizes to
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelEntry:
-    spec: str  # Hub id, local path (absolute), .gguf file or embedded:NAME
-    name: str  # display label in plans and reports
-    dtype: str = "float32"
-    revision: str | None = None
-    trust_remote_code: bool = False
-
-    @property
-    def key(self) -> str:
-        """Names the model's ``dense/`` dir: hash of what identifies the dense model."""
-        blob = json.dumps({"model": self.spec, "revision": self.revision, "dtype": self.dtype}, sort_keys=True)
-        return f"{slug(self.name)}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
-
-
-@dataclass(frozen=True)
-class MethodEntry:
-    label: str  # what the user wrote: wanda, gptq-w4g128
-    method: str  # registry name: wanda, gptq
-    kind: str  # prune | quantize
-    needs_calibration: bool = True
-    quantization: Any = None  # prunekit.recipe.Quantization for kind "quantize"
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "model"

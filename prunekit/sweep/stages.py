@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from prunekit.artifacts import (SWEEP_ANALYSIS_KIND, SWEEP_ANALYSIS_RESULT_KIND, SWEEP_CONFIG_KIND, SWEEP_DENSE_KIND,
-                                SWEEP_RUN_KIND, overall_sparsity, read_record, record_path, results_path, write_results)
+                                SWEEP_RUN_KIND, overall_sparsity, record_path, results_path, write_results)
 from prunekit.errors import PrunekitError
 from prunekit.io import atomic_directory, read_versioned, versioned, write_json_atomic
 from prunekit.sweep.config import SweepConfig, load_config
@@ -204,51 +204,34 @@ def _evaluation():
     return evaluation
 
 
-def eval_kwargs(config: SweepConfig, progress: bool) -> dict[str, Any]:
-    """The evaluation settings of the config as keyword arguments of prunekit.evaluation."""
-    return {
-        "langs": list(config.eval_languages), "ppl_source": config.ppl_source, "tasks": config.tasks,
-        "limit": config.limit, "seqlen": config.eval_seqlen, "device": config.device, "progress": progress,
-        **config.eval_options,
-    }
+def evaluation_spec(config: SweepConfig, model_entry):
+    """The sweep's EvaluationSpec for one model (its dtype and trust_remote_code)."""
+    from dataclasses import replace
+
+    return replace(config.evaluation, dtype=model_entry.dtype, trust_remote_code=model_entry.trust_remote_code)
 
 
-def evaluate_checkpoint(config: SweepConfig, checkpoint: Path, model_entry, progress: bool, loaded=None) -> dict[str, Any]:
-    """Evaluate a pruned checkpoint against the dense model (whose hidden states are cached by the dense
-    stage, so the dense model is not even loaded). ``loaded`` = (model, tokenizer, record) reuses the
-    model the prune stage just produced instead of reading the checkpoint back."""
-    from prunekit.models import resolve_model
-
+def evaluate_checkpoint(config: SweepConfig, checkpoint: Path, model_entry, progress: bool,
+                        out: Path | None = None) -> dict[str, Any]:
+    """Evaluate a pruned checkpoint on disk, streamed a layer at a time, every language in one pass, against
+    the dense model (whose hidden states the dense stage cached, so the dense model is not even read).
+    ``out``: the run's results.json, written as results finish (a failed stage run again keeps them)."""
     dense = None
     if config.hidden_states:
         dense = dense_reference(model_entry.spec, model_entry.dtype, model_entry.trust_remote_code)
-    evaluation = _evaluation()
-    if loaded is None:
-        return _evaluate_from_disk(evaluation, checkpoint, dense, model_entry, config, progress)
-    model, tokenizer, record = loaded
-    return evaluation.evaluate_loaded(model, tokenizer, source=resolve_model(str(checkpoint)), record=record, dense=dense,
-                                      **eval_kwargs(config, progress))
+    return _evaluation().evaluate(str(checkpoint), evaluation_spec(config, model_entry), dense=dense, out=out,
+                                  progress=progress)
 
 
-def _evaluate_from_disk(evaluation, checkpoint: Path, dense, model_entry, config: SweepConfig, progress: bool) -> dict[str, Any]:
-    from prunekit.models import load_model, resolve_model
-
-    source = resolve_model(str(checkpoint))
-    model, tokenizer, source = load_model(source, model_entry.dtype)
-    return evaluation.evaluate_loaded(model, tokenizer, source=source, record=read_record(source.path), dense=dense,
-                                      **eval_kwargs(config, progress))
-
-
-def evaluate_dense(config: SweepConfig, model_entry, progress: bool) -> dict[str, Any]:
-    """The dense model's own evaluation (the report's dense row); as the reference side it also computes
-    and caches the dense hidden states every run of this model compares against."""
-    from prunekit.models import load_model
-
-    evaluation = _evaluation()
-    model, tokenizer, source = load_model(model_entry.spec, model_entry.dtype, trust_remote_code=model_entry.trust_remote_code,
-                                          revision=model_entry.revision)
-    dense = evaluation.DenseReference.from_loaded(model, tokenizer, source) if config.hidden_states else None
-    return evaluation.evaluate_loaded(model, tokenizer, source=source, record=None, dense=dense, **eval_kwargs(config, progress))
+def evaluate_dense(config: SweepConfig, model_entry, progress: bool, out: Path | None = None) -> dict[str, Any]:
+    """The dense model's own evaluation (the report's dense row), streamed like every run's; as the
+    reference side it also caches the dense hidden states every run of this model compares against
+    (collected in its own pass: the dense model is read once)."""
+    dense = None
+    if config.hidden_states:
+        dense = dense_reference(model_entry.spec, model_entry.dtype, model_entry.trust_remote_code)
+    return _evaluation().evaluate(model_entry.spec, evaluation_spec(config, model_entry), dense=dense, out=out,
+                                  progress=progress, revision=model_entry.revision)
 
 
 def _free_memory() -> None:
@@ -269,12 +252,12 @@ def run_dense(config: SweepConfig, runs_dir: Path, task: DenseTask, progress: bo
     if stage_state(directory, "dense", fingerprint) == "done" and results_path(directory).exists():
         outcome.skipped.append("dense")
         return outcome
-    log(runs_dir, f"{task.task_id} dense start")
     with stage(directory, "dense", fingerprint, {"model": task.model.spec}) as details:
+        log(runs_dir, f"{task.task_id} dense start")  # once this process holds the stage (two sweeps may race to it)
         clean_partials(directory)  # only once this process holds the stage: another may be writing there
         # The dense model against itself: its own perplexity per language (the "dense" row) and, as the
         # reference side, its hidden states -- cached by content hash in cache_dir("dense") for every run.
-        results = evaluate_dense(config, task.model, progress)
+        results = evaluate_dense(config, task.model, progress, out=results_path(directory))
         write_results(results_path(directory), results)
         details["languages"] = list(config.eval_languages)
         details["dense_hidden_states"] = {lang: (entry.get("dense_cache") or {}).get("status")
@@ -325,7 +308,6 @@ def run_one(config: SweepConfig, runs_dir: Path, task: RunTask, progress: bool) 
         return TaskOutcome(task.task_id, "busy", error=f"stages {states} are being run by another process")
     checkpoint = directory / "checkpoint"
 
-    loaded = None  # the model the prune stage produced, handed to the eval stage without a reload
     if states["prune"] == "done":
         outcome.skipped.append("prune")
     else:
@@ -346,8 +328,7 @@ def run_one(config: SweepConfig, runs_dir: Path, task: RunTask, progress: bool) 
             details["record_run_id"] = result.record["run_id"]
             details["overall_sparsity"] = overall_sparsity(result.record)  # None for a quantized run
             details["timings"] = result.record["timings"]
-        loaded = (result.model, result.tokenizer, result.record)
-        del result
+        del result  # streamed to disk: the eval stage reads the checkpoint a layer at a time
         outcome.ran.append("prune")
         log(runs_dir, f"{task.task_id} prune done")
 
@@ -363,17 +344,15 @@ def run_one(config: SweepConfig, runs_dir: Path, task: RunTask, progress: bool) 
             clean_partials(directory)
             if dense_state != "done":
                 raise PrunekitError(f"the dense evaluation of {task.model.name} is {dense_state}, not done; see {dense_dir(runs_dir, dense_task)}")
-            results = evaluate_checkpoint(config, checkpoint, task.model, progress, loaded)
+            results = evaluate_checkpoint(config, checkpoint, task.model, progress, out=results_path(directory))
             write_results(results_path(directory), results)
             details["languages"] = list(config.eval_languages)
             details["dense_hidden_states"] = {lang: (entry.get("dense_cache") or {}).get("status")
                                               for lang, entry in (results.get("hidden_states") or {}).items()}
-        loaded = None
         _free_memory()
         outcome.ran.append("eval")
         log(runs_dir, f"{task.task_id} eval done")
 
-    loaded = None
     _free_memory()
     if config.push:
         fingerprint = push_fingerprint(config, directory)
