@@ -1,10 +1,9 @@
 """Read a checkpoint's weights one tensor (or one block of rows) at a time.
 
 A checkpoint is anything :func:`prunekit.models.resolve_model` accepts. Its weights are
-``model.safetensors``, a sharded ``model.safetensors.index.json``, ``pytorch_model.bin`` or a
-sharded ``pytorch_model.bin.index.json``. safetensors files are opened with ``safe_open`` (only
-the requested rows are read); ``.bin`` files with ``torch.load(weights_only=True, mmap=True)``
-(never full unpickling, never read whole into memory).
+``model.safetensors`` or a sharded ``model.safetensors.index.json``, opened with ``safe_open`` (only
+the requested rows are read). Pickle-only checkpoints (``pytorch_model.bin``) are refused at the door
+(``prunekit.io.check_model_files``), with how to convert them: prunekit loads no pickle.
 
 The analysis never imports prunekit.engine / pipeline / methods: it reads checkpoints and runs
 models, nothing more.
@@ -63,7 +62,7 @@ class Checkpoint:
     files: dict[str, Path]  # tensor name -> file holding it
     shapes: dict[str, tuple[int, ...]]
     dtypes: dict[str, str]
-    fmt: str  # "safetensors" or "bin"
+    fmt: str  # "safetensors" (the one format prunekit reads)
     config: dict[str, Any] = field(default_factory=dict)
     record: dict[str, Any] | None = None  # prunekit.json when prunekit wrote it
 
@@ -98,29 +97,6 @@ class Checkpoint:
         return info
 
 
-def _bin_shapes(file: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
-    state = load_bin(file)
-    shapes = {name: tuple(t.shape) for name, t in state.items()}
-    dtypes = {name: str(t.dtype).replace("torch.", "") for name, t in state.items()}
-    return shapes, dtypes
-
-
-def load_bin(file: Path) -> dict[str, Any]:
-    """A ``.bin`` state dict, memory-mapped and restricted to tensors (no arbitrary unpickling)."""
-    import torch
-
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # noqa: BLE001 - any failure here is a file the user has to fix
-        raise ModelError(
-            f"cannot read {file} safely ({type(err).__name__}: {err}); prunekit only loads .bin checkpoints "
-            "with torch.load(weights_only=True, mmap=True) — convert it to safetensors"
-        ) from err
-    if not isinstance(state, dict):
-        raise ModelError(f"{file} does not hold a state dict of tensors")
-    return {k: v for k, v in state.items() if hasattr(v, "shape")}
-
-
 def open_checkpoint(spec: str | Path | ModelSource, label: str | None = None) -> Checkpoint:
     """Resolve ``spec`` (local dir or Hub id) and index its weights without reading them."""
     from safetensors import safe_open
@@ -141,33 +117,18 @@ def open_checkpoint(spec: str | Path | ModelSource, label: str | None = None) ->
         files = {}
         with safe_open(str(path / "model.safetensors"), framework="numpy") as handle:
             files = {name: path / "model.safetensors" for name in handle.keys()}
-    elif (path / "pytorch_model.bin.index.json").exists():
-        index = json.loads((path / "pytorch_model.bin.index.json").read_text(encoding="utf-8"))
-        files = {name: path / file for name, file in index["weight_map"].items()}
-        fmt = "bin"
-    elif (path / "pytorch_model.bin").exists():
-        fmt = "bin"
-        files = {name: path / "pytorch_model.bin" for name in load_bin(path / "pytorch_model.bin")}
     else:
-        raise ModelError(
-            f"'{source.spec}' ({path}) has no model.safetensors, model.safetensors.index.json, "
-            "pytorch_model.bin or pytorch_model.bin.index.json"
-        )
+        raise ModelError(f"'{source.spec}' ({path}) has no model.safetensors or model.safetensors.index.json")
     shapes: dict[str, tuple[int, ...]] = {}
     dtypes: dict[str, str] = {}
     for file in sorted(set(files.values())):
         if not file.exists():
             raise ModelError(f"'{source.spec}': shard {file.name} named in the index is missing")
-        if fmt == "safetensors":
-            with safe_open(str(file), framework="numpy") as handle:
-                for name in handle.keys():
-                    sl = handle.get_slice(name)
-                    shapes[name] = tuple(sl.get_shape())
-                    dtypes[name] = sl.get_dtype()
-        else:
-            s, d = _bin_shapes(file)
-            shapes.update(s)
-            dtypes.update(d)
+        with safe_open(str(file), framework="numpy") as handle:
+            for name in handle.keys():
+                sl = handle.get_slice(name)
+                shapes[name] = tuple(sl.get_shape())
+                dtypes[name] = sl.get_dtype()
     missing = sorted(set(files) - set(shapes))
     if missing:
         raise ModelError(f"'{source.spec}': tensor '{missing[0]}' is named in the index but not in its shard")
@@ -220,7 +181,6 @@ class TensorReader:
     def __init__(self, checkpoint: Checkpoint):
         self.checkpoint = checkpoint
         self._handles: dict[Path, Any] = {}
-        self._bin: tuple[Path, dict[str, Any]] | None = None
 
     def __enter__(self) -> "TensorReader":
         return self
@@ -234,7 +194,6 @@ class TensorReader:
             if exit_ is not None:
                 exit_(None, None, None)
         self._handles.clear()
-        self._bin = None
 
     def _safetensors(self, file: Path):
         from safetensors import safe_open
@@ -270,19 +229,14 @@ class TensorReader:
             yield self._zero_rows(file, name, start, stop)
 
     def _zero_rows(self, file: Path, name: str, start: int, stop: int) -> np.ndarray:
-        if self.checkpoint.fmt == "safetensors":
-            dtype = self.checkpoint.dtypes[name]
-            if dtype in ("F64", "F32", "F16", "I64", "I32", "I16", "I8", "U8", "BOOL"):
-                block = self._safetensors(file).get_slice(name)[start:stop]
-                zero = np.equal(block, 0).reshape(-1)
-                del block
-                return zero
-            # bfloat16 / float8: numpy has no such dtype; compare in torch
-            block = self._torch_safetensors(file).get_slice(name)[start:stop]
-            return (block == 0).reshape(-1).numpy()
-        if self._bin is None or self._bin[0] != file:
-            self._bin = (file, load_bin(file))
-        block = self._bin[1][name][start:stop]
+        dtype = self.checkpoint.dtypes[name]
+        if dtype in ("F64", "F32", "F16", "I64", "I32", "I16", "I8", "U8", "BOOL"):
+            block = self._safetensors(file).get_slice(name)[start:stop]
+            zero = np.equal(block, 0).reshape(-1)
+            del block
+            return zero
+        # bfloat16 / float8: numpy has no such dtype; compare in torch
+        block = self._torch_safetensors(file).get_slice(name)[start:stop]
         return (block == 0).reshape(-1).numpy()
 
 

@@ -158,7 +158,8 @@ def owner_of(directory: str | Path) -> dict[str, Any] | None:
     return None
 
 
-def _pid_alive(pid: Any) -> bool:
+def pid_alive(pid: Any) -> bool:
+    """Whether process ``pid`` runs on this host (a pid that is not a positive int: no)."""
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:
@@ -184,7 +185,7 @@ def owner_alive(directory: str | Path, record: dict[str, Any] | None = None) -> 
         return False
     if record.get("host") != socket.gethostname():
         return state == "unsupported"
-    return record.get("pid") != os.getpid() and _pid_alive(record.get("pid"))
+    return record.get("pid") != os.getpid() and pid_alive(record.get("pid"))
 
 
 def tree_bytes(path: str | Path) -> int:

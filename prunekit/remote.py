@@ -314,17 +314,10 @@ def check_download_space(repo_id: str, revision: str | None = None, *, local_dir
     """
     import fnmatch
 
-    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub import constants, try_to_load_from_cache
 
-    if is_offline():
-        return
-    try:
-        endpoint = resolve_endpoint(endpoint)
-        token = get_token(token)
-        api = HfApi(endpoint=endpoint, token=token)
-        info = hub_call(f"reading {repo_id}", lambda: api.model_info(repo_id, revision=revision, files_metadata=True),
-                        repo_id=repo_id, endpoint=endpoint, token=token, retry=RetryPolicy(attempts=1), revision=revision)
-    except Exception:  # noqa: BLE001 - an estimate: the download names the problem
+    info = _files_info(repo_id, revision, endpoint, token)
+    if info is None:
         return
     missing = 0
     for sibling in info.siblings or []:
@@ -356,17 +349,8 @@ def repository_size(repo_id: str, itemsize: int | None = None, revision: str | N
     follows reports those."""
     import fnmatch
 
-    from huggingface_hub import HfApi
-
-    if is_offline():
-        return 0
-    try:
-        endpoint = resolve_endpoint(endpoint)
-        token = get_token(token)
-        api = HfApi(endpoint=endpoint, token=token)
-        info = hub_call(f"reading {repo_id}", lambda: api.model_info(repo_id, revision=revision, files_metadata=True),
-                        repo_id=repo_id, endpoint=endpoint, token=token, retry=RetryPolicy(attempts=1), revision=revision)
-    except Exception:  # noqa: BLE001 - an estimate: the download names the problem
+    info = _files_info(repo_id, revision, endpoint, token)
+    if info is None:
         return 0
     files = [(s.rfilename, s.size or 0) for s in (info.siblings or [])
              if any(fnmatch.fnmatch(s.rfilename, pattern) for pattern in CHECKPOINT_PATTERNS)]
@@ -376,3 +360,20 @@ def repository_size(repo_id: str, itemsize: int | None = None, revision: str | N
     if itemsize is not None and parameters:
         weights = int(parameters) * itemsize
     return weights + others
+
+
+def _files_info(repo_id: str, revision: str | None, endpoint: str | None, token: str | None):
+    """The repo's ``model_info`` with its files' sizes, in one try; None offline or when the Hub cannot say
+    (an estimate: the download that follows names the problem)."""
+    from huggingface_hub import HfApi
+
+    if is_offline():
+        return None
+    try:
+        endpoint = resolve_endpoint(endpoint)
+        token = get_token(token)
+        api = HfApi(endpoint=endpoint, token=token)
+        return hub_call(f"reading {repo_id}", lambda: api.model_info(repo_id, revision=revision, files_metadata=True),
+                        repo_id=repo_id, endpoint=endpoint, token=token, retry=RetryPolicy(attempts=1), revision=revision)
+    except Exception:  # noqa: BLE001
+        return None

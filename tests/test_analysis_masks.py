@@ -198,50 +198,48 @@ def test_dense_aware_masks_exclude_and_count_natively_zero_weights(base, tmp_pat
     assert plain["iou"] > result["comparisons"]["between"]["global"]["iou"]
 
 
-def test_sharded_safetensors_and_sharded_bin_read_like_a_single_file(base, tmp_path, tokenizer):
+def test_sharded_safetensors_read_like_a_single_file(base, tmp_path, tokenizer):
     masks = pruned_copy(base, tmp_path / "single", seed=4)
     state = load_file(tmp_path / "single" / "model.safetensors")
     names = sorted(state)
     halves = [names[: len(names) // 2], names[len(names) // 2:]]
-    for fmt in ("safetensors", "bin"):
-        out = tmp_path / f"sharded-{fmt}"
-        out.mkdir()
-        shutil.copy(tmp_path / "single" / "config.json", out / "config.json")
-        weight_map = {}
-        for i, part in enumerate(halves):
-            file = f"model-{i + 1:05d}-of-00002.{fmt}" if fmt == "safetensors" else f"pytorch_model-{i + 1:05d}-of-00002.bin"
-            shard = {n: state[n] for n in part}
-            if fmt == "safetensors":
-                save_file(shard, out / file, metadata={"format": "pt"})
-            else:
-                torch.save(shard, out / file)
-            weight_map.update({n: file for n in part})
-        index = "model.safetensors.index.json" if fmt == "safetensors" else "pytorch_model.bin.index.json"
-        (out / index).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-        ckpt = open_checkpoint(out, "sharded")
-        assert ckpt.fmt == fmt and len(set(ckpt.files.values())) == 2
-        result = M.compare_masks(tmp_path / "single", out, progress=False)
-        assert result["comparisons"]["between"]["global"]["iou"] == 1.0
-        expected = sum(int(m.sum()) for m in masks.values())
-        assert result["checkpoints"]["b"]["zeros"] == expected
+    out = tmp_path / "sharded"
+    out.mkdir()
+    shutil.copy(tmp_path / "single" / "config.json", out / "config.json")
+    weight_map = {}
+    for i, part in enumerate(halves):
+        file = f"model-{i + 1:05d}-of-00002.safetensors"
+        save_file({n: state[n] for n in part}, out / file, metadata={"format": "pt"})
+        weight_map.update({n: file for n in part})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    ckpt = open_checkpoint(out, "sharded")
+    assert ckpt.fmt == "safetensors" and len(set(ckpt.files.values())) == 2
+    result = M.compare_masks(tmp_path / "single", out, progress=False)
+    assert result["comparisons"]["between"]["global"]["iou"] == 1.0
+    expected = sum(int(m.sum()) for m in masks.values())
+    assert result["checkpoints"]["b"]["zeros"] == expected
 
 
-def test_bin_checkpoints_are_loaded_with_weights_only_and_mmap(base, tmp_path, monkeypatch):
+@pytest.mark.parametrize("sharded", [False, True])
+def test_pickle_only_checkpoints_are_refused_without_unpickling(sharded, base, tmp_path, monkeypatch):
+    """prunekit loads no pickle (issue 26 §2): a .bin-only checkpoint is refused with how to convert it,
+    before anything is read, and never with the advice to turn weights_only off."""
     out = tmp_path / "bin"
     out.mkdir()
     shutil.copy(base / "config.json", out / "config.json")
-    torch.save(load_file(base / "model.safetensors"), out / "pytorch_model.bin")
+    state = load_file(base / "model.safetensors")
+    if sharded:
+        torch.save(state, out / "pytorch_model-00001-of-00001.bin")
+        index = {"metadata": {}, "weight_map": {n: "pytorch_model-00001-of-00001.bin" for n in state}}
+        (out / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    else:
+        torch.save(state, out / "pytorch_model.bin")
     calls = []
-    real_load = torch.load
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs)
-        return real_load(*args, **kwargs)
-
-    monkeypatch.setattr(torch, "load", spy)
-    with pytest.warns(M.DenseCheckpointWarning):
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: calls.append(kwargs))
+    with pytest.raises(ModelError, match="only as PyTorch pickle files") as caught:
         M.compare_masks(out, base, progress=False)
-    assert calls and all(c.get("weights_only") is True and c.get("mmap") is True for c in calls)
+    assert "safe_serialization=True" in str(caught.value) and "weights_only=False" not in str(caught.value)
+    assert calls == []
 
 
 # ---------------------------------------------------------------- streaming

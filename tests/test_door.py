@@ -209,20 +209,6 @@ def test_cli_messages_carry_no_hints_for_python_api_users():
 # --- sweep state validated, not just present ----------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    import os
-
-    threads, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
-    torch.set_num_threads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"
-    yield
-    torch.set_num_threads(threads)
-    if env is None:
-        os.environ.pop("OMP_NUM_THREADS", None)
-    else:
-        os.environ["OMP_NUM_THREADS"] = env
-
 
 def truncate(path: Path) -> None:
     text = path.read_text()

@@ -178,15 +178,6 @@ def test_find_library_raises_hub_error_when_refused(hub):
 TINY_BASE = "meta/tiny-llama"
 
 
-@pytest.fixture
-def one_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_a_pushed_sweep_makes_a_collection_a_space_and_find_ranks_its_checkpoints(hub, tiny_llama, tmp_path, one_thread):
     from prunekit.hub.space import external_requests

@@ -288,10 +288,13 @@ def test_a_requeued_sweep_run_keeps_its_prune_staging(tmp_path):
     assert staging.exists() and not (task / ".checkpoint.x1y2z3w4.partial").exists()
 
 
-def test_a_dense_quantize_resumes_byte_identical(base, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("checkpoint_format", ["dense", "packed"])
+def test_an_interrupted_quantize_writes_what_an_uninterrupted_one_writes(checkpoint_format, base, tmp_path, monkeypatch, capsys):
+    """A dense quantize resumes at its layer; a packed one streams but does not resume yet: the rerun removes
+    its interrupted staging and starts again. Either way the bytes are an uninterrupted run's, nothing is left."""
     def quantize(out):
         args = {k: v for k, v in RUN.items() if k != "num_hidden_layers"}
-        return prune(str(base), "gptq", kind="quantize", out=out, checkpoint_format="dense", **args)
+        return prune(str(base), "gptq", kind="quantize", out=out, checkpoint_format=checkpoint_format, **args)
 
     reference = shard_bytes(quantize(tmp_path / "reference").out)
     out = tmp_path / "out"
@@ -301,27 +304,11 @@ def test_a_dense_quantize_resumes_byte_identical(base, tmp_path, monkeypatch, ca
     monkeypatch.undo()
     capsys.readouterr()
     result = quantize(out)
-    assert "resumed at layer 2 of 4" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    if checkpoint_format == "dense":
+        assert "resumed at layer 2 of 4" in err
+    else:
+        assert "resumed" not in err
     assert shard_bytes(out) == reference
     assert len(result.record["quantization"]["per_layer"]) == 4
-    assert leftovers(tmp_path) == []
-
-
-def test_an_interrupted_packed_quantize_starts_again_and_leaves_nothing(base, tmp_path, monkeypatch, capsys):
-    """A packed quantize streams but does not resume yet: its interrupted staging is removed by the rerun,
-    which writes what an uninterrupted run writes."""
-    def quantize(out):
-        args = {k: v for k, v in RUN.items() if k != "num_hidden_layers"}
-        return prune(str(base), "gptq", kind="quantize", out=out, checkpoint_format="packed", **args)
-
-    reference = shard_bytes(quantize(tmp_path / "reference").out)
-    out = tmp_path / "out"
-    interrupt_after(monkeypatch, 1)
-    with pytest.raises(RuntimeError):
-        quantize(out)
-    monkeypatch.undo()
-    capsys.readouterr()
-    quantize(out)
-    assert "resumed" not in capsys.readouterr().err
-    assert shard_bytes(out) == reference
     assert leftovers(tmp_path) == []

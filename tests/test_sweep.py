@@ -26,20 +26,9 @@ LANGS = ["en", "de", "sw"]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is ~20x faster than two fighting
-    other processes. Worker processes (subprocess, submitit jobs, the local pool) inherit it."""
-    import torch
-
-    threads, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
-    torch.set_num_threads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"
+def _one_thread(one_thread):
+    """Every test here runs on one intra-op thread (conftest's ``one_thread``)."""
     yield
-    torch.set_num_threads(threads)
-    if env is None:
-        os.environ.pop("OMP_NUM_THREADS", None)
-    else:
-        os.environ["OMP_NUM_THREADS"] = env
 
 
 def grid_config(model: Path, **overrides) -> dict:
@@ -66,8 +55,15 @@ def status(directory: Path, stage: str) -> dict:
 @pytest.fixture(scope="module")
 def killed_and_resumed(tiny_llama, tmp_path_factory):
     """Run the 2 methods × 3 languages × 2 seeds grid in a subprocess, SIGKILL it as soon as the
-    first run dir appears (while it prunes, if we catch it), then resume it in this process."""
+    first run dir appears (while it prunes, if we catch it), then resume it in this process. The sweep has
+    a cache of its own: its dense stage must compute what it caches, not find another test's states."""
     root = tmp_path_factory.mktemp("sweep")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("PRUNEKIT_CACHE", str(root / "cache"))
+        yield _kill_and_resume(tiny_llama, root)
+
+
+def _kill_and_resume(tiny_llama, root):
     config_path = root / "grid.yaml"
     config_path.write_text(yaml.safe_dump(grid_config(tiny_llama)))
     runs_dir = root / "runs"

@@ -35,7 +35,7 @@ from typing import Any, Iterator
 from prunekit import locks
 from prunekit.artifacts import CHECKPOINT_KIND, RECORD_FILE, RESULTS_FILE, RESULTS_KIND, SWEEP_ANALYSIS_RESULT_KIND
 from prunekit.errors import SchemaError
-from prunekit.io import read_versioned, versioned, write_json_atomic
+from prunekit.io import pid_alive, read_versioned, versioned, write_json_atomic
 
 STATUS_KIND = "prunekit-stage-status"
 HEARTBEAT_S = 30.0
@@ -54,16 +54,6 @@ def _proc_start(pid: int) -> str | None:
         return stat.rsplit(")", 1)[1].split()[19]
     except (OSError, IndexError):
         return None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def status_path(directory: Path, stage: str) -> Path:
@@ -167,7 +157,7 @@ def _same_job_earlier_run(status: dict[str, Any]) -> bool:
         return False
     if status.get("host") == socket.gethostname():
         pid = int(status.get("pid", -1))
-        return pid != os.getpid() and not (pid > 0 and _pid_alive(pid) and status.get("pid_start") in (None, _proc_start(pid)))
+        return pid != os.getpid() and not (pid > 0 and pid_alive(pid) and status.get("pid_start") in (None, _proc_start(pid)))
     return True
 
 
@@ -179,7 +169,7 @@ def is_stale(status: dict[str, Any]) -> bool:
         return True
     if status.get("host") == socket.gethostname():
         pid = int(status.get("pid", -1))
-        if pid <= 0 or not _pid_alive(pid):
+        if pid <= 0 or not pid_alive(pid):
             return True
         start = _proc_start(pid)
         if start is not None and status.get("pid_start") not in (None, start):
