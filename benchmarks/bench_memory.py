@@ -175,6 +175,8 @@ def bench_sweep_and_eval(args) -> None:
     root.mkdir(parents=True, exist_ok=True)
     os.environ["PRUNEKIT_CACHE"] = str(root / "cache")  # a cold dense cache; the workers inherit it
     rows = []
+    if args.one_run_sweep is True:  # no BASE given: the synthetic 4- and 8-layer checkpoints, generated here
+        args.one_run_sweep = [generate(root / f"llama3-8b-shaped-{n}L", n) for n in (4, 8)]
     try:
         for base in args.one_run_sweep:
             depth = json.loads((Path(base) / "config.json").read_text())["num_hidden_layers"]
@@ -305,9 +307,10 @@ def main() -> None:
     parser.add_argument("--solve-threads", type=int, default=None,
                         help="SparseGPT's solve threads on the CPU (default: prunekit's own choice; 1 holds one Hessian at a time)")
     parser.add_argument("--keep", action="store_true")
-    parser.add_argument("--one-run-sweep", type=Path, nargs="+", default=None, metavar="BASE",
+    parser.add_argument("--one-run-sweep", type=Path, nargs="*", default=None, metavar="BASE",
                         help="run the one-run sweep (Wanda 50 %%, en, ppl+SNR in en,de, dense stage) on these existing "
-                             "checkpoints, e.g. /work/ckpts/llama8b-4L /work/ckpts/llama8b-8L")
+                             "checkpoints, e.g. /work/ckpts/llama8b-4L /work/ckpts/llama8b-8L (none: 4- and 8-layer ones "
+                             "generated under --root)")
     parser.add_argument("--eval-langs", default=None,
                         help="with --one-run-sweep: then evaluate the last one's pruned checkpoint in these languages "
                              "against its base (e.g. en,de,sw)")
@@ -322,7 +325,9 @@ def main() -> None:
     if args.quantize:
         bench_quantize(args)
         return
-    if args.one_run_sweep:
+    if args.one_run_sweep is not None:
+        if not args.one_run_sweep:
+            args.one_run_sweep = True
         bench_sweep_and_eval(args)
         return
 

@@ -2,7 +2,7 @@
 through, then the same command again.
 
 On a synthetic Llama-3-8B-shaped bf16 checkpoint (``benchmarks/bench_memory.py``'s ``generate``; default the
-shared 8-layer one), three runs of the same ``prunekit prune`` command, each its own process:
+8-layer one generated under --root), three runs of the same ``prunekit prune`` command, each its own process:
 
 1. uninterrupted, into OUT_A (timed from spawn to exit);
 2. into OUT_B, killed with SIGKILL as soon as the staging's manifest (``.OUT_B.partial/.prunekit-staging.json``)
@@ -88,18 +88,24 @@ def leftovers(folder: Path) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", type=Path, default=Path("/work/ckpts/llama8b-8L"))
+    parser.add_argument("--base", type=Path, default=None,
+                        help="an existing synthetic checkpoint (default: an 8-layer one generated under --root)")
     parser.add_argument("--root", type=Path, default=Path("/tmp") / os.environ.get("USER", "bench") / "bench-resume")
     parser.add_argument("--method", default="wanda")
     parser.add_argument("--nsamples", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=128)
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
-    layers = json.loads((args.base / "config.json").read_text())["num_hidden_layers"]
-    kill_layer = math.ceil(2 * layers / 3)
     if args.root.exists():
         shutil.rmtree(args.root)
     args.root.mkdir(parents=True)
+    if args.base is None:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_memory import generate
+
+        args.base = generate(args.root / "base-8L", 8)
+    layers = json.loads((args.base / "config.json").read_text())["num_hidden_layers"]
+    kill_layer = math.ceil(2 * layers / 3)
     out_a, out_b = args.root / "uninterrupted", args.root / "resumed"
     try:
         full_s, _ = timed(command(args.base, out_a, args.method, args.nsamples, args.seqlen))
