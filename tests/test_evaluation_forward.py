@@ -174,3 +174,54 @@ def test_streamed_dtype_defaults_to_the_checkpoints_own(checkpoints, tmp_path, t
     assert {p.dtype for p in weights.model.parameters()} == {torch.bfloat16}
     run_forward(weights, _batches(), [Recorder()], "cpu", progress=False)
     assert find_decoder_layers(weights.model)[1][0].mlp.down_proj.weight.device.type == "meta"
+
+
+def _out_of_memory_above_one_row(model, monkeypatch) -> list[int]:
+    """Every decoder layer of ``model`` runs out of memory on more than one sequence; returns the row counts tried."""
+    tried: list[int] = []
+    cls = type(find_decoder_layers(model)[1][0])
+    original = cls.forward
+
+    def forward(self, hidden_states, *args, **kwargs):
+        tried.append(hidden_states.shape[0])
+        if hidden_states.shape[0] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return original(self, hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "forward", forward)
+    return tried
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_a_layer_out_of_memory_retries_with_half_the_batch_and_gives_the_same_states(checkpoints, name, monkeypatch, caplog):
+    """Issue 29 §3: an OOM in the forward retries at half the batch, down to one sequence, then succeeds; the
+    size that fit is kept for the layers after; padded rows and their masks are cut with the batch."""
+    model, _, _ = load_model(str(checkpoints[name]))
+    torch.manual_seed(1)
+    ids = torch.randint(3, 500, (4, 20))
+    mask = torch.ones_like(ids)
+    mask[1, 14:] = 0
+    mask[3, 6:] = 0
+    want = {}
+    with layer_hooks(model, lambda i, h: want.setdefault(i, []).append(h.clone())), torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    tried = _out_of_memory_above_one_row(model, monkeypatch)
+    got = Recorder()
+    got.wants_scores = False
+    with caplog.at_level("WARNING"):
+        run_forward(model, [Batch(ids, mask)], [got], "cpu", progress=False)
+    layers = len(want)
+    assert tried == [4, 2, 1, 1, 1, 1] + [1] * 4 * (layers - 1)  # halved twice on layer 0, then one row at a time
+    assert "retrying with 2" in caplog.text and "retrying with 1" in caplog.text
+    keep = mask.bool()
+    for index in want:
+        for g, w in zip(got.states[index], want[index], strict=True):
+            assert ((g[keep] - w[keep]).abs().max() / w[keep].abs().max()).item() <= REL
+
+
+def test_an_out_of_memory_on_one_sequence_reaches_the_user(checkpoints, monkeypatch):
+    model, _, _ = load_model(str(checkpoints["llama"]))
+    cls = type(find_decoder_layers(model)[1][0])
+    monkeypatch.setattr(cls, "forward", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("injected")))
+    with pytest.raises(torch.OutOfMemoryError):
+        run_forward(model, [Batch(torch.randint(3, 500, (2, 8)))], [Recorder()], "cpu", progress=False)

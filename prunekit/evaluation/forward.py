@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from prunekit.errors import ModelError
+from prunekit.evaluation.microbatches import MicroBatches
 from prunekit.layer_inputs import capture_inputs, decoder_of, layers_replaced
 from prunekit.models import find_decoder_layers, layer_output, text_config
 from prunekit.progress import progress_bar
@@ -511,6 +512,7 @@ def run_forward(
     hidden: list[torch.Tensor] = []
     kwargs: list[list[dict[str, Any]]] = []
     shared: dict[tuple, list[dict[str, Any]]] = {}  # kwargs depend on the shape only when there is no mask
+    halving = MicroBatches()
     with torch.no_grad(), progress_bar(description, len(layers) + 1 + int(scoring), progress) as update:
         weights.prepare(device)
         try:
@@ -533,7 +535,7 @@ def run_forward(
                     for b, batch in enumerate(batches):
                         for consumer in consumers:
                             consumer.before(index, batch)
-                        out = layer_output(layer(hidden[b].to(device), **kwargs[b][index]))
+                        out = halving.layer(layer, hidden[b], kwargs[b][index], device)
                         for consumer in consumers:
                             consumer.layer(index, out, batch)
                         hidden[b] = out.to(store)
