@@ -104,6 +104,7 @@ def atomic_directory(target: str | Path, overwrite: bool = False, staging: str |
             if not given:
                 owner.enter_context(owned(staging, target.name))
             yield staging
+        normal_permissions(staging)
         if target.exists():
             if not overwrite:
                 raise FileExistsError(target)
@@ -119,6 +120,15 @@ def atomic_directory(target: str | Path, overwrite: bool = False, staging: str |
         if not given:
             shutil.rmtree(staging, ignore_errors=True)
         raise _disk_error(err, target, None if kept is None else kept()) or err
+
+
+def normal_permissions(directory: str | Path) -> None:
+    """Give every file under ``directory`` the permissions a new file gets (``0o666 & ~umask``: others may
+    read on a shared disk), whatever the library that wrote it chose (a temp file's 0600)."""
+    mode = 0o666 & ~_umask()
+    for file in Path(directory).rglob("*"):
+        if file.is_file() and not file.is_symlink():
+            os.chmod(file, mode)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -313,3 +313,23 @@ def test_quantize_cli_writes_packed_by_default_and_says_how_to_serve_it(tiny_lla
     record = json.loads((out / "prunekit.json").read_text())
     assert record["quantization"]["format"] == "pack-quantized" and "--format" not in record["command"]
     assert "model.layers.0.mlp.down_proj.weight_packed" in tensors(out)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_quantized_checkpoint_is_readable_by_others(stream, tiny_llama, tmp_path):
+    """Issue 30 §9: mode 0644 under umask 022 for every file, the packed safetensors included (the
+    whole-model path's writer left it 0600)."""
+    import os
+    import stat
+
+    import prunekit
+
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "q"
+        prunekit.prune(str(tiny_llama), "rtn", kind="quantize", out=out, checkpoint_format="packed", stream=stream,
+                       device="cpu", progress=False, calib=None)
+    finally:
+        os.umask(old)
+    modes = {f.name: oct(stat.S_IMODE(f.stat().st_mode)) for f in out.iterdir() if f.is_file()}
+    assert "model.safetensors" in modes and set(modes.values()) == {"0o644"}, modes
