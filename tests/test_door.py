@@ -418,3 +418,19 @@ def test_a_download_that_cannot_fit_on_its_disk_is_refused_before_it_starts(monk
     (out / "model.safetensors").write_bytes(b"\0" * 8_000)
     prunekit.remote.download_snapshot("org/model", local_dir=out)
     assert len(downloads) == 1
+
+
+def test_the_eval_help_example_with_a_missing_task_data_fails_before_the_model_loads(tiny_llama, tmp_path, work, monkeypatch):
+    """Issue 30 §1: `--task-data data/` that does not exist is an error at once, not after the perplexity."""
+    import prunekit.models
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(prunekit.models, "load_model", no_load)
+    monkeypatch.chdir(tmp_path)
+    args = ["eval", tiny_llama, "--dense", tiny_llama, "--langs", "sw,en", "--ppl-source", "embedded",
+            "--tasks", "belebele,xcopa", "--task-data", "data/", "--limit", "50", "--out", work / "results.json"]
+    started = time.perf_counter()
+    line = assert_user_error(args, "--task-data", "'data' is not a directory", roots=[work])
+    assert time.perf_counter() - started < 20 and "internal error" not in line

@@ -130,7 +130,11 @@ class EvaluationSpec:
         object.__setattr__(self, "tasks", _names(self.tasks) or None)
         object.__setattr__(self, "limit", _limit(self.limit))
         if self.task_data is not None:
-            object.__setattr__(self, "task_data", str(Path(self.task_data).expanduser().resolve()))
+            given = self.task_data
+            object.__setattr__(self, "task_data", str(Path(given).expanduser().resolve()))
+            if not Path(self.task_data).is_dir():  # before hours of perplexity, not when the tasks start
+                raise OptionError("task_data", f"'{given}' is not a directory: give the folder that holds the tasks' "
+                                               "local files (e.g. xcopa/sw/test.jsonl), or leave it out to read them from the Hub")
         _at_least("seqlen", self.seqlen, 2)
         _at_least("batch_size", self.batch_size, 1)
         _at_least("snr_tokens", self.snr_tokens, 2)
