@@ -346,8 +346,9 @@ class ActivationPlan:
         return self.nsamples * self.seqlen * self.hidden * self.bytes_per
 
     def estimate(self) -> str:
+        """The line's formula and its size, in GB from 0.1 GB and in MB below (never "0.0 GB")."""
         return (f"calibration activations: {self.nsamples} × {self.seqlen} tokens × {self.hidden} × {self.bytes_per} B"
-                f" = {self.per_buffer / GB:.1f} GB per buffer")
+                f" = {_decimal_size(self.per_buffer)} per buffer")
 
     def describe(self) -> str:
         estimate = self.estimate()
@@ -403,3 +404,11 @@ def device_available(device: torch.device) -> int | None:
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
     return None
+
+
+def _decimal_size(n: float) -> str:
+    """8.6 GB, 3.9 MB, 512 kB: decimal units, one decimal, the largest unit with a non-zero first digit."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= 0.1 * size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"

@@ -169,8 +169,9 @@ def conventions_of(report: "Report") -> str:
 
 def markdown(report: "Report") -> str:
     lines = [f"# Sweep report: {report.name}", ""]
-    lines.append(f"Runs dir `{report.runs_dir}` · {len(report.collected.runs)} evaluated runs · "
-                 f"{len(report.collected.dense)} dense models · conventions `{conventions_of(report)}` · created {report.created}")
+    runs, dense = len(report.collected.runs), len(report.collected.dense)
+    lines.append(f"Runs dir `{report.runs_dir}` · {runs} evaluated run{'s' * (runs != 1)} · "
+                 f"{dense} dense model{'s' * (dense != 1)} · conventions `{conventions_of(report)}` · created {report.created}")
     lines.append("")
     lines += leaderboard_markdown(report.leaderboard)
     lines += ["## The study's tables", ""]
