@@ -17,6 +17,7 @@ from prunekit.artifacts import CHECKPOINT_PATTERNS, RECORD_FILE, RESULTS_FILE, R
 from prunekit.errors import ConfigError, HubError
 from prunekit.hub.card import check_results_belong, render_model_card
 from prunekit.hub.names import default_repo_id, validate_repo_id
+from prunekit.hub.public import public_json, public_text
 from prunekit.io import atomic_directory, read_versioned
 from prunekit.remote import (LOGIN_HINT, RetryPolicy, download_snapshot, get_token, hub_call, is_offline, offline_error,
                              resolve_endpoint)
@@ -71,12 +72,22 @@ def _checkpoint_files(checkpoint: Path) -> dict[str, Path]:
     return files
 
 
+def _published(rel: str, source: Path) -> Path | bytes:
+    """A small JSON file as published (its local absolute paths replaced: :func:`public_json`), else the file."""
+    if not rel.endswith(".json") or _size(source) >= LINK_MIN_BYTES:
+        return source
+    data = source.read_bytes()
+    public = public_json(rel, data)
+    return source if public == data else public
+
+
 def _contents(files: dict[str, Path], card: str, results_bytes: bytes | None) -> dict[str, Path | bytes]:
-    """What the repo holds after a push: path in the repo -> local file or bytes, sorted."""
-    contents: dict[str, Path | bytes] = dict(files)
-    contents[CARD_FILE] = card.encode()
+    """What the repo holds after a push: path in the repo -> local file or bytes, sorted. No local absolute path
+    is published: the JSON files and the card are sanitised (the checkpoint's own files stay as they are)."""
+    contents: dict[str, Path | bytes] = {rel: _published(rel, source) for rel, source in files.items()}
+    contents[CARD_FILE] = public_text(card, any_absolute=False).encode()
     if results_bytes is not None:
-        contents[RESULTS_FILE] = results_bytes
+        contents[RESULTS_FILE] = public_json(RESULTS_FILE, results_bytes)
     return dict(sorted(contents.items()))
 
 
@@ -171,7 +182,7 @@ def prepare_push(checkpoint: str | Path, repo_id: str | None = None, namespace: 
         if results_data is None:
             raise ConfigError("--dense-results needs the pruned model's results too (--results or CHECKPOINT/results.json)")
         dense_data, _ = _read_json(Path(dense_results), "--dense-results")
-    card = render_model_card(record, results_data, dense_data, repo_id, base_model)
+    card = public_text(render_model_card(record, results_data, dense_data, repo_id, base_model), any_absolute=False)
     return PushPlan(repo_id, folder, record, _checkpoint_files(folder), card, results_bytes)
 
 
