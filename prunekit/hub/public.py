@@ -76,7 +76,7 @@ def public_value(value: Any, *, any_absolute: bool = True) -> Any:
     absolute path by its last component, a path inside a longer string (a command) likewise."""
     if isinstance(value, dict):
         return {k: public_value(v, any_absolute=any_absolute) for k, v in value.items()}
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return [public_value(v, any_absolute=any_absolute) for v in value]
     if isinstance(value, str):
         if any_absolute and _ABSOLUTE.match(value) and value.strip("/\\~"):
