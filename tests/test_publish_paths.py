@@ -126,6 +126,10 @@ def test_push_finds_a_sweep_runs_results_and_the_dense_results_and_says_so(evalu
     explicit = push(checkpoint, namespace="org", dry_run=True, staging=tmp_path / "staging2",
                     results=run_results, dense_results=dense_results)
     assert explicit.card == result.card and explicit.notes == []
+    link = tmp_path / "wanda-de"  # a readable name linked to the run's checkpoint finds the same files
+    link.symlink_to(checkpoint, target_is_directory=True)
+    linked = push(link, namespace="org", dry_run=True, staging=tmp_path / "staging-link")
+    assert linked.card == result.card and len(linked.notes) == 2
     shutil.rmtree(dense_results.parent)  # without the dense evaluation the card has no comparison
     alone = push(checkpoint, namespace="org", dry_run=True, staging=tmp_path / "staging3", results=run_results)
     assert alone.card != result.card and any("add --dense-results" in note for note in alone.notes)
