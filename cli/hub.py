@@ -34,8 +34,8 @@ def push(
     revision: Optional[str] = typer.Option(None, "--revision", help="Branch to push to (created if missing); default main."),
     endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Hub URL (default: $HF_ENDPOINT or https://huggingface.co)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Write the staging folder and list what would be sent; contact nothing."),
-    results: Optional[Path] = typer.Option(None, "--results", help="results.json of this checkpoint (default: CHECKPOINT/results.json if present)."),
-    dense_results: Optional[Path] = typer.Option(None, "--dense-results", help="results.json of the dense base model: the card shows deltas against it."),
+    results: Optional[Path] = typer.Option(None, "--results", help="results.json of this checkpoint (default: CHECKPOINT/results.json, else a sweep's or the demo's run results beside the checkpoint; push says which it used)."),
+    dense_results: Optional[Path] = typer.Option(None, "--dense-results", help="results.json of the dense base model: the card shows deltas against it (default: a sweep's dense evaluation of the base model, when the checkpoint is a sweep run's)."),
     base_model: Optional[str] = typer.Option(None, "--base-model", help="Hub id of the base model, when the checkpoint was pruned from a local copy."),
     staging: Optional[Path] = typer.Option(None, "--staging", help="Where --dry-run writes the staging folder (default ./hub-staging/NAME)."),
 ) -> None:
@@ -47,6 +47,9 @@ def push(
     checkpoint: weight, config and tokenizer files it no longer has are deleted in the same commit. Transient
     Hub errors are retried (PRUNEKIT_HUB_RETRIES attempts, first delay PRUNEKIT_HUB_BACKOFF seconds).
 
+    A sweep's or the demo's checkpoint (RUNS/runs/<hash>/checkpoint) is published with the results beside it and
+    the sweep's dense results, found without flags; push says which files it used, or which flag to add.
+
     Example: prunekit push gemma-sw --namespace my-org --results gemma-sw/results.json --dense-results dense.json
     """
     from prunekit.hub import push as run_push
@@ -55,6 +58,8 @@ def push(
         checkpoint, repo_id=repo_id, namespace=namespace, private=private, revision=revision, endpoint=endpoint,
         dry_run=dry_run, results=results, dense_results=dense_results, base_model=base_model, staging=staging,
     )
+    for note in result.notes:
+        stdout.print(note, markup=False, highlight=False)
     table = Table(title=f"{result.repo_id} @ {result.revision}")
     table.add_column("file")
     table.add_column("size", justify="right")

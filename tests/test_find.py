@@ -20,6 +20,7 @@ import prunekit
 from prunekit.errors import ConfigError, HubError, ModelError
 from prunekit.hub import push
 from prunekit.hub.find import find_checkpoints, pull_best
+from prunekit.hub.public import public_json
 from tests.conftest import TATOEBA
 from tests.hub_server import example_results, front_matter
 from tests.test_hub import FAST, TOKEN, hf_home, hub, run_cli  # noqa: F401 - fixtures
@@ -249,7 +250,8 @@ def test_a_pushed_sweep_makes_a_collection_a_space_and_find_ranks_its_checkpoint
     pulled = run_cli(["pull", "--best-for", "sw", "--base", TINY_BASE, "--out", str(tmp_path / "best")], env, tmp_path)
     assert pulled.returncode == 0, pulled.stderr
     assert f"chose {measured[0]} @ {hub.head(measured[0])}" in pulled.stdout
-    assert (tmp_path / "best" / "prunekit.json").read_bytes() == (pushed[measured[0]] / "checkpoint" / "prunekit.json").read_bytes()
+    record = pushed[measured[0]] / "checkpoint" / "prunekit.json"  # as published: local paths as their last component
+    assert (tmp_path / "best" / "prunekit.json").read_bytes() == public_json(record.name, record.read_bytes())
 
 
 def test_report_push_options_are_checked_before_any_work(tmp_path):

@@ -71,6 +71,14 @@ def same_bytes(a: Path, b: Path) -> bool:
     return filecmp.cmp(a, b, shallow=False)
 
 
+def published_as(local: Path, published: Path) -> bool:
+    """``published`` holds ``local`` as push publishes it: the same bytes, local absolute paths aside
+    (prunekit.hub.public; tests/test_publish_paths.py checks that no staged file holds one)."""
+    from prunekit.hub.public import public_json
+
+    return published.read_bytes() == public_json(local.name, local.read_bytes())
+
+
 # ---- round trip ------------------------------------------------------------------------------------------
 
 def test_push_then_pull_gives_identical_bytes_and_an_unchanged_push_makes_no_commit(hub, pruned, tmp_path):
@@ -84,7 +92,7 @@ def test_push_then_pull_gives_identical_bytes_and_an_unchanged_push_makes_no_com
     assert pulled.revision == first.commit
     assert sorted(pulled.files) == sorted(["README.md", *CHECKPOINT_FILES])
     for name in CHECKPOINT_FILES:
-        assert same_bytes(pruned / name, pulled.path / name), name
+        assert published_as(pruned / name, pulled.path / name), name
     assert (pulled.path / "README.md").read_text(encoding="utf-8") == first.card
     assert hub.files(first.repo_id)["README.md"] == first.card.encode()
 
@@ -139,7 +147,7 @@ def test_dry_run_writes_the_exact_staging_folder_and_contacts_nothing(hub, prune
     assert result.dry_run and not result.committed and result.staging == staging
     assert sorted(p.name for p in staging.iterdir()) == sorted(["README.md", *CHECKPOINT_FILES])
     for name in CHECKPOINT_FILES:
-        assert same_bytes(pruned / name, staging / name)
+        assert published_as(pruned / name, staging / name), name
     assert (staging / "README.md").read_text(encoding="utf-8") == result.card
     assert [f.path for f in result.files] == sorted(p.name for p in staging.iterdir())
     assert hub.requests == []

@@ -203,6 +203,8 @@ def fake_hub(monkeypatch, tmp_path):
 
 
 def test_push_added_to_a_finished_sweep_runs_only_the_push_stage(killed_and_resumed, fake_hub):
+    from prunekit.hub.public import public_json
+
     runs_dir = killed_and_resumed["runs_dir"]
     config = yaml.safe_load(killed_and_resumed["config"].read_text())
     config["push"] = {"namespace": "org", "private": True, "endpoint": fake_hub.url}
@@ -215,7 +217,8 @@ def test_push_added_to_a_finished_sweep_runs_only_the_push_stage(killed_and_resu
         assert status(directory, "push")["state"] == "done"
         files = fake_hub.files(pushed["repo_id"])
         assert {"README.md", "model.safetensors", "prunekit.json", "results.json"} <= set(files)
-        assert files["prunekit.json"] == (directory / "checkpoint" / "prunekit.json").read_bytes()
+        record = (directory / "checkpoint" / "prunekit.json").read_bytes()  # as published: local paths replaced
+        assert files["prunekit.json"] == public_json("prunekit.json", record) and str(runs_dir).encode() not in files["results.json"]
     assert len(fake_hub.repos) == 12
     assert {p.name: (status(p, "prune")["executions"], status(p, "eval")["executions"]) for p in (runs_dir / "runs").iterdir()} == executions
     commits = len(fake_hub.commit_log)

@@ -16,6 +16,7 @@ from typing import Any
 from prunekit.artifacts import RESULTS_FILE, overall_sparsity, quantization_summary, record_kind, sparsity_summary
 from prunekit.errors import ConfigError, PrunekitError
 from prunekit.hub.names import base_model_name, hub_id_from_cache_path, recipe_slug, validate_repo_id
+from prunekit.hub.public import public_text, public_value
 
 log = logging.getLogger("prunekit.hub")
 METHOD_NAMES = {"wanda": "Wanda", "sparsegpt": "SparseGPT", "magnitude": "magnitude pruning", "gptq": "GPTQ"}
@@ -36,25 +37,17 @@ QA_METRICS = {"f1", "exact_match", "em"}
 # evaluation text share one task entry (and one name, or the name would not round-trip).
 TEXT_TASK = "Language modelling"
 _LOCAL_PATH = re.compile(r"^(?:~|[A-Za-z]:[\\/]|/)")
-# An absolute path inside text: '/' or '~/' not preceded by what makes it part of a URL, a word or a tag.
-_PATH_IN_TEXT = re.compile(r"(?<![\w:/.<~\-])~?/[^\s/`'\"|)<>\]]+(?:/[^\s/`'\"|)<>\]]*)+")
 
 
 def _public(value: Any) -> Any:
     """Keywords (embedded, mc4), Hub ids and URLs as they are; a local absolute path as its last component;
-    dicts and lists element by element."""
-    if isinstance(value, dict):
-        return {k: _public(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_public(v) for v in value]
-    if isinstance(value, str) and _LOCAL_PATH.match(value):
-        return Path(value.rstrip("/\\")).name or value
-    return value
+    dicts and lists element by element (:func:`prunekit.hub.public.public_value`)."""
+    return public_value(value)
 
 
 def _public_text(text: str) -> str:
     """``text`` with every absolute local path replaced by its last component (the net under a card's fields)."""
-    return _PATH_IN_TEXT.sub(lambda m: Path(m.group(0).rstrip("/")).name, text)
+    return public_text(text)
 
 
 def _public_command(command: str, base_kind: str | None, base_name: str) -> str:

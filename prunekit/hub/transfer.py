@@ -16,7 +16,9 @@ from typing import Any
 from prunekit.artifacts import CHECKPOINT_PATTERNS, RECORD_FILE, RESULTS_FILE, RESULTS_KIND, read_record
 from prunekit.errors import ConfigError, HubError
 from prunekit.hub.card import check_results_belong, render_model_card
+from prunekit.hub.locate import locate
 from prunekit.hub.names import default_repo_id, validate_repo_id
+from prunekit.hub.public import public_json, public_text
 from prunekit.io import atomic_directory, read_versioned
 from prunekit.remote import (LOGIN_HINT, RetryPolicy, download_snapshot, get_token, hub_call, is_offline, offline_error,
                              resolve_endpoint)
@@ -45,6 +47,7 @@ class PushResult:
     commit: str | None = None  # the head commit after the push
     commit_url: str | None = None
     committed: bool = False  # False: nothing changed (or a dry run), no commit was made
+    notes: list[str] = field(default_factory=list)  # which results push found and used, or which flag to add
 
 
 @dataclass
@@ -71,12 +74,22 @@ def _checkpoint_files(checkpoint: Path) -> dict[str, Path]:
     return files
 
 
+def _published(rel: str, source: Path) -> Path | bytes:
+    """A small JSON file as published (its local absolute paths replaced: :func:`public_json`), else the file."""
+    if not rel.endswith(".json") or _size(source) >= LINK_MIN_BYTES:
+        return source
+    data = source.read_bytes()
+    public = public_json(rel, data)
+    return source if public == data else public
+
+
 def _contents(files: dict[str, Path], card: str, results_bytes: bytes | None) -> dict[str, Path | bytes]:
-    """What the repo holds after a push: path in the repo -> local file or bytes, sorted."""
-    contents: dict[str, Path | bytes] = dict(files)
-    contents[CARD_FILE] = card.encode()
+    """What the repo holds after a push: path in the repo -> local file or bytes, sorted. No local absolute path
+    is published: the JSON files and the card are sanitised (the checkpoint's own files stay as they are)."""
+    contents: dict[str, Path | bytes] = {rel: _published(rel, source) for rel, source in files.items()}
+    contents[CARD_FILE] = public_text(card, any_absolute=False).encode()
     if results_bytes is not None:
-        contents[RESULTS_FILE] = results_bytes
+        contents[RESULTS_FILE] = public_json(RESULTS_FILE, results_bytes)
     return dict(sorted(contents.items()))
 
 
@@ -131,6 +144,7 @@ class PushPlan:
     files: dict[str, Path]
     card: str
     results_bytes: bytes | None
+    notes: list[str] = field(default_factory=list)  # which results were found and used, or which flag to add
 
     def contents(self) -> dict[str, Path | bytes]:
         return _contents(self.files, self.card, self.results_bytes)
@@ -162,17 +176,17 @@ def prepare_push(checkpoint: str | Path, repo_id: str | None = None, namespace: 
     if not (repo_id or namespace):
         raise ConfigError("say where to push: --repo-id NAMESPACE/NAME, or --namespace ORG for the default name")
     repo_id = validate_repo_id(repo_id) if repo_id else default_repo_id(record, namespace)
-    results_path = Path(results) if results else folder / RESULTS_FILE
+    found = locate(folder, record, Path(results) if results else None, Path(dense_results) if dense_results else None)
     results_data, results_bytes, dense_data = None, None, None
-    if results or results_path.is_file():
-        results_data, results_bytes = _read_json(results_path, "--results")
-        check_results_belong(record, results_data, str(results_path))
-    if dense_results:
+    if found.results is not None:
+        results_data, results_bytes = _read_json(found.results, "--results")
+        check_results_belong(record, results_data, str(found.results))
+    if found.dense_results is not None:
         if results_data is None:
             raise ConfigError("--dense-results needs the pruned model's results too (--results or CHECKPOINT/results.json)")
-        dense_data, _ = _read_json(Path(dense_results), "--dense-results")
-    card = render_model_card(record, results_data, dense_data, repo_id, base_model)
-    return PushPlan(repo_id, folder, record, _checkpoint_files(folder), card, results_bytes)
+        dense_data, _ = _read_json(found.dense_results, "--dense-results")
+    card = public_text(render_model_card(record, results_data, dense_data, repo_id, base_model), any_absolute=False)
+    return PushPlan(repo_id, folder, record, _checkpoint_files(folder), card, results_bytes, found.notes)
 
 
 def _staging_target(staging: str | Path | None, plan: PushPlan) -> Path:
@@ -227,7 +241,9 @@ def push(checkpoint: str | Path, repo_id: str | None = None, namespace: str | No
         revision: the branch, created when missing (default main).
         endpoint: the Hub URL (default ``$HF_ENDPOINT``, else the public Hub).
         dry_run: write the files into ``staging`` (default ./hub-staging/NAME) and contact nothing.
-        results, dense_results: ``results.json`` of the checkpoint (default CHECKPOINT/results.json) and of the dense model.
+        results, dense_results: ``results.json`` of the checkpoint and of the dense model (default: found by
+            :func:`prunekit.hub.locate.locate`: CHECKPOINT/results.json, else a sweep run's beside the checkpoint, and the
+            sweep's dense evaluation; the result's ``notes`` say which were used, or which flag to add).
         base_model: the base model's Hub id, when it was pruned from a local copy.
         token: the Hub token (default huggingface_hub's own); never printed or written.
         retry: the retry policy (default from ``PRUNEKIT_HUB_RETRIES`` / ``PRUNEKIT_HUB_BACKOFF``).
@@ -250,7 +266,8 @@ def push(checkpoint: str | Path, repo_id: str | None = None, namespace: str | No
         with atomic_directory(target, overwrite=True) as tmp:
             stage_folder(plan.files, plan.card, plan.results_bytes, tmp)
         files = [FileStatus(rel, _size(source), "staged") for rel, source in contents.items()]
-        return PushResult(repo_id, endpoint, revision, url, files, plan.card, dry_run=True, staging=target)
+        return PushResult(repo_id, endpoint, revision, url, files, plan.card, dry_run=True, staging=target,
+                          notes=plan.notes)
 
     if is_offline():
         raise offline_error(f"pushing {repo_id}", endpoint, "unset HF_HUB_OFFLINE to publish, or use --dry-run to stage the files")
@@ -281,7 +298,7 @@ def push(checkpoint: str | Path, repo_id: str | None = None, namespace: str | No
     files += [FileStatus(rel, before[rel].size, "deleted") for rel in stale]
     committed = any(f.status != "unchanged" for f in files)
     return PushResult(repo_id, endpoint, revision, url, files, plan.card, commit=info.oid,
-                      commit_url=info.commit_url if committed else None, committed=committed)
+                      commit_url=info.commit_url if committed else None, committed=committed, notes=plan.notes)
 
 
 def pull(repo_id: str, revision: str | None = None, out: str | Path | None = None, endpoint: str | None = None,
