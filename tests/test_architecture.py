@@ -56,10 +56,24 @@ NEVER = [
 ]
 # Imports that break a rule today, each with the issue that removes it. Do not add to this list.
 KNOWN: dict[tuple[str, str], str] = {}
-# The artefact names and kinds: spelled (as a whole string) in prunekit/artifacts.py alone.
-ARTEFACT_NAMES = {"prunekit.json", "results.json", "prunekit-checkpoint", "prunekit-results"}
-# A different file that shares a name: the sweep report's own results.json (issue 17 §6).
-ARTEFACT_NAME_EXCEPTIONS = {("prunekit.report", "results.json")}
+# The artefact names and kinds: spelled (as a whole string) in prunekit/artifacts.py alone. Every ``*_KIND``
+# and ``*_FILE`` constant of artifacts.py counts (the sweep's kinds, the report's, the staging's, the index
+# file name…), read from its source so a new one is covered the day it is added.
+
+
+def artifacts_constants() -> dict[str, str]:
+    tree = ast.parse((ROOT / "prunekit" / "artifacts.py").read_text(encoding="utf-8"))
+    found = {}
+    for node in tree.body:
+        if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+                and node.targets[0].id.endswith(("_KIND", "_FILE"))):
+            found[node.targets[0].id] = node.value.value
+    return found
+
+
+ARTEFACT_CONSTANTS = artifacts_constants()
+ARTEFACT_NAMES = set(ARTEFACT_CONSTANTS.values())
 
 
 @dataclass(frozen=True)
@@ -193,9 +207,30 @@ def test_artefact_names_are_spelled_in_artifacts_alone():
             continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Constant) and node.value in ARTEFACT_NAMES:
-                if not any(module.startswith(m) and node.value == v for m, v in ARTEFACT_NAME_EXCEPTIONS):
-                    broken.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}")
+                broken.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}")
     assert not broken, "use the names of prunekit.artifacts:\n" + "\n".join(broken)
+
+
+def test_every_kind_and_the_index_file_name_appear_in_one_module():
+    """Each artefact kind string and the safetensors index file name appear quoted (in a string, an f-string,
+    a docstring's example) in prunekit/artifacts.py and in no other module of prunekit/, analysis/, cli/."""
+    names = {value for key, value in ARTEFACT_CONSTANTS.items() if key.endswith("_KIND")}
+    names.add(ARTEFACT_CONSTANTS["INDEX_FILE"])
+    assert {"prunekit-checkpoint", "prunekit-results", "prunekit-sweep-run", "prunekit-compare", "prunekit-report",
+            "prunekit-staging", "prunekit-stage-status", "model.safetensors.index.json"} <= names
+    homes = {name: sorted(str(path.relative_to(ROOT)) for path in MODULES.values()
+                          if f'"{name}"' in path.read_text(encoding="utf-8")
+                          or f"'{name}'" in path.read_text(encoding="utf-8"))
+             for name in sorted(names)}
+    wrong = {name: files for name, files in homes.items() if files != ["prunekit/artifacts.py"]}
+    assert not wrong, f"spell these only in prunekit/artifacts.py and import its constant: {wrong}"
+
+
+def test_every_artefact_file_has_a_name_of_its_own():
+    """No two artefacts share a file name: the sweep report's JSON is not called like an evaluation's results."""
+    files = {key: value for key, value in ARTEFACT_CONSTANTS.items() if key.endswith("_FILE")}
+    assert len(set(files.values())) == len(files), files
+    assert files["REPORT_JSON_FILE"] != files["RESULTS_FILE"]
 
 
 def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
