@@ -22,6 +22,7 @@ from prunekit.artifacts import INDEX_FILE
 from prunekit.errors import ConfigError, ModelError, SchemaError
 from prunekit.gguf_conversion import convert_gguf, has_config
 from prunekit.io import cache_dir, check_safetensors, check_safetensors_size, human_size, read_json, safetensors_header
+from prunekit.recipe import AUTO_DTYPE, DTYPE_NAMES, check_dtype_name
 from prunekit.remote import download_snapshot, repository_size
 
 EMBEDDED_PREFIX = "embedded:"
@@ -36,7 +37,7 @@ MODULE_NAMES = {
     "mlp.up_proj": "ffn.up",
     "mlp.down_proj": "ffn.down",
 }
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.bfloat16, torch.float16)))
 
 
 # PyTorch pickle weights (not training_args.bin and the like, which are not weights)
@@ -112,16 +113,11 @@ class ModelSource:
         return {"spec": self.spec, "path": str(self.path), "kind": self.kind, "revision": self.revision, **self.extra}
 
 
-AUTO_DTYPE = "auto"  # the checkpoint's own dtype (checkpoint_dtype)
 
 
 def parse_dtype(name: str) -> torch.dtype | None:
     """The torch dtype of a --dtype name; None for ``auto`` (the checkpoint's own, resolved on loading)."""
-    if name == AUTO_DTYPE:
-        return None
-    if name not in DTYPES:
-        raise ConfigError(f"unknown --dtype '{name}'; choose one of: {AUTO_DTYPE}, {', '.join(DTYPES)}")
-    return DTYPES[name]
+    return None if check_dtype_name(name) == AUTO_DTYPE else DTYPES[name]
 
 
 def resolve_device(device: str) -> torch.device:

@@ -294,3 +294,45 @@ def test_no_module_is_over_600_lines():
     sizes = {module: len(path.read_text(encoding="utf-8").splitlines()) for module, path in MODULES.items()}
     long = [f"{MODULES[m].relative_to(ROOT)}: {n} lines" for m, n in sorted(sizes.items()) if n > MAX_MODULE_LINES]
     assert not long, f"split modules over {MAX_MODULE_LINES} lines by what they do:\n" + "\n".join(long)
+
+
+# --- the package face ------------------------------------------------------------------------------
+HEAVY = ("prunekit.pipeline", "prunekit.engine", "prunekit.methods")
+
+
+def _loaded_after(statement: str) -> list[str]:
+    import json
+    import subprocess
+    import sys
+
+    code = (f"import sys, json; {statement}; "
+            "print(json.dumps(sorted(m for m in sys.modules if m == 'prunekit' or m.startswith('prunekit.'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("statement", [
+    "import prunekit",
+    "import prunekit; prunekit.__version__; prunekit.CalibrationSpec; prunekit.OutputSpec",
+    "from prunekit import artifacts, io; artifacts.library_versions()",
+    "from prunekit.recipe import CalibrationSpec, OutputSpec; OutputSpec('x', dtype='bfloat16')",
+])
+def test_the_package_face_imports_no_pipeline_engine_or_method(statement):
+    """``import prunekit`` (and what reads a checkpoint's record, or makes the run's specs) loads none of the
+    pipeline, the engine or the methods; ``prunekit.prune`` loads the pipeline on first use."""
+    loaded = _loaded_after(statement)
+    assert "prunekit" in loaded
+    heavy = [m for m in loaded if any(m == h or m.startswith(h + ".") for h in HEAVY)]
+    assert not heavy, f"{statement!r} imported {heavy}"
+
+
+def test_prunekit_prune_is_the_pipeline_s_and_loads_it_on_first_use():
+    loaded = _loaded_after("import prunekit; from prunekit.pipeline import prune; assert prunekit.prune is prune")
+    assert "prunekit.pipeline" in loaded
+    import prunekit
+    from prunekit.pipeline import OutputSpec as from_pipeline
+    from prunekit.recipe import OutputSpec
+
+    assert prunekit.OutputSpec is OutputSpec is from_pipeline
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        prunekit.nothing  # noqa: B018

@@ -300,7 +300,8 @@ def ensure_dense(config: SweepConfig, runs_dir: Path, task: DenseTask, progress:
 
 
 def run_one(config: SweepConfig, runs_dir: Path, task: RunTask, progress: bool) -> TaskOutcome:
-    from prunekit.pipeline import OutputSpec, prune
+    from prunekit.pipeline import prune
+    from prunekit.recipe import OutputSpec
 
     directory = ensure_task_dir(run_dir(runs_dir, task), RUN_KIND, task.describe())
     outcome = TaskOutcome(task.task_id, DONE)
