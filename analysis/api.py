@@ -28,7 +28,7 @@ from prunekit.analysis import lsar as lsar_mod
 from prunekit.analysis.activations import DEFAULT_MAX_LENGTH, prepare_texts, reference_states, run_pass
 from prunekit.analysis.checkpoints import DEFAULT_CHUNK_ELEMENTS, open_checkpoint
 from prunekit.analysis.masks import compare_masks
-from prunekit.artifacts import overall_sparsity, read_record
+from prunekit.artifacts import COMPARE_FILE, COMPARE_KIND, overall_sparsity, read_record
 from prunekit.errors import ConfigError, ModelError
 from prunekit.io import atomic_directory, versioned, write_json_atomic, write_text_atomic
 from prunekit.languages import parse_languages
@@ -42,7 +42,7 @@ from prunekit.models import (
     tokenizer_fingerprint,
 )
 
-KIND = "prunekit-compare"
+KIND = COMPARE_KIND
 from prunekit.analysis import ANALYSES
 RUN_ANALYSES = ("lsar", "lape", "drift")
 
@@ -410,7 +410,7 @@ def write_outputs(result: dict[str, Any], out: Path, overwrite: bool, lape_array
     from prunekit.analysis.figures import make_figures, summary_markdown
 
     with atomic_directory(out, overwrite=True if overwrite else not (out.exists() and any(out.iterdir()))) as staging:
-        files = ["compare.json", "summary.md"]
+        files = [COMPARE_FILE, "summary.md"]
         if lape_arrays:
             with open(staging / "lape.npz", "wb") as handle:
                 np.savez_compressed(handle, **lape_arrays)
@@ -419,5 +419,5 @@ def write_outputs(result: dict[str, Any], out: Path, overwrite: bool, lape_array
             files += [f"figures/{p.name}" for p in make_figures(result, staging / "figures")]
         result["files"] = files
         write_text_atomic(staging / "summary.md", summary_markdown(result))
-        write_json_atomic(staging / "compare.json", result)
+        write_json_atomic(staging / COMPARE_FILE, result)
     return out

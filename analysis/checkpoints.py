@@ -3,7 +3,7 @@
 A checkpoint is anything :func:`prunekit.models.resolve_model` accepts. Its weights are
 ``model.safetensors`` or a sharded ``model.safetensors.index.json``, opened with ``safe_open`` (only
 the requested rows are read). Pickle-only checkpoints (``pytorch_model.bin``) are refused at the door
-(``prunekit.io.check_model_files``), with how to convert them: prunekit loads no pickle.
+(``prunekit.models.check_model_files``), with how to convert them: prunekit loads no pickle.
 
 The analysis never imports prunekit.engine / pipeline / methods: it reads checkpoints and runs
 models, nothing more.
@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from prunekit.artifacts import overall_sparsity, read_record
+from prunekit.artifacts import INDEX_FILE, overall_sparsity, read_record
 from prunekit.errors import ModelError
 from prunekit.models import MODULE_NAMES, ModelSource, resolve_model
 
@@ -108,8 +108,8 @@ def open_checkpoint(spec: str | Path | ModelSource, label: str | None = None) ->
     if (path / "config.json").exists():
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     files: dict[str, Path] = {}
-    if (path / "model.safetensors.index.json").exists():
-        index = json.loads((path / "model.safetensors.index.json").read_text(encoding="utf-8"))
+    if (path / INDEX_FILE).exists():
+        index = json.loads((path / INDEX_FILE).read_text(encoding="utf-8"))
         files = {name: path / file for name, file in index["weight_map"].items()}
         fmt = "safetensors"
     elif (path / "model.safetensors").exists():

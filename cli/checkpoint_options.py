@@ -48,7 +48,7 @@ class CheckpointOptions:
     def pipeline_arguments(self, checkpoint_format: str = "packed") -> dict[str, Any]:
         """The keyword arguments of ``prunekit.pipeline.prune`` these options give (all but the model): the
         calibration and output specs, made (and so validated) here, once."""
-        from prunekit.pipeline import OutputSpec
+        from prunekit.recipe import OutputSpec
         from prunekit.recipe import CalibrationSpec
 
         return {

@@ -17,7 +17,7 @@ stdout = Console()
 @user_errors
 def report(
     runs_dir: Path = typer.Argument(..., help="The --runs-dir of a sweep."),
-    out: Path = typer.Option(..., "--out", "-o", help="Report directory: report.md, report.html, results.csv (the leaderboard), cells.csv, results.json, heatmaps/."),
+    out: Path = typer.Option(..., "--out", "-o", help="Report directory: report.md, report.html, results.csv (the leaderboard), cells.csv, leaderboard.json, heatmaps/."),
     metric: str = typer.Option("perplexity", "--finding-metric", help="Metric of the printed diagonal finding: perplexity, snr_db, pruning_error or a task table such as belebele/acc."),
     open_page: bool = typer.Option(False, "--open", help="Open report.html in your web browser when it is written."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only where the report went."),

@@ -3,34 +3,30 @@
     import prunekit
     prunekit.prune("embedded:gemma-3-270m", "wanda", calibration=prunekit.CalibrationSpec("sw"),
                    output=prunekit.OutputSpec("gemma-sw"))
+
+Importing prunekit imports none of the pipeline, the engine or the methods: each name below is imported
+on first use.
 """
 
-__version__ = "0.1.0"
+from prunekit.version import __version__
 
-
-def prune(*args, **kwargs):
-    """Prune a model; see :func:`prunekit.pipeline.prune`."""
-    from prunekit.pipeline import prune as _prune
-
-    return _prune(*args, **kwargs)
+# name -> the module it lives in, imported on first use (``prunekit.prune`` loads the pipeline then).
+_LAZY = {
+    "prune": "prunekit.pipeline",
+    "CalibrationSpec": "prunekit.recipe",
+    "OutputSpec": "prunekit.recipe",
+    "EvaluationSpec": "prunekit.evaluation.spec",
+}
 
 
 def __getattr__(name: str):
-    """The run's specs, imported on first use: ``CalibrationSpec`` (prunekit.recipe), ``EvaluationSpec``
-    (prunekit.evaluation.spec) and ``OutputSpec`` (prunekit.pipeline)."""
-    if name == "CalibrationSpec":
-        from prunekit.recipe import CalibrationSpec
+    """The face's names, imported on first use: ``prune`` (prunekit.pipeline), ``CalibrationSpec`` and
+    ``OutputSpec`` (prunekit.recipe), ``EvaluationSpec`` (prunekit.evaluation.spec)."""
+    if name not in _LAZY:
+        raise AttributeError(f"module 'prunekit' has no attribute '{name}'")
+    import importlib
 
-        return CalibrationSpec
-    if name == "EvaluationSpec":
-        from prunekit.evaluation.spec import EvaluationSpec
-
-        return EvaluationSpec
-    if name == "OutputSpec":
-        from prunekit.pipeline import OutputSpec
-
-        return OutputSpec
-    raise AttributeError(f"module 'prunekit' has no attribute '{name}'")
+    return getattr(importlib.import_module(_LAZY[name]), name)
 
 
 __all__ = ["CalibrationSpec", "EvaluationSpec", "OutputSpec", "__version__", "prune"]

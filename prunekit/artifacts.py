@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from prunekit.io import read_versioned, write_json_atomic
+from prunekit.version import __version__
 
 RECORD_FILE = "prunekit.json"  # a checkpoint's record, next to its weights
 RESULTS_FILE = "results.json"  # an evaluation's results (``prunekit eval --out``, a sweep run's dir)
@@ -32,6 +33,27 @@ SWEEP_RUN_KIND = "prunekit-sweep-run"
 SWEEP_DENSE_KIND = "prunekit-sweep-dense"
 SWEEP_ANALYSIS_KIND = "prunekit-sweep-analysis"
 SWEEP_ANALYSIS_RESULT_KIND = "prunekit-sweep-analysis-result"
+SWEEP_PUSH_KIND = "prunekit-sweep-push"
+SWEEP_SUMMARY_KIND = "prunekit-sweep-summary"
+STAGE_STATUS_KIND = "prunekit-stage-status"  # <stage>.status.json in a sweep task's dir
+SWEEP_FILE = "sweep.json"  # the last sweep's plan, in the runs dir
+SWEEP_SUMMARY_FILE = "sweep-summary.json"
+RUN_FILE = "run.json"  # a run's description, in runs/<run hash>/
+DENSE_FILE = "dense.json"  # a dense model's description, in dense/<model key>/
+ANALYSIS_FILE = "analysis.json"  # an analysis pair's description, in analysis/<pair key>/
+ANALYSIS_RESULT_FILE = "result.json"  # what the analysis stage left, next to analysis.json
+PUSH_FILE = "push.json"  # the Hub repo a run's push stage published to
+# A comparison (``prunekit compare --out``, prunekit.analysis).
+COMPARE_FILE = "compare.json"
+COMPARE_KIND = "prunekit-compare"
+# The sweep report's own JSON (``prunekit report --out``): the leaderboard, findings and tables.
+REPORT_JSON_FILE = "leaderboard.json"
+REPORT_KIND = "prunekit-report"
+# Work in progress: a pruning run's staging dir and an evaluation's per-task progress.
+STAGING_KIND = "prunekit-staging"
+TASK_PROGRESS_KIND = "prunekit-task-progress"
+# A sharded safetensors checkpoint's index (tensor name -> shard file).
+INDEX_FILE = "model.safetensors.index.json"
 
 # The files of a checkpoint: what a Hub push sends and a pull / model resolution downloads
 # (README.md is the model card).
@@ -59,8 +81,6 @@ def library_versions(*extra: str) -> dict[str, str | None]:
     """Versions of prunekit, torch, transformers, Python and the ``extra`` distributions (None if absent).
 
     Example: ``library_versions("datasets", "lm_eval")`` for an evaluation's results."""
-    from prunekit import __version__
-
     versions: dict[str, str | None] = {"prunekit": __version__}
     for name in (*_CORE_LIBRARIES, *extra):
         try:

@@ -25,7 +25,7 @@ SCHEMA_VERSION = f"{SCHEMA_MAJOR}.0"
 
 
 def prunekit_version() -> str:
-    from prunekit import __version__
+    from prunekit.version import __version__
 
     return __version__
 
@@ -330,16 +330,6 @@ def check_safetensors(file: str | Path) -> None:
         ) from None
 
 
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-# PyTorch pickle weights (not training_args.bin and the like, which are not weights)
-PICKLE_WEIGHTS = ("pytorch_model*.bin", "pytorch_model.bin.index.json", "model*.bin", "*.pt", "*.pth", "*.ckpt")
-PICKLE_ADVICE = (
-    "prunekit loads only safetensors, which hold tensors and no code; convert it once, in an environment you trust "
-    "with the file's origin: `AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR, "
-    "safe_serialization=True)` (and the tokenizer's save_pretrained(NEW_DIR)), then give prunekit NEW_DIR"
-)
-
-
 def safetensors_header(file: str | Path) -> dict[str, Any]:
     """A .safetensors file's JSON header (tensor name -> dtype, shape, data_offsets; ``__metadata__``), read
     from its first bytes only. Raises ModelError for a file too short or whose header is not JSON."""
@@ -381,59 +371,9 @@ def check_safetensors_size(file: str | Path) -> ModelError | None:
     return None
 
 
-def _pickle_only(directory: Path) -> list[str]:
-    """The pickle weight files of a directory that has no safetensors weights, else []."""
-    if any(directory.glob("*.safetensors")):
-        return []
-    return sorted({f.name for pattern in PICKLE_WEIGHTS for f in directory.glob(pattern) if f.is_file()})
-
-
 def human_size(n: float) -> str:
     """Bytes for a message: 812 B, 3.4 MiB, 16.1 GiB."""
     return _size(n)
-
-
-def check_model_files(directory: str | Path) -> Path:
-    """Check a model directory before anything runs: its JSON files parse, every shard its safetensors index
-    lists is present, every safetensors file is whole (its size agrees with its header; headers only, no
-    weights read), and it has safetensors weights at all (a pickle-only checkpoint is refused with how to
-    convert it)."""
-    directory = Path(directory)
-    for file in sorted(directory.glob("*.json")):  # config, record, shard index, tokenizer settings
-        if file.is_file() and file.name != "tokenizer.json":  # the vocabulary (tens of MB) is parsed by its loader
-            try:
-                read_json(file)
-            except SchemaError as err:
-                raise ModelError(str(err)) from None
-    pickles = _pickle_only(directory)
-    if pickles:
-        raise ModelError(
-            f"'{directory}' holds its weights only as PyTorch pickle files ({', '.join(pickles[:3])}"
-            f"{', …' if len(pickles) > 3 else ''}), which can run code when loaded; {PICKLE_ADVICE}"
-        )
-    index = directory / SAFETENSORS_INDEX
-    if not index.is_file() and not any(directory.glob("*.safetensors")):
-        raise ModelError(f"'{directory}' has no weights (no *.safetensors file and no {SAFETENSORS_INDEX}); "
-                         "give the directory that holds the model's weights, or download or copy them again")
-    if index.is_file():
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ModelError(f"{index} has no 'weight_map'; download or write the checkpoint again")
-        listed = sorted(set(map(str, weight_map.values())))
-        missing = [name for name in listed if not (directory / name).is_file()]
-        if missing:
-            raise ModelError(
-                f"'{directory}' is incomplete: {len(missing)} of the {len(listed)} shards its {SAFETENSORS_INDEX} "
-                f"lists {'is' if len(missing) == 1 else 'are'} missing ({', '.join(missing[:3])}"
-                f"{', …' if len(missing) > 3 else ''}); an interrupted download or copy? download or copy it again "
-                "(for a Hub model: `prunekit pull` or `hf download`)"
-            )
-    for file in sorted(directory.glob("*.safetensors")):
-        problem = check_safetensors_size(file)
-        if problem is not None:
-            raise problem
-        check_safetensors(file)
-    return directory
 
 
 DISK_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",

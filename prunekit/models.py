@@ -18,9 +18,11 @@ from typing import Any, Callable, Iterator
 import torch
 
 from prunekit.artifacts import CHECKPOINT_PATTERNS as HUB_ALLOW_PATTERNS  # what a checkpoint repo on the Hub holds
-from prunekit.errors import ConfigError, ModelError
+from prunekit.artifacts import INDEX_FILE
+from prunekit.errors import ConfigError, ModelError, SchemaError
 from prunekit.gguf_conversion import convert_gguf, has_config
-from prunekit.io import cache_dir, check_model_files, check_safetensors, human_size, safetensors_header
+from prunekit.io import cache_dir, check_safetensors, check_safetensors_size, human_size, read_json, safetensors_header
+from prunekit.recipe import AUTO_DTYPE, DTYPE_NAMES, check_dtype_name
 from prunekit.remote import download_snapshot, repository_size
 
 EMBEDDED_PREFIX = "embedded:"
@@ -35,7 +37,66 @@ MODULE_NAMES = {
     "mlp.up_proj": "ffn.up",
     "mlp.down_proj": "ffn.down",
 }
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.bfloat16, torch.float16)))
+
+
+# PyTorch pickle weights (not training_args.bin and the like, which are not weights)
+PICKLE_WEIGHTS = ("pytorch_model*.bin", "pytorch_model.bin.index.json", "model*.bin", "*.pt", "*.pth", "*.ckpt")
+PICKLE_ADVICE = (
+    "prunekit loads only safetensors, which hold tensors and no code; convert it once, in an environment you trust "
+    "with the file's origin: `AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR, "
+    "safe_serialization=True)` (and the tokenizer's save_pretrained(NEW_DIR)), then give prunekit NEW_DIR"
+)
+
+
+def pickle_only(directory: Path) -> list[str]:
+    """The pickle weight files of a directory that has no safetensors weights, else []."""
+    if any(directory.glob("*.safetensors")):
+        return []
+    return sorted({f.name for pattern in PICKLE_WEIGHTS for f in directory.glob(pattern) if f.is_file()})
+
+
+def check_model_files(directory: str | Path) -> Path:
+    """Check a model directory before anything runs: its JSON files parse, every shard its safetensors index
+    lists is present, every safetensors file is whole (its size agrees with its header; headers only, no
+    weights read), and it has safetensors weights at all (a pickle-only checkpoint is refused with how to
+    convert it)."""
+    directory = Path(directory)
+    for file in sorted(directory.glob("*.json")):  # config, record, shard index, tokenizer settings
+        if file.is_file() and file.name != "tokenizer.json":  # the vocabulary (tens of MB) is parsed by its loader
+            try:
+                read_json(file)
+            except SchemaError as err:
+                raise ModelError(str(err)) from None
+    pickles = pickle_only(directory)
+    if pickles:
+        raise ModelError(
+            f"'{directory}' holds its weights only as PyTorch pickle files ({', '.join(pickles[:3])}"
+            f"{', …' if len(pickles) > 3 else ''}), which can run code when loaded; {PICKLE_ADVICE}"
+        )
+    index = directory / INDEX_FILE
+    if not index.is_file() and not any(directory.glob("*.safetensors")):
+        raise ModelError(f"'{directory}' has no weights (no *.safetensors file and no {INDEX_FILE}); "
+                         "give the directory that holds the model's weights, or download or copy them again")
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ModelError(f"{index} has no 'weight_map'; download or write the checkpoint again")
+        listed = sorted(set(map(str, weight_map.values())))
+        missing = [name for name in listed if not (directory / name).is_file()]
+        if missing:
+            raise ModelError(
+                f"'{directory}' is incomplete: {len(missing)} of the {len(listed)} shards its {INDEX_FILE} "
+                f"lists {'is' if len(missing) == 1 else 'are'} missing ({', '.join(missing[:3])}"
+                f"{', …' if len(missing) > 3 else ''}); an interrupted download or copy? download or copy it again "
+                "(for a Hub model: `prunekit pull` or `hf download`)"
+            )
+    for file in sorted(directory.glob("*.safetensors")):
+        problem = check_safetensors_size(file)
+        if problem is not None:
+            raise problem
+        check_safetensors(file)
+    return directory
 
 
 @dataclass
@@ -52,16 +113,11 @@ class ModelSource:
         return {"spec": self.spec, "path": str(self.path), "kind": self.kind, "revision": self.revision, **self.extra}
 
 
-AUTO_DTYPE = "auto"  # the checkpoint's own dtype (checkpoint_dtype)
 
 
 def parse_dtype(name: str) -> torch.dtype | None:
     """The torch dtype of a --dtype name; None for ``auto`` (the checkpoint's own, resolved on loading)."""
-    if name == AUTO_DTYPE:
-        return None
-    if name not in DTYPES:
-        raise ConfigError(f"unknown --dtype '{name}'; choose one of: {AUTO_DTYPE}, {', '.join(DTYPES)}")
-    return DTYPES[name]
+    return None if check_dtype_name(name) == AUTO_DTYPE else DTYPES[name]
 
 
 def resolve_device(device: str) -> torch.device:

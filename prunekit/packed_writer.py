@@ -28,12 +28,13 @@ from typing import Any
 
 import torch
 
+from prunekit.artifacts import INDEX_FILE
 from prunekit.errors import ConfigError, ModelError
 from prunekit.models import find_decoder_layers, linear_sublayers
 from prunekit import packing
 from prunekit.packing import pack_linear, plan_packing, quantization_config, quantization_scheme, unpackable_reason
 from prunekit.recipe import Quantization
-from prunekit.streaming import INDEX_FILE, SafetensorsCheckpoint
+from prunekit.streaming import SafetensorsCheckpoint
 
 PARTS_DIR = ".packed-parts"  # inside the staging directory; removed by ``close``
 

@@ -31,17 +31,16 @@ from typing import Any, Iterable
 import torch
 
 from prunekit.errors import ConfigError
-from prunekit.recipe import Quantization
+from prunekit.recipe import CHECKPOINT_FORMATS as FORMATS
+from prunekit.recipe import Quantization, check_format_name
 
-FORMATS = ("packed", "dense")
 PACKED_FORMAT = "pack-quantized"  # compressed-tensors' name of the format
 MAX_SHARD_SIZE = "50GB"  # the safetensors files' size limit, transformers' save_pretrained default
 
 
 def check_format(checkpoint_format: str, quantization: Quantization | None) -> str:
     """Validate ``--format`` against the recipe before anything loads."""
-    if checkpoint_format not in FORMATS:
-        raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got '{checkpoint_format}'")
+    check_format_name(checkpoint_format)
     if quantization is not None and checkpoint_format == "packed" and quantization.act_order and not quantization.static_groups and quantization.group_size != -1:
         raise ConfigError(
             "--dynamic-groups (act-order groups refitted in activation order) cannot be written as a "

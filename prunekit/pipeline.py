@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 
-import prunekit
 from prunekit.artifacts import CHECKPOINT_KIND, library_versions, method_seconds_key, summary_key, write_record
 from prunekit.backend import gemm_plan
 from prunekit.calibration import sample_calibration_set
@@ -32,8 +31,11 @@ from prunekit.models import (
 from prunekit.packed_writer import PackedWriter
 from prunekit.packing import check_format, save_packed, summarize_quantization, take_grids
 from prunekit.progress import progress_bar, stderr_console
-from prunekit.recipe import CalibrationSpec, Quantization, Recipe, default_symmetric, parse_pattern, validate_quantization
+from prunekit.recipe import (  # noqa: F401 - OutputSpec lives beside CalibrationSpec, re-exported here
+    CalibrationSpec, OutputSpec, Quantization, Recipe, default_symmetric, parse_pattern, validate_quantization,
+)
 from prunekit.staging import Staging, discard_staging, file_fingerprint, staging_path
+from prunekit.version import __version__
 from prunekit.streaming import (
     ActivationPlan, MirrorWriter, SafetensorsCheckpoint, StreamedLayers, build_skeleton, device_available,
     host_available, layer_reserve, plan_activations,
@@ -45,42 +47,6 @@ CALIBRATION_KEYWORDS = {"calib": "languages", "calib_source": "source", "nsample
                         "seed": "seed", "conventions": "conventions"}
 OUTPUT_KEYWORDS = {"out": "out", "dtype": "dtype", "checkpoint_format": "checkpoint_format", "overwrite": "overwrite",
                    "stream": "stream", "resume": "resume"}
-
-
-@dataclass(frozen=True)
-class OutputSpec:
-    """Where and how a run writes its checkpoint, validated once, when it is made.
-
-    Args:
-        out: the checkpoint directory (written atomically); None keeps the model in memory only.
-        dtype: ``auto`` (the base checkpoint's own, kept in the output), ``bfloat16``, ``float16`` or
-            ``float32``: the dtype of the model and of the saved weights.
-        checkpoint_format: a quantized checkpoint's format, ``packed`` (compressed-tensors
-            pack-quantized) or ``dense`` (fake-quantized weights); a pruned checkpoint is always dense.
-        overwrite: replace a non-empty ``out``.
-        stream: None streams the layers into ``out`` when it can (``prunekit.streaming``), True insists,
-            False loads the whole model.
-        resume: a streamed run continues where an interrupted run of the same command stopped (its
-            staging ``.OUT.partial``, ``prunekit.staging``); False removes that staging and starts fresh.
-
-    Raises:
-        ConfigError: an unknown dtype or format.
-
-    Example: ``OutputSpec("gemma-sw", dtype="bfloat16", overwrite=True)``.
-    """
-
-    out: Path | None = None
-    dtype: str = "auto"
-    checkpoint_format: str = "packed"
-    overwrite: bool = False
-    stream: bool | None = None
-    resume: bool = True
-
-    def __post_init__(self) -> None:
-        if self.out is not None:
-            object.__setattr__(self, "out", Path(self.out))
-        parse_dtype(self.dtype)
-        check_format(self.checkpoint_format, None)
 
 
 @dataclass
@@ -380,7 +346,7 @@ def staging_run(identity: dict[str, Any], checkpoint: SafetensorsCheckpoint, dev
         "base": file_fingerprint(checkpoint.directory, files),
         "engine": {"device": str(device), "batch_size": batch_size, "solve_threads": solve_threads,
                    "activations": None if activations is None else str(activations), "threads": torch.get_num_threads()},
-        "versions": {"prunekit": prunekit.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        "versions": {"prunekit": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
     }
 
 

@@ -269,3 +269,60 @@ class CalibrationSpec:
             return []
         return ["--calib", self.languages, "--calib-source", self.source, "--nsamples", str(self.nsamples),
                 "--seqlen", str(self.seqlen), "--seed", str(self.seed)]
+
+
+# The names of a run's output settings, checked here without torch (``models.parse_dtype`` maps a name to
+# its torch dtype, ``packing.check_format`` checks a format against a quantization).
+AUTO_DTYPE = "auto"  # the checkpoint's own dtype (models.checkpoint_dtype)
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+CHECKPOINT_FORMATS = ("packed", "dense")
+
+
+def check_dtype_name(name: str) -> str:
+    """``--dtype``: ``auto`` or one of :data:`DTYPE_NAMES`."""
+    if name != AUTO_DTYPE and name not in DTYPE_NAMES:
+        raise ConfigError(f"unknown --dtype '{name}'; choose one of: {AUTO_DTYPE}, {', '.join(DTYPE_NAMES)}")
+    return name
+
+
+def check_format_name(checkpoint_format: str) -> str:
+    """``--format``: one of :data:`CHECKPOINT_FORMATS`."""
+    if checkpoint_format not in CHECKPOINT_FORMATS:
+        raise ConfigError(f"--format must be one of {', '.join(CHECKPOINT_FORMATS)}, got '{checkpoint_format}'")
+    return checkpoint_format
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """Where and how a run writes its checkpoint, validated once, when it is made.
+
+    Args:
+        out: the checkpoint directory (written atomically); None keeps the model in memory only.
+        dtype: ``auto`` (the base checkpoint's own, kept in the output), ``bfloat16``, ``float16`` or
+            ``float32``: the dtype of the model and of the saved weights.
+        checkpoint_format: a quantized checkpoint's format, ``packed`` (compressed-tensors
+            pack-quantized) or ``dense`` (fake-quantized weights); a pruned checkpoint is always dense.
+        overwrite: replace a non-empty ``out``.
+        stream: None streams the layers into ``out`` when it can (``prunekit.streaming``), True insists,
+            False loads the whole model.
+        resume: a streamed run continues where an interrupted run of the same command stopped (its
+            staging ``.OUT.partial``, ``prunekit.staging``); False removes that staging and starts fresh.
+
+    Raises:
+        ConfigError: an unknown dtype or format.
+
+    Example: ``OutputSpec("gemma-sw", dtype="bfloat16", overwrite=True)``.
+    """
+
+    out: Path | None = None
+    dtype: str = AUTO_DTYPE
+    checkpoint_format: str = "packed"
+    overwrite: bool = False
+    stream: bool | None = None
+    resume: bool = True
+
+    def __post_init__(self) -> None:
+        if self.out is not None:
+            object.__setattr__(self, "out", Path(self.out))
+        check_dtype_name(self.dtype)
+        check_format_name(self.checkpoint_format)

@@ -31,11 +31,11 @@ from typing import Any, Callable
 
 import torch
 
+from prunekit.artifacts import STAGING_KIND
 from prunekit.engine import LayerResult, ModuleResult, ResumePoint
 from prunekit.errors import ConfigError
 from prunekit.io import OWNER_FILE, OWNER_LOCK, format_size, owned, owner_alive, owner_of, tree_bytes, write_json_atomic
 
-STAGING_KIND = "prunekit-staging"
 STAGING_VERSION = 1
 MANIFEST = ".prunekit-staging.json"
 INPUTS = ".prunekit-inputs-{:05d}.safetensors"

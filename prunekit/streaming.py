@@ -26,10 +26,10 @@ from typing import Any, Iterator
 
 import torch
 
+from prunekit.artifacts import INDEX_FILE
 from prunekit.errors import ConfigError, ModelError
 from prunekit.models import find_decoder_layers, linear_sublayers
 
-INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # safetensors' dtype codes <-> torch (the ones a language model's weights come in)
 _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}

@@ -56,10 +56,24 @@ NEVER = [
 ]
 # Imports that break a rule today, each with the issue that removes it. Do not add to this list.
 KNOWN: dict[tuple[str, str], str] = {}
-# The artefact names and kinds: spelled (as a whole string) in prunekit/artifacts.py alone.
-ARTEFACT_NAMES = {"prunekit.json", "results.json", "prunekit-checkpoint", "prunekit-results"}
-# A different file that shares a name: the sweep report's own results.json (issue 17 §6).
-ARTEFACT_NAME_EXCEPTIONS = {("prunekit.report", "results.json")}
+# The artefact names and kinds: spelled (as a whole string) in prunekit/artifacts.py alone. Every ``*_KIND``
+# and ``*_FILE`` constant of artifacts.py counts (the sweep's kinds, the report's, the staging's, the index
+# file name…), read from its source so a new one is covered the day it is added.
+
+
+def artifacts_constants() -> dict[str, str]:
+    tree = ast.parse((ROOT / "prunekit" / "artifacts.py").read_text(encoding="utf-8"))
+    found = {}
+    for node in tree.body:
+        if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+                and node.targets[0].id.endswith(("_KIND", "_FILE"))):
+            found[node.targets[0].id] = node.value.value
+    return found
+
+
+ARTEFACT_CONSTANTS = artifacts_constants()
+ARTEFACT_NAMES = set(ARTEFACT_CONSTANTS.values())
 
 
 @dataclass(frozen=True)
@@ -193,9 +207,30 @@ def test_artefact_names_are_spelled_in_artifacts_alone():
             continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Constant) and node.value in ARTEFACT_NAMES:
-                if not any(module.startswith(m) and node.value == v for m, v in ARTEFACT_NAME_EXCEPTIONS):
-                    broken.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}")
+                broken.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}")
     assert not broken, "use the names of prunekit.artifacts:\n" + "\n".join(broken)
+
+
+def test_every_kind_and_the_index_file_name_appear_in_one_module():
+    """Each artefact kind string and the safetensors index file name appear quoted (in a string, an f-string,
+    a docstring's example) in prunekit/artifacts.py and in no other module of prunekit/, analysis/, cli/."""
+    names = {value for key, value in ARTEFACT_CONSTANTS.items() if key.endswith("_KIND")}
+    names.add(ARTEFACT_CONSTANTS["INDEX_FILE"])
+    assert {"prunekit-checkpoint", "prunekit-results", "prunekit-sweep-run", "prunekit-compare", "prunekit-report",
+            "prunekit-staging", "prunekit-stage-status", "model.safetensors.index.json"} <= names
+    homes = {name: sorted(str(path.relative_to(ROOT)) for path in MODULES.values()
+                          if f'"{name}"' in path.read_text(encoding="utf-8")
+                          or f"'{name}'" in path.read_text(encoding="utf-8"))
+             for name in sorted(names)}
+    wrong = {name: files for name, files in homes.items() if files != ["prunekit/artifacts.py"]}
+    assert not wrong, f"spell these only in prunekit/artifacts.py and import its constant: {wrong}"
+
+
+def test_every_artefact_file_has_a_name_of_its_own():
+    """No two artefacts share a file name: the sweep report's JSON is not called like an evaluation's results."""
+    files = {key: value for key, value in ARTEFACT_CONSTANTS.items() if key.endswith("_FILE")}
+    assert len(set(files.values())) == len(files), files
+    assert files["REPORT_JSON_FILE"] != files["RESULTS_FILE"]
 
 
 def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
@@ -259,3 +294,45 @@ def test_no_module_is_over_600_lines():
     sizes = {module: len(path.read_text(encoding="utf-8").splitlines()) for module, path in MODULES.items()}
     long = [f"{MODULES[m].relative_to(ROOT)}: {n} lines" for m, n in sorted(sizes.items()) if n > MAX_MODULE_LINES]
     assert not long, f"split modules over {MAX_MODULE_LINES} lines by what they do:\n" + "\n".join(long)
+
+
+# --- the package face ------------------------------------------------------------------------------
+HEAVY = ("prunekit.pipeline", "prunekit.engine", "prunekit.methods")
+
+
+def _loaded_after(statement: str) -> list[str]:
+    import json
+    import subprocess
+    import sys
+
+    code = (f"import sys, json; {statement}; "
+            "print(json.dumps(sorted(m for m in sys.modules if m == 'prunekit' or m.startswith('prunekit.'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("statement", [
+    "import prunekit",
+    "import prunekit; prunekit.__version__; prunekit.CalibrationSpec; prunekit.OutputSpec",
+    "from prunekit import artifacts, io; artifacts.library_versions()",
+    "from prunekit.recipe import CalibrationSpec, OutputSpec; OutputSpec('x', dtype='bfloat16')",
+])
+def test_the_package_face_imports_no_pipeline_engine_or_method(statement):
+    """``import prunekit`` (and what reads a checkpoint's record, or makes the run's specs) loads none of the
+    pipeline, the engine or the methods; ``prunekit.prune`` loads the pipeline on first use."""
+    loaded = _loaded_after(statement)
+    assert "prunekit" in loaded
+    heavy = [m for m in loaded if any(m == h or m.startswith(h + ".") for h in HEAVY)]
+    assert not heavy, f"{statement!r} imported {heavy}"
+
+
+def test_prunekit_prune_is_the_pipeline_s_and_loads_it_on_first_use():
+    loaded = _loaded_after("import prunekit; from prunekit.pipeline import prune; assert prunekit.prune is prune")
+    assert "prunekit.pipeline" in loaded
+    import prunekit
+    from prunekit.pipeline import OutputSpec as from_pipeline
+    from prunekit.recipe import OutputSpec
+
+    assert prunekit.OutputSpec is OutputSpec is from_pipeline
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        prunekit.nothing  # noqa: B018

@@ -72,7 +72,7 @@ def test_a_shard_missing_from_its_index_fails_at_the_door(command, sharded, tmp_
 
 def test_a_shard_cut_short_is_named_by_its_own_header(sharded, tmp_path, work):
     from prunekit.errors import ModelError
-    from prunekit.io import check_model_files
+    from prunekit.models import check_model_files
 
     model = copy_of(sharded, tmp_path / "model")
     shard = sorted(model.glob("*.safetensors"))[0]
@@ -87,7 +87,7 @@ def test_a_shard_cut_short_is_named_by_its_own_header(sharded, tmp_path, work):
 
 
 def test_a_whole_sharded_checkpoint_passes_the_door(sharded):
-    from prunekit.io import check_model_files
+    from prunekit.models import check_model_files
 
     assert check_model_files(sharded) == sharded
 

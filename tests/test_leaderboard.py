@@ -198,7 +198,7 @@ def test_results_csv_is_the_leaderboard(sweep_report, expected):
         assert float(row["pe_x1e6_mean"]) == pytest.approx(want["pruning_error:avg"][0], rel=1e-12)
         assert float(row["mkqa_f1_pct"]) == pytest.approx(want["task:mkqa/f1"][0], rel=1e-12)
         assert row["seeds"] == "0;1" and row["setting"] == "50%"
-    data = json.loads(sweep_report.files["results.json"].read_text())
+    data = json.loads(sweep_report.files["leaderboard.json"].read_text())
     assert [r["rank"] for r in data["leaderboard"]["rows"]] == [None, 1, 2, 3, 4, 5, 6]
 
 

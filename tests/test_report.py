@@ -139,7 +139,7 @@ def test_every_report_number_equals_the_runs_results(report):
                         assert cell.std == pytest.approx(std, rel=1e-9)
                     seen += 1
     assert seen == len(expected) == 2 * 5 * (3 * 4 + 2)
-    # the same numbers in cells.csv and results.json
+    # the same numbers in cells.csv and leaderboard.json
     rows = list(csv.DictReader(report.files["cells.csv"].open()))
     for rec in rows:
         if rec["is_dense"] == "True" or not rec["mean"]:
@@ -147,7 +147,7 @@ def test_every_report_number_equals_the_runs_results(report):
         mean, std, n = expected[(rec["metric"], rec["method"], rec["calibration"], rec["column"])]
         assert float(rec["mean"]) == pytest.approx(mean, rel=1e-12) and int(rec["n"]) == n
         assert (rec["std"] == "") == (std is None)
-    data = json.loads(report.files["results.json"].read_text())
+    data = json.loads(report.files["leaderboard.json"].read_text())
     assert data["kind"] == "prunekit-report" and data["schema_version"].startswith("1.")
     assert len(data["cells"]) == len(rows)
 
@@ -205,7 +205,7 @@ def test_advisor_and_diagonal_finding(report):
 
 def test_report_files_heatmaps_and_self_contained_html(report):
     out = report.out_dir
-    for name in ("report.md", "report.html", "results.csv", "cells.csv", "results.json"):
+    for name in ("report.md", "report.html", "results.csv", "cells.csv", "leaderboard.json"):
         assert (out / name).is_file()
     # one heatmap per (model, method) block and metric: ppl, snr, pe, xcopa/acc
     assert len(report.heatmaps) == 2 * 4

@@ -39,6 +39,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from prunekit.artifacts import INDEX_FILE
 from prunekit.errors import ModelError
 from prunekit.evaluation.microbatches import MicroBatches
 from prunekit.layer_inputs import capture_inputs, decoder_of, layers_replaced
@@ -171,7 +172,7 @@ class ModelWeights(Weights):
 
 def _shard_map(path: Path) -> dict[str, Path] | None:
     """Tensor name -> safetensors file of a model directory; None without safetensors weights."""
-    index = path / "model.safetensors.index.json"
+    index = path / INDEX_FILE
     if index.exists():
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         return {name: path / file for name, file in weight_map.items()}

@@ -27,6 +27,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
+from prunekit.artifacts import TASK_PROGRESS_KIND as PARTIAL_KIND
 from prunekit.errors import ConfigError, did_you_mean
 from prunekit.evaluation.lm_backend import (  # noqa: F401 - the backends' names, re-exported
     BACKENDS, BackendPlan, check_backend, free_accelerator_memory, lm_arguments, make_lm, plan_backend, run_worker,
@@ -267,7 +268,6 @@ def _samples(res: dict[str, Any], name: str) -> int | None:
 
 # ------------------------------------------------------------------------------------ backends
 
-PARTIAL_KIND = "prunekit-task-progress"
 
 
 def partial_results_path(out: str | Path) -> Path:

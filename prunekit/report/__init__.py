@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from prunekit.artifacts import REPORT_JSON_FILE
 from prunekit.errors import ConfigError
 from prunekit.io import write_text_atomic
 from prunekit.report.collect import Collected, collect
@@ -87,7 +88,7 @@ def diagonal_finding(report: Report, metric: str = "perplexity") -> list[str]:
 
 def build_report(runs_dir: str | Path, out_dir: str | Path, heatmaps: bool = True) -> Report:
     """Read every evaluated run under ``runs_dir`` and write report.md, report.html (both open with the
-    leaderboard), results.csv (the leaderboard), cells.csv (every table cell), results.json and
+    leaderboard), results.csv (the leaderboard), cells.csv (every table cell), leaderboard.json (versioned) and
     heatmaps/*.png into ``out_dir``."""
     from prunekit.report import render
 
@@ -111,5 +112,5 @@ def build_report(runs_dir: str | Path, out_dir: str | Path, heatmaps: bool = Tru
     report.files["report.html"] = write_text_atomic(out_dir / "report.html", render.html(report))
     report.files["results.csv"] = render.write_leaderboard_csv(report, out_dir / "results.csv")
     report.files["cells.csv"] = render.write_csv(report, out_dir / "cells.csv")
-    report.files["results.json"] = render.write_json(report, out_dir / "results.json")
+    report.files[REPORT_JSON_FILE] = render.write_json(report, out_dir / REPORT_JSON_FILE)
     return report

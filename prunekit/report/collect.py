@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from prunekit.errors import ConfigError, SchemaError
-from prunekit.artifacts import (SWEEP_ANALYSIS_KIND, SWEEP_ANALYSIS_RESULT_KIND, SWEEP_DENSE_KIND, SWEEP_KIND, SWEEP_RUN_KIND,
-                                read_results, results_path)
+from prunekit.artifacts import (ANALYSIS_FILE, ANALYSIS_RESULT_FILE, DENSE_FILE, PUSH_FILE, RUN_FILE, SWEEP_ANALYSIS_KIND,
+                                SWEEP_ANALYSIS_RESULT_KIND, SWEEP_DENSE_KIND, SWEEP_FILE, SWEEP_KIND, SWEEP_PUSH_KIND,
+                                SWEEP_RUN_KIND, read_results, results_path)
 from prunekit.io import read_json, read_versioned
 
 
@@ -75,15 +76,15 @@ def collect(runs_dir: str | Path) -> Collected:
         raise ConfigError(f"'{runs_dir}' holds no sweep (no runs/ or dense/ inside); point at the --runs-dir of a sweep")
     warnings: list[str] = []
     sweep = None
-    if (runs_dir / "sweep.json").exists():
+    if (runs_dir / SWEEP_FILE).exists():
         try:
-            sweep = read_versioned(runs_dir / "sweep.json", SWEEP_KIND)
+            sweep = read_versioned(runs_dir / SWEEP_FILE, SWEEP_KIND)
         except (SchemaError, OSError) as err:
-            warnings.append(_damaged(runs_dir / "sweep.json", err, "the report keeps the default orderings", "rewrite it"))
+            warnings.append(_damaged(runs_dir / SWEEP_FILE, err, "the report keeps the default orderings", "rewrite it"))
     runs: list[RunResult] = []
     missing: list[dict[str, Any]] = []
     for directory in sorted(p for p in (runs_dir / "runs").glob("*") if p.is_dir() and not p.name.startswith(".")):
-        desc_path = directory / "run.json"
+        desc_path = directory / RUN_FILE
         if not desc_path.exists():
             continue
         try:
@@ -112,13 +113,13 @@ def collect(runs_dir: str | Path) -> Collected:
         ))
     dense: dict[str, DenseResult] = {}
     for directory in sorted(p for p in (runs_dir / "dense").glob("*") if p.is_dir() and not p.name.startswith(".")):
-        if not (directory / "dense.json").exists() or not results_path(directory).exists():
+        if not (directory / DENSE_FILE).exists() or not results_path(directory).exists():
             continue
         status_path = directory / "dense.status.json"
         if not status_path.exists() or _state(status_path) != "done":
             continue
         try:
-            desc = read_versioned(directory / "dense.json", SWEEP_DENSE_KIND)
+            desc = read_versioned(directory / DENSE_FILE, SWEEP_DENSE_KIND)
             dense_results = read_results(results_path(directory))
         except (SchemaError, OSError) as err:
             warnings.append(_damaged(directory, err, "the dense row is left out", "redo it"))
@@ -139,11 +140,11 @@ def collect_analysis(runs_dir: Path, warnings: list[str] | None = None) -> list[
     description or result is skipped with a warning (added to ``warnings``)."""
     out = []
     for directory in sorted(p for p in (runs_dir / "analysis").glob("*") if p.is_dir() and not p.name.startswith(".")):
-        if not (directory / "analysis.json").exists() or not (directory / "result.json").exists():
+        if not (directory / ANALYSIS_FILE).exists() or not (directory / ANALYSIS_RESULT_FILE).exists():
             continue
         try:
-            desc = read_versioned(directory / "analysis.json", SWEEP_ANALYSIS_KIND)
-            result = read_versioned(directory / "result.json", SWEEP_ANALYSIS_RESULT_KIND)
+            desc = read_versioned(directory / ANALYSIS_FILE, SWEEP_ANALYSIS_KIND)
+            result = read_versioned(directory / ANALYSIS_RESULT_FILE, SWEEP_ANALYSIS_RESULT_KIND)
         except (SchemaError, OSError) as err:
             if warnings is not None:
                 warnings.append(_damaged(directory, err, "the comparison is left out", "redo it"))
@@ -161,10 +162,10 @@ def collect_analysis(runs_dir: Path, warnings: list[str] | None = None) -> list[
 def checkpoint_facts(run: RunResult) -> dict[str, Any]:
     """What the leaderboard names a checkpoint by besides its labels: the quantization (bits, group
     size) from run.json and, once the push stage is done, the Hub repo from push.json."""
-    desc = read_versioned(run.path / "run.json", "prunekit-sweep-run")
+    desc = read_versioned(run.path / RUN_FILE, SWEEP_RUN_KIND)
     push = None
     status = run.path / "push.status.json"
-    if (run.path / "push.json").exists() and status.exists() and read_json(status).get("state") == "done":
-        data = read_versioned(run.path / "push.json", "prunekit-sweep-push")
+    if (run.path / PUSH_FILE).exists() and status.exists() and read_json(status).get("state") == "done":
+        data = read_versioned(run.path / PUSH_FILE, SWEEP_PUSH_KIND)
         push = {"repo_id": data.get("repo_id"), "url": data.get("url"), "private": data.get("private")}
     return {"quantization": (desc.get("method") or {}).get("quantization"), "push": push}

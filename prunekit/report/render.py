@@ -1,6 +1,6 @@
 """Write a report: report.md, a self-contained report.html (jinja2; PNGs embedded as base64, the
 leaderboard's sorting / filter / target selector as a small inline script), results.csv (the
-leaderboard, one line per checkpoint), cells.csv (one line per table cell), results.json (versioned)
+leaderboard, one line per checkpoint), cells.csv (one line per table cell), leaderboard.json (versioned)
 and heatmaps/*.png (matplotlib Agg)."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from prunekit.artifacts import REPORT_KIND
 from prunekit.io import versioned, write_json_atomic, write_text_atomic
 from prunekit.report.leaderboard import Entry, Leaderboard, csv_fields, leaderboard_records
 from prunekit.report.tables import Block, Cell, MetricTable
@@ -328,7 +329,7 @@ def write_leaderboard_csv(report: "Report", path: Path) -> Path:
 
 
 def write_json(report: "Report", path: Path) -> Path:
-    payload = versioned("prunekit-report", {
+    payload = versioned(REPORT_KIND, {
         "name": report.name,
         "runs_dir": str(report.runs_dir),
         "created": report.created,

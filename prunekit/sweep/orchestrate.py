@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prunekit.artifacts import SWEEP_KIND
+from prunekit.artifacts import PUSH_FILE, SWEEP_FILE, SWEEP_KIND, SWEEP_SUMMARY_FILE, SWEEP_SUMMARY_KIND
 from prunekit.errors import ConfigError
 from prunekit.io import versioned, write_json_atomic
 from prunekit.progress import stderr_console
@@ -135,7 +135,7 @@ def run_sweep(
 
     runs_dir.mkdir(parents=True, exist_ok=True)
     digest = write_snapshot(runs_dir, cfg)
-    write_json_atomic(runs_dir / "sweep.json", versioned(SWEEP_KIND, {
+    write_json_atomic(runs_dir / SWEEP_FILE, versioned(SWEEP_KIND, {
         "name": cfg.name, "config_digest": digest, "executor": executor, "max_parallel": max_parallel,
         "started": now_iso(), "runs": [t.run_id for t in plan.grid.runs], "dense": [t.key for t in plan.grid.dense],
         "calibration_sets": cfg.calib_sets, "eval_languages": cfg.eval_languages,
@@ -162,7 +162,7 @@ def run_sweep(
     summary.notes = dense_cache_notes(runs_dir, [o.task_id for o in outcomes if "eval" in o.ran])
     summary.notes += publish_collection(cfg, runs_dir, final) if cfg.push else []
     summary.seconds = round(time.perf_counter() - started, 3)
-    write_json_atomic(runs_dir / "sweep-summary.json", versioned("prunekit-sweep-summary", summary.to_json() | {"finished": now_iso()}))
+    write_json_atomic(runs_dir / SWEEP_SUMMARY_FILE, versioned(SWEEP_SUMMARY_KIND, summary.to_json() | {"finished": now_iso()}))
     return summary
 
 
@@ -225,7 +225,7 @@ def publish_collection(cfg: SweepConfig, runs_dir: Path, plan: Plan) -> list[str
     from prunekit.errors import PrunekitError
     from prunekit.hub.collection import publish_sweep_collection
 
-    pushed = [runs_dir / "runs" / task.run_id / "push.json" for task in plan.grid.runs]
+    pushed = [runs_dir / "runs" / task.run_id / PUSH_FILE for task in plan.grid.runs]
     repo_ids = [json.loads(path.read_text())["repo_id"] for path in pushed if path.is_file()]
     if not repo_ids:
         return []

@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prunekit.artifacts import (SWEEP_ANALYSIS_KIND, SWEEP_ANALYSIS_RESULT_KIND, SWEEP_CONFIG_KIND, SWEEP_DENSE_KIND,
-                                SWEEP_RUN_KIND, overall_sparsity, record_path, results_path, write_results)
+from prunekit.artifacts import (ANALYSIS_FILE, ANALYSIS_RESULT_FILE, DENSE_FILE, PUSH_FILE, RUN_FILE, SWEEP_ANALYSIS_KIND,
+                                SWEEP_ANALYSIS_RESULT_KIND, SWEEP_CONFIG_KIND, SWEEP_DENSE_KIND, SWEEP_PUSH_KIND, SWEEP_RUN_KIND,
+                                overall_sparsity, record_path, results_path, write_results)
 from prunekit.errors import PrunekitError
 from prunekit.io import atomic_directory, read_versioned, versioned, write_json_atomic
 from prunekit.sweep.config import SweepConfig, load_config
@@ -148,7 +149,7 @@ def log(runs_dir: Path, message: str) -> None:
 
 def ensure_task_dir(directory: Path, kind: str, payload: dict[str, Any]) -> Path:
     """Create a task dir atomically with its description file (run.json / dense.json / analysis.json)."""
-    filename = {RUN_KIND: "run.json", DENSE_KIND: "dense.json", ANALYSIS_KIND: "analysis.json"}[kind]
+    filename = {RUN_KIND: RUN_FILE, DENSE_KIND: DENSE_FILE, ANALYSIS_KIND: ANALYSIS_FILE}[kind]
     if read_artifact(directory / filename, kind, "it is written again from the config") is not None:
         return directory
     if directory.exists():  # a dir without its (readable) description: left by hand or an old layout; fill it in
@@ -299,7 +300,8 @@ def ensure_dense(config: SweepConfig, runs_dir: Path, task: DenseTask, progress:
 
 
 def run_one(config: SweepConfig, runs_dir: Path, task: RunTask, progress: bool) -> TaskOutcome:
-    from prunekit.pipeline import OutputSpec, prune
+    from prunekit.pipeline import prune
+    from prunekit.recipe import OutputSpec
 
     directory = ensure_task_dir(run_dir(runs_dir, task), RUN_KIND, task.describe())
     outcome = TaskOutcome(task.task_id, DONE)
@@ -363,7 +365,7 @@ def run_one(config: SweepConfig, runs_dir: Path, task: RunTask, progress: bool) 
             log(runs_dir, f"{task.task_id} push start")
             with stage(directory, "push", fingerprint) as details:
                 details.update(_push(config, task, directory, runs_dir))
-                write_json_atomic(directory / "push.json", versioned("prunekit-sweep-push", dict(details)))
+                write_json_atomic(directory / PUSH_FILE, versioned(SWEEP_PUSH_KIND, dict(details)))
             outcome.ran.append("push")
             log(runs_dir, f"{task.task_id} push done")
 
@@ -415,7 +417,7 @@ def run_analysis(config: SweepConfig, runs_dir: Path, task: AnalysisTask, progre
         )
         del comparison  # written to compare/compare.json (+ summary.md, figures/) by compare itself
         result = {"status": "ok", "compare": "compare/compare.json", "summary": "compare/summary.md"}
-        write_json_atomic(directory / "result.json", versioned(SWEEP_ANALYSIS_RESULT_KIND, {"pair": list(task.pair), **result}))
+        write_json_atomic(directory / ANALYSIS_RESULT_FILE, versioned(SWEEP_ANALYSIS_RESULT_KIND, {"pair": list(task.pair), **result}))
         details["status"] = result["status"]
     _free_memory()
     outcome.ran.append("analysis")

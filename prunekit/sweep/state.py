@@ -33,11 +33,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from prunekit import locks
-from prunekit.artifacts import CHECKPOINT_KIND, RECORD_FILE, RESULTS_FILE, RESULTS_KIND, SWEEP_ANALYSIS_RESULT_KIND
+from prunekit.artifacts import (ANALYSIS_RESULT_FILE, CHECKPOINT_KIND, RECORD_FILE, RESULTS_FILE, RESULTS_KIND,
+                                SWEEP_ANALYSIS_RESULT_KIND)
+from prunekit.artifacts import STAGE_STATUS_KIND as STATUS_KIND
 from prunekit.errors import SchemaError
 from prunekit.io import pid_alive, read_versioned, versioned, write_json_atomic
 
-STATUS_KIND = "prunekit-stage-status"
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0
 RUNNING, DONE, FAILED = "running", "done", "failed"
@@ -99,7 +100,7 @@ def read_artifact(path: str | Path, kind: str, consequence: str = REDONE) -> dic
 STAGE_OUTPUTS: dict[str, tuple[str, str, bool]] = {
     "eval": (RESULTS_FILE, RESULTS_KIND, True),
     "dense": (RESULTS_FILE, RESULTS_KIND, True),
-    "analysis": ("result.json", SWEEP_ANALYSIS_RESULT_KIND, True),
+    "analysis": (ANALYSIS_RESULT_FILE, SWEEP_ANALYSIS_RESULT_KIND, True),
     "prune": (f"checkpoint/{RECORD_FILE}", CHECKPOINT_KIND, False),
 }
 
