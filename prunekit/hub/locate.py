@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prunekit.artifacts import RESULTS_FILE
+from prunekit.artifacts import DENSE_FILE, RESULTS_FILE
 
-DENSE_DESCRIPTION = "dense.json"  # a sweep's dense dir: its model (spec, revision, dtype)
+DENSE_DESCRIPTION = DENSE_FILE  # a sweep's dense dir: its model (spec, revision, dtype)
 
 
 @dataclass
