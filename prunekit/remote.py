@@ -117,9 +117,10 @@ def check_reachable(endpoint: str, what: str, timeout_s: float = 3.0) -> None:
     parts = urlsplit(endpoint)
     try:
         socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)), timeout_s).close()
-    except OSError as err:
-        raise HubError(f"cannot reach the Hub at {endpoint} while {what} ({err.strerror or type(err).__name__}); check "
-                       "your network and --endpoint / HF_ENDPOINT") from None
+    except OSError as err:  # the same error as hub_call's for an endpoint that cannot be reached
+        reason = unreachable_reason(err) or (f"no answer in {timeout_s:g} s" if isinstance(err, TimeoutError)
+                                             else err.strerror or type(err).__name__)
+        raise unreachable_error(what, endpoint, reason) from None
 
 
 def _chain(err: BaseException | None) -> Iterator[BaseException]:
