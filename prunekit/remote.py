@@ -102,6 +102,28 @@ def offline_error(what: str, endpoint: str, hint: str = OFFLINE_HINT) -> HubErro
     return HubError(f"offline mode (HF_HUB_OFFLINE=1) is on, so {what} cannot reach the Hub at {endpoint}; {hint}")
 
 
+def hub_api(what: str, endpoint: str, token: str | None = None, *, offline_hint: str = OFFLINE_HINT,
+            requires_token: str | None = None):
+    """(``HfApi`` for ``endpoint`` identifying prunekit, the token it uses), for a command about to call the Hub.
+
+    Args:
+        what: the action ("pushing org/x"), for the offline error; ``offline_hint``: what to do instead.
+        requires_token: when the action needs a token, the end of "no Hub token found, so ..." (None: any).
+    Raises:
+        HubError: offline mode, or no token where one is required.
+    """
+    from huggingface_hub import HfApi
+
+    from prunekit.version import __version__
+
+    if is_offline():
+        raise offline_error(what, endpoint, offline_hint)
+    token = get_token(token)
+    if requires_token is not None and not token:
+        raise HubError(f"no Hub token found, so {requires_token}; {LOGIN_HINT}")
+    return HfApi(endpoint=endpoint, token=token, library_name="prunekit", library_version=__version__), token
+
+
 def check_reachable(endpoint: str, what: str, timeout_s: float = 3.0) -> None:
     """Fail fast when the Hub's host does not answer (connection refused, unknown host, no answer in ``timeout_s``):
     huggingface_hub's listings retry network errors on their own for about 20 s. Skipped behind a proxy.

@@ -14,7 +14,7 @@ from typing import Any
 from prunekit.errors import ConfigError, HubError, ModelError
 from prunekit.hub.card import validate_model_card, with_related_section
 from prunekit.hub.names import validate_namespace, validate_repo_id
-from prunekit.remote import RetryPolicy, get_token, hub_call, is_offline, offline_error, resolve_endpoint
+from prunekit.remote import RetryPolicy, hub_api, hub_call, resolve_endpoint
 
 TITLE_MAX = 60  # the Hub's limit on a collection title
 NOTE_MAX = 500  # and on an item's note
@@ -114,9 +114,7 @@ def publish_sweep_collection(sweep_name: str, repo_ids: list[str], namespace: st
         ConfigError: an invalid namespace, title or repo id.
         HubError: offline mode, no token, or a Hub that refused or kept failing.
     """
-    from huggingface_hub import CommitOperationAdd, HfApi
-
-    from prunekit import __version__
+    from huggingface_hub import CommitOperationAdd
 
     namespace, endpoint = validate_namespace(namespace), resolve_endpoint(endpoint)
     repo_ids = [validate_repo_id(r) for r in dict.fromkeys(repo_ids)]
@@ -125,10 +123,7 @@ def publish_sweep_collection(sweep_name: str, repo_ids: list[str], namespace: st
     if not title or len(title) > TITLE_MAX:
         raise ConfigError(f"the collection title '{title}' must have 1 to {TITLE_MAX} characters; shorten push.collection")
     leaderboard = validate_repo_id(leaderboard) if leaderboard else None
-    if is_offline():
-        raise offline_error(f"publishing the collection '{title}'", endpoint, "unset HF_HUB_OFFLINE to publish")
-    token = get_token(token)
-    api = HfApi(endpoint=endpoint, token=token, library_name="prunekit", library_version=__version__)
+    api, token = hub_api(f"publishing the collection '{title}'", endpoint, token, offline_hint="unset HF_HUB_OFFLINE to publish")
 
     def call(what: str, fn, repo_id: str = namespace):
         return hub_call(what, fn, repo_id=repo_id, endpoint=endpoint, token=token, retry=retry)

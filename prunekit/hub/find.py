@@ -14,8 +14,7 @@ from typing import Any
 from prunekit.errors import ConfigError
 from prunekit.hub.card import METHOD_NAMES
 from prunekit.hub.names import validate_repo_id
-from prunekit.remote import (RetryPolicy, check_reachable, get_token, hub_call, is_offline, offline_error,
-                             resolve_endpoint)
+from prunekit.remote import RetryPolicy, check_reachable, hub_api, hub_call, resolve_endpoint
 
 PRUNEKIT_TAG = "prunekit"  # every card prunekit writes carries it (prunekit.hub.card._card_data)
 EXPAND = ["author", "cardData", "downloads", "lastModified", "sha", "tags", "private"]
@@ -176,18 +175,13 @@ def find_checkpoints(base: str, lang: str | None = None, method: str | None = No
         ModelError: ``base`` is not on the Hub.
         HubError: offline mode, an unreachable Hub or one that kept failing.
     """
-    from huggingface_hub import HfApi
 
-    from prunekit import __version__
 
     base, lang = validate_repo_id(base), _check_lang(lang)
     endpoint = resolve_endpoint(endpoint)
     what = f"listing the prunekit checkpoints of {base}"
-    if is_offline():
-        raise offline_error(what, endpoint, "unset HF_HUB_OFFLINE to search the Hub")
+    api, token = hub_api(what, endpoint, token, offline_hint="unset HF_HUB_OFFLINE to search the Hub")
     check_reachable(endpoint, what)
-    token = get_token(token)
-    api = HfApi(endpoint=endpoint, token=token, library_name="prunekit", library_version=__version__)
     filters = [PRUNEKIT_TAG, f"base_model:{base}", *([method.strip().lower()] if method else [])]
     infos = hub_call(what, lambda: list(api.list_models(filter=filters, author=author or None, expand=EXPAND,
                                                          limit=limit)),

@@ -11,8 +11,7 @@ from pathlib import Path
 
 from prunekit.errors import ConfigError
 from prunekit.hub.names import validate_repo_id
-from prunekit.remote import (LOGIN_HINT, RetryPolicy, get_token, hub_call, is_offline, offline_error,
-                             resolve_endpoint)
+from prunekit.remote import RetryPolicy, hub_api, hub_call, resolve_endpoint
 
 PAGE, LEADERBOARD_CSV, FIGURES = "report.html", "results.csv", "heatmaps"
 # What makes a browser fetch something by itself: resource attributes, CSS url()/@import, scripts' own requests.
@@ -94,20 +93,12 @@ def push_report_space(report_dir: str | Path, repo_id: str, title: str | None = 
         ConfigError: an invalid id or a directory without a report.
         HubError: offline mode, no token, or a Hub that refused or kept failing.
     """
-    from huggingface_hub import CommitOperationAdd, HfApi
-
-    from prunekit import __version__
+    from huggingface_hub import CommitOperationAdd
 
     repo_id, endpoint = validate_repo_id(repo_id), resolve_endpoint(endpoint)
     files = report_files(Path(report_dir), title or repo_id.split("/")[1])
-    if is_offline():
-        raise offline_error(f"publishing the Space {repo_id}", endpoint, "unset HF_HUB_OFFLINE to publish")
-    token = get_token(token)
-    if not token:
-        from prunekit.errors import HubError
-
-        raise HubError(f"no Hub token found, so the Space {repo_id} cannot be published at {endpoint}; {LOGIN_HINT}")
-    api = HfApi(endpoint=endpoint, token=token, library_name="prunekit", library_version=__version__)
+    api, token = hub_api(f"publishing the Space {repo_id}", endpoint, token, offline_hint="unset HF_HUB_OFFLINE to publish",
+                         requires_token=f"the Space {repo_id} cannot be published at {endpoint}")
 
     def call(what: str, fn):
         return hub_call(what, fn, repo_id=repo_id, endpoint=endpoint, token=token, retry=retry)

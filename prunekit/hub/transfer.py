@@ -14,14 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from prunekit.artifacts import CHECKPOINT_PATTERNS, RECORD_FILE, RESULTS_FILE, RESULTS_KIND, read_record
-from prunekit.errors import ConfigError, HubError
+from prunekit.errors import ConfigError
 from prunekit.hub.card import check_results_belong, render_model_card
 from prunekit.hub.locate import locate
 from prunekit.hub.names import default_repo_id, validate_repo_id
 from prunekit.hub.public import public_json, public_text
 from prunekit.io import atomic_directory, read_versioned
-from prunekit.remote import (LOGIN_HINT, RetryPolicy, download_snapshot, get_token, hub_call, is_offline, offline_error,
-                             resolve_endpoint)
+from prunekit.remote import RetryPolicy, download_snapshot, hub_api, hub_call, resolve_endpoint
 
 CARD_FILE = "README.md"
 LINK_MIN_BYTES = 1 << 20  # staged files at least this big are linked, not copied
@@ -253,9 +252,7 @@ def push(checkpoint: str | Path, repo_id: str | None = None, namespace: str | No
         ConfigError: bad arguments, not a prunekit checkpoint, or results that do not belong to it.
         HubError: offline mode, no or a rejected token, no permission, or a Hub that kept failing.
     """
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
-
-    from prunekit import __version__
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
     endpoint, revision = resolve_endpoint(endpoint), revision or "main"
     plan = prepare_push(checkpoint, repo_id, namespace, results, dense_results, base_model)
@@ -269,12 +266,9 @@ def push(checkpoint: str | Path, repo_id: str | None = None, namespace: str | No
         return PushResult(repo_id, endpoint, revision, url, files, plan.card, dry_run=True, staging=target,
                           notes=plan.notes)
 
-    if is_offline():
-        raise offline_error(f"pushing {repo_id}", endpoint, "unset HF_HUB_OFFLINE to publish, or use --dry-run to stage the files")
-    token = get_token(token)
-    if not token:
-        raise HubError(f"no Hub token found, so nothing can be pushed to {endpoint}; {LOGIN_HINT}")
-    api = HfApi(endpoint=endpoint, token=token, library_name="prunekit", library_version=__version__)
+    api, token = hub_api(f"pushing {repo_id}", endpoint, token,
+                         offline_hint="unset HF_HUB_OFFLINE to publish, or use --dry-run to stage the files",
+                         requires_token=f"nothing can be pushed to {endpoint}")
 
     def call(what: str, fn):
         return hub_call(what, fn, repo_id=repo_id, endpoint=endpoint, token=token, retry=retry, revision=revision)
