@@ -175,8 +175,6 @@ def find_checkpoints(base: str, lang: str | None = None, method: str | None = No
         ModelError: ``base`` is not on the Hub.
         HubError: offline mode, an unreachable Hub or one that kept failing.
     """
-
-
     base, lang = validate_repo_id(base), _check_lang(lang)
     endpoint = resolve_endpoint(endpoint)
     what = f"listing the prunekit checkpoints of {base}"
