@@ -6,13 +6,13 @@ model-index. What the cards carry and what is read here is documented in ``hub_c
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from prunekit.errors import ConfigError
 from prunekit.hub.card import METHOD_NAMES
+from prunekit.languages import get_language
 from prunekit.hub.names import validate_repo_id
 from prunekit.remote import RetryPolicy, check_reachable, hub_api, hub_call, resolve_endpoint
 
@@ -20,7 +20,6 @@ PRUNEKIT_TAG = "prunekit"  # every card prunekit writes carries it (prunekit.hub
 EXPAND = ["author", "cardData", "downloads", "lastModified", "sha", "tags", "private"]
 HIDDEN_METRICS = {"perplexity", "snr", "pruning_error"}
 LIST_LIMIT = 1000
-_LANG = re.compile(r"^[a-z]{2,3}$")
 
 
 @dataclass
@@ -148,10 +147,10 @@ def checkpoint_row(info: Any, lang: str | None, base: str, endpoint: str) -> Fou
 def _check_lang(lang: str | None) -> str | None:
     if lang is None:
         return None
-    code = lang.strip().lower()
-    if not _LANG.match(code):
-        raise ConfigError(f"invalid --lang '{lang}': give an ISO 639 language code such as sw, de or en")
-    return code
+    try:  # the language registry's codes (the study's seven and mC4's), with its "did you mean"
+        return get_language(lang.strip().lower()).code
+    except ConfigError as err:
+        raise ConfigError(f"invalid --lang '{lang}': {err}") from None
 
 
 def find_checkpoints(base: str, lang: str | None = None, method: str | None = None, author: str | None = None,
