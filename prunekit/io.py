@@ -332,18 +332,11 @@ def check_safetensors(file: str | Path) -> None:
 
 def safetensors_header(file: str | Path) -> dict[str, Any]:
     """A .safetensors file's JSON header (tensor name -> dtype, shape, data_offsets; ``__metadata__``), read
-    from its first bytes only. Raises ModelError for a file too short or whose header is not JSON."""
-    problem = check_safetensors_size(file)
-    if problem is not None:
-        raise problem
-    with open(file, "rb") as handle:
-        length = int.from_bytes(handle.read(8), "little")
-        return json.loads(handle.read(length))
+    from its first bytes only, and checked against the file's size (8-byte length, JSON, then the data).
 
-
-def check_safetensors_size(file: str | Path) -> ModelError | None:
-    """A .safetensors file's size against its own header (8-byte length, JSON, then the data): the error for
-    a file cut short (an interrupted download or copy), naming it, else None. Reads the header only."""
+    Raises:
+        ModelError: a file cut short (an interrupted download or copy) or whose header is not JSON, naming it.
+    """
     file = Path(file)
     size = file.stat().st_size
 
@@ -353,21 +346,30 @@ def check_safetensors_size(file: str | Path) -> ModelError | None:
     with open(file, "rb") as handle:
         head = handle.read(8)
         if len(head) < 8:
-            return damaged(f"{size} bytes, shorter than a safetensors header")
+            raise damaged(f"{size} bytes, shorter than a safetensors header")
         length = int.from_bytes(head, "little")
         if 8 + length > size:
-            return damaged(f"its header needs {8 + length} bytes but the file has {size}")
+            raise damaged(f"its header needs {8 + length} bytes but the file has {size}")
         try:
             header = json.loads(handle.read(length))
         except (UnicodeDecodeError, json.JSONDecodeError):
-            return damaged("its header is not JSON")
+            raise damaged("its header is not JSON") from None
     if not isinstance(header, dict):
-        return damaged("its header is not a JSON object")
+        raise damaged("its header is not a JSON object")
     ends = [entry["data_offsets"][1] for name, entry in header.items()
             if name != "__metadata__" and isinstance(entry, dict) and isinstance(entry.get("data_offsets"), list)
             and len(entry["data_offsets"]) == 2 and isinstance(entry["data_offsets"][1], int)]
     if ends and 8 + length + max(ends) > size:
-        return damaged(f"its tensors end at byte {8 + length + max(ends)} but the file has {size}")
+        raise damaged(f"its tensors end at byte {8 + length + max(ends)} but the file has {size}")
+    return header
+
+
+def check_safetensors_size(file: str | Path) -> ModelError | None:
+    """The error :func:`safetensors_header` raises for ``file`` (cut short, or a header that is not JSON), else None."""
+    try:
+        safetensors_header(file)
+    except ModelError as err:
+        return err
     return None
 
 
