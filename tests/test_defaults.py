@@ -178,3 +178,16 @@ def test_every_help_example_runs_as_written_against_the_tiny_model(examples_dir,
                 ran[part] = time.perf_counter() - started
     assert {part.split()[1] for part in ran} == set(COMMANDS)
     print("\n".join(f"{seconds:6.1f}s  {part}" for part, seconds in ran.items()))
+
+
+def test_no_flag_shows_a_value_in_help():
+    """Issue 30: `--include-bos <bool>` read as if the flag took a value. A flag shows no type; an option that
+    takes a value still shows one (`--seqlen <int>`)."""
+    import typer
+
+    names = [None, *typer.main.get_command(app).commands]
+    for name in names:
+        done = invoke(([name] if name else []) + ["--help"])
+        assert done.exit_code == 0, (name, done.output)
+        assert "<bool>" not in done.output, f"`prunekit {name or ''} --help` shows <bool> after a flag"
+    assert "<integer>" in invoke(["eval", "--help"]).output or "<int>" in invoke(["eval", "--help"]).output
