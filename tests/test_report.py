@@ -201,6 +201,31 @@ def test_advisor_and_diagonal_finding(report):
     snr = advice[("wanda", "snr_db", "de")]
     own_snr = next(r for r in report.table("snr_db").block("tiny", "wanda").rows if r.calibration == "de").cells["de"].mean
     assert snr.margin == pytest.approx(snr.best_value - own_snr) and snr.margin >= 0
+    # issue 30: what the reader sees leaves out the rows where the target language's own set was best (margin 0)
+    assert sw in report.advice and en not in report.advice
+    assert all(not a.own_is_best for a in report.advice)
+    best_own = sum(bool(a.own_is_best) for a in report.advisor)
+    with_own = sum(a.own_value is not None for a in report.advisor)
+    assert 0 < best_own < with_own
+    assert f"best for {best_own} of {with_own} target language" in report.advice_summary
+    md = (report.out_dir / "report.md").read_text()
+    advisor_md = md[md.index("## Calibration advisor"):]
+    assert report.advice_summary in advisor_md
+    assert advisor_md.count("| tiny | wanda |") + advisor_md.count("| tiny | sparsegpt |") <= len(report.advice)
+    assert json.loads((report.out_dir / "leaderboard.json").read_text())["advisor"].__len__() == len(report.advisor)
+
+
+def test_advisor_where_the_target_language_always_wins_is_one_sentence():
+    from prunekit.report import Report
+    from prunekit.report.tables import AdvisorRow
+
+    rows = [AdvisorRow("m", "wanda", "50%", "perplexity", "Perplexity", lang, lang, lang, 10.0, 10.0, 0.0, True)
+            for lang in ("de", "sw", "zh")]
+    report = Report.__new__(Report)
+    report.advisor = rows
+    assert report.advice == []
+    assert report.advice_summary == ("Calibrating on the target language was best for every target language and "
+                                     "metric (3 of 3); no other calibration set beat it.")
 
 
 def test_report_files_heatmaps_and_self_contained_html(report):
