@@ -152,6 +152,16 @@ def method_seconds(record: dict[str, Any]) -> float | None:
     return (record.get("timings") or {}).get(method_seconds_key(record_kind(record)))
 
 
+def weight_bytes(directory: str | Path) -> int | None:
+    """Bytes on disk of a checkpoint's weight files (``*.safetensors``, or ``*.bin`` where it has none);
+    None for a directory that is not there or holds no weight file."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("*.bin"))
+    return sum(f.stat().st_size for f in files) if files else None
+
+
 def results_path(directory: str | Path) -> Path:
     """Where a checkpoint dir or a sweep run's dir keeps its evaluation."""
     return Path(directory) / RESULTS_FILE

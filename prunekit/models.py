@@ -21,7 +21,7 @@ from prunekit.artifacts import CHECKPOINT_PATTERNS as HUB_ALLOW_PATTERNS  # what
 from prunekit.artifacts import INDEX_FILE
 from prunekit.errors import ConfigError, ModelError, SchemaError
 from prunekit.gguf_conversion import convert_gguf, has_config
-from prunekit.io import cache_dir, check_safetensors, check_safetensors_size, human_size, read_json, safetensors_header
+from prunekit.io import cache_dir, check_safetensors, check_safetensors_size, format_size, read_json, safetensors_header
 from prunekit.recipe import AUTO_DTYPE, DTYPE_NAMES, check_dtype_name
 from prunekit.remote import download_snapshot, repository_size
 
@@ -431,7 +431,7 @@ def whole_model_bytes(path: str | Path, dtype: torch.dtype | None = None) -> int
 
 def _too_big(what: str, need: int, have: int, where: str, advice: list[str]) -> ConfigError:
     options = "; or ".join(advice + ["pass --force to try anyway"])
-    return ConfigError(f"{what} needs about {human_size(need)} of {where}, but {human_size(have)} is available; "
+    return ConfigError(f"{what} needs about {format_size(need)} of {where}, but {format_size(have)} is available; "
                        f"{options}")
 
 

@@ -4,6 +4,7 @@ prunekit's own readers, widths the format cannot hold."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import math
 
 import pytest
@@ -308,7 +309,14 @@ def test_quantize_cli_writes_packed_by_default_and_says_how_to_serve_it(tiny_lla
     result = CliRunner().invoke(app, ["quantize", str(tiny_llama), "--method", "rtn",
                                       "--calib-source", str(TATOEBA), "--nsamples", "4", "--seqlen", "32", "--bits", "8", "--group-size", "64", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert "21 Linears packed (pack-quantized)" in result.output and "their bf16 size" in result.output
+    assert "21 Linears packed (pack-quantized)" in result.output and "those Linears in bf16" in result.output
+    # issue 30 §8: the size stated is the files actually written, against the base's files on disk
+    written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    base = sum(f.stat().st_size for f in Path(tiny_llama).glob("*.safetensors"))
+    text = " ".join(result.output.split())
+    from prunekit.io import format_size
+
+    assert f"weight files written: {format_size(written)}, {written / base:.2f}× the base's {format_size(base)}" in text
     assert "vllm serve" in result.output and "kept in the base dtype: lm_head" in result.output
     record = json.loads((out / "prunekit.json").read_text())
     assert record["quantization"]["format"] == "pack-quantized" and "--format" not in record["command"]
