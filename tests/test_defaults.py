@@ -103,7 +103,7 @@ def test_eval_without_langs_takes_the_study_seven_plus_the_calibration_languages
     results = json.loads(out.read_text())
     assert results["languages"] == SEVEN and set(results["perplexity"]) == set(SEVEN)
     assert "languages: ar,de,en,es,ru,sw,zh: its calibration language (de) plus the study's seven" in result.stderr
-    dense = invoke(["eval", tiny_llama, "--seqlen", "64", "--max-windows", "1", "--ppl-source", "none", "-q"])
+    dense = invoke(["eval", tiny_llama, "--seqlen", "64", "--max-windows", "1", "--ppl-source", "none", "--no-save", "-q"])
     assert dense.exit_code == 0 and "the study's seven (the checkpoint records no calibration language)" in dense.stderr
 
 
@@ -191,3 +191,57 @@ def test_no_flag_shows_a_value_in_help():
         assert done.exit_code == 0, (name, done.output)
         assert "<bool>" not in done.output, f"`prunekit {name or ''} --help` shows <bool> after a flag"
     assert "<integer>" in invoke(["eval", "--help"]).output or "<int>" in invoke(["eval", "--help"]).output
+
+
+def test_eval_saves_beside_the_checkpoint_and_takes_the_recorded_base_as_dense(tiny_llama, tmp_path, monkeypatch):
+    """Issue 30 §7: `prunekit eval CHECKPOINT` alone writes CHECKPOINT/results.json (where push finds it) and
+    measures SNR against the base the record names, when it is there without a download; it says both."""
+    from prunekit.artifacts import read_record
+    from prunekit.hub.locate import find_results
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama, base)
+    pruned = tmp_path / "pruned"
+    assert invoke(["prune", base, "--method", "wanda", "--calib", "de", "--nsamples", "4", "--seqlen", "32",
+                   "--out", pruned, "-q"]).exit_code == 0
+    short = ["--langs", "de,en", "--seqlen", "64", "--max-windows", "1", "-q"]
+    result = invoke(["eval", pruned, *short])
+    assert result.exit_code == 0, result.stderr
+    assert f"results: {pruned / 'results.json'} (beside the checkpoint, where push finds them" in result.stderr
+    assert f"dense reference: {base.resolve()}, the base the checkpoint's record names" in result.stderr
+    results = json.loads((pruned / "results.json").read_text())
+    assert set(results["hidden_states"]) == {"de", "en"} and results["dense"] is not None
+    assert find_results(pruned, read_record(pruned)) == pruned / "results.json"
+
+    monkeypatch.chdir(tmp_path)
+    alone = invoke(["eval", pruned, *short, "--no-dense", "--out", "alone.json"])
+    assert alone.exit_code == 0 and "dense reference" not in alone.stderr
+    assert json.loads((tmp_path / "alone.json").read_text())["hidden_states"] == {}
+    shutil.move(base, tmp_path / "moved")
+    gone = invoke(["eval", pruned, *short, "--no-save"])
+    assert gone.exit_code == 0 and f"the recorded base {base} is no longer at {base.resolve()}" in gone.stderr
+    for both in (["--no-save", "--out", "x.json"], ["--no-dense", "--dense", str(tiny_llama)]):
+        assert invoke(["eval", pruned, *short, *both]).exit_code == 2
+
+
+def test_recorded_dense_never_downloads(tmp_path, monkeypatch):
+    """A Hub base is taken only from the Hugging Face cache; an embedded one only when its package is installed;
+    a Hub id or an embedded model's results go to the current directory."""
+    import prunekit.evaluation.defaults as defaults
+    from prunekit.artifacts import CHECKPOINT_KIND, write_record
+    from prunekit.io import versioned
+
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    write_record(checkpoint, versioned(CHECKPOINT_KIND, {"base_model": {"spec": "org/base", "kind": "hub", "revision": "abc"}}))
+    monkeypatch.setattr(defaults, "_cached_on_hub", lambda repo, revision: False)
+    spec, note = defaults.recorded_dense(checkpoint)
+    assert spec is None and "not in the Hugging Face cache; give --dense org/base to download it" in note
+    monkeypatch.setattr(defaults, "_cached_on_hub", lambda repo, revision: (repo, revision) == ("org/base", "abc"))
+    assert defaults.recorded_dense(checkpoint)[0] == "org/base"
+    write_record(checkpoint, versioned(CHECKPOINT_KIND, {"base_model": {"spec": "embedded:no-such", "kind": "embedded"}}))
+    assert defaults.recorded_dense(checkpoint)[0] is None
+    assert defaults.recorded_dense(tmp_path / "no-record") == (None, None)
+    monkeypatch.chdir(tmp_path)
+    assert defaults.default_results_path("org/base")[0] == tmp_path / "base.results.json"
+    assert defaults.default_results_path("embedded:gemma-3-270m")[0] == tmp_path / "gemma-3-270m.results.json"
