@@ -245,3 +245,30 @@ def test_recorded_dense_never_downloads(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert defaults.default_results_path("org/base")[0] == tmp_path / "base.results.json"
     assert defaults.default_results_path("embedded:gemma-3-270m")[0] == tmp_path / "gemma-3-270m.results.json"
+
+
+def test_one_explanation_of_the_perplexity_settings_matches_the_defaults():
+    """Issue 30 §6: the note says why eval, the demo and compare give three perplexities; its figures are the
+    defaults themselves, and each place prints its own settings with it."""
+    from prunekit.analysis.activations import DEFAULT_MAX_LENGTH
+    from prunekit.artifacts import PERPLEXITY_SETTINGS_NOTE, passage_perplexity_settings, windows_perplexity_settings
+    from prunekit.demo import DEMO_EVAL_SEQLEN, DEMO_EVAL_WINDOWS
+    from prunekit.evaluation import EvaluationSpec
+
+    assert EvaluationSpec().max_windows is None
+    assert f"every window of {EvaluationSpec().seqlen} tokens" in PERPLEXITY_SETTINGS_NOTE
+    assert f"first {DEMO_EVAL_WINDOWS} windows of {DEMO_EVAL_SEQLEN} tokens" in PERPLEXITY_SETTINGS_NOTE
+    assert f"(up to {DEFAULT_MAX_LENGTH} tokens)" in PERPLEXITY_SETTINGS_NOTE
+    assert windows_perplexity_settings({"seqlen": 128, "max_windows": 3, "ppl_source": "embedded"}) == (
+        "perplexity: the first 3 windows of 128 tokens of the embedded held-out text per language")
+    assert passage_perplexity_settings({"max_length": 512, "max_tokens": None, "text_source": "embedded"}) == (
+        "perplexity: each passage scored on its own (up to 512 tokens), all its passages per language, embedded text")
+
+
+def test_eval_prints_its_perplexity_settings(tiny_llama, tmp_path):
+    result = CliRunner().invoke(app, ["eval", str(tiny_llama), "--langs", "en", "--seqlen", "64", "--max-windows", "1",
+                                      "--no-save"], terminal_width=400)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    assert "perplexity: the first 1 window of 64 tokens of the embedded held-out text per language." in text
+    assert "comparable only between runs with the same settings" in text

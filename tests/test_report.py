@@ -31,7 +31,7 @@ def _results(ppl: dict, hidden: dict | None, tasks: dict) -> dict:
         "perplexity": {lang: {"ppl": v, "nll": math.log(v), "tokens": 100, "windows": 3, "seqlen": 32, "source": "x", "location": "x"} for lang, v in ppl.items()},
         "hidden_states": {} if hidden is None else {lang: {"snr_db": s, "pruning_error": p, "tokens": 100, "exclude_bos": True,
                                                              "per_layer": {"snr_db": [s], "pruning_error": [p]}} for lang, (s, p) in hidden.items()},
-        "tasks": tasks, "settings": {}, "versions": {}, "created": "2025-01-01T00:00:00+00:00",
+        "tasks": tasks, "settings": {"seqlen": 128, "max_windows": 3, "ppl_source": "embedded"}, "versions": {}, "created": "2025-01-01T00:00:00+00:00",
     })
 
 
@@ -159,6 +159,12 @@ def test_single_seed_has_no_std_and_the_markdown_shows_mean_pm_std(report):
     cell = wanda.rows[0].cells["ar"]
     md = report.files["report.md"].read_text()
     assert f"{cell.mean:.2f} ± {cell.std:.2f}" in md
+    settings = md[md.index("## Perplexity"):].split("\n")[2]  # issue 30 §6: how perplexity was measured, and why it differs
+    assert settings.startswith("perplexity: ") and "comparable only between runs with the same settings" in settings
+    assert settings == report.perplexity_settings
+    from markupsafe import escape
+
+    assert str(escape(settings)) in report.files["report.html"].read_text()
 
 
 def test_best_cell_per_column_and_deltas_against_dense(report):

@@ -47,6 +47,16 @@ class Report:
     files: dict[str, Path] = field(default_factory=dict)
 
     @property
+    def perplexity_settings(self) -> str | None:
+        """How the runs' perplexity was measured (each distinct setting once), and why it differs elsewhere."""
+        from prunekit.artifacts import PERPLEXITY_SETTINGS_NOTE, windows_perplexity_settings
+
+        runs = list(self.collected.runs) + list(self.collected.dense.values())
+        lines = sorted({windows_perplexity_settings(r.results["settings"]) for r in runs
+                        if (getattr(r, "results", None) or {}).get("settings") and r.results.get("perplexity")})
+        return f"{'; '.join(lines)}. {PERPLEXITY_SETTINGS_NOTE}" if lines else None
+
+    @property
     def advice(self) -> list[AdvisorRow]:
         """The advisor rows worth a reader's time: a target where another calibration set beat the target
         language's own (or the target language was not calibrated on). ``advisor`` keeps every row."""

@@ -188,6 +188,8 @@ def markdown(report: "Report") -> str:
     for table in report.tables:
         metric = table.metric
         lines += [f"## {metric.title} ({metric.better} is better)", ""]
+        if metric.id == "perplexity" and report.perplexity_settings:
+            lines += [report.perplexity_settings, ""]
         header = ["model", "method", "calibration"] + [c.label for c in table.columns]
         lines += [_md_row(header), _md_row(["---"] * 3 + ["---:"] * len(table.columns))]
         dense_printed: set[str] = set()
