@@ -94,6 +94,9 @@ def evaluate_command(
         raise ConfigError("--no-save and --out contradict each other: give one")
     if no_dense and dense is not None:
         raise ConfigError("--no-dense and --dense contradict each other: give one")
+    from prunekit.models import resolve_model
+
+    source = resolve_model(checkpoint)  # a model that is not there fails here, before any default is chosen
     if out is None and not no_save:
         out, note = default_results_path(checkpoint)
         typer.echo(note, err=True)
@@ -104,9 +107,8 @@ def evaluate_command(
             typer.echo(note, err=True)
     if spec.langs is None:
         from prunekit.artifacts import read_record
-        from prunekit.models import resolve_model
 
-        spec, note = spec.with_default_languages(read_record(resolve_model(checkpoint).path))
+        spec, note = spec.with_default_languages(read_record(source.path))
         typer.echo(note, err=True)
     with memory_check_forced(force):
         if spec.tasks:  # lm-eval holds the whole model: refuse now what cannot fit, not after perplexity

@@ -20,7 +20,7 @@ from prunekit.languages import parse_languages
 
 DEMO_MODEL = "embedded:gemma-3-270m"
 CHECKPOINTS_DIR = "checkpoints"  # OUT/checkpoints/<method>-<calibration>: each run's checkpoint by name
-# Sized to finish within 10 minutes on 2 CPU cores, GGUF conversion included: 12 × 128 calibration
+# Sized for a laptop CPU (the README gives the time measured on 2 cores): 12 × 128 calibration
 # tokens per run (the embedded calibration split has ~2,500–4,100 Gemma tokens per language) and the
 # first 3 windows of 128 tokens of each language's held-out split, scored for perplexity while the
 # same forward measures SNR / pruning error. Evaluation dominates: every token is scored against

@@ -14,6 +14,7 @@ from prunekit.errors import ConfigError
 from prunekit.recipe import Quantization
 
 from tests.conftest import TATOEBA, build_tiny_model
+from prunekit.recipe import CalibrationSpec, OutputSpec
 
 ATTN_MLP = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 
@@ -21,8 +22,9 @@ ATTN_MLP = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_at
 def quantize(model_dir, out, quantization: Quantization, method: str = "rtn", dtype: str = "float32", **kwargs):
     from prunekit.pipeline import prune
 
-    calib = dict(calib="en", calib_source=str(TATOEBA), nsamples=4, seqlen=32) if method == "gptq" else dict(calib=None)
-    return prune(str(model_dir), method=method, quantization=quantization, out=out, dtype=dtype, progress=False, **calib, **kwargs)
+    calibration = CalibrationSpec("en", str(TATOEBA), nsamples=4, seqlen=32) if method == "gptq" else CalibrationSpec()
+    return prune(str(model_dir), output=OutputSpec(out=out, dtype=dtype), method=method, quantization=quantization,
+                 calibration=calibration, progress=False, **kwargs)
 
 
 def tensors(path) -> dict[str, torch.Tensor]:
@@ -252,7 +254,7 @@ def test_cards_state_the_format_tags_and_serve_command(tiny_llama, tmp_path):
     assert front_matter(card)["tags"][:4] == ["quantized", "8-bit", "gptq", "compressed-tensors"]
     assert "W8A16" in card and "zero points" not in card
 
-    pruned = prune(str(tiny_llama), method="magnitude", sparsity=0.5, calib=None, out=tmp_path / "p", progress=False).record
+    pruned = prune(str(tiny_llama), calibration=CalibrationSpec(languages=None), output=OutputSpec(out=tmp_path / "p"), method="magnitude", sparsity=0.5, progress=False).record
     card = render_model_card(pruned, repo_id="org/p")
     assert "compressed-tensors" not in front_matter(card)["tags"]
     assert "stored dense (safetensors, float32) with exact zeros" in card and "vllm serve org/p" in card
@@ -335,8 +337,7 @@ def test_a_quantized_checkpoint_is_readable_by_others(stream, tiny_llama, tmp_pa
     old = os.umask(0o022)
     try:
         out = tmp_path / "q"
-        prunekit.prune(str(tiny_llama), "rtn", kind="quantize", out=out, checkpoint_format="packed", stream=stream,
-                       device="cpu", progress=False, calib=None)
+        prunekit.prune(str(tiny_llama), "rtn", calibration=CalibrationSpec(languages=None), output=OutputSpec(out=out, checkpoint_format="packed", stream=stream), kind="quantize", device="cpu", progress=False)
     finally:
         os.umask(old)
     modes = {f.name: oct(stat.S_IMODE(f.stat().st_mode)) for f in out.iterdir() if f.is_file()}

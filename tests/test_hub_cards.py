@@ -21,13 +21,13 @@ from prunekit.errors import ConfigError
 from prunekit.hub import default_repo_id, render_model_card
 from tests.conftest import TATOEBA
 from tests.hub_server import example_results
+from prunekit.recipe import CalibrationSpec, OutputSpec
 
 
 @pytest.fixture(scope="module")
 def pruned_dir(tmp_path_factory, tiny_llama) -> Path:
     out = tmp_path_factory.mktemp("cards") / "pruned"
-    prunekit.prune(str(tiny_llama), method="wanda", calib="de", calib_source=str(TATOEBA),
-                   nsamples=4, seqlen=32, out=out, progress=False)
+    prunekit.prune(str(tiny_llama), calibration=CalibrationSpec(languages="de", source=str(TATOEBA), nsamples=4, seqlen=32), output=OutputSpec(out=out), method="wanda", progress=False)
     return out
 
 
@@ -357,3 +357,15 @@ def test_the_gguf_quantization_is_read_from_the_file(embedded_gemma):
     source = resolve_model("embedded:gemma-3-270m")
     assert source.extra["gguf_quantization"] == "Q4_K_M" and source.extra["gguf_file"].endswith(".gguf")
     assert gguf_source(embedded_gemma)["gguf_quantization"] == "Q4_K_M"
+
+
+def test_the_card_table_keeps_one_row_per_line_with_and_without_a_gguf_base(record):
+    for rec in (record, variant(record, base_model=dict(record["base_model"], gguf_file="/x/m-q4_k_m.gguf",
+                                                         gguf_quantization="Q4_K_M"))):
+        card = render_model_card(rec, repo_id="org/x")
+        recipe = card.split("## Recipe", 1)[1].split("\n## ", 1)[0]
+        rows = [line for line in recipe.splitlines() if line.startswith("|")]
+        assert all(line.endswith("|") and "|| " not in line for line in rows), rows
+        assert any(line.startswith("| Method | ") for line in rows)
+        assert any(line.startswith("| Base weights | ") for line in rows) == ("gguf_file" in rec["base_model"])
+    assert "pypi.org/project/prunekit" not in card  # prunekit is not on the package index
