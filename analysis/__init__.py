@@ -5,8 +5,8 @@
 - LAPE of FFN neurons, dense-sorted bins and neuron deactivation (``lape``);
 - per-layer hidden-state drift (``drift``).
 
-``compare(a, b, dense=None, seeds_a=(), seeds_b=(), langs=..., text_source="embedded", only=None,
-out=None, ...)`` mirrors ``prunekit compare``. The analysis reads checkpoints and runs models; it does
+``compare(a, b, CompareSpec(...), dense=None, seeds_a=(), seeds_b=(), out=None)`` mirrors ``prunekit compare``;
+the :class:`CompareSpec` (``analysis/spec.py``) holds what to measure and how, validated once. The analysis reads checkpoints and runs models; it does
 not import the pruning stack (prunekit.engine, prunekit.pipeline, prunekit.methods).
 """
 
@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["compare", "compare_masks", "ANALYSES"]
+from prunekit.analysis.spec import ANALYSES, CompareSpec
 
-ANALYSES = ("masks", "lsar", "lape", "drift")
+__all__ = ["ANALYSES", "CompareSpec", "compare", "compare_masks"]
 
 
 def compare(*args: Any, **kwargs: Any) -> dict[str, Any]:
