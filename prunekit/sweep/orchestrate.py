@@ -19,7 +19,8 @@ from prunekit.sweep.backends import describe, get_executor
 from prunekit.sweep.config import SweepConfig, load_config
 from prunekit.sweep.grid import AnalysisTask, DenseTask, RunTask
 from prunekit.sweep.plan import Plan, make_plan, plan_console, plan_table
-from prunekit.sweep.stages import TaskOutcome, write_snapshot
+from prunekit.sweep.layout import write_snapshot
+from prunekit.sweep.stages import TaskOutcome
 from prunekit.sweep.state import now_iso
 
 
