@@ -23,6 +23,7 @@ from prunekit.report.tables import (
     Cell,
     MetricTable,
     Row,
+    advisor_summary,
     build_advisor,
     build_tables,
     diagonal_counts,
@@ -63,6 +64,11 @@ class Report:
             return []
         names = {heatmap_name(table, block) for block in table.blocks}
         return [p for p in self.heatmaps if p.name in names]
+
+    def advice(self) -> tuple[list[AdvisorRow], str]:
+        """The advisor as the report shows it: the rows where another calibration set beat the target language's
+        own, and one sentence (``tables.advisor_summary``); ``advisor`` keeps every row (leaderboard.json)."""
+        return advisor_summary(self.advisor)
 
     def decimals(self, metric: str) -> int:
         return self.table(metric).metric.decimals

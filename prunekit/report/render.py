@@ -219,13 +219,15 @@ def markdown(report: "Report") -> str:
         maps = [p for p in report.heatmaps_for(metric.id)]
         if maps:
             lines += [f"![{metric.title} — {p.stem}](heatmaps/{p.name})" for p in maps] + [""]
-    if report.advisor:
-        lines += ["## Calibration advisor", "",
-                  "For each target language and metric: the calibration set that scored best, and its margin over "
-                  "calibrating on the target language itself (how much better it is; 0 = the target language is best).", ""]
+    advice, sentence = report.advice()
+    if sentence:
+        lines += ["## Calibration advisor", "", sentence, ""]
+    if advice:
+        lines += ["For each target language and metric: the calibration set that scored best, and its margin over "
+                  "calibrating on the target language itself (how much better it is).", ""]
         lines.append(_md_row(["model", "method", "metric", "target", "best calibration", "best", "target-language calibration", "margin"]))
         lines.append(_md_row(["---"] * 5 + ["---:"] * 3))
-        for a in report.advisor:
+        for a in advice:
             decimals = report.decimals(a.metric)
             lines.append(_md_row([a.model, a.method, a.metric_title, a.target,
                                   a.best_calibration, fmt(a.best_value, decimals), fmt(a.own_value, decimals), fmt(a.margin, decimals)]))
