@@ -230,6 +230,19 @@ def run_submitit(config: SweepConfig, runs_dir: Path, tasks: list, progress: boo
     return [outcomes[t.task_id] for t in tasks]
 
 
+def choose_executor(name: str, max_parallel: int | None, config: SweepConfig,
+                    plan_workers: bool = True) -> tuple[Callable[..., list[TaskOutcome]], int | None]:
+    """The backend ``--executor NAME`` runs the tasks with, and how many it runs at a time: local workers, each
+    on its own GPU (``local_worker_plan``, planned only where the tasks will run: ``plan_workers``), or Slurm
+    jobs (None: no cap). An unknown executor or a negative count raises ConfigError before any work."""
+    get_executor(name, max_parallel)  # an unknown executor or a negative count fails first
+    if name == "slurm":
+        return run_submitit, max_parallel or None
+    if plan_workers:  # a plan may be printed where the GPUs are not
+        max_parallel = local_worker_plan(config, max_parallel).workers
+    return (run_inprocess if (max_parallel or 1) == 1 else run_pool), max_parallel
+
+
 def get_executor(name: str, max_parallel: int | None) -> Callable[..., list[TaskOutcome]]:
     """``max_parallel``: local workers (already planned: ``local_worker_plan``), or Slurm jobs at a time (None: no cap)."""
     if name not in EXECUTORS:

@@ -84,6 +84,18 @@ def analysis_fingerprint(config: SweepConfig, runs_dir: Path, task: AnalysisTask
     return digest({"langs": config.eval_languages, "source": config.ppl_source, "seqlen": config.eval_seqlen, "runs": finished})
 
 
+def fingerprints(config: SweepConfig, runs_dir: Path, task) -> dict[str, str | None]:
+    """Each stage of a task, in order, with what it depends on besides its inputs (None: nothing, the prune,
+    whose run hash names its directory): a stage done with another fingerprint is run again."""
+    if isinstance(task, DenseTask):
+        return {"dense": dense_fingerprint(config)}
+    if isinstance(task, AnalysisTask):
+        return {"analysis": analysis_fingerprint(config, runs_dir, task)}
+    directory = task_dir(runs_dir, task)
+    prints = {"prune": None, "eval": eval_fingerprint(config, directory)}
+    return prints | ({"push": push_fingerprint(config, directory)} if config.push else {})
+
+
 def stage_names(config: SweepConfig, task) -> list[str]:
     if isinstance(task, DenseTask):
         return ["dense"]
@@ -95,20 +107,18 @@ def stage_names(config: SweepConfig, task) -> list[str]:
 def task_states(config: SweepConfig, runs_dir: Path, task) -> dict[str, str]:
     """Current state of each stage of a task: done / todo / failed / stale / busy."""
     directory = task_dir(runs_dir, task)
-    if isinstance(task, DenseTask):
-        return {"dense": stage_state(directory, "dense", dense_fingerprint(config))}
-    if isinstance(task, AnalysisTask):
-        return {"analysis": stage_state(directory, "analysis", analysis_fingerprint(config, runs_dir, task))}
-    states = {"prune": stage_state(directory, "prune")}
+    states = {name: stage_state(directory, name, fingerprint) for name, fingerprint in fingerprints(config, runs_dir, task).items()}
+    if not isinstance(task, RunTask):
+        return states
     checkpoint_ok = record_path(directory / "checkpoint").exists()
-    eval_state = stage_state(directory, "eval", eval_fingerprint(config, directory))
+    eval_state = states["eval"]
     if states["prune"] == "done" and not checkpoint_ok and not (eval_state == "done" and not config.keep_checkpoints):
         states["prune"] = "todo"  # the checkpoint was removed by hand
     states["eval"] = eval_state if states["prune"] == "done" else ("todo" if eval_state != "busy" else "busy")
     if eval_state == "done" and not results_path(directory).exists():
         states["eval"] = "todo"
-    if config.push:
-        push_state = stage_state(directory, "push", push_fingerprint(config, directory))
+    if "push" in states:
+        push_state = states["push"]
         states["push"] = push_state if states["eval"] == "done" else ("todo" if push_state != "busy" else "busy")
     return states
 

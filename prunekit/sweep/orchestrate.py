@@ -11,16 +11,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prunekit.artifacts import PUSH_FILE, SWEEP_FILE, SWEEP_KIND, SWEEP_SUMMARY_FILE, SWEEP_SUMMARY_KIND
+from prunekit.artifacts import SWEEP_FILE, SWEEP_KIND, SWEEP_SUMMARY_FILE, SWEEP_SUMMARY_KIND
 from prunekit.errors import ConfigError
 from prunekit.io import versioned, write_json_atomic
 from prunekit.progress import stderr_console
-from prunekit.sweep.backends import describe, get_executor
+from prunekit.sweep.backends import choose_executor, describe
 from prunekit.sweep.config import SweepConfig, load_config
 from prunekit.sweep.grid import AnalysisTask, DenseTask, RunTask
 from prunekit.sweep.plan import Plan, make_plan, plan_console, plan_table
 from prunekit.sweep.layout import write_snapshot
-from prunekit.sweep.stages import TaskOutcome
+from prunekit.sweep.stages import TaskOutcome, publish_collection
 from prunekit.sweep.state import now_iso
 
 
@@ -104,15 +104,8 @@ def run_sweep(
     """
     started = time.perf_counter()
     cfg = load_config(config)  # every config mistake fails here, before any work
-    if executor == "local":  # how many workers, each on which GPU (prunekit.placement.worker_plan)
-        from prunekit.sweep.backends import local_worker_plan
-
-        get_executor(executor, max_parallel)  # an unknown executor or a negative count fails first
-        if not dry_run:  # a plan may be printed where the GPUs are not
-            max_parallel = local_worker_plan(cfg, max_parallel).workers
-    elif not max_parallel:
-        max_parallel = None
-    run = get_executor(executor, max_parallel)
+    # how many workers, each on which GPU (prunekit.placement.worker_plan); a dry run plans none
+    run, max_parallel = choose_executor(executor, max_parallel, cfg, plan_workers=not dry_run)
     runs_dir = Path(runs_dir).expanduser().resolve()
     if executor == "slurm" and importlib.util.find_spec("submitit") is None:
         raise ConfigError("--executor slurm needs submitit: pip install 'prunekit[slurm]'")
@@ -161,7 +154,7 @@ def run_sweep(
                                          outcome.stage if outcome else None,
                                          outcome.error if outcome else "not run (an earlier stage or dependency failed)"))
     summary.notes = dense_cache_notes(runs_dir, [o.task_id for o in outcomes if "eval" in o.ran])
-    summary.notes += publish_collection(cfg, runs_dir, final) if cfg.push else []
+    summary.notes += publish_collection(cfg, runs_dir, final.grid.runs) if cfg.push else []
     summary.seconds = round(time.perf_counter() - started, 3)
     write_json_atomic(runs_dir / SWEEP_SUMMARY_FILE, versioned(SWEEP_SUMMARY_KIND, summary.to_json() | {"finished": now_iso()}))
     return summary
@@ -217,26 +210,6 @@ def dense_cache_notes(runs_dir: Path, evaluated: list[str]) -> list[str]:
         return []
     return [f"{recomputed} run(s) recomputed the dense hidden states instead of reading the dense stage's cache; "
             "on a cluster put PRUNEKIT_CACHE on storage every node shares"]
-
-
-def publish_collection(cfg: SweepConfig, runs_dir: Path, plan: Plan) -> list[str]:
-    """After the pushes: the sweep's Hub collection of the repos pushed, linked from each card (prunekit.hub.collection)."""
-    import json
-
-    from prunekit.errors import PrunekitError
-    from prunekit.hub.collection import publish_sweep_collection
-
-    pushed = [runs_dir / "runs" / task.run_id / PUSH_FILE for task in plan.grid.runs]
-    repo_ids = [json.loads(path.read_text())["repo_id"] for path in pushed if path.is_file()]
-    if not repo_ids:
-        return []
-    try:
-        done = publish_sweep_collection(cfg.name, repo_ids, cfg.push["namespace"], private=cfg.push["private"],
-                                        endpoint=cfg.push.get("endpoint"), **cfg.collection)
-    except PrunekitError as err:
-        return [f"the sweep's Hub collection was not updated ({err}); rerun the sweep to retry"]
-    return [f"Hub collection: {done.url} ({len(done.items)} checkpoints; {len(done.added)} added, "
-            f"{len(done.cards_updated)} cards updated)"]
 
 
 def final_complete(plan: Plan, task_id: str) -> bool:

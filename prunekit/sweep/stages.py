@@ -251,6 +251,26 @@ def _push(config: SweepConfig, task: RunTask, directory: Path, runs_dir: Path) -
             "commit": getattr(pushed, "commit", None), "committed": getattr(pushed, "committed", None)}
 
 
+def publish_collection(config: SweepConfig, runs_dir: Path, runs: list[RunTask]) -> list[str]:
+    """After the pushes: the sweep's Hub collection of the repos ``runs`` pushed, linked from each card
+    (prunekit.hub.collection). Returns the notes for the summary; a Hub failure is a note, not an error."""
+    import json
+
+    from prunekit.hub.collection import publish_sweep_collection
+
+    pushed = [runs_dir / "runs" / task.run_id / PUSH_FILE for task in runs]
+    repo_ids = [json.loads(path.read_text())["repo_id"] for path in pushed if path.is_file()]
+    if not repo_ids:
+        return []
+    try:
+        done = publish_sweep_collection(config.name, repo_ids, config.push["namespace"], private=config.push["private"],
+                                        endpoint=config.push.get("endpoint"), **config.collection)
+    except PrunekitError as err:
+        return [f"the sweep's Hub collection was not updated ({err}); rerun the sweep to retry"]
+    return [f"Hub collection: {done.url} ({len(done.items)} checkpoints; {len(done.added)} added, "
+            f"{len(done.cards_updated)} cards updated)"]
+
+
 def run_analysis(config: SweepConfig, runs_dir: Path, task: AnalysisTask, progress: bool) -> TaskOutcome:
     directory = ensure_task_dir(analysis_dir(runs_dir, task), ANALYSIS_KIND, {
         "model": task.model.spec, "model_name": task.model.name, "method": task.method.label, "pattern": task.pattern_label,
