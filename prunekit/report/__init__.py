@@ -93,9 +93,40 @@ def diagonal_finding(report: Report, metric: str = "perplexity") -> list[str]:
 
 
 def build_report(runs_dir: str | Path, out_dir: str | Path, heatmaps: bool = True) -> Report:
-    """Read every evaluated run under ``runs_dir`` and write report.md, report.html (both open with the
-    leaderboard), results.csv (the leaderboard), cells.csv (every table cell), leaderboard.json (versioned) and
-    heatmaps/*.png into ``out_dir``."""
+    """Read every evaluated run of a sweep and write its report; what ``prunekit report`` does.
+
+    The report opens with the leaderboard (every checkpoint ranked), then the study's tables per metric (mean ±
+    std over seeds, the best cell per column, the change against the dense model), the calibration advisor, the
+    analyses and the runs not evaluated yet. A damaged file is left out with a warning that names it.
+
+    Args:
+        runs_dir (`str` or `Path`):
+            The ``--runs-dir`` of a sweep (:func:`prunekit.sweep.run_sweep`); only its files are read.
+        out_dir (`str` or `Path`):
+            Where the report goes (created when missing): ``report.md``, ``report.html`` (self-contained: the
+            heatmaps are inlined), ``results.csv`` (the leaderboard), ``cells.csv`` (every table cell),
+            ``leaderboard.json`` (versioned, with every advisor row) and ``heatmaps/*.png``; each written atomically.
+        heatmaps (`bool`, *optional*, defaults to `True`):
+            Draw one heatmap per metric and (model, method) block (calibration set × evaluation language).
+
+    Returns:
+        [`Report`]: the collected runs, the tables, the advisor, the leaderboard, the findings (e.g. "calibrating
+        on the target language gave the lowest perplexity in 6 of 7 languages") and ``files``, the paths written.
+
+    Raises:
+        [`~prunekit.errors.ConfigError`]: ``runs_dir`` does not exist, holds no sweep, or holds no evaluated run
+            yet (the message says how many runs are still waiting and which command finishes them).
+
+    Example:
+
+    ```python
+    >>> from prunekit.report import build_report, diagonal_finding
+    >>> report = build_report("runs/tiny", "report/tiny")
+    >>> report.files["report.html"]
+    PosixPath('report/tiny/report.html')
+    >>> print("\\n".join(diagonal_finding(report)))
+    ```
+    """
     from prunekit.report import render
 
     collected = collect(runs_dir)

@@ -91,16 +91,50 @@ def run_sweep(
     max_parallel: int | None = None,
     progress: bool = True,
 ) -> SweepSummary:
-    """Expand ``config`` (YAML path or dict) into runs under ``runs_dir`` and execute what is not done yet.
+    """Run a sweep: expand ``config`` into its tasks under ``runs_dir`` and execute what is not done yet; what
+    ``prunekit sweep`` does.
 
-    Safe to interrupt at any moment (even SIGKILL) and to rerun: finished stages are skipped,
-    stages whose process died are redone, partial temp dirs are removed. A failing run records its
-    error and the sweep goes on; check ``summary.ok`` / ``summary.exit_code`` at the end.
+    Safe to interrupt at any moment (even SIGKILL) and to rerun: finished stages are skipped, stages whose
+    process died are redone, partial temp dirs are removed. A failing task records its error and the sweep goes
+    on; check ``summary.ok`` / ``summary.exit_code`` at the end. Two sweeps on one ``runs_dir`` share the work.
 
-    ``executor``: "local" (``max_parallel`` 1: sequentially in this process; N: N worker processes,
-    each on its own GPU (at most one per visible GPU); None or 0: one per visible GPU, or one on the
-    CPU) or "slurm" (submitit job arrays, ``max_parallel`` jobs at a time, None or 0: no cap;
-    ``slurm.cluster: local`` runs them with submitit's LocalExecutor).
+    Args:
+        config (`str`, `Path`, `dict` or `SweepConfig`):
+            The sweep: a YAML file's path, its parsed content, or a config already loaded with
+            :func:`~prunekit.sweep.load_config` (see ``configs/tiny-example.yaml``).
+        runs_dir (`str` or `Path`):
+            Where the runs live (created when missing): ``dense/``, ``runs/``, ``analysis/``, ``sweeps/``,
+            ``sweep.log``, ``sweep.json`` and ``sweep-summary.json`` (layout: :mod:`prunekit.sweep.layout`).
+        executor (`str`, *optional*, defaults to `"local"`):
+            Where the tasks run: ``"local"`` (this machine) or ``"slurm"`` (submitit job arrays; ``slurm.cluster:
+            local`` runs the same jobs with submitit's LocalExecutor; needs ``pip install 'prunekit[slurm]'``).
+        dry_run (`bool`, *optional*, defaults to `False`):
+            Plan only: print the plan, write nothing, run nothing (``summary.pending`` counts what would run).
+        max_parallel (`int`, *optional*):
+            Local: 1 runs the tasks one after another in this process, N in N worker processes, each on its own
+            GPU (at most one per visible GPU), None or 0 one worker per visible GPU (or one on the CPU). Slurm: the
+            jobs that may run at once (None or 0: no cap).
+        progress (`bool`, *optional*, defaults to `True`):
+            Print the plan table, each task as it starts, and progress bars.
+
+    Returns:
+        [`SweepSummary`]: the tasks and runs, how many were already done, completed now or by another process,
+        the failed ones (with their stage and error), those still running elsewhere, notes and the seconds taken;
+        also written to ``runs_dir/sweep-summary.json`` (not on a dry run).
+
+    Raises:
+        [`~prunekit.errors.ConfigError`]: a mistake in the config (naming its YAML path), an unknown executor, a
+            negative ``max_parallel``, ``--executor slurm`` without submitit, or a ``runs_dir`` that is a file;
+            all before any work. A task's own failure is not raised: it is in the summary.
+
+    Example:
+
+    ```python
+    >>> from prunekit.sweep import run_sweep
+    >>> summary = run_sweep("configs/tiny-example.yaml", "runs/tiny", max_parallel=1)
+    >>> print("\\n".join(summary.lines()))
+    >>> raise SystemExit(summary.exit_code)
+    ```
     """
     started = time.perf_counter()
     cfg = load_config(config)  # every config mistake fails here, before any work
