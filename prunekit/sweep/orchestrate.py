@@ -1,6 +1,6 @@
 """``run_sweep``: validate, expand, plan, run the phases (dense -> runs -> analysis) through a backend,
-summarize. The plan is :mod:`prunekit.sweep.plan`'s, the work of one task :mod:`prunekit.sweep.stages`'s,
-where it runs :mod:`prunekit.sweep.backends`'s."""
+summarize. The plan is :mod:`prunekit.sweep.plan`'s (read through :mod:`prunekit.sweep.layout`), the work of one
+task :mod:`prunekit.sweep.stages`'s, where it runs :mod:`prunekit.sweep.backends`'s."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from prunekit.progress import stderr_console
 from prunekit.sweep.backends import choose_executor, describe
 from prunekit.sweep.config import SweepConfig, load_config
 from prunekit.sweep.grid import AnalysisTask, DenseTask, RunTask
-from prunekit.sweep.plan import Plan, make_plan, plan_console, plan_table
 from prunekit.sweep.layout import write_snapshot
+from prunekit.sweep.plan import Plan, make_plan, plan_console, plan_table
 from prunekit.sweep.stages import TaskOutcome, publish_collection
 from prunekit.sweep.state import now_iso
 
