@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import shlex
 import shutil
 import sys
@@ -31,8 +29,8 @@ from prunekit.models import (
 from prunekit.packed_writer import PackedWriter
 from prunekit.packing import check_format, save_packed, summarize_quantization, take_grids
 from prunekit.progress import progress_bar, stderr_console
-from prunekit.recipe import (  # noqa: F401 - OutputSpec lives beside CalibrationSpec, re-exported here
-    CalibrationSpec, OutputSpec, Quantization, Recipe, default_symmetric, parse_pattern, validate_quantization,
+from prunekit.recipe import (  # noqa: F401 - OutputSpec and run_identity live beside CalibrationSpec, re-exported here
+    CalibrationSpec, OutputSpec, Quantization, Recipe, default_symmetric, parse_pattern, run_identity, validate_quantization,
 )
 from prunekit.staging import Staging, discard_staging, file_fingerprint, staging_path
 from prunekit.version import __version__
@@ -56,22 +54,6 @@ class PruneResult:
         if self.loaded is None:
             self.loaded, _, _ = load_model(self.out, self.record["base_model"]["dtype"], with_tokenizer=False)
         return self.loaded
-
-
-def run_identity(
-    model: str, revision: str | None, recipe: Recipe, calibration: CalibrationSpec | None, dtype: str, skip_layers: str | None,
-) -> tuple[dict[str, Any], str]:
-    """The canonical description of a run and its hash (what names a run in sweeps and on the Hub)."""
-    identity = {
-        "model": model,
-        "revision": revision,
-        "recipe": recipe.to_json(),
-        "calibration": None if calibration is None else calibration.identity(),
-        "dtype": dtype,
-        "skip_layers": skip_layers or None,
-    }
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
-    return identity, digest
 
 
 def reproduce_command(model: str, recipe: Recipe, calibration: CalibrationSpec | None, dtype: str, skip_layers: str | None,

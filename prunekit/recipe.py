@@ -3,6 +3,8 @@ options) and on which text (:class:`CalibrationSpec`: languages, source, size, s
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -258,7 +260,7 @@ class CalibrationSpec:
         return replace(self, nsamples=nsamples, seqlen=seqlen)
 
     def identity(self) -> dict[str, Any] | None:
-        """What of the choice names a run (``pipeline.run_identity``); None without calibration text."""
+        """What of the choice names a run (``run_identity``); None without calibration text."""
         if self.languages is None:
             return None
         return {"calib": self.languages, "source": self.source, "nsamples": self.nsamples, "seqlen": self.seqlen, "seed": self.seed}
@@ -276,6 +278,22 @@ class CalibrationSpec:
 AUTO_DTYPE = "auto"  # the checkpoint's own dtype (models.checkpoint_dtype)
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 CHECKPOINT_FORMATS = ("packed", "dense")
+
+
+def run_identity(
+    model: str, revision: str | None, recipe: Recipe, calibration: CalibrationSpec | None, dtype: str, skip_layers: str | None,
+) -> tuple[dict[str, Any], str]:
+    """The canonical description of a run and its hash (what names a run in sweeps and on the Hub)."""
+    identity = {
+        "model": model,
+        "revision": revision,
+        "recipe": recipe.to_json(),
+        "calibration": None if calibration is None else calibration.identity(),
+        "dtype": dtype,
+        "skip_layers": skip_layers or None,
+    }
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    return identity, digest
 
 
 def check_dtype_name(name: str) -> str:

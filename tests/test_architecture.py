@@ -336,3 +336,28 @@ def test_prunekit_prune_is_the_pipeline_s_and_loads_it_on_first_use():
     assert prunekit.OutputSpec is OutputSpec is from_pipeline
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         prunekit.nothing  # noqa: B018
+
+
+# --- the sweep's planning reads the runs dir, never the work --------------------------------------
+SWEEP_WORK = ("prunekit.sweep.stages", "prunekit.pipeline", "prunekit.evaluation.suite")
+
+
+def test_planning_a_sweep_imports_no_stage_work_pipeline_or_evaluation():
+    """``prunekit.sweep.plan`` reads what is done through ``sweep.layout`` and ``sweep.state``: importing it (in a
+    fresh process) loads neither the stages' work, nor the pipeline, nor the evaluation suite, and on the import
+    graph (imports inside functions included) no chain of imports leads from it to the stages' work."""
+    loaded = _loaded_after("import prunekit.sweep.plan")
+    assert "prunekit.sweep.plan" in loaded and "prunekit.sweep.layout" in loaded
+    assert not [m for m in loaded if m in SWEEP_WORK], f"importing prunekit.sweep.plan imported {sorted(set(loaded) & set(SWEEP_WORK))}"
+    edges: dict[str, set[str]] = {}
+    for imp in ALL_IMPORTS:
+        edges.setdefault(imp.importer, set()).add(imp.imported)
+    reached, todo = set(), ["prunekit.sweep.plan"]
+    while todo:
+        module = todo.pop()
+        for imported in edges.get(module, ()):
+            if imported not in reached:
+                reached.add(imported)
+                todo.append(imported)
+    assert "prunekit.sweep.stages" not in reached
+    assert "prunekit.sweep.stages" in {m for s in edges.values() for m in s}  # the graph does see who imports it

@@ -413,7 +413,8 @@ def test_a_job_with_two_ranks_splits_its_runs_between_them(tiny_llama, tmp_path)
     each rank takes its own share of the job's runs, in its own process."""
     submitit = pytest.importorskip("submitit")
     from prunekit.sweep import expand, load_config
-    from prunekit.sweep.stages import execute_task, write_snapshot
+    from prunekit.sweep.layout import write_snapshot
+    from prunekit.sweep.stages import execute_task
     from prunekit.sweep.slurm_job import SweepJob
 
     raw = tiny_config(tiny_llama)

@@ -498,3 +498,26 @@ def test_two_sweeps_on_one_runs_dir_share_the_work_and_both_report_all_of_it(tin
         assert already + done_now + (int(elsewhere.group(1)) if elsewhere else 0) == 4, line  # 1 dense + 3 runs
         completed.append(done_now)
     assert sum(completed) == 4 - min(int(re.search(r"(\d+) already done", o).group(1)) for o, _ in outputs)
+
+
+def test_the_executor_and_its_worker_count_are_chosen_once_before_any_work(monkeypatch):
+    """``choose_executor``: an unknown executor or a negative count fails first; Slurm's 0 means no cap; local
+    plans its workers only where the tasks will run (a dry run keeps the count as given)."""
+    from types import SimpleNamespace
+
+    from prunekit.sweep import backends
+
+    config = SimpleNamespace(device="cpu", gpus_per_worker=1)
+    with pytest.raises(ConfigError, match="unknown executor 'slurmm'.*did you mean"):
+        backends.choose_executor("slurmm", None, config)
+    with pytest.raises(ConfigError, match="--max-parallel must be at least 1"):
+        backends.choose_executor("local", -1, config)
+    assert backends.choose_executor("slurm", 0, config) == (backends.run_submitit, None)
+    assert backends.choose_executor("slurm", 3, config) == (backends.run_submitit, 3)
+    assert backends.choose_executor("local", 1, config) == (backends.run_inprocess, 1)
+    assert backends.choose_executor("local", 4, config, plan_workers=False) == (backends.run_pool, 4)
+    planned = SimpleNamespace(workers=2, warnings=[])
+    monkeypatch.setattr(backends, "local_worker_plan", lambda cfg, n: planned)
+    assert backends.choose_executor("local", 4, config) == (backends.run_pool, 2)
+    planned.workers = 1
+    assert backends.choose_executor("local", None, config) == (backends.run_inprocess, 1)

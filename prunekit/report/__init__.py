@@ -23,6 +23,7 @@ from prunekit.report.tables import (
     Cell,
     MetricTable,
     Row,
+    advisor_summary,
     build_advisor,
     build_tables,
     diagonal_counts,
@@ -56,25 +57,6 @@ class Report:
                         if (getattr(r, "results", None) or {}).get("settings") and r.results.get("perplexity")})
         return f"{'; '.join(lines)}. {PERPLEXITY_SETTINGS_NOTE}" if lines else None
 
-    @property
-    def advice(self) -> list[AdvisorRow]:
-        """The advisor rows worth a reader's time: a target where another calibration set beat the target
-        language's own (or the target language was not calibrated on). ``advisor`` keeps every row."""
-        return [a for a in self.advisor if not a.own_is_best]
-
-    @property
-    def advice_summary(self) -> str | None:
-        """One sentence for the rows ``advice`` leaves out (the target language's own calibration was best)."""
-        own = [a for a in self.advisor if a.own_value is not None]
-        kept = sum(bool(a.own_is_best) for a in own)
-        if not kept:
-            return None
-        if kept == len(self.advisor):
-            return (f"Calibrating on the target language was best for every target language and metric "
-                    f"({kept} of {kept}); no other calibration set beat it.")
-        return (f"Calibrating on the target language was best for {kept} of {len(own)} target language and "
-                f"metric pairs; the table lists the {len(self.advice)} where it was not.")
-
     def table(self, metric: str) -> MetricTable:
         """The table of a metric: 'perplexity', 'snr_db', 'pruning_error' or 'task:<group>/<metric>'
         (a bare '<group>/<metric>' works too)."""
@@ -92,6 +74,11 @@ class Report:
             return []
         names = {heatmap_name(table, block) for block in table.blocks}
         return [p for p in self.heatmaps if p.name in names]
+
+    def advice(self) -> tuple[list[AdvisorRow], str]:
+        """The advisor as the report shows it: the rows where another calibration set beat the target language's
+        own, and one sentence (``tables.advisor_summary``); ``advisor`` keeps every row (leaderboard.json)."""
+        return advisor_summary(self.advisor)
 
     def decimals(self, metric: str) -> int:
         return self.table(metric).metric.decimals
@@ -116,9 +103,40 @@ def diagonal_finding(report: Report, metric: str = "perplexity") -> list[str]:
 
 
 def build_report(runs_dir: str | Path, out_dir: str | Path, heatmaps: bool = True) -> Report:
-    """Read every evaluated run under ``runs_dir`` and write report.md, report.html (both open with the
-    leaderboard), results.csv (the leaderboard), cells.csv (every table cell), leaderboard.json (versioned) and
-    heatmaps/*.png into ``out_dir``."""
+    """Read every evaluated run of a sweep and write its report; what ``prunekit report`` does.
+
+    The report opens with the leaderboard (every checkpoint ranked), then the study's tables per metric (mean ±
+    std over seeds, the best cell per column, the change against the dense model), the calibration advisor, the
+    analyses and the runs not evaluated yet. A damaged file is left out with a warning that names it.
+
+    Args:
+        runs_dir (`str` or `Path`):
+            The ``--runs-dir`` of a sweep (:func:`prunekit.sweep.run_sweep`); only its files are read.
+        out_dir (`str` or `Path`):
+            Where the report goes (created when missing): ``report.md``, ``report.html`` (self-contained: the
+            heatmaps are inlined), ``results.csv`` (the leaderboard), ``cells.csv`` (every table cell),
+            ``leaderboard.json`` (versioned, with every advisor row) and ``heatmaps/*.png``; each written atomically.
+        heatmaps (`bool`, *optional*, defaults to `True`):
+            Draw one heatmap per metric and (model, method) block (calibration set × evaluation language).
+
+    Returns:
+        [`Report`]: the collected runs, the tables, the advisor, the leaderboard, the findings (e.g. "calibrating
+        on the target language gave the lowest perplexity in 6 of 7 languages") and ``files``, the paths written.
+
+    Raises:
+        [`~prunekit.errors.ConfigError`]: ``runs_dir`` does not exist, holds no sweep, or holds no evaluated run
+            yet (the message says how many runs are still waiting and which command finishes them).
+
+    Example:
+
+    ```python
+    >>> from prunekit.report import build_report, diagonal_finding
+    >>> report = build_report("runs/tiny", "report/tiny")
+    >>> report.files["report.html"]
+    PosixPath('report/tiny/report.html')
+    >>> print("\\n".join(diagonal_finding(report)))
+    ```
+    """
     from prunekit.report import render
 
     collected = collect(runs_dir)

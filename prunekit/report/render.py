@@ -221,20 +221,19 @@ def markdown(report: "Report") -> str:
         maps = [p for p in report.heatmaps_for(metric.id)]
         if maps:
             lines += [f"![{metric.title} — {p.stem}](heatmaps/{p.name})" for p in maps] + [""]
-    if report.advisor:
-        lines += ["## Calibration advisor", ""]
-        if report.advice_summary:
-            lines += [report.advice_summary, ""]
-        if report.advice:
-            lines += ["For each target language and metric where another calibration set scored best: that set, and its "
-                      "margin over calibrating on the target language itself (how much better it is).", ""]
-            lines.append(_md_row(["model", "method", "metric", "target", "best calibration", "best", "target-language calibration", "margin"]))
-            lines.append(_md_row(["---"] * 5 + ["---:"] * 3))
-            for a in report.advice:
-                decimals = report.decimals(a.metric)
-                lines.append(_md_row([a.model, a.method, a.metric_title, a.target,
-                                      a.best_calibration, fmt(a.best_value, decimals), fmt(a.own_value, decimals), fmt(a.margin, decimals)]))
-            lines.append("")
+    advice, sentence = report.advice()
+    if sentence:
+        lines += ["## Calibration advisor", "", sentence, ""]
+    if advice:
+        lines += ["For each target language and metric: the calibration set that scored best, and its margin over "
+                  "calibrating on the target language itself (how much better it is).", ""]
+        lines.append(_md_row(["model", "method", "metric", "target", "best calibration", "best", "target-language calibration", "margin"]))
+        lines.append(_md_row(["---"] * 5 + ["---:"] * 3))
+        for a in advice:
+            decimals = report.decimals(a.metric)
+            lines.append(_md_row([a.model, a.method, a.metric_title, a.target,
+                                  a.best_calibration, fmt(a.best_value, decimals), fmt(a.own_value, decimals), fmt(a.margin, decimals)]))
+        lines.append("")
     if report.collected.analysis:
         lines += ["## What pruning changed between calibration sets (prunekit compare)", ""]
         lines += [_md_row(["model", "method", "pair", "seeds", "status", "summary"]), _md_row(["---"] * 6)]

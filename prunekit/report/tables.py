@@ -324,6 +324,22 @@ def build_advisor(tables: list[MetricTable]) -> list[AdvisorRow]:
     return advice
 
 
+def advisor_summary(advice: list[AdvisorRow]) -> tuple[list[AdvisorRow], str]:
+    """What the advisor has to say: the rows where another calibration set beat calibrating on the target
+    language itself (a row where the target language's calibration is best, or the only one, says nothing), and
+    one sentence over every (target, metric) whose target-language calibration was run. ``([], "")`` when no
+    target language was also a calibration set."""
+    compared = [a for a in advice if a.own_value is not None]
+    beaten = [a for a in compared if a.own_is_best is False]
+    if not compared:
+        return [], ""
+    n = len(compared)
+    if not beaten:
+        return [], f"Calibrating on the target language was best for every target and metric ({n} of {n})."
+    return beaten, (f"Another calibration set beat calibrating on the target language itself for {len(beaten)} of {n} "
+                    f"targets and metrics (the target language was best for the other {n - len(beaten)}):")
+
+
 def diagonal_counts(table: MetricTable) -> list[tuple[Block, int, int]]:
     """Per block: in how many evaluation languages calibrating on that language was best (k of n)."""
     out = []

@@ -4,11 +4,32 @@ once per model.
 
     from prunekit.sweep import run_sweep
     summary = run_sweep("configs/tiny-example.yaml", "runs/tiny")
+
+Each name below is imported on first use, so that importing one module of the package (the plan, say)
+does not import the others (the stages' work, the pipeline, the evaluation).
 """
 
-from prunekit.sweep.config import SweepConfig, load_config
-from prunekit.sweep.grid import Grid, expand
-from prunekit.sweep.orchestrate import SweepSummary, run_sweep
-from prunekit.sweep.plan import Plan, make_plan, plan_table
+# name -> the module it lives in, imported on first use
+_LAZY = {
+    "SweepConfig": "prunekit.sweep.config",
+    "load_config": "prunekit.sweep.config",
+    "Grid": "prunekit.sweep.grid",
+    "expand": "prunekit.sweep.grid",
+    "SweepSummary": "prunekit.sweep.orchestrate",
+    "run_sweep": "prunekit.sweep.orchestrate",
+    "Plan": "prunekit.sweep.plan",
+    "make_plan": "prunekit.sweep.plan",
+    "plan_table": "prunekit.sweep.plan",
+}
+
+
+def __getattr__(name: str):
+    """The package's names, each imported from its module on first use (see ``_LAZY``)."""
+    if name not in _LAZY:
+        raise AttributeError(f"module 'prunekit.sweep' has no attribute '{name}'")
+    import importlib
+
+    return getattr(importlib.import_module(_LAZY[name]), name)
+
 
 __all__ = ["Grid", "Plan", "SweepConfig", "SweepSummary", "expand", "load_config", "make_plan", "plan_table", "run_sweep"]

@@ -27,7 +27,8 @@ from typing import Any, Callable
 from prunekit.errors import ConfigError, did_you_mean
 from prunekit.progress import progress_bar, stderr_console
 from prunekit.sweep.config import SweepConfig
-from prunekit.sweep.stages import TaskOutcome, execute_task, is_complete, task_states
+from prunekit.sweep.layout import is_complete, stage_names, task_dir, task_states
+from prunekit.sweep.stages import TaskOutcome, execute_task
 
 EXECUTORS = ("local", "slurm")
 
@@ -58,7 +59,6 @@ def local_worker_plan(config: SweepConfig, max_parallel: int | None):
 
 def outcome_from_disk(config: SweepConfig, runs_dir: Path, task, note: str | None = None) -> TaskOutcome:
     """What a worker that ran elsewhere achieved, read back from the status files."""
-    from prunekit.sweep.stages import stage_names, task_dir
     from prunekit.sweep.state import read_status
 
     states = task_states(config, runs_dir, task)
@@ -191,7 +191,6 @@ def chunk(tasks: list, size: int) -> list[list]:
 
 
 def run_submitit(config: SweepConfig, runs_dir: Path, tasks: list, progress: bool, config_digest: str, max_parallel: int | None, **_: Any) -> list[TaskOutcome]:
-    from prunekit.sweep.stages import stage_names, task_dir
     from prunekit.sweep.slurm_job import SweepJob
     from prunekit.sweep.state import abandon
 
@@ -229,6 +228,19 @@ def run_submitit(config: SweepConfig, runs_dir: Path, tasks: list, progress: boo
             if pending:
                 time.sleep(0.5)
     return [outcomes[t.task_id] for t in tasks]
+
+
+def choose_executor(name: str, max_parallel: int | None, config: SweepConfig,
+                    plan_workers: bool = True) -> tuple[Callable[..., list[TaskOutcome]], int | None]:
+    """The backend ``--executor NAME`` runs the tasks with, and how many it runs at a time: local workers, each
+    on its own GPU (``local_worker_plan``, planned only where the tasks will run: ``plan_workers``), or Slurm
+    jobs (None: no cap). An unknown executor or a negative count raises ConfigError before any work."""
+    get_executor(name, max_parallel)  # an unknown executor or a negative count fails first
+    if name == "slurm":
+        return run_submitit, max_parallel or None
+    if plan_workers:  # a plan may be printed where the GPUs are not
+        max_parallel = local_worker_plan(config, max_parallel).workers
+    return (run_inprocess if (max_parallel or 1) == 1 else run_pool), max_parallel
 
 
 def get_executor(name: str, max_parallel: int | None) -> Callable[..., list[TaskOutcome]]:

@@ -8,8 +8,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from prunekit.pipeline import run_identity
-from prunekit.recipe import CalibrationSpec, Pattern, Recipe, parse_pattern
+from prunekit.recipe import CalibrationSpec, Pattern, Recipe, parse_pattern, run_identity
 from prunekit.sweep.config import MethodEntry, ModelEntry, SweepConfig, slug
 
 

@@ -1,6 +1,6 @@
 """``run_sweep``: validate, expand, plan, run the phases (dense -> runs -> analysis) through a backend,
-summarize. The plan is :mod:`prunekit.sweep.plan`'s, the work of one task :mod:`prunekit.sweep.stages`'s,
-where it runs :mod:`prunekit.sweep.backends`'s."""
+summarize. The plan is :mod:`prunekit.sweep.plan`'s (read through :mod:`prunekit.sweep.layout`), the work of one
+task :mod:`prunekit.sweep.stages`'s, where it runs :mod:`prunekit.sweep.backends`'s."""
 
 from __future__ import annotations
 
@@ -11,15 +11,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prunekit.artifacts import PUSH_FILE, SWEEP_FILE, SWEEP_KIND, SWEEP_SUMMARY_FILE, SWEEP_SUMMARY_KIND
+from prunekit.artifacts import SWEEP_FILE, SWEEP_KIND, SWEEP_SUMMARY_FILE, SWEEP_SUMMARY_KIND
 from prunekit.errors import ConfigError
 from prunekit.io import versioned, write_json_atomic
 from prunekit.progress import stderr_console
-from prunekit.sweep.backends import describe, get_executor
+from prunekit.sweep.backends import choose_executor, describe
 from prunekit.sweep.config import SweepConfig, load_config
 from prunekit.sweep.grid import AnalysisTask, DenseTask, RunTask
+from prunekit.sweep.layout import write_snapshot
 from prunekit.sweep.plan import Plan, make_plan, plan_console, plan_table
-from prunekit.sweep.stages import TaskOutcome, write_snapshot
+from prunekit.sweep.stages import TaskOutcome, publish_collection
 from prunekit.sweep.state import now_iso
 
 
@@ -90,28 +91,55 @@ def run_sweep(
     max_parallel: int | None = None,
     progress: bool = True,
 ) -> SweepSummary:
-    """Expand ``config`` (YAML path or dict) into runs under ``runs_dir`` and execute what is not done yet.
+    """Run a sweep: expand ``config`` into its tasks under ``runs_dir`` and execute what is not done yet; what
+    ``prunekit sweep`` does.
 
-    Safe to interrupt at any moment (even SIGKILL) and to rerun: finished stages are skipped,
-    stages whose process died are redone, partial temp dirs are removed. A failing run records its
-    error and the sweep goes on; check ``summary.ok`` / ``summary.exit_code`` at the end.
+    Safe to interrupt at any moment (even SIGKILL) and to rerun: finished stages are skipped, stages whose
+    process died are redone, partial temp dirs are removed. A failing task records its error and the sweep goes
+    on; check ``summary.ok`` / ``summary.exit_code`` at the end. Two sweeps on one ``runs_dir`` share the work.
 
-    ``executor``: "local" (``max_parallel`` 1: sequentially in this process; N: N worker processes,
-    each on its own GPU (at most one per visible GPU); None or 0: one per visible GPU, or one on the
-    CPU) or "slurm" (submitit job arrays, ``max_parallel`` jobs at a time, None or 0: no cap;
-    ``slurm.cluster: local`` runs them with submitit's LocalExecutor).
+    Args:
+        config (`str`, `Path`, `dict` or `SweepConfig`):
+            The sweep: a YAML file's path, its parsed content, or a config already loaded with
+            :func:`~prunekit.sweep.load_config` (see ``configs/tiny-example.yaml``).
+        runs_dir (`str` or `Path`):
+            Where the runs live (created when missing): ``dense/``, ``runs/``, ``analysis/``, ``sweeps/``,
+            ``sweep.log``, ``sweep.json`` and ``sweep-summary.json`` (layout: :mod:`prunekit.sweep.layout`).
+        executor (`str`, *optional*, defaults to `"local"`):
+            Where the tasks run: ``"local"`` (this machine) or ``"slurm"`` (submitit job arrays; ``slurm.cluster:
+            local`` runs the same jobs with submitit's LocalExecutor; needs ``pip install 'prunekit[slurm]'``).
+        dry_run (`bool`, *optional*, defaults to `False`):
+            Plan only: print the plan, write nothing, run nothing (``summary.pending`` counts what would run).
+        max_parallel (`int`, *optional*):
+            Local: 1 runs the tasks one after another in this process, N in N worker processes, each on its own
+            GPU (at most one per visible GPU), None or 0 one worker per visible GPU (or one on the CPU). Slurm: the
+            jobs that may run at once (None or 0: no cap).
+        progress (`bool`, *optional*, defaults to `True`):
+            Print the plan table, each task as it starts, and progress bars.
+
+    Returns:
+        [`SweepSummary`]: the tasks and runs, how many were already done, completed now or by another process,
+        the failed ones (with their stage and error), those still running elsewhere, notes and the seconds taken;
+        also written to ``runs_dir/sweep-summary.json`` (not on a dry run).
+
+    Raises:
+        [`~prunekit.errors.ConfigError`]: a mistake in the config (naming its YAML path), an unknown executor, a
+            negative ``max_parallel``, ``--executor slurm`` without submitit, or a ``runs_dir`` that is a file;
+            all before any work. A task's own failure is not raised: it is in the summary.
+
+    Example:
+
+    ```python
+    >>> from prunekit.sweep import run_sweep
+    >>> summary = run_sweep("configs/tiny-example.yaml", "runs/tiny", max_parallel=1)
+    >>> print("\\n".join(summary.lines()))
+    >>> raise SystemExit(summary.exit_code)
+    ```
     """
     started = time.perf_counter()
     cfg = load_config(config)  # every config mistake fails here, before any work
-    if executor == "local":  # how many workers, each on which GPU (prunekit.placement.worker_plan)
-        from prunekit.sweep.backends import local_worker_plan
-
-        get_executor(executor, max_parallel)  # an unknown executor or a negative count fails first
-        if not dry_run:  # a plan may be printed where the GPUs are not
-            max_parallel = local_worker_plan(cfg, max_parallel).workers
-    elif not max_parallel:
-        max_parallel = None
-    run = get_executor(executor, max_parallel)
+    # how many workers, each on which GPU (prunekit.placement.worker_plan); a dry run plans none
+    run, max_parallel = choose_executor(executor, max_parallel, cfg, plan_workers=not dry_run)
     runs_dir = Path(runs_dir).expanduser().resolve()
     if executor == "slurm" and importlib.util.find_spec("submitit") is None:
         raise ConfigError("--executor slurm needs submitit: pip install 'prunekit[slurm]'")
@@ -160,7 +188,7 @@ def run_sweep(
                                          outcome.stage if outcome else None,
                                          outcome.error if outcome else "not run (an earlier stage or dependency failed)"))
     summary.notes = dense_cache_notes(runs_dir, [o.task_id for o in outcomes if "eval" in o.ran])
-    summary.notes += publish_collection(cfg, runs_dir, final) if cfg.push else []
+    summary.notes += publish_collection(cfg, runs_dir, final.grid.runs) if cfg.push else []
     summary.seconds = round(time.perf_counter() - started, 3)
     write_json_atomic(runs_dir / SWEEP_SUMMARY_FILE, versioned(SWEEP_SUMMARY_KIND, summary.to_json() | {"finished": now_iso()}))
     return summary
@@ -216,26 +244,6 @@ def dense_cache_notes(runs_dir: Path, evaluated: list[str]) -> list[str]:
         return []
     return [f"{recomputed} run(s) recomputed the dense hidden states instead of reading the dense stage's cache; "
             "on a cluster put PRUNEKIT_CACHE on storage every node shares"]
-
-
-def publish_collection(cfg: SweepConfig, runs_dir: Path, plan: Plan) -> list[str]:
-    """After the pushes: the sweep's Hub collection of the repos pushed, linked from each card (prunekit.hub.collection)."""
-    import json
-
-    from prunekit.errors import PrunekitError
-    from prunekit.hub.collection import publish_sweep_collection
-
-    pushed = [runs_dir / "runs" / task.run_id / PUSH_FILE for task in plan.grid.runs]
-    repo_ids = [json.loads(path.read_text())["repo_id"] for path in pushed if path.is_file()]
-    if not repo_ids:
-        return []
-    try:
-        done = publish_sweep_collection(cfg.name, repo_ids, cfg.push["namespace"], private=cfg.push["private"],
-                                        endpoint=cfg.push.get("endpoint"), **cfg.collection)
-    except PrunekitError as err:
-        return [f"the sweep's Hub collection was not updated ({err}); rerun the sweep to retry"]
-    return [f"Hub collection: {done.url} ({len(done.items)} checkpoints; {len(done.added)} added, "
-            f"{len(done.cards_updated)} cards updated)"]
 
 
 def final_complete(plan: Plan, task_id: str) -> bool:

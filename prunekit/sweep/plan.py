@@ -12,7 +12,7 @@ from rich.table import Table
 
 from prunekit.sweep.config import SweepConfig
 from prunekit.sweep.grid import DenseTask, Grid, RunTask, expand
-from prunekit.sweep.stages import is_complete, task_states
+from prunekit.sweep.layout import is_complete, task_states
 
 STATE_STYLE = {"done": "green", "todo": "yellow", "failed": "red", "stale": "magenta", "busy": "cyan"}
 STATE_TEXT = {"done": "done", "todo": "to do", "failed": "failed → retry", "stale": "killed → redo", "busy": "running elsewhere"}

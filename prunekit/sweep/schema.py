@@ -466,7 +466,7 @@ class SweepSpec(_Section):
     sparsities: Optional[Annotated[list[float], Listed, Field(min_length=1)]] = Field(
         None, description="unstructured sparsities in (0, 1), default [0.5]")
     calibration: CalibrationGrid
-    evaluation: EvaluationSection = EvaluationSection()
+    evaluation: EvaluationSection = Field(default_factory=EvaluationSection)  # built per config, not at import: it imports the evaluation
     analysis: Optional[AnalysisSpec] = None
     push: Optional[PushSpec] = None
     execution: ExecutionSpec = ExecutionSpec()

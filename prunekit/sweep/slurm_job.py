@@ -26,7 +26,8 @@ class SweepJob(submitit.helpers.Checkpointable):
     """``SweepJob()(runs_dir, config_digest, task_ids)``: this rank's share of ``task_ids``."""
 
     def __call__(self, runs_dir: str, config_digest: str, task_ids: list[str]) -> list[dict[str, Any]]:
-        from prunekit.sweep.stages import execute_tasks, read_snapshot
+        from prunekit.sweep.layout import read_snapshot
+        from prunekit.sweep.stages import execute_tasks
 
         env = submitit.JobEnvironment()
         mine = split_for_rank(list(task_ids), env.global_rank, env.num_tasks)

@@ -1,16 +1,7 @@
-"""The stages of one task and their state on disk: the dense evaluation of a model, a run (prune ->
-eval -> push) or an analysis pair. Every backend (in-process, local processes, submitit) ends up in
-``execute_tasks``.
-
-Runs-dir layout::
-
-    RUNS_DIR/
-      sweeps/<config digest>.json      the validated config each worker re-reads
-      sweep.log                        one line per stage start/end (append-only)
-      dense/<model key>/               dense.json, dense.status.json, results.json
-      runs/<run hash>/                 run.json, prune.status.json, checkpoint/, eval.status.json,
-                                       results.json, push.status.json, push.json
-      analysis/<pair key>/             analysis.json, analysis.status.json, result.json
+"""The work of one task: the dense evaluation of a model, a run (prune -> eval -> push) or an analysis
+pair, each stage held by its status file (:mod:`prunekit.sweep.state`) in the task's directory
+(:mod:`prunekit.sweep.layout`, which also says what is done). Every backend (in-process, local
+processes, submitit) ends up in ``execute_tasks``.
 """
 
 from __future__ import annotations
@@ -18,153 +9,24 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
-import hashlib
-import json
 import os
 import shutil
-import socket
 import time
 import traceback
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from prunekit.artifacts import (ANALYSIS_FILE, ANALYSIS_RESULT_FILE, DENSE_FILE, PUSH_FILE, RUN_FILE, SWEEP_ANALYSIS_KIND,
-                                SWEEP_ANALYSIS_RESULT_KIND, SWEEP_CONFIG_KIND, SWEEP_DENSE_KIND, SWEEP_PUSH_KIND, SWEEP_RUN_KIND,
-                                overall_sparsity, record_path, results_path, write_results)
+from prunekit.artifacts import (ANALYSIS_RESULT_FILE, PUSH_FILE, SWEEP_ANALYSIS_RESULT_KIND, SWEEP_PUSH_KIND, overall_sparsity,
+                                record_path, results_path, write_results)
 from prunekit.errors import PrunekitError
-from prunekit.io import atomic_directory, read_versioned, versioned, write_json_atomic
-from prunekit.sweep.config import SweepConfig, load_config
+from prunekit.io import versioned, write_json_atomic
+from prunekit.sweep.config import SweepConfig
 from prunekit.sweep.grid import AnalysisTask, DenseTask, Grid, RunTask, expand
-from prunekit.sweep.state import (DONE, StageBusy, clean_partials, clear_status, now_iso, read_artifact, read_status, stage,
-                                  stage_state)
-
-CONFIG_KIND, RUN_KIND, DENSE_KIND, ANALYSIS_KIND = SWEEP_CONFIG_KIND, SWEEP_RUN_KIND, SWEEP_DENSE_KIND, SWEEP_ANALYSIS_KIND
-
-
-def digest(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-# ---------------------------------------------------------------------------------------------
-# Paths and fingerprints
-# ---------------------------------------------------------------------------------------------
-
-
-def dense_dir(runs_dir: Path, task: DenseTask) -> Path:
-    return Path(runs_dir) / "dense" / task.key
-
-
-def run_dir(runs_dir: Path, task: RunTask) -> Path:
-    return Path(runs_dir) / "runs" / task.run_id
-
-
-def analysis_dir(runs_dir: Path, task: AnalysisTask) -> Path:
-    return Path(runs_dir) / "analysis" / task.key
-
-
-def task_dir(runs_dir: Path, task) -> Path:
-    if isinstance(task, DenseTask):
-        return dense_dir(runs_dir, task)
-    if isinstance(task, RunTask):
-        return run_dir(runs_dir, task)
-    return analysis_dir(runs_dir, task)
-
-
-def dense_fingerprint(config: SweepConfig) -> str:
-    return digest({"eval": config.eval_settings})
-
-
-def eval_fingerprint(config: SweepConfig, directory: Path) -> str:
-    """Eval settings plus the prune attempt it evaluates: a re-pruned checkpoint is re-evaluated."""
-    prune_status = read_status(directory, "prune") or {}
-    return digest({"eval": config.eval_settings, "checkpoint": prune_status.get("finished")})
-
-
-def push_fingerprint(config: SweepConfig, directory: Path) -> str:
-    eval_status = read_status(directory, "eval") or {}
-    return digest({"push": config.push, "results": eval_status.get("finished")})
-
-
-def analysis_fingerprint(config: SweepConfig, runs_dir: Path, task: AnalysisTask) -> str:
-    finished = [(read_status(Path(runs_dir) / "runs" / rid, "prune") or {}).get("finished") for rid in task.runs]
-    return digest({"langs": config.eval_languages, "source": config.ppl_source, "seqlen": config.eval_seqlen, "runs": finished})
-
-
-def stage_names(config: SweepConfig, task) -> list[str]:
-    if isinstance(task, DenseTask):
-        return ["dense"]
-    if isinstance(task, AnalysisTask):
-        return ["analysis"]
-    return ["prune", "eval"] + (["push"] if config.push else [])
-
-
-def task_states(config: SweepConfig, runs_dir: Path, task) -> dict[str, str]:
-    """Current state of each stage of a task: done / todo / failed / stale / busy."""
-    directory = task_dir(runs_dir, task)
-    if isinstance(task, DenseTask):
-        return {"dense": stage_state(directory, "dense", dense_fingerprint(config))}
-    if isinstance(task, AnalysisTask):
-        return {"analysis": stage_state(directory, "analysis", analysis_fingerprint(config, runs_dir, task))}
-    states = {"prune": stage_state(directory, "prune")}
-    checkpoint_ok = record_path(directory / "checkpoint").exists()
-    eval_state = stage_state(directory, "eval", eval_fingerprint(config, directory))
-    if states["prune"] == "done" and not checkpoint_ok and not (eval_state == "done" and not config.keep_checkpoints):
-        states["prune"] = "todo"  # the checkpoint was removed by hand
-    states["eval"] = eval_state if states["prune"] == "done" else ("todo" if eval_state != "busy" else "busy")
-    if eval_state == "done" and not results_path(directory).exists():
-        states["eval"] = "todo"
-    if config.push:
-        push_state = stage_state(directory, "push", push_fingerprint(config, directory))
-        states["push"] = push_state if states["eval"] == "done" else ("todo" if push_state != "busy" else "busy")
-    return states
-
-
-def is_complete(states: dict[str, str]) -> bool:
-    return all(state == "done" for state in states.values())
-
-
-# ---------------------------------------------------------------------------------------------
-# The snapshot every worker re-reads
-# ---------------------------------------------------------------------------------------------
-
-
-def write_snapshot(runs_dir: Path, config: SweepConfig) -> str:
-    path = Path(runs_dir) / "sweeps" / f"{config.digest}.json"
-    if read_artifact(path, CONFIG_KIND, "it is written again from the config") is None:  # missing or damaged
-        write_json_atomic(path, versioned(CONFIG_KIND, {"name": config.name, "config": config.to_json(), "created": now_iso()}))
-    return config.digest
-
-
-def read_snapshot(runs_dir: Path, config_digest: str) -> SweepConfig:
-    data = read_versioned(Path(runs_dir) / "sweeps" / f"{config_digest}.json", CONFIG_KIND)
-    return load_config(data["config"])
-
-
-def log(runs_dir: Path, message: str) -> None:
-    line = f"{now_iso()} {socket.gethostname()}:{os.getpid()} {message}\n"
-    with contextlib.suppress(OSError), open(Path(runs_dir) / "sweep.log", "a", encoding="utf-8") as handle:
-        handle.write(line)
-
-
-def ensure_task_dir(directory: Path, kind: str, payload: dict[str, Any]) -> Path:
-    """Create a task dir atomically with its description file (run.json / dense.json / analysis.json)."""
-    filename = {RUN_KIND: RUN_FILE, DENSE_KIND: DENSE_FILE, ANALYSIS_KIND: ANALYSIS_FILE}[kind]
-    if read_artifact(directory / filename, kind, "it is written again from the config") is not None:
-        return directory
-    if directory.exists():  # a dir without its (readable) description: left by hand or an old layout; fill it in
-        write_json_atomic(directory / filename, versioned(kind, payload))
-        return directory
-    try:
-        with atomic_directory(directory) as staging:
-            write_json_atomic(staging / filename, versioned(kind, payload))
-    except FileExistsError:  # another process created it a moment before us
-        pass
-    except FileNotFoundError:  # our staging dir was cleaned away by a sweep starting on the same runs dir
-        if not (directory / filename).exists():
-            directory.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(directory / filename, versioned(kind, payload))
-    return directory
+from prunekit.sweep.layout import (ANALYSIS_KIND, DENSE_KIND, RUN_KIND, analysis_dir, analysis_fingerprint, dense_dir,
+                                   dense_fingerprint, ensure_task_dir, eval_fingerprint, log, push_fingerprint, read_snapshot,
+                                   run_dir, stage_names, task_dir, task_states)
+from prunekit.sweep.state import DONE, StageBusy, clean_partials, clear_status, read_status, stage, stage_state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,6 +247,26 @@ def _push(config: SweepConfig, task: RunTask, directory: Path, runs_dir: Path) -
     )
     return {"repo_id": pushed.repo_id, "url": pushed.url, "private": config.push["private"],
             "commit": getattr(pushed, "commit", None), "committed": getattr(pushed, "committed", None)}
+
+
+def publish_collection(config: SweepConfig, runs_dir: Path, runs: list[RunTask]) -> list[str]:
+    """After the pushes: the sweep's Hub collection of the repos ``runs`` pushed, linked from each card
+    (prunekit.hub.collection). Returns the notes for the summary; a Hub failure is a note, not an error."""
+    import json
+
+    from prunekit.hub.collection import publish_sweep_collection
+
+    pushed = [runs_dir / "runs" / task.run_id / PUSH_FILE for task in runs]
+    repo_ids = [json.loads(path.read_text())["repo_id"] for path in pushed if path.is_file()]
+    if not repo_ids:
+        return []
+    try:
+        done = publish_sweep_collection(config.name, repo_ids, config.push["namespace"], private=config.push["private"],
+                                        endpoint=config.push.get("endpoint"), **config.collection)
+    except PrunekitError as err:
+        return [f"the sweep's Hub collection was not updated ({err}); rerun the sweep to retry"]
+    return [f"Hub collection: {done.url} ({len(done.items)} checkpoints; {len(done.added)} added, "
+            f"{len(done.cards_updated)} cards updated)"]
 
 
 def run_analysis(config: SweepConfig, runs_dir: Path, task: AnalysisTask, progress: bool) -> TaskOutcome:
