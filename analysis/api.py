@@ -15,6 +15,7 @@ import json
 import math
 import time
 import warnings
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,13 +26,13 @@ import torch
 from prunekit.analysis import drift as drift_mod
 from prunekit.analysis import lape as lape_mod
 from prunekit.analysis import lsar as lsar_mod
-from prunekit.analysis.activations import DEFAULT_MAX_LENGTH, prepare_texts, reference_states, run_pass
-from prunekit.analysis.checkpoints import DEFAULT_CHUNK_ELEMENTS, open_checkpoint
+from prunekit.analysis.activations import PassSettings, prepare_texts, reference_states, run_pass
+from prunekit.analysis.checkpoints import open_checkpoint
 from prunekit.analysis.masks import compare_masks
+from prunekit.analysis.spec import CompareSpec
 from prunekit.artifacts import COMPARE_FILE, COMPARE_KIND, overall_sparsity, read_record
 from prunekit.errors import ConfigError, ModelError
 from prunekit.io import atomic_directory, versioned, write_json_atomic, write_text_atomic
-from prunekit.languages import parse_languages
 from prunekit.evaluation.forward import open_weights
 from prunekit.evaluation.hidden_states import model_dtype, torch_dtype
 from prunekit.models import (
@@ -43,25 +44,9 @@ from prunekit.models import (
 )
 
 KIND = COMPARE_KIND
-from prunekit.analysis import ANALYSES
-RUN_ANALYSES = ("lsar", "lape", "drift")
-
-
-def parse_only(only: str | Sequence[str] | None) -> list[str]:
-    if only is None:
-        return list(ANALYSES)
-    items = [p.strip() for p in (only.split(",") if isinstance(only, str) else only) if p and p.strip()]
-    unknown = [p for p in items if p not in ANALYSES]
-    if unknown or not items:
-        raise ConfigError(f"unknown analysis '{','.join(unknown) or only}' in --only; choose from {','.join(ANALYSES)}")
-    return [a for a in ANALYSES if a in items]
-
-
-def parse_langs(langs: str | Sequence[str] | None) -> list[str]:
-    if langs is None:
-        return [lang.code for lang in parse_languages("all")]
-    spec = langs if isinstance(langs, str) else ",".join(langs)
-    return [lang.code for lang in parse_languages(spec)]
+# compare.json's settings: the spec's choices (its ``to_settings``) in this order, device and conventions resolved
+SETTINGS = ("langs", "text_source", "max_tokens", "max_length", "dtype", "device", "batch_size", "lsar_rank", "subspace",
+            "lape_thresholds", "deactivate", "chunk_elements", "conventions")
 
 
 def _check_out(out: Path | None, overwrite: bool) -> None:
@@ -125,106 +110,69 @@ def _perplexity(result) -> dict[str, Any]:
 def compare(
     a: str | Path,
     b: str | Path,
+    spec: CompareSpec | None = None,
+    *,
     dense: str | Path | None = None,
     seeds_a: Sequence[str | Path] = (),
     seeds_b: Sequence[str | Path] = (),
-    langs: str | Sequence[str] | None = None,
-    text_source: str = "embedded",
-    only: str | Sequence[str] | None = None,
     out: str | Path | None = None,
     overwrite: bool = False,
-    max_tokens: int | None = None,
-    max_length: int = DEFAULT_MAX_LENGTH,
-    lsar_rank: int | None = None,
-    subspace: str = "per_model",
-    lape_thresholds: str | dict | None = None,
-    deactivate: bool = False,
-    dtype: str = "auto",
-    device: str = "auto",
-    batch_size: int = 1,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-    trust_remote_code: bool = False,
     figures: bool = True,
     progress: bool = True,
-    conventions: str | None = None,
 ) -> dict[str, Any]:
-    """Compare checkpoints ``a`` and ``b`` (local dirs or Hub ids); returns the compare.json dict.
+    """Compare checkpoints ``a`` and ``b``: mask overlap, LSAR, LAPE and hidden-state drift (``prunekit compare``).
 
-    Mirrors ``prunekit compare``. ``only`` selects analyses among masks, lsar, lape, drift (default all);
-    ``out`` (optional) receives compare.json, figures/, summary.md and lape.npz, written atomically.
+    Args:
+        a (`str` or `Path`): pruned checkpoint A, a local dir (e.g. from ``prunekit prune``) or a Hub id.
+        b (`str` or `Path`): pruned checkpoint B, likewise.
+        spec (`CompareSpec`, *optional*): what to compute and how (analyses, languages, text, LSAR / LAPE
+            settings, dtype, device, ...); default ``CompareSpec()``: all four analyses over the study's seven
+            languages of the embedded text.
+        dense (`str` or `Path`, *optional*): the dense base model. Masks become ``A ∧ [W_dense ≠ 0]`` and
+            LSAR / LAPE / drift compare A and B against it; without it, B is compared against A.
+        seeds_a (sequence of `str` or `Path`, defaults to `()`): more checkpoints of A's calibration language
+            (other seeds); the mask analysis uses their intersection.
+        seeds_b (sequence of `str` or `Path`, defaults to `()`): likewise for B.
+        out (`str` or `Path`, *optional*): a directory that receives ``compare.json``, ``summary.md``,
+            ``figures/*.png`` and ``lape.npz``, written atomically; None: nothing is written.
+        overwrite (`bool`, defaults to `False`): replace a non-empty ``out``.
+        figures (`bool`, defaults to `True`): draw ``figures/*.png`` into ``out``.
+        progress (`bool`, defaults to `True`): progress bars.
+
+    Returns:
+        `dict`: the content of ``compare.json`` (schema in ``analysis/SCHEMA.md``), its ``settings`` from the
+        spec and its ``fingerprint`` the spec's.
+
+    Raises:
+        ConfigError: ``out`` is not empty and ``overwrite`` is off (the spec's own checks ran when it was made).
+        ModelError: checkpoints of different layouts, or (for LSAR / LAPE / drift) different tokenizers.
+
+    Models are loaded one at a time and streamed a decoder layer at a time from their shards; the reference's
+    hidden states wait in a memory-mapped temp file for the drift.
+
+    Example:
+
+    ```py
+    >>> from prunekit.analysis import CompareSpec, compare
+    >>> result = compare("gemma-de", "gemma-sw", CompareSpec(langs="de,en,sw"), dense="embedded:gemma-3-270m",
+    ...                  out="cmp-de-sw")
+    >>> result["masks"]["comparisons"]["between"]["global"]["iou"]
+    ```
     """
     started = time.perf_counter()
-    analyses = parse_only(only)
-    lang_codes = parse_langs(langs)
+    spec = spec or CompareSpec()
     out_path = None if out is None else Path(out)
     _check_out(out_path, overwrite)
-    if subspace not in lsar_mod.SUBSPACE_MODES:
-        raise ConfigError(f"unknown --subspace '{subspace}'; use one of {', '.join(lsar_mod.SUBSPACE_MODES)}")
-    thresholds = lape_mod.normalize_thresholds(lape_thresholds)
-    if max_tokens is not None and max_tokens < 1:
-        raise ConfigError("--max-tokens must be a positive number of tokens per language")
-    if batch_size < 1:
-        raise ConfigError("--batch-size must be at least 1")
-    needs_langs = [x for x in analyses if x in ("lsar", "lape")]
-    if needs_langs and len(lang_codes) < 2:
-        raise ConfigError(f"{' and '.join(needs_langs)} compare languages: pass two or more with --langs (e.g. de,en,sw)")
-    if lsar_rank is not None and "lsar" in analyses and not 1 <= lsar_rank <= len(lang_codes) - 1:
-        raise ConfigError(f"--lsar-rank must be between 1 and K−1 = {len(lang_codes) - 1}")
-
-    roles: dict[str, ModelSource] = {"a": resolve_model(str(a)), "b": resolve_model(str(b))}
-    roles.update({f"a#{i + 2}": resolve_model(str(s)) for i, s in enumerate(seeds_a)})
-    roles.update({f"b#{i + 2}": resolve_model(str(s)) for i, s in enumerate(seeds_b)})
-    if dense is not None:
-        roles["dense"] = resolve_model(str(dense))
-    models = {role: _describe(role, source) for role, source in roles.items()}
-    notes = []
-    if (seeds_a or seeds_b) and "masks" not in analyses:
-        notes.append("--seeds-a/--seeds-b are used by the mask analysis only, which is not among --only; they were ignored")
-    conventions = _check_conventions(models, conventions, notes)
-    reference = "dense" if dense is not None else "a"
-    targets = ["a", "b"] if dense is not None else ["b"]
-
-    result: dict[str, Any] = versioned(KIND, {
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "analyses": analyses,
-        "models": models,
-        "reference": reference,
-        "targets": targets,
-        "names": {role: display_name(role, info) for role, info in models.items()},
-        "settings": {
-            "langs": lang_codes, "text_source": text_source, "max_tokens": max_tokens, "max_length": max_length,
-            "dtype": dtype, "device": None, "batch_size": batch_size, "lsar_rank": lsar_rank, "subspace": subspace,
-            "lape_thresholds": thresholds, "deactivate": deactivate, "chunk_elements": chunk_elements,
-            "conventions": conventions,
-        },
-        "texts": None, "perplexity": None, "masks": None, "lsar": None, "lape": None, "drift": None,
-        "warnings": notes, "timings": {},
-    })
-
-    if "masks" in analyses:
-        t0 = time.perf_counter()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            result["masks"] = compare_masks(
-                open_checkpoint(roles["a"], "a"), open_checkpoint(roles["b"], "b"),
-                dense=None if dense is None else open_checkpoint(roles["dense"], "dense"),
-                seeds_a=[open_checkpoint(roles[f"a#{i + 2}"], f"a#{i + 2}") for i in range(len(seeds_a))],
-                seeds_b=[open_checkpoint(roles[f"b#{i + 2}"], f"b#{i + 2}") for i in range(len(seeds_b))],
-                chunk_elements=chunk_elements, progress=progress,
-            )
-        for item in caught:  # re-emit to the caller, once
-            warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
-        result["warnings"].extend(result["masks"]["warnings"])
-        result["timings"]["masks_s"] = time.perf_counter() - t0
-
+    roles = _resolve_roles(a, b, dense, seeds_a, seeds_b)
+    result = _new_result(spec, roles, seeded=bool(seeds_a or seeds_b))
+    if "masks" in spec.only:
+        _mask_analysis(result, roles, spec, progress)
     lape_arrays: dict[str, np.ndarray] = {}
-    if any(x in analyses for x in RUN_ANALYSES):
+    if spec.runs_models:
         t0 = time.perf_counter()
-        compute = resolve_device(device)
-        result["settings"]["device"] = str(compute)
-        _run_analyses(result, roles, reference, targets, analyses, lang_codes, text_source, max_tokens, max_length,
-                      lsar_rank, subspace, thresholds, deactivate, dtype, compute, batch_size, trust_remote_code,
-                      progress, lape_arrays)
+        device = resolve_device(spec.device)
+        result["settings"]["device"] = str(device)
+        _run_analyses(result, roles, spec, PassSettings(spec.batch_size, device=device, progress=progress), lape_arrays)
         result["timings"]["model_passes_s"] = time.perf_counter() - t0
     result["timings"]["total_s"] = time.perf_counter() - started
 
@@ -233,99 +181,163 @@ def compare(
     return result
 
 
-def _run_analyses(result, roles, reference, targets, analyses, langs, text_source, max_tokens, max_length,
-                  lsar_rank, subspace, thresholds, deactivate, dtype, device, batch_size, trust_remote_code,
-                  progress, lape_arrays) -> None:
-    want_lsar, want_lape, want_drift = ("lsar" in analyses), ("lape" in analyses), ("drift" in analyses)
-    names = result["names"]
+def _resolve_roles(a, b, dense, seeds_a: Sequence, seeds_b: Sequence) -> dict[str, ModelSource]:
+    """Every checkpoint by its role: a, b, a#2.. (seeds of a), b#2.., dense."""
+    roles: dict[str, ModelSource] = {"a": resolve_model(str(a)), "b": resolve_model(str(b))}
+    roles.update({f"a#{i + 2}": resolve_model(str(s)) for i, s in enumerate(seeds_a)})
+    roles.update({f"b#{i + 2}": resolve_model(str(s)) for i, s in enumerate(seeds_b)})
+    if dense is not None:
+        roles["dense"] = resolve_model(str(dense))
+    return roles
 
-    tokenizer = load_tokenizer(roles[reference], trust_remote_code)
+
+def _new_result(spec: CompareSpec, roles: dict[str, ModelSource], seeded: bool) -> dict[str, Any]:
+    """compare.json before any analysis: the models, the reference and targets, the settings."""
+    models = {role: _describe(role, source) for role, source in roles.items()}
+    notes = []
+    if seeded and "masks" not in spec.only:
+        notes.append("--seeds-a/--seeds-b are used by the mask analysis only, which is not among --only; they were ignored")
+    chosen = spec.to_settings()
+    settings = {key: chosen.get(key) for key in SETTINGS} | {
+        "device": None, "conventions": _check_conventions(models, spec.conventions, notes)}
+    has_dense = "dense" in roles
+    return versioned(KIND, {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "analyses": list(spec.only),
+        "models": models,
+        "reference": "dense" if has_dense else "a",
+        "targets": ["a", "b"] if has_dense else ["b"],
+        "names": {role: display_name(role, info) for role, info in models.items()},
+        "settings": settings,
+        "fingerprint": spec.fingerprint(),
+        "texts": None, "perplexity": None, "masks": None, "lsar": None, "lape": None, "drift": None,
+        "warnings": notes, "timings": {},
+    })
+
+
+def _mask_analysis(result: dict[str, Any], roles: dict[str, ModelSource], spec: CompareSpec, progress: bool) -> None:
+    t0 = time.perf_counter()
+    seeds = {side: [role for role in roles if role.startswith(f"{side}#")] for side in ("a", "b")}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result["masks"] = compare_masks(
+            open_checkpoint(roles["a"], "a"), open_checkpoint(roles["b"], "b"),
+            dense=open_checkpoint(roles["dense"], "dense") if "dense" in roles else None,
+            seeds_a=[open_checkpoint(roles[r], r) for r in seeds["a"]],
+            seeds_b=[open_checkpoint(roles[r], r) for r in seeds["b"]],
+            chunk_elements=spec.chunk_elements, progress=progress,
+        )
+    for item in caught:  # re-emit to the caller, once
+        warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
+    result["warnings"].extend(result["masks"]["warnings"])
+    result["timings"]["masks_s"] = time.perf_counter() - t0
+
+
+def _run_analyses(result: dict[str, Any], roles: dict[str, ModelSource], spec: CompareSpec, run: PassSettings,
+                  lape_arrays: dict[str, np.ndarray]) -> None:
+    """LSAR, LAPE and drift: one pass of the reference, then one of each target, into ``result``."""
+    reference, targets = result["reference"], result["targets"]
+    passes, selected, deactivation = _model_passes(result, roles, spec, run)
+    if "lsar" in spec.only:
+        result["lsar"] = _lsar_section(passes, reference, targets, spec)
+    if "lape" in spec.only:
+        result["lape"] = _lape_section(passes, reference, targets, spec, selected, deactivation, lape_arrays)
+    if "drift" in spec.only:
+        result["drift"] = {
+            "definition": drift_mod.__doc__.strip().splitlines()[0],
+            "per_target": {role: drift_mod.summarize(passes[role]) for role in targets},
+        }
+
+
+def _model_passes(result: dict[str, Any], roles: dict[str, ModelSource], spec: CompareSpec, run: PassSettings):
+    """Each model's pass over the texts, the reference's first (its states recorded for the drift); fills in
+    ``texts`` and ``perplexity``. Returns the passes, the reference's selected LAPE neurons, the deactivations."""
+    reference, targets, names = result["reference"], result["targets"], result["names"]
+    want_lsar, want_lape, want_drift = ("lsar" in spec.only), ("lape" in spec.only), ("drift" in spec.only)
+    tokenizer = load_tokenizer(roles[reference], spec.trust_remote_code)
     # Each model is streamed from its checkpoint a decoder layer at a time (the whole model only when
     # its weights are not safetensors the model reads as they are).
-    model = open_weights(roles[reference], torch_dtype(dtype), trust_remote_code)
+    model = open_weights(roles[reference], torch_dtype(spec.dtype), spec.trust_remote_code)
     fingerprint = tokenizer_fingerprint(tokenizer)
-    texts = prepare_texts(tokenizer, langs, text_source, "evaluation", max_tokens, max_length)
+    texts = prepare_texts(tokenizer, list(spec.langs), spec.text_source, "evaluation", spec.max_tokens, spec.max_length)
     result["texts"] = texts.provenance
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    run = dict(batch_size=batch_size, pad_id=pad_id, device=device, progress=progress)
-    passes = {}
-    perplexity = {}
-    deactivation: dict[str, Any] = {}
-    selected = None
+    run = replace(run, pad_id=pad_id)
+    passes, perplexity, deactivation, selected = {}, {}, {}, None
 
     with reference_states(model.model, texts, model_dtype(model)) if want_drift else _null() as store:
         passes[reference] = run_pass(model, texts, label=f"{names[reference]}: forward", embeddings=want_lsar,
-                                     lape=want_lape, nll=True, record=store, **run)
+                                     lape=want_lape, nll=True, record=store, settings=run)
         perplexity[reference] = _perplexity(passes[reference])
         if want_lape:
-            ref_stats = _lape_stats(passes[reference])
-            selected = lape_mod.select_language_neurons(ref_stats, thresholds)
-            if deactivate:
+            selected = lape_mod.select_language_neurons(_lape_stats(passes[reference]), spec.lape_thresholds)
+            if spec.deactivate:
                 deactivation[reference] = _deactivation(model, texts, selected, passes[reference], names[reference], run)
         model = None  # the last reference: the next model never shares memory with this one
         _collect()
 
         for role in targets:
-            _check_tokenizer(roles[role], role, roles[reference], reference, fingerprint, trust_remote_code)
-            model = open_weights(roles[role], torch_dtype(dtype), trust_remote_code)
+            _check_tokenizer(roles[role], role, roles[reference], reference, fingerprint, spec.trust_remote_code)
+            model = open_weights(roles[role], torch_dtype(spec.dtype), spec.trust_remote_code)
             passes[role] = run_pass(model, texts, label=f"{names[role]}: forward", embeddings=want_lsar,
-                                    lape=want_lape, nll=True, compare_to=store, **run)
+                                    lape=want_lape, nll=True, compare_to=store, settings=run)
             perplexity[role] = _perplexity(passes[role])
-            if want_lape and deactivate:
+            if want_lape and spec.deactivate:
                 deactivation[role] = _deactivation(model, texts, selected, passes[role], names[role], run)
             model = None
             _collect()
     result["perplexity"] = perplexity
+    return passes, selected, deactivation
 
-    if want_lsar:
-        per_target = {}
-        for role in targets:
-            layers = []
-            for layer in range(passes[reference].num_layers):
-                ref = {lang: passes[reference].embeddings[lang][layer] for lang in langs}
-                tgt = {lang: passes[role].embeddings[lang][layer] for lang in langs}
-                layers.append({"layer": layer, **lsar_mod.layer_drift(ref, tgt, langs, lsar_rank, subspace)})
-            per_target[role] = {"per_layer": layers}
-        result["lsar"] = {"rank": lsar_rank or lsar_mod.default_rank(len(langs)), "subspace": subspace,
-                          "embedding": "mean of the layer output over the valid tokens of each sample",
-                          "per_target": per_target}
 
-    if want_lape:
-        stats = {role: _lape_stats(passes[role]) for role in [reference, *targets]}
-        own = {role: lape_mod.select_language_neurons(stats[role], thresholds) for role in stats}
-        specific: dict[str, Any] = {}
-        for role, sel in own.items():
-            entry: dict[str, Any] = {"counts": {lang: len(v) for lang, v in sel.items()}}
-            if role != reference:
-                entry["iou_with_reference"] = {
-                    lang: _pair_iou(set(sel[lang]), set(own[reference][lang])) for lang in langs
-                }
-            specific[role] = entry
-        result["lape"] = {
-            "thresholds": thresholds,
-            "activation": "act_fn(gate_proj(x)) > 0 over valid tokens; |output| = |act_fn(gate_proj(x)) ⊙ up_proj(x)|",
-            "summary": {role: lape_mod.summary(s) for role, s in stats.items()},
-            "bins": lape_mod.binned(stats[reference], {r: stats[r] for r in targets}),
-            "specific_neurons": specific,
-            "deactivation": None if not deactivate else {
-                "neurons": {lang: len(v) for lang, v in selected.items()},
-                "selected_in": reference,
-                "per_model": deactivation,
-            },
-            "arrays": "lape.npz",
-        }
-        for role, s in stats.items():
-            key = role.replace("#", "_")
-            lape_arrays[f"{key}_lape"] = s.scores.astype(np.float32)
-            lape_arrays[f"{key}_activation_probability"] = s.probs.astype(np.float32)
-            lape_arrays[f"{key}_mean_abs_output"] = s.mean_abs_output.astype(np.float32)
-        lape_arrays["langs"] = np.array(langs)
+def _lsar_section(passes, reference: str, targets: list[str], spec: CompareSpec) -> dict[str, Any]:
+    langs = list(spec.langs)
+    per_target = {}
+    for role in targets:
+        layers = []
+        for layer in range(passes[reference].num_layers):
+            ref = {lang: passes[reference].embeddings[lang][layer] for lang in langs}
+            tgt = {lang: passes[role].embeddings[lang][layer] for lang in langs}
+            layers.append({"layer": layer, **lsar_mod.layer_drift(ref, tgt, langs, spec.lsar_rank, spec.subspace)})
+        per_target[role] = {"per_layer": layers}
+    return {"rank": spec.lsar_rank or lsar_mod.default_rank(len(langs)), "subspace": spec.subspace,
+            "embedding": "mean of the layer output over the valid tokens of each sample",
+            "per_target": per_target}
 
-    if want_drift:
-        result["drift"] = {
-            "definition": drift_mod.__doc__.strip().splitlines()[0],
-            "per_target": {role: drift_mod.summarize(passes[role]) for role in targets},
-        }
+
+def _lape_section(passes, reference: str, targets: list[str], spec: CompareSpec, selected, deactivation,
+                  lape_arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """compare.json's ``lape``; the per-neuron arrays go into ``lape_arrays`` (lape.npz)."""
+    thresholds = spec.lape_thresholds
+    stats = {role: _lape_stats(passes[role]) for role in [reference, *targets]}
+    own = {role: lape_mod.select_language_neurons(stats[role], thresholds) for role in stats}
+    specific: dict[str, Any] = {}
+    for role, sel in own.items():
+        entry: dict[str, Any] = {"counts": {lang: len(v) for lang, v in sel.items()}}
+        if role != reference:
+            entry["iou_with_reference"] = {
+                lang: _pair_iou(set(sel[lang]), set(own[reference][lang])) for lang in spec.langs
+            }
+        specific[role] = entry
+    for role, s in stats.items():
+        key = role.replace("#", "_")
+        lape_arrays[f"{key}_lape"] = s.scores.astype(np.float32)
+        lape_arrays[f"{key}_activation_probability"] = s.probs.astype(np.float32)
+        lape_arrays[f"{key}_mean_abs_output"] = s.mean_abs_output.astype(np.float32)
+    lape_arrays["langs"] = np.array(list(spec.langs))
+    return {
+        "thresholds": thresholds,
+        "activation": "act_fn(gate_proj(x)) > 0 over valid tokens; |output| = |act_fn(gate_proj(x)) ⊙ up_proj(x)|",
+        "summary": {role: lape_mod.summary(s) for role, s in stats.items()},
+        "bins": lape_mod.binned(stats[reference], {r: stats[r] for r in targets}),
+        "specific_neurons": specific,
+        "deactivation": None if not spec.deactivate else {
+            "neurons": {lang: len(v) for lang, v in selected.items()},
+            "selected_in": reference,
+            "per_model": deactivation,
+        },
+        "arrays": "lape.npz",
+    }
 
 
 TOKENIZER_CONFIG_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token", "add_bos_token", "add_eos_token",
@@ -389,7 +401,7 @@ def _deactivation(model, texts, selected, baseline, name, run) -> dict[str, Any]
         if not by_layer:
             out[lang] = None
             continue
-        p = run_pass(model, texts, label=f"{name}: {lang} neurons off", nll=True, deactivate=by_layer, **run)
+        p = run_pass(model, texts, label=f"{name}: {lang} neurons off", nll=True, deactivate=by_layer, settings=run)
         out[lang] = {}
         for eval_lang in texts.langs:
             base, new = baseline.nll(eval_lang), p.nll(eval_lang)

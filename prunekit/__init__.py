@@ -16,12 +16,14 @@ _LAZY = {
     "CalibrationSpec": "prunekit.recipe",
     "OutputSpec": "prunekit.recipe",
     "EvaluationSpec": "prunekit.evaluation.spec",
+    "CompareSpec": "prunekit.analysis.spec",
 }
 
 
 def __getattr__(name: str):
     """The face's names, imported on first use: ``prune`` (prunekit.pipeline), ``CalibrationSpec`` and
-    ``OutputSpec`` (prunekit.recipe), ``EvaluationSpec`` (prunekit.evaluation.spec)."""
+    ``OutputSpec`` (prunekit.recipe), ``EvaluationSpec`` (prunekit.evaluation.spec), ``CompareSpec``
+    (prunekit.analysis.spec)."""
     if name not in _LAZY:
         raise AttributeError(f"module 'prunekit' has no attribute '{name}'")
     import importlib
@@ -29,4 +31,4 @@ def __getattr__(name: str):
     return getattr(importlib.import_module(_LAZY[name]), name)
 
 
-__all__ = ["CalibrationSpec", "EvaluationSpec", "OutputSpec", "__version__", "prune"]
+__all__ = ["CalibrationSpec", "CompareSpec", "EvaluationSpec", "OutputSpec", "__version__", "prune"]
