@@ -407,13 +407,13 @@ def run_analysis(config: SweepConfig, runs_dir: Path, task: AnalysisTask, progre
         missing = [str(c) for c in side_a + side_b if not record_path(c).exists()]
         if missing:
             raise PrunekitError(f"analysis needs the checkpoints of both calibration sets; missing: {', '.join(missing)}")
-        from prunekit.analysis import compare
+        from prunekit.analysis import CompareSpec, compare
 
+        spec = CompareSpec(langs=list(config.eval_languages), text_source=config.ppl_source, dtype=task.model.dtype,
+                           device=config.device, **config.analysis_options)
         comparison = compare(
-            str(side_a[0]), str(side_b[0]), dense=task.model.spec, seeds_a=[str(c) for c in side_a[1:]],
-            seeds_b=[str(c) for c in side_b[1:]], langs=list(config.eval_languages), text_source=config.ppl_source,
-            out=directory / "compare", overwrite=True, dtype=task.model.dtype, device=config.device,
-            progress=progress, **config.analysis_options,
+            str(side_a[0]), str(side_b[0]), spec, dense=task.model.spec, seeds_a=[str(c) for c in side_a[1:]],
+            seeds_b=[str(c) for c in side_b[1:]], out=directory / "compare", overwrite=True, progress=progress,
         )
         del comparison  # written to compare/compare.json (+ summary.md, figures/) by compare itself
         result = {"status": "ok", "compare": "compare/compare.json", "summary": "compare/summary.md"}
