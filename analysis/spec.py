@@ -12,7 +12,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from prunekit.analysis import ANALYSES
 from prunekit.analysis.activations import DEFAULT_MAX_LENGTH
@@ -40,12 +40,24 @@ def _only(only: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(a for a in ANALYSES if a in items)
 
 
+def _named(option: str, check: Callable[[], Any]) -> Any:
+    """``check()``, its error as the OptionError of ``option`` (same message)."""
+    from prunekit.errors import PrunekitError
+
+    try:
+        return check()
+    except OptionError:
+        raise
+    except PrunekitError as err:
+        raise OptionError(option, str(err), str(err)) from err
+
+
 def _langs(langs: str | Sequence[str] | None) -> tuple[str, ...]:
     """The languages' codes; None: the study's seven (the library's default, ``all``)."""
     from prunekit.languages import parse_languages
 
     text = "all" if langs is None else (langs if isinstance(langs, str) else ",".join(langs))
-    return tuple(lang.code for lang in parse_languages(text))
+    return tuple(lang.code for lang in _named("langs", lambda: parse_languages(text)))
 
 
 @dataclass(frozen=True)
@@ -107,19 +119,15 @@ class CompareSpec:
         if self.conventions is not None:
             from prunekit.conventions import parse_conventions
 
-            set_(self, "conventions", parse_conventions(self.conventions))
+            set_(self, "conventions", _named("conventions", lambda: parse_conventions(self.conventions)))
         self._check_sizes()
         self._check_languages()
         self._check_model_settings()
 
     def _thresholds(self) -> dict[str, float | None]:
         from prunekit.analysis.lape import normalize_thresholds
-        from prunekit.errors import ConfigError
 
-        try:
-            return normalize_thresholds(self.lape_thresholds)
-        except ConfigError as err:
-            raise OptionError("lape_thresholds", str(err), str(err)) from err
+        return _named("lape_thresholds", lambda: normalize_thresholds(self.lape_thresholds))
 
     def _check_sizes(self) -> None:
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -146,13 +154,9 @@ class CompareSpec:
 
     def _check_model_settings(self) -> None:
         """dtype, device and a local text source, before any model loads (only when a model runs)."""
-        from prunekit.errors import ConfigError
         from prunekit.evaluation.hidden_states import torch_dtype
 
-        try:
-            torch_dtype(self.dtype)
-        except ConfigError as err:
-            raise OptionError("dtype", str(err), str(err)) from err
+        _named("dtype", lambda: torch_dtype(self.dtype))
         if self.device != "auto":
             import torch
 
@@ -169,7 +173,7 @@ class CompareSpec:
                 raise OptionError("text_source", "is neither 'mc4', 'embedded' nor an existing file or directory",
                                   f"text source '{self.text_source}' is neither 'mc4', 'embedded' nor an existing file or directory")
             for lang in self.langs:
-                local_file_for(path, lang, "evaluation")
+                _named("text_source", lambda: local_file_for(path, lang, "evaluation"))
 
     @property
     def runs_models(self) -> bool:
