@@ -169,3 +169,31 @@ def test_cli_bad_option_is_one_error_line_naming_the_flag_before_any_work(captur
     assert done.exit_code == 2
     assert done.stderr.strip() == "error: --lsar-rank must be between 1 and K−1 = 1"
     assert not captured and not (tmp_path / "cmp").exists()
+
+
+# --- the sweep's analysis stage builds one spec too ---------------------------------------------------------
+
+def test_the_sweep_analysis_stage_hands_compare_one_spec_from_its_section(captured, tiny_llama, tmp_path):
+    from prunekit.artifacts import record_path
+    from prunekit.sweep import stages
+    from prunekit.sweep.config import load_config
+    from prunekit.sweep.grid import expand
+
+    config = load_config({
+        "name": "cmp", "models": [{"path": str(tiny_llama)}], "methods": ["wanda"],
+        "calibration": {"sets": ["de", "sw"], "source": str(TATOEBA), "nsamples": 2, "seqlen": 16, "seeds": [0, 1]},
+        "evaluation": {"languages": ["de", "sw"], "perplexity_source": str(TATOEBA), "seqlen": 16},
+        "analysis": {"pairs": [["de", "sw"]], "only": ["masks", "drift"], "max_tokens": 32},
+        "execution": {"device": "cpu"},
+    })
+    task, = expand(config).analysis
+    for run_id in task.runs:  # stand-ins for the pruned checkpoints (compare itself is replaced)
+        record_path(tmp_path / "runs" / run_id / "checkpoint").parent.mkdir(parents=True)
+        record_path(tmp_path / "runs" / run_id / "checkpoint").write_text("{}")
+    stages.run_analysis(config, tmp_path, task, progress=False)
+    (a, b, spec, kwargs), = captured
+    assert spec == CompareSpec(langs="de,sw", text_source=config.ppl_source, only="masks,drift", max_tokens=32,
+                               dtype=task.model.dtype, device="cpu")
+    assert Path(a).parent.name == task.runs_a[0] and Path(b).parent.name == task.runs_b[0]
+    assert [Path(s).parent.name for s in kwargs["seeds_a"]] == list(task.runs_a[1:])
+    assert kwargs["dense"] == task.model.spec and kwargs["overwrite"] is True
