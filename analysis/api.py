@@ -44,9 +44,8 @@ from prunekit.models import (
 )
 
 KIND = COMPARE_KIND
-# compare.json's settings: the spec's choices (its ``to_settings``) in this order, device and conventions resolved
-SETTINGS = ("langs", "text_source", "max_tokens", "max_length", "dtype", "device", "batch_size", "lsar_rank", "subspace",
-            "lape_thresholds", "deactivate", "chunk_elements", "conventions")
+# compare.json's settings are the spec's choices (its ``to_settings``) but these: ``only`` is its ``analyses``
+NOT_IN_SETTINGS = ("only", "trust_remote_code")
 
 
 def _check_out(out: Path | None, overwrite: bool) -> None:
@@ -197,9 +196,8 @@ def _new_result(spec: CompareSpec, roles: dict[str, ModelSource], seeded: bool) 
     notes = []
     if seeded and "masks" not in spec.only:
         notes.append("--seeds-a/--seeds-b are used by the mask analysis only, which is not among --only; they were ignored")
-    chosen = spec.to_settings()
-    settings = {key: chosen.get(key) for key in SETTINGS} | {
-        "device": None, "conventions": _check_conventions(models, spec.conventions, notes)}
+    settings = {k: v for k, v in spec.to_settings().items() if k not in NOT_IN_SETTINGS} | {
+        "device": None, "conventions": _check_conventions(models, spec.conventions, notes)}  # device: once resolved
     has_dense = "dense" in roles
     return versioned(KIND, {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -142,9 +142,12 @@ def test_a_checkpoint_against_an_identical_copy_shows_no_change(trio):
 
 def test_compare_writes_versioned_json_figures_summary_and_lape_arrays(trio, tmp_path):
     out = tmp_path / "cmp"
-    result = compare(trio["a"], trio["b"], CompareSpec(langs="de,sw", text_source=str(TATOEBA), max_tokens=50, deactivate=True),
-                     dense=trio["dense"], out=out, progress=False)
+    spec = CompareSpec(langs="de,sw", text_source=str(TATOEBA), max_tokens=50, deactivate=True)
+    result = compare(trio["a"], trio["b"], spec, dense=trio["dense"], out=out, progress=False)
     data = read_versioned(out / "compare.json", "prunekit-compare")
+    chosen = {k: v for k, v in spec.to_settings().items() if k not in ("only", "trust_remote_code")}
+    assert data["settings"] == chosen | {"device": "cpu", "conventions": "prunekit"}  # as resolved
+    assert data["fingerprint"] == spec.fingerprint() and data["analyses"] == list(spec.only)
     assert data["kind"] == "prunekit-compare" and data["schema_version"].startswith("1.")
     assert data == json.loads(json.dumps(result))
     assert data["reference"] == "dense" and data["targets"] == ["a", "b"]
