@@ -5,28 +5,18 @@
 - LAPE of FFN neurons, dense-sorted bins and neuron deactivation (``lape``);
 - per-layer hidden-state drift (``drift``).
 
-``compare(a, b, CompareSpec(langs="de,en,sw", only="masks,drift"), dense=None, seeds_a=(), seeds_b=(),
-out=None)`` mirrors ``prunekit compare``: the :class:`CompareSpec` holds every choice, validated once.
-The analysis reads checkpoints and runs models; it does not import the pruning stack (prunekit.engine,
-prunekit.pipeline, prunekit.methods).
+``compare(a, b, CompareSpec(...), dense=None, seeds_a=(), seeds_b=(), out=None)`` mirrors ``prunekit compare``;
+the :class:`CompareSpec` (``analysis/spec.py``) holds what to measure and how, validated once. The analysis reads checkpoints and runs models; it does
+not import the pruning stack (prunekit.engine, prunekit.pipeline, prunekit.methods).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from prunekit.analysis.spec import ANALYSES, CompareSpec
+
 __all__ = ["ANALYSES", "CompareSpec", "compare", "compare_masks"]
-
-ANALYSES = ("masks", "lsar", "lape", "drift")
-
-
-def __getattr__(name: str) -> Any:
-    """``CompareSpec`` (prunekit.analysis.spec), imported on first use."""
-    if name == "CompareSpec":
-        from prunekit.analysis.spec import CompareSpec
-
-        return CompareSpec
-    raise AttributeError(f"module 'prunekit.analysis' has no attribute '{name}'")
 
 
 def compare(*args: Any, **kwargs: Any) -> dict[str, Any]:

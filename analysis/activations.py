@@ -31,7 +31,7 @@ from prunekit.evaluation.forward import Batch, Consumer, as_weights, run_forward
 from prunekit.models import find_decoder_layers
 from prunekit.textsources import load_texts
 
-DEFAULT_MAX_LENGTH = 512
+from prunekit.analysis.spec import DEFAULT_MAX_LENGTH  # noqa: E402  (one home: the spec)
 
 
 @dataclass

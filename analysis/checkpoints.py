@@ -30,7 +30,7 @@ _LINEAR = re.compile(
 )
 # Tensors whose presence legitimately differs between saves of one architecture (tied embeddings).
 _OPTIONAL = re.compile(r"(^|\.)lm_head\.weight$")
-DEFAULT_CHUNK_ELEMENTS = 1 << 20  # rows are read in blocks of about 1M elements (4 MB in fp32)
+from prunekit.analysis.spec import DEFAULT_CHUNK_ELEMENTS  # noqa: E402  (one home: the spec)
 
 
 @dataclass(frozen=True)

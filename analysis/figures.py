@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from prunekit.artifacts import PERPLEXITY_SETTINGS_NOTE, passage_perplexity_settings
+
 LOW_LAPE_FRACTION = 0.30  # the study plots the neuron groups of the 30 % lowest LAPE only
 
 
@@ -266,7 +268,8 @@ def _sections(result: dict[str, Any]) -> list[tuple[str, str, tuple[list[str], l
         sections.append(("Mask IoU", f"per module over all layers, micro Σ|∩|/Σ|∪|; chance level for independent masks in "
                          f"brackets; pruned set {m['definition']}", mask_rows(result)))
     if result.get("perplexity"):
-        sections.append(("Perplexity", "on the analysis text (valid content tokens)", ppl_rows(result)))
+        sections.append(("Perplexity", f"on the analysis text (valid content tokens); "
+                         f"{passage_perplexity_settings(result['settings'])}. {PERPLEXITY_SETTINGS_NOTE}", ppl_rows(result)))
     if result.get("lsar"):
         sections.append(("LSAR drift", f"mean ‖Δ‖₂ of sentence embeddings against {ref}, subspace="
                          f"{result['lsar']['subspace']}, rank {result['lsar']['rank']}", lsar_rows(result)))

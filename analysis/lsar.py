@@ -21,7 +21,7 @@ from scipy.linalg import subspace_angles
 
 from prunekit.errors import ConfigError
 
-SUBSPACE_MODES = ("per_model", "dense")
+from prunekit.analysis.spec import SUBSPACES as SUBSPACE_MODES  # noqa: E402  (one home: the spec)
 
 
 @dataclass

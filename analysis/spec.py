@@ -14,14 +14,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from prunekit.analysis import ANALYSES
-from prunekit.analysis.activations import DEFAULT_MAX_LENGTH
-from prunekit.analysis.checkpoints import DEFAULT_CHUNK_ELEMENTS
-from prunekit.evaluation.spec import OptionError
-
-MODEL_ANALYSES = ("lsar", "lape", "drift")  # the analyses that run the models over text
+ANALYSES = ("masks", "lsar", "lape", "drift")
+RUN_ANALYSES = ("lsar", "lape", "drift")  # the analyses that run the models over text (the masks are read from disk)
+SUBSPACES = ("per_model", "dense")
+DEFAULT_MAX_LENGTH = 512  # tokens per document at most
+DEFAULT_CHUNK_ELEMENTS = 1 << 20  # mask rows are read in blocks of about 1M elements (4 MB in fp32)
 # What changes no number of compare.json (left out of the fingerprint): where and how fast it is computed.
-NOT_MEASURED = ("device", "chunk_elements", "trust_remote_code")
+NOT_MEASURED = ("device", "batch_size", "chunk_elements", "trust_remote_code")  # batches are right-padded: same numbers
+
+
+def _error(option: str, reason: str, message: str | None = None) -> Exception:
+    """The ``OptionError`` of ``option`` (evaluation's, imported when a value is refused: the spec stays light)."""
+    from prunekit.evaluation.spec import OptionError
+
+    return OptionError(option, reason, message)
 
 
 def _items(value: str | Sequence[str] | None) -> list[str]:
@@ -35,7 +41,7 @@ def _only(only: str | Sequence[str] | None) -> tuple[str, ...]:
     unknown = [p for p in items if p not in ANALYSES]
     if unknown or not items:
         shown = ",".join(unknown) or (only if isinstance(only, str) else ",".join(only))
-        raise OptionError("only", f"'{shown}' is not an analysis; choose from {','.join(ANALYSES)}",
+        raise _error("only", f"'{shown}' is not an analysis; choose from {','.join(ANALYSES)}",
                           f"unknown analysis '{shown}' in --only; choose from {','.join(ANALYSES)}")
     return tuple(a for a in ANALYSES if a in items)
 
@@ -46,9 +52,11 @@ def _named(option: str, check: Callable[[], Any]) -> Any:
 
     try:
         return check()
-    except OptionError:
-        raise
     except PrunekitError as err:
+        from prunekit.evaluation.spec import OptionError
+
+        if isinstance(err, OptionError):
+            raise
         raise OptionError(option, str(err), str(err)) from err
 
 
@@ -131,29 +139,27 @@ class CompareSpec:
 
     def _check_sizes(self) -> None:
         if self.max_tokens is not None and self.max_tokens < 1:
-            raise OptionError("max_tokens", "must be a positive number of tokens per language")
+            raise _error("max_tokens", "must be a positive number of tokens per language")
         if self.max_length < 1:
-            raise OptionError("max_length", f"must be at least 1 token, got {self.max_length}")
+            raise _error("max_length", f"must be at least 1 token, got {self.max_length}")
         if self.batch_size < 1:
-            raise OptionError("batch_size", "must be at least 1")
+            raise _error("batch_size", "must be at least 1")
         if self.chunk_elements < 1:
-            raise OptionError("chunk_elements", f"must be at least 1, got {self.chunk_elements}")
+            raise _error("chunk_elements", f"must be at least 1, got {self.chunk_elements}")
 
     def _check_languages(self) -> None:
-        from prunekit.analysis.lsar import SUBSPACE_MODES
-
-        if self.subspace not in SUBSPACE_MODES:
-            raise OptionError("subspace", f"must be one of {', '.join(SUBSPACE_MODES)}, got '{self.subspace}'",
-                              f"unknown --subspace '{self.subspace}'; use one of {', '.join(SUBSPACE_MODES)}")
+        if self.subspace not in SUBSPACES:
+            raise _error("subspace", f"must be one of {', '.join(SUBSPACES)}, got '{self.subspace}'",
+                         f"unknown --subspace '{self.subspace}'; use one of {', '.join(SUBSPACES)}")
         needs = [x for x in self.only if x in ("lsar", "lape")]
         if needs and len(self.langs) < 2:
-            raise OptionError("langs", f"needs two or more languages for {' and '.join(needs)} (e.g. de,en,sw)",
-                              f"{' and '.join(needs)} compare languages: pass two or more with --langs (e.g. de,en,sw)")
+            raise _error("langs", f"needs two or more languages for {' and '.join(needs)} (e.g. de,en,sw)",
+                         f"{' and '.join(needs)} compare languages: pass two or more with --langs (e.g. de,en,sw)")
         if self.lsar_rank is not None and "lsar" in self.only and not 1 <= self.lsar_rank <= len(self.langs) - 1:
-            raise OptionError("lsar_rank", f"must be between 1 and K−1 = {len(self.langs) - 1}")
+            raise _error("lsar_rank", f"must be between 1 and K−1 = {len(self.langs) - 1}")
 
     def _check_model_settings(self) -> None:
-        """dtype, device and a local text source, before any model loads (only when a model runs)."""
+        """dtype, device and (when a model runs) a local text source, before any model loads."""
         from prunekit.evaluation.hidden_states import torch_dtype
 
         _named("dtype", lambda: torch_dtype(self.dtype))
@@ -163,22 +169,22 @@ class CompareSpec:
             try:
                 torch.device(self.device)
             except RuntimeError as err:
-                raise OptionError("device", f"'{self.device}' is not a device: use auto, cpu or cuda[:i]",
-                                  f"unknown --device '{self.device}': use auto, cpu or cuda[:i]") from err
+                raise _error("device", f"'{self.device}' is not a device: use auto, cpu or cuda[:i]",
+                             f"unknown --device '{self.device}': use auto, cpu or cuda[:i]") from err
         if self.runs_models and self.text_source not in ("embedded", "mc4"):
             from prunekit.textsources import local_file_for
 
             path = Path(self.text_source).expanduser()
             if not path.exists():
-                raise OptionError("text_source", "is neither 'mc4', 'embedded' nor an existing file or directory",
-                                  f"text source '{self.text_source}' is neither 'mc4', 'embedded' nor an existing file or directory")
+                raise _error("text_source", "is neither 'mc4', 'embedded' nor an existing file or directory",
+                             f"text source '{self.text_source}' is neither 'mc4', 'embedded' nor an existing file or directory")
             for lang in self.langs:
                 _named("text_source", lambda: local_file_for(path, lang, "evaluation"))
 
     @property
     def runs_models(self) -> bool:
         """Whether an analysis that runs the models over text (LSAR, LAPE, drift) is among ``only``."""
-        return any(x in MODEL_ANALYSES for x in self.only)
+        return any(x in RUN_ANALYSES for x in self.only)
 
     def to_settings(self) -> dict[str, Any]:
         """Every choice as JSON (lists for tuples)."""

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from prunekit.recipe import CalibrationSpec, OutputSpec
 
 HERE = Path(__file__).resolve().parent
 LLAMA3_8B = dict(
@@ -120,9 +121,7 @@ def worker(kind: str, spec: dict) -> dict:
     if kind == "prune":
         from prunekit.pipeline import prune
 
-        result = prune(spec["model"], method=spec["method"], sparsity=0.5, calib="en", calib_source="embedded",
-                       nsamples=spec["nsamples"], seqlen=spec["seqlen"], out=spec["out"], device="cpu",
-                       overwrite=True, progress=False, stream=spec["stream"], solve_threads=spec.get("solve_threads"))
+        result = prune(spec["model"], calibration=CalibrationSpec(languages="en", source="embedded", nsamples=spec["nsamples"], seqlen=spec["seqlen"]), output=OutputSpec(out=spec["out"], overwrite=True, stream=spec["stream"]), method=spec["method"], sparsity=0.5, device="cpu", progress=False, solve_threads=spec.get("solve_threads"))
         extra = {"streamed": result.record["streamed"], "dtype": result.record["base_model"]["dtype"],
                  "sparsity": result.record["sparsity"]["overall"]}
     elif kind == "sweep":
@@ -257,10 +256,9 @@ def quantize_worker(spec: dict) -> dict:
     from prunekit.pipeline import prune
     from prunekit.recipe import Quantization
 
-    calib = (dict(calib="en", calib_source="embedded", nsamples=spec["nsamples"], seqlen=spec["seqlen"])
-             if spec["method"] == "gptq" else dict(calib=None))
-    result = prune(spec["model"], method=spec["method"], quantization=Quantization(bits=4), out=spec["out"], device="cpu",
-                   overwrite=True, progress=False, stream=spec["stream"], kind="quantize", **calib)
+    calibration = (CalibrationSpec("en", "embedded", nsamples=spec["nsamples"], seqlen=spec["seqlen"])
+                   if spec["method"] == "gptq" else CalibrationSpec())
+    result = prune(spec["model"], output=OutputSpec(out=spec["out"], overwrite=True, stream=spec["stream"]), method=spec["method"], quantization=Quantization(bits=4), device="cpu", progress=False, kind="quantize", calibration=calibration)
     return {"streamed": result.record["streamed"], "packed_linears": result.record["quantization"]["packed_linears"]}
 
 

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from prunekit.recipe import CalibrationSpec, OutputSpec
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -91,8 +92,7 @@ def main() -> None:
             (work / "spec.json").write_text(json.dumps(spec))
             subprocess.run([args.peer_python, str(HERE / "_llmc_quantize_worker.py"), str(work / "spec.json")], check=True,
                            stdout=subprocess.DEVNULL)
-            prune(str(model_dir), method="gptq", quantization=Quantization(**SCHEMES[scheme]), calib="en",
-                  calib_source=str(TATOEBA), nsamples=8, seqlen=64, out=own_out, dtype=args.dtype, progress=False)
+            prune(str(model_dir), calibration=CalibrationSpec(languages="en", source=str(TATOEBA), nsamples=8, seqlen=64), output=OutputSpec(out=own_out, dtype=args.dtype), method="gptq", quantization=Quantization(**SCHEMES[scheme]), progress=False)
 
             peer, own = layout(peer_out), layout(own_out)
             for key in sorted(set(peer) | set(own)):

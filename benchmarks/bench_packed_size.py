@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from prunekit.recipe import CalibrationSpec, OutputSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -75,9 +76,10 @@ def main() -> None:
         for slug in args.recipes.split(","):
             quantization = quantization_from_name(f"{args.method}-{slug}")
             out = Path(work) / slug
-            calib = dict(calib="all", nsamples=args.nsamples, seqlen=args.seqlen) if args.method == "gptq" else dict(calib=None)
+            calibration = (CalibrationSpec("all", nsamples=args.nsamples, seqlen=args.seqlen) if args.method == "gptq"
+                           else CalibrationSpec())
             start = time.perf_counter()
-            result = prune(args.model, method=args.method, quantization=quantization, out=out, dtype=args.dtype, progress=False, **calib)
+            result = prune(args.model, output=OutputSpec(out=out, dtype=args.dtype), method=args.method, quantization=quantization, calibration=calibration, progress=False)
             seconds = time.perf_counter() - start
             sizes = checkpoint_bytes(out)
             recorded = result.record["quantization"]["bytes"]

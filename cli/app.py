@@ -10,8 +10,22 @@ from typing import Callable
 
 import click
 import typer
+import typer.core
 
 from prunekit.errors import PrunekitError
+
+
+def _flag_type_rich(display_type_rich: Callable) -> Callable:
+    """typer (0.29) shows ``<bool>`` after a flag in rich help, as if it took a value: a flag shows none."""
+
+    @functools.wraps(display_type_rich)
+    def display(self, ctx):
+        return None if getattr(self, "is_flag", False) and not getattr(self, "count", False) else display_type_rich(self, ctx)
+
+    return display
+
+
+typer.core.TyperOption.display_type_rich = _flag_type_rich(typer.core.TyperOption.display_type_rich)
 
 app = typer.Typer(
     name="prunekit",

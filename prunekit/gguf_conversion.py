@@ -47,6 +47,9 @@ def _gguf_parsed_once() -> Iterator[None]:
         readers.clear()
 
 
+SOURCE_FILE = "prunekit-source.json"  # in a converted model dir: the GGUF file it came from and its quantization
+
+
 def convert_gguf(gguf_path: Path, target: Path) -> Path:
     """Load a GGUF file with transformers (de-quantizing it) and save it as a safetensors model dir.
     Once for all processes and hosts sharing the cache folder (``io.publish_directory``)."""
@@ -76,4 +79,45 @@ def _convert_gguf_into(gguf_path: Path, staging: Path) -> None:
             del model.config.quantization_config
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        (staging / "prunekit-source.json").write_text(json.dumps({"gguf": str(gguf_path)}) + "\n")
+        record_gguf_source(staging, gguf_path)
+
+
+def record_gguf_source(model_dir: Path, gguf_path: Path) -> dict[str, str | None]:
+    """Write (atomically) which GGUF file ``model_dir`` was converted from and its quantization; returns
+    :func:`gguf_source`'s view of it."""
+    from prunekit.io import write_text_atomic
+
+    quantization = gguf_quantization(gguf_path)
+    write_text_atomic(Path(model_dir) / SOURCE_FILE, json.dumps({"gguf": str(gguf_path), "quantization": quantization}) + "\n")
+    return {"gguf_file": str(gguf_path), "gguf_quantization": quantization}
+
+
+def gguf_quantization(gguf_path: str | Path) -> str | None:
+    """The quantization of a GGUF file as llama.cpp names it (``Q4_K_M``), from its ``general.file_type``; None
+    when the file does not say or cannot be read."""
+    try:
+        import gguf
+
+        field = gguf.GGUFReader(str(gguf_path)).fields.get("general.file_type")
+        if field is None:
+            return None
+        name = gguf.LlamaFileType(int(field.parts[field.data[0]][0])).name
+    except Exception:  # an unknown file type or an unreadable file: the card says nothing rather than guess
+        return None
+    return name.removeprefix("MOSTLY_")
+
+
+def gguf_source(model_dir: str | Path) -> dict[str, str | None]:
+    """What a converted model dir came from: ``gguf_file`` and its ``gguf_quantization`` (read from the GGUF file
+    when the conversion, made by an older prunekit, did not record it); empty for another dir."""
+    try:
+        data = json.loads((Path(model_dir) / SOURCE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    gguf_file = data.get("gguf") if isinstance(data, dict) else None
+    if not isinstance(gguf_file, str):
+        return {}
+    quantization = data.get("quantization")
+    if quantization is None and Path(gguf_file).is_file():
+        quantization = gguf_quantization(gguf_file)
+    return {"gguf_file": gguf_file, "gguf_quantization": quantization}

@@ -373,11 +373,6 @@ def check_safetensors_size(file: str | Path) -> ModelError | None:
     return None
 
 
-def human_size(n: float) -> str:
-    """Bytes for a message: 812 B, 3.4 MiB, 16.1 GiB."""
-    return _size(n)
-
-
 DISK_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
                errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "not permitted"}
 

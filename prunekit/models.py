@@ -20,8 +20,8 @@ import torch
 from prunekit.artifacts import CHECKPOINT_PATTERNS as HUB_ALLOW_PATTERNS  # what a checkpoint repo on the Hub holds
 from prunekit.artifacts import INDEX_FILE
 from prunekit.errors import ConfigError, ModelError, SchemaError
-from prunekit.gguf_conversion import convert_gguf, has_config
-from prunekit.io import cache_dir, check_safetensors, check_safetensors_size, human_size, read_json, safetensors_header
+from prunekit.gguf_conversion import convert_gguf, gguf_source, has_config
+from prunekit.io import cache_dir, check_safetensors, check_safetensors_size, format_size, read_json, safetensors_header
 from prunekit.recipe import AUTO_DTYPE, DTYPE_NAMES, check_dtype_name
 from prunekit.remote import download_snapshot, repository_size
 
@@ -154,10 +154,19 @@ def resolve_model(spec: str, revision: str | None = None) -> ModelSource:
     """Turn a MODEL argument into a local directory with config and weights."""
     spec = str(spec)
     if spec.startswith(EMBEDDED_PREFIX):
-        return ModelSource(spec, _embedded_model_dir(spec[len(EMBEDDED_PREFIX):]), "embedded")
+        name = spec[len(EMBEDDED_PREFIX):]
+        directory = _embedded_model_dir(name)
+        extra = gguf_source(directory)
+        if extra.get("gguf_quantization") is None:  # converted from a GGUF file since removed: assemble it again
+            from prunekit.embedded import embedded_gguf_file
+            from prunekit.gguf_conversion import record_gguf_source
+
+            extra = record_gguf_source(directory, embedded_gguf_file(name))
+        return ModelSource(spec, directory, "embedded", extra=extra)
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return ModelSource(spec, _gguf_model_dir(path), "gguf", extra={"gguf_file": str(path.resolve())})
+        directory = _gguf_model_dir(path)
+        return ModelSource(spec, directory, "gguf", extra=gguf_source(directory) | {"gguf_file": str(path.resolve())})
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ModelError(f"model directory '{spec}' has no config.json; is it a Hugging Face model folder?")
@@ -431,7 +440,7 @@ def whole_model_bytes(path: str | Path, dtype: torch.dtype | None = None) -> int
 
 def _too_big(what: str, need: int, have: int, where: str, advice: list[str]) -> ConfigError:
     options = "; or ".join(advice + ["pass --force to try anyway"])
-    return ConfigError(f"{what} needs about {human_size(need)} of {where}, but {human_size(have)} is available; "
+    return ConfigError(f"{what} needs about {format_size(need)} of {where}, but {format_size(have)} is available; "
                        f"{options}")
 
 

@@ -43,12 +43,6 @@ from prunekit.streaming import (
 
 METHOD_KINDS = ("prune", "quantize")
 # The keywords ``prune`` still takes for each spec's fields (its signature before the specs).
-CALIBRATION_KEYWORDS = {"calib": "languages", "calib_source": "source", "nsamples": "nsamples", "seqlen": "seqlen",
-                        "seed": "seed", "conventions": "conventions"}
-OUTPUT_KEYWORDS = {"out": "out", "dtype": "dtype", "checkpoint_format": "checkpoint_format", "overwrite": "overwrite",
-                   "stream": "stream", "resume": "resume"}
-
-
 @dataclass
 class PruneResult:
     tokenizer: Any
@@ -144,24 +138,6 @@ def check_output_dir(out: str | Path | None, overwrite: bool) -> Path | None:
     return out
 
 
-def specs_from_keywords(calibration: CalibrationSpec | None, output: OutputSpec | None,
-                        keywords: dict[str, Any]) -> tuple[CalibrationSpec, OutputSpec]:
-    """The specs of a ``prune`` call: as given, or made of the keywords of their fields (``calib=``,
-    ``out=``, ...: ``prune``'s arguments before the specs). Raises TypeError for an unknown keyword or
-    one given beside its spec."""
-    unknown = sorted(set(keywords) - set(CALIBRATION_KEYWORDS) - set(OUTPUT_KEYWORDS))
-    if unknown:
-        raise TypeError(f"prune() got an unexpected keyword argument '{unknown[0]}'")
-    specs = []
-    for spec, cls, names, name in ((calibration, CalibrationSpec, CALIBRATION_KEYWORDS, "calibration"),
-                                   (output, OutputSpec, OUTPUT_KEYWORDS, "output")):
-        given = {field: keywords[key] for key, field in names.items() if key in keywords}
-        if spec is not None and given:
-            raise TypeError(f"prune() takes {name}= or {', '.join(k for k in names if k in keywords)}=, not both")
-        specs.append(spec if spec is not None else cls(**given))
-    return specs[0], specs[1]
-
-
 def prune(
     model: str,
     method: str = "wanda",
@@ -179,7 +155,6 @@ def prune(
     trust_remote_code: bool = False,
     progress: bool = True,
     kind: str | None = None,
-    **keywords: Any,
 ) -> PruneResult:
     """Prune (or quantize) ``model`` and optionally write the checkpoint.
 
@@ -197,19 +172,14 @@ def prune(
         output: where and how the checkpoint is written (:class:`OutputSpec`); none keeps it in memory.
         device: where each decoder layer is computed; ``skip_layers``: layers left as they are;
             ``batch_size``: calibration sequences per forward; ``solve_threads``: SparseGPT on the CPU.
-        keywords: the fields of the specs as before they existed: ``calib``, ``calib_source``,
-            ``nsamples``, ``seqlen``, ``seed``, ``conventions`` (calibration) and ``out``, ``dtype``,
-            ``checkpoint_format``, ``overwrite``, ``stream`` (output).
-
     Raises:
         ConfigError: a wrong argument, before the model loads; ModelError / DataError: a model or text
         that cannot be read.
 
-    Example: ``prune("embedded:gemma-3-270m", "wanda", calibration=CalibrationSpec("sw"), output=OutputSpec("gemma-sw"))``,
-    or ``prune("embedded:gemma-3-270m", "wanda", calib="sw", out="gemma-sw")``.
+    Example: ``prune("embedded:gemma-3-270m", "wanda", calibration=CalibrationSpec("sw"), output=OutputSpec("gemma-sw"))``.
     """
     started = time.perf_counter()
-    calibration, output = specs_from_keywords(calibration, output, keywords)
+    calibration, output = calibration or CalibrationSpec(), output or OutputSpec()
     method_obj = method_of_kind(method, kind)
     quantize = method_obj.kind == "quantize"
     if quantize:

@@ -356,11 +356,11 @@ def check_download_space(repo_id: str, revision: str | None = None, *, local_dir
     target = Path(local_dir) if local_dir is not None else Path(cache_dir or constants.HF_HUB_CACHE)
     free = free_bytes(target)
     if missing > free:
-        from prunekit.io import human_size
+        from prunekit.io import format_size
 
         where = "--out" if local_dir is not None else "the Hub cache (HF_HUB_CACHE or HF_HOME)"
-        raise ConfigError(f"downloading '{repo_id}' needs about {human_size(missing)} more on the disk of '{target}', "
-                          f"which has {human_size(free)} free; free some space or point {where} at a larger disk")
+        raise ConfigError(f"downloading '{repo_id}' needs about {format_size(missing)} more on the disk of '{target}', "
+                          f"which has {format_size(free)} free; free some space or point {where} at a larger disk")
 
 
 def repository_size(repo_id: str, itemsize: int | None = None, revision: str | None = None, *,

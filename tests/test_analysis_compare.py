@@ -20,6 +20,7 @@ from prunekit.errors import ConfigError
 from prunekit.io import read_versioned
 from prunekit.models import load_model
 from tests.conftest import TATOEBA, build_tiny_model
+from prunekit.recipe import CalibrationSpec, OutputSpec
 
 QUIET = PassSettings(progress=False)
 
@@ -158,6 +159,8 @@ def test_compare_writes_versioned_json_figures_summary_and_lape_arrays(trio, tmp
     summary = (out / "summary.md").read_text()
     for heading in ("## Mask IoU", "## LSAR drift", "## Hidden-state drift", "## LAPE", "## Neuron deactivation"):
         assert heading in summary
+    if "## Perplexity" in summary:  # issue 30 §6: its own settings and why they differ from eval's
+        assert "perplexity: each passage scored on its own" in summary and "comparable only between runs" in summary
     arrays = np.load(out / "lape.npz", allow_pickle=False)
     assert arrays["dense_lape"].shape == (3, 128) and arrays["a_activation_probability"].shape == (3, 128, 2)
     assert list(arrays["langs"]) == ["de", "sw"]
@@ -257,8 +260,7 @@ def test_gemma_checkpoints_pruned_on_different_languages_compare_end_to_end(embe
 
     t0 = time.perf_counter()
     for lang in ("de", "sw"):
-        prunekit.prune(str(embedded_gemma), method="wanda", calib=lang, calib_source=str(TATOEBA), nsamples=4,
-                       seqlen=64, out=tmp_path / lang, progress=False)
+        prunekit.prune(str(embedded_gemma), calibration=CalibrationSpec(languages=lang, source=str(TATOEBA), nsamples=4, seqlen=64), output=OutputSpec(out=tmp_path / lang), method="wanda", progress=False)
     pruned = time.perf_counter() - t0
     result = compare(tmp_path / "de", tmp_path / "sw", CompareSpec(langs="de,sw", only="masks,drift", max_tokens=24),
                      dense=embedded_gemma, out=tmp_path / "cmp", progress=False)
@@ -299,3 +301,58 @@ def test_each_model_is_freed_before_the_next_is_opened(trio, monkeypatch):
     compare(trio["dense"], trio["a"], CompareSpec(langs="de,sw", text_source=str(TATOEBA), only="drift", max_tokens=16),
             dense=None, progress=False)
     assert len(opened) == 2 and alive_at_open == [0, 0]
+
+
+def test_a_compare_spec_is_validated_once_and_fingerprints_what_changes_the_numbers():
+    """Issue 27 §1: CompareSpec, like EvaluationSpec: frozen, each bad value refused when it is made, naming the flag;
+    its fingerprint ignores where and how fast the comparison runs."""
+    import dataclasses
+
+    import prunekit
+    from prunekit.errors import ConfigError
+
+    spec = CompareSpec(langs="sw,de", only="drift,masks")
+    assert spec.langs == ("sw", "de") and spec.only == ("masks", "drift") and prunekit.CompareSpec is CompareSpec
+    assert CompareSpec().langs == ("ar", "de", "en", "es", "ru", "sw", "zh") and CompareSpec().only == ("masks", "lsar", "lape", "drift")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.langs = ("en",)
+    for bad, flag in ((dict(only="iou"), "--only"), (dict(subspace="shared"), "--subspace"), (dict(max_tokens=0), "--max-tokens"),
+                      (dict(batch_size=0), "--batch-size"), (dict(max_length=0), "--max-length"),
+                      (dict(only="lsar", langs="de"), "--langs"), (dict(lsar_rank=3, langs="de,sw"), "--lsar-rank"),
+                      (dict(langs="xx"), "xx"), (dict(lape_thresholds="nope"), "nope")):
+        with pytest.raises(ConfigError, match=flag):
+            CompareSpec(**bad)
+    assert spec.fingerprint() == CompareSpec(langs="sw,de", only="masks,drift", device="cpu", batch_size=8).fingerprint()
+    assert spec.fingerprint() != CompareSpec(langs="sw,de", only="masks,drift", max_tokens=64).fingerprint()
+    assert spec.to_settings()["lape_thresholds"] == CompareSpec(lape_thresholds="none").lape_thresholds
+
+
+def test_the_compare_command_makes_one_spec_from_its_options(monkeypatch, tmp_path):
+    """Each option has the spec field's name; the command hands the spec whole to the library."""
+    from typer.testing import CliRunner
+
+    import prunekit.analysis as analysis
+    from prunekit.cli.compare_options import OPTIONS
+    from prunekit.cli.main import app
+
+    assert set(OPTIONS) <= {f.name for f in dataclasses_fields(CompareSpec)}
+    seen = {}
+
+    def fake(a, b, spec, **kwargs):
+        seen.update(a=a, b=b, spec=spec, **kwargs)
+        return {"warnings": [], "files": []}
+
+    monkeypatch.setattr(analysis, "compare", fake)
+    done = CliRunner().invoke(app, ["compare", "A", "B", "--langs", "de,sw", "--only", "masks", "--max-tokens", "9",
+                                    "--out", str(tmp_path / "o"), "-q"])
+    assert done.exit_code == 0, done.output
+    assert seen["spec"] == CompareSpec(langs="de,sw", only="masks", max_tokens=9)
+    assert seen["dense"] is None and seen["out"] == tmp_path / "o"
+    bad = CliRunner().invoke(app, ["compare", "A", "B", "--subspace", "shared", "--out", str(tmp_path / "o")])
+    assert bad.exit_code == 2 and "unknown --subspace 'shared'" in bad.output
+
+
+def dataclasses_fields(cls):
+    import dataclasses
+
+    return dataclasses.fields(cls)

@@ -84,14 +84,14 @@ def test_settings_are_every_field_as_json():
 
 def test_fingerprint_is_a_hash_of_the_measured_choices():
     spec = CompareSpec(langs="de,sw", only="masks,drift", max_tokens=64, device="cpu", chunk_elements=4096)
-    measured = {k: v for k, v in spec.to_settings().items() if k not in ("device", "chunk_elements", "trust_remote_code")}
+    measured = {k: v for k, v in spec.to_settings().items() if k not in ("device", "batch_size", "chunk_elements", "trust_remote_code")}
     expected = hashlib.sha256(json.dumps(measured, sort_keys=True).encode()).hexdigest()[:16]  # independent reference
     assert spec.fingerprint() == expected
 
 
 def test_fingerprint_is_stable_across_spellings_and_processes_and_moves_with_the_numbers():
     spec = CompareSpec(langs="de,sw", only="masks,drift")
-    same = CompareSpec(langs=["de", "sw"], only=["drift", "masks"], lape_thresholds=None, device="cpu",
+    same = CompareSpec(langs=["de", "sw"], only=["drift", "masks"], lape_thresholds=None, device="cpu", batch_size=4,
                        chunk_elements=8, trust_remote_code=True)
     assert spec.fingerprint() == same.fingerprint()
     code = ("from prunekit.analysis import CompareSpec; "
@@ -100,7 +100,7 @@ def test_fingerprint_is_stable_across_spellings_and_processes_and_moves_with_the
                                    env={"PYTHONHASHSEED": "123", "PATH": ""}, check=True)
     assert other_process.stdout.strip() == spec.fingerprint()
     for changed in ({"max_tokens": 10}, {"max_length": 128}, {"dtype": "float32"}, {"langs": "de,en"},
-                    {"only": "masks"}, {"batch_size": 2}, {"subspace": "dense"}, {"text_source": "mc4"}):
+                    {"only": "masks"}, {"subspace": "dense"}, {"text_source": "mc4"}):
         values = {"langs": "de,sw", "only": "masks,drift"} | changed
         assert CompareSpec(**values).fingerprint() != spec.fingerprint(), changed
 

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from prunekit.cli.main import app
 from prunekit.languages import STUDY_LANGUAGES
 from tests.conftest import TEST_DATA
+from prunekit.recipe import CalibrationSpec, OutputSpec
 
 SEVEN = list(STUDY_LANGUAGES)
 
@@ -103,7 +104,7 @@ def test_eval_without_langs_takes_the_study_seven_plus_the_calibration_languages
     results = json.loads(out.read_text())
     assert results["languages"] == SEVEN and set(results["perplexity"]) == set(SEVEN)
     assert "languages: ar,de,en,es,ru,sw,zh: its calibration language (de) plus the study's seven" in result.stderr
-    dense = invoke(["eval", tiny_llama, "--seqlen", "64", "--max-windows", "1", "--ppl-source", "none", "-q"])
+    dense = invoke(["eval", tiny_llama, "--seqlen", "64", "--max-windows", "1", "--ppl-source", "none", "--no-save", "-q"])
     assert dense.exit_code == 0 and "the study's seven (the checkpoint records no calibration language)" in dense.stderr
 
 
@@ -151,7 +152,7 @@ def examples_dir(tmp_path, tiny_llama, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     for lang in ("de", "sw"):  # one pruned checkpoint per language, copied under the other names (the seeds)
-        prunekit.prune(str(tiny_llama), method="wanda", calib=lang, nsamples=4, seqlen=32, out=f"{lang}-s0", progress=False)
+        prunekit.prune(str(tiny_llama), calibration=CalibrationSpec(languages=lang, nsamples=4, seqlen=32), output=OutputSpec(out=f"{lang}-s0"), method="wanda", progress=False)
         for name in (f"{lang}-s1", f"{lang}-s2") + (("gemma-de",) if lang == "de" else ()):
             shutil.copytree(f"{lang}-s0", name)
     shutil.copytree(TEST_DATA, "data")
@@ -178,3 +179,97 @@ def test_every_help_example_runs_as_written_against_the_tiny_model(examples_dir,
                 ran[part] = time.perf_counter() - started
     assert {part.split()[1] for part in ran} == set(COMMANDS)
     print("\n".join(f"{seconds:6.1f}s  {part}" for part, seconds in ran.items()))
+
+
+def test_no_flag_shows_a_value_in_help():
+    """Issue 30: `--include-bos <bool>` read as if the flag took a value. A flag shows no type; an option that
+    takes a value still shows one (`--seqlen <int>`)."""
+    import typer
+
+    names = [None, *typer.main.get_command(app).commands]
+    for name in names:
+        done = invoke(([name] if name else []) + ["--help"])
+        assert done.exit_code == 0, (name, done.output)
+        assert "<bool>" not in done.output, f"`prunekit {name or ''} --help` shows <bool> after a flag"
+    assert "<integer>" in invoke(["eval", "--help"]).output or "<int>" in invoke(["eval", "--help"]).output
+
+
+def test_eval_saves_beside_the_checkpoint_and_takes_the_recorded_base_as_dense(tiny_llama, tmp_path, monkeypatch):
+    """Issue 30 §7: `prunekit eval CHECKPOINT` alone writes CHECKPOINT/results.json (where push finds it) and
+    measures SNR against the base the record names, when it is there without a download; it says both."""
+    from prunekit.artifacts import read_record
+    from prunekit.hub.locate import find_results
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama, base)
+    pruned = tmp_path / "pruned"
+    assert invoke(["prune", base, "--method", "wanda", "--calib", "de", "--nsamples", "4", "--seqlen", "32",
+                   "--out", pruned, "-q"]).exit_code == 0
+    short = ["--langs", "de,en", "--seqlen", "64", "--max-windows", "1", "-q"]
+    result = invoke(["eval", pruned, *short])
+    assert result.exit_code == 0, result.stderr
+    assert f"results: {pruned / 'results.json'} (beside the checkpoint, where push finds them" in result.stderr
+    assert f"dense reference: {base.resolve()}, the base the checkpoint's record names" in result.stderr
+    results = json.loads((pruned / "results.json").read_text())
+    assert set(results["hidden_states"]) == {"de", "en"} and results["dense"] is not None
+    assert find_results(pruned, read_record(pruned)) == pruned / "results.json"
+
+    monkeypatch.chdir(tmp_path)
+    alone = invoke(["eval", pruned, *short, "--no-dense", "--out", "alone.json"])
+    assert alone.exit_code == 0 and "dense reference" not in alone.stderr
+    assert json.loads((tmp_path / "alone.json").read_text())["hidden_states"] == {}
+    shutil.move(base, tmp_path / "moved")
+    gone = invoke(["eval", pruned, *short, "--no-save"])
+    assert gone.exit_code == 0 and f"the recorded base {base} is no longer at {base.resolve()}" in gone.stderr
+    for both in (["--no-save", "--out", "x.json"], ["--no-dense", "--dense", str(tiny_llama)]):
+        assert invoke(["eval", pruned, *short, *both]).exit_code == 2
+
+
+def test_recorded_dense_never_downloads(tmp_path, monkeypatch):
+    """A Hub base is taken only from the Hugging Face cache; an embedded one only when its package is installed;
+    a Hub id or an embedded model's results go to the current directory."""
+    import prunekit.evaluation.defaults as defaults
+    from prunekit.artifacts import CHECKPOINT_KIND, write_record
+    from prunekit.io import versioned
+
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    write_record(checkpoint, versioned(CHECKPOINT_KIND, {"base_model": {"spec": "org/base", "kind": "hub", "revision": "abc"}}))
+    monkeypatch.setattr(defaults, "_cached_on_hub", lambda repo, revision: False)
+    spec, note = defaults.recorded_dense(checkpoint)
+    assert spec is None and "not in the Hugging Face cache; give --dense org/base to download it" in note
+    monkeypatch.setattr(defaults, "_cached_on_hub", lambda repo, revision: (repo, revision) == ("org/base", "abc"))
+    assert defaults.recorded_dense(checkpoint)[0] == "org/base"
+    write_record(checkpoint, versioned(CHECKPOINT_KIND, {"base_model": {"spec": "embedded:no-such", "kind": "embedded"}}))
+    assert defaults.recorded_dense(checkpoint)[0] is None
+    assert defaults.recorded_dense(tmp_path / "no-record") == (None, None)
+    monkeypatch.chdir(tmp_path)
+    assert defaults.default_results_path("org/base")[0] == tmp_path / "base.results.json"
+    assert defaults.default_results_path("embedded:gemma-3-270m")[0] == tmp_path / "gemma-3-270m.results.json"
+
+
+def test_one_explanation_of_the_perplexity_settings_matches_the_defaults():
+    """Issue 30 §6: the note says why eval, the demo and compare give three perplexities; its figures are the
+    defaults themselves, and each place prints its own settings with it."""
+    from prunekit.analysis.activations import DEFAULT_MAX_LENGTH
+    from prunekit.artifacts import PERPLEXITY_SETTINGS_NOTE, passage_perplexity_settings, windows_perplexity_settings
+    from prunekit.demo import DEMO_EVAL_SEQLEN, DEMO_EVAL_WINDOWS
+    from prunekit.evaluation import EvaluationSpec
+
+    assert EvaluationSpec().max_windows is None
+    assert f"every window of {EvaluationSpec().seqlen} tokens" in PERPLEXITY_SETTINGS_NOTE
+    assert f"first {DEMO_EVAL_WINDOWS} windows of {DEMO_EVAL_SEQLEN} tokens" in PERPLEXITY_SETTINGS_NOTE
+    assert f"(up to {DEFAULT_MAX_LENGTH} tokens)" in PERPLEXITY_SETTINGS_NOTE
+    assert windows_perplexity_settings({"seqlen": 128, "max_windows": 3, "ppl_source": "embedded"}) == (
+        "perplexity: the first 3 windows of 128 tokens of the embedded held-out text per language")
+    assert passage_perplexity_settings({"max_length": 512, "max_tokens": None, "text_source": "embedded"}) == (
+        "perplexity: each passage scored on its own (up to 512 tokens), all its passages per language, embedded text")
+
+
+def test_eval_prints_its_perplexity_settings(tiny_llama, tmp_path):
+    result = CliRunner().invoke(app, ["eval", str(tiny_llama), "--langs", "en", "--seqlen", "64", "--max-windows", "1",
+                                      "--no-save"], terminal_width=400)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    assert "perplexity: the first 1 window of 64 tokens of the embedded held-out text per language." in text
+    assert "comparable only between runs with the same settings" in text

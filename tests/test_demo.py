@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +29,27 @@ def test_demo_diagonal_each_language_is_best_under_its_own_calibration(embedded_
     assert (result.report_dir / "report.html").exists() and (result.report_dir / "report.md").exists()
     assert list((result.report_dir).glob("**/*.png"))
     assert any("2 of 2 languages" in line for line in result.findings), result.findings
+    # issue 30 §5: the checkpoints by method and language, links a rerun refreshes, and push finds their results
+    from prunekit.artifacts import read_record
+    from prunekit.demo import name_checkpoints
+    from prunekit.hub.locate import find_dense_results, find_results
+
+    named = dict(result.checkpoints)
+    assert sorted(named) == ["wanda-de", "wanda-sw"]
+    for name, link in named.items():
+        assert link == tmp_path / "demo" / "checkpoints" / name and link.is_symlink()
+        assert not Path(os.readlink(link)).is_absolute() and (link / "prunekit.json").is_file()
+        record = read_record(link)
+        assert "+".join(record["calibration"]["languages"]) == name.split("-")[1]
+        found = find_results(link, record)
+        assert found is not None and found.resolve() == (link.resolve().parent / "results.json")
+        assert find_dense_results(link, record, json.loads(found.read_text())) is not None
+    readme = (tmp_path / "demo" / "checkpoints" / "README.md").read_text()
+    assert "| `wanda-de` | `../runs/runs/" in readme
+    stale = tmp_path / "demo" / "checkpoints" / "wanda-xx"
+    os.symlink("../runs/runs/gone/checkpoint", stale)
+    assert dict(name_checkpoints(tmp_path / "demo" / "runs", tmp_path / "demo" / "checkpoints")) == named
+    assert not stale.is_symlink() and result.seconds > 0
 
 
 def test_demo_rejects_languages_without_embedded_text(tmp_path):

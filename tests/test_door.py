@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.test_errors import assert_user_error, run
+from prunekit.recipe import CalibrationSpec, OutputSpec
 
 
 @pytest.fixture
@@ -146,7 +147,7 @@ def checkpoint(tiny_llama, tmp_path_factory) -> Path:
     import prunekit
 
     out = tmp_path_factory.mktemp("door-ckpt") / "ckpt"
-    prunekit.prune(str(tiny_llama), method="magnitude", calib=None, out=out, device="cpu", progress=False)
+    prunekit.prune(str(tiny_llama), calibration=CalibrationSpec(languages=None), output=OutputSpec(out=out), method="magnitude", device="cpu", progress=False)
     return out
 
 

@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from prunekit.cli.main import app
 from tests.conftest import TATOEBA
+from prunekit.recipe import CalibrationSpec, OutputSpec
 
 # --- helpers ------------------------------------------------------------------------------------
 
@@ -362,7 +363,7 @@ def checkpoint(tiny_llama, tmp_path_factory) -> Path:
     import prunekit
 
     out = tmp_path_factory.mktemp("errors-ckpt") / "ckpt"
-    prunekit.prune(str(tiny_llama), method="magnitude", calib=None, out=out, device="cpu", progress=False)
+    prunekit.prune(str(tiny_llama), calibration=CalibrationSpec(languages=None), output=OutputSpec(out=out), method="magnitude", device="cpu", progress=False)
     return out
 
 

@@ -14,6 +14,7 @@ from prunekit.evaluation import COUNTERS, DenseReference, EvaluationSpec, evalua
 from prunekit.evaluation.hidden_states import summarize
 from prunekit.models import load_model
 from tests.conftest import TATOEBA, train_tokenizer
+from prunekit.recipe import CalibrationSpec, OutputSpec
 
 
 @pytest.fixture(scope="module")
@@ -144,8 +145,7 @@ def test_pruned_checkpoint_carries_its_record_and_errs_in_every_layer(tiny_llama
     from prunekit.pipeline import prune
 
     out = tmp_path / "wanda-de"
-    prune(str(tiny_llama), method="wanda", sparsity=0.5, calib="de", calib_source=str(texts_dir), nsamples=2,
-          seqlen=32, out=out, device="cpu", progress=False)
+    prune(str(tiny_llama), calibration=CalibrationSpec(languages="de", source=str(texts_dir), nsamples=2, seqlen=32), output=OutputSpec(out=out), method="wanda", sparsity=0.5, device="cpu", progress=False)
     res = evaluate(out, EvaluationSpec(langs="de", ppl_source=str(texts_dir), seqlen=32, device="cpu", snr_tokens=64), dense=str(tiny_llama), progress=False)
     assert res["model"]["record"]["kind"] == "prunekit-checkpoint"
     assert res["model"]["record"]["recipe"]["method"] == "wanda" and res["model"]["kind"] == "local"

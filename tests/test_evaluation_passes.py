@@ -13,6 +13,7 @@ import torch
 from prunekit.evaluation import COUNTERS, DenseReference, EvaluationSpec, evaluate, forward
 from prunekit.models import load_model
 from tests.conftest import TATOEBA
+from prunekit.recipe import OutputSpec
 
 LANGS = ("en", "de", "sw")
 
@@ -159,7 +160,7 @@ def test_a_packed_checkpoint_is_evaluated_streamed_in_its_own_dtype(tiny_llama, 
     from prunekit.recipe import Quantization
 
     out = tmp_path / "w4"
-    prune(str(tiny_llama), method="rtn", quantization=Quantization(4, 32), out=out, dtype="bfloat16", progress=False)
+    prune(str(tiny_llama), output=OutputSpec(out=out, dtype="bfloat16"), method="rtn", quantization=Quantization(4, 32), progress=False)
     assert "quantization_config" in json.loads((out / "config.json").read_text())
     monkeypatch.setattr("prunekit.evaluation.forward.load_model", lambda *a, **k: pytest.fail("loaded whole"), raising=False)
     monkeypatch.setattr("prunekit.models.load_model", lambda *a, **k: pytest.fail("loaded whole"))

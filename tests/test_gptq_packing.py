@@ -4,6 +4,7 @@ prunekit's own readers, widths the format cannot hold."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import math
 
 import pytest
@@ -13,6 +14,7 @@ from prunekit.errors import ConfigError
 from prunekit.recipe import Quantization
 
 from tests.conftest import TATOEBA, build_tiny_model
+from prunekit.recipe import CalibrationSpec, OutputSpec
 
 ATTN_MLP = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 
@@ -20,8 +22,9 @@ ATTN_MLP = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_at
 def quantize(model_dir, out, quantization: Quantization, method: str = "rtn", dtype: str = "float32", **kwargs):
     from prunekit.pipeline import prune
 
-    calib = dict(calib="en", calib_source=str(TATOEBA), nsamples=4, seqlen=32) if method == "gptq" else dict(calib=None)
-    return prune(str(model_dir), method=method, quantization=quantization, out=out, dtype=dtype, progress=False, **calib, **kwargs)
+    calibration = CalibrationSpec("en", str(TATOEBA), nsamples=4, seqlen=32) if method == "gptq" else CalibrationSpec()
+    return prune(str(model_dir), output=OutputSpec(out=out, dtype=dtype), method=method, quantization=quantization,
+                 calibration=calibration, progress=False, **kwargs)
 
 
 def tensors(path) -> dict[str, torch.Tensor]:
@@ -251,7 +254,7 @@ def test_cards_state_the_format_tags_and_serve_command(tiny_llama, tmp_path):
     assert front_matter(card)["tags"][:4] == ["quantized", "8-bit", "gptq", "compressed-tensors"]
     assert "W8A16" in card and "zero points" not in card
 
-    pruned = prune(str(tiny_llama), method="magnitude", sparsity=0.5, calib=None, out=tmp_path / "p", progress=False).record
+    pruned = prune(str(tiny_llama), calibration=CalibrationSpec(languages=None), output=OutputSpec(out=tmp_path / "p"), method="magnitude", sparsity=0.5, progress=False).record
     card = render_model_card(pruned, repo_id="org/p")
     assert "compressed-tensors" not in front_matter(card)["tags"]
     assert "stored dense (safetensors, float32) with exact zeros" in card and "vllm serve org/p" in card
@@ -308,7 +311,14 @@ def test_quantize_cli_writes_packed_by_default_and_says_how_to_serve_it(tiny_lla
     result = CliRunner().invoke(app, ["quantize", str(tiny_llama), "--method", "rtn",
                                       "--calib-source", str(TATOEBA), "--nsamples", "4", "--seqlen", "32", "--bits", "8", "--group-size", "64", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert "21 Linears packed (pack-quantized)" in result.output and "their bf16 size" in result.output
+    assert "21 Linears packed (pack-quantized)" in result.output and "those Linears in bf16" in result.output
+    # issue 30 §8: the size stated is the files actually written, against the base's files on disk
+    written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    base = sum(f.stat().st_size for f in Path(tiny_llama).glob("*.safetensors"))
+    text = " ".join(result.output.split())
+    from prunekit.io import format_size
+
+    assert f"weight files written: {format_size(written)}, {written / base:.2f}× the base's {format_size(base)}" in text
     assert "vllm serve" in result.output and "kept in the base dtype: lm_head" in result.output
     record = json.loads((out / "prunekit.json").read_text())
     assert record["quantization"]["format"] == "pack-quantized" and "--format" not in record["command"]
@@ -327,8 +337,7 @@ def test_a_quantized_checkpoint_is_readable_by_others(stream, tiny_llama, tmp_pa
     old = os.umask(0o022)
     try:
         out = tmp_path / "q"
-        prunekit.prune(str(tiny_llama), "rtn", kind="quantize", out=out, checkpoint_format="packed", stream=stream,
-                       device="cpu", progress=False, calib=None)
+        prunekit.prune(str(tiny_llama), "rtn", calibration=CalibrationSpec(languages=None), output=OutputSpec(out=out, checkpoint_format="packed", stream=stream), kind="quantize", device="cpu", progress=False)
     finally:
         os.umask(old)
     modes = {f.name: oct(stat.S_IMODE(f.stat().st_mode)) for f in out.iterdir() if f.is_file()}

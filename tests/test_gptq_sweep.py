@@ -12,6 +12,7 @@ from tests.conftest import TATOEBA
 from tests.test_gptq import check_groups_on_grid
 
 import prunekit.sweep as sweep  # noqa: E402
+from prunekit.recipe import CalibrationSpec, OutputSpec
 
 
 def test_sweep_grid_mixing_wanda_and_gptq_names_each_run_by_the_identity_its_checkpoint_records(tiny_llama, tmp_path):
@@ -36,12 +37,7 @@ def test_sweep_grid_mixing_wanda_and_gptq_names_each_run_by_the_identity_its_che
 
     for label, task in runs.items():
         out = tmp_path / task.run_id
-        result = prune(
-            task.model.spec, method=task.method.method, sparsity=task.sparsity, pattern=task.pattern_spec,
-            calib=task.calib, calib_source=cfg.calib_source, nsamples=cfg.nsamples, seqlen=cfg.seqlen,
-            seed=task.seed, out=out, dtype=task.model.dtype, device="cpu", quantization=task.method.quantization,
-            progress=False,
-        )
+        result = prune(task.model.spec, calibration=CalibrationSpec(languages=task.calib, source=cfg.calib_source, nsamples=cfg.nsamples, seqlen=cfg.seqlen, seed=task.seed), output=OutputSpec(out=out, dtype=task.model.dtype), method=task.method.method, sparsity=task.sparsity, pattern=task.pattern_spec, device="cpu", quantization=task.method.quantization, progress=False)
         record = json.loads((out / "prunekit.json").read_text())
         assert record["run_id"] == result.record["run_id"] == task.run_id  # one identity scheme for both kinds
         saved = load_file(out / "model.safetensors")

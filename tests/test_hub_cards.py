@@ -7,6 +7,7 @@ import copy
 import json
 import math
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -20,13 +21,13 @@ from prunekit.errors import ConfigError
 from prunekit.hub import default_repo_id, render_model_card
 from tests.conftest import TATOEBA
 from tests.hub_server import example_results
+from prunekit.recipe import CalibrationSpec, OutputSpec
 
 
 @pytest.fixture(scope="module")
 def pruned_dir(tmp_path_factory, tiny_llama) -> Path:
     out = tmp_path_factory.mktemp("cards") / "pruned"
-    prunekit.prune(str(tiny_llama), method="wanda", calib="de", calib_source=str(TATOEBA),
-                   nsamples=4, seqlen=32, out=out, progress=False)
+    prunekit.prune(str(tiny_llama), calibration=CalibrationSpec(languages="de", source=str(TATOEBA), nsamples=4, seqlen=32), output=OutputSpec(out=out), method="wanda", progress=False)
     return out
 
 
@@ -305,3 +306,66 @@ def test_a_page_that_would_load_from_the_network_is_caught():
                 '<script src="http://cdn.example/a.js"></script>', '<style>body{background:url(https://x/y.png)}</style>',
                 '<style>@import "https://x/y.css";</style>', '<script>fetch("/data.json")</script>'):
         assert external_requests(bad), bad
+
+
+# ---- the Reproduce section runs as written (issue 30 §3) ------------------------------------------------
+
+def reproduce_block(card: str) -> list[str]:
+    section = card.split("## Reproduce", 1)[1].split("\n## ", 1)[0]
+    return re.search(r"```bash\n(.*?)\n```", section, re.DOTALL).group(1).splitlines()
+
+
+def test_the_reproduce_section_installs_from_source_and_its_prune_command_remakes_the_checkpoint(record, pruned_dir, tiny_llama, tmp_path):
+    """Line 1 makes a venv the way the README does (prunekit from its source, the recorded torch); line 2, with the
+    base's path in place of its name, makes a checkpoint of the same run identity. The fresh-venv install itself is
+    checked by benchmarks/check_card_reproduce.py (it downloads nothing but takes minutes)."""
+    from typer.testing import CliRunner
+
+    from prunekit.cli.main import app
+
+    card = render_model_card(record, repo_id="org/tiny-wanda")
+    install, command = reproduce_block(card)
+    torch_version = record["versions"]["torch"].split("+")[0]
+    assert install == f"python3 -m venv .venv && . .venv/bin/activate && pip install torch=={torch_version} -e ."
+    assert "pip install prunekit" not in card
+    assert f"`{TATOEBA.name}` stands for a local file or folder this checkpoint was made with" in card
+    command = command.replace(f"--calib-source {TATOEBA.name}", f"--calib-source {TATOEBA}")
+    args = shlex.split(command.replace(tiny_llama.name, str(tiny_llama), 1).replace(" OUT", f" {tmp_path / 'again'}"))
+    assert args[:2] == ["prunekit", "prune"]
+    ran = CliRunner().invoke(app, args[1:] + ["-q"])
+    assert ran.exit_code == 0, ran.output
+    assert json.loads((tmp_path / "again" / "prunekit.json").read_text())["run_id"] == record["run_id"]
+    assert f"`{tiny_llama.name}` stands for the base model" in card
+
+
+def test_a_gguf_or_embedded_base_is_stated_with_its_quantization_and_installs_the_demo_extra(record):
+    gguf = variant(record, base_model={"spec": "embedded:gemma-3-270m", "kind": "embedded", "path": "/x/cache/models/e",
+                                       "gguf_file": "/x/cache/gguf/gemma-3-270m-q4_k_m.gguf", "gguf_quantization": "Q4_K_M"},
+                   command=record["command"].replace(record["command"].split()[2], "embedded:gemma-3-270m", 1))
+    card = render_model_card(gguf, repo_id="org/g")
+    install, command = reproduce_block(card)
+    assert install.endswith('-e ".[demo]"') and command.startswith("prunekit prune embedded:gemma-3-270m ")
+    assert ("the GGUF file `gemma-3-270m-q4_k_m.gguf` (Q4_K_M quantization), de-quantized to float32 safetensors "
+            "before pruning") in card
+    assert "/x/cache" not in card
+
+
+def test_the_gguf_quantization_is_read_from_the_file(embedded_gemma):
+    from prunekit.gguf_conversion import gguf_source
+    from prunekit.models import resolve_model
+
+    source = resolve_model("embedded:gemma-3-270m")
+    assert source.extra["gguf_quantization"] == "Q4_K_M" and source.extra["gguf_file"].endswith(".gguf")
+    assert gguf_source(embedded_gemma)["gguf_quantization"] == "Q4_K_M"
+
+
+def test_the_card_table_keeps_one_row_per_line_with_and_without_a_gguf_base(record):
+    for rec in (record, variant(record, base_model=dict(record["base_model"], gguf_file="/x/m-q4_k_m.gguf",
+                                                         gguf_quantization="Q4_K_M"))):
+        card = render_model_card(rec, repo_id="org/x")
+        recipe = card.split("## Recipe", 1)[1].split("\n## ", 1)[0]
+        rows = [line for line in recipe.splitlines() if line.startswith("|")]
+        assert all(line.endswith("|") and "|| " not in line for line in rows), rows
+        assert any(line.startswith("| Method | ") for line in rows)
+        assert any(line.startswith("| Base weights | ") for line in rows) == ("gguf_file" in rec["base_model"])
+    assert "pypi.org/project/prunekit" not in card  # prunekit is not on the package index

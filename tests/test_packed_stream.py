@@ -15,8 +15,9 @@ from prunekit.packed_writer import PARTS_DIR, safetensors_header
 from prunekit.pipeline import prune
 from prunekit.recipe import Quantization
 from tests.conftest import TATOEBA, build_tiny_model
+from prunekit.recipe import CalibrationSpec, OutputSpec
 
-CALIB = dict(calib="en", calib_source=str(TATOEBA), nsamples=4, seqlen=24)
+CALIB = CalibrationSpec("en", str(TATOEBA), nsamples=4, seqlen=24)
 
 
 def tiny(tokenizer, root: Path, name: str, dtype: torch.dtype, shard: str | None = None, **overrides) -> Path:
@@ -39,9 +40,9 @@ def root(tmp_path_factory) -> Path:
 
 
 def both_paths(base: Path, tmp_path: Path, method: str, quantization: Quantization, **kwargs):
-    run = dict(method=method, quantization=quantization, device="cpu", progress=False, **(CALIB if method == "gptq" else {"calib": None}))
-    streamed = prune(str(base), out=tmp_path / "streamed", stream=True, **run, **kwargs)
-    whole = prune(str(base), out=tmp_path / "whole", stream=False, **run, **kwargs)
+    run = dict(method=method, quantization=quantization, device="cpu", progress=False, calibration=CALIB if method == "gptq" else CalibrationSpec())
+    streamed = prune(str(base), output=OutputSpec(out=tmp_path / "streamed", stream=True), **run, **kwargs)
+    whole = prune(str(base), output=OutputSpec(out=tmp_path / "whole", stream=False), **run, **kwargs)
     assert streamed.record["streamed"] and not whole.record["streamed"]
     return streamed, whole
 
@@ -132,6 +133,5 @@ def test_streamed_packed_run_holds_one_layer(tokenizer, root, tmp_path, monkeypa
         return original(self, index, layer, device)
 
     monkeypatch.setattr(StreamedLayers, "load", load)
-    prune(str(base), method="rtn", quantization=Quantization(bits=4, group_size=32), calib=None, device="cpu",
-          progress=False, out=tmp_path / "out", stream=True)
+    prune(str(base), calibration=CalibrationSpec(languages=None), output=OutputSpec(out=tmp_path / "out", stream=True), method="rtn", quantization=Quantization(bits=4, group_size=32), device="cpu", progress=False)
     assert seen == [(0, []), (1, [0]), (2, [0, 1])]

@@ -17,6 +17,7 @@ from prunekit.evaluation import EvaluationSpec, evaluate
 from prunekit.hub import push
 from prunekit.hub.public import public_json, public_text, public_value
 from tests.conftest import TATOEBA
+from prunekit.recipe import CalibrationSpec, OutputSpec
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 
@@ -27,8 +28,7 @@ def evaluated(tmp_path_factory, tiny_llama) -> dict[str, Path]:
     state), and the dense model's own evaluation."""
     root = tmp_path_factory.mktemp("publish")
     out = root / "pruned"
-    prunekit.prune(str(tiny_llama), method="wanda", calib="de", calib_source=str(TATOEBA), nsamples=4, seqlen=32,
-                   out=out, progress=False)
+    prunekit.prune(str(tiny_llama), calibration=CalibrationSpec(languages="de", source=str(TATOEBA), nsamples=4, seqlen=32), output=OutputSpec(out=out), method="wanda", progress=False)
     spec = EvaluationSpec(langs="de", ppl_source=str(TATOEBA), seqlen=32, device="cpu", snr_tokens=64)
     evaluate(out, spec, dense=str(tiny_llama), out=out / "results.json", progress=False)
     evaluate(tiny_llama, spec, out=root / "dense-results.json", progress=False)

@@ -31,7 +31,7 @@ def _results(ppl: dict, hidden: dict | None, tasks: dict) -> dict:
         "perplexity": {lang: {"ppl": v, "nll": math.log(v), "tokens": 100, "windows": 3, "seqlen": 32, "source": "x", "location": "x"} for lang, v in ppl.items()},
         "hidden_states": {} if hidden is None else {lang: {"snr_db": s, "pruning_error": p, "tokens": 100, "exclude_bos": True,
                                                              "per_layer": {"snr_db": [s], "pruning_error": [p]}} for lang, (s, p) in hidden.items()},
-        "tasks": tasks, "settings": {}, "versions": {}, "created": "2025-01-01T00:00:00+00:00",
+        "tasks": tasks, "settings": {"seqlen": 128, "max_windows": 3, "ppl_source": "embedded"}, "versions": {}, "created": "2025-01-01T00:00:00+00:00",
     })
 
 
@@ -159,6 +159,12 @@ def test_single_seed_has_no_std_and_the_markdown_shows_mean_pm_std(report):
     cell = wanda.rows[0].cells["ar"]
     md = report.files["report.md"].read_text()
     assert f"{cell.mean:.2f} ± {cell.std:.2f}" in md
+    settings = md[md.index("## Perplexity"):].split("\n")[2]  # issue 30 §6: how perplexity was measured, and why it differs
+    assert settings.startswith("perplexity: ") and "comparable only between runs with the same settings" in settings
+    assert settings == report.perplexity_settings
+    from markupsafe import escape
+
+    assert str(escape(settings)) in report.files["report.html"].read_text()
 
 
 def test_best_cell_per_column_and_deltas_against_dense(report):
@@ -201,6 +207,31 @@ def test_advisor_and_diagonal_finding(report):
     snr = advice[("wanda", "snr_db", "de")]
     own_snr = next(r for r in report.table("snr_db").block("tiny", "wanda").rows if r.calibration == "de").cells["de"].mean
     assert snr.margin == pytest.approx(snr.best_value - own_snr) and snr.margin >= 0
+    # issue 30: what the reader sees leaves out the rows where the target language's own set was best (margin 0)
+    assert sw in report.advice and en not in report.advice
+    assert all(not a.own_is_best for a in report.advice)
+    best_own = sum(bool(a.own_is_best) for a in report.advisor)
+    with_own = sum(a.own_value is not None for a in report.advisor)
+    assert 0 < best_own < with_own
+    assert f"best for {best_own} of {with_own} target language" in report.advice_summary
+    md = (report.out_dir / "report.md").read_text()
+    advisor_md = md[md.index("## Calibration advisor"):]
+    assert report.advice_summary in advisor_md
+    assert advisor_md.count("| tiny | wanda |") + advisor_md.count("| tiny | sparsegpt |") <= len(report.advice)
+    assert json.loads((report.out_dir / "leaderboard.json").read_text())["advisor"].__len__() == len(report.advisor)
+
+
+def test_advisor_where_the_target_language_always_wins_is_one_sentence():
+    from prunekit.report import Report
+    from prunekit.report.tables import AdvisorRow
+
+    rows = [AdvisorRow("m", "wanda", "50%", "perplexity", "Perplexity", lang, lang, lang, 10.0, 10.0, 0.0, True)
+            for lang in ("de", "sw", "zh")]
+    report = Report.__new__(Report)
+    report.advisor = rows
+    assert report.advice == []
+    assert report.advice_summary == ("Calibrating on the target language was best for every target language and "
+                                     "metric (3 of 3); no other calibration set beat it.")
 
 
 def test_report_files_heatmaps_and_self_contained_html(report):

@@ -15,13 +15,14 @@ import torch
 
 from prunekit.io import OWNER_FILE, owned
 from prunekit.pipeline import prune
+from prunekit.recipe import CalibrationSpec, OutputSpec
 from prunekit.staging import KILL_AFTER_LAYER, MANIFEST, staging_path
 from prunekit.streaming import StreamedLayers
 from tests.conftest import TATOEBA
 from tests.test_streaming import tiny
 
-RUN = dict(calib="en", calib_source=str(TATOEBA), nsamples=4, seqlen=24, device="cpu", progress=False,
-           batch_size=2, num_hidden_layers=4)
+RUN = dict(calibration=CalibrationSpec("en", str(TATOEBA), nsamples=4, seqlen=24), device="cpu", progress=False,
+           batch_size=2)
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -33,11 +34,12 @@ def base(tmp_path_factory, tokenizer) -> Path:
 
 
 def run(base: Path, out: Path, **kwargs):
-    args = {k: v for k, v in RUN.items() if k != "num_hidden_layers"}
+    args = dict(RUN)
     if kwargs.get("method") == "magnitude":
-        args = {k: v for k, v in args.items() if k not in ("calib", "calib_source", "nsamples", "seqlen", "batch_size")}
-    return prune(str(base), method=kwargs.pop("method", "wanda"), sparsity=kwargs.pop("sparsity", 0.5), out=out,
-                 **(args | kwargs))
+        args = {"calibration": CalibrationSpec(), "device": "cpu", "progress": False}
+    output = OutputSpec(out=out, **{k: kwargs.pop(k) for k in ("overwrite", "stream", "resume") if k in kwargs})
+    return prune(str(base), output=output, method=kwargs.pop("method", "wanda"), sparsity=kwargs.pop("sparsity", 0.5),
+                 **args | kwargs)
 
 
 def shard_bytes(directory: Path) -> dict[str, bytes]:
@@ -293,8 +295,8 @@ def test_an_interrupted_quantize_writes_what_an_uninterrupted_one_writes(checkpo
     """A dense quantize resumes at its layer; a packed one streams but does not resume yet: the rerun removes
     its interrupted staging and starts again. Either way the bytes are an uninterrupted run's, nothing is left."""
     def quantize(out):
-        args = {k: v for k, v in RUN.items() if k != "num_hidden_layers"}
-        return prune(str(base), "gptq", kind="quantize", out=out, checkpoint_format=checkpoint_format, **args)
+        args = dict(RUN)
+        return prune(str(base), "gptq", output=OutputSpec(out=out, checkpoint_format=checkpoint_format), kind="quantize", **args)
 
     reference = shard_bytes(quantize(tmp_path / "reference").out)
     out = tmp_path / "out"

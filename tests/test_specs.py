@@ -12,7 +12,7 @@ import pytest
 import prunekit
 from prunekit import artifacts
 from prunekit.errors import ConfigError
-from prunekit.pipeline import OutputSpec, method_of_kind, run_identity, specs_from_keywords
+from prunekit.pipeline import OutputSpec, method_of_kind, run_identity
 from prunekit.recipe import CalibrationSpec, Pattern, Recipe
 
 
@@ -57,13 +57,17 @@ def test_an_output_spec_is_validated_when_it_is_made():
         OutputSpec("out", checkpoint_format="gguf")
 
 
-def test_prune_takes_the_specs_or_the_keywords_they_are_made_of():
-    calibration, output = specs_from_keywords(None, None, {"calib": "sw", "nsamples": 4, "out": "o", "dtype": "float32"})
-    assert calibration == CalibrationSpec("sw", nsamples=4) and output == OutputSpec("o", "float32")
-    with pytest.raises(TypeError, match="calibration= or calib=, not both"):
-        specs_from_keywords(CalibrationSpec("sw"), None, {"calib": "de"})
-    with pytest.raises(TypeError, match="unexpected keyword argument 'calibrate'"):
-        specs_from_keywords(None, None, {"calibrate": "de"})
+def test_prune_takes_the_specs_only():
+    """Issue 27 §5: one entrance. The specs' fields are not prune's keywords any more (calib=, out=, ...)."""
+    import inspect
+
+    parameters = inspect.signature(prunekit.prune).parameters
+    assert "calibration" in parameters and "output" in parameters
+    assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    for legacy in ("calib", "calib_source", "nsamples", "seqlen", "seed", "out", "dtype", "overwrite", "stream"):
+        assert legacy not in parameters
+        with pytest.raises(TypeError, match=f"unexpected keyword argument '{legacy}'"):
+            prunekit.prune("embedded:gemma-3-270m", "wanda", **{legacy: None})
     assert prunekit.CalibrationSpec is CalibrationSpec and prunekit.OutputSpec is OutputSpec
 
 

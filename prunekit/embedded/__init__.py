@@ -20,6 +20,13 @@ def embedded_model_dir(name: str) -> Path:
     target = cache_dir("models") / f"embedded-{name}"
     if (target / "config.json").exists():
         return target
+    from prunekit.gguf_conversion import convert_gguf
+
+    return convert_gguf(embedded_gguf_file(name), target)
+
+
+def embedded_gguf_file(name: str) -> Path:
+    """The embedded model's GGUF file, assembled once into the cache from the demo extra's package."""
     try:
         package = __import__(EMBEDDED_MODELS[name])
         import gguf  # noqa: F401
@@ -27,12 +34,10 @@ def embedded_model_dir(name: str) -> Path:
         raise ModelError(
             f"the embedded model '{name}' comes with the demo extra: pip install 'prunekit[demo]'"
         ) from err
-    from prunekit.gguf_conversion import convert_gguf
     from prunekit.locks import exclusive
 
     with exclusive(cache_dir("gguf") / f".{package.MODEL_NAME}.lock"):  # nodes sharing the cache assemble it once
-        gguf_file = package.assemble(cache_dir("gguf") / package.MODEL_NAME)
-    return convert_gguf(Path(gguf_file), target)
+        return Path(package.assemble(cache_dir("gguf") / package.MODEL_NAME))
 
 
 def embedded_languages() -> list[str]:

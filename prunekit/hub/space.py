@@ -48,7 +48,7 @@ def space_readme(title: str) -> str:
     return (f"---\ntitle: \"{safe}\"\nemoji: 📊\ncolorFrom: blue\ncolorTo: green\nsdk: static\napp_file: index.html\n"
             f"pinned: false\ntags:\n- prunekit\n- leaderboard\n---\n\n# {safe}\n\nThe leaderboard of a prunekit sweep: "
             "one row per published checkpoint, ranked per evaluation language. `results.csv` holds the same rows; "
-            "`heatmaps/` the figures. Made with [prunekit](https://pypi.org/project/prunekit/) "
+            "`heatmaps/` the figures. Made with prunekit "
             "(`prunekit report RUNS --out DIR --push ORG/NAME`).\n")
 
 

@@ -46,6 +46,35 @@ class Report:
     heatmaps: list[Path] = field(default_factory=list)
     files: dict[str, Path] = field(default_factory=dict)
 
+    @property
+    def perplexity_settings(self) -> str | None:
+        """How the runs' perplexity was measured (each distinct setting once), and why it differs elsewhere."""
+        from prunekit.artifacts import PERPLEXITY_SETTINGS_NOTE, windows_perplexity_settings
+
+        runs = list(self.collected.runs) + list(self.collected.dense.values())
+        lines = sorted({windows_perplexity_settings(r.results["settings"]) for r in runs
+                        if (getattr(r, "results", None) or {}).get("settings") and r.results.get("perplexity")})
+        return f"{'; '.join(lines)}. {PERPLEXITY_SETTINGS_NOTE}" if lines else None
+
+    @property
+    def advice(self) -> list[AdvisorRow]:
+        """The advisor rows worth a reader's time: a target where another calibration set beat the target
+        language's own (or the target language was not calibrated on). ``advisor`` keeps every row."""
+        return [a for a in self.advisor if not a.own_is_best]
+
+    @property
+    def advice_summary(self) -> str | None:
+        """One sentence for the rows ``advice`` leaves out (the target language's own calibration was best)."""
+        own = [a for a in self.advisor if a.own_value is not None]
+        kept = sum(bool(a.own_is_best) for a in own)
+        if not kept:
+            return None
+        if kept == len(self.advisor):
+            return (f"Calibrating on the target language was best for every target language and metric "
+                    f"({kept} of {kept}); no other calibration set beat it.")
+        return (f"Calibrating on the target language was best for {kept} of {len(own)} target language and "
+                f"metric pairs; the table lists the {len(self.advice)} where it was not.")
+
     def table(self, metric: str) -> MetricTable:
         """The table of a metric: 'perplexity', 'snr_db', 'pruning_error' or 'task:<group>/<metric>'
         (a bare '<group>/<metric>' works too)."""

@@ -188,6 +188,8 @@ def markdown(report: "Report") -> str:
     for table in report.tables:
         metric = table.metric
         lines += [f"## {metric.title} ({metric.better} is better)", ""]
+        if metric.id == "perplexity" and report.perplexity_settings:
+            lines += [report.perplexity_settings, ""]
         header = ["model", "method", "calibration"] + [c.label for c in table.columns]
         lines += [_md_row(header), _md_row(["---"] * 3 + ["---:"] * len(table.columns))]
         dense_printed: set[str] = set()
@@ -220,16 +222,19 @@ def markdown(report: "Report") -> str:
         if maps:
             lines += [f"![{metric.title} — {p.stem}](heatmaps/{p.name})" for p in maps] + [""]
     if report.advisor:
-        lines += ["## Calibration advisor", "",
-                  "For each target language and metric: the calibration set that scored best, and its margin over "
-                  "calibrating on the target language itself (how much better it is; 0 = the target language is best).", ""]
-        lines.append(_md_row(["model", "method", "metric", "target", "best calibration", "best", "target-language calibration", "margin"]))
-        lines.append(_md_row(["---"] * 5 + ["---:"] * 3))
-        for a in report.advisor:
-            decimals = report.decimals(a.metric)
-            lines.append(_md_row([a.model, a.method, a.metric_title, a.target,
-                                  a.best_calibration, fmt(a.best_value, decimals), fmt(a.own_value, decimals), fmt(a.margin, decimals)]))
-        lines.append("")
+        lines += ["## Calibration advisor", ""]
+        if report.advice_summary:
+            lines += [report.advice_summary, ""]
+        if report.advice:
+            lines += ["For each target language and metric where another calibration set scored best: that set, and its "
+                      "margin over calibrating on the target language itself (how much better it is).", ""]
+            lines.append(_md_row(["model", "method", "metric", "target", "best calibration", "best", "target-language calibration", "margin"]))
+            lines.append(_md_row(["---"] * 5 + ["---:"] * 3))
+            for a in report.advice:
+                decimals = report.decimals(a.metric)
+                lines.append(_md_row([a.model, a.method, a.metric_title, a.target,
+                                      a.best_calibration, fmt(a.best_value, decimals), fmt(a.own_value, decimals), fmt(a.margin, decimals)]))
+            lines.append("")
     if report.collected.analysis:
         lines += ["## What pruning changed between calibration sets (prunekit compare)", ""]
         lines += [_md_row(["model", "method", "pair", "seeds", "status", "summary"]), _md_row(["---"] * 6)]

@@ -128,7 +128,6 @@ class SweepConfig:
     push: dict[str, Any] | None
     collection: dict[str, Any] = field(default_factory=dict)  # push.collection / push.leaderboard: not in the push's fingerprint
     eval_options: dict[str, Any] = field(default_factory=dict)  # max_windows, batch_size, ... (only those given)
-    analysis_options: dict[str, Any] = field(default_factory=dict)  # only, max_tokens
     device: str = "auto"
     gpus_per_worker: int = 1  # GPUs each worker (pool process, Slurm rank) owns; > 1 turns lm-eval's parallelize on
     batch_size: int | None = None
@@ -138,6 +137,7 @@ class SweepConfig:
     conventions: str = DEFAULT_CONVENTIONS  # prunekit.conventions: study | prunekit
     raw: dict[str, Any] = field(default_factory=dict)  # the validated input, for the snapshot
     evaluation: Any = None  # the EvaluationSpec every eval stage runs (the dtype and trust_remote_code: each model's)
+    compare: Any = None  # the CompareSpec every analysis stage runs (the dtype: each model's); None without analysis
 
     def calibration_spec(self, languages: str | None, seed: int | None) -> CalibrationSpec:
         """One point of the calibration grid: ``languages`` (one of ``calib_sets``, or None for a method
@@ -196,9 +196,15 @@ def load_config(config: str | Path | dict[str, Any]) -> SweepConfig:
     calib_source = check_source(calib.source, calib.languages, "calibration", base)
     ppl_source = check_source(ev.perplexity_source or calib.source, spec.eval_languages, "evaluation", base)
     limit = ev.spec().limit  # normalized by the library: 3.0 is 3 examples
-    analysis_options: dict[str, Any] = {}
+    compare = None
     if spec.analysis is not None:
-        analysis_options = {k: v for k, v in (("only", spec.analysis.only), ("max_tokens", spec.analysis.max_tokens)) if v is not None}
+        from prunekit.analysis.spec import CompareSpec
+
+        try:
+            compare = CompareSpec(langs=spec.eval_languages, text_source=ppl_source, only=spec.analysis.only,
+                                  max_tokens=spec.analysis.max_tokens, device=execution.device)
+        except ConfigError as err:
+            raise ConfigError(f"analysis: {err}") from None
     push, collection = None, {}
     if spec.push is not None:
         push = {"namespace": spec.push.namespace, "private": spec.push.private}
@@ -217,12 +223,13 @@ def load_config(config: str | Path | dict[str, Any]) -> SweepConfig:
         eval_seqlen=ev.seqlen, tasks=list(ev.tasks) if ev.tasks else None, limit=limit, hidden_states=ev.hidden_states,
         analysis_pairs=[tuple(p) for p in spec.analysis.pairs] if spec.analysis is not None else [], push=push,
         collection=collection,
-        eval_options=eval_options, analysis_options=analysis_options, device=execution.device, gpus_per_worker=execution.gpus_per_worker,
+        eval_options=eval_options, device=execution.device, gpus_per_worker=execution.gpus_per_worker,
         batch_size=execution.batch_size,
         skip_layers=execution.skip_layers, keep_checkpoints=execution.keep_checkpoints, slurm=spec.slurm.settings(),
         raw=_normalized_raw(raw, models, calib_source, ppl_source, eval_options), conventions=spec.conventions,
         evaluation=ev.spec(langs=spec.eval_languages, ppl_source=ppl_source, tasks=ev.tasks, device=execution.device,
                            conventions=spec.conventions, parallelize=execution.gpus_per_worker > 1),
+        compare=compare,
     )
 
 

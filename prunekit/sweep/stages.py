@@ -25,7 +25,7 @@ import shutil
 import socket
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -207,8 +207,6 @@ def _evaluation():
 
 def evaluation_spec(config: SweepConfig, model_entry):
     """The sweep's EvaluationSpec for one model (its dtype and trust_remote_code)."""
-    from dataclasses import replace
-
     return replace(config.evaluation, dtype=model_entry.dtype, trust_remote_code=model_entry.trust_remote_code)
 
 
@@ -407,14 +405,12 @@ def run_analysis(config: SweepConfig, runs_dir: Path, task: AnalysisTask, progre
         missing = [str(c) for c in side_a + side_b if not record_path(c).exists()]
         if missing:
             raise PrunekitError(f"analysis needs the checkpoints of both calibration sets; missing: {', '.join(missing)}")
-        from prunekit.analysis import CompareSpec, compare
+        from prunekit.analysis import compare
 
-        spec = CompareSpec(langs=list(config.eval_languages), text_source=config.ppl_source, dtype=task.model.dtype,
-                           device=config.device, **config.analysis_options)
-        comparison = compare(
-            str(side_a[0]), str(side_b[0]), spec, dense=task.model.spec, seeds_a=[str(c) for c in side_a[1:]],
-            seeds_b=[str(c) for c in side_b[1:]], out=directory / "compare", overwrite=True, progress=progress,
-        )
+        spec = replace(config.compare, dtype=task.model.dtype)
+        comparison = compare(str(side_a[0]), str(side_b[0]), spec, dense=task.model.spec,
+                             seeds_a=[str(c) for c in side_a[1:]], seeds_b=[str(c) for c in side_b[1:]],
+                             out=directory / "compare", overwrite=True, progress=progress)
         del comparison  # written to compare/compare.json (+ summary.md, figures/) by compare itself
         result = {"status": "ok", "compare": "compare/compare.json", "summary": "compare/summary.md"}
         write_json_atomic(directory / ANALYSIS_RESULT_FILE, versioned(SWEEP_ANALYSIS_RESULT_KIND, {"pair": list(task.pair), **result}))
