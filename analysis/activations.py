@@ -260,6 +260,16 @@ def pass_batches(texts: Texts, batch_size: int, pad_id: int, device: torch.devic
     return out
 
 
+@dataclass(frozen=True)
+class PassSettings:
+    """How a pass runs (not what it collects): documents per forward, the pad token, the device, progress bars."""
+
+    batch_size: int = 1
+    pad_id: int = 0
+    device: torch.device | str = "cpu"
+    progress: bool = True
+
+
 def run_pass(
     model,
     texts: Texts,
@@ -271,10 +281,7 @@ def run_pass(
     record: ReferenceStates | None = None,
     compare_to: ReferenceStates | None = None,
     deactivate: dict[int, torch.Tensor] | None = None,
-    batch_size: int = 1,
-    pad_id: int = 0,
-    device: torch.device | str = "cpu",
-    progress: bool = True,
+    settings: PassSettings = PassSettings(),
 ) -> PassResult:
     """Run ``model`` (in memory, or a ``prunekit.evaluation.forward.Weights`` streamed a layer at a
     time) over every language's samples, collecting what is asked for.
@@ -283,6 +290,7 @@ def run_pass(
     drift against stored ones (a target model: same texts, same order). ``deactivate`` maps a layer
     index to FFN neuron indices whose act_fn output is zeroed (Tang et al.'s test; zeroing the
     down_proj input at a neuron equals zeroing act_fn there, since the input is act_fn(gate) ⊙ up).
+    ``settings``: batch size, pad token, device and progress bars.
     """
     weights = as_weights(model)
     skeleton = weights.model
@@ -307,8 +315,8 @@ def run_pass(
         result.abs_output_sum = np.zeros((len(langs), n_layers, width), dtype=np.float64)
     consumer = _Pass(result, texts, embeddings=embeddings, lape=lape, nll=nll, record=record, compare_to=compare_to,
                      deactivate=deactivate)
-    batches = pass_batches(texts, batch_size, pad_id, device)
-    run_forward(weights, batches, [consumer], device, progress=progress, description=label)
+    batches = pass_batches(texts, settings.batch_size, settings.pad_id, settings.device)
+    run_forward(weights, batches, [consumer], settings.device, progress=settings.progress, description=label)
     for batch in batches:
         lang = batch.info["lang"]
         result.valid_tokens[lang] = result.valid_tokens.get(lang, 0) + int(batch.info["valid"].sum())

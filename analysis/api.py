@@ -15,6 +15,7 @@ import json
 import math
 import time
 import warnings
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,7 +26,7 @@ import torch
 from prunekit.analysis import drift as drift_mod
 from prunekit.analysis import lape as lape_mod
 from prunekit.analysis import lsar as lsar_mod
-from prunekit.analysis.activations import prepare_texts, reference_states, run_pass
+from prunekit.analysis.activations import PassSettings, prepare_texts, reference_states, run_pass
 from prunekit.analysis.checkpoints import open_checkpoint
 from prunekit.analysis.masks import compare_masks
 from prunekit.analysis.spec import CompareSpec
@@ -43,9 +44,8 @@ from prunekit.models import (
 )
 
 KIND = COMPARE_KIND
-# compare.json's settings: the spec's choices as before the spec existed (the analyses are its "analyses")
-SETTINGS_KEYS = ("langs", "text_source", "max_tokens", "max_length", "dtype", "batch_size", "lsar_rank", "subspace",
-                 "lape_thresholds", "deactivate", "chunk_elements")
+# compare.json's settings are the spec's choices (its ``to_settings``) but these: ``only`` is its ``analyses``
+NOT_IN_SETTINGS = ("only", "trust_remote_code")
 
 
 def _check_out(out: Path | None, overwrite: bool) -> None:
@@ -119,62 +119,69 @@ def compare(
     figures: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Compare what pruning changed between checkpoints ``a`` and ``b`` (``prunekit compare``).
+    """Compare checkpoints ``a`` and ``b``: mask overlap, LSAR, LAPE and hidden-state drift (``prunekit compare``).
 
     Args:
-        a (`str` or `Path`): pruned checkpoint A: a local dir, Hub id, ``.gguf`` file or ``embedded:NAME``.
+        a (`str` or `Path`): pruned checkpoint A, a local dir (e.g. from ``prunekit prune``) or a Hub id.
         b (`str` or `Path`): pruned checkpoint B, likewise.
-        spec (`CompareSpec`, *optional*): what to measure and how; default ``CompareSpec()`` (every analysis,
-            the study's seven languages, the embedded text).
-        dense (`str` or `Path`, *optional*): the dense base model. With it, masks become A ∧ [W_dense ≠ 0] and
-            LSAR / LAPE / drift compare A and B against it; without it, B against A.
-        seeds_a (`Sequence[str | Path]`, defaults to `()`): more checkpoints of A's calibration language (other
-            seeds): the mask analysis uses their intersection.
-        seeds_b (`Sequence[str | Path]`, defaults to `()`): likewise for B.
+        spec (`CompareSpec`, *optional*): what to compute and how (analyses, languages, text, LSAR / LAPE
+            settings, dtype, device, ...); default ``CompareSpec()``: all four analyses over the study's seven
+            languages of the embedded text.
+        dense (`str` or `Path`, *optional*): the dense base model. Masks become ``A ∧ [W_dense ≠ 0]`` and
+            LSAR / LAPE / drift compare A and B against it; without it, B is compared against A.
+        seeds_a (sequence of `str` or `Path`, defaults to `()`): more checkpoints of A's calibration language
+            (other seeds); the mask analysis uses their intersection.
+        seeds_b (sequence of `str` or `Path`, defaults to `()`): likewise for B.
         out (`str` or `Path`, *optional*): a directory that receives ``compare.json``, ``summary.md``,
-            ``figures/*.png`` and ``lape.npz``, written atomically; None writes nothing.
+            ``figures/*.png`` and ``lape.npz``, written atomically; None: nothing is written.
         overwrite (`bool`, defaults to `False`): replace a non-empty ``out``.
-        figures (`bool`, defaults to `True`): draw the PNG figures into ``out``.
+        figures (`bool`, defaults to `True`): draw ``figures/*.png`` into ``out``.
         progress (`bool`, defaults to `True`): progress bars.
 
     Returns:
-        `dict`: the comparison, as written to ``compare.json`` (schema in ``analysis/SCHEMA.md``).
+        `dict`: the content of ``compare.json`` (schema in ``analysis/SCHEMA.md``), its ``settings`` from the
+        spec and its ``fingerprint`` the spec's.
 
     Raises:
-        ConfigError: a non-empty ``out`` without ``overwrite``; an option the spec refuses.
-        ModelError: a checkpoint that cannot be read, or models whose tokenizers differ.
+        ConfigError: ``out`` is not empty and ``overwrite`` is off (the spec's own checks ran when it was made).
+        ModelError: checkpoints of different layouts, or (for LSAR / LAPE / drift) different tokenizers.
+
+    Models are loaded one at a time and streamed a decoder layer at a time from their shards; the reference's
+    hidden states wait in a memory-mapped temp file for the drift.
 
     Example:
-        ```python
-        >>> from prunekit.analysis import CompareSpec, compare
-        >>> result = compare("gemma-de", "gemma-sw", CompareSpec(langs="de,en,sw"), dense="embedded:gemma-3-270m",
-        ...                  out="cmp-de-sw")
-        >>> result["masks"]["overall"]["iou"]
-        ```
+
+    ```py
+    >>> from prunekit.analysis import CompareSpec, compare
+    >>> result = compare("gemma-de", "gemma-sw", CompareSpec(langs="de,en,sw"), dense="embedded:gemma-3-270m",
+    ...                  out="cmp-de-sw")
+    >>> result["masks"]["comparisons"]["between"]["global"]["iou"]
+    ```
     """
     started = time.perf_counter()
     spec = spec or CompareSpec()
     out_path = None if out is None else Path(out)
     _check_out(out_path, overwrite)
     roles = _resolve_roles(a, b, dense, seeds_a, seeds_b)
-    result = _new_result(roles, spec, seeds_given=bool(seeds_a or seeds_b))
+    result = _new_result(spec, roles, seeded=bool(seeds_a or seeds_b))
     if "masks" in spec.only:
         _mask_analysis(result, roles, spec, progress)
     lape_arrays: dict[str, np.ndarray] = {}
     if spec.runs_models:
         t0 = time.perf_counter()
-        compute = resolve_device(spec.device)
-        result["settings"]["device"] = str(compute)
-        _run_analyses(result, roles, spec, compute, progress, lape_arrays)
+        device = resolve_device(spec.device)
+        result["settings"]["device"] = str(device)
+        _run_analyses(result, roles, spec, PassSettings(spec.batch_size, device=device, progress=progress), lape_arrays)
         result["timings"]["model_passes_s"] = time.perf_counter() - t0
     result["timings"]["total_s"] = time.perf_counter() - started
+
     if out_path is not None:
         write_outputs(result, out_path, overwrite, lape_arrays, figures)
     return result
 
 
-def _resolve_roles(a, b, dense, seeds_a, seeds_b) -> dict[str, ModelSource]:
-    """Each model by its role: a, b, a#2.. / b#2.. (the other seeds) and dense."""
+def _resolve_roles(a, b, dense, seeds_a: Sequence, seeds_b: Sequence) -> dict[str, ModelSource]:
+    """Every checkpoint by its role: a, b, a#2.. (seeds of a), b#2.., dense."""
     roles: dict[str, ModelSource] = {"a": resolve_model(str(a)), "b": resolve_model(str(b))}
     roles.update({f"a#{i + 2}": resolve_model(str(s)) for i, s in enumerate(seeds_a)})
     roles.update({f"b#{i + 2}": resolve_model(str(s)) for i, s in enumerate(seeds_b)})
@@ -183,23 +190,24 @@ def _resolve_roles(a, b, dense, seeds_a, seeds_b) -> dict[str, ModelSource]:
     return roles
 
 
-def _new_result(roles: dict[str, ModelSource], spec: CompareSpec, seeds_given: bool) -> dict[str, Any]:
-    """compare.json before any analysis: the models, the reference and targets, and the settings."""
+def _new_result(spec: CompareSpec, roles: dict[str, ModelSource], seeded: bool) -> dict[str, Any]:
+    """compare.json before any analysis: the models, the reference and targets, the settings."""
     models = {role: _describe(role, source) for role, source in roles.items()}
     notes = []
-    if seeds_given and "masks" not in spec.only:
+    if seeded and "masks" not in spec.only:
         notes.append("--seeds-a/--seeds-b are used by the mask analysis only, which is not among --only; they were ignored")
-    conventions = _check_conventions(models, spec.conventions, notes)
-    dense = "dense" in roles
-    settings = {key: spec.to_settings()[key] for key in SETTINGS_KEYS}
+    settings = {k: v for k, v in spec.to_settings().items() if k not in NOT_IN_SETTINGS} | {
+        "device": None, "conventions": _check_conventions(models, spec.conventions, notes)}  # device: once resolved
+    has_dense = "dense" in roles
     return versioned(KIND, {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "analyses": list(spec.only),
         "models": models,
-        "reference": "dense" if dense else "a",
-        "targets": ["a", "b"] if dense else ["b"],
+        "reference": "dense" if has_dense else "a",
+        "targets": ["a", "b"] if has_dense else ["b"],
         "names": {role: display_name(role, info) for role, info in models.items()},
-        "settings": settings | {"device": None, "conventions": conventions},
+        "settings": settings,
+        "fingerprint": spec.fingerprint(),
         "texts": None, "perplexity": None, "masks": None, "lsar": None, "lape": None, "drift": None,
         "warnings": notes, "timings": {},
     })
@@ -207,7 +215,7 @@ def _new_result(roles: dict[str, ModelSource], spec: CompareSpec, seeds_given: b
 
 def _mask_analysis(result: dict[str, Any], roles: dict[str, ModelSource], spec: CompareSpec, progress: bool) -> None:
     t0 = time.perf_counter()
-    seeds = {side: [r for r in roles if r.startswith(f"{side}#")] for side in ("a", "b")}  # in the order given
+    seeds = {side: [role for role in roles if role.startswith(f"{side}#")] for side in ("a", "b")}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result["masks"] = compare_masks(
@@ -223,14 +231,15 @@ def _mask_analysis(result: dict[str, Any], roles: dict[str, ModelSource], spec: 
     result["timings"]["masks_s"] = time.perf_counter() - t0
 
 
-def _run_analyses(result: dict[str, Any], roles: dict[str, ModelSource], spec: CompareSpec, device: torch.device,
-                  progress: bool, lape_arrays: dict[str, np.ndarray]) -> None:
+def _run_analyses(result: dict[str, Any], roles: dict[str, ModelSource], spec: CompareSpec, run: PassSettings,
+                  lape_arrays: dict[str, np.ndarray]) -> None:
+    """LSAR, LAPE and drift: one pass of the reference, then one of each target, into ``result``."""
     reference, targets = result["reference"], result["targets"]
-    passes, _, selected, deactivation = _model_passes(result, roles, spec, device, progress)
+    passes, selected, deactivation = _model_passes(result, roles, spec, run)
     if "lsar" in spec.only:
-        result["lsar"] = _lsar(passes, reference, targets, spec)
+        result["lsar"] = _lsar_section(passes, reference, targets, spec)
     if "lape" in spec.only:
-        result["lape"] = _lape(passes, reference, targets, spec, selected, deactivation, lape_arrays)
+        result["lape"] = _lape_section(passes, reference, targets, spec, selected, deactivation, lape_arrays)
     if "drift" in spec.only:
         result["drift"] = {
             "definition": drift_mod.__doc__.strip().splitlines()[0],
@@ -238,86 +247,82 @@ def _run_analyses(result: dict[str, Any], roles: dict[str, ModelSource], spec: C
         }
 
 
-def _model_passes(result, roles, spec: CompareSpec, device, progress):
-    """One forward pass per model, the reference first, each streamed from its checkpoint; the perplexities and
-    the text's provenance go into ``result``."""
+def _model_passes(result: dict[str, Any], roles: dict[str, ModelSource], spec: CompareSpec, run: PassSettings):
+    """Each model's pass over the texts, the reference's first (its states recorded for the drift); fills in
+    ``texts`` and ``perplexity``. Returns the passes, the reference's selected LAPE neurons, the deactivations."""
     reference, targets, names = result["reference"], result["targets"], result["names"]
     want_lsar, want_lape, want_drift = ("lsar" in spec.only), ("lape" in spec.only), ("drift" in spec.only)
-    langs, thresholds, deactivate = list(spec.langs), spec.lape_thresholds, spec.deactivate
-    dtype, trust_remote_code = spec.dtype, spec.trust_remote_code
-
-    tokenizer = load_tokenizer(roles[reference], trust_remote_code)
+    tokenizer = load_tokenizer(roles[reference], spec.trust_remote_code)
     # Each model is streamed from its checkpoint a decoder layer at a time (the whole model only when
     # its weights are not safetensors the model reads as they are).
-    model = open_weights(roles[reference], torch_dtype(dtype), trust_remote_code)
+    model = open_weights(roles[reference], torch_dtype(spec.dtype), spec.trust_remote_code)
     fingerprint = tokenizer_fingerprint(tokenizer)
-    texts = prepare_texts(tokenizer, langs, spec.text_source, "evaluation", spec.max_tokens, spec.max_length)
+    texts = prepare_texts(tokenizer, list(spec.langs), spec.text_source, "evaluation", spec.max_tokens, spec.max_length)
     result["texts"] = texts.provenance
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    run = dict(batch_size=spec.batch_size, pad_id=pad_id, device=device, progress=progress)
-    passes = {}
-    perplexity = {}
-    deactivation: dict[str, Any] = {}
-    selected = None
+    run = replace(run, pad_id=pad_id)
+    passes, perplexity, deactivation, selected = {}, {}, {}, None
 
     with reference_states(model.model, texts, model_dtype(model)) if want_drift else _null() as store:
         passes[reference] = run_pass(model, texts, label=f"{names[reference]}: forward", embeddings=want_lsar,
-                                     lape=want_lape, nll=True, record=store, **run)
+                                     lape=want_lape, nll=True, record=store, settings=run)
         perplexity[reference] = _perplexity(passes[reference])
         if want_lape:
-            ref_stats = _lape_stats(passes[reference])
-            selected = lape_mod.select_language_neurons(ref_stats, thresholds)
-            if deactivate:
+            selected = lape_mod.select_language_neurons(_lape_stats(passes[reference]), spec.lape_thresholds)
+            if spec.deactivate:
                 deactivation[reference] = _deactivation(model, texts, selected, passes[reference], names[reference], run)
         model = None  # the last reference: the next model never shares memory with this one
         _collect()
 
         for role in targets:
-            _check_tokenizer(roles[role], role, roles[reference], reference, fingerprint, trust_remote_code)
-            model = open_weights(roles[role], torch_dtype(dtype), trust_remote_code)
+            _check_tokenizer(roles[role], role, roles[reference], reference, fingerprint, spec.trust_remote_code)
+            model = open_weights(roles[role], torch_dtype(spec.dtype), spec.trust_remote_code)
             passes[role] = run_pass(model, texts, label=f"{names[role]}: forward", embeddings=want_lsar,
-                                    lape=want_lape, nll=True, compare_to=store, **run)
+                                    lape=want_lape, nll=True, compare_to=store, settings=run)
             perplexity[role] = _perplexity(passes[role])
-            if want_lape and deactivate:
+            if want_lape and spec.deactivate:
                 deactivation[role] = _deactivation(model, texts, selected, passes[role], names[role], run)
             model = None
             _collect()
     result["perplexity"] = perplexity
-    return passes, texts, selected, deactivation
+    return passes, selected, deactivation
 
 
-def _lsar(passes, reference: str, targets: list[str], spec: CompareSpec) -> dict[str, Any]:
-    langs, lsar_rank, subspace = list(spec.langs), spec.lsar_rank, spec.subspace
+def _lsar_section(passes, reference: str, targets: list[str], spec: CompareSpec) -> dict[str, Any]:
+    langs = list(spec.langs)
     per_target = {}
     for role in targets:
         layers = []
         for layer in range(passes[reference].num_layers):
             ref = {lang: passes[reference].embeddings[lang][layer] for lang in langs}
             tgt = {lang: passes[role].embeddings[lang][layer] for lang in langs}
-            layers.append({"layer": layer, **lsar_mod.layer_drift(ref, tgt, langs, lsar_rank, subspace)})
+            layers.append({"layer": layer, **lsar_mod.layer_drift(ref, tgt, langs, spec.lsar_rank, spec.subspace)})
         per_target[role] = {"per_layer": layers}
-    return {"rank": lsar_rank or lsar_mod.default_rank(len(langs)), "subspace": subspace,
+    return {"rank": spec.lsar_rank or lsar_mod.default_rank(len(langs)), "subspace": spec.subspace,
             "embedding": "mean of the layer output over the valid tokens of each sample",
             "per_target": per_target}
 
 
-def _lape(passes, reference: str, targets: list[str], spec: CompareSpec, selected, deactivation,
-          lape_arrays: dict[str, np.ndarray]) -> dict[str, Any]:
-    langs, thresholds = list(spec.langs), spec.lape_thresholds
+def _lape_section(passes, reference: str, targets: list[str], spec: CompareSpec, selected, deactivation,
+                  lape_arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """compare.json's ``lape``; the per-neuron arrays go into ``lape_arrays`` (lape.npz)."""
+    thresholds = spec.lape_thresholds
     stats = {role: _lape_stats(passes[role]) for role in [reference, *targets]}
     own = {role: lape_mod.select_language_neurons(stats[role], thresholds) for role in stats}
     specific: dict[str, Any] = {}
     for role, sel in own.items():
         entry: dict[str, Any] = {"counts": {lang: len(v) for lang, v in sel.items()}}
         if role != reference:
-            entry["iou_with_reference"] = {lang: _pair_iou(set(sel[lang]), set(own[reference][lang])) for lang in langs}
+            entry["iou_with_reference"] = {
+                lang: _pair_iou(set(sel[lang]), set(own[reference][lang])) for lang in spec.langs
+            }
         specific[role] = entry
     for role, s in stats.items():
         key = role.replace("#", "_")
         lape_arrays[f"{key}_lape"] = s.scores.astype(np.float32)
         lape_arrays[f"{key}_activation_probability"] = s.probs.astype(np.float32)
         lape_arrays[f"{key}_mean_abs_output"] = s.mean_abs_output.astype(np.float32)
-    lape_arrays["langs"] = np.array(langs)
+    lape_arrays["langs"] = np.array(list(spec.langs))
     return {
         "thresholds": thresholds,
         "activation": "act_fn(gate_proj(x)) > 0 over valid tokens; |output| = |act_fn(gate_proj(x)) ⊙ up_proj(x)|",
@@ -394,7 +399,7 @@ def _deactivation(model, texts, selected, baseline, name, run) -> dict[str, Any]
         if not by_layer:
             out[lang] = None
             continue
-        p = run_pass(model, texts, label=f"{name}: {lang} neurons off", nll=True, deactivate=by_layer, **run)
+        p = run_pass(model, texts, label=f"{name}: {lang} neurons off", nll=True, deactivate=by_layer, settings=run)
         out[lang] = {}
         for eval_lang in texts.langs:
             base, new = baseline.nll(eval_lang), p.nll(eval_lang)

@@ -147,6 +147,92 @@ def _as_checkpoint(item: str | Checkpoint, label: str) -> Checkpoint:
     return item if isinstance(item, Checkpoint) else open_checkpoint(item, label)
 
 
+class _Tally:
+    """What the mask comparison counts, tensor by tensor: the comparisons, each checkpoint's raw zeros and
+    pruned weights, and the dense model's native zeros."""
+
+    def __init__(self, group_a: list[Checkpoint], group_b: list[Checkpoint], dense: Checkpoint | None):
+        self.groups = {"a": group_a, "b": group_b}
+        self.dense = dense
+        self.everyone = group_a + group_b + ([dense] if dense is not None else [])
+        self.between = _Comparison(
+            ["∩a", "∩b"],
+            "IoU of the seed intersections of side a and side b (study Fig. 2 right, Table 17)"
+            if len(group_a) + len(group_b) > 2 else "IoU of the masks of a and b",
+        )
+        self.within = {
+            side: _Comparison([c.label for c in group], f"IoU over the {len(group)} checkpoints of side {side}: "
+                              "|∩| / |∪| (study Fig. 2 left, Table 16)")
+            for side, group in self.groups.items() if len(group) > 1
+        }
+        self.zero_counts = {c.label: {m: [0, 0] for m in MODULE_ORDER} for c in self.everyone}  # raw zeros, numel
+        self.pruned_counts = {c.label: 0 for c in group_a + group_b}
+        self.native_total = {m: [0, 0] for m in MODULE_ORDER}
+
+    def _count_zeros(self, label: str, module: str, zeros: int, numel: int) -> None:
+        self.zero_counts[label][module][0] += zeros
+        self.zero_counts[label][module][1] += numel
+
+    def add(self, key: TensorKey, name: str, readers: dict[str, TensorReader], chunk_elements: int, numel: int) -> None:
+        """One (layer, module) tensor of every checkpoint: its packed zero masks, intersected per side."""
+        keep, native = None, None
+        if self.dense is not None:
+            dz = packed_zero_mask(readers["dense"], name, chunk_elements)
+            native = popcount(dz)
+            self._count_zeros("dense", key.module, native, numel)
+            self.native_total[key.module][0] += native
+            self.native_total[key.module][1] += numel
+            keep = np.invert(dz)  # pad bits become 1, but are 0 in every mask they meet
+            del dz
+        extra = {} if native is None else {"natively_zero": native}
+        sides = {}
+        for side, group in self.groups.items():
+            packed = []
+            for ckpt in group:
+                z = packed_zero_mask(readers[ckpt.label], name, chunk_elements)
+                self._count_zeros(ckpt.label, key.module, popcount(z), numel)
+                if keep is not None:
+                    np.bitwise_and(z, keep, out=z)
+                self.pruned_counts[ckpt.label] += popcount(z)
+                packed.append(z)
+            if side in self.within:
+                self.within[side].add(key, name, _overlap(packed, numel) | extra)
+            sides[side] = reduce(np.bitwise_and, packed) if len(packed) > 1 else packed[0]
+            del packed
+        self.between.add(key, name, _overlap([sides["a"], sides["b"]], numel) | extra)
+
+    def checkpoints(self) -> tuple[dict[str, Any], list[str]]:
+        """Each checkpoint's measured sparsity, and the warnings for a dense-looking pruned one (or the reverse)."""
+        checkpoints: dict[str, Any] = {}
+        warned: list[str] = []
+        for ckpt in self.everyone:
+            per_module = self.zero_counts[ckpt.label]
+            zeros = sum(v[0] for v in per_module.values())
+            total = sum(v[1] for v in per_module.values())
+            measured = zeros / total if total else 0.0
+            role = "dense" if ckpt is self.dense else "pruned"
+            info = {"role": role, "spec": ckpt.spec, "zeros": zeros, "numel": total, "measured_sparsity": measured,
+                    "per_module": {m: v[0] / v[1] for m, v in per_module.items() if v[1]}}
+            if role == "pruned":
+                info["pruned"] = self.pruned_counts[ckpt.label]
+                if measured < DENSE_SPARSITY_WARNING:
+                    warned.append(
+                        f"checkpoint {ckpt.label} ('{ckpt.spec}') looks dense: measured sparsity {measured:.4f} of its "
+                        "q/k/v/attn.out/ffn linears; pass pruned checkpoints as A/B and the dense model as --dense"
+                    )
+            elif measured > PRUNED_DENSE_WARNING:
+                warned.append(
+                    f"the dense model '{ckpt.spec}' has measured sparsity {measured:.4f}; is it really the unpruned model?"
+                )
+            checkpoints[ckpt.label] = info
+        return checkpoints, warned
+
+    def natively_zero(self) -> dict[str, Any]:
+        zeros = sum(v[0] for v in self.native_total.values())
+        total = sum(v[1] for v in self.native_total.values())
+        return {"total": zeros, "numel": total, "per_module": {m: v[0] for m, v in self.native_total.items() if v[1]}}
+
+
 def compare_masks(
     a: str | Checkpoint,
     b: str | Checkpoint,
@@ -164,97 +250,24 @@ def compare_masks(
     """
     group_a = [_as_checkpoint(a, "a")] + [_as_checkpoint(s, f"a#{i + 2}") for i, s in enumerate(seeds_a)]
     group_b = [_as_checkpoint(b, "b")] + [_as_checkpoint(s, f"b#{i + 2}") for i, s in enumerate(seeds_b)]
-    dense_ckpt = None if dense is None else _as_checkpoint(dense, "dense")
-    everyone = group_a + group_b + ([dense_ckpt] if dense_ckpt is not None else [])
-    check_same_layout(everyone)
-
+    tally = _Tally(group_a, group_b, None if dense is None else _as_checkpoint(dense, "dense"))
+    check_same_layout(tally.everyone)
     keys = sorted(group_a[0].linears().items(), key=lambda item: item[0].order)
-    dense_aware = dense_ckpt is not None
-    between = _Comparison(
-        ["∩a", "∩b"],
-        "IoU of the seed intersections of side a and side b (study Fig. 2 right, Table 17)"
-        if len(group_a) + len(group_b) > 2 else "IoU of the masks of a and b",
-    )
-    within = {
-        side: _Comparison([c.label for c in group], f"IoU over the {len(group)} checkpoints of side {side}: "
-                          "|∩| / |∪| (study Fig. 2 left, Table 16)")
-        for side, group in (("a", group_a), ("b", group_b)) if len(group) > 1
-    }
-    zero_counts = {c.label: {m: [0, 0] for m in MODULE_ORDER} for c in everyone}  # raw zeros, numel
-    pruned_counts = {c.label: 0 for c in group_a + group_b}
-    native_total = {m: [0, 0] for m in MODULE_ORDER}
 
-    readers = {c.label: reader_factory(c) for c in everyone}
+    readers = {c.label: reader_factory(c) for c in tally.everyone}
     try:
         with progress_bar("comparing masks", len(keys), progress) as update:
             for done, (key, name) in enumerate(keys, 1):
-                numel = int(np.prod(group_a[0].shapes[name]))
-                keep = None
-                native = None
-                if dense_ckpt is not None:
-                    dz = packed_zero_mask(readers["dense"], name, chunk_elements)
-                    native = popcount(dz)
-                    zero_counts["dense"][key.module][0] += native
-                    zero_counts["dense"][key.module][1] += numel
-                    native_total[key.module][0] += native
-                    native_total[key.module][1] += numel
-                    keep = np.invert(dz)  # pad bits become 1, but are 0 in every mask they meet
-                    del dz
-                sides = {}
-                for side, group in (("a", group_a), ("b", group_b)):
-                    packed = []
-                    for ckpt in group:
-                        z = packed_zero_mask(readers[ckpt.label], name, chunk_elements)
-                        zero_counts[ckpt.label][key.module][0] += popcount(z)
-                        zero_counts[ckpt.label][key.module][1] += numel
-                        if keep is not None:
-                            np.bitwise_and(z, keep, out=z)
-                        pruned_counts[ckpt.label] += popcount(z)
-                        packed.append(z)
-                    extra = {} if native is None else {"natively_zero": native}
-                    if side in within:
-                        within[side].add(key, name, _overlap(packed, numel) | extra)
-                    sides[side] = reduce(np.bitwise_and, packed) if len(packed) > 1 else packed[0]
-                    del packed
-                extra = {} if native is None else {"natively_zero": native}
-                between.add(key, name, _overlap([sides["a"], sides["b"]], numel) | extra)
-                del sides, keep
+                tally.add(key, name, readers, chunk_elements, int(np.prod(group_a[0].shapes[name])))
                 update(done, len(keys))
     finally:
         for reader in readers.values():
             reader.close()
 
-    checkpoints: dict[str, Any] = {}
-    warned: list[str] = []
-    for ckpt in everyone:
-        per_module = zero_counts[ckpt.label]
-        zeros = sum(v[0] for v in per_module.values())
-        total = sum(v[1] for v in per_module.values())
-        measured = zeros / total if total else 0.0
-        role = "dense" if ckpt is dense_ckpt else "pruned"
-        info = {
-            "role": role,
-            "spec": ckpt.spec,
-            "zeros": zeros,
-            "numel": total,
-            "measured_sparsity": measured,
-            "per_module": {m: v[0] / v[1] for m, v in per_module.items() if v[1]},
-        }
-        if role == "pruned":
-            info["pruned"] = pruned_counts[ckpt.label]
-            if measured < DENSE_SPARSITY_WARNING:
-                warned.append(
-                    f"checkpoint {ckpt.label} ('{ckpt.spec}') looks dense: measured sparsity {measured:.4f} of its "
-                    "q/k/v/attn.out/ffn linears; pass pruned checkpoints as A/B and the dense model as --dense"
-                )
-        elif measured > PRUNED_DENSE_WARNING:
-            warned.append(
-                f"the dense model '{ckpt.spec}' has measured sparsity {measured:.4f}; is it really the unpruned model?"
-            )
-        checkpoints[ckpt.label] = info
+    checkpoints, warned = tally.checkpoints()
     for message in warned:
         warnings.warn(message, DenseCheckpointWarning, stacklevel=2)
-
+    dense_aware = tally.dense is not None
     result: dict[str, Any] = {
         "dense_aware": dense_aware,
         "definition": "A = [W == 0]" + (" ∧ [W_dense != 0]" if dense_aware else ""),
@@ -263,14 +276,10 @@ def compare_masks(
         "chunk_elements": chunk_elements,
         "groups": {"a": [c.label for c in group_a], "b": [c.label for c in group_b]},
         "checkpoints": checkpoints,
-        "comparisons": {"between": between.to_json(), **{f"within_{s}": c.to_json() for s, c in within.items()}},
+        "comparisons": {"between": tally.between.to_json(),
+                        **{f"within_{s}": c.to_json() for s, c in tally.within.items()}},
         "warnings": warned,
     }
     if dense_aware:
-        zeros = sum(v[0] for v in native_total.values())
-        total = sum(v[1] for v in native_total.values())
-        result["natively_zero"] = {
-            "total": zeros, "numel": total,
-            "per_module": {m: v[0] for m, v in native_total.items() if v[1]},
-        }
+        result["natively_zero"] = tally.natively_zero()
     return result

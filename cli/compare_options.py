@@ -1,8 +1,8 @@
 """The options of ``prunekit compare`` that make its :class:`~prunekit.analysis.spec.CompareSpec`, declared once.
 
-A command decorated with :func:`compare_options` declares only its other options (the checkpoints, the dense
-model, the seeds, where to write); these are added to its signature after its first argument and reach it as one
-``CompareSpec`` (made, and so validated, here) in its first parameter. Each option has the spec field's name.
+A command decorated with :func:`compare_options` declares only its other options; these are added to its
+signature before its ``out`` option and reach it as one ``CompareSpec`` (made, and so validated, here) in its
+first parameter. Each option has the spec field's name (``--lape-thresholds`` is ``lape_thresholds``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 import typer
 
 OPTIONS: dict[str, tuple[Any, Any]] = {
-    "langs": (str, typer.Option("all", "--langs", "-l", help="Evaluation languages for LSAR/LAPE/drift, comma-separated (de,en,sw) or 'all' (the study's seven).")),
+    "langs": (Optional[str], typer.Option(None, "--langs", "-l", help="Evaluation languages for LSAR/LAPE/drift, comma-separated (de,en,sw) or 'all'. Default: the study's seven (ar,de,en,es,ru,sw,zh).")),
     "text_source": (str, typer.Option("embedded", "--text-source", help="embedded (prunekit's parallel passages), mc4 or a PATH (dir with {lang}.txt/.jsonl/.parquet); the evaluation split is used.")),
     "only": (Optional[str], typer.Option(None, "--only", help="Analyses to run, comma-separated from masks,lsar,lape,drift (default: all).")),
     "max_tokens": (Optional[int], typer.Option(None, "--max-tokens", help="At most this many content tokens per language (default: all of the text).")),
@@ -32,13 +32,14 @@ OPTIONS: dict[str, tuple[Any, Any]] = {
 
 
 def compare_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Add the options to ``command``; its first parameter receives them as a ``CompareSpec``."""
+    """Add the options to ``command`` (before its ``out``); its first parameter receives them as a ``CompareSpec``."""
     own = list(inspect.signature(command).parameters.values())[1:]  # the first is the spec
     clash = {p.name for p in own} & set(OPTIONS)
     if clash:
         raise TypeError(f"{command.__name__} declares comparison options itself: {', '.join(sorted(clash))}")
     kw = inspect.Parameter.KEYWORD_ONLY
-    first, second, *rest = [p.replace(kind=kw) for p in own]  # the command's arguments (A, B) stay first
+    own = [p.replace(kind=kw) for p in own]
+    at = next((i for i, p in enumerate(own) if p.name == "out"), len(own))
     added = [inspect.Parameter(name, kw, annotation=annotation, default=default) for name, (annotation, default) in OPTIONS.items()]
 
     @functools.wraps(command)
@@ -48,5 +49,5 @@ def compare_options(command: Callable[..., Any]) -> Callable[..., Any]:
         spec = CompareSpec(**{name: values.pop(name) for name in OPTIONS})
         return command(spec, **values)
 
-    with_options.__signature__ = inspect.signature(command).replace(parameters=[first, second, *added, *rest])  # type: ignore[attr-defined]
+    with_options.__signature__ = inspect.signature(command).replace(parameters=[*own[:at], *added, *own[at:]])  # type: ignore[attr-defined]
     return with_options

@@ -15,14 +15,17 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from prunekit.analysis import CompareSpec, compare
-from prunekit.analysis.activations import prepare_texts, run_pass
+from prunekit.analysis.activations import PassSettings, prepare_texts, run_pass
 from prunekit.errors import ConfigError
 from prunekit.io import read_versioned
 from prunekit.models import load_model
 from tests.conftest import TATOEBA, build_tiny_model
 from prunekit.recipe import CalibrationSpec, OutputSpec
 
+QUIET = PassSettings(progress=False)
+
 ROOT = Path(__file__).resolve().parents[1]
+DRIFT_8 = CompareSpec(langs="de,sw", text_source=str(TATOEBA), only="drift", max_tokens=8)
 
 
 def prune_copy(src: Path, dst: Path, seed: int, density: float = 0.5) -> Path:
@@ -66,7 +69,8 @@ def test_analysis_does_not_import_the_pruning_stack(trio, tmp_path):
 
 
 def test_drift_hooks_read_the_residual_stream_not_the_final_norm(trio):
-    result = compare(trio["dense"], trio["a"], CompareSpec(langs="de,sw", text_source=str(TATOEBA), only="drift", max_tokens=60), progress=False)
+    result = compare(trio["dense"], trio["a"], CompareSpec(langs="de,sw", text_source=str(TATOEBA), only="drift",
+                                                         max_tokens=60), progress=False)
     drift = result["drift"]["per_target"]["b"]["per_language"]
     assert result["reference"] == "a" and result["targets"] == ["b"]
     dense, tok, _ = load_model(str(trio["dense"]))
@@ -115,7 +119,7 @@ def test_sentence_embeddings_exclude_bos_and_special_tokens(tiny_llama, tmp_path
     assert not bool(sample.valid[0]) and bool(sample.valid[1:].all())
     assert texts.provenance["languages"]["de"]["valid_tokens"] == 40
     model, _, _ = load_model(str(model_dir))
-    result = run_pass(model, texts, label="test", embeddings=True, progress=False)
+    result = run_pass(model, texts, label="test", embeddings=True, settings=QUIET)
     with torch.no_grad():
         hidden = model(input_ids=sample.input_ids[None], output_hidden_states=True).hidden_states
     expected = hidden[1][0, 1:].double().mean(dim=0).numpy()  # layer 0 output, BOS left out
@@ -125,7 +129,8 @@ def test_sentence_embeddings_exclude_bos_and_special_tokens(tiny_llama, tmp_path
 
 
 def test_a_checkpoint_against_an_identical_copy_shows_no_change(trio):
-    result = compare(trio["b"], trio["b_same"], CompareSpec(langs="de,en,sw", text_source=str(TATOEBA), only="masks,lsar,drift", max_tokens=40), progress=False)
+    result = compare(trio["b"], trio["b_same"], CompareSpec(langs="de,en,sw", text_source=str(TATOEBA),
+                                                            only="masks,lsar,drift", max_tokens=40), progress=False)
     assert result["masks"]["comparisons"]["between"]["global"]["iou"] == 1.0
     for layer in result["lsar"]["per_target"]["b"]["per_layer"]:
         for cell in layer["per_language"].values():
@@ -138,8 +143,12 @@ def test_a_checkpoint_against_an_identical_copy_shows_no_change(trio):
 
 def test_compare_writes_versioned_json_figures_summary_and_lape_arrays(trio, tmp_path):
     out = tmp_path / "cmp"
-    result = compare(trio["a"], trio["b"], CompareSpec(langs="de,sw", text_source=str(TATOEBA), max_tokens=50, deactivate=True), dense=trio["dense"], out=out, progress=False)
+    spec = CompareSpec(langs="de,sw", text_source=str(TATOEBA), max_tokens=50, deactivate=True)
+    result = compare(trio["a"], trio["b"], spec, dense=trio["dense"], out=out, progress=False)
     data = read_versioned(out / "compare.json", "prunekit-compare")
+    chosen = {k: v for k, v in spec.to_settings().items() if k not in ("only", "trust_remote_code")}
+    assert data["settings"] == chosen | {"device": "cpu", "conventions": "prunekit"}  # as resolved
+    assert data["fingerprint"] == spec.fingerprint() and data["analyses"] == list(spec.only)
     assert data["kind"] == "prunekit-compare" and data["schema_version"].startswith("1.")
     assert data == json.loads(json.dumps(result))
     assert data["reference"] == "dense" and data["targets"] == ["a", "b"]
@@ -175,12 +184,12 @@ def test_models_with_different_tokenizers_are_refused_for_model_runs(trio, tmp_p
     tok.backend_tokenizer.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
     tok.save_pretrained(other)
     with pytest.raises(ModelError, match=r"\(b\) has a different tokenizer than .*\(a\)"):
-        compare(trio["a"], other, CompareSpec(langs="de,sw", text_source=str(TATOEBA), only="drift", max_tokens=8), progress=False)
+        compare(trio["a"], other, DRIFT_8, progress=False)
     # a tokenizer saved again without changes passes the check
     same = tmp_path / "same-tokenizer"
     shutil.copytree(trio["b"], same)
     AutoTokenizer.from_pretrained(trio["b"]).save_pretrained(same)
-    compare(trio["a"], same, CompareSpec(langs="de,sw", text_source=str(TATOEBA), only="drift", max_tokens=8), progress=False)
+    compare(trio["a"], same, DRIFT_8, progress=False)
 
 
 def test_schema_document_names_every_top_level_field(trio):
@@ -200,11 +209,11 @@ def test_existing_output_and_bad_options_are_refused_before_any_work(trio, tmp_p
     with pytest.raises(ConfigError, match="not empty"):
         compare(trio["a"], trio["b"], CompareSpec(only="masks"), out=out, progress=False)
     with pytest.raises(ConfigError, match="unknown analysis 'iou'"):
-        compare(trio["a"], trio["b"], CompareSpec(only="masks,iou"), progress=False)
+        CompareSpec(only="masks,iou")
     with pytest.raises(ConfigError, match="two or more"):
-        compare(trio["a"], trio["b"], CompareSpec(only="lsar", langs="de"), progress=False)
+        CompareSpec(only="lsar", langs="de")
     with pytest.raises(ConfigError, match="subspace"):
-        compare(trio["a"], trio["b"], CompareSpec(only="lsar", subspace="shared"), progress=False)
+        CompareSpec(only="lsar", subspace="shared")
 
 
 def test_cli_compare_prints_tables_and_writes_the_output_dir(trio, tmp_path):
@@ -253,7 +262,8 @@ def test_gemma_checkpoints_pruned_on_different_languages_compare_end_to_end(embe
     for lang in ("de", "sw"):
         prunekit.prune(str(embedded_gemma), calibration=CalibrationSpec(languages=lang, source=str(TATOEBA), nsamples=4, seqlen=64), output=OutputSpec(out=tmp_path / lang), method="wanda", progress=False)
     pruned = time.perf_counter() - t0
-    result = compare(tmp_path / "de", tmp_path / "sw", CompareSpec(langs="de,sw", only="masks,drift", max_tokens=24), dense=embedded_gemma, out=tmp_path / "cmp", progress=False)
+    result = compare(tmp_path / "de", tmp_path / "sw", CompareSpec(langs="de,sw", only="masks,drift", max_tokens=24),
+                     dense=embedded_gemma, out=tmp_path / "cmp", progress=False)
     masks = result["masks"]
     assert masks["num_layers"] == 18 and len(masks["comparisons"]["between"]["per_layer"]) == 18 * 7
     glob = masks["comparisons"]["between"]["global"]
@@ -288,7 +298,8 @@ def test_each_model_is_freed_before_the_next_is_opened(trio, monkeypatch):
         return weights
 
     monkeypatch.setattr(api, "open_weights", spy)
-    compare(trio["dense"], trio["a"], CompareSpec(langs="de,sw", text_source=str(TATOEBA), only="drift", max_tokens=16), dense=None, progress=False)
+    compare(trio["dense"], trio["a"], CompareSpec(langs="de,sw", text_source=str(TATOEBA), only="drift", max_tokens=16),
+            dense=None, progress=False)
     assert len(opened) == 2 and alive_at_open == [0, 0]
 
 

@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from prunekit.analysis import lape as L
-from prunekit.analysis.activations import prepare_texts, run_pass
+from prunekit.analysis.activations import PassSettings, prepare_texts, run_pass
 from prunekit.models import find_decoder_layers, load_model
 from tests.conftest import TATOEBA
+
+QUIET = PassSettings(progress=False)
 
 # ---------------------------------------------------------------------------------- the score
 
@@ -201,7 +203,7 @@ def test_activation_counts_and_outputs_match_hooks_on_act_fn(arch, tiny_models, 
                 model(input_ids=s.input_ids[None])
     for h in handles:
         h.remove()
-    result = run_pass(model, texts, label="test", lape=True, progress=False)
+    result = run_pass(model, texts, label="test", lape=True, settings=QUIET)
     assert np.array_equal(result.active_counts, counts)
     assert np.allclose(result.abs_output_sum, outputs, rtol=1e-5)
     assert result.valid_tokens == {"de": 120, "sw": 120}
@@ -209,8 +211,8 @@ def test_activation_counts_and_outputs_match_hooks_on_act_fn(arch, tiny_models, 
 
 def test_batched_right_padded_passes_equal_one_sample_at_a_time(tiny_llama, texts):
     model, _, _ = load_model(str(tiny_llama))
-    one = run_pass(model, texts, label="test", lape=True, nll=True, embeddings=True, progress=False)
-    many = run_pass(model, texts, label="test", lape=True, nll=True, embeddings=True, batch_size=4, progress=False)
+    one = run_pass(model, texts, label="test", lape=True, nll=True, embeddings=True, settings=QUIET)
+    many = run_pass(model, texts, label="test", lape=True, nll=True, embeddings=True, settings=PassSettings(batch_size=4, progress=False))
     assert np.array_equal(one.active_counts, many.active_counts)
     for lang in texts.langs:
         assert one.nll(lang) == pytest.approx(many.nll(lang), rel=1e-5)
@@ -219,7 +221,7 @@ def test_batched_right_padded_passes_equal_one_sample_at_a_time(tiny_llama, text
 
 def test_pass_nll_equals_the_models_own_loss(tiny_llama, texts):
     model, _, _ = load_model(str(tiny_llama))
-    result = run_pass(model, texts, label="test", nll=True, progress=False)
+    result = run_pass(model, texts, label="test", nll=True, settings=QUIET)
     total = count = 0
     with torch.no_grad():
         for s in texts.samples["de"]:
@@ -236,12 +238,12 @@ def test_pass_nll_equals_the_models_own_loss(tiny_llama, texts):
 def test_deactivating_neurons_equals_zeroing_their_down_proj_columns(tiny_llama, texts):
     model, _, _ = load_model(str(tiny_llama))
     columns = torch.tensor([3, 7, 50])
-    off = run_pass(model, texts, label="test", nll=True, lape=True, deactivate={1: columns}, progress=False)
+    off = run_pass(model, texts, label="test", nll=True, lape=True, deactivate={1: columns}, settings=QUIET)
     edited = copy.deepcopy(model)
     with torch.no_grad():
         find_decoder_layers(edited)[1][1].mlp.down_proj.weight[:, columns] = 0
-    ref = run_pass(edited, texts, label="test", nll=True, progress=False)
-    base = run_pass(model, texts, label="test", nll=True, progress=False)
+    ref = run_pass(edited, texts, label="test", nll=True, settings=QUIET)
+    base = run_pass(model, texts, label="test", nll=True, settings=QUIET)
     for lang in texts.langs:
         assert off.nll(lang) == pytest.approx(ref.nll(lang), rel=1e-6)
         assert off.nll(lang) != pytest.approx(base.nll(lang), rel=1e-9)
@@ -253,8 +255,8 @@ def test_a_pass_streamed_from_the_checkpoint_equals_the_pass_in_memory(tiny_llam
 
     model, _, _ = load_model(str(tiny_llama))
     columns = torch.tensor([1, 9])
-    options = dict(label="test", lape=True, nll=True, embeddings=True, deactivate={2: columns}, batch_size=3,
-                   progress=False)
+    options = dict(label="test", lape=True, nll=True, embeddings=True, deactivate={2: columns},
+                   settings=PassSettings(batch_size=3, progress=False))
     memory = run_pass(model, texts, **options)
     streamed = run_pass(ShardWeights.open(tiny_llama, torch.float32), texts, **options)
     assert np.array_equal(memory.active_counts, streamed.active_counts)

@@ -339,7 +339,7 @@ def test_out_of_memory_advice_names_only_flags_the_command_has(command, monkeypa
     monkeypatch.setitem(app_module.DEBUG, "enabled", False)
     args = {"prune": ["prune", "M", "--method", "magnitude", "--sparsity", "0.5", "--out", "/tmp/x"],
             "quantize": ["quantize", "M", "--method", "rtn", "--out", "/tmp/x"],
-            "eval": ["eval", "M", "--langs", "en"], "compare": ["compare", "A", "B", "--langs", "en", "--out", "/tmp/x"], "demo": ["demo", "--out", "/tmp/x"]}[command]
+            "eval": ["eval", "M", "--langs", "en"], "compare": ["compare", "A", "B", "--langs", "en,de", "--out", "/tmp/x"], "demo": ["demo", "--out", "/tmp/x"]}[command]
     with pytest.raises(SystemExit) as exit_info:
         main(args)
     line = capsys.readouterr().err.strip()
