@@ -336,10 +336,14 @@ def test_out_of_memory_advice_names_only_flags_the_command_has(command, monkeypa
     target = {"prune": "prunekit.pipeline.prune", "quantize": "prunekit.pipeline.prune", "eval": "prunekit.evaluation.evaluate",
               "compare": "prunekit.analysis.compare", "demo": "prunekit.demo.run_demo"}[command]
     monkeypatch.setattr(target, oom)
+    if command == "eval":  # eval resolves its checkpoint before choosing its defaults: a model that is there
+        from prunekit.models import ModelSource
+
+        monkeypatch.setattr("prunekit.models.resolve_model", lambda spec, revision=None: ModelSource(spec, Path("M"), "local"))
     monkeypatch.setitem(app_module.DEBUG, "enabled", False)
     args = {"prune": ["prune", "M", "--method", "magnitude", "--sparsity", "0.5", "--out", "/tmp/x"],
             "quantize": ["quantize", "M", "--method", "rtn", "--out", "/tmp/x"],
-            "eval": ["eval", "M", "--langs", "en"], "compare": ["compare", "A", "B", "--langs", "en,de", "--out", "/tmp/x"], "demo": ["demo", "--out", "/tmp/x"]}[command]
+            "eval": ["eval", "M", "--langs", "en", "--no-save"], "compare": ["compare", "A", "B", "--langs", "en,de", "--out", "/tmp/x"], "demo": ["demo", "--out", "/tmp/x"]}[command]
     with pytest.raises(SystemExit) as exit_info:
         main(args)
     line = capsys.readouterr().err.strip()
