@@ -297,6 +297,22 @@ def file_status(before: Any | None, after: Any | None) -> str:
     return "unchanged" if after is not None and after.blob_id == before.blob_id else "changed"
 
 
+def _mirror_commit(api, plan: PushPlan, contents: dict[str, Path | bytes], revision: str) -> tuple[dict, list[str], Any]:
+    """One commit making the repo mirror ``contents``: every file added (huggingface_hub skips unchanged ones) and
+    the managed files the checkpoint no longer has deleted. A retry calls it again: it looks at the repo anew (the
+    failed attempt may have landed) and builds new operations. Returns (files before, deleted, ``CommitInfo``)."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+    repo_id = plan.repo_id
+    before = _remote_files(api, repo_id, revision)
+    stale = [rel for rel in before if rel not in contents and _managed(rel)]
+    operations = [CommitOperationAdd(rel, source) for rel, source in contents.items()]
+    operations += [CommitOperationDelete(rel) for rel in stale]
+    return before, stale, api.create_commit(
+        repo_id, operations, revision=revision, commit_message=f"prunekit push: {repo_id.split('/')[-1]}",
+        commit_description=f"run {plan.record.get('run_id')}; the model card says how to reproduce it")
+
+
 def push(checkpoint: str | Path, target: PushTarget, card: CardInputs | None = None, *, dry_run: bool = False,
          staging: str | Path | None = None, endpoint: str | None = None, token: str | None = None,
          retry: RetryPolicy | None = None) -> PushResult:
@@ -354,18 +370,16 @@ def push(checkpoint: str | Path, target: PushTarget, card: CardInputs | None = N
     ('my-org/gemma-3-270m-wanda-50pct-calib-sw-s0', 'gemma-3-270m-wanda-50pct-calib-sw-s0')
     ```
     """
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
-
     endpoint, revision, private = resolve_endpoint(endpoint), target.revision or "main", target.private
     plan = prepare_push(checkpoint, target, card)
     repo_id, contents = plan.repo_id, plan.contents()
     url = f"{endpoint}/{repo_id}" + (f"/tree/{revision}" if revision != "main" else "")
     if dry_run:
-        target = _staging_target(staging, plan)
-        with atomic_directory(target, overwrite=True) as tmp:
+        folder = _staging_target(staging, plan)
+        with atomic_directory(folder, overwrite=True) as tmp:
             stage_folder(plan.files, plan.card, plan.results_bytes, tmp)
         files = [FileStatus(rel, _size(source), "staged") for rel, source in contents.items()]
-        return PushResult(repo_id, endpoint, revision, url, files, plan.card, dry_run=True, staging=target,
+        return PushResult(repo_id, endpoint, revision, url, files, plan.card, dry_run=True, staging=folder,
                           notes=plan.notes)
 
     api, token = hub_api(f"pushing {repo_id}", endpoint, token,
@@ -379,16 +393,7 @@ def push(checkpoint: str | Path, target: PushTarget, card: CardInputs | None = N
     if revision != "main":
         call(f"creating branch {revision}", lambda: api.create_branch(repo_id, branch=revision, exist_ok=True))
 
-    def commit():  # a retry looks at the repo again (the failed attempt may have landed) and builds new operations
-        before = _remote_files(api, repo_id, revision)
-        stale = [rel for rel in before if rel not in contents and _managed(rel)]
-        operations = [CommitOperationAdd(rel, source) for rel, source in contents.items()]
-        operations += [CommitOperationDelete(rel) for rel in stale]
-        return before, stale, api.create_commit(
-            repo_id, operations, revision=revision, commit_message=f"prunekit push: {repo_id.split('/')[-1]}",
-            commit_description=f"run {plan.record.get('run_id')}; the model card says how to reproduce it")
-
-    before, stale, info = call(f"uploading to {repo_id}", commit)
+    before, stale, info = call(f"uploading to {repo_id}", lambda: _mirror_commit(api, plan, contents, revision))
     after = call(f"listing {repo_id}", lambda: _remote_files(api, repo_id, info.oid))
     files = [FileStatus(rel, _size(source), file_status(before.get(rel), after.get(rel))) for rel, source in contents.items()]
     files += [FileStatus(rel, before[rel].size, "deleted") for rel in stale]
