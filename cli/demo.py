@@ -10,7 +10,7 @@ from rich.console import Console
 
 from prunekit.cli.app import app, user_errors
 from prunekit.conventions import HELP as CONVENTIONS_HELP
-from prunekit.demo import DEMO_NSAMPLES, DEMO_SEQLEN
+from prunekit.demo import CHECKPOINTS_DIR, DEMO_NSAMPLES, DEMO_SEQLEN
 
 stdout = Console()
 
@@ -41,9 +41,12 @@ def demo(
     stdout.print(f"\nreport: [bold]{result.report_dir / 'report.html'}[/bold] (also report.md, results.csv, heatmaps/)")
     if result.checkpoints:
         names = [name for name, _ in result.checkpoints]
-        folder = result.checkpoints[0][1].parent
+        folder = result.out / CHECKPOINTS_DIR
+        linked = all(path.parent == folder for _, path in result.checkpoints)
         stdout.print(f"checkpoints: [bold]{folder}/[/bold]{{{','.join(names)}}} (method-calibration; e.g. "
-                     f"prunekit push {result.checkpoints[-1][1]} --namespace ORG)")
+                     f"prunekit push {result.checkpoints[-1][1]} --namespace ORG)" if linked else
+                     f"checkpoints: no links could be made here; [bold]{folder / 'README.md'}[/bold] maps each name "
+                     f"({', '.join(names)}) to its checkpoint")
     conversion = (f", of which {result.conversion_seconds:.0f} s the one-time GGUF conversion" if result.conversion_seconds
                   else ", the GGUF conversion cached")
     minutes, seconds = divmod(round(result.seconds), 60)

@@ -52,12 +52,12 @@ def push(
 
     Example: prunekit push gemma-sw --namespace my-org --results gemma-sw/results.json --dense-results dense.json
     """
+    from prunekit.hub import CardInputs, PushTarget
     from prunekit.hub import push as run_push
 
-    result = run_push(
-        checkpoint, repo_id=repo_id, namespace=namespace, private=private, revision=revision, endpoint=endpoint,
-        dry_run=dry_run, results=results, dense_results=dense_results, base_model=base_model, staging=staging,
-    )
+    target = PushTarget(repo_id=repo_id, namespace=namespace, private=private, revision=revision)
+    card = CardInputs(results=results, dense_results=dense_results, base_model=base_model)
+    result = run_push(checkpoint, target, card, dry_run=dry_run, staging=staging, endpoint=endpoint)
     for note in result.notes:
         stdout.print(note, markup=False, highlight=False)
     table = Table(title=f"{result.repo_id} @ {result.revision}")

@@ -113,7 +113,8 @@ def name_checkpoints(runs_dir: Path, target: Path) -> list[tuple[str, Path]]:
     """Give the last sweep's pruned checkpoints readable names: ``target/<method>-<calibration>`` (``wanda-sw``), a
     relative symbolic link to ``runs/<run hash>/checkpoint``, replaced atomically on a rerun; links that no longer
     lead to a checkpoint are removed. ``target/README.md`` lists the same names and paths (for file systems
-    without links). Returns (name, link) in the sweep's order."""
+    without links). Returns (name, link) in the sweep's order; (name, the checkpoint itself) where no link could
+    be made."""
     from prunekit.io import read_versioned, write_text_atomic
 
     sweep = read_versioned(runs_dir / SWEEP_FILE, SWEEP_KIND)
@@ -134,8 +135,8 @@ def name_checkpoints(runs_dir: Path, target: Path) -> list[tuple[str, Path]]:
                 staging.unlink()
             os.symlink(relative, staging, target_is_directory=True)
             os.replace(staging, link)
-        except OSError:  # no symbolic links here: the README below still maps each name to its path
-            pass
+        except OSError:  # no symbolic links here: the README below maps each name to its path, and so do we
+            link = checkpoint
         named.append((name, link))
         rows.append(f"| `{name}` | `{relative}` |")
     for entry in target.iterdir():

@@ -67,3 +67,37 @@ def test_demo_rejects_languages_without_embedded_text(tmp_path):
         with pytest.raises(ConfigError, match="no CUDA device"):
             run_demo(langs="de,sw", device="cuda", out=tmp_path / "d", progress=False)
     assert not (tmp_path / "d").exists()
+
+
+def fake_demo_runs(runs_dir: Path, runs: dict[str, tuple[str, str]]) -> None:
+    """A runs dir as the demo's sweep leaves it: sweep.json listing the runs, each run's run.json and checkpoint/."""
+    from prunekit.artifacts import RUN_FILE, SWEEP_FILE, SWEEP_KIND, SWEEP_RUN_KIND
+    from prunekit.io import versioned, write_json_atomic
+
+    write_json_atomic(runs_dir / SWEEP_FILE, versioned(SWEEP_KIND, {"runs": list(runs)}))
+    for run_id, (method, calibration) in runs.items():
+        (runs_dir / "runs" / run_id / "checkpoint").mkdir(parents=True)
+        write_json_atomic(runs_dir / "runs" / run_id / RUN_FILE,
+                          versioned(SWEEP_RUN_KIND, {"method": {"label": method}, "calibration": calibration}))
+
+
+def test_demo_checkpoints_are_named_by_relative_links_or_by_their_paths_where_links_cannot_be_made(tmp_path, monkeypatch):
+    from prunekit.demo import name_checkpoints
+
+    runs, target = tmp_path / "demo" / "runs", tmp_path / "demo" / "checkpoints"
+    fake_demo_runs(runs, {"aaa111": ("wanda", "sw"), "bbb222": ("sparsegpt", "de")})
+    named = name_checkpoints(runs, target)
+    assert named == [("wanda-sw", target / "wanda-sw"), ("sparsegpt-de", target / "sparsegpt-de")]
+    assert os.readlink(target / "wanda-sw") == os.path.join("..", "runs", "runs", "aaa111", "checkpoint")
+    assert (target / "wanda-sw").resolve() == (runs / "runs" / "aaa111" / "checkpoint").resolve()
+    assert "| `sparsegpt-de` | `../runs/runs/bbb222/checkpoint` |" in (target / "README.md").read_text()
+    assert not [p for p in target.iterdir() if p.name.startswith(".")]  # no staging link left behind
+
+    def no_links(*args, **kwargs):
+        raise OSError("operation not permitted")
+
+    monkeypatch.setattr(os, "symlink", no_links)
+    other = tmp_path / "demo" / "checkpoints-nolinks"
+    assert name_checkpoints(runs, other) == [("wanda-sw", runs / "runs" / "aaa111" / "checkpoint"),
+                                             ("sparsegpt-de", runs / "runs" / "bbb222" / "checkpoint")]
+    assert "| `wanda-sw` | `../runs/runs/aaa111/checkpoint` |" in (other / "README.md").read_text()

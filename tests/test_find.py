@@ -18,7 +18,7 @@ from huggingface_hub import HfApi
 
 import prunekit
 from prunekit.errors import ConfigError, HubError, ModelError
-from prunekit.hub import push
+from prunekit.hub import CardInputs, PushTarget, push
 from prunekit.hub.find import find_checkpoints, pull_best
 from prunekit.hub.public import public_json
 from tests.conftest import TATOEBA
@@ -60,14 +60,14 @@ def published(hub, pruned, tmp_path):
     for repo_id, sw in SW.items():
         results = tmp_path / f"{repo_id.split('/')[1]}.json"
         results.write_text(json.dumps(results_with_sw(record, sw)))
-        push(pruned, repo_id=repo_id, results=results, dense_results=dense, base_model=BASE, retry=FAST)
+        push(pruned, PushTarget(repo_id=repo_id), CardInputs(results=results, dense_results=dense, base_model=BASE), retry=FAST)
     bare = tmp_path / "bare"
     bare.mkdir()
     for path in pruned.iterdir():
         if path.name != "results.json":
             (bare / path.name).symlink_to(path)
-    push(bare, repo_id="org/ckpt-noresults", base_model=BASE, retry=FAST)
-    push(pruned, repo_id="org/other-base", results=tmp_path / "ckpt-b.json", base_model="meta/other", retry=FAST)
+    push(bare, PushTarget(repo_id="org/ckpt-noresults"), CardInputs(base_model=BASE), retry=FAST)
+    push(pruned, PushTarget(repo_id="org/other-base"), CardInputs(results=tmp_path / "ckpt-b.json", base_model="meta/other"), retry=FAST)
     api.create_repo("org/not-prunekit")
     api.upload_file(path_or_fileobj=f"---\nbase_model: {BASE}\ntags: [pruned]\n---\n".encode(), path_in_repo="README.md",
                     repo_id="org/not-prunekit")

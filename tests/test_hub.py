@@ -20,7 +20,7 @@ from huggingface_hub import constants as hf_constants
 
 import prunekit
 from prunekit.errors import ConfigError, ModelError, PrunekitError
-from prunekit.hub import RetryPolicy, pull, push
+from prunekit.hub import CardInputs, PushTarget, RetryPolicy, pull, push
 from prunekit.models import HUB_ALLOW_PATTERNS, load_model, resolve_model
 from tests.conftest import TATOEBA
 from tests.hub_server import FakeHub, example_results
@@ -82,7 +82,7 @@ def published_as(local: Path, published: Path) -> bool:
 # ---- round trip ------------------------------------------------------------------------------------------
 
 def test_push_then_pull_gives_identical_bytes_and_an_unchanged_push_makes_no_commit(hub, pruned, tmp_path):
-    first = push(pruned, namespace="org", retry=FAST)
+    first = push(pruned, PushTarget(namespace="org"), retry=FAST)
     assert first.committed and first.repo_id == "org/llama-wanda-50pct-calib-de-s0"
     assert {f.path: f.status for f in first.files} == {p: "new" for p in ["README.md", *CHECKPOINT_FILES]}
     assert first.commit == hub.head(first.repo_id)
@@ -97,7 +97,7 @@ def test_push_then_pull_gives_identical_bytes_and_an_unchanged_push_makes_no_com
     assert hub.files(first.repo_id)["README.md"] == first.card.encode()
 
     requests_before = len(hub.requests)
-    second = push(pruned, namespace="org", retry=FAST)
+    second = push(pruned, PushTarget(namespace="org"), retry=FAST)
     assert not second.committed
     assert second.commit == first.commit == hub.head(first.repo_id)
     assert {f.status for f in second.files} == {"unchanged"}
@@ -109,12 +109,12 @@ def test_push_then_pull_gives_identical_bytes_and_an_unchanged_push_makes_no_com
 
 
 def test_a_changed_result_commits_only_the_files_that_changed(hub, pruned, tmp_path):
-    push(pruned, namespace="org", retry=FAST)
+    push(pruned, PushTarget(namespace="org"), retry=FAST)
     results = json.loads((pruned / "results.json").read_text())
     results["perplexity"]["de"]["ppl"] = 99.8765
     changed = tmp_path / "results.json"
     changed.write_text(json.dumps(results))
-    result = push(pruned, namespace="org", results=changed, retry=FAST)
+    result = push(pruned, PushTarget(namespace="org"), CardInputs(results=changed), retry=FAST)
     assert result.committed
     assert {f.path for f in result.files if f.status == "changed"} == {"README.md", "results.json"}
     assert sorted(hub.commit_log[-1][2]) == ["README.md", "results.json"]  # what the server received
@@ -122,11 +122,11 @@ def test_a_changed_result_commits_only_the_files_that_changed(hub, pruned, tmp_p
 
 
 def test_the_repo_mirrors_the_checkpoint_so_stale_files_are_deleted(hub, pruned, tmp_path):
-    repo = push(pruned, namespace="org", retry=FAST).repo_id
+    repo = push(pruned, PushTarget(namespace="org"), retry=FAST).repo_id
     bare = tmp_path / "bare"
     shutil.copytree(pruned, bare)
     (bare / "results.json").unlink()
-    result = push(bare, repo_id=repo, retry=FAST)
+    result = push(bare, PushTarget(repo_id=repo), retry=FAST)
     assert {f.path: f.status for f in result.files}["results.json"] == "deleted"
     remote = hub.files(repo)
     assert "results.json" not in remote and "model.safetensors" in remote
@@ -134,7 +134,7 @@ def test_the_repo_mirrors_the_checkpoint_so_stale_files_are_deleted(hub, pruned,
 
 
 def test_push_to_a_branch_leaves_main_alone(hub, pruned):
-    result = push(pruned, repo_id="org/branchy", revision="calib-de", retry=FAST)
+    result = push(pruned, PushTarget(repo_id="org/branchy", revision="calib-de"), retry=FAST)
     assert result.committed and result.revision == "calib-de"
     assert "model.safetensors" in hub.files("org/branchy", "calib-de")
     assert set(hub.files("org/branchy", "main")) == {".gitattributes"}
@@ -143,7 +143,7 @@ def test_push_to_a_branch_leaves_main_alone(hub, pruned):
 def test_dry_run_writes_the_exact_staging_folder_and_contacts_nothing(hub, pruned, tmp_path, monkeypatch):
     monkeypatch.delenv("HF_TOKEN")  # a dry run needs no token either
     staging = tmp_path / "staging"
-    result = push(pruned, namespace="org", dry_run=True, staging=staging)
+    result = push(pruned, PushTarget(namespace="org"), dry_run=True, staging=staging)
     assert result.dry_run and not result.committed and result.staging == staging
     assert sorted(p.name for p in staging.iterdir()) == sorted(["README.md", *CHECKPOINT_FILES])
     for name in CHECKPOINT_FILES:
@@ -151,13 +151,13 @@ def test_dry_run_writes_the_exact_staging_folder_and_contacts_nothing(hub, prune
     assert (staging / "README.md").read_text(encoding="utf-8") == result.card
     assert [f.path for f in result.files] == sorted(p.name for p in staging.iterdir())
     assert hub.requests == []
-    push(pruned, namespace="org", dry_run=True, staging=staging)  # an earlier staging may be replaced
+    push(pruned, PushTarget(namespace="org"), dry_run=True, staging=staging)  # an earlier staging may be replaced
     with pytest.raises(ConfigError, match="not an earlier push staging"):
-        push(pruned, namespace="org", dry_run=True, staging=tmp_path)
+        push(pruned, PushTarget(namespace="org"), dry_run=True, staging=tmp_path)
 
 
 def test_a_private_push_is_invisible_without_the_token(hub, pruned, tmp_path, monkeypatch):
-    result = push(pruned, repo_id="org/secret", private=True, retry=FAST)
+    result = push(pruned, PushTarget(repo_id="org/secret", private=True), retry=FAST)
     assert hub.repos["org/secret"].private
     assert pull("org/secret", out=tmp_path / "with-token", retry=FAST).revision == result.commit
     monkeypatch.delenv("HF_TOKEN")
@@ -168,14 +168,14 @@ def test_a_private_push_is_invisible_without_the_token(hub, pruned, tmp_path, mo
 def test_a_file_changed_in_place_is_committed_even_at_the_same_size(hub, pruned, tmp_path):
     """huggingface_hub compares contents (the git blob sha1 of regular files, the sha256 of LFS files) with what
     the Hub holds, not sizes: one byte changed in place is found, and only that file is committed."""
-    repo = push(pruned, namespace="org", retry=FAST).repo_id
+    repo = push(pruned, PushTarget(namespace="org"), retry=FAST).repo_id
     edited = tmp_path / "edited"
     shutil.copytree(pruned, edited)
     config = (edited / "generation_config.json").read_bytes()
     changed = config[:-1] + (b" " if config[-1:] != b" " else b"\n")
     (edited / "generation_config.json").write_bytes(changed)
     assert len(changed) == len(config) and changed != config
-    result = push(edited, repo_id=repo, retry=FAST)
+    result = push(edited, PushTarget(repo_id=repo), retry=FAST)
     assert result.committed
     assert {f.path: f.status for f in result.files if f.status != "unchanged"} == {"generation_config.json": "changed"}
     assert hub.commit_log[-1][2] == ["generation_config.json"]
@@ -218,14 +218,14 @@ def test_staging_links_big_weights_and_copies_small_files(tmp_path):
 @pytest.mark.parametrize("route,status", [("create", 503), ("commit", 503), ("create", 0)])
 def test_transient_failures_are_retried_until_the_push_succeeds(hub, pruned, route, status):
     hub.fail(route, status, times=2)  # status 0: the server drops the connection without an answer
-    result = push(pruned, namespace="org", retry=FAST)
+    result = push(pruned, PushTarget(namespace="org"), retry=FAST)
     assert result.committed
     assert hub.count(route) == 3
     assert set(hub.files(result.repo_id)) >= set(CHECKPOINT_FILES)
 
 
 def test_pull_retries_a_hub_that_answers_503_twice(hub, pruned, tmp_path):
-    pushed = push(pruned, namespace="org", retry=FAST)
+    pushed = push(pruned, PushTarget(namespace="org"), retry=FAST)
     hub.fail("info", 503, times=2)
     pulled = pull(pushed.repo_id, out=tmp_path / "pulled", retry=FAST)
     assert pulled.revision == pushed.commit
@@ -235,14 +235,14 @@ def test_pull_retries_a_hub_that_answers_503_twice(hub, pruned, tmp_path):
 def test_a_hub_that_keeps_failing_gives_a_clear_error(hub, pruned):
     hub.fail("create", 503, times=10)
     with pytest.raises(PrunekitError, match=r"kept failing while creating .*503.*4 attempts"):
-        push(pruned, namespace="org", retry=FAST)
+        push(pruned, PushTarget(namespace="org"), retry=FAST)
     assert hub.count("create") == 4
 
 
 def test_a_rejected_token_says_how_to_log_in(hub, pruned):
     hub.valid_tokens = {"hf_someone_else"}
     with pytest.raises(PrunekitError) as info:
-        push(pruned, namespace="org", retry=FAST)
+        push(pruned, PushTarget(namespace="org"), retry=FAST)
     message = str(info.value)
     assert "401" in message and "hf auth login" in message and "HF_TOKEN" in message
     assert TOKEN not in message
@@ -251,17 +251,17 @@ def test_a_rejected_token_says_how_to_log_in(hub, pruned):
 def test_no_token_fails_before_any_request(hub, pruned, monkeypatch):
     monkeypatch.delenv("HF_TOKEN")
     with pytest.raises(PrunekitError, match="hf auth login"):
-        push(pruned, namespace="org", retry=FAST)
+        push(pruned, PushTarget(namespace="org"), retry=FAST)
     assert hub.requests == []
 
 
 def test_push_needs_a_destination_and_a_prunekit_checkpoint(hub, pruned, tiny_llama):
     with pytest.raises(ConfigError, match="--repo-id"):
-        push(pruned, retry=FAST)
+        push(pruned, PushTarget(), retry=FAST)
     with pytest.raises(ConfigError, match="invalid repo id"):
-        push(pruned, repo_id="org/bad--name", retry=FAST)
+        push(pruned, PushTarget(repo_id="org/bad--name"), retry=FAST)
     with pytest.raises(ConfigError, match="prunekit.json"):
-        push(tiny_llama, namespace="org", retry=FAST)
+        push(tiny_llama, PushTarget(namespace="org"), retry=FAST)
     assert hub.requests == []
 
 
@@ -273,7 +273,7 @@ def test_pull_of_a_missing_repo_is_a_clear_error(hub):
 # ---- any Hub id is accepted wherever a checkpoint is ----------------------------------------------------
 
 def test_resolve_model_downloads_a_hub_id_from_hf_endpoint_and_records_the_commit(hub, pruned):
-    result = push(pruned, namespace="org", retry=FAST)
+    result = push(pruned, PushTarget(namespace="org"), retry=FAST)
     source = resolve_model(result.repo_id)
     assert source.kind == "hub" and source.revision == result.commit
     assert same_bytes(source.path / "model.safetensors", pruned / "model.safetensors")
@@ -287,7 +287,7 @@ def test_resolve_model_downloads_a_hub_id_from_hf_endpoint_and_records_the_commi
 def test_a_hub_id_already_cached_resolves_offline_and_an_offline_pull_into_a_directory_fails_at_once(hub, pruned, tmp_path,
                                                                                                     monkeypatch):
     """One download path: offline, model resolution and pull read the Hub cache; a copy into a directory needs the Hub."""
-    result = push(pruned, namespace="org", retry=FAST)
+    result = push(pruned, PushTarget(namespace="org"), retry=FAST)
     online = resolve_model(result.repo_id)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
@@ -347,3 +347,58 @@ def test_cli_push_and_pull_never_print_log_or_write_the_token(hub, pruned, tmp_p
     assert scanned >= 2 * len(CHECKPOINT_FILES)
     assert list(home.glob("hub/models--org--llama-wanda-50pct-calib-de-s0/snapshots/*/model.safetensors"))
     assert any((tmp_path / "staging").iterdir())
+
+
+# ---- push's specs and the public functions' documentation (issue 27 §7) ------------------------------------
+
+def test_push_target_and_card_inputs_are_checked_once_when_made(tmp_path):
+    import dataclasses
+
+    with pytest.raises(ConfigError, match="say where to push"):
+        PushTarget()
+    with pytest.raises(ConfigError, match="invalid repo id"):
+        PushTarget(repo_id="org/bad--name")
+    with pytest.raises(ConfigError, match="invalid --namespace 'o--rg'"):
+        PushTarget(namespace="o--rg")
+    target = PushTarget(repo_id="org/name", namespace="ignored", private=True, revision="calib-de")
+    assert target.repo_for({}) == "org/name"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        target.private = False  # type: ignore[misc]
+    card = CardInputs(results=str(tmp_path / "r.json"), dense_results="~/dense.json")
+    assert card.results == tmp_path / "r.json" and card.dense_results == Path.home() / "dense.json"
+    assert CardInputs().results is None and CardInputs().base_model is None
+
+
+def test_push_and_pull_take_at_most_ten_parameters_each_documented_in_huggingface_hub_style():
+    import inspect
+
+    from prunekit.hub import transfer
+
+    for function in (push, pull, transfer.prepare_push):
+        parameters = inspect.signature(function).parameters
+        assert len(parameters) <= 10, function.__name__
+        doc = inspect.getdoc(function)
+        for section in ("Args:", "Returns:", "Raises:"):
+            assert section in doc, (function.__name__, section)
+        args = doc.split("Args:")[1].split("Returns:")[0]
+        for name, parameter in parameters.items():  # each named with its type, and its default when it has one
+            assert f"    {name} (" in "    " + args, (function.__name__, name)
+            line = args.split(f"{name} (")[1].split("\n")[0]
+            assert ("*optional*" in line) == (parameter.default is not inspect.Parameter.empty), (function.__name__, name)
+    for function in (push, pull):
+        assert "Example:" in inspect.getdoc(function) and ">>> " in inspect.getdoc(function)
+
+
+def test_push_cli_builds_the_specs_and_says_where_to_push_as_one_error_line(pruned, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from prunekit.cli.main import app
+
+    monkeypatch.chdir(tmp_path)
+    missing = CliRunner().invoke(app, ["push", str(pruned), "--dry-run"])
+    assert missing.exit_code == 2 and "error: say where to push" in missing.output
+    staged = CliRunner().invoke(app, ["push", str(pruned), "--repo-id", "org/cli-dry", "--private", "--revision", "b",
+                                      "--dry-run", "--staging", str(tmp_path / "staging")])
+    assert staged.exit_code == 0, staged.output
+    assert "org/cli-dry @ b" in staged.output and (tmp_path / "staging" / "README.md").is_file()
+    assert "results: using" in staged.output  # the checkpoint's own results.json, found without --results

@@ -14,7 +14,7 @@ import pytest
 
 import prunekit
 from prunekit.evaluation import EvaluationSpec, evaluate
-from prunekit.hub import push
+from prunekit.hub import CardInputs, PushTarget, push
 from prunekit.hub.public import public_json, public_text, public_value
 from tests.conftest import TATOEBA
 from prunekit.recipe import CalibrationSpec, OutputSpec
@@ -50,7 +50,7 @@ def test_no_staged_file_holds_a_local_absolute_path(evaluated, tmp_path):
     assert os.environ["PRUNEKIT_CACHE"].encode() in results_before  # the dense state's cache file
 
     staging = tmp_path / "staging"
-    result = push(checkpoint, namespace="org", dry_run=True, staging=staging, dense_results=evaluated["dense"])
+    result = push(checkpoint, PushTarget(namespace="org"), CardInputs(dense_results=evaluated["dense"]), dry_run=True, staging=staging)
     staged = sorted(p for p in staging.rglob("*") if p.is_file())
     assert {p.name for p in staged} >= {"prunekit.json", "results.json", "README.md", "config.json", "model.safetensors"}
     for path in staged:  # ... and no staged file does
@@ -116,28 +116,27 @@ def sweep_layout(evaluated, runs: Path, dense_spec: str | None = None) -> Path:
 
 def test_push_finds_a_sweep_runs_results_and_the_dense_results_and_says_so(evaluated, tmp_path):
     checkpoint = sweep_layout(evaluated, tmp_path / "sweep")
-    result = push(checkpoint, namespace="org", dry_run=True, staging=tmp_path / "staging")
+    result = push(checkpoint, PushTarget(namespace="org"), dry_run=True, staging=tmp_path / "staging")
     run_results, dense_results = checkpoint.parent / "results.json", tmp_path / "sweep" / "dense" / "llama-0123abcd" / "results.json"
     assert any(str(run_results) in note and "beside" in note for note in result.notes), result.notes
     assert any(str(dense_results) in note for note in result.notes), result.notes
     staged = json.loads((tmp_path / "staging" / "results.json").read_text())
     assert staged["perplexity"]["de"]["ppl"] == json.loads(run_results.read_text())["perplexity"]["de"]["ppl"]
     # the card compares against the dense model: the same card as with both flags given
-    explicit = push(checkpoint, namespace="org", dry_run=True, staging=tmp_path / "staging2",
-                    results=run_results, dense_results=dense_results)
+    explicit = push(checkpoint, PushTarget(namespace="org"), CardInputs(results=run_results, dense_results=dense_results), dry_run=True, staging=tmp_path / "staging2")
     assert explicit.card == result.card and explicit.notes == []
     link = tmp_path / "wanda-de"  # a readable name linked to the run's checkpoint finds the same files
     link.symlink_to(checkpoint, target_is_directory=True)
-    linked = push(link, namespace="org", dry_run=True, staging=tmp_path / "staging-link")
+    linked = push(link, PushTarget(namespace="org"), dry_run=True, staging=tmp_path / "staging-link")
     assert linked.card == result.card and len(linked.notes) == 2
     shutil.rmtree(dense_results.parent)  # without the dense evaluation the card has no comparison
-    alone = push(checkpoint, namespace="org", dry_run=True, staging=tmp_path / "staging3", results=run_results)
+    alone = push(checkpoint, PushTarget(namespace="org"), CardInputs(results=run_results), dry_run=True, staging=tmp_path / "staging3")
     assert alone.card != result.card and any("add --dense-results" in note for note in alone.notes)
 
 
 def test_push_says_which_flag_to_add_when_it_finds_nothing(evaluated, tmp_path):
     checkpoint = sweep_layout(evaluated, tmp_path / "sweep", dense_spec="not/the-base")
-    result = push(checkpoint, namespace="org", dry_run=True, staging=tmp_path / "staging")
+    result = push(checkpoint, PushTarget(namespace="org"), dry_run=True, staging=tmp_path / "staging")
     assert any("--dense-results" in note and "none found" in note for note in result.notes), result.notes
     # results of another run beside the checkpoint are not taken
     (checkpoint.parent / "results.json").write_text(json.dumps({"model": {"record": {"run_id": "someone-else"}}}))

@@ -17,7 +17,7 @@ from prunekit.artifacts import CHECKPOINT_PATTERNS, RECORD_FILE, RESULTS_FILE, R
 from prunekit.errors import ConfigError
 from prunekit.hub.card import check_results_belong, render_model_card
 from prunekit.hub.locate import locate
-from prunekit.hub.names import default_repo_id, validate_repo_id
+from prunekit.hub.names import default_repo_id, validate_namespace, validate_repo_id
 from prunekit.hub.public import public_json, public_text
 from prunekit.io import atomic_directory, read_versioned
 from prunekit.remote import RetryPolicy, download_snapshot, hub_api, hub_call, resolve_endpoint
@@ -149,18 +149,90 @@ class PushPlan:
         return _contents(self.files, self.card, self.results_bytes)
 
 
-def prepare_push(checkpoint: str | Path, repo_id: str | None = None, namespace: str | None = None,
-                 results: str | Path | None = None, dense_results: str | Path | None = None,
-                 base_model: str | None = None) -> PushPlan:
+@dataclass(frozen=True)
+class PushTarget:
+    """Where :func:`push` publishes: the repo, its visibility and its branch; checked once, when made.
+
+    Args:
+        repo_id (`str`, *optional*):
+            The repo, ``namespace/name``. Defaults to the name :func:`~prunekit.hub.names.default_repo_id` gives the
+            checkpoint in ``namespace``.
+        namespace (`str`, *optional*):
+            A Hub user or organization; the repo is then named ``{base}-{method}-{pattern}-calib-{langs}-s{seed}``.
+            Ignored when ``repo_id`` is given.
+        private (`bool`, *optional*, defaults to `False`):
+            Create the repo private. An existing repo keeps its visibility.
+        revision (`str`, *optional*):
+            The branch to push to, created when missing. Defaults to ``"main"``.
+
+    Raises:
+        [`~prunekit.errors.ConfigError`]: neither ``repo_id`` nor ``namespace``, or one the Hub refuses.
+    """
+
+    repo_id: str | None = None
+    namespace: str | None = None
+    private: bool = False
+    revision: str | None = None
+
+    def __post_init__(self) -> None:
+        if not (self.repo_id or self.namespace):
+            raise ConfigError("say where to push: --repo-id NAMESPACE/NAME, or --namespace ORG for the default name")
+        if self.repo_id:
+            object.__setattr__(self, "repo_id", validate_repo_id(self.repo_id))
+        elif self.namespace:
+            object.__setattr__(self, "namespace", validate_namespace(self.namespace))
+
+    def repo_for(self, record: dict[str, Any]) -> str:
+        """The repo id for a checkpoint with this record: ``repo_id``, else its default name in ``namespace``."""
+        return self.repo_id or default_repo_id(record, self.namespace)
+
+
+@dataclass(frozen=True)
+class CardInputs:
+    """What the model card is made from besides the checkpoint's record.
+
+    Args:
+        results (`str` or `Path`, *optional*):
+            The checkpoint's ``results.json``. Defaults to one found by :func:`prunekit.hub.locate.locate`:
+            ``CHECKPOINT/results.json``, else a sweep's or the demo's run results beside the checkpoint.
+        dense_results (`str` or `Path`, *optional*):
+            The dense base model's ``results.json``; the card then shows deltas against it. Defaults to the sweep's
+            dense evaluation of the base model, when the checkpoint is a sweep run's.
+        base_model (`str`, *optional*):
+            The base model's Hub id, when the checkpoint was pruned from a local copy. Defaults to what the record
+            (or the base model's own card) says.
+    """
+
+    results: Path | None = None
+    dense_results: Path | None = None
+    base_model: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("results", "dense_results"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                object.__setattr__(self, name, Path(str(value)).expanduser())
+
+
+def prepare_push(checkpoint: str | Path, target: PushTarget, card: CardInputs | None = None) -> PushPlan:
     """Read the checkpoint's record and results, name the repo and render the card, without the network.
 
     Args:
-        checkpoint, repo_id, namespace, results, dense_results, base_model: as for :func:`push`.
+        checkpoint (`str` or `Path`):
+            As for :func:`push`.
+        target ([`PushTarget`]):
+            Where the push goes (only its repo id is used here).
+        card ([`CardInputs`], *optional*):
+            Results, dense results and base model for the card. Defaults to those found beside the checkpoint.
+
     Returns:
-        The plan.
+        [`PushPlan`]: the repo id, the files, the rendered card and which results were used.
+
     Raises:
-        ConfigError: no destination, not a prunekit checkpoint, or results that are missing, invalid or another run's.
+        [`~prunekit.errors.ConfigError`]: not a prunekit checkpoint, or results that are missing, invalid or
+            another run's.
     """
+    card = card or CardInputs()
     folder = Path(str(checkpoint)).expanduser()
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"'{checkpoint}' is a file; push takes a checkpoint directory written by prunekit prune")
@@ -172,10 +244,8 @@ def prepare_push(checkpoint: str | Path, repo_id: str | None = None, namespace: 
     if record is None:
         raise ConfigError(f"'{checkpoint}' has no {RECORD_FILE}: push publishes checkpoints written by `prunekit prune` "
                           "(their record is what the model card is made from)")
-    if not (repo_id or namespace):
-        raise ConfigError("say where to push: --repo-id NAMESPACE/NAME, or --namespace ORG for the default name")
-    repo_id = validate_repo_id(repo_id) if repo_id else default_repo_id(record, namespace)
-    found = locate(folder, record, Path(results) if results else None, Path(dense_results) if dense_results else None)
+    repo_id = target.repo_for(record)
+    found = locate(folder, record, card.results, card.dense_results)
     results_data, results_bytes, dense_data = None, None, None
     if found.results is not None:
         results_data, results_bytes = _read_json(found.results, "--results")
@@ -184,8 +254,8 @@ def prepare_push(checkpoint: str | Path, repo_id: str | None = None, namespace: 
         if results_data is None:
             raise ConfigError("--dense-results needs the pruned model's results too (--results or CHECKPOINT/results.json)")
         dense_data, _ = _read_json(found.dense_results, "--dense-results")
-    card = public_text(render_model_card(record, results_data, dense_data, repo_id, base_model), any_absolute=False)
-    return PushPlan(repo_id, folder, record, _checkpoint_files(folder), card, results_bytes, found.notes)
+    text = public_text(render_model_card(record, results_data, dense_data, repo_id, card.base_model), any_absolute=False)
+    return PushPlan(repo_id, folder, record, _checkpoint_files(folder), text, results_bytes, found.notes)
 
 
 def _staging_target(staging: str | Path | None, plan: PushPlan) -> Path:
@@ -227,43 +297,89 @@ def file_status(before: Any | None, after: Any | None) -> str:
     return "unchanged" if after is not None and after.blob_id == before.blob_id else "changed"
 
 
-def push(checkpoint: str | Path, repo_id: str | None = None, namespace: str | None = None, private: bool = False,
-         revision: str | None = None, endpoint: str | None = None, dry_run: bool = False,
-         results: str | Path | None = None, dense_results: str | Path | None = None, base_model: str | None = None,
-         staging: str | Path | None = None, token: str | None = None, retry: RetryPolicy | None = None) -> PushResult:
-    """Publish a pruned checkpoint with its model card; what ``prunekit push`` does.
-
-    Args:
-        checkpoint: a checkpoint directory written by prunekit (or a Hub id / ``embedded:`` spec).
-        repo_id: the target ``namespace/name``; or ``namespace``, for :func:`default_repo_id`.
-        private: create the repo private (an existing repo keeps its visibility).
-        revision: the branch, created when missing (default main).
-        endpoint: the Hub URL (default ``$HF_ENDPOINT``, else the public Hub).
-        dry_run: write the files into ``staging`` (default ./hub-staging/NAME) and contact nothing.
-        results, dense_results: ``results.json`` of the checkpoint and of the dense model (default: found by
-            :func:`prunekit.hub.locate.locate`: CHECKPOINT/results.json, else a sweep run's beside the checkpoint, and the
-            sweep's dense evaluation; the result's ``notes`` say which were used, or which flag to add).
-        base_model: the base model's Hub id, when it was pruned from a local copy.
-        token: the Hub token (default huggingface_hub's own); never printed or written.
-        retry: the retry policy (default from ``PRUNEKIT_HUB_RETRIES`` / ``PRUNEKIT_HUB_BACKOFF``).
-    Returns:
-        The repo, each file's status, the card, and the head commit (``committed`` False when nothing changed).
-    Raises:
-        ConfigError: bad arguments, not a prunekit checkpoint, or results that do not belong to it.
-        HubError: offline mode, no or a rejected token, no permission, or a Hub that kept failing.
-    """
+def _mirror_commit(api, plan: PushPlan, contents: dict[str, Path | bytes], revision: str) -> tuple[dict, list[str], Any]:
+    """One commit making the repo mirror ``contents``: every file added (huggingface_hub skips unchanged ones) and
+    the managed files the checkpoint no longer has deleted. A retry calls it again: it looks at the repo anew (the
+    failed attempt may have landed) and builds new operations. Returns (files before, deleted, ``CommitInfo``)."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
-    endpoint, revision = resolve_endpoint(endpoint), revision or "main"
-    plan = prepare_push(checkpoint, repo_id, namespace, results, dense_results, base_model)
+    repo_id = plan.repo_id
+    before = _remote_files(api, repo_id, revision)
+    stale = [rel for rel in before if rel not in contents and _managed(rel)]
+    operations = [CommitOperationAdd(rel, source) for rel, source in contents.items()]
+    operations += [CommitOperationDelete(rel) for rel in stale]
+    return before, stale, api.create_commit(
+        repo_id, operations, revision=revision, commit_message=f"prunekit push: {repo_id.split('/')[-1]}",
+        commit_description=f"run {plan.record.get('run_id')}; the model card says how to reproduce it")
+
+
+def push(checkpoint: str | Path, target: PushTarget, card: CardInputs | None = None, *, dry_run: bool = False,
+         staging: str | Path | None = None, endpoint: str | None = None, token: str | None = None,
+         retry: RetryPolicy | None = None) -> PushResult:
+    """Publish a pruned or quantized checkpoint with its model card, in one commit; what ``prunekit push`` does.
+
+    The repo mirrors the checkpoint: its weight, config and tokenizer files, ``prunekit.json``, ``results.json`` (when
+    there are results) and the card (``README.md``); files the checkpoint no longer has are deleted in the same
+    commit. huggingface_hub skips files the repo already holds, so pushing an unchanged checkpoint makes no commit.
+    What is published carries no local absolute path (the checkpoint on disk is untouched).
+
+    Args:
+        checkpoint (`str` or `Path`):
+            A checkpoint directory written by ``prunekit prune`` or ``prunekit quantize`` (a sweep's or the demo's
+            named link to one works too), or a Hub id / ``embedded:`` spec of one.
+        target ([`PushTarget`]):
+            The repo (``repo_id``, or the default name in ``namespace``), whether to create it ``private`` and the
+            branch (``revision``, default ``"main"``).
+        card ([`CardInputs`], *optional*):
+            The ``results.json`` of the checkpoint and of the dense model, and the base model's Hub id, for the card.
+            Defaults to the results found by :func:`prunekit.hub.locate.locate` (``CHECKPOINT/results.json``, else a
+            sweep run's beside the checkpoint, and the sweep's dense evaluation); the result's ``notes`` say which
+            were used, or which flag to add.
+        dry_run (`bool`, *optional*, defaults to `False`):
+            Write the files into ``staging`` and contact nothing.
+        staging (`str` or `Path`, *optional*):
+            Where a dry run writes. Defaults to ``./hub-staging/NAME``; never the checkpoint itself, nor a non-empty
+            directory that is not an earlier staging.
+        endpoint (`str`, *optional*):
+            The Hub URL. Defaults to ``$HF_ENDPOINT``, else the public Hub.
+        token (`str`, *optional*):
+            The Hub token. Defaults to huggingface_hub's own (``HF_TOKEN`` or ``hf auth login``); never printed or
+            written.
+        retry ([`~prunekit.remote.RetryPolicy`], *optional*):
+            How transient Hub failures are retried. Defaults to ``PRUNEKIT_HUB_RETRIES`` attempts, first delay
+            ``PRUNEKIT_HUB_BACKOFF`` seconds.
+
+    Returns:
+        [`PushResult`]: the repo id, endpoint, branch and URL; each file's status (``new``, ``changed``,
+        ``unchanged``, ``deleted``, or ``staged`` in a dry run); the card; the head commit (``committed`` is False
+        when nothing changed); the staging folder of a dry run; and ``notes`` on the results used.
+
+    Raises:
+        [`~prunekit.errors.ConfigError`]:
+            Not a prunekit checkpoint, results that are missing, invalid or another run's, dense results measured
+            differently, or a bad ``staging``.
+        [`~prunekit.errors.HubError`]:
+            Offline mode, no or a rejected token, no permission, or a Hub that kept failing.
+
+    Example:
+
+    ```python
+    >>> from prunekit.hub import PushTarget, push
+    >>> result = push("prunekit-demo/checkpoints/wanda-sw", PushTarget(namespace="my-org"), dry_run=True)
+    >>> result.repo_id, result.staging.name
+    ('my-org/gemma-3-270m-wanda-50pct-calib-sw-s0', 'gemma-3-270m-wanda-50pct-calib-sw-s0')
+    ```
+    """
+    endpoint, revision, private = resolve_endpoint(endpoint), target.revision or "main", target.private
+    plan = prepare_push(checkpoint, target, card)
     repo_id, contents = plan.repo_id, plan.contents()
     url = f"{endpoint}/{repo_id}" + (f"/tree/{revision}" if revision != "main" else "")
     if dry_run:
-        target = _staging_target(staging, plan)
-        with atomic_directory(target, overwrite=True) as tmp:
+        folder = _staging_target(staging, plan)
+        with atomic_directory(folder, overwrite=True) as tmp:
             stage_folder(plan.files, plan.card, plan.results_bytes, tmp)
         files = [FileStatus(rel, _size(source), "staged") for rel, source in contents.items()]
-        return PushResult(repo_id, endpoint, revision, url, files, plan.card, dry_run=True, staging=target,
+        return PushResult(repo_id, endpoint, revision, url, files, plan.card, dry_run=True, staging=folder,
                           notes=plan.notes)
 
     api, token = hub_api(f"pushing {repo_id}", endpoint, token,
@@ -277,16 +393,7 @@ def push(checkpoint: str | Path, repo_id: str | None = None, namespace: str | No
     if revision != "main":
         call(f"creating branch {revision}", lambda: api.create_branch(repo_id, branch=revision, exist_ok=True))
 
-    def commit():  # a retry looks at the repo again (the failed attempt may have landed) and builds new operations
-        before = _remote_files(api, repo_id, revision)
-        stale = [rel for rel in before if rel not in contents and _managed(rel)]
-        operations = [CommitOperationAdd(rel, source) for rel, source in contents.items()]
-        operations += [CommitOperationDelete(rel) for rel in stale]
-        return before, stale, api.create_commit(
-            repo_id, operations, revision=revision, commit_message=f"prunekit push: {repo_id.split('/')[-1]}",
-            commit_description=f"run {plan.record.get('run_id')}; the model card says how to reproduce it")
-
-    before, stale, info = call(f"uploading to {repo_id}", commit)
+    before, stale, info = call(f"uploading to {repo_id}", lambda: _mirror_commit(api, plan, contents, revision))
     after = call(f"listing {repo_id}", lambda: _remote_files(api, repo_id, info.oid))
     files = [FileStatus(rel, _size(source), file_status(before.get(rel), after.get(rel))) for rel, source in contents.items()]
     files += [FileStatus(rel, before[rel].size, "deleted") for rel in stale]
@@ -299,17 +406,46 @@ def pull(repo_id: str, revision: str | None = None, out: str | Path | None = Non
          cache_dir: str | Path | None = None, token: str | None = None, retry: RetryPolicy | None = None) -> PullResult:
     """Download a checkpoint repo; what ``prunekit pull`` does.
 
+    Every prunekit command also takes the Hub id in place of a checkpoint directory; pull is for a copy you keep.
+    The download goes through :func:`prunekit.remote.download_snapshot`, the path every Hub id takes.
+
     Args:
-        repo_id: ``namespace/name``.
-        revision: a branch, tag or commit (default main).
-        out: download into this directory (default: the Hub cache).
-        endpoint, cache_dir, token, retry: as for :func:`prunekit.remote.download_snapshot`.
+        repo_id (`str`):
+            The repo, ``namespace/name``.
+        revision (`str`, *optional*):
+            A branch, tag or commit. Defaults to ``"main"``.
+        out (`str` or `Path`, *optional*):
+            Download into this directory. Defaults to the Hub cache (``cache_dir``).
+        endpoint (`str`, *optional*):
+            The Hub URL. Defaults to ``$HF_ENDPOINT``, else the public Hub.
+        cache_dir (`str` or `Path`, *optional*):
+            The Hub cache to use when ``out`` is not given. Defaults to huggingface_hub's (``$HF_HUB_CACHE``).
+        token (`str`, *optional*):
+            The Hub token, for a private repo. Defaults to huggingface_hub's own; never printed or written.
+        retry ([`~prunekit.remote.RetryPolicy`], *optional*):
+            How transient Hub failures are retried. Defaults to ``PRUNEKIT_HUB_RETRIES`` /
+            ``PRUNEKIT_HUB_BACKOFF``.
+
     Returns:
-        The commit downloaded, the local directory and its files.
+        [`PullResult`]: the repo id, endpoint, the commit downloaded (``revision``) and the one asked for
+        (``requested``), the local directory and its files.
+
     Raises:
-        ConfigError: an invalid repo id or endpoint.
-        ModelError: the repo or revision does not exist, or is private.
-        HubError: offline mode, a rejected token, or a Hub that kept failing.
+        [`~prunekit.errors.ConfigError`]:
+            An invalid repo id or endpoint.
+        [`~prunekit.errors.ModelError`]:
+            The repo or revision does not exist, or is private.
+        [`~prunekit.errors.HubError`]:
+            Offline mode, a rejected token, or a Hub that kept failing.
+
+    Example:
+
+    ```python
+    >>> from prunekit.hub import pull
+    >>> result = pull("my-org/gemma-3-270m-wanda-50pct-calib-sw-s0", out="gemma-sw")
+    >>> result.path, result.revision[:7]
+    (PosixPath('gemma-sw'), '3f2c1ab')
+    ```
     """
     repo_id, endpoint = validate_repo_id(repo_id), resolve_endpoint(endpoint)
     path, sha = download_snapshot(repo_id, revision, local_dir=out, cache_dir=cache_dir, endpoint=endpoint,

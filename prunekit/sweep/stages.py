@@ -241,9 +241,9 @@ def _push(config: SweepConfig, task: RunTask, directory: Path, runs_dir: Path) -
     results = results_path(directory)
     dense_results = results_path(dense_dir(runs_dir, DenseTask(task.model)))
     pushed = hub.push(
-        directory / "checkpoint", namespace=config.push["namespace"], private=config.push["private"],
-        endpoint=config.push.get("endpoint"), results=results if results.exists() else None,
-        dense_results=dense_results if dense_results.exists() else None,
+        directory / "checkpoint", hub.PushTarget(namespace=config.push["namespace"], private=config.push["private"]),
+        hub.CardInputs(results if results.exists() else None, dense_results if dense_results.exists() else None),
+        endpoint=config.push.get("endpoint"),
     )
     return {"repo_id": pushed.repo_id, "url": pushed.url, "private": config.push["private"],
             "commit": getattr(pushed, "commit", None), "committed": getattr(pushed, "committed", None)}
