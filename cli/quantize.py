@@ -93,14 +93,15 @@ def quantize(
     Example: prunekit quantize embedded:gemma-3-270m --bits 4 --group-size 128 --calib sw --nsamples 32 --seqlen 256 --out gemma-sw-w4g128
     """
     from prunekit.errors import ConfigError
-    from prunekit.pipeline import prune as run_prune
+    from prunekit.pipeline import method_of_kind, prune as run_prune
     from prunekit.recipe import parse_quantization
 
     quantization = parse_quantization(bits, group_size, act_order, static_groups=not dynamic_groups, symmetric=symmetric,
                                       conventions=options.conventions)
     if dynamic_groups and not act_order:
         raise ConfigError("--dynamic-groups only applies with --act-order")
-    result = run_prune(options.model, method=method, kind="quantize", quantization=quantization,
-                       **options.pipeline_arguments(checkpoint_format))
+    arguments = options.pipeline_arguments(checkpoint_format)
+    method_of_kind(method, "quantize")  # a pruning method names `prunekit prune`
+    result = run_prune(options.model, method, quantization=quantization, **arguments)
     if not options.quiet:
         print_quantize_summary(result.record, result.out)
