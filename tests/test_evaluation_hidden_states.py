@@ -142,10 +142,11 @@ def test_cli_refuses_a_dense_model_of_another_architecture(tiny_models, texts_di
 
 def test_pruned_checkpoint_carries_its_record_and_errs_in_every_layer(tiny_llama, texts_dir, tmp_path):
     from prunekit.pipeline import prune
+    from prunekit.recipe import CalibrationSpec, EngineSpec, OutputSpec
 
     out = tmp_path / "wanda-de"
-    prune(str(tiny_llama), method="wanda", sparsity=0.5, calib="de", calib_source=str(texts_dir), nsamples=2,
-          seqlen=32, out=out, device="cpu", progress=False)
+    prune(str(tiny_llama), "wanda", sparsity=0.5, calibration=CalibrationSpec("de", str(texts_dir), nsamples=2, seqlen=32),
+          output=OutputSpec(out), engine=EngineSpec("cpu"), progress=False)
     res = evaluate(out, EvaluationSpec(langs="de", ppl_source=str(texts_dir), seqlen=32, device="cpu", snr_tokens=64), dense=str(tiny_llama), progress=False)
     assert res["model"]["record"]["kind"] == "prunekit-checkpoint"
     assert res["model"]["record"]["recipe"]["method"] == "wanda" and res["model"]["kind"] == "local"

@@ -17,11 +17,13 @@ from tests.conftest import TATOEBA, build_tiny_model
 ATTN_MLP = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 
 
-def quantize(model_dir, out, quantization: Quantization, method: str = "rtn", dtype: str = "float32", **kwargs):
+def quantize(model_dir, out, quantization: Quantization, method: str = "rtn", dtype: str = "float32", skip_layers=None):
     from prunekit.pipeline import prune
+    from prunekit.recipe import CalibrationSpec, EngineSpec, OutputSpec
 
-    calib = dict(calib="en", calib_source=str(TATOEBA), nsamples=4, seqlen=32) if method == "gptq" else dict(calib=None)
-    return prune(str(model_dir), method=method, quantization=quantization, out=out, dtype=dtype, progress=False, **calib, **kwargs)
+    calibration = CalibrationSpec("en", str(TATOEBA), nsamples=4, seqlen=32) if method == "gptq" else CalibrationSpec()
+    return prune(str(model_dir), method, quantization=quantization, calibration=calibration, output=OutputSpec(out, dtype),
+                 engine=EngineSpec(skip_layers=skip_layers), progress=False)
 
 
 def tensors(path) -> dict[str, torch.Tensor]:
@@ -234,6 +236,7 @@ def test_cards_state_the_format_tags_and_serve_command(tiny_llama, tmp_path):
 
     from prunekit.hub import render_model_card
     from prunekit.pipeline import prune
+    from prunekit.recipe import OutputSpec
 
     def front_matter(card: str) -> dict:
         return yaml.safe_load(re.match(r"^---\n(.*?)\n---\n", card, re.DOTALL).group(1))
@@ -251,7 +254,7 @@ def test_cards_state_the_format_tags_and_serve_command(tiny_llama, tmp_path):
     assert front_matter(card)["tags"][:4] == ["quantized", "8-bit", "gptq", "compressed-tensors"]
     assert "W8A16" in card and "zero points" not in card
 
-    pruned = prune(str(tiny_llama), method="magnitude", sparsity=0.5, calib=None, out=tmp_path / "p", progress=False).record
+    pruned = prune(str(tiny_llama), "magnitude", sparsity=0.5, output=OutputSpec(tmp_path / "p"), progress=False).record
     card = render_model_card(pruned, repo_id="org/p")
     assert "compressed-tensors" not in front_matter(card)["tags"]
     assert "stored dense (safetensors, float32) with exact zeros" in card and "vllm serve org/p" in card
@@ -327,8 +330,8 @@ def test_a_quantized_checkpoint_is_readable_by_others(stream, tiny_llama, tmp_pa
     old = os.umask(0o022)
     try:
         out = tmp_path / "q"
-        prunekit.prune(str(tiny_llama), "rtn", kind="quantize", out=out, checkpoint_format="packed", stream=stream,
-                       device="cpu", progress=False, calib=None)
+        prunekit.prune(str(tiny_llama), "rtn", output=prunekit.OutputSpec(out, checkpoint_format="packed", stream=stream),
+                       engine=prunekit.EngineSpec("cpu"), progress=False)
     finally:
         os.umask(old)
     modes = {f.name: oct(stat.S_IMODE(f.stat().st_mode)) for f in out.iterdir() if f.is_file()}

@@ -19,6 +19,7 @@ def test_sweep_grid_mixing_wanda_and_gptq_names_each_run_by_the_identity_its_che
     from safetensors.torch import load_file
 
     from prunekit.pipeline import prune
+    from prunekit.recipe import CalibrationSpec, EngineSpec, OutputSpec
 
     config = {
         "name": "mixed",
@@ -37,10 +38,10 @@ def test_sweep_grid_mixing_wanda_and_gptq_names_each_run_by_the_identity_its_che
     for label, task in runs.items():
         out = tmp_path / task.run_id
         result = prune(
-            task.model.spec, method=task.method.method, sparsity=task.sparsity, pattern=task.pattern_spec,
-            calib=task.calib, calib_source=cfg.calib_source, nsamples=cfg.nsamples, seqlen=cfg.seqlen,
-            seed=task.seed, out=out, dtype=task.model.dtype, device="cpu", quantization=task.method.quantization,
-            progress=False,
+            task.model.spec, task.method.method, sparsity=task.sparsity, pattern=task.pattern_spec,
+            quantization=task.method.quantization,
+            calibration=CalibrationSpec(task.calib, cfg.calib_source, cfg.nsamples, cfg.seqlen, task.seed),
+            output=OutputSpec(out, task.model.dtype), engine=EngineSpec("cpu"), progress=False,
         )
         record = json.loads((out / "prunekit.json").read_text())
         assert record["run_id"] == result.record["run_id"] == task.run_id  # one identity scheme for both kinds

@@ -15,13 +15,14 @@ import torch
 
 from prunekit.io import OWNER_FILE, owned
 from prunekit.pipeline import prune
+from prunekit.recipe import CalibrationSpec, EngineSpec, OutputSpec
 from prunekit.staging import KILL_AFTER_LAYER, MANIFEST, staging_path
 from prunekit.streaming import StreamedLayers
 from tests.conftest import TATOEBA
 from tests.test_streaming import tiny
 
-RUN = dict(calib="en", calib_source=str(TATOEBA), nsamples=4, seqlen=24, device="cpu", progress=False,
-           batch_size=2, num_hidden_layers=4)
+CALIBRATION = CalibrationSpec("en", str(TATOEBA), nsamples=4, seqlen=24)
+ENGINE = EngineSpec("cpu", batch_size=2)
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -32,12 +33,11 @@ def base(tmp_path_factory, tokenizer) -> Path:
                 num_hidden_layers=4)
 
 
-def run(base: Path, out: Path, **kwargs):
-    args = {k: v for k, v in RUN.items() if k != "num_hidden_layers"}
-    if kwargs.get("method") == "magnitude":
-        args = {k: v for k, v in args.items() if k not in ("calib", "calib_source", "nsamples", "seqlen", "batch_size")}
-    return prune(str(base), method=kwargs.pop("method", "wanda"), sparsity=kwargs.pop("sparsity", 0.5), out=out,
-                 **(args | kwargs))
+def run(base: Path, out: Path, method: str = "wanda", sparsity: float = 0.5, **output):
+    """``output``: the OutputSpec's fields besides ``out`` (resume, overwrite, stream)."""
+    calibrated = method != "magnitude"
+    return prune(str(base), method, sparsity=sparsity, calibration=CALIBRATION if calibrated else CalibrationSpec(),
+                 output=OutputSpec(out, **output), engine=ENGINE if calibrated else EngineSpec("cpu"), progress=False)
 
 
 def shard_bytes(directory: Path) -> dict[str, bytes]:
@@ -293,8 +293,8 @@ def test_an_interrupted_quantize_writes_what_an_uninterrupted_one_writes(checkpo
     """A dense quantize resumes at its layer; a packed one streams but does not resume yet: the rerun removes
     its interrupted staging and starts again. Either way the bytes are an uninterrupted run's, nothing is left."""
     def quantize(out):
-        args = {k: v for k, v in RUN.items() if k != "num_hidden_layers"}
-        return prune(str(base), "gptq", kind="quantize", out=out, checkpoint_format=checkpoint_format, **args)
+        return prune(str(base), "gptq", calibration=CALIBRATION, output=OutputSpec(out, checkpoint_format=checkpoint_format),
+                     engine=ENGINE, progress=False)
 
     reference = shard_bytes(quantize(tmp_path / "reference").out)
     out = tmp_path / "out"

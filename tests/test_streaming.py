@@ -18,14 +18,20 @@ from prunekit.models import find_decoder_layers, load_model
 from prunekit.artifacts import read_record
 from prunekit.models import checkpoint_dtype
 from prunekit.pipeline import prune
-from prunekit.recipe import Quantization, Recipe, parse_pattern
+from prunekit.recipe import CalibrationSpec, EngineSpec, OutputSpec, Quantization, Recipe, parse_pattern
 from prunekit.streaming import (
     INDEX_FILE, SafetensorsCheckpoint, StreamedLayers, build_skeleton, layer_reserve, plan_activations,
 )
 from tests.conftest import TATOEBA, build_tiny_model
 
 GB = 1e9
-RUN = dict(calib="en", calib_source=str(TATOEBA), nsamples=4, seqlen=24, device="cpu", progress=False, overwrite=True)
+CALIBRATION = CalibrationSpec("en", str(TATOEBA), nsamples=4, seqlen=24)
+RUN = dict(calibration=CALIBRATION, engine=EngineSpec("cpu"), progress=False)
+UNCALIBRATED = RUN | {"calibration": CalibrationSpec()}
+
+
+def written(out: Path, **fields) -> OutputSpec:
+    return OutputSpec(out, overwrite=True, **fields)
 
 
 def tiny(tokenizer, root: Path, arch: str, dtype: torch.dtype = torch.float32, shard: str | None = None, **overrides) -> Path:
@@ -56,9 +62,11 @@ def weights(directory: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def both_paths(base: Path, tmp_path: Path, **kwargs):
-    streamed = prune(str(base), out=tmp_path / "streamed", stream=True, **(RUN | kwargs))
-    in_memory = prune(str(base), out=tmp_path / "memory", stream=False, **(RUN | kwargs))
+def both_paths(base: Path, tmp_path: Path, checkpoint_format: str = "packed", **kwargs):
+    streamed = prune(str(base), output=written(tmp_path / "streamed", checkpoint_format=checkpoint_format, stream=True),
+                     **(RUN | kwargs))
+    in_memory = prune(str(base), output=written(tmp_path / "memory", checkpoint_format=checkpoint_format, stream=False),
+                      **(RUN | kwargs))
     assert streamed.record["streamed"] and not in_memory.record["streamed"]
     return streamed, in_memory
 
@@ -68,7 +76,7 @@ CASES = [
     ("llama", torch.bfloat16, dict(method="sparsegpt", pattern="2:4")),
     ("gemma3", torch.bfloat16, dict(method="wanda", pattern="4:8")),
     ("gemma3", torch.float32, dict(method="sparsegpt", sparsity=0.6)),
-    ("qwen2", torch.bfloat16, dict(method="magnitude", sparsity=0.5, calib=None)),
+    ("qwen2", torch.bfloat16, dict(method="magnitude", sparsity=0.5, calibration=CalibrationSpec())),
     ("qwen2", torch.float32, dict(method="sparsegpt", sparsity=0.5)),
     ("llama", torch.bfloat16, dict(method="gptq", quantization=Quantization(bits=4, group_size=32), checkpoint_format="dense")),
     ("gemma3", torch.float32, dict(method="gptq", quantization=Quantization(bits=3, group_size=16, act_order=True), checkpoint_format="dense")),
@@ -98,7 +106,7 @@ def test_streamed_weights_are_bit_identical_to_the_in_memory_path(arch, dtype, k
 def test_sharded_base_stays_sharded_and_non_linear_tensors_are_bit_identical(tokenizer, models_root, tmp_path):
     base = tiny(tokenizer, models_root, "llama", torch.bfloat16, shard="60KB")
     assert (base / INDEX_FILE).exists() and len(list(base.glob("*.safetensors"))) > 2
-    result = prune(str(base), out=tmp_path / "out", method="wanda", sparsity=0.5, skip_layers="last", **RUN)
+    result = prune(str(base), "wanda", sparsity=0.5, output=written(tmp_path / "out"), **(RUN | {"engine": EngineSpec("cpu", "last")}))
     assert result.record["skip_layers"] == [2]
     assert result.record["streamed"]
     out = result.out
@@ -128,7 +136,7 @@ def test_lm_head_and_final_norm_are_never_read_and_the_embedding_once(tokenizer,
         return original(self, names, **kwargs)
 
     monkeypatch.setattr(SafetensorsCheckpoint, "read", spy)
-    prune(str(base), out=tmp_path / "out", method="sparsegpt", sparsity=0.5, stream=True, **RUN)
+    prune(str(base), "sparsegpt", sparsity=0.5, output=written(tmp_path / "out", stream=True), **RUN)
     assert read.count("model.embed_tokens.weight") == 1
     assert not [n for n in read if n.startswith("lm_head") or n == "model.norm.weight"]
     assert len(read) == len(set(read)) == len(weights(base)) - 2  # every layer tensor once
@@ -161,11 +169,11 @@ def test_dtype_auto_reads_the_checkpoint_and_explicit_dtype_loads_in_memory(toke
     (bare / "config.json").write_text(json.dumps(config))
     (bare / "model.safetensors").symlink_to(base / "model.safetensors")
     assert checkpoint_dtype(bare) == "bfloat16"  # from the tensors
-    result = prune(str(base), out=tmp_path / "fp32", method="magnitude", sparsity=0.5, dtype="float32", **(RUN | {"calib": None}))
+    result = prune(str(base), "magnitude", sparsity=0.5, output=written(tmp_path / "fp32", dtype="float32"), **UNCALIBRATED)
     assert not result.record["streamed"] and result.record["base_model"]["dtype"] == "float32"
     assert {t.dtype for t in weights(result.out).values()} == {torch.float32}
     with pytest.raises(ConfigError, match="differs from the checkpoint"):
-        prune(str(base), out=tmp_path / "x", method="magnitude", sparsity=0.5, dtype="float32", stream=True, **(RUN | {"calib": None}))
+        prune(str(base), "magnitude", sparsity=0.5, output=written(tmp_path / "x", dtype="float32", stream=True), **UNCALIBRATED)
 
 
 def test_a_failed_streamed_run_leaves_no_output(tokenizer, models_root, tmp_path, monkeypatch):
@@ -181,7 +189,7 @@ def test_a_failed_streamed_run_leaves_no_output(tokenizer, models_root, tmp_path
     monkeypatch.setattr(StreamedLayers, "_done", StreamedLayers.done, raising=False)
     monkeypatch.setattr(StreamedLayers, "done", fail)
     with pytest.raises(RuntimeError, match="killed"):
-        prune(str(base), out=tmp_path / "out", method="wanda", sparsity=0.5, **RUN)
+        prune(str(base), "wanda", sparsity=0.5, output=written(tmp_path / "out"), **RUN)
     assert calls == [0, 1]
     # no output; only the resumable staging (tests/test_resume.py), which names its finished layer
     assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.glob(".out.*")] == [".out.partial"]
@@ -256,7 +264,7 @@ def test_cpu_activations_must_fit_host_memory():
 
 def test_prune_prints_the_activation_plan(tokenizer, models_root, tmp_path, capsys):
     base = tiny(tokenizer, models_root, "llama", torch.bfloat16)
-    prune(str(base), out=tmp_path / "out", method="wanda", sparsity=0.5, **(RUN | {"progress": True}))
+    prune(str(base), "wanda", sparsity=0.5, output=written(tmp_path / "out"), **(RUN | {"progress": True}))
     assert "calibration activations: 4 × 24 tokens × 64 × 2 B" in capsys.readouterr().err
 
 
@@ -273,5 +281,5 @@ def test_a_checkpoint_that_does_not_hold_what_the_skeleton_needs_is_not_streamed
     tensors["model.layers.0.mlp.up_proj.weight"] = tensors["model.layers.0.mlp.up_proj.weight"][:, :32].contiguous()
     save_file(tensors, odd / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ConfigError, match="does not hold model.layers.0.mlp.up_proj.weight"):
-        prune(str(odd), out=tmp_path / "out", method="magnitude", sparsity=0.5, stream=True, **(RUN | {"calib": None}))
+        prune(str(odd), "magnitude", sparsity=0.5, output=written(tmp_path / "out", stream=True), **UNCALIBRATED)
     assert not (tmp_path / "out").exists()
