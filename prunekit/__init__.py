@@ -15,13 +15,14 @@ _LAZY = {
     "prune": "prunekit.pipeline",
     "CalibrationSpec": "prunekit.recipe",
     "OutputSpec": "prunekit.recipe",
+    "EngineSpec": "prunekit.recipe",
     "EvaluationSpec": "prunekit.evaluation.spec",
 }
 
 
 def __getattr__(name: str):
-    """The face's names, imported on first use: ``prune`` (prunekit.pipeline), ``CalibrationSpec`` and
-    ``OutputSpec`` (prunekit.recipe), ``EvaluationSpec`` (prunekit.evaluation.spec)."""
+    """The face's names, imported on first use: ``prune`` (prunekit.pipeline), ``CalibrationSpec``,
+    ``OutputSpec`` and ``EngineSpec`` (prunekit.recipe), ``EvaluationSpec`` (prunekit.evaluation.spec)."""
     if name not in _LAZY:
         raise AttributeError(f"module 'prunekit' has no attribute '{name}'")
     import importlib
@@ -29,4 +30,4 @@ def __getattr__(name: str):
     return getattr(importlib.import_module(_LAZY[name]), name)
 
 
-__all__ = ["CalibrationSpec", "EvaluationSpec", "OutputSpec", "__version__", "prune"]
+__all__ = ["CalibrationSpec", "EngineSpec", "EvaluationSpec", "OutputSpec", "__version__", "prune"]

@@ -251,8 +251,9 @@ def test_gemma_checkpoints_pruned_on_different_languages_compare_end_to_end(embe
 
     t0 = time.perf_counter()
     for lang in ("de", "sw"):
-        prunekit.prune(str(embedded_gemma), method="wanda", calib=lang, calib_source=str(TATOEBA), nsamples=4,
-                       seqlen=64, out=tmp_path / lang, progress=False)
+        prunekit.prune(str(embedded_gemma), "wanda",
+                       calibration=prunekit.CalibrationSpec(lang, source=str(TATOEBA), nsamples=4, seqlen=64),
+                       output=prunekit.OutputSpec(tmp_path / lang), progress=False)
     pruned = time.perf_counter() - t0
     result = compare(tmp_path / "de", tmp_path / "sw", dense=embedded_gemma, langs="de,sw", only="masks,drift",
                      max_tokens=24, out=tmp_path / "cmp", progress=False)

@@ -88,7 +88,7 @@ def test_non_empty_out_needs_overwrite(tiny_llama, tmp_path):
 def test_magnitude_needs_no_calibration(tiny_llama, tmp_path):
     import prunekit
 
-    result = prunekit.prune(str(tiny_llama), method="magnitude", calib=None, out=tmp_path / "m", progress=False)
+    result = prunekit.prune(str(tiny_llama), "magnitude", output=prunekit.OutputSpec(tmp_path / "m"), progress=False)
     assert result.record["calibration"] is None and result.record["sparsity"]["overall"] == pytest.approx(0.5)
     weight = AutoModelForCausalLM.from_pretrained(tmp_path / "m").model.layers[0].mlp.up_proj.weight
     assert int((weight == 0).sum()) == weight.numel() // 2

@@ -362,7 +362,8 @@ def checkpoint(tiny_llama, tmp_path_factory) -> Path:
     import prunekit
 
     out = tmp_path_factory.mktemp("errors-ckpt") / "ckpt"
-    prunekit.prune(str(tiny_llama), method="magnitude", calib=None, out=out, device="cpu", progress=False)
+    prunekit.prune(str(tiny_llama), "magnitude", output=prunekit.OutputSpec(out), engine=prunekit.EngineSpec("cpu"),
+                   progress=False)
     return out
 
 

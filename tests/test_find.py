@@ -33,8 +33,9 @@ DENSE_SW = 10.0
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory, tiny_llama) -> Path:
     out = tmp_path_factory.mktemp("find") / "pruned"
-    prunekit.prune(str(tiny_llama), method="wanda", calib="sw", calib_source=str(TATOEBA), nsamples=4, seqlen=32,
-                   out=out, progress=False)
+    prunekit.prune(str(tiny_llama), "wanda",
+                   calibration=prunekit.CalibrationSpec("sw", source=str(TATOEBA), nsamples=4, seqlen=32),
+                   output=prunekit.OutputSpec(out), progress=False)
     return out
 
 

@@ -122,8 +122,10 @@ def test_a_tiny_prune_and_eval_agree_between_cpu_and_cuda(tiny_llama, tmp_path, 
 
     results = {}
     for device in ("cpu", "cuda"):
-        pruned = prunekit.prune(str(tiny_llama), method=method, calib="en", calib_source=str(TATOEBA), nsamples=8,
-                                seqlen=32, out=tmp_path / device, device=device, progress=False)
+        pruned = prunekit.prune(str(tiny_llama), method,
+                                calibration=prunekit.CalibrationSpec("en", source=str(TATOEBA), nsamples=8, seqlen=32),
+                                output=prunekit.OutputSpec(tmp_path / device), engine=prunekit.EngineSpec(device),
+                                progress=False)
         masks = {name: (p.detach().cpu() == 0) for name, p in pruned.model.named_parameters() if "proj" in name}
         ppl = evaluate(tmp_path / device, EvaluationSpec(langs="en", ppl_source=str(TATOEBA), seqlen=32, max_windows=8, device=device), progress=False)["perplexity"]["en"]["ppl"]
         results[device] = (masks, pruned.record["sparsity"]["overall"], ppl)

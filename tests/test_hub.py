@@ -34,8 +34,9 @@ CHECKPOINT_FILES = ["config.json", "generation_config.json", "model.safetensors"
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory, tiny_llama) -> Path:
     out = tmp_path_factory.mktemp("hub") / "pruned"
-    result = prunekit.prune(str(tiny_llama), method="wanda", calib="de", calib_source=str(TATOEBA),
-                            nsamples=4, seqlen=32, out=out, progress=False)
+    result = prunekit.prune(str(tiny_llama), "wanda",
+                            calibration=prunekit.CalibrationSpec("de", source=str(TATOEBA), nsamples=4, seqlen=32),
+                            output=prunekit.OutputSpec(out), progress=False)
     (out / "results.json").write_text(json.dumps(example_results(result.record, model_path=str(out)), indent=2))
     return out
 

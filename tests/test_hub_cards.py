@@ -25,8 +25,9 @@ from tests.hub_server import example_results
 @pytest.fixture(scope="module")
 def pruned_dir(tmp_path_factory, tiny_llama) -> Path:
     out = tmp_path_factory.mktemp("cards") / "pruned"
-    prunekit.prune(str(tiny_llama), method="wanda", calib="de", calib_source=str(TATOEBA),
-                   nsamples=4, seqlen=32, out=out, progress=False)
+    prunekit.prune(str(tiny_llama), "wanda",
+                   calibration=prunekit.CalibrationSpec("de", source=str(TATOEBA), nsamples=4, seqlen=32),
+                   output=prunekit.OutputSpec(out), progress=False)
     return out
 
 

@@ -27,8 +27,9 @@ def evaluated(tmp_path_factory, tiny_llama) -> dict[str, Path]:
     state), and the dense model's own evaluation."""
     root = tmp_path_factory.mktemp("publish")
     out = root / "pruned"
-    prunekit.prune(str(tiny_llama), method="wanda", calib="de", calib_source=str(TATOEBA), nsamples=4, seqlen=32,
-                   out=out, progress=False)
+    prunekit.prune(str(tiny_llama), "wanda",
+                   calibration=prunekit.CalibrationSpec("de", source=str(TATOEBA), nsamples=4, seqlen=32),
+                   output=prunekit.OutputSpec(out), progress=False)
     spec = EvaluationSpec(langs="de", ppl_source=str(TATOEBA), seqlen=32, device="cpu", snr_tokens=64)
     evaluate(out, spec, dense=str(tiny_llama), out=out / "results.json", progress=False)
     evaluate(tiny_llama, spec, out=root / "dense-results.json", progress=False)
