@@ -65,7 +65,7 @@ def main() -> None:
     from prunekit.models import resolve_model
     from prunekit.packing import enable_loading
     from prunekit.pipeline import prune
-    from prunekit.recipe import quantization_from_name
+    from prunekit.recipe import CalibrationSpec, OutputSpec, quantization_from_name
 
     dense_dir = resolve_model(args.model).path
     dense_bytes = checkpoint_bytes(dense_dir)["total_as_bf16"]  # the dense checkpoint, in bf16
@@ -75,9 +75,11 @@ def main() -> None:
         for slug in args.recipes.split(","):
             quantization = quantization_from_name(f"{args.method}-{slug}")
             out = Path(work) / slug
-            calib = dict(calib="all", nsamples=args.nsamples, seqlen=args.seqlen) if args.method == "gptq" else dict(calib=None)
+            calibration = (CalibrationSpec("all", nsamples=args.nsamples, seqlen=args.seqlen) if args.method == "gptq"
+                           else CalibrationSpec())
             start = time.perf_counter()
-            result = prune(args.model, method=args.method, quantization=quantization, out=out, dtype=args.dtype, progress=False, **calib)
+            result = prune(args.model, args.method, quantization=quantization, calibration=calibration,
+                           output=OutputSpec(out, args.dtype), progress=False)
             seconds = time.perf_counter() - start
             sizes = checkpoint_bytes(out)
             recorded = result.record["quantization"]["bytes"]
