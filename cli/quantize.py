@@ -49,20 +49,35 @@ def print_quantize_summary(record: dict, out: Path | None) -> None:
     stdout.print(
         f"load {timings['load_s']:.1f}s, calibration {timings['calibration_s']:.1f}s, quantization {method_seconds(record):.1f}s"
     )
+    dtype = record["base_model"]["dtype"]
     if summary["format"] != "dense":
-        size = summary["bytes"]
-        stdout.print(
-            f"{summary['packed_linears']} Linears packed ({summary['format']}): {size['packed'] / 2**20:.2f} MiB, "
-            f"{size['ratio_to_bf16']:.3f}× their bf16 size"
-        )
+        stdout.print(f"{summary['packed_linears']} Linears packed ({summary['format']}, {q['bits']}-bit codes); "
+                     f"scales and the other tensors in {dtype}")
         for entry in summary["kept_dense"]:
             stdout.print(f"  kept in the base dtype: {entry['name']} ({entry['reason']})")
     if out is not None:
+        stdout.print(size_line(out, record["base_model"]["path"], dtype, summary["format"]))
         what = (
             "fake-quantized weights in the model's dtype" if summary["format"] == "dense"
             else f"compressed-tensors {summary['format']}, {summary.get('scheme') or 'W4A16'}; `vllm serve {out}` serves it"
         )
         stdout.print(f"checkpoint written to [bold]{out}[/bold] ({what}; prunekit.json holds the quantization and the full record)")
+
+
+def weight_file_bytes(directory: str | Path) -> int:
+    """The bytes on disk of a checkpoint's weight files (its ``*.safetensors``)."""
+    return sum(file.stat().st_size for file in Path(directory).glob("*.safetensors"))
+
+
+def size_line(out: Path, base: str | Path, dtype: str, checkpoint_format: str) -> str:
+    """What the written checkpoint's weight files take on disk, and their ratio to the base's weight files."""
+    written = weight_file_bytes(out)
+    what = f"fake-quantized weights in {dtype}" if checkpoint_format == "dense" else f"packed, the rest in {dtype}"
+    line = f"weight files written: {written / 2**20:.2f} MiB on disk ({what})"
+    base_bytes = weight_file_bytes(base) if Path(base).is_dir() else 0
+    if base_bytes:
+        line += f", {written / base_bytes:.3f}× the base's weight files ({base_bytes / 2**20:.2f} MiB)"
+    return line
 
 
 @app.command()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -311,11 +312,37 @@ def test_quantize_cli_writes_packed_by_default_and_says_how_to_serve_it(tiny_lla
     result = CliRunner().invoke(app, ["quantize", str(tiny_llama), "--method", "rtn",
                                       "--calib-source", str(TATOEBA), "--nsamples", "4", "--seqlen", "32", "--bits", "8", "--group-size", "64", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert "21 Linears packed (pack-quantized)" in result.output and "their bf16 size" in result.output
+    assert "21 Linears packed (pack-quantized, 8-bit codes); scales and the other tensors in float32" in result.output
+    written = sum(os.path.getsize(out / name) for name in os.listdir(out) if name.endswith(".safetensors"))
+    base = sum(os.path.getsize(tiny_llama / name) for name in os.listdir(tiny_llama) if name.endswith(".safetensors"))
+    said = " ".join(result.output.split())
+    assert (f"weight files written: {written / 2**20:.2f} MiB on disk (packed, the rest in float32), "
+            f"{written / base:.3f}× the base's weight files ({base / 2**20:.2f} MiB)") in said, said
     assert "vllm serve" in result.output and "kept in the base dtype: lm_head" in result.output
     record = json.loads((out / "prunekit.json").read_text())
     assert record["quantization"]["format"] == "pack-quantized" and "--format" not in record["command"]
     assert "model.layers.0.mlp.down_proj.weight_packed" in tensors(out)
+
+
+def test_quantize_cli_states_the_size_of_the_dense_files_it_wrote(tiny_llama, tmp_path):
+    """Issue 30 §8: the size printed is the written weight files' bytes on disk (os.path.getsize), their dtype
+    and their ratio to the base's weight files on disk; not a ratio of the packed Linears to bf16."""
+    from typer.testing import CliRunner
+
+    import prunekit.cli.quantize  # noqa: F401  (registers the command)
+    from prunekit.cli.app import app
+
+    out = tmp_path / "dense"
+    result = CliRunner().invoke(app, ["quantize", str(tiny_llama), "--method", "rtn", "--format", "dense",
+                                      "--dtype", "bfloat16", "--group-size", "64", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    written = sum(os.path.getsize(out / name) for name in os.listdir(out) if name.endswith(".safetensors"))
+    base = sum(os.path.getsize(tiny_llama / name) for name in os.listdir(tiny_llama) if name.endswith(".safetensors"))
+    assert 0.4 < written / base < 0.6  # bf16 from an fp32 base: about half
+    said = " ".join(result.output.split())
+    assert (f"weight files written: {written / 2**20:.2f} MiB on disk (fake-quantized weights in bfloat16), "
+            f"{written / base:.3f}× the base's weight files ({base / 2**20:.2f} MiB)") in said, said
+    assert "bf16 size" not in said and "Linears packed" not in said
 
 
 @pytest.mark.parametrize("stream", [True, False])
