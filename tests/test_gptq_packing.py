@@ -312,10 +312,10 @@ def test_quantize_cli_writes_packed_by_default_and_says_how_to_serve_it(tiny_lla
     result = CliRunner().invoke(app, ["quantize", str(tiny_llama), "--method", "rtn",
                                       "--calib-source", str(TATOEBA), "--nsamples", "4", "--seqlen", "32", "--bits", "8", "--group-size", "64", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert "21 Linears packed (pack-quantized, 8-bit codes); scales and the other tensors in float32" in result.output
+    said = " ".join(result.output.split())  # the console wraps long lines
+    assert "21 Linears packed (pack-quantized, 8-bit codes); scales and the other tensors in float32" in said, said
     written = sum(os.path.getsize(out / name) for name in os.listdir(out) if name.endswith(".safetensors"))
     base = sum(os.path.getsize(tiny_llama / name) for name in os.listdir(tiny_llama) if name.endswith(".safetensors"))
-    said = " ".join(result.output.split())
     assert (f"weight files written: {written / 2**20:.2f} MiB on disk (packed, the rest in float32), "
             f"{written / base:.3f}× the base's weight files ({base / 2**20:.2f} MiB)") in said, said
     assert "vllm serve" in result.output and "kept in the base dtype: lm_head" in result.output
