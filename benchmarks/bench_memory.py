@@ -27,7 +27,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from prunekit.recipe import CalibrationSpec, OutputSpec
 
 HERE = Path(__file__).resolve().parent
 LLAMA3_8B = dict(
@@ -120,8 +119,12 @@ def worker(kind: str, spec: dict) -> dict:
         return quantize_worker(spec) | {"peak_rss": peak_rss_bytes()}
     if kind == "prune":
         from prunekit.pipeline import prune
+        from prunekit.recipe import CalibrationSpec, EngineSpec, OutputSpec
 
-        result = prune(spec["model"], calibration=CalibrationSpec(languages="en", source="embedded", nsamples=spec["nsamples"], seqlen=spec["seqlen"]), output=OutputSpec(out=spec["out"], overwrite=True, stream=spec["stream"]), method=spec["method"], sparsity=0.5, device="cpu", progress=False, solve_threads=spec.get("solve_threads"))
+        result = prune(spec["model"], spec["method"], sparsity=0.5,
+                       calibration=CalibrationSpec("en", "embedded", spec["nsamples"], spec["seqlen"]),
+                       output=OutputSpec(spec["out"], overwrite=True, stream=spec["stream"]),
+                       engine=EngineSpec("cpu", solve_threads=spec.get("solve_threads")), progress=False)
         extra = {"streamed": result.record["streamed"], "dtype": result.record["base_model"]["dtype"],
                  "sparsity": result.record["sparsity"]["overall"]}
     elif kind == "sweep":
@@ -254,11 +257,13 @@ def check_output(base: Path, out: Path) -> dict:
 def quantize_worker(spec: dict) -> dict:
     """``prunekit quantize BASE --method METHOD --bits 4 --out OUT`` (packed, streamed), in the measured worker."""
     from prunekit.pipeline import prune
-    from prunekit.recipe import Quantization
+    from prunekit.recipe import CalibrationSpec, EngineSpec, OutputSpec, Quantization
 
-    calibration = (CalibrationSpec("en", "embedded", nsamples=spec["nsamples"], seqlen=spec["seqlen"])
-                   if spec["method"] == "gptq" else CalibrationSpec())
-    result = prune(spec["model"], output=OutputSpec(out=spec["out"], overwrite=True, stream=spec["stream"]), method=spec["method"], quantization=Quantization(bits=4), device="cpu", progress=False, kind="quantize", calibration=calibration)
+    calibration = (CalibrationSpec("en", "embedded", spec["nsamples"], spec["seqlen"]) if spec["method"] == "gptq"
+                   else CalibrationSpec())
+    result = prune(spec["model"], spec["method"], quantization=Quantization(bits=4), calibration=calibration,
+                   output=OutputSpec(spec["out"], overwrite=True, stream=spec["stream"]), engine=EngineSpec("cpu"),
+                   progress=False)
     return {"streamed": result.record["streamed"], "packed_linears": result.record["quantization"]["packed_linears"]}
 
 

@@ -20,7 +20,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from prunekit.recipe import CalibrationSpec, OutputSpec
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -68,7 +67,7 @@ def main() -> None:
 
     from prunekit.models import load_model
     from prunekit.pipeline import prune
-    from prunekit.recipe import Quantization
+    from prunekit.recipe import CalibrationSpec, OutputSpec, Quantization
     from tests.conftest import TATOEBA, train_tokenizer
 
     differences = 0
@@ -92,7 +91,9 @@ def main() -> None:
             (work / "spec.json").write_text(json.dumps(spec))
             subprocess.run([args.peer_python, str(HERE / "_llmc_quantize_worker.py"), str(work / "spec.json")], check=True,
                            stdout=subprocess.DEVNULL)
-            prune(str(model_dir), calibration=CalibrationSpec(languages="en", source=str(TATOEBA), nsamples=8, seqlen=64), output=OutputSpec(out=own_out, dtype=args.dtype), method="gptq", quantization=Quantization(**SCHEMES[scheme]), progress=False)
+            prune(str(model_dir), "gptq", quantization=Quantization(**SCHEMES[scheme]),
+                  calibration=CalibrationSpec("en", str(TATOEBA), nsamples=8, seqlen=64),
+                  output=OutputSpec(own_out, args.dtype), progress=False)
 
             peer, own = layout(peer_out), layout(own_out)
             for key in sorted(set(peer) | set(own)):

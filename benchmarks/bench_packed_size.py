@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import torch
-from prunekit.recipe import CalibrationSpec, OutputSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -66,7 +65,7 @@ def main() -> None:
     from prunekit.models import resolve_model
     from prunekit.packing import enable_loading
     from prunekit.pipeline import prune
-    from prunekit.recipe import quantization_from_name
+    from prunekit.recipe import CalibrationSpec, OutputSpec, quantization_from_name
 
     dense_dir = resolve_model(args.model).path
     dense_bytes = checkpoint_bytes(dense_dir)["total_as_bf16"]  # the dense checkpoint, in bf16
@@ -79,7 +78,8 @@ def main() -> None:
             calibration = (CalibrationSpec("all", nsamples=args.nsamples, seqlen=args.seqlen) if args.method == "gptq"
                            else CalibrationSpec())
             start = time.perf_counter()
-            result = prune(args.model, output=OutputSpec(out=out, dtype=args.dtype), method=args.method, quantization=quantization, calibration=calibration, progress=False)
+            result = prune(args.model, args.method, quantization=quantization, calibration=calibration,
+                           output=OutputSpec(out, args.dtype), progress=False)
             seconds = time.perf_counter() - start
             sizes = checkpoint_bytes(out)
             recorded = result.record["quantization"]["bytes"]

@@ -35,7 +35,6 @@ import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable
-from prunekit.recipe import CalibrationSpec, OutputSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 LANGS = ("en", "sw")
@@ -158,14 +157,15 @@ def check_model(steps: Steps, name: str, spec: str, args, work: Path, calib: Pat
     from prunekit.evaluation import EvaluationSpec, evaluate
     from prunekit.recipe import Quantization
 
-    common = dict(calibration=CalibrationSpec("en", str(calib), nsamples=args.nsamples, seqlen=args.seqlen),
-                  device=args.device, progress=False)
+    common = dict(calibration=prunekit.CalibrationSpec("en", str(calib), args.nsamples, args.seqlen),
+                  engine=prunekit.EngineSpec(args.device), progress=False)
     pruned: dict[str, Path] = {}
     for method in ("wanda", "sparsegpt"):
         out = work / f"{name}-{method}"
 
         def prune(method=method, out=out):
-            result = prunekit.prune(spec, output=OutputSpec(out=out, dtype="bfloat16", overwrite=True), method=method, sparsity=0.5, **common)
+            result = prunekit.prune(spec, method, sparsity=0.5, output=prunekit.OutputSpec(out, "bfloat16", overwrite=True),
+                                    **common)
             pruned[method] = out
             return {"sparsity": result.record["sparsity"]["overall"]}
 
@@ -204,7 +204,8 @@ def check_model(steps: Steps, name: str, spec: str, args, work: Path, calib: Pat
     quantized = work / f"{name}-gptq-w4"
 
     def quantize():
-        result = prunekit.prune(spec, output=OutputSpec(out=quantized, dtype="bfloat16", overwrite=True), method="gptq", kind="quantize", quantization=Quantization(4, 128), **common)
+        result = prunekit.prune(spec, "gptq", quantization=Quantization(4, 128),
+                                output=prunekit.OutputSpec(quantized, "bfloat16", overwrite=True), **common)
         return {"format": result.record["quantization"]["format"], "packed": result.record["quantization"].get("packed_linears")}
 
     steps.run(f"quantize {name} gptq w4g128 packed", quantize, predicted_peak(spec, args.nsamples, args.seqlen, "gptq", steps.cuda))

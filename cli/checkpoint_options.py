@@ -45,17 +45,16 @@ class CheckpointOptions:
     quiet: bool
     force: bool
 
-    def pipeline_arguments(self, checkpoint_format: str = "packed") -> dict[str, Any]:
-        """The keyword arguments of ``prunekit.pipeline.prune`` these options give (all but the model): the
-        calibration and output specs, made (and so validated) here, once."""
-        from prunekit.recipe import OutputSpec
-        from prunekit.recipe import CalibrationSpec
+    def pipeline_arguments(self, checkpoint_format: str = "packed", solve_threads: int | None = None) -> dict[str, Any]:
+        """The keyword arguments of ``prunekit.pipeline.prune`` these options give (all but the model and the
+        method's target): the calibration, output and engine specs, made (and so validated) here, once."""
+        from prunekit.recipe import CalibrationSpec, EngineSpec, OutputSpec
 
         return {
             "calibration": CalibrationSpec(self.calib, self.calib_source, self.nsamples, self.seqlen, self.seed, self.conventions),
             "output": OutputSpec(self.out, self.dtype, checkpoint_format, self.overwrite, resume=not self.no_resume),
-            "device": self.device, "skip_layers": self.skip_layers, "batch_size": self.batch_size,
-            "trust_remote_code": self.trust_remote_code, "progress": not self.quiet,
+            "engine": EngineSpec(self.device, self.skip_layers, self.batch_size, solve_threads, self.trust_remote_code),
+            "progress": not self.quiet,
         }
 
 

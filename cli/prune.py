@@ -69,9 +69,10 @@ def prune(
 
     Shortest: prunekit prune embedded:gemma-3-270m --method wanda --out gemma-wanda
     """
-    from prunekit.pipeline import prune as run_prune
+    from prunekit.pipeline import method_of_kind, prune as run_prune
 
-    result = run_prune(options.model, method=method, kind="prune", sparsity=sparsity, pattern=pattern,
-                       solve_threads=solve_threads, **options.pipeline_arguments())
+    arguments = options.pipeline_arguments(solve_threads=solve_threads)
+    method_of_kind(method, "prune")  # a quantization method names `prunekit quantize`
+    result = run_prune(options.model, method, sparsity=sparsity, pattern=pattern, **arguments)
     if not options.quiet:
         print_prune_summary(result.record, result.out)

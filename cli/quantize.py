@@ -49,17 +49,14 @@ def print_quantize_summary(record: dict, out: Path | None) -> None:
     stdout.print(
         f"load {timings['load_s']:.1f}s, calibration {timings['calibration_s']:.1f}s, quantization {method_seconds(record):.1f}s"
     )
+    dtype = record["base_model"]["dtype"]
     if summary["format"] != "dense":
-        size = summary["bytes"]
-        stdout.print(
-            f"{summary['packed_linears']} Linears packed ({summary['format']}): {size['packed'] / 2**20:.2f} MiB, "
-            f"{size['ratio_to_bf16']:.3f}× those Linears in bf16 (the Linears only; the files are below)"
-        )
+        stdout.print(f"{summary['packed_linears']} Linears packed ({summary['format']}, {q['bits']}-bit codes); "
+                     f"scales and the other tensors in {dtype}")
         for entry in summary["kept_dense"]:
             stdout.print(f"  kept in the base dtype: {entry['name']} ({entry['reason']})")
     if out is not None:
-        stdout.print(files_size_line(record, out))
-    if out is not None:
+        stdout.print(size_line(out, record["base_model"]["path"], dtype, summary["format"]))
         what = (
             "fake-quantized weights in the model's dtype" if summary["format"] == "dense"
             else f"compressed-tensors {summary['format']}, {summary.get('scheme') or 'W4A16'}; `vllm serve {out}` serves it"
@@ -67,16 +64,19 @@ def print_quantize_summary(record: dict, out: Path | None) -> None:
         stdout.print(f"checkpoint written to [bold]{out}[/bold] ({what}; prunekit.json holds the quantization and the full record)")
 
 
-def files_size_line(record: dict, out: Path) -> str:
-    """The weight files actually written, and their ratio to the base's weight files on disk."""
-    from prunekit.artifacts import weight_bytes
-    from prunekit.io import format_size
+def weight_file_bytes(directory: str | Path) -> int:
+    """The bytes on disk of a checkpoint's weight files (its ``*.safetensors``)."""
+    return sum(file.stat().st_size for file in Path(directory).glob("*.safetensors"))
 
-    written = weight_bytes(out) or 0
-    line = f"weight files written: {format_size(written)}"
-    base = weight_bytes(record["base_model"].get("path") or "")
-    if base:
-        line += f", {written / base:.2f}× the base's {format_size(base)} ({record['base_model'].get('dtype')}) on disk"
+
+def size_line(out: Path, base: str | Path, dtype: str, checkpoint_format: str) -> str:
+    """What the written checkpoint's weight files take on disk, and their ratio to the base's weight files."""
+    written = weight_file_bytes(out)
+    what = f"fake-quantized weights in {dtype}" if checkpoint_format == "dense" else f"packed, the rest in {dtype}"
+    line = f"weight files written: {written / 2**20:.2f} MiB on disk ({what})"
+    base_bytes = weight_file_bytes(base) if Path(base).is_dir() else 0
+    if base_bytes:
+        line += f", {written / base_bytes:.3f}× the base's weight files ({base_bytes / 2**20:.2f} MiB)"
     return line
 
 
@@ -108,14 +108,15 @@ def quantize(
     Example: prunekit quantize embedded:gemma-3-270m --bits 4 --group-size 128 --calib sw --nsamples 32 --seqlen 256 --out gemma-sw-w4g128
     """
     from prunekit.errors import ConfigError
-    from prunekit.pipeline import prune as run_prune
+    from prunekit.pipeline import method_of_kind, prune as run_prune
     from prunekit.recipe import parse_quantization
 
     quantization = parse_quantization(bits, group_size, act_order, static_groups=not dynamic_groups, symmetric=symmetric,
                                       conventions=options.conventions)
     if dynamic_groups and not act_order:
         raise ConfigError("--dynamic-groups only applies with --act-order")
-    result = run_prune(options.model, method=method, kind="quantize", quantization=quantization,
-                       **options.pipeline_arguments(checkpoint_format))
+    arguments = options.pipeline_arguments(checkpoint_format)
+    method_of_kind(method, "quantize")  # a pruning method names `prunekit prune`
+    result = run_prune(options.model, method, quantization=quantization, **arguments)
     if not options.quiet:
         print_quantize_summary(result.record, result.out)

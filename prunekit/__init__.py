@@ -15,15 +15,16 @@ _LAZY = {
     "prune": "prunekit.pipeline",
     "CalibrationSpec": "prunekit.recipe",
     "OutputSpec": "prunekit.recipe",
+    "EngineSpec": "prunekit.recipe",
     "EvaluationSpec": "prunekit.evaluation.spec",
     "CompareSpec": "prunekit.analysis.spec",
 }
 
 
 def __getattr__(name: str):
-    """The face's names, imported on first use: ``prune`` (prunekit.pipeline), ``CalibrationSpec`` and
-    ``OutputSpec`` (prunekit.recipe), ``EvaluationSpec`` (prunekit.evaluation.spec), ``CompareSpec``
-    (prunekit.analysis.spec)."""
+    """The face's names, imported on first use: ``prune`` (prunekit.pipeline), ``CalibrationSpec``,
+    ``OutputSpec`` and ``EngineSpec`` (prunekit.recipe), ``EvaluationSpec`` (prunekit.evaluation.spec),
+    ``CompareSpec`` (prunekit.analysis.spec)."""
     if name not in _LAZY:
         raise AttributeError(f"module 'prunekit' has no attribute '{name}'")
     import importlib
@@ -31,4 +32,4 @@ def __getattr__(name: str):
     return getattr(importlib.import_module(_LAZY[name]), name)
 
 
-__all__ = ["CalibrationSpec", "CompareSpec", "EvaluationSpec", "OutputSpec", "__version__", "prune"]
+__all__ = ["CalibrationSpec", "CompareSpec", "EngineSpec", "EvaluationSpec", "OutputSpec", "__version__", "prune"]

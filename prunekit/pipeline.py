@@ -7,7 +7,7 @@ import shlex
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -23,14 +23,15 @@ from prunekit.errors import ConfigError
 from prunekit.io import atomic_directory, check_output_location, remove_leftovers, tree_bytes, versioned
 from prunekit.methods import Method, available_methods, get_method
 from prunekit.models import (
-    MODULE_NAMES, checkpoint_dtype, expected_checkpoint_bytes, find_decoder_layers, linear_sublayers, load_model, load_tokenizer, parse_dtype,
+    MODULE_NAMES, ModelSource, checkpoint_dtype, expected_checkpoint_bytes, find_decoder_layers, linear_sublayers, load_model, load_tokenizer, parse_dtype,
     resolve_device, resolve_dtype, resolve_model, text_config,
 )
 from prunekit.packed_writer import PackedWriter
 from prunekit.packing import check_format, save_packed, summarize_quantization, take_grids
 from prunekit.progress import progress_bar, stderr_console
 from prunekit.recipe import (  # noqa: F401 - OutputSpec and run_identity live beside CalibrationSpec, re-exported here
-    CalibrationSpec, OutputSpec, Quantization, Recipe, default_symmetric, parse_pattern, run_identity, validate_quantization,
+    CalibrationSpec, EngineSpec, OutputSpec, Quantization, Recipe, default_symmetric, parse_pattern, run_identity,
+    validate_quantization,
 )
 from prunekit.staging import Staging, discard_staging, file_fingerprint, staging_path
 from prunekit.version import __version__
@@ -40,7 +41,8 @@ from prunekit.streaming import (
 )
 
 METHOD_KINDS = ("prune", "quantize")
-# The keywords ``prune`` still takes for each spec's fields (its signature before the specs).
+
+
 @dataclass
 class PruneResult:
     tokenizer: Any
@@ -120,6 +122,62 @@ def check_output_dir(out: str | Path | None, overwrite: bool) -> Path | None:
     return out
 
 
+@dataclass
+class Run:
+    """One ``prune`` call as its steps fill it in: what was asked (:func:`plan_run`), the model
+    (:func:`load_run`), the calibration set and where its activations live (:func:`calibrate`)."""
+
+    method: Method
+    recipe: Recipe
+    calibration: CalibrationSpec
+    output: OutputSpec
+    engine: EngineSpec
+    out: Path | None
+    device: torch.device
+    progress: bool
+    timings: dict[str, float] = field(default_factory=dict)
+    source: ModelSource | None = None
+    dtype: str = ""  # the resolved dtype of the model and its weights
+    tokenizer: Any = None
+    model: torch.nn.Module | None = None
+    streamed: StreamedLayers | None = None
+    checkpoint: SafetensorsCheckpoint | None = None  # the base's safetensors, when the layers stream
+    layers_prefix: str = ""
+    layers: Any = ()
+    skipped: set[int] = field(default_factory=set)
+    calib_set: Any = None
+    activations: torch.device | None = None
+
+    @property
+    def quantize(self) -> bool:
+        return self.method.kind == "quantize"
+
+    @property
+    def packed(self) -> bool:
+        return self.quantize and self.output.checkpoint_format == "packed"
+
+    @property
+    def calibrated(self) -> CalibrationSpec | None:
+        """The calibration spec when the run uses text, else None (what names the run)."""
+        return self.calibration if self.calibration.uses_text else None
+
+
+@dataclass
+class StreamedOutput:
+    """A streamed run's output: its staging (resume point, finished layers), the directory the checkpoint is
+    written in before it is renamed to ``out``, and the writer of its layers."""
+
+    staging: Staging
+    directory: Path
+    writer: Any
+
+    def layer_done(self, index: int, hidden: Any, results: Any) -> None:
+        if hasattr(self.writer, "layer_done"):
+            self.writer.layer_done(index)
+        if getattr(self.writer, "resumable", False):
+            self.staging.layer_done(index, hidden, results)
+
+
 def prune(
     model: str,
     method: str = "wanda",
@@ -129,157 +187,208 @@ def prune(
     quantization: Quantization | None = None,
     calibration: CalibrationSpec | None = None,
     output: OutputSpec | None = None,
-    device: str = "auto",
-    skip_layers: str | None = None,
-    batch_size: int | None = None,
-    solve_threads: int | None = None,
+    engine: EngineSpec | None = None,
     revision: str | None = None,
-    trust_remote_code: bool = False,
     progress: bool = True,
-    kind: str | None = None,
 ) -> PruneResult:
-    """Prune (or quantize) ``model`` and optionally write the checkpoint.
+    """Prune (or quantize) a model layer by layer and, with ``output.out``, write the checkpoint.
 
-    Mirrors ``prunekit prune`` / ``prunekit quantize``; returns the pruned model, its tokenizer and the
-    record that is written as ``prunekit.json``.
+    What ``prunekit prune`` and ``prunekit quantize`` run. Every argument is checked before the model loads.
 
     Args:
-        model: a local model dir, a ``.gguf`` file, a Hub id (``revision``: its branch, tag or commit) or
-            ``embedded:NAME``.
-        method: a registered method; ``kind`` "prune" or "quantize" insists on one of that kind.
-        sparsity / pattern: a pruning method's target (``recipe.parse_pattern``); ``quantization``: a
-            quantization method's grid (default 4 bits, groups of 128).
-        calibration: the text (:class:`~prunekit.recipe.CalibrationSpec`); its languages None mean
-            English for a method that calibrates.
-        output: where and how the checkpoint is written (:class:`OutputSpec`); none keeps it in memory.
-        device: where each decoder layer is computed; ``skip_layers``: layers left as they are;
-            ``batch_size``: calibration sequences per forward; ``solve_threads``: SparseGPT on the CPU.
-    Raises:
-        ConfigError: a wrong argument, before the model loads; ModelError / DataError: a model or text
-        that cannot be read.
+        model (`str`):
+            A local model directory, a ``.gguf`` file, a Hub id (``org/name``) or ``embedded:NAME``.
+        method (`str`, *optional*, defaults to `"wanda"`):
+            A registered method: ``magnitude``, ``wanda``, ``sparsegpt`` (pruning) or ``gptq``, ``rtn``
+            (quantization; :func:`method_of_kind` insists on one kind).
+        sparsity (`float`, *optional*):
+            A pruning method's fraction of weights to prune, in (0, 1); None: 0.5, or what ``pattern`` implies.
+        pattern (`str`, *optional*):
+            ``unstructured`` (None) or ``N:M`` such as ``2:4``: N of every M consecutive input columns pruned.
+        quantization (:class:`~prunekit.recipe.Quantization`, *optional*):
+            A quantization method's grid; None: 4 bits, groups of 128, the conventions' symmetry.
+        calibration (:class:`~prunekit.recipe.CalibrationSpec`, *optional*):
+            The calibration text; None, or its ``languages`` None: English for a method that calibrates,
+            no text for one that does not.
+        output (:class:`~prunekit.recipe.OutputSpec`, *optional*):
+            Where and how the checkpoint is written; None (or its ``out`` None) keeps the model in memory.
+        engine (:class:`~prunekit.recipe.EngineSpec`, *optional*):
+            The device, the layers left as they are, the batch size, SparseGPT's solve threads and
+            ``trust_remote_code``; None: ``EngineSpec()``.
+        revision (`str`, *optional*):
+            A Hub model's branch, tag or commit; None: its default branch.
+        progress (`bool`, *optional*, defaults to `True`):
+            Progress bars and the calibration and memory plans on stderr.
 
-    Example: ``prune("embedded:gemma-3-270m", "wanda", calibration=CalibrationSpec("sw"), output=OutputSpec("gemma-sw"))``.
+    Returns:
+        :class:`PruneResult`: the tokenizer, the record (written as ``prunekit.json``), the output directory
+        and ``.model``, the pruned model (a streamed run loads it from ``out`` on first use).
+
+    Raises:
+        ConfigError: an unknown method, a wrong target, an output directory that is not empty (without
+            ``overwrite``) or has no room, or a run that cannot stream when ``stream=True``.
+        ModelError: a model that cannot be found or read.
+        DataError: calibration text that cannot be read.
+
+    Example:
+        ```python
+        >>> import prunekit
+        >>> result = prunekit.prune("embedded:gemma-3-270m", "wanda", sparsity=0.5,
+        ...                         calibration=prunekit.CalibrationSpec("sw", nsamples=32, seqlen=256),
+        ...                         output=prunekit.OutputSpec("gemma-sw"))
+        >>> result.record["run_id"]
+        ```
     """
     started = time.perf_counter()
-    calibration, output = calibration or CalibrationSpec(), output or OutputSpec()
-    method_obj = method_of_kind(method, kind)
-    quantize = method_obj.kind == "quantize"
-    if quantize:
-        recipe = Recipe(method, quantization=validate_quantization(quantization or Quantization(symmetric=default_symmetric(calibration.conventions))), conventions=calibration.conventions)
+    run = plan_run(model, method, sparsity, pattern, quantization, calibration or CalibrationSpec(),
+                   output or OutputSpec(), engine or EngineSpec(), progress)
+    load_run(run, model, revision)
+    calibrate(run)
+    identity, run_id = run_identity(run.source.spec, run.source.revision, run.recipe, run.calibrated, run.output.dtype,
+                                    run.engine.skip_layers)
+    with contextlib.ExitStack() as stack:
+        streamed = open_streamed_output(run, identity, stack)
+        layer_results = run_layers(run, streamed)
+        grids = take_grids(layer_results, run.layers_prefix)  # the quantizers' grids, for the packed checkpoint
+        record = build_record(run, layer_results, grids, identity, run_id)
+        if streamed is not None:
+            t0 = time.perf_counter()
+            streamed.writer.close()
+            finish_streamed_checkpoint(run.source.path, streamed.directory, run.tokenizer, record)
+            streamed.staging.finish()
+            run.timings["save_s"] = time.perf_counter() - t0
+    if run.out is not None and run.streamed is None:
+        t0 = time.perf_counter()
+        save_checkpoint(run.model, run.tokenizer, record, run.out, run.output.overwrite,
+                        (grids, run.recipe.quantization) if run.packed else None)
+        run.timings["save_s"] = time.perf_counter() - t0
+    run.timings["total_s"] = time.perf_counter() - started  # the record holds this dict: written below
+    if run.out is not None:
+        write_record(run.out, record)
+    return PruneResult(run.tokenizer, record, run.out, None if run.streamed is not None else run.model)
+
+
+def plan_run(model: str, method: str, sparsity: float | None, pattern: str | None, quantization: Quantization | None,
+             calibration: CalibrationSpec, output: OutputSpec, engine: EngineSpec, progress: bool) -> Run:
+    """Step 1, before the model loads: the method and its recipe, the calibration with the method's default,
+    the engine settings checked, the output directory cleared of what killed runs left and its free space
+    checked (before hours of work)."""
+    method_obj = method_of_kind(method)
+    if method_obj.kind == "quantize":
+        grid = quantization or Quantization(symmetric=default_symmetric(calibration.conventions))
+        recipe = Recipe(method, quantization=validate_quantization(grid), conventions=calibration.conventions)
         check_format(output.checkpoint_format, recipe.quantization)
     else:
         recipe = Recipe(method, pattern=parse_pattern(sparsity, pattern), conventions=calibration.conventions)
     calibration = calibration.for_method(method, method_obj.needs_calibration)
-    check_solve_threads(solve_threads)  # before the model loads
+    check_solve_threads(engine.solve_threads)
     out_path = check_output_dir(output.out, output.overwrite)
     if out_path is not None:  # what killed runs left beside it, before the free-space check counts it as used
         remove_leftovers(out_path, say, staging=False)
     expected = expected_checkpoint_bytes(model, output.dtype) - tree_bytes(staging_path(out_path)) if out_path else 0
-    check_output_location(out_path, expected)  # before hours of work
-    compute_device = resolve_device(device)
+    check_output_location(out_path, expected)
+    return Run(method_obj, recipe, calibration, output, engine, out_path, resolve_device(engine.device), progress)
 
+
+def load_run(run: Run, model: str, revision: str | None) -> None:
+    """Step 2: the model resolved and loaded (a skeleton whose layers stream when the run can stream), its
+    tokenizer, its decoder layers and those the run leaves as they are."""
     t0 = time.perf_counter()
-    source = resolve_model(model, revision)
-    dtype_name = resolve_dtype(output.dtype, source.path)
-    tokenizer = load_tokenizer(source, trust_remote_code)
-    packed = quantize and output.checkpoint_format == "packed"
-    loaded, streamed, checkpoint = load_for_run(source, dtype_name, out_path, output.stream, trust_remote_code)
-    layers_prefix, layers = find_decoder_layers(loaded)
-    skipped = parse_skip_layers(skip_layers, len(layers))
-    timings = {"load_s": time.perf_counter() - t0}
+    run.source = resolve_model(model, revision)
+    run.dtype = resolve_dtype(run.output.dtype, run.source.path)
+    run.tokenizer = load_tokenizer(run.source, run.engine.trust_remote_code)
+    run.model, run.streamed, run.checkpoint = load_for_run(run.source, run.dtype, run.out, run.output.stream,
+                                                           run.engine.trust_remote_code)
+    run.layers_prefix, run.layers = find_decoder_layers(run.model)
+    run.skipped = parse_skip_layers(run.engine.skip_layers, len(run.layers))
+    run.timings["load_s"] = time.perf_counter() - t0
 
+
+def calibrate(run: Run) -> None:
+    """Step 3: the calibration set (sized to the text and the model's context; the spec records the size
+    used) and where its activations live (the device, or pinned CPU memory)."""
     t0 = time.perf_counter()
-    calib_set = None
-    if calibration.uses_text:
-        context = getattr(text_config(loaded.config), "max_position_embeddings", None)
-        calib_set = sample_calibration_set(tokenizer, calibration, max_seqlen=context)
-        calibration = calibration.sized(calib_set.nsamples, calib_set.seqlen)  # what was used, for the record
-        if calib_set.sizing is not None and progress:
-            print(calib_set.sizing["message"], file=sys.stderr)
-    timings["calibration_s"] = time.perf_counter() - t0
-
-    activations = None
-    if calib_set is not None:
-        plan = activation_plan(loaded, calib_set.input_ids.shape, compute_device, method_obj.needs_calibration)
-        if progress:
+    if run.calibration.uses_text:
+        context = getattr(text_config(run.model.config), "max_position_embeddings", None)
+        run.calib_set = sample_calibration_set(run.tokenizer, run.calibration, max_seqlen=context)
+        run.calibration = run.calibration.sized(run.calib_set.nsamples, run.calib_set.seqlen)
+        if run.calib_set.sizing is not None and run.progress:
+            print(run.calib_set.sizing["message"], file=sys.stderr)
+    run.timings["calibration_s"] = time.perf_counter() - t0
+    if run.calib_set is not None:
+        plan = activation_plan(run.model, run.calib_set.input_ids.shape, run.device, run.method.needs_calibration)
+        if run.progress:
             stderr_console.print(plan.describe())
-        activations = compute_device if plan.where == "device" else torch.device("cpu")
+        run.activations = run.device if plan.where == "device" else torch.device("cpu")
 
-    config = loaded.config
-    calibrated = calibration if calibration.uses_text else None
-    identity, run_id = run_identity(source.spec, source.revision, recipe, calibrated, output.dtype, skip_layers)
-    with contextlib.ExitStack() as stack:
-        run = resume_point = layer_done = gemms = None
-        if streamed is None and out_path is not None:
-            discard_staging(out_path, say)  # an interrupted streamed run's staging: this run cannot resume it
-        if streamed is not None:
-            stack.callback(streamed.close)
-            streamed.writer = writer = (PackedWriter(checkpoint, staging_path(out_path), loaded, recipe.quantization) if packed
-                                        else MirrorWriter(checkpoint, staging_path(out_path)))
-            resumable = getattr(writer, "resumable", False)
-            run = stack.enter_context(Staging(out_path, staging_run(identity, checkpoint, compute_device, batch_size,
-                                                                    solve_threads, activations),
-                                              say, resume=output.resume, resumable=resumable))
-            staging = stack.enter_context(atomic_directory(out_path, overwrite=may_replace(out_path, output.overwrite),
-                                                           staging=run.path, kept=run.kept))
-            writer.resume() if run.point is not None else writer.start()
-            run.started(len(layers), gemm_plan(next(loaded.parameters()).dtype, compute_device))
-            resume_point, gemms = run.point, run.gemms
 
-            def layer_done(index, hidden, results):
-                if hasattr(writer, "layer_done"):
-                    writer.layer_done(index)
-                if resumable:
-                    run.layer_done(index, hidden, results)
-        t0 = time.perf_counter()
-        verb = "quantizing" if quantize else "pruning"
-        with progress_bar(f"{verb} {method} layers", len(layers), progress) as update:
-            engine = Engine(method_obj, recipe, compute_device, skipped, batch_size, update, solve_threads=solve_threads,
-                            activation_device=activations, gemms=gemms)
-            layer_results = engine.run(loaded, None if calib_set is None else calib_set.input_ids, streamed,
-                                       resume=resume_point, layer_done=layer_done)
-        timings[method_seconds_key(method_obj.kind)] = time.perf_counter() - t0
-        grids = take_grids(layer_results, layers_prefix)  # the quantizers' grids, for the packed checkpoint
+def open_streamed_output(run: Run, identity: dict[str, Any], stack: contextlib.ExitStack) -> StreamedOutput | None:
+    """Step 4, for a streamed run: the staging (resumed when an interrupted run of the same identity left
+    it) and the writer of its layers, entered on ``stack``. None for a run in memory, whose output directory
+    loses an interrupted streamed run's staging (this run cannot resume it)."""
+    if run.streamed is None:
+        if run.out is not None:
+            discard_staging(run.out, say)
+        return None
+    stack.callback(run.streamed.close)
+    writer = (PackedWriter(run.checkpoint, staging_path(run.out), run.model, run.recipe.quantization) if run.packed
+              else MirrorWriter(run.checkpoint, staging_path(run.out)))
+    run.streamed.writer = writer
+    settings = staging_run(identity, run.checkpoint, run.device, run.engine.batch_size, run.engine.solve_threads,
+                           run.activations)
+    staging = stack.enter_context(Staging(run.out, settings, say, resume=run.output.resume,
+                                          resumable=getattr(writer, "resumable", False)))
+    directory = stack.enter_context(atomic_directory(run.out, overwrite=may_replace(run.out, run.output.overwrite),
+                                                     staging=staging.path, kept=staging.kept))
+    writer.resume() if staging.point is not None else writer.start()
+    staging.started(len(run.layers), gemm_plan(next(run.model.parameters()).dtype, run.device))
+    return StreamedOutput(staging, directory, writer)
 
-        summary = (summarize_quantization(layer_results, loaded, grids, recipe.quantization, packed, MODULE_NAMES) if quantize
-                   else summarize_layers(layer_results))
-        record = versioned(
-            CHECKPOINT_KIND,
-            {
-                "run_id": run_id,
-                "identity": identity,
-                "recipe": recipe.to_json() | {"kind": method_obj.kind},
-                "base_model": source.to_json()
-                | {"model_type": config.model_type, "architectures": config.architectures, "dtype": dtype_name,
-                   "num_layers": len(layers), "name_or_path": getattr(config, "_name_or_path", "")},
-                "calibration": None if calib_set is None else calib_set.provenance() | {"spec": calibration.languages},
-                "conventions": describe_conventions(calibration.conventions),
-                "skip_layers": sorted(skipped),
-                "device": str(compute_device),
-                "activations": None if activations is None else str(activations),
-                "streamed": streamed is not None,
-                summary_key(method_obj.kind): summary,
-                "timings": timings,
-                "versions": library_versions(),
-                "command": reproduce_command(source.spec, recipe, calibrated, output.dtype, skip_layers, output.checkpoint_format),
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            },
-        )
-        if streamed is not None:
-            t0 = time.perf_counter()
-            writer.close()
-            finish_streamed_checkpoint(source.path, staging, tokenizer, record)
-            run.finish()
-            timings["save_s"] = time.perf_counter() - t0
-    if out_path is not None and streamed is None:
-        t0 = time.perf_counter()
-        save_checkpoint(loaded, tokenizer, record, out_path, output.overwrite, (grids, recipe.quantization) if packed else None)
-        timings["save_s"] = time.perf_counter() - t0
-    timings["total_s"] = time.perf_counter() - started
-    if out_path is not None:
-        write_record(out_path, record)
-    return PruneResult(tokenizer, record, out_path, None if streamed is not None else loaded)
 
+def run_layers(run: Run, streamed: StreamedOutput | None) -> list[LayerResult]:
+    """Step 5: the method on every decoder layer (from the resume point of a resumed streamed run)."""
+    t0 = time.perf_counter()
+    verb = "quantizing" if run.quantize else "pruning"
+    with progress_bar(f"{verb} {run.recipe.method} layers", len(run.layers), run.progress) as update:
+        engine = Engine(run.method, run.recipe, run.device, run.skipped, run.engine.batch_size, update,
+                        solve_threads=run.engine.solve_threads, activation_device=run.activations,
+                        gemms=None if streamed is None else streamed.staging.gemms)
+        results = engine.run(run.model, None if run.calib_set is None else run.calib_set.input_ids, run.streamed,
+                             resume=None if streamed is None else streamed.staging.point,
+                             layer_done=None if streamed is None else streamed.layer_done)
+    run.timings[method_seconds_key(run.method.kind)] = time.perf_counter() - t0
+    return results
+
+
+def build_record(run: Run, layer_results: list[LayerResult], grids: dict[str, Any], identity: dict[str, Any],
+                 run_id: str) -> dict[str, Any]:
+    """Step 6: the run's record, written as ``prunekit.json`` (its ``timings`` is the run's, still filled in)."""
+    config, kind = run.model.config, run.method.kind
+    summary = (summarize_quantization(layer_results, run.model, grids, run.recipe.quantization, run.packed, MODULE_NAMES)
+               if run.quantize else summarize_layers(layer_results))
+    return versioned(
+        CHECKPOINT_KIND,
+        {
+            "run_id": run_id,
+            "identity": identity,
+            "recipe": run.recipe.to_json() | {"kind": kind},
+            "base_model": run.source.to_json()
+            | {"model_type": config.model_type, "architectures": config.architectures, "dtype": run.dtype,
+               "num_layers": len(run.layers), "name_or_path": getattr(config, "_name_or_path", "")},
+            "calibration": None if run.calib_set is None else run.calib_set.provenance() | {"spec": run.calibration.languages},
+            "conventions": describe_conventions(run.calibration.conventions),
+            "skip_layers": sorted(run.skipped),
+            "device": str(run.device),
+            "activations": None if run.activations is None else str(run.activations),
+            "streamed": run.streamed is not None,
+            summary_key(kind): summary,
+            "timings": run.timings,
+            "versions": library_versions(),
+            "command": reproduce_command(run.source.spec, run.recipe, run.calibrated, run.output.dtype,
+                                         run.engine.skip_layers, run.output.checkpoint_format),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        },
+    )
 
 def say(message: str) -> None:
     """One line to the user (what was resumed or removed), whatever ``progress`` is."""

@@ -1,5 +1,6 @@
 """What a run does: to each weight matrix (:class:`Recipe`: method, sparsity pattern or quantization, method
-options) and on which text (:class:`CalibrationSpec`: languages, source, size, seed, conventions)."""
+options), on which text (:class:`CalibrationSpec`: languages, source, size, seed, conventions), where it writes
+(:class:`OutputSpec`) and how it computes (:class:`EngineSpec`)."""
 
 from __future__ import annotations
 
@@ -344,3 +345,30 @@ class OutputSpec:
             object.__setattr__(self, "out", Path(self.out))
         check_dtype_name(self.dtype)
         check_format_name(self.checkpoint_format)
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """How and where a run computes: settings that change its speed and memory, and which layers it leaves.
+
+    Args:
+        device: ``auto`` (``$PRUNEKIT_DEVICE``, else a visible GPU, else the CPU), ``cpu`` or ``cuda[:i]``:
+            where each decoder layer is computed.
+        skip_layers: layers left as they are (neither pruned nor quantized): ``first``, ``last`` and/or
+            indices, comma-separated; None leaves none.
+        batch_size: calibration sequences per forward; None: about 8192 tokens.
+        solve_threads: SparseGPT on the CPU: 1 solves on one thread, 2 or more factorise the widest
+            Hessians on a second thread; None: 2 on a multi-core CPU. The results are the same.
+        trust_remote_code: allow model code from the Hub (off by default).
+
+    The pipeline checks ``skip_layers`` against the model's layers and ``solve_threads`` before the
+    model loads.
+
+    Example: ``EngineSpec("cpu", skip_layers="last", solve_threads=1)``.
+    """
+
+    device: str = "auto"
+    skip_layers: str | None = None
+    batch_size: int | None = None
+    solve_threads: int | None = None
+    trust_remote_code: bool = False

@@ -20,7 +20,6 @@ from prunekit.errors import ConfigError
 from prunekit.io import read_versioned
 from prunekit.models import load_model
 from tests.conftest import TATOEBA, build_tiny_model
-from prunekit.recipe import CalibrationSpec, OutputSpec
 
 QUIET = PassSettings(progress=False)
 
@@ -260,7 +259,9 @@ def test_gemma_checkpoints_pruned_on_different_languages_compare_end_to_end(embe
 
     t0 = time.perf_counter()
     for lang in ("de", "sw"):
-        prunekit.prune(str(embedded_gemma), calibration=CalibrationSpec(languages=lang, source=str(TATOEBA), nsamples=4, seqlen=64), output=OutputSpec(out=tmp_path / lang), method="wanda", progress=False)
+        prunekit.prune(str(embedded_gemma), "wanda",
+                       calibration=prunekit.CalibrationSpec(lang, source=str(TATOEBA), nsamples=4, seqlen=64),
+                       output=prunekit.OutputSpec(tmp_path / lang), progress=False)
     pruned = time.perf_counter() - t0
     result = compare(tmp_path / "de", tmp_path / "sw", CompareSpec(langs="de,sw", only="masks,drift", max_tokens=24),
                      dense=embedded_gemma, out=tmp_path / "cmp", progress=False)

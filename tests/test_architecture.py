@@ -361,3 +361,130 @@ def test_planning_a_sweep_imports_no_stage_work_pipeline_or_evaluation():
                 todo.append(imported)
     assert "prunekit.sweep.stages" not in reached
     assert "prunekit.sweep.stages" in {m for s in edges.values() for m in s}  # the graph does see who imports it
+# --- reach: parameters, lengths, repeated keyword lists ---------------------------------------------
+MAX_PARAMETERS = 10
+MAX_FUNCTION_LINES = 100
+MIN_REPEATED_KEYWORDS = 6
+# Offenders of the three checks below being fixed on other branches (issue 27's reach), as the checks name
+# them. The lead empties this after merging them; do not add to it.
+PENDING = {
+    "parameters prunekit/evaluation/harness.py run_tasks",
+    "parameters prunekit/evaluation/lm_backend.py plan_backend",
+    "keywords cli/compare.py compare + prunekit/sweep/stages.py run_analysis",
+    "keywords prunekit/evaluation/hidden_states.py hidden_state_errors + prunekit/evaluation/hidden_states.py perplexity_and_hidden_state_errors",
+    "keywords prunekit/hub/card.py _task_rows + prunekit/hub/card.py _text_dataset",
+}
+FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+def _trees() -> dict[str, ast.Module]:
+    return {str(path.relative_to(ROOT)): ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+            for module, path in MODULES.items() if not module.startswith("prunekit.hub_cards")}
+
+
+TREES = _trees()
+
+
+def public_functions(tree: ast.Module):
+    """(function, is a method) for the module's public functions and the public methods of its public
+    classes (names without a leading underscore)."""
+    for node in tree.body:
+        if isinstance(node, FUNCTIONS) and not node.name.startswith("_"):
+            yield node, False
+        if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+            yield from ((n, True) for n in node.body if isinstance(n, FUNCTIONS) and not n.name.startswith("_"))
+
+
+def parameter_count(function: ast.FunctionDef, method: bool) -> int:
+    """Every parameter (positional, keyword-only, ``*args`` and ``**kwargs`` one each), a method's
+    ``self`` / ``cls`` not counted."""
+    a = function.args
+    names = [p.arg for p in a.posonlyargs + a.args + a.kwonlyargs] + [p.arg for p in (a.vararg, a.kwarg) if p]
+    return len(names) - (1 if method and names and names[0] in ("self", "cls") else 0)
+
+
+def too_many_parameters(trees: dict[str, ast.Module]) -> set[str]:
+    return {f"parameters {path} {function.name}" for path, tree in trees.items() if not path.startswith("cli/")
+            for function, method in public_functions(tree) if parameter_count(function, method) > MAX_PARAMETERS}
+
+
+def too_long(trees: dict[str, ast.Module]) -> set[str]:
+    return {f"lines {path} {node.name}" for path, tree in trees.items() for node in ast.walk(tree)
+            if isinstance(node, FUNCTIONS) and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES}
+
+
+def keyword_calls(trees: dict[str, ast.Module]) -> list[tuple[str, str, int, frozenset[str]]]:
+    """(file, enclosing function or ``<module>``, line, keyword names) of every call that passes at least
+    MIN_REPEATED_KEYWORDS ``name=`` keyword arguments."""
+    calls = []
+    for path, tree in trees.items():
+        owners: dict[int, str] = {}
+        for node in ast.walk(tree):  # outer functions first: an inner function's name overwrites its calls'
+            if isinstance(node, FUNCTIONS):
+                owners.update({id(n): node.name for n in ast.walk(node)})
+        for node in ast.walk(tree):
+            names = frozenset(k.arg for k in getattr(node, "keywords", ()) if k.arg is not None)
+            if isinstance(node, ast.Call) and len(names) >= MIN_REPEATED_KEYWORDS:
+                calls.append((path, owners.get(id(node), "<module>"), node.lineno, names))
+    return calls
+
+
+def repeated_keyword_lists(trees: dict[str, ast.Module]) -> dict[str, list[str]]:
+    """Two calls anywhere that share MIN_REPEATED_KEYWORDS or more ``name=`` keyword names (the same list of
+    options spelled twice, whatever else either call passes) -> where and which names."""
+    found: dict[str, list[str]] = {}
+    calls = keyword_calls(trees)
+    for i, (path_a, owner_a, line_a, names_a) in enumerate(calls):
+        for path_b, owner_b, line_b, names_b in calls[i + 1:]:
+            shared = names_a & names_b
+            if len(shared) >= MIN_REPEATED_KEYWORDS:
+                a, b = sorted([f"{path_a} {owner_a}", f"{path_b} {owner_b}"])
+                found.setdefault(f"keywords {a} + {b}", []).append(f"{path_a}:{line_a} and {path_b}:{line_b}: {sorted(shared)}")
+    return found
+
+
+def _check(found: set[str], what: str, how: str) -> None:
+    new = sorted(found - PENDING)
+    assert not new, f"{what}; {how}:\n" + "\n".join(new)
+    ours = {entry for entry in PENDING if entry.startswith(what.split(":")[0] + " ")}
+    stale = sorted(ours - found)
+    assert not stale, "fixed: remove from PENDING:\n" + "\n".join(stale)
+
+
+def test_no_public_function_outside_cli_takes_more_than_ten_parameters():
+    """Public functions and public methods of public classes in prunekit/ and analysis/ (cli/'s commands
+    declare one parameter per option): at most 10 parameters, ``self``/``cls`` not counted."""
+    _check(too_many_parameters(TREES), "parameters: public functions over 10",
+           "group what travels together in a frozen spec (prunekit.recipe's, EvaluationSpec)")
+
+
+def test_no_function_is_longer_than_a_hundred_lines():
+    """Every function and method in prunekit/, analysis/ and cli/, nested ones included: at most 100 lines
+    from its ``def`` to its last line."""
+    _check(too_long(TREES), "lines: functions over 100", "split the body into named steps")
+
+
+def test_no_keyword_list_of_six_or_more_is_repeated():
+    """A repeated keyword list: two calls anywhere in prunekit/, analysis/ and cli/ (the same callee or not,
+    one module or two) that both pass the same six or more keyword names as ``name=value`` (``**mapping``
+    not counted), whatever other arguments either passes. Such a list is an option block spelled twice:
+    pass a spec or a built mapping instead. Offenders are named by file and enclosing function."""
+    found = repeated_keyword_lists(TREES)
+    _check(set(found), "keywords: repeated lists of six or more",
+           "pass a spec or one mapping:\n" + "\n".join(w for v in found.values() for w in v))
+
+
+def test_the_reach_checks_see_what_they_check():
+    """The three checks on a made-up module: each finds its offence, and only it."""
+    source = (
+        "def wide(a, b, c, d, e, f, g, h, i, j, k): pass\n"
+        "def _private(a, b, c, d, e, f, g, h, i, j, k): pass\n"
+        "class C:\n    def method(self, a, b, c, d, e, f, g, h, i, j): pass\n"
+        "def long():\n" + "    x = 1\n" * 100 +
+        "def one():\n    run(a=1, b=2, c=3, d=4, e=5, f=6)\n"
+        "def two():\n    other(x, a=1, b=2, c=3, d=4, e=5, f=6, g=7)\n    run(a=1, b=2, c=3, d=4, e=5, **more)\n"
+    )
+    trees = {"prunekit/made_up.py": ast.parse(source), "cli/made_up.py": ast.parse("def cmd(a, b, c, d, e, f, g, h, i, j, k): pass")}
+    assert too_many_parameters(trees) == {"parameters prunekit/made_up.py wide"}
+    assert too_long(trees) == {"lines prunekit/made_up.py long"}
+    assert set(repeated_keyword_lists(trees)) == {"keywords prunekit/made_up.py one + prunekit/made_up.py two"}

@@ -14,7 +14,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prunekit.cli.main import app
 from tests.conftest import TATOEBA
-from prunekit.recipe import CalibrationSpec, OutputSpec
 
 
 def test_prune_cli_end_to_end_reloads_with_plain_transformers(tiny_llama, tmp_path):
@@ -89,7 +88,7 @@ def test_non_empty_out_needs_overwrite(tiny_llama, tmp_path):
 def test_magnitude_needs_no_calibration(tiny_llama, tmp_path):
     import prunekit
 
-    result = prunekit.prune(str(tiny_llama), calibration=CalibrationSpec(languages=None), output=OutputSpec(out=tmp_path / "m"), method="magnitude", progress=False)
+    result = prunekit.prune(str(tiny_llama), "magnitude", output=prunekit.OutputSpec(tmp_path / "m"), progress=False)
     assert result.record["calibration"] is None and result.record["sparsity"]["overall"] == pytest.approx(0.5)
     weight = AutoModelForCausalLM.from_pretrained(tmp_path / "m").model.layers[0].mlp.up_proj.weight
     assert int((weight == 0).sum()) == weight.numel() // 2

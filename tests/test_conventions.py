@@ -23,7 +23,6 @@ from prunekit.methods.magnitude import magnitude_mask
 from prunekit.methods.sparsegpt import sparsegpt_solve
 from prunekit.recipe import Recipe, parse_pattern
 from prunekit.textsources import load_texts
-from prunekit.recipe import CalibrationSpec, OutputSpec
 
 
 def study(method, sparsity=None, pattern=None):
@@ -274,7 +273,8 @@ def test_masks_are_bit_identical_to_the_reference_on_a_tiny_llama_for_magnitude(
     from transformers import AutoModelForCausalLM
 
     dense = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    pruned = prunekit.prune(str(tiny_llama), calibration=CalibrationSpec(conventions="study"), output=OutputSpec(out=tmp_path / "m"), method="magnitude", progress=False).model
+    pruned = prunekit.prune(str(tiny_llama), "magnitude", calibration=prunekit.CalibrationSpec(conventions="study"),
+                            output=prunekit.OutputSpec(tmp_path / "m"), progress=False).model
     for (name, w), (_, p) in zip(dense.model.layers.named_parameters(), pruned.model.layers.named_parameters()):
         if w.dim() == 2:
             assert torch.equal(p == 0, reference_prune_magnitude(w.detach(), 0.5) | (w == 0)), name

@@ -16,7 +16,6 @@ from typer.testing import CliRunner
 from prunekit.cli.main import app
 from prunekit.languages import STUDY_LANGUAGES
 from tests.conftest import TEST_DATA
-from prunekit.recipe import CalibrationSpec, OutputSpec
 
 SEVEN = list(STUDY_LANGUAGES)
 
@@ -152,7 +151,8 @@ def examples_dir(tmp_path, tiny_llama, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     for lang in ("de", "sw"):  # one pruned checkpoint per language, copied under the other names (the seeds)
-        prunekit.prune(str(tiny_llama), calibration=CalibrationSpec(languages=lang, nsamples=4, seqlen=32), output=OutputSpec(out=f"{lang}-s0"), method="wanda", progress=False)
+        prunekit.prune(str(tiny_llama), "wanda", calibration=prunekit.CalibrationSpec(lang, nsamples=4, seqlen=32),
+                       output=prunekit.OutputSpec(f"{lang}-s0"), progress=False)
         for name in (f"{lang}-s1", f"{lang}-s2") + (("gemma-de",) if lang == "de" else ()):
             shutil.copytree(f"{lang}-s0", name)
     shutil.copytree(TEST_DATA, "data")

@@ -17,7 +17,6 @@ import torch
 from safetensors.torch import load_file
 
 from tests.test_errors import assert_user_error, run
-from prunekit.recipe import CalibrationSpec, OutputSpec
 
 
 @pytest.fixture
@@ -147,7 +146,8 @@ def checkpoint(tiny_llama, tmp_path_factory) -> Path:
     import prunekit
 
     out = tmp_path_factory.mktemp("door-ckpt") / "ckpt"
-    prunekit.prune(str(tiny_llama), calibration=CalibrationSpec(languages=None), output=OutputSpec(out=out), method="magnitude", device="cpu", progress=False)
+    prunekit.prune(str(tiny_llama), "magnitude", output=prunekit.OutputSpec(out), engine=prunekit.EngineSpec("cpu"),
+                   progress=False)
     return out
 
 

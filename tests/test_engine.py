@@ -15,7 +15,6 @@ from prunekit.engine import capture_layer_inputs, parse_skip_layers, run_layer
 from prunekit.errors import ConfigError
 from prunekit.models import find_decoder_layers, load_model
 from tests.conftest import ARCHS, TATOEBA, build_tiny_model
-from prunekit.recipe import CalibrationSpec, OutputSpec
 
 
 def layer_outputs(model, input_ids):
@@ -65,7 +64,9 @@ def test_gemma3_sliding_and_full_layers_get_their_own_kwargs(tmp_path, tokenizer
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_every_architecture_prunes_and_still_generates(arch, method, tiny_models):
-    result = prunekit.prune(str(tiny_models[arch]), calibration=CalibrationSpec(languages="de+sw", source=str(TATOEBA), nsamples=4, seqlen=32), method=method, progress=False)
+    result = prunekit.prune(str(tiny_models[arch]), method,
+                            calibration=prunekit.CalibrationSpec("de+sw", source=str(TATOEBA), nsamples=4, seqlen=32),
+                            progress=False)
     _, layers = find_decoder_layers(result.model)
     for layer in layers:
         for name, module in layer.named_modules():
@@ -79,7 +80,9 @@ def test_every_architecture_prunes_and_still_generates(arch, method, tiny_models
 
 def test_embeddings_norms_and_lm_head_are_never_pruned(tiny_llama):
     original = AutoModelForCausalLM.from_pretrained(str(tiny_llama)).state_dict()
-    pruned = prunekit.prune(str(tiny_llama), calibration=CalibrationSpec(languages="en", source=str(TATOEBA), nsamples=4, seqlen=32), method="wanda", progress=False).model.state_dict()
+    pruned = prunekit.prune(str(tiny_llama), "wanda",
+                            calibration=prunekit.CalibrationSpec("en", source=str(TATOEBA), nsamples=4, seqlen=32),
+                            progress=False).model.state_dict()
     for name, tensor in original.items():
         if "embed" in name or "norm" in name or "lm_head" in name:
             assert torch.equal(tensor, pruned[name]), name
@@ -87,7 +90,10 @@ def test_embeddings_norms_and_lm_head_are_never_pruned(tiny_llama):
 
 def test_skipped_layers_stay_byte_identical(tiny_llama, tmp_path):
     out = tmp_path / "skip"
-    prunekit.prune(str(tiny_llama), calibration=CalibrationSpec(languages="en", source=str(TATOEBA), nsamples=4, seqlen=32), output=OutputSpec(out=out), method="sparsegpt", skip_layers="first,last", progress=False)
+    prunekit.prune(str(tiny_llama), "sparsegpt",
+                   calibration=prunekit.CalibrationSpec("en", source=str(TATOEBA), nsamples=4, seqlen=32),
+                   output=prunekit.OutputSpec(out), engine=prunekit.EngineSpec(skip_layers="first,last"),
+                   progress=False)
     dense = load_file(str(tiny_llama / "model.safetensors"))
     pruned = load_file(str(out / "model.safetensors"))
     for name, tensor in dense.items():
@@ -113,14 +119,20 @@ def test_engine_mask_matches_wanda_reference_on_captured_layer_inputs(tiny_llama
         model(input_ids=ids, use_cache=False)
     handle.remove()
     dense_q = layers[0].self_attn.q_proj.weight.detach().clone()
-    result = prunekit.prune(str(tiny_llama), calibration=CalibrationSpec(languages="es", source=str(TATOEBA), nsamples=4, seqlen=32, seed=1), method="wanda", progress=False)
+    result = prunekit.prune(str(tiny_llama), "wanda",
+                            calibration=prunekit.CalibrationSpec("es", source=str(TATOEBA), nsamples=4, seqlen=32, seed=1),
+                            progress=False)
     pruned_q = find_decoder_layers(result.model)[1][0].self_attn.q_proj.weight
     assert torch.equal(pruned_q == 0, reference_wanda_mask(dense_q, torch.cat(captured), 0.5))
 
 
 def test_same_seed_gives_bit_identical_checkpoints(tiny_llama):
-    a = prunekit.prune(str(tiny_llama), calibration=CalibrationSpec(languages="ru", source=str(TATOEBA), nsamples=4, seqlen=32, seed=3), method="sparsegpt", progress=False)
-    b = prunekit.prune(str(tiny_llama), calibration=CalibrationSpec(languages="ru", source=str(TATOEBA), nsamples=4, seqlen=32, seed=3), method="sparsegpt", progress=False)
+    a = prunekit.prune(str(tiny_llama), "sparsegpt",
+                       calibration=prunekit.CalibrationSpec("ru", source=str(TATOEBA), nsamples=4, seqlen=32, seed=3),
+                       progress=False)
+    b = prunekit.prune(str(tiny_llama), "sparsegpt",
+                       calibration=prunekit.CalibrationSpec("ru", source=str(TATOEBA), nsamples=4, seqlen=32, seed=3),
+                       progress=False)
     for (name, ta), tb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
         assert torch.equal(ta, tb), name
 

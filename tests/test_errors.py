@@ -20,7 +20,6 @@ from typer.testing import CliRunner
 
 from prunekit.cli.main import app
 from tests.conftest import TATOEBA
-from prunekit.recipe import CalibrationSpec, OutputSpec
 
 # --- helpers ------------------------------------------------------------------------------------
 
@@ -363,7 +362,8 @@ def checkpoint(tiny_llama, tmp_path_factory) -> Path:
     import prunekit
 
     out = tmp_path_factory.mktemp("errors-ckpt") / "ckpt"
-    prunekit.prune(str(tiny_llama), calibration=CalibrationSpec(languages=None), output=OutputSpec(out=out), method="magnitude", device="cpu", progress=False)
+    prunekit.prune(str(tiny_llama), "magnitude", output=prunekit.OutputSpec(out), engine=prunekit.EngineSpec("cpu"),
+                   progress=False)
     return out
 
 

@@ -14,7 +14,6 @@ from prunekit.evaluation import COUNTERS, DenseReference, EvaluationSpec, evalua
 from prunekit.evaluation.hidden_states import summarize
 from prunekit.models import load_model
 from tests.conftest import TATOEBA, train_tokenizer
-from prunekit.recipe import CalibrationSpec, OutputSpec
 
 
 @pytest.fixture(scope="module")
@@ -143,9 +142,11 @@ def test_cli_refuses_a_dense_model_of_another_architecture(tiny_models, texts_di
 
 def test_pruned_checkpoint_carries_its_record_and_errs_in_every_layer(tiny_llama, texts_dir, tmp_path):
     from prunekit.pipeline import prune
+    from prunekit.recipe import CalibrationSpec, EngineSpec, OutputSpec
 
     out = tmp_path / "wanda-de"
-    prune(str(tiny_llama), calibration=CalibrationSpec(languages="de", source=str(texts_dir), nsamples=2, seqlen=32), output=OutputSpec(out=out), method="wanda", sparsity=0.5, device="cpu", progress=False)
+    prune(str(tiny_llama), "wanda", sparsity=0.5, calibration=CalibrationSpec("de", str(texts_dir), nsamples=2, seqlen=32),
+          output=OutputSpec(out), engine=EngineSpec("cpu"), progress=False)
     res = evaluate(out, EvaluationSpec(langs="de", ppl_source=str(texts_dir), seqlen=32, device="cpu", snr_tokens=64), dense=str(tiny_llama), progress=False)
     assert res["model"]["record"]["kind"] == "prunekit-checkpoint"
     assert res["model"]["record"]["recipe"]["method"] == "wanda" and res["model"]["kind"] == "local"

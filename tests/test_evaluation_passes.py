@@ -13,7 +13,6 @@ import torch
 from prunekit.evaluation import COUNTERS, DenseReference, EvaluationSpec, evaluate, forward
 from prunekit.models import load_model
 from tests.conftest import TATOEBA
-from prunekit.recipe import OutputSpec
 
 LANGS = ("en", "de", "sw")
 
@@ -157,10 +156,10 @@ def test_a_packed_checkpoint_is_evaluated_streamed_in_its_own_dtype(tiny_llama, 
     from prunekit.evaluation import perplexity, make_windows
     from prunekit.models import load_model as load_whole
     from prunekit.pipeline import prune
-    from prunekit.recipe import Quantization
+    from prunekit.recipe import OutputSpec, Quantization
 
     out = tmp_path / "w4"
-    prune(str(tiny_llama), output=OutputSpec(out=out, dtype="bfloat16"), method="rtn", quantization=Quantization(4, 32), progress=False)
+    prune(str(tiny_llama), "rtn", quantization=Quantization(4, 32), output=OutputSpec(out, "bfloat16"), progress=False)
     assert "quantization_config" in json.loads((out / "config.json").read_text())
     monkeypatch.setattr("prunekit.evaluation.forward.load_model", lambda *a, **k: pytest.fail("loaded whole"), raising=False)
     monkeypatch.setattr("prunekit.models.load_model", lambda *a, **k: pytest.fail("loaded whole"))

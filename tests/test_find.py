@@ -24,7 +24,6 @@ from prunekit.hub.public import public_json
 from tests.conftest import TATOEBA
 from tests.hub_server import example_results, front_matter
 from tests.test_hub import FAST, TOKEN, hf_home, hub, run_cli  # noqa: F401 - fixtures
-from prunekit.recipe import CalibrationSpec, OutputSpec
 
 BASE = "meta/tiny-base"
 SW = {"org/ckpt-a": 30.0, "org/ckpt-b": 20.0, "org/ckpt-c": 25.0}  # pushed with these Swahili perplexities
@@ -34,7 +33,9 @@ DENSE_SW = 10.0
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory, tiny_llama) -> Path:
     out = tmp_path_factory.mktemp("find") / "pruned"
-    prunekit.prune(str(tiny_llama), calibration=CalibrationSpec(languages="sw", source=str(TATOEBA), nsamples=4, seqlen=32), output=OutputSpec(out=out), method="wanda", progress=False)
+    prunekit.prune(str(tiny_llama), "wanda",
+                   calibration=prunekit.CalibrationSpec("sw", source=str(TATOEBA), nsamples=4, seqlen=32),
+                   output=prunekit.OutputSpec(out), progress=False)
     return out
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 import math
+import os
 
 import pytest
 import torch
@@ -14,17 +15,17 @@ from prunekit.errors import ConfigError
 from prunekit.recipe import Quantization
 
 from tests.conftest import TATOEBA, build_tiny_model
-from prunekit.recipe import CalibrationSpec, OutputSpec
 
 ATTN_MLP = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 
 
-def quantize(model_dir, out, quantization: Quantization, method: str = "rtn", dtype: str = "float32", **kwargs):
+def quantize(model_dir, out, quantization: Quantization, method: str = "rtn", dtype: str = "float32", skip_layers=None):
     from prunekit.pipeline import prune
+    from prunekit.recipe import CalibrationSpec, EngineSpec, OutputSpec
 
     calibration = CalibrationSpec("en", str(TATOEBA), nsamples=4, seqlen=32) if method == "gptq" else CalibrationSpec()
-    return prune(str(model_dir), output=OutputSpec(out=out, dtype=dtype), method=method, quantization=quantization,
-                 calibration=calibration, progress=False, **kwargs)
+    return prune(str(model_dir), method, quantization=quantization, calibration=calibration, output=OutputSpec(out, dtype),
+                 engine=EngineSpec(skip_layers=skip_layers), progress=False)
 
 
 def tensors(path) -> dict[str, torch.Tensor]:
@@ -237,6 +238,7 @@ def test_cards_state_the_format_tags_and_serve_command(tiny_llama, tmp_path):
 
     from prunekit.hub import render_model_card
     from prunekit.pipeline import prune
+    from prunekit.recipe import OutputSpec
 
     def front_matter(card: str) -> dict:
         return yaml.safe_load(re.match(r"^---\n(.*?)\n---\n", card, re.DOTALL).group(1))
@@ -254,7 +256,7 @@ def test_cards_state_the_format_tags_and_serve_command(tiny_llama, tmp_path):
     assert front_matter(card)["tags"][:4] == ["quantized", "8-bit", "gptq", "compressed-tensors"]
     assert "W8A16" in card and "zero points" not in card
 
-    pruned = prune(str(tiny_llama), calibration=CalibrationSpec(languages=None), output=OutputSpec(out=tmp_path / "p"), method="magnitude", sparsity=0.5, progress=False).record
+    pruned = prune(str(tiny_llama), "magnitude", sparsity=0.5, output=OutputSpec(tmp_path / "p"), progress=False).record
     card = render_model_card(pruned, repo_id="org/p")
     assert "compressed-tensors" not in front_matter(card)["tags"]
     assert "stored dense (safetensors, float32) with exact zeros" in card and "vllm serve org/p" in card
@@ -311,18 +313,37 @@ def test_quantize_cli_writes_packed_by_default_and_says_how_to_serve_it(tiny_lla
     result = CliRunner().invoke(app, ["quantize", str(tiny_llama), "--method", "rtn",
                                       "--calib-source", str(TATOEBA), "--nsamples", "4", "--seqlen", "32", "--bits", "8", "--group-size", "64", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert "21 Linears packed (pack-quantized)" in result.output and "those Linears in bf16" in result.output
-    # issue 30 §8: the size stated is the files actually written, against the base's files on disk
-    written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    base = sum(f.stat().st_size for f in Path(tiny_llama).glob("*.safetensors"))
-    text = " ".join(result.output.split())
-    from prunekit.io import format_size
-
-    assert f"weight files written: {format_size(written)}, {written / base:.2f}× the base's {format_size(base)}" in text
+    said = " ".join(result.output.split())  # the console wraps long lines
+    assert "21 Linears packed (pack-quantized, 8-bit codes); scales and the other tensors in float32" in said, said
+    written = sum(os.path.getsize(out / name) for name in os.listdir(out) if name.endswith(".safetensors"))
+    base = sum(os.path.getsize(tiny_llama / name) for name in os.listdir(tiny_llama) if name.endswith(".safetensors"))
+    assert (f"weight files written: {written / 2**20:.2f} MiB on disk (packed, the rest in float32), "
+            f"{written / base:.3f}× the base's weight files ({base / 2**20:.2f} MiB)") in said, said
     assert "vllm serve" in result.output and "kept in the base dtype: lm_head" in result.output
     record = json.loads((out / "prunekit.json").read_text())
     assert record["quantization"]["format"] == "pack-quantized" and "--format" not in record["command"]
     assert "model.layers.0.mlp.down_proj.weight_packed" in tensors(out)
+
+
+def test_quantize_cli_states_the_size_of_the_dense_files_it_wrote(tiny_llama, tmp_path):
+    """Issue 30 §8: the size printed is the written weight files' bytes on disk (os.path.getsize), their dtype
+    and their ratio to the base's weight files on disk; not a ratio of the packed Linears to bf16."""
+    from typer.testing import CliRunner
+
+    import prunekit.cli.quantize  # noqa: F401  (registers the command)
+    from prunekit.cli.app import app
+
+    out = tmp_path / "dense"
+    result = CliRunner().invoke(app, ["quantize", str(tiny_llama), "--method", "rtn", "--format", "dense",
+                                      "--dtype", "bfloat16", "--group-size", "64", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    written = sum(os.path.getsize(out / name) for name in os.listdir(out) if name.endswith(".safetensors"))
+    base = sum(os.path.getsize(tiny_llama / name) for name in os.listdir(tiny_llama) if name.endswith(".safetensors"))
+    assert 0.4 < written / base < 0.6  # bf16 from an fp32 base: about half
+    said = " ".join(result.output.split())
+    assert (f"weight files written: {written / 2**20:.2f} MiB on disk (fake-quantized weights in bfloat16), "
+            f"{written / base:.3f}× the base's weight files ({base / 2**20:.2f} MiB)") in said, said
+    assert "bf16 size" not in said and "Linears packed" not in said
 
 
 @pytest.mark.parametrize("stream", [True, False])
@@ -337,7 +358,8 @@ def test_a_quantized_checkpoint_is_readable_by_others(stream, tiny_llama, tmp_pa
     old = os.umask(0o022)
     try:
         out = tmp_path / "q"
-        prunekit.prune(str(tiny_llama), "rtn", calibration=CalibrationSpec(languages=None), output=OutputSpec(out=out, checkpoint_format="packed", stream=stream), kind="quantize", device="cpu", progress=False)
+        prunekit.prune(str(tiny_llama), "rtn", output=prunekit.OutputSpec(out, checkpoint_format="packed", stream=stream),
+                       engine=prunekit.EngineSpec("cpu"), progress=False)
     finally:
         os.umask(old)
     modes = {f.name: oct(stat.S_IMODE(f.stat().st_mode)) for f in out.iterdir() if f.is_file()}

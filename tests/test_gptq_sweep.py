@@ -12,7 +12,6 @@ from tests.conftest import TATOEBA
 from tests.test_gptq import check_groups_on_grid
 
 import prunekit.sweep as sweep  # noqa: E402
-from prunekit.recipe import CalibrationSpec, OutputSpec
 
 
 def test_sweep_grid_mixing_wanda_and_gptq_names_each_run_by_the_identity_its_checkpoint_records(tiny_llama, tmp_path):
@@ -20,6 +19,7 @@ def test_sweep_grid_mixing_wanda_and_gptq_names_each_run_by_the_identity_its_che
     from safetensors.torch import load_file
 
     from prunekit.pipeline import prune
+    from prunekit.recipe import CalibrationSpec, EngineSpec, OutputSpec
 
     config = {
         "name": "mixed",
@@ -37,7 +37,12 @@ def test_sweep_grid_mixing_wanda_and_gptq_names_each_run_by_the_identity_its_che
 
     for label, task in runs.items():
         out = tmp_path / task.run_id
-        result = prune(task.model.spec, calibration=CalibrationSpec(languages=task.calib, source=cfg.calib_source, nsamples=cfg.nsamples, seqlen=cfg.seqlen, seed=task.seed), output=OutputSpec(out=out, dtype=task.model.dtype), method=task.method.method, sparsity=task.sparsity, pattern=task.pattern_spec, device="cpu", quantization=task.method.quantization, progress=False)
+        result = prune(
+            task.model.spec, task.method.method, sparsity=task.sparsity, pattern=task.pattern_spec,
+            quantization=task.method.quantization,
+            calibration=CalibrationSpec(task.calib, cfg.calib_source, cfg.nsamples, cfg.seqlen, task.seed),
+            output=OutputSpec(out, task.model.dtype), engine=EngineSpec("cpu"), progress=False,
+        )
         record = json.loads((out / "prunekit.json").read_text())
         assert record["run_id"] == result.record["run_id"] == task.run_id  # one identity scheme for both kinds
         saved = load_file(out / "model.safetensors")

@@ -16,7 +16,6 @@ from torch.overrides import TorchFunctionMode
 from prunekit.methods.hessian import HessianStats, damped_inverse_cholesky, full_fp32_matmul
 from prunekit.recipe import Recipe
 from tests.conftest import TATOEBA
-from prunekit.recipe import CalibrationSpec, OutputSpec
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -123,7 +122,10 @@ def test_a_tiny_prune_and_eval_agree_between_cpu_and_cuda(tiny_llama, tmp_path, 
 
     results = {}
     for device in ("cpu", "cuda"):
-        pruned = prunekit.prune(str(tiny_llama), calibration=CalibrationSpec(languages="en", source=str(TATOEBA), nsamples=8, seqlen=32), output=OutputSpec(out=tmp_path / device), method=method, device=device, progress=False)
+        pruned = prunekit.prune(str(tiny_llama), method,
+                                calibration=prunekit.CalibrationSpec("en", source=str(TATOEBA), nsamples=8, seqlen=32),
+                                output=prunekit.OutputSpec(tmp_path / device), engine=prunekit.EngineSpec(device),
+                                progress=False)
         masks = {name: (p.detach().cpu() == 0) for name, p in pruned.model.named_parameters() if "proj" in name}
         ppl = evaluate(tmp_path / device, EvaluationSpec(langs="en", ppl_source=str(TATOEBA), seqlen=32, max_windows=8, device=device), progress=False)["perplexity"]["en"]["ppl"]
         results[device] = (masks, pruned.record["sparsity"]["overall"], ppl)

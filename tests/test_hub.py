@@ -24,7 +24,6 @@ from prunekit.hub import CardInputs, PushTarget, RetryPolicy, pull, push
 from prunekit.models import HUB_ALLOW_PATTERNS, load_model, resolve_model
 from tests.conftest import TATOEBA
 from tests.hub_server import FakeHub, example_results
-from prunekit.recipe import CalibrationSpec, OutputSpec
 
 TOKEN = "hf_PrunekitLoopbackTok3n_q7Zx2Vw9"  # distinctive: any leak is found by a plain substring scan
 FAST = RetryPolicy(attempts=4, backoff_s=0.01)
@@ -35,7 +34,9 @@ CHECKPOINT_FILES = ["config.json", "generation_config.json", "model.safetensors"
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory, tiny_llama) -> Path:
     out = tmp_path_factory.mktemp("hub") / "pruned"
-    result = prunekit.prune(str(tiny_llama), calibration=CalibrationSpec(languages="de", source=str(TATOEBA), nsamples=4, seqlen=32), output=OutputSpec(out=out), method="wanda", progress=False)
+    result = prunekit.prune(str(tiny_llama), "wanda",
+                            calibration=prunekit.CalibrationSpec("de", source=str(TATOEBA), nsamples=4, seqlen=32),
+                            output=prunekit.OutputSpec(out), progress=False)
     (out / "results.json").write_text(json.dumps(example_results(result.record, model_path=str(out)), indent=2))
     return out
 

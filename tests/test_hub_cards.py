@@ -21,13 +21,14 @@ from prunekit.errors import ConfigError
 from prunekit.hub import default_repo_id, render_model_card
 from tests.conftest import TATOEBA
 from tests.hub_server import example_results
-from prunekit.recipe import CalibrationSpec, OutputSpec
 
 
 @pytest.fixture(scope="module")
 def pruned_dir(tmp_path_factory, tiny_llama) -> Path:
     out = tmp_path_factory.mktemp("cards") / "pruned"
-    prunekit.prune(str(tiny_llama), calibration=CalibrationSpec(languages="de", source=str(TATOEBA), nsamples=4, seqlen=32), output=OutputSpec(out=out), method="wanda", progress=False)
+    prunekit.prune(str(tiny_llama), "wanda",
+                   calibration=prunekit.CalibrationSpec("de", source=str(TATOEBA), nsamples=4, seqlen=32),
+                   output=prunekit.OutputSpec(out), progress=False)
     return out
 
 

@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-from prunekit.recipe import CalibrationSpec, OutputSpec
 
 HEAVY = ("torch", "transformers")
 
@@ -74,7 +73,8 @@ def test_push_and_pull_load_no_torch(tiny_llama, tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     checkpoint = tmp_path / "ckpt"
-    prunekit.prune(str(tiny_llama), calibration=CalibrationSpec(languages=None), output=OutputSpec(out=checkpoint), method="magnitude", device="cpu", progress=False)
+    prunekit.prune(str(tiny_llama), "magnitude", output=prunekit.OutputSpec(checkpoint),
+                   engine=prunekit.EngineSpec("cpu"), progress=False)
     env = {"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HUB_OFFLINE": "0", "HF_TOKEN": "hf_light_cli_test"}
     for args in (["pull", "org/x", "--out", str(tmp_path / "pulled")], ["pull", "org/x"],
                  ["push", str(checkpoint), "--repo-id", "org/x"], ["find", "--base", "org/base", "--lang", "sw"]):

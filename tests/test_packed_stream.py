@@ -13,11 +13,10 @@ import torch
 from prunekit import packing
 from prunekit.packed_writer import PARTS_DIR, safetensors_header
 from prunekit.pipeline import prune
-from prunekit.recipe import Quantization
+from prunekit.recipe import CalibrationSpec, EngineSpec, OutputSpec, Quantization
 from tests.conftest import TATOEBA, build_tiny_model
-from prunekit.recipe import CalibrationSpec, OutputSpec
 
-CALIB = CalibrationSpec("en", str(TATOEBA), nsamples=4, seqlen=24)
+CALIBRATION = CalibrationSpec("en", str(TATOEBA), nsamples=4, seqlen=24)
 
 
 def tiny(tokenizer, root: Path, name: str, dtype: torch.dtype, shard: str | None = None, **overrides) -> Path:
@@ -39,10 +38,11 @@ def root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("packed-stream-models")
 
 
-def both_paths(base: Path, tmp_path: Path, method: str, quantization: Quantization, **kwargs):
-    run = dict(method=method, quantization=quantization, device="cpu", progress=False, calibration=CALIB if method == "gptq" else CalibrationSpec())
-    streamed = prune(str(base), output=OutputSpec(out=tmp_path / "streamed", stream=True), **run, **kwargs)
-    whole = prune(str(base), output=OutputSpec(out=tmp_path / "whole", stream=False), **run, **kwargs)
+def both_paths(base: Path, tmp_path: Path, method: str, quantization: Quantization, skip_layers: str | None = None):
+    run = dict(quantization=quantization, engine=EngineSpec("cpu", skip_layers), progress=False,
+               calibration=CALIBRATION if method == "gptq" else CalibrationSpec())
+    streamed = prune(str(base), method, output=OutputSpec(tmp_path / "streamed", stream=True), **run)
+    whole = prune(str(base), method, output=OutputSpec(tmp_path / "whole", stream=False), **run)
     assert streamed.record["streamed"] and not whole.record["streamed"]
     return streamed, whole
 
@@ -133,5 +133,6 @@ def test_streamed_packed_run_holds_one_layer(tokenizer, root, tmp_path, monkeypa
         return original(self, index, layer, device)
 
     monkeypatch.setattr(StreamedLayers, "load", load)
-    prune(str(base), calibration=CalibrationSpec(languages=None), output=OutputSpec(out=tmp_path / "out", stream=True), method="rtn", quantization=Quantization(bits=4, group_size=32), device="cpu", progress=False)
+    prune(str(base), "rtn", quantization=Quantization(bits=4, group_size=32), engine=EngineSpec("cpu"),
+          progress=False, output=OutputSpec(tmp_path / "out", stream=True))
     assert seen == [(0, []), (1, [0]), (2, [0, 1])]

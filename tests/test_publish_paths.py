@@ -17,7 +17,6 @@ from prunekit.evaluation import EvaluationSpec, evaluate
 from prunekit.hub import CardInputs, PushTarget, push
 from prunekit.hub.public import public_json, public_text, public_value
 from tests.conftest import TATOEBA
-from prunekit.recipe import CalibrationSpec, OutputSpec
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +27,9 @@ def evaluated(tmp_path_factory, tiny_llama) -> dict[str, Path]:
     state), and the dense model's own evaluation."""
     root = tmp_path_factory.mktemp("publish")
     out = root / "pruned"
-    prunekit.prune(str(tiny_llama), calibration=CalibrationSpec(languages="de", source=str(TATOEBA), nsamples=4, seqlen=32), output=OutputSpec(out=out), method="wanda", progress=False)
+    prunekit.prune(str(tiny_llama), "wanda",
+                   calibration=prunekit.CalibrationSpec("de", source=str(TATOEBA), nsamples=4, seqlen=32),
+                   output=prunekit.OutputSpec(out), progress=False)
     spec = EvaluationSpec(langs="de", ppl_source=str(TATOEBA), seqlen=32, device="cpu", snr_tokens=64)
     evaluate(out, spec, dense=str(tiny_llama), out=out / "results.json", progress=False)
     evaluate(tiny_llama, spec, out=root / "dense-results.json", progress=False)

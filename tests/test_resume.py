@@ -15,14 +15,14 @@ import torch
 
 from prunekit.io import OWNER_FILE, owned
 from prunekit.pipeline import prune
-from prunekit.recipe import CalibrationSpec, OutputSpec
+from prunekit.recipe import CalibrationSpec, EngineSpec, OutputSpec
 from prunekit.staging import KILL_AFTER_LAYER, MANIFEST, staging_path
 from prunekit.streaming import StreamedLayers
 from tests.conftest import TATOEBA
 from tests.test_streaming import tiny
 
-RUN = dict(calibration=CalibrationSpec("en", str(TATOEBA), nsamples=4, seqlen=24), device="cpu", progress=False,
-           batch_size=2)
+CALIBRATION = CalibrationSpec("en", str(TATOEBA), nsamples=4, seqlen=24)
+ENGINE = EngineSpec("cpu", batch_size=2)
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -33,13 +33,11 @@ def base(tmp_path_factory, tokenizer) -> Path:
                 num_hidden_layers=4)
 
 
-def run(base: Path, out: Path, **kwargs):
-    args = dict(RUN)
-    if kwargs.get("method") == "magnitude":
-        args = {"calibration": CalibrationSpec(), "device": "cpu", "progress": False}
-    output = OutputSpec(out=out, **{k: kwargs.pop(k) for k in ("overwrite", "stream", "resume") if k in kwargs})
-    return prune(str(base), output=output, method=kwargs.pop("method", "wanda"), sparsity=kwargs.pop("sparsity", 0.5),
-                 **args | kwargs)
+def run(base: Path, out: Path, method: str = "wanda", sparsity: float = 0.5, **output):
+    """``output``: the OutputSpec's fields besides ``out`` (resume, overwrite, stream)."""
+    calibrated = method != "magnitude"
+    return prune(str(base), method, sparsity=sparsity, calibration=CALIBRATION if calibrated else CalibrationSpec(),
+                 output=OutputSpec(out, **output), engine=ENGINE if calibrated else EngineSpec("cpu"), progress=False)
 
 
 def shard_bytes(directory: Path) -> dict[str, bytes]:
@@ -295,8 +293,8 @@ def test_an_interrupted_quantize_writes_what_an_uninterrupted_one_writes(checkpo
     """A dense quantize resumes at its layer; a packed one streams but does not resume yet: the rerun removes
     its interrupted staging and starts again. Either way the bytes are an uninterrupted run's, nothing is left."""
     def quantize(out):
-        args = dict(RUN)
-        return prune(str(base), "gptq", output=OutputSpec(out=out, checkpoint_format=checkpoint_format), kind="quantize", **args)
+        return prune(str(base), "gptq", calibration=CALIBRATION, output=OutputSpec(out, checkpoint_format=checkpoint_format),
+                     engine=ENGINE, progress=False)
 
     reference = shard_bytes(quantize(tmp_path / "reference").out)
     out = tmp_path / "out"

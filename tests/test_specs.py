@@ -3,6 +3,7 @@ readers: validated once, with the messages the CLI prints; no model is loaded he
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -13,7 +14,7 @@ import prunekit
 from prunekit import artifacts
 from prunekit.errors import ConfigError
 from prunekit.pipeline import OutputSpec, method_of_kind, run_identity
-from prunekit.recipe import CalibrationSpec, Pattern, Recipe
+from prunekit.recipe import CalibrationSpec, EngineSpec, Pattern, Recipe
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -57,18 +58,27 @@ def test_an_output_spec_is_validated_when_it_is_made():
         OutputSpec("out", checkpoint_format="gguf")
 
 
-def test_prune_takes_the_specs_only():
-    """Issue 27 §5: one entrance. The specs' fields are not prune's keywords any more (calib=, out=, ...)."""
+@pytest.mark.parametrize("keyword", ["calib", "calib_source", "nsamples", "seqlen", "seed", "conventions", "out", "dtype",
+                                     "checkpoint_format", "overwrite", "stream", "device", "skip_layers", "batch_size",
+                                     "solve_threads", "trust_remote_code", "kind"])
+def test_prune_takes_the_specs_only(keyword):
+    """The fields of the specs are not keywords of ``prune`` (its entrance before the specs is gone): Python's
+    own TypeError, before anything is resolved or loaded."""
+    with pytest.raises(TypeError, match=f"unexpected keyword argument '{keyword}'"):
+        prunekit.prune("embedded:does-not-exist", "wanda", **{keyword: None})
+    assert prunekit.CalibrationSpec is CalibrationSpec and prunekit.OutputSpec is OutputSpec
+    assert prunekit.EngineSpec is EngineSpec
+
+
+def test_prune_s_parameters_are_the_model_the_target_and_the_specs():
     import inspect
 
     parameters = inspect.signature(prunekit.prune).parameters
-    assert "calibration" in parameters and "output" in parameters
-    assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    for legacy in ("calib", "calib_source", "nsamples", "seqlen", "seed", "out", "dtype", "overwrite", "stream"):
-        assert legacy not in parameters
-        with pytest.raises(TypeError, match=f"unexpected keyword argument '{legacy}'"):
-            prunekit.prune("embedded:gemma-3-270m", "wanda", **{legacy: None})
-    assert prunekit.CalibrationSpec is CalibrationSpec and prunekit.OutputSpec is OutputSpec
+    assert list(parameters) == ["model", "method", "sparsity", "pattern", "quantization", "calibration", "output",
+                                "engine", "revision", "progress"]
+    assert EngineSpec() == EngineSpec("auto", None, None, None, False)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        EngineSpec().device = "cpu"  # type: ignore[misc]
 
 
 def test_the_method_kind_is_checked_by_the_library():

@@ -18,17 +18,20 @@ from prunekit.models import find_decoder_layers, load_model
 from prunekit.artifacts import read_record
 from prunekit.models import checkpoint_dtype
 from prunekit.pipeline import prune
-from prunekit.recipe import Quantization, Recipe, parse_pattern
+from prunekit.recipe import CalibrationSpec, EngineSpec, OutputSpec, Quantization, Recipe, parse_pattern
 from prunekit.streaming import (
     INDEX_FILE, SafetensorsCheckpoint, StreamedLayers, build_skeleton, layer_reserve, plan_activations,
 )
 from tests.conftest import TATOEBA, build_tiny_model
-from prunekit.recipe import CalibrationSpec, OutputSpec
 
 GB = 1e9
 CALIBRATION = CalibrationSpec("en", str(TATOEBA), nsamples=4, seqlen=24)
-RUN = dict(calibration=CALIBRATION, device="cpu", progress=False)
-UNCALIBRATED = {"calibration": CalibrationSpec()}
+RUN = dict(calibration=CALIBRATION, engine=EngineSpec("cpu"), progress=False)
+UNCALIBRATED = RUN | {"calibration": CalibrationSpec()}
+
+
+def written(out: Path, **fields) -> OutputSpec:
+    return OutputSpec(out, overwrite=True, **fields)
 
 
 def tiny(tokenizer, root: Path, arch: str, dtype: torch.dtype = torch.float32, shard: str | None = None, **overrides) -> Path:
@@ -60,10 +63,10 @@ def weights(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def both_paths(base: Path, tmp_path: Path, checkpoint_format: str = "packed", **kwargs):
-    streamed = prune(str(base), output=OutputSpec(overwrite=True, out=tmp_path / "streamed", stream=True,
-                                                  checkpoint_format=checkpoint_format), **RUN | kwargs)
-    in_memory = prune(str(base), output=OutputSpec(overwrite=True, out=tmp_path / "memory", stream=False,
-                                                   checkpoint_format=checkpoint_format), **RUN | kwargs)
+    streamed = prune(str(base), output=written(tmp_path / "streamed", checkpoint_format=checkpoint_format, stream=True),
+                     **(RUN | kwargs))
+    in_memory = prune(str(base), output=written(tmp_path / "memory", checkpoint_format=checkpoint_format, stream=False),
+                      **(RUN | kwargs))
     assert streamed.record["streamed"] and not in_memory.record["streamed"]
     return streamed, in_memory
 
@@ -103,7 +106,7 @@ def test_streamed_weights_are_bit_identical_to_the_in_memory_path(arch, dtype, k
 def test_sharded_base_stays_sharded_and_non_linear_tensors_are_bit_identical(tokenizer, models_root, tmp_path):
     base = tiny(tokenizer, models_root, "llama", torch.bfloat16, shard="60KB")
     assert (base / INDEX_FILE).exists() and len(list(base.glob("*.safetensors"))) > 2
-    result = prune(str(base), output=OutputSpec(overwrite=True, out=tmp_path / "out"), method="wanda", sparsity=0.5, skip_layers="last", **RUN)
+    result = prune(str(base), "wanda", sparsity=0.5, output=written(tmp_path / "out"), **(RUN | {"engine": EngineSpec("cpu", "last")}))
     assert result.record["skip_layers"] == [2]
     assert result.record["streamed"]
     out = result.out
@@ -133,7 +136,7 @@ def test_lm_head_and_final_norm_are_never_read_and_the_embedding_once(tokenizer,
         return original(self, names, **kwargs)
 
     monkeypatch.setattr(SafetensorsCheckpoint, "read", spy)
-    prune(str(base), output=OutputSpec(overwrite=True, out=tmp_path / "out", stream=True), method="sparsegpt", sparsity=0.5, **RUN)
+    prune(str(base), "sparsegpt", sparsity=0.5, output=written(tmp_path / "out", stream=True), **RUN)
     assert read.count("model.embed_tokens.weight") == 1
     assert not [n for n in read if n.startswith("lm_head") or n == "model.norm.weight"]
     assert len(read) == len(set(read)) == len(weights(base)) - 2  # every layer tensor once
@@ -166,11 +169,11 @@ def test_dtype_auto_reads_the_checkpoint_and_explicit_dtype_loads_in_memory(toke
     (bare / "config.json").write_text(json.dumps(config))
     (bare / "model.safetensors").symlink_to(base / "model.safetensors")
     assert checkpoint_dtype(bare) == "bfloat16"  # from the tensors
-    result = prune(str(base), output=OutputSpec(overwrite=True, out=tmp_path / "fp32", dtype="float32"), method="magnitude", sparsity=0.5, **RUN | UNCALIBRATED)
+    result = prune(str(base), "magnitude", sparsity=0.5, output=written(tmp_path / "fp32", dtype="float32"), **UNCALIBRATED)
     assert not result.record["streamed"] and result.record["base_model"]["dtype"] == "float32"
     assert {t.dtype for t in weights(result.out).values()} == {torch.float32}
     with pytest.raises(ConfigError, match="differs from the checkpoint"):
-        prune(str(base), output=OutputSpec(overwrite=True, out=tmp_path / "x", dtype="float32", stream=True), method="magnitude", sparsity=0.5, **RUN | UNCALIBRATED)
+        prune(str(base), "magnitude", sparsity=0.5, output=written(tmp_path / "x", dtype="float32", stream=True), **UNCALIBRATED)
 
 
 def test_a_failed_streamed_run_leaves_no_output(tokenizer, models_root, tmp_path, monkeypatch):
@@ -186,7 +189,7 @@ def test_a_failed_streamed_run_leaves_no_output(tokenizer, models_root, tmp_path
     monkeypatch.setattr(StreamedLayers, "_done", StreamedLayers.done, raising=False)
     monkeypatch.setattr(StreamedLayers, "done", fail)
     with pytest.raises(RuntimeError, match="killed"):
-        prune(str(base), output=OutputSpec(overwrite=True, out=tmp_path / "out"), method="wanda", sparsity=0.5, **RUN)
+        prune(str(base), "wanda", sparsity=0.5, output=written(tmp_path / "out"), **RUN)
     assert calls == [0, 1]
     # no output; only the resumable staging (tests/test_resume.py), which names its finished layer
     assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.glob(".out.*")] == [".out.partial"]
@@ -261,7 +264,7 @@ def test_cpu_activations_must_fit_host_memory():
 
 def test_prune_prints_the_activation_plan(tokenizer, models_root, tmp_path, capsys):
     base = tiny(tokenizer, models_root, "llama", torch.bfloat16)
-    prune(str(base), output=OutputSpec(overwrite=True, out=tmp_path / "out"), method="wanda", sparsity=0.5, **RUN | {"progress": True})
+    prune(str(base), "wanda", sparsity=0.5, output=written(tmp_path / "out"), **(RUN | {"progress": True}))
     assert "calibration activations: 4 × 24 tokens × 64 × 2 B" in capsys.readouterr().err
 
 
@@ -278,5 +281,5 @@ def test_a_checkpoint_that_does_not_hold_what_the_skeleton_needs_is_not_streamed
     tensors["model.layers.0.mlp.up_proj.weight"] = tensors["model.layers.0.mlp.up_proj.weight"][:, :32].contiguous()
     save_file(tensors, odd / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ConfigError, match="does not hold model.layers.0.mlp.up_proj.weight"):
-        prune(str(odd), output=OutputSpec(overwrite=True, out=tmp_path / "out", stream=True), method="magnitude", sparsity=0.5, **RUN | UNCALIBRATED)
+        prune(str(odd), "magnitude", sparsity=0.5, output=written(tmp_path / "out", stream=True), **UNCALIBRATED)
     assert not (tmp_path / "out").exists()

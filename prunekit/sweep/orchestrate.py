@@ -173,6 +173,17 @@ def run_sweep(
         outcomes += run_phase(cfg, runs_dir, kind, run, progress, digest, max_parallel)
 
     final = make_plan(cfg, runs_dir)
+    tally(summary, final, outcomes)
+    summary.notes = dense_cache_notes(runs_dir, [o.task_id for o in outcomes if "eval" in o.ran])
+    summary.notes += publish_collection(cfg, runs_dir, final.grid.runs) if cfg.push else []
+    summary.seconds = round(time.perf_counter() - started, 3)
+    write_json_atomic(runs_dir / SWEEP_SUMMARY_FILE, versioned(SWEEP_SUMMARY_KIND, summary.to_json() | {"finished": now_iso()}))
+    return summary
+
+
+def tally(summary: SweepSummary, final, outcomes: list[TaskOutcome]) -> None:
+    """Fill ``summary`` in from the plan after the phases (``final``) and what this process did (``outcomes``):
+    what it completed, what others completed meanwhile, what is still running elsewhere, and what failed."""
     by_id = {o.task_id: o for o in outcomes}
     labels = {row.task.task_id: describe(row.task) for row in final.rows}
     summary.outcomes = outcomes
@@ -187,11 +198,6 @@ def run_sweep(
         summary.failed.append(FailedTask(row.task.task_id, labels[row.task.task_id],
                                          outcome.stage if outcome else None,
                                          outcome.error if outcome else "not run (an earlier stage or dependency failed)"))
-    summary.notes = dense_cache_notes(runs_dir, [o.task_id for o in outcomes if "eval" in o.ran])
-    summary.notes += publish_collection(cfg, runs_dir, final.grid.runs) if cfg.push else []
-    summary.seconds = round(time.perf_counter() - started, 3)
-    write_json_atomic(runs_dir / SWEEP_SUMMARY_FILE, versioned(SWEEP_SUMMARY_KIND, summary.to_json() | {"finished": now_iso()}))
-    return summary
 
 
 WAIT_POLL_S = 5.0

@@ -161,7 +161,7 @@ def ensure_dense(config: SweepConfig, runs_dir: Path, task: DenseTask, progress:
 
 def run_one(config: SweepConfig, runs_dir: Path, task: RunTask, progress: bool) -> TaskOutcome:
     from prunekit.pipeline import prune
-    from prunekit.recipe import OutputSpec
+    from prunekit.recipe import EngineSpec, OutputSpec
 
     directory = ensure_task_dir(run_dir(runs_dir, task), RUN_KIND, task.describe())
     outcome = TaskOutcome(task.task_id, DONE)
@@ -183,9 +183,9 @@ def run_one(config: SweepConfig, runs_dir: Path, task: RunTask, progress: bool) 
             result = prune(
                 task.model.spec, task.method.method, sparsity=task.sparsity, pattern=task.pattern_spec,
                 quantization=task.method.quantization, calibration=task.calibration,
-                output=OutputSpec(checkpoint, task.model.dtype, overwrite=True), device=config.device,
-                skip_layers=config.skip_layers, batch_size=config.batch_size, revision=task.model.revision,
-                trust_remote_code=task.model.trust_remote_code, progress=progress,
+                output=OutputSpec(checkpoint, task.model.dtype, overwrite=True), revision=task.model.revision,
+                engine=EngineSpec(config.device, config.skip_layers, config.batch_size,
+                                  trust_remote_code=task.model.trust_remote_code), progress=progress,
             )
             details["record_run_id"] = result.record["run_id"]
             details["overall_sparsity"] = overall_sparsity(result.record)  # None for a quantized run
