@@ -66,8 +66,9 @@ def print_results(results: dict[str, Any], out: Path | None) -> None:
 def evaluate_command(
     spec: Any,  # prunekit.evaluation.EvaluationSpec, made from the options by @evaluation_options
     checkpoint: str = typer.Argument(..., help="Checkpoint to evaluate: a local dir (e.g. from `prunekit prune`), Hub id, .gguf file or embedded:gemma-3-270m."),
-    dense: Optional[str] = typer.Option(None, "--dense", help="The dense model CHECKPOINT was pruned from: enables SNR / pruning error of hidden states (cached per dense model)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the results JSON here (written atomically, perplexity and SNR before the tasks start; a rerun skips what it holds; schema in prunekit/evaluation/SCHEMA.md)."),
+    dense: Optional[str] = typer.Option(None, "--dense", help="The dense model CHECKPOINT was pruned from: enables SNR / pruning error of hidden states (cached per dense model). Default: the base model CHECKPOINT's prunekit.json names, when it is on this machine (a local dir, embedded:, a .gguf, or a Hub id already in the Hugging Face cache; never downloaded unasked)."),
+    no_dense: bool = typer.Option(False, "--no-dense", help="No dense reference, so no SNR / pruning error, even when the recorded base model is available."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the results JSON here (written atomically, perplexity and SNR before the tasks start; a rerun skips what it holds; schema in prunekit/evaluation/SCHEMA.md). Default: CHECKPOINT/results.json for a local checkpoint dir you can write to (where `prunekit push` finds it); nothing for a Hub id, .gguf or embedded: model."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
     force: bool = typer.Option(False, "--force", help="Run --tasks even when the memory check says the whole model will not fit in host or GPU memory (PRUNEKIT_FORCE=1 does the same for every command and sweep)."),
 ) -> None:
@@ -77,22 +78,37 @@ def evaluate_command(
 
     Example: prunekit eval gemma-sw --dense embedded:gemma-3-270m --langs sw,en --ppl-source embedded --tasks belebele,xcopa --task-data data/ --limit 50 --out results.json
 
-    Shortest: prunekit eval gemma-sw --out results.json (the study's seven languages plus gemma-sw's calibration languages)
+    Shortest: prunekit eval gemma-sw (the study's seven languages plus gemma-sw's calibration languages; SNR
+    against the base model gemma-sw's prunekit.json names, when it is on this machine; results in gemma-sw/results.json)
     """
+    from prunekit.artifacts import read_record
+    from prunekit.errors import ConfigError
     from prunekit.evaluation import evaluate
+    from prunekit.evaluation.defaults import default_results_path, recorded_base
+    from prunekit.evaluation.hidden_states import DenseReference
     from prunekit.io import check_output_location
-    from prunekit.models import check_task_memory, memory_check_forced
+    from prunekit.models import check_task_memory, memory_check_forced, resolve_model
 
+    if dense is not None and no_dense:
+        raise ConfigError("--dense and --no-dense contradict each other; give one")
     check_output_location(out, kind="file")  # before the model loads
+    source = resolve_model(checkpoint)
+    record = read_record(source.path)
     if spec.langs is None:
-        from prunekit.artifacts import read_record
-        from prunekit.models import resolve_model
-
-        spec, note = spec.with_default_languages(read_record(resolve_model(checkpoint).path))
+        spec, note = spec.with_default_languages(record)
         typer.echo(note, err=True)
+    if out is None:
+        out, note = default_results_path(source)
+        typer.echo(note, err=True)
+    reference: Any = dense
+    if dense is None and not no_dense and spec.ppl_source is not None:  # SNR needs evaluation text
+        base, note = recorded_base(record)
+        typer.echo(note + ("; --no-dense skips it" if base is not None else ""), err=True)
+        if base is not None:
+            reference = DenseReference.from_source(base, spec.dtype, spec.trust_remote_code)
     with memory_check_forced(force):
         if spec.tasks:  # lm-eval holds the whole model: refuse now what cannot fit, not after perplexity
             check_task_memory(checkpoint, spec.dtype, spec.device, spec.backend, spec.parallelize)
-        results = evaluate(checkpoint, spec, dense=dense, out=out, progress=not quiet)
+        results = evaluate(checkpoint, spec, dense=reference, out=out, progress=not quiet)
     if not quiet:
         print_results(results, out)

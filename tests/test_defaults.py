@@ -103,7 +103,8 @@ def test_eval_without_langs_takes_the_study_seven_plus_the_calibration_languages
     results = json.loads(out.read_text())
     assert results["languages"] == SEVEN and set(results["perplexity"]) == set(SEVEN)
     assert "languages: ar,de,en,es,ru,sw,zh: its calibration language (de) plus the study's seven" in result.stderr
-    dense = invoke(["eval", tiny_llama, "--seqlen", "64", "--max-windows", "1", "--ppl-source", "none", "-q"])
+    dense = invoke(["eval", tiny_llama, "--seqlen", "64", "--max-windows", "1", "--ppl-source", "none", "-q",
+                    "--out", tmp_path / "dense.json"])  # not the shared fixture's dir (eval's default)
     assert dense.exit_code == 0 and "the study's seven (the checkpoint records no calibration language)" in dense.stderr
 
 

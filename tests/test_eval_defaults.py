@@ -1,0 +1,107 @@
+"""`prunekit eval CHECKPOINT` with nothing else: results saved in the checkpoint dir, SNR against the recorded base
+model when it is on this machine (never downloaded), and both stated."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from prunekit.cli.main import app
+
+EVAL = ["--langs", "en", "--seqlen", "64", "--max-windows", "1", "-q"]
+
+
+def invoke(args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def base_and_pruned(tiny_llama, tmp_path_factory) -> tuple[Path, Path]:
+    """A copy of the tiny model as the base (a test may delete it) and a checkpoint pruned from it."""
+    root = tmp_path_factory.mktemp("eval-defaults")
+    base = shutil.copytree(tiny_llama, root / "base")
+    pruned = root / "pruned"
+    result = invoke(["prune", base, "--method", "magnitude", "--out", pruned, "-q"])
+    assert result.exit_code == 0, result.stderr
+    return base, pruned
+
+
+def test_eval_saves_in_the_checkpoint_and_measures_snr_against_the_recorded_base(base_and_pruned):
+    base, pruned = base_and_pruned
+    result = invoke(["eval", pruned, *EVAL])
+    assert result.exit_code == 0, result.stderr
+    target = pruned / "results.json"
+    assert f"results: {target} (the default" in result.stderr
+    assert f"dense reference: {base} (the base model recorded in prunekit.json)" in result.stderr
+    saved = json.loads(target.read_text())
+    assert Path(saved["dense"]["spec"]) == base
+    assert saved["hidden_states"]["en"]["tokens"] > 0 and saved["hidden_states"]["en"]["snr_db"] is not None
+    # the same as naming the dense model: identical figures
+    explicit = invoke(["eval", pruned, *EVAL, "--dense", base, "--out", pruned.parent / "explicit.json"])
+    assert explicit.exit_code == 0, explicit.stderr
+    named = json.loads((pruned.parent / "explicit.json").read_text())
+    assert named["hidden_states"]["en"]["snr_db"] == pytest.approx(saved["hidden_states"]["en"]["snr_db"])
+    assert named["perplexity"]["en"]["ppl"] == pytest.approx(saved["perplexity"]["en"]["ppl"])
+
+    # push's locator finds them
+    from prunekit.artifacts import read_record
+    from prunekit.hub.locate import find_results
+
+    assert find_results(pruned, read_record(pruned)) == target
+
+
+def test_no_dense_opts_out_and_contradictions_are_refused(base_and_pruned, tmp_path):
+    _, pruned = base_and_pruned
+    out = tmp_path / "r.json"
+    result = invoke(["eval", pruned, *EVAL, "--no-dense", "--out", out])
+    assert result.exit_code == 0, result.stderr
+    assert "dense reference" not in result.stderr and "results:" not in result.stderr
+    saved = json.loads(out.read_text())
+    assert saved["dense"] is None and saved["hidden_states"] == {}
+    both = invoke(["eval", pruned, *EVAL, "--no-dense", "--dense", pruned])
+    assert both.exit_code == 2 and both.stderr.startswith("error: --dense and --no-dense")
+
+
+def test_a_base_that_is_gone_or_unwritable_dirs_are_stated(tiny_llama, tmp_path):
+    base = shutil.copytree(tiny_llama, tmp_path / "gone")
+    pruned = tmp_path / "pruned"
+    assert invoke(["prune", base, "--method", "magnitude", "--out", pruned, "-q"]).exit_code == 0
+    shutil.rmtree(base)
+    if os.geteuid() != 0:  # root writes anywhere
+        pruned.chmod(0o555)
+    try:
+        result = invoke(["eval", pruned, *EVAL])
+    finally:
+        pruned.chmod(0o755)
+    assert result.exit_code == 0, result.stderr
+    assert f"the recorded base model {base} is not on this machine: {base} no longer exists); add --dense MODEL" in result.stderr
+    if os.geteuid() != 0:
+        assert f"results: not saved ({pruned.resolve()} is not writable); add --out RESULTS.json" in result.stderr
+        assert not (pruned / "results.json").exists()
+
+
+def test_a_hub_base_is_used_only_from_the_cache(tiny_llama, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from prunekit.evaluation.defaults import default_results_path, recorded_base
+    from prunekit.models import ModelSource
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    record = {"base_model": {"spec": "org/tiny", "kind": "hub", "revision": sha, "path": "/somewhere/else"}}
+    source, line = recorded_base(record)
+    assert source is None
+    assert "org/tiny is not on this machine, not in the Hugging Face cache, and eval downloads nothing unasked; --dense org/tiny downloads it" in line
+    snapshot = tmp_path / "hub" / "models--org--tiny" / "snapshots" / sha
+    shutil.copytree(tiny_llama, snapshot)
+    source, line = recorded_base(record)
+    assert source is not None and source.path == snapshot and (source.kind, source.spec, source.revision) == ("hub", "org/tiny", sha)
+    assert line.startswith("dense reference: org/tiny@0123456789ab (the base model recorded in prunekit.json, from the Hugging Face cache")
+    assert recorded_base(None)[0] is None and "no prunekit.json naming a base model" in recorded_base(None)[1]
+    path, why = default_results_path(ModelSource("org/tiny", snapshot, "hub", sha))
+    assert path is None and "org/tiny is a Hub id" in why
