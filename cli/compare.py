@@ -66,6 +66,11 @@ def compare(
         )
     if not quiet:
         print_summary(result, stdout)
+        if result.get("perplexity"):  # one model's counts: every model reads the same texts
+            from prunekit.evaluation.perplexity import describe_perplexity
+
+            settings = result["settings"] | {"windowing": "documents", "source": result["settings"]["text_source"]}
+            stdout.print(describe_perplexity(settings, next(iter(result["perplexity"].values()))), highlight=False, markup=False)
         stdout.print(f"written to [bold]{out}[/bold]: {', '.join(result.get('files', []))}")
     for warning in result["warnings"]:
         typer.echo(f"warning: {warning}", err=True)

@@ -39,6 +39,10 @@ def demo(
 
     result = run_demo(langs, methods, out, nsamples, seqlen, dtype, device, progress=not quiet, conventions=conventions)
     stdout.print(f"\nreport: [bold]{result.report_dir / 'report.html'}[/bold] (also report.md, results.csv, heatmaps/)")
+    from prunekit.demo import DEMO_EVAL_SEQLEN, DEMO_EVAL_WINDOWS
+    from prunekit.evaluation.perplexity import describe_perplexity
+
+    stdout.print(describe_perplexity({"seqlen": DEMO_EVAL_SEQLEN, "max_windows": DEMO_EVAL_WINDOWS}) + " (the demo's time budget)", highlight=False, markup=False)
     for line in result.findings:
         stdout.print(f"finding: {line}")
     if result.exit_code:

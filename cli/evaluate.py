@@ -44,6 +44,9 @@ def print_results(results: dict[str, Any], out: Path | None) -> None:
                 row += [_fmt(hidden["snr_db"], ".2f"), _fmt(hidden["pruning_error"] * 1e6, ".2f"), str(hidden["tokens"])]
             table.add_row(*row)
         stdout.print(table)
+        from prunekit.evaluation.perplexity import describe_results_perplexity
+
+        stdout.print(describe_results_perplexity(results), highlight=False, markup=False)
     if results["tasks"]:
         table = Table(title=f"{model} · downstream tasks")
         for column in ("task", "group", "lang", "status", "metrics (± stderr)", "samples / note"):

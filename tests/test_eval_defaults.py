@@ -105,3 +105,37 @@ def test_a_hub_base_is_used_only_from_the_cache(tiny_llama, tmp_path, monkeypatc
     assert recorded_base(None)[0] is None and "no prunekit.json naming a base model" in recorded_base(None)[1]
     path, why = default_results_path(ModelSource("org/tiny", snapshot, "hub", sha))
     assert path is None and "org/tiny is a Hub id" in why
+
+
+# ------------------------------------------------------------------ one explanation of the perplexity settings
+
+def test_one_line_explains_each_perplexity_and_how_it_differs_from_evals():
+    from prunekit.demo import DEMO_EVAL_SEQLEN, DEMO_EVAL_WINDOWS
+    from prunekit.evaluation import EvaluationSpec
+    from prunekit.evaluation.perplexity import DEFAULT_SEQLEN, describe_perplexity
+
+    assert EvaluationSpec().seqlen == DEFAULT_SEQLEN == 2048 and EvaluationSpec().ppl_source == "embedded"
+    plain = describe_perplexity({"source": "embedded", "seqlen": 2048, "max_windows": None}, {"en": {"windows": 1, "tokens": 1500}})
+    assert plain == ("perplexity: the embedded held-out text, windows of 2048 tokens over the joined documents, all of them "
+                     "(1 window, 1,500 scored tokens per language)")
+    demo = describe_perplexity({"seqlen": DEMO_EVAL_SEQLEN, "max_windows": DEMO_EVAL_WINDOWS})
+    assert demo.startswith("perplexity: the embedded held-out text, windows of 128 tokens over the joined documents, the first 3; "
+                           "differs from `prunekit eval`'s defaults (128-token windows instead of 2048; the first 3 windows "
+                           "instead of all the text): perplexities are comparable only under the same settings")
+    compare = describe_perplexity({"windowing": "documents", "source": "embedded", "max_length": 512, "max_tokens": None},
+                                  {"de": {"tokens": 900}, "en": {"tokens": 1100}})
+    assert "each document scored on its own, cut at 512 tokens, all the text (900–1,100 scored tokens per language); " \
+           "differs from `prunekit eval`'s defaults (per-document instead of 2048-token windows over the joined text)" in compare
+    mc4 = describe_perplexity({"source": "mc4", "seqlen": 2048, "max_windows": 256})
+    assert "mC4's validation split" in mc4 and "(mc4 text instead of the embedded text)" in mc4 and "256 windows instead" not in mc4
+
+
+def test_eval_prints_its_perplexity_settings(base_and_pruned, tmp_path):
+    _, pruned = base_and_pruned
+    result = invoke(["eval", pruned, "--langs", "en", "--seqlen", "64", "--max-windows", "1", "--no-dense",
+                     "--out", tmp_path / "r.json"])
+    assert result.exit_code == 0, result.stderr
+    tokens = json.loads((tmp_path / "r.json").read_text())["perplexity"]["en"]["tokens"]
+    assert (f"perplexity: the embedded held-out text, windows of 64 tokens over the joined documents, the first 1 (1 window, "
+            f"{tokens:,} scored tokens per language); differs from `prunekit eval`'s defaults (64-token windows instead of 2048; "
+            "the first 1 windows instead of all the text)") in " ".join(result.stdout.split())

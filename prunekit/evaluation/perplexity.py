@@ -38,6 +38,67 @@ from prunekit.evaluation.forward import Batch, Callback, Consumer, as_weights, r
 
 log = logging.getLogger(__name__)
 
+# ``prunekit eval``'s perplexity settings; the sweep, the Python API and every other perplexity say how they differ.
+DEFAULT_SEQLEN = 2048
+DEFAULT_PPL_SOURCE = "embedded"
+DEFAULT_MAX_WINDOWS = None  # all the text (mC4: 256 windows, the Wanda / SparseGPT C4 convention)
+DEFAULT_PERPLEXITY = {"source": DEFAULT_PPL_SOURCE, "windowing": "stream", "seqlen": DEFAULT_SEQLEN,
+                      "max_windows": DEFAULT_MAX_WINDOWS, "conventions": "prunekit"}
+WHY_PERPLEXITIES_DIFFER = ("perplexities are comparable only under the same settings: the window length (a longer "
+                           "window gives each token more context, so lower perplexity), how much text, and which text")
+
+
+def describe_perplexity(settings: dict[str, Any], measured: dict[str, Any] | None = None) -> str:
+    """ONE line saying how a perplexity was measured, and how that differs from ``prunekit eval``'s defaults.
+
+    ``settings``: ``source`` (embedded, mc4, a path), ``windowing`` (``stream``: the documents joined and cut into
+    non-overlapping windows of ``seqlen`` tokens, as eval, the sweep and the demo do; ``documents``: each document on
+    its own, cut at ``max_length`` tokens, as compare does), ``seqlen`` / ``max_windows`` (stream), ``max_length`` /
+    ``max_tokens`` (documents), ``conventions``. ``measured``: per language ``{"windows", "tokens"}`` if known.
+    Used by eval's output, the demo's and compare's summaries, so the three numbers explain each other."""
+    source = settings.get("source", DEFAULT_PPL_SOURCE)
+    text = {"embedded": "the embedded held-out text", "mc4": "mC4's validation split"}.get(str(source), f"the text in {source}")
+    if settings.get("windowing", "stream") == "documents":
+        cap = settings.get("max_tokens")
+        shape = (f"each document scored on its own, cut at {settings.get('max_length')} tokens, "
+                 + (f"at most {cap:,} tokens per language" if cap else "all the text"))
+        differs = [f"per-document instead of {DEFAULT_SEQLEN}-token windows over the joined text"]
+    else:
+        seqlen, most = settings.get("seqlen", DEFAULT_SEQLEN), settings.get("max_windows")
+        conventions = settings.get("conventions") or "prunekit"
+        shape = f"windows of {seqlen} tokens over the joined documents, " + (f"the first {most}" if most else "all of them")
+        if conventions != "prunekit":
+            shape += f" ({conventions} conventions)"
+        differs = ([f"{seqlen}-token windows instead of {DEFAULT_SEQLEN}"] if seqlen != DEFAULT_SEQLEN else []) \
+            + ([f"the first {most} windows instead of all the text"] if most and source != "mc4" else []) \
+            + ([f"--conventions {conventions}"] if conventions != "prunekit" else [])
+    if source != DEFAULT_PPL_SOURCE:
+        differs.append(f"{source} text instead of the embedded text")
+    line = f"perplexity: {text}, {shape}"
+    if measured:
+        counts = {(m.get("windows"), m.get("tokens")) for m in measured.values()}
+        if len(counts) == 1:
+            windows, tokens = counts.pop()
+            line += f" ({tokens:,} scored tokens per language)" if windows is None else \
+                f" ({windows} window{'s' if windows != 1 else ''}, {tokens:,} scored tokens per language)"
+        else:
+            low = min(m.get("tokens", 0) for m in measured.values())
+            high = max(m.get("tokens", 0) for m in measured.values())
+            line += f" ({low:,}–{high:,} scored tokens per language)"
+    if differs:
+        line += f"; differs from `prunekit eval`'s defaults ({'; '.join(differs)}): {WHY_PERPLEXITIES_DIFFER}"
+    return line
+
+
+def describe_results_perplexity(results: dict[str, Any]) -> str:
+    """:func:`describe_perplexity` of an evaluation's results.json (``prunekit eval``, a sweep run)."""
+    settings = results.get("settings") or {}
+    conventions = settings.get("conventions")
+    return describe_perplexity({"source": settings.get("ppl_source"), "seqlen": settings.get("seqlen"),
+                                "max_windows": settings.get("max_windows"),
+                                "conventions": conventions.get("name") if isinstance(conventions, dict) else conventions},
+                               results.get("perplexity") or None)
+
 
 @dataclass
 class Windows:
