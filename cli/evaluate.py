@@ -95,16 +95,18 @@ def evaluate_command(
     if dense is not None and no_dense:
         raise ConfigError("--dense and --no-dense contradict each other; give one")
     check_output_location(out, kind="file")  # before the model loads
-    source = resolve_model(checkpoint)
-    record = read_record(source.path)
+    reference: Any = dense
+    wants_dense = dense is None and not no_dense and spec.ppl_source is not None  # SNR needs evaluation text
+    if spec.langs is None or out is None or wants_dense:  # defaults from the checkpoint: decided before any work
+        source = resolve_model(checkpoint)
+        record = read_record(source.path)
     if spec.langs is None:
         spec, note = spec.with_default_languages(record)
         typer.echo(note, err=True)
     if out is None:
         out, note = default_results_path(source)
         typer.echo(note, err=True)
-    reference: Any = dense
-    if dense is None and not no_dense and spec.ppl_source is not None:  # SNR needs evaluation text
+    if wants_dense:
         base, note = recorded_base(record)
         typer.echo(note + ("; --no-dense skips it" if base is not None else ""), err=True)
         if base is not None:

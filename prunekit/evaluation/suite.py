@@ -164,10 +164,8 @@ def _evaluate(subject: Subject, spec: EvaluationSpec, dense: DenseReference | No
         if spec.ppl_source is None:
             raise ConfigError("SNR / pruning error need evaluation text: give --ppl-source together with --dense")
     device = resolve_device(spec.device)
-    backend = plan_backend(spec.backend, spec.parallelize, device, spec.task_batch_size, spec.batch_size,
-                           path=None if subject.source is None else subject.source.path, dtype=subject.dtype,
-                           trust_remote_code=spec.trust_remote_code, gpu_memory_utilization=spec.gpu_memory_utilization,
-                           max_model_len=spec.max_model_len, model_args=spec.model_args) if cells else None
+    backend = plan_backend(spec, device, path=None if subject.source is None else subject.source.path,
+                           dtype=subject.dtype) if cells else None
     timings: dict[str, float] = {}
     results = _resumed(out, subject, spec, dense)
     if results is None:
@@ -247,9 +245,7 @@ def _tasks(subject: Subject, spec: EvaluationSpec, backend: BackendPlan, cells, 
         write_results(out, saved)
 
     return run_tasks(
-        backend.model(subject.task_model, device), subject.tokenizer, cells, limit=spec.limit,
-        task_data=spec.task_data, chat_template=spec.chat_template, num_fewshot=spec.num_fewshot,
-        batch_size=backend.batch_size, bootstrap_iters=spec.bootstrap_iters, seed=spec.seed,
+        backend.model(subject.task_model, device), subject.tokenizer, cells, spec,
         model_name=f"'{subject.name}'", backend=backend, partial=None if out is None else partial_results_path(out),
         identity={"model": subject.identity(), "dtype": str(subject.dtype)},
         on_task=save if out is not None and spec.ppl_source is not None else None,
