@@ -101,30 +101,49 @@ def evaluate(
     progress: bool = True,
     revision: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a checkpoint and return the results dict (``prunekit eval``).
-
-    Args:
-        checkpoint (`str` or `Path`): a local dir (e.g. from ``prunekit prune``), Hub id, ``.gguf`` file or
-            ``embedded:NAME``.
-        spec (`EvaluationSpec`, *optional*): what to measure and how; default ``EvaluationSpec()``. Its
-            ``langs`` None: the study's seven plus the checkpoint's calibration languages.
-        dense (`str` or `DenseReference`, *optional*): the dense model the checkpoint was pruned from; enables
-            SNR / pruning error of hidden states (cached per dense model; a sweep passes one reference for all runs).
-        out (`str` or `Path`, *optional*): results.json to write atomically, the perplexity before the tasks.
-        progress (`bool`, defaults to `True`): progress bars.
-        revision (`str`, *optional*): the Hub revision of ``checkpoint``.
-
-    Returns:
-        `dict`: the results (schema in ``prunekit/evaluation/SCHEMA.md``).
-
-    Raises:
-        ConfigError: an option the spec refuses, or SNR asked for without evaluation text.
-        ModelError: a checkpoint and dense model of different architectures or tokenizers.
+    """Evaluate a checkpoint per language and return its results (what ``prunekit eval`` runs).
 
     Perplexity and SNR stream the checkpoint a decoder layer at a time from its safetensors shards, every
     language in one pass; the model is loaded whole only for lm-eval tasks.
 
-    Example: ``evaluate("gemma-sw", EvaluationSpec(langs="sw,en"), dense="embedded:gemma-3-270m", out="results.json")``
+    Args:
+        checkpoint (`str` or `Path`):
+            The model to evaluate: a local checkpoint dir (e.g. from ``prunekit prune``), a Hub id
+            (``org/name``, downloaded into the Hugging Face cache), a ``.gguf`` file, or ``embedded:NAME``.
+        spec (`EvaluationSpec`, *optional*, defaults to `EvaluationSpec()`):
+            What to measure and how: languages, perplexity text and windows (``seqlen`` 2048, all the embedded
+            held-out text), SNR tokens, lm-eval tasks and their backend. Its ``langs`` None means the study's
+            seven languages plus the checkpoint's calibration languages.
+        dense (`str` or `DenseReference`, *optional*, defaults to `None`):
+            The dense model the checkpoint was pruned from (a MODEL string as ``checkpoint``, or a reference a
+            sweep shares between runs). Enables SNR / pruning error of hidden states, its states cached per dense
+            model. None: no SNR (``prunekit eval`` defaults it to the recorded base model; this function does not).
+        out (`str` or `Path`, *optional*, defaults to `None`):
+            The results.json to write atomically: perplexity and SNR before the tasks start, each task as it
+            ends; a rerun with the same settings skips what it holds. None: nothing is written.
+        progress (`bool`, *optional*, defaults to `True`):
+            Show progress bars.
+        revision (`str`, *optional*, defaults to `None`):
+            The Hub revision (branch, tag or commit) of a Hub ``checkpoint``; None: its default branch.
+
+    Returns:
+        `dict`: the results (schema in ``prunekit/evaluation/SCHEMA.md``): ``model``, ``dense``, ``languages``,
+        ``perplexity`` and ``hidden_states`` per language, ``tasks``, ``settings``, ``versions``, ``created``.
+
+    Raises:
+        [`ConfigError`]: an option the spec refuses, or SNR asked for without evaluation text (``ppl_source`` none).
+        [`ModelError`]: a checkpoint that cannot be found or read, or a checkpoint and dense model of different
+            architectures or tokenizers.
+        [`DataError`]: evaluation text too short to score one window.
+        [`HubError`]: a Hub id that cannot be downloaded.
+
+    Example:
+
+    ```python
+    >>> from prunekit.evaluation import EvaluationSpec, evaluate
+    >>> results = evaluate("gemma-sw", EvaluationSpec(langs="sw,en"), dense="embedded:gemma-3-270m", out="results.json")
+    >>> results["perplexity"]["sw"]["ppl"], results["hidden_states"]["sw"]["snr_db"]
+    ```
     """
     spec = spec or EvaluationSpec()
     source = resolve_model(str(checkpoint), revision)
