@@ -103,17 +103,20 @@ def evaluate_command(
     if spec.langs is None:
         spec, note = spec.with_default_languages(record)
         typer.echo(note, err=True)
+    notes = []  # printed once the evaluation ran: an error stays the first line on stderr
     if out is None:
         out, note = default_results_path(source)
-        typer.echo(note, err=True)
+        notes.append(note)
     if wants_dense:
         base, note = recorded_base(record)
-        typer.echo(note + ("; --no-dense skips it" if base is not None else ""), err=True)
+        notes.append(note + ("; --no-dense skips it" if base is not None else ""))
         if base is not None:
             reference = DenseReference.from_source(base, spec.dtype, spec.trust_remote_code)
     with memory_check_forced(force):
         if spec.tasks:  # lm-eval holds the whole model: refuse now what cannot fit, not after perplexity
             check_task_memory(checkpoint, spec.dtype, spec.device, spec.backend, spec.parallelize)
         results = evaluate(checkpoint, spec, dense=reference, out=out, progress=not quiet)
+    for note in notes:
+        typer.echo(note, err=True)
     if not quiet:
         print_results(results, out)

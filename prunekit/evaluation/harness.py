@@ -25,7 +25,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 from prunekit.artifacts import TASK_PROGRESS_KIND as PARTIAL_KIND
 from prunekit.errors import ConfigError, did_you_mean
@@ -33,9 +33,6 @@ from prunekit.evaluation.lm_backend import (  # noqa: F401 - the backends' names
     BACKENDS, BackendPlan, check_backend, free_accelerator_memory, lm_arguments, make_lm, plan_backend, run_worker,
 )
 from prunekit.evaluation.tasks import ALIASES, GROUPS, TASKS_DIR, TaskCell, cells_for, known_cells
-
-if TYPE_CHECKING:
-    from prunekit.evaluation.spec import EvaluationSpec
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +298,7 @@ def run_tasks(
     model,
     tokenizer,
     cells: list[TaskCell],
-    spec: EvaluationSpec,
+    spec: Any,  # an EvaluationSpec (not imported: spec imports this module)
     *,
     model_name: str = "the model",
     backend: BackendPlan | None = None,

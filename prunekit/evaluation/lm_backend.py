@@ -22,12 +22,9 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from prunekit.errors import ConfigError, ModelError
-
-if TYPE_CHECKING:
-    from prunekit.evaluation.spec import EvaluationSpec
 
 BACKENDS = ("hf", "vllm")
 HALF = ("bfloat16", "float16")
@@ -153,7 +150,7 @@ def check_tensor_parallel(config: dict[str, Any], size: int, name: str) -> None:
         )
 
 
-def plan_backend(spec: EvaluationSpec, device, path: str | Path | None = None, dtype=None) -> BackendPlan:
+def plan_backend(spec: Any, device, path: str | Path | None = None, dtype=None) -> BackendPlan:  # spec: an EvaluationSpec
     """Check the task backend of ``spec`` against this machine and the checkpoint at ``path`` (None: an
     in-memory model), and choose. ``spec.parallelize`` spreads the model over the GPUs this process owns, only
     when asked. The options' own ranges (``gpu_memory_utilization``, ``max_model_len``, ``model_args``' syntax)
