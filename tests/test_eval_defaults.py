@@ -139,3 +139,15 @@ def test_eval_prints_its_perplexity_settings(base_and_pruned, tmp_path):
     assert (f"perplexity: the embedded held-out text, windows of 64 tokens over the joined documents, the first 1 (1 window, "
             f"{tokens:,} scored tokens per language); differs from `prunekit eval`'s defaults (64-token windows instead of 2048; "
             "the first 1 windows instead of all the text)") in " ".join(result.stdout.split())
+
+
+def test_the_demo_says_how_its_perplexity_differs(monkeypatch, tmp_path):
+    import prunekit.demo
+    from prunekit.demo import DemoResult
+
+    monkeypatch.setattr(prunekit.demo, "run_demo", lambda *a, **k: DemoResult(tmp_path, tmp_path / "report", ["a finding"], 0))
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path)], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    assert ("perplexity: the embedded held-out text, windows of 128 tokens over the joined documents, the first 3; differs from "
+            "`prunekit eval`'s defaults (128-token windows instead of 2048; the first 3 windows instead of all the text)") in result.stdout
+    assert "(the demo's time budget)" in result.stdout and "finding: a finding" in result.stdout
