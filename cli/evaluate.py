@@ -81,8 +81,7 @@ def evaluate_command(
 
     Example: prunekit eval gemma-sw --dense embedded:gemma-3-270m --langs sw,en --ppl-source embedded --tasks belebele,xcopa --task-data data/ --limit 50 --out results.json
 
-    Shortest: prunekit eval gemma-sw (the study's seven languages plus gemma-sw's calibration languages; SNR
-    against the base model gemma-sw's prunekit.json names, when it is on this machine; results in gemma-sw/results.json)
+    Shortest: prunekit eval gemma-sw (the study's seven languages plus gemma-sw's calibration languages; SNR against the base model its prunekit.json names, when on this machine; results in gemma-sw/results.json)
     """
     from prunekit.artifacts import read_record
     from prunekit.errors import ConfigError
