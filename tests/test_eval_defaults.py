@@ -126,8 +126,9 @@ def test_one_line_explains_each_perplexity_and_how_it_differs_from_evals():
                                   {"de": {"tokens": 900}, "en": {"tokens": 1100}})
     assert "each document scored on its own, cut at 512 tokens, all the text (900–1,100 scored tokens per language); " \
            "differs from `prunekit eval`'s defaults (per-document instead of 2048-token windows over the joined text)" in compare
-    mc4 = describe_perplexity({"source": "mc4", "seqlen": 2048, "max_windows": 256})
-    assert "mC4's validation split" in mc4 and "(mc4 text instead of the embedded text)" in mc4 and "256 windows instead" not in mc4
+    mc4 = describe_perplexity({"source": "mc4", "seqlen": 2048, "max_windows": None})  # 256 by default
+    assert "mC4's validation split, windows of 2048 tokens over the joined documents, the first 256;" in mc4
+    assert "(mc4 text instead of the embedded text)" in mc4 and "256 windows instead" not in mc4
 
 
 def test_eval_prints_its_perplexity_settings(base_and_pruned, tmp_path):

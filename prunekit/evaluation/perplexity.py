@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 DEFAULT_SEQLEN = 2048
 DEFAULT_PPL_SOURCE = "embedded"
 DEFAULT_MAX_WINDOWS = None  # all the text (mC4: 256 windows, the Wanda / SparseGPT C4 convention)
+MC4_DEFAULT_WINDOWS = 256
 DEFAULT_PERPLEXITY = {"source": DEFAULT_PPL_SOURCE, "windowing": "stream", "seqlen": DEFAULT_SEQLEN,
                       "max_windows": DEFAULT_MAX_WINDOWS, "conventions": "prunekit"}
 WHY_PERPLEXITIES_DIFFER = ("perplexities are comparable only under the same settings: the window length (a longer "
@@ -65,6 +66,8 @@ def describe_perplexity(settings: dict[str, Any], measured: dict[str, Any] | Non
         differs = [f"per-document instead of {DEFAULT_SEQLEN}-token windows over the joined text"]
     else:
         seqlen, most = settings.get("seqlen", DEFAULT_SEQLEN), settings.get("max_windows")
+        if most is None and source == "mc4":
+            most = MC4_DEFAULT_WINDOWS
         conventions = settings.get("conventions") or "prunekit"
         shape = f"windows of {seqlen} tokens over the joined documents, " + (f"the first {most}" if most else "all of them")
         if conventions != "prunekit":

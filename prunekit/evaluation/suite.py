@@ -27,7 +27,7 @@ from prunekit.evaluation.harness import partial_results_path, plan_tasks, resolv
 from prunekit.evaluation.lm_backend import BackendPlan, plan_backend
 from prunekit.evaluation.hidden_states import DenseReference, check_compatible, model_fingerprint, torch_dtype
 from prunekit.evaluation.passes import Language, measure
-from prunekit.evaluation.perplexity import make_windows
+from prunekit.evaluation.perplexity import MC4_DEFAULT_WINDOWS, make_windows
 from prunekit.evaluation.spec import DEFAULT_SNR_TOKENS, EvaluationSpec
 from prunekit.io import versioned
 from prunekit.models import ModelSource, load_model, load_tokenizer, resolve_device, resolve_model
@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_SNR_TOKENS", "RESULTS_KIND", "evaluate", "evaluate_loaded"]
 
-MC4_DEFAULT_WINDOWS = 256  # the Wanda / SparseGPT C4 convention: 256 windows of the validation split
 CHARS_PER_TOKEN_BUDGET = 8  # how much mC4 text to stream per token needed
 PPL_WINDOWING = ("documents joined with '\\n\\n', tokenized once without special tokens, non-overlapping "
                  "windows of seqlen-1 tokens each prefixed with BOS (BOS never scored; without a BOS token: "
