@@ -10,24 +10,44 @@ from typing import Callable
 
 import click
 import typer
-import typer.core
+from typer.core import TyperCommand, TyperGroup
 
 from prunekit.errors import PrunekitError
 
 
-def _flag_type_rich(display_type_rich: Callable) -> Callable:
-    """typer (0.29) shows ``<bool>`` after a flag in rich help, as if it took a value: a flag shows none."""
+def _no_flag_metavar(params: list) -> list:
+    """Flags take no value, so their help shows no type: typer's rich help would print ``<bool>`` after
+    ``--include-bos`` or ``--parallelize/--no-parallelize`` (and ``--help``), as if a value followed."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:  # typer's own (vendored) click Option
+            param.metavar = ""
+    return params
 
-    @functools.wraps(display_type_rich)
-    def display(self, ctx):
-        return None if getattr(self, "is_flag", False) and not getattr(self, "count", False) else display_type_rich(self, ctx)
 
-    return display
+class Command(TyperCommand):
+    """Every prunekit command: typer's, with flags shown without a value type."""
+
+    def get_params(self, ctx) -> list:
+        return _no_flag_metavar(super().get_params(ctx))
 
 
-typer.core.TyperOption.display_type_rich = _flag_type_rich(typer.core.TyperOption.display_type_rich)
+class Group(TyperGroup):
+    """The ``prunekit`` group (its --debug, --version, --help), with flags shown without a value type."""
 
-app = typer.Typer(
+    def get_params(self, ctx) -> list:
+        return _no_flag_metavar(super().get_params(ctx))
+
+
+class Typer(typer.Typer):
+    """A typer application whose commands default to :class:`Command` (declared at the root, so no
+    command has to remember it)."""
+
+    def command(self, *args, cls: type[TyperCommand] | None = None, **kwargs):  # type: ignore[override]
+        return super().command(*args, cls=cls or Command, **kwargs)
+
+
+app = Typer(
+    cls=Group,
     name="prunekit",
     help=(
         "Prune multilingual LLMs with language-specific calibration, evaluate every pruned model in "

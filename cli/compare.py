@@ -51,6 +51,10 @@ def compare(
                              overwrite=overwrite, progress=not quiet)
     if not quiet:
         print_summary(result, stdout)
+        if result.get("perplexity"):  # how its perplexity was measured, and why eval's differs
+            from prunekit.artifacts import PERPLEXITY_SETTINGS_NOTE, passage_perplexity_settings
+
+            stdout.print(f"{passage_perplexity_settings(result['settings'])}. {PERPLEXITY_SETTINGS_NOTE}", style="dim")
         stdout.print(f"written to [bold]{out}[/bold]: {', '.join(result.get('files', []))}")
     for warning in result["warnings"]:
         typer.echo(f"warning: {warning}", err=True)

@@ -88,14 +88,12 @@ def evaluate_command(
     from prunekit.evaluation import evaluate
     from prunekit.evaluation.defaults import default_results_path, recorded_dense
     from prunekit.io import check_output_location
-    from prunekit.models import check_task_memory, memory_check_forced
+    from prunekit.models import check_task_memory, memory_check_forced, resolve_model
 
     if no_save and out is not None:
         raise ConfigError("--no-save and --out contradict each other: give one")
     if no_dense and dense is not None:
         raise ConfigError("--no-dense and --dense contradict each other: give one")
-    from prunekit.models import resolve_model
-
     source = resolve_model(checkpoint)  # a model that is not there fails here, before any default is chosen
     if out is None and not no_save:
         out, note = default_results_path(checkpoint)

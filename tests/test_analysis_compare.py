@@ -226,6 +226,7 @@ def test_cli_compare_prints_tables_and_writes_the_output_dir(trio, tmp_path):
     assert done.exit_code == 0, done.output
     assert "Mask IoU" in done.stdout and "Hidden-state drift" in done.stdout
     assert (out / "compare.json").exists() and (out / "figures" / "drift.png").exists()
+    assert "perplexity: each passage scored on its own (up to 512 tokens), its first 30 tokens of passages per language" in " ".join(done.stdout.split())
 
 
 def test_cli_reports_mismatched_models_and_dense_inputs_in_one_line(trio, tmp_path, tokenizer):

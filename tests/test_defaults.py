@@ -181,19 +181,6 @@ def test_every_help_example_runs_as_written_against_the_tiny_model(examples_dir,
     print("\n".join(f"{seconds:6.1f}s  {part}" for part, seconds in ran.items()))
 
 
-def test_no_flag_shows_a_value_in_help():
-    """Issue 30: `--include-bos <bool>` read as if the flag took a value. A flag shows no type; an option that
-    takes a value still shows one (`--seqlen <int>`)."""
-    import typer
-
-    names = [None, *typer.main.get_command(app).commands]
-    for name in names:
-        done = invoke(([name] if name else []) + ["--help"])
-        assert done.exit_code == 0, (name, done.output)
-        assert "<bool>" not in done.output, f"`prunekit {name or ''} --help` shows <bool> after a flag"
-    assert "<integer>" in invoke(["eval", "--help"]).output or "<int>" in invoke(["eval", "--help"]).output
-
-
 def test_eval_saves_beside_the_checkpoint_and_takes_the_recorded_base_as_dense(tiny_llama, tmp_path, monkeypatch):
     """Issue 30 §7: `prunekit eval CHECKPOINT` alone writes CHECKPOINT/results.json (where push finds it) and
     measures SNR against the base the record names, when it is there without a download; it says both."""

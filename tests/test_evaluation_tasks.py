@@ -20,6 +20,15 @@ F1 = task_utils.mkqa_f1
 
 # ------------------------------------------------------------------------------------ MKQA F1
 
+def _plan(backend, parallelize, device, task_batch_size, batch_size, path=None, dtype=None, **options):
+    """``plan_backend`` of the spec these settings make (the spec is what the suite passes)."""
+    from prunekit.evaluation import lm_backend
+    from prunekit.evaluation.spec import EvaluationSpec
+
+    spec = EvaluationSpec(backend=backend, parallelize=parallelize, task_batch_size=task_batch_size, batch_size=batch_size, **options)
+    return lm_backend.plan_backend(spec, device, path=path, dtype=dtype)
+
+
 
 @pytest.mark.parametrize(
     "prediction, golds, lang, expected",
@@ -266,17 +275,17 @@ def test_tasks_are_saved_as_they_finish_and_a_killed_evaluation_resumes(tiny_lla
 def test_task_batch_size_is_auto_on_a_gpu_and_the_cpu_path_is_unchanged(tiny_llama):
     import torch
 
-    from prunekit.evaluation.harness import lm_arguments, plan_backend
+    from prunekit.evaluation.harness import lm_arguments
 
-    cpu = plan_backend("hf", None, torch.device("cpu"), None, 4, path=tiny_llama)
+    cpu = _plan("hf", None, torch.device("cpu"), None, 4, path=tiny_llama)
     assert (cpu.backend, cpu.parallelize, cpu.batch_size, cpu.loads_itself) == ("hf", False, 4, False)
     assert lm_arguments(cpu, "MODEL", "TOK") == {"pretrained": "MODEL", "tokenizer": "TOK", "batch_size": 4, "parallelize": False}
-    assert plan_backend("hf", None, torch.device("cuda"), None, 4, path=tiny_llama).batch_size == "auto"
-    assert plan_backend("hf", None, torch.device("cpu"), "auto:2", 4).batch_size == "auto:2"
-    assert plan_backend("hf", None, torch.device("cpu"), "16", 4).batch_size == 16
+    assert _plan("hf", None, torch.device("cuda"), None, 4, path=tiny_llama).batch_size == "auto"
+    assert _plan("hf", None, torch.device("cpu"), "auto:2", 4).batch_size == "auto:2"
+    assert _plan("hf", None, torch.device("cpu"), "16", 4).batch_size == 16
     for bad in ("0", "many", "auto:x"):
         with pytest.raises(ConfigError, match="--task-batch-size"):
-            plan_backend("hf", None, torch.device("cpu"), bad, 4)
+            _plan("hf", None, torch.device("cpu"), bad, 4)
 
 
 def test_parallelize_and_vllm_arguments_on_a_simulated_gpu_node(tiny_llama, monkeypatch):
@@ -287,34 +296,34 @@ def test_parallelize_and_vllm_arguments_on_a_simulated_gpu_node(tiny_llama, monk
     from prunekit.evaluation import harness
 
     with pytest.raises(ConfigError, match="--parallelize"):
-        harness.plan_backend("hf", True, torch.device("cpu"), None, 4, path=tiny_llama)  # no GPU here
+        _plan("hf", True, torch.device("cpu"), None, 4, path=tiny_llama)  # no GPU here
     with pytest.raises(ConfigError, match="pip install"):
-        harness.plan_backend("vllm", None, torch.device("cpu"), None, 4, path=tiny_llama)
+        _plan("vllm", None, torch.device("cpu"), None, 4, path=tiny_llama)
     with pytest.raises(ConfigError, match="unknown --backend"):
-        harness.plan_backend("tgi", None, torch.device("cpu"), None, 4)
+        _plan("tgi", None, torch.device("cpu"), None, 4)
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     # Four GPUs visible: parallelize stays off unless asked (a worker's lm-eval never spreads over them by itself).
-    one = harness.plan_backend("hf", None, torch.device("cuda"), None, 8, path=tiny_llama, dtype=torch.bfloat16)
+    one = _plan("hf", None, torch.device("cuda"), None, 8, path=tiny_llama, dtype=torch.bfloat16)
     assert not one.parallelize and not one.loads_itself
-    plan = harness.plan_backend("hf", True, torch.device("cuda"), None, 8, path=tiny_llama, dtype=torch.bfloat16)
+    plan = _plan("hf", True, torch.device("cuda"), None, 8, path=tiny_llama, dtype=torch.bfloat16)
     assert plan.parallelize and plan.loads_itself and plan.model(lambda: pytest.fail("loaded"), "cuda") is None
     assert harness.lm_arguments(plan, None, "TOK") == {
         "pretrained": str(tiny_llama), "tokenizer": "TOK", "dtype": "bfloat16", "batch_size": "auto",
         "parallelize": True, "trust_remote_code": False}
     with pytest.raises(ConfigError, match="in-memory"):
-        harness.plan_backend("hf", True, torch.device("cuda"), None, 8, path=None)
+        _plan("hf", True, torch.device("cuda"), None, 8, path=None)
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else real_find_spec(name, *a))
-    vllm = harness.plan_backend("vllm", None, torch.device("cuda"), None, 8, path=tiny_llama, dtype=torch.bfloat16)
+    vllm = _plan("vllm", None, torch.device("cuda"), None, 8, path=tiny_llama, dtype=torch.bfloat16)
     assert vllm.backend == "vllm" and not vllm.parallelize and vllm.in_subprocess and vllm.visible_devices == "0"
     assert harness.lm_arguments(vllm, None, "TOK") == {
         "pretrained": str(tiny_llama), "tokenizer": str(tiny_llama), "dtype": "bfloat16", "batch_size": "auto",
         "tensor_parallel_size": 1, "trust_remote_code": False}
-    tp = harness.plan_backend("vllm", True, torch.device("cuda"), None, 8, path=tiny_llama, dtype=torch.bfloat16)
+    tp = _plan("vllm", True, torch.device("cuda"), None, 8, path=tiny_llama, dtype=torch.bfloat16)
     assert harness.lm_arguments(tp, None, None)["tensor_parallel_size"] == 4 and tp.visible_devices is None
     made = {}
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from prunekit.errors import ConfigError
+from prunekit.evaluation.spec import EvaluationSpec
 from tests.conftest import TATOEBA, build_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +30,15 @@ logits = model(torch.tensor([[1, 5, 9, 14, 3]])).logits
 print(json.dumps({"finite": bool(torch.isfinite(logits).all()), "shape": list(logits.shape),
                   "prunekit": any(name.startswith("prunekit") for name in sys.modules)}))
 """
+
+def _plan(backend, parallelize, device, task_batch_size, batch_size, path=None, dtype=None, **options):
+    """``plan_backend`` of the spec these settings make (the spec is what the suite passes)."""
+    from prunekit.evaluation import lm_backend
+    from prunekit.evaluation.spec import EvaluationSpec
+
+    spec = EvaluationSpec(backend=backend, parallelize=parallelize, task_batch_size=task_batch_size, batch_size=batch_size, **options)
+    return lm_backend.plan_backend(spec, device, path=path, dtype=dtype)
+
 
 
 @pytest.fixture(scope="module")
@@ -188,10 +198,10 @@ def test_the_harness_receives_parallelize_false_unless_asked(tiny_llama, monkeyp
 
 
 def test_vllm_settings_model_args_and_one_gpu_of_its_own(tiny_llama, two_gpus):
-    from prunekit.evaluation.lm_backend import lm_arguments, plan_backend
+    from prunekit.evaluation.lm_backend import lm_arguments
     from prunekit.evaluation.spec import EvaluationSpec
 
-    plan = plan_backend("vllm", None, torch.device("cuda:1"), None, 8, path=tiny_llama, dtype=torch.bfloat16,
+    plan = _plan("vllm", None, torch.device("cuda:1"), None, 8, path=tiny_llama, dtype=torch.bfloat16,
                         gpu_memory_utilization=0.5, max_model_len=4096, model_args="enforce_eager=true,swap_space=8,max_model_len=2048")
     assert plan.visible_devices == "6"  # the compute device's GPU alone, not both
     assert lm_arguments(plan, None, None) == {
@@ -208,11 +218,11 @@ def test_vllm_settings_model_args_and_one_gpu_of_its_own(tiny_llama, two_gpus):
         EvaluationSpec(backend="hf", max_model_len=10)
     assert EvaluationSpec(backend="vllm", model_args="enforce_eager=true,swap_space=8").model_args == {"enforce_eager": True, "swap_space": 8}
     with pytest.raises(ConfigError, match="runs on a GPU"):
-        plan_backend("vllm", None, torch.device("cpu"), None, 8, path=tiny_llama)
+        _plan("vllm", None, torch.device("cpu"), None, 8, path=tiny_llama)
 
 
 def test_tensor_parallelism_is_checked_against_the_heads(tmp_path, two_gpus, monkeypatch):
-    from prunekit.evaluation.lm_backend import check_tensor_parallel, plan_backend
+    from prunekit.evaluation.lm_backend import check_tensor_parallel
 
     llama70b = {"num_attention_heads": 64, "num_key_value_heads": 8}
     for gpus in (1, 2, 4, 8, 16):
@@ -226,21 +236,21 @@ def test_tensor_parallelism_is_checked_against_the_heads(tmp_path, two_gpus, mon
     (model / "config.json").write_text(json.dumps({"num_attention_heads": 64, "num_key_value_heads": 8}))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
     with pytest.raises(ConfigError, match="over 3"):
-        plan_backend("vllm", True, torch.device("cuda"), None, 8, path=model)
+        _plan("vllm", True, torch.device("cuda"), None, 8, path=model)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
-    assert plan_backend("vllm", True, torch.device("cuda"), None, 8, path=model).tensor_parallel == 4
+    assert _plan("vllm", True, torch.device("cuda"), None, 8, path=model).tensor_parallel == 4
 
 
 def test_a_packed_checkpoint_goes_to_vllm_in_half_precision(tmp_path, two_gpus):
-    from prunekit.evaluation.lm_backend import plan_backend
+
 
     model = tmp_path / "packed"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"num_attention_heads": 4, "quantization_config": {"quant_method": "compressed-tensors"}}))
     for given, sent in [(torch.float32, "bfloat16"), (None, "bfloat16"), (torch.float16, "float16"), (torch.bfloat16, "bfloat16")]:
-        assert plan_backend("vllm", None, torch.device("cuda"), None, 8, path=model, dtype=given).dtype == sent
+        assert _plan("vllm", None, torch.device("cuda"), None, 8, path=model, dtype=given).dtype == sent
     (model / "config.json").write_text(json.dumps({"num_attention_heads": 4}))
-    assert plan_backend("vllm", None, torch.device("cuda"), None, 8, path=model, dtype=torch.float32).dtype == "float32"
+    assert _plan("vllm", None, torch.device("cuda"), None, 8, path=model, dtype=torch.float32).dtype == "float32"
 
 
 def test_gpu_memory_is_freed_before_the_harness_starts(tiny_llama, monkeypatch):
@@ -263,7 +273,7 @@ def test_gpu_memory_is_freed_before_the_harness_starts(tiny_llama, monkeypatch):
 
     with pytest.raises(KeyboardInterrupt):
         harness.run_tasks(object(), AutoTokenizer.from_pretrained(tiny_llama), [TaskCell("xcopa_local_sw", "xcopa", "sw", "prunekit")],
-                          task_data=TEST_DATA, limit=2, chat_template=False)
+                          EvaluationSpec(task_data=TEST_DATA, limit=2, chat_template=False))
     assert calls == ["synchronize", "empty_cache", "make_lm"]
 
 
@@ -287,14 +297,14 @@ def test_vllm_runs_in_a_subprocess_and_finished_tasks_are_kept(tiny_llama, two_g
 
     monkeypatch.setattr(lm_backend, "RUNNER", fake_run)
     monkeypatch.setattr(harness, "make_lm", lambda *a: pytest.fail("vLLM must not be made in this process"))
-    plan = lm_backend.plan_backend("vllm", None, torch.device("cuda"), None, 8, path=tiny_llama, dtype=torch.bfloat16)
+    plan = _plan("vllm", None, torch.device("cuda"), None, 8, path=tiny_llama, dtype=torch.bfloat16)
     from transformers import AutoTokenizer
 
     cells = [TaskCell("xcopa_local_sw", "xcopa", "sw", "prunekit"), TaskCell("xcopa_local_zh", "xcopa", "zh", "prunekit")]
     partial = tmp_path / "partial.json"
     with pytest.raises(ModelError, match="failed after 1 task.*out of memory.*--gpu-memory-utilization"):
-        harness.run_tasks(None, AutoTokenizer.from_pretrained(tiny_llama), cells, task_data=TEST_DATA, limit=2,
-                          chat_template=False, backend=plan, partial=partial, identity={"model": "m"})
+        harness.run_tasks(None, AutoTokenizer.from_pretrained(tiny_llama), cells, EvaluationSpec(task_data=TEST_DATA, limit=2, chat_template=False),
+                          backend=plan, partial=partial, identity={"model": "m"})
     assert seen["visible"] == "4" and seen["request"]["backend"] == "vllm"
     assert seen["request"]["lm_args"]["pretrained"] == str(tiny_llama) and seen["request"]["evaluate"]["limit"] == 2
     assert [c["name"] for c in seen["request"]["cells"]] == ["xcopa_local_sw", "xcopa_local_zh"]

@@ -298,31 +298,29 @@ def run_tasks(
     model,
     tokenizer,
     cells: list[TaskCell],
+    spec: Any,  # an EvaluationSpec (not imported: spec imports this module)
     *,
-    limit: int | float | None = None,
-    task_data: str | Path | None = None,
-    chat_template: bool | None = None,
-    num_fewshot: int = 0,
-    batch_size: int | str = 4,
-    bootstrap_iters: int = 100,
-    seed: int = 0,
     model_name: str = "the model",
     backend: BackendPlan | None = None,
     partial: str | Path | None = None,
     identity: dict[str, Any] | None = None,
     on_task: Any = None,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """Run ``cells`` on the in-memory model (or, per ``backend``, a model lm-eval loads itself).
+    """Run ``cells`` on the in-memory model (or, per ``backend``, a model lm-eval loads itself), with the
+    task settings of ``spec`` (``limit``, ``task_data``, ``chat_template``, ``num_fewshot``, ``bootstrap_iters``,
+    ``seed``; lm-eval's batch size is ``backend``'s, default ``spec.batch_size`` with lm-eval's HFLM).
 
     Returns (tasks block of the results, harness info). Each task runs on its own and, with
     ``partial`` (a file) and an ``identity`` naming the model, is saved there as soon as it finishes:
     a killed evaluation run again with the same model and settings skips the tasks already done (and says
     so). ``on_task(results so far, info)`` is called as each task ends (the suite saves them in results.json)."""
+    limit, task_data, chat_template = spec.limit, spec.task_data, spec.chat_template
+    num_fewshot, bootstrap_iters, seed = spec.num_fewshot, spec.bootstrap_iters, spec.seed
     apply_template = resolve_chat_template(tokenizer, chat_template, model_name)
     if task_data is not None and not Path(task_data).expanduser().is_dir():
         raise ConfigError(f"--task-data '{task_data}' is not a directory")
     if backend is None:
-        backend = BackendPlan("hf", False, batch_size)
+        backend = BackendPlan("hf", False, spec.batch_size)
     results: dict[str, dict[str, Any]] = {}
     objects: dict[str, Any] = {}
     uses_defaults = any(cell.kind == "lm-eval" for cell in cells)

@@ -272,11 +272,18 @@ class DenseReference:
 
     @classmethod
     def from_spec(cls, spec: str, dtype: str | torch.dtype | None = "auto", trust_remote_code: bool = False) -> "DenseReference":
+        from prunekit.models import resolve_model
+
+        return cls.from_source(resolve_model(spec), dtype, trust_remote_code)
+
+    @classmethod
+    def from_source(cls, source: ModelSource, dtype: str | torch.dtype | None = "auto",
+                    trust_remote_code: bool = False) -> "DenseReference":
+        """The reference of a model already resolved (e.g. the recorded base model found in the Hub cache)."""
         from transformers import AutoConfig
 
-        from prunekit.models import load_tokenizer, resolve_model
+        from prunekit.models import load_tokenizer
 
-        source = resolve_model(spec)
         config = AutoConfig.from_pretrained(str(source.path), trust_remote_code=trust_remote_code)
         tokenizer = load_tokenizer(source, trust_remote_code)
         wanted = torch_dtype(dtype)

@@ -150,16 +150,14 @@ def check_tensor_parallel(config: dict[str, Any], size: int, name: str) -> None:
         )
 
 
-def plan_backend(
-    backend: str, parallelize: bool | None, device, task_batch_size_value: int | str | None, batch_size: int,
-    path: str | Path | None = None, dtype=None, trust_remote_code: bool = False, *,
-    gpu_memory_utilization: float | None = None, max_model_len: int | None = None,
-    model_args: str | dict[str, Any] | None = None,
-) -> BackendPlan:
-    """Check the task backend against this machine and the checkpoint, and choose. ``parallelize``
-    (None: off) spreads the model over the GPUs this process owns, only when asked. The options' own
-    ranges (``gpu_memory_utilization``, ``max_model_len``, ``model_args``' syntax) were checked when the
-    :class:`~prunekit.evaluation.spec.EvaluationSpec` they come from was made."""
+def plan_backend(spec: Any, device, path: str | Path | None = None, dtype=None) -> BackendPlan:  # spec: an EvaluationSpec
+    """Check the task backend of ``spec`` against this machine and the checkpoint at ``path`` (None: an
+    in-memory model), and choose. ``spec.parallelize`` spreads the model over the GPUs this process owns, only
+    when asked. The options' own ranges (``gpu_memory_utilization``, ``max_model_len``, ``model_args``' syntax)
+    were checked when ``spec`` was made; ``dtype`` is the model's (torch dtype, None: its own)."""
+    backend, parallelize, batch_size, trust_remote_code = spec.backend, spec.parallelize, spec.batch_size, spec.trust_remote_code
+    task_batch_size_value, model_args = spec.task_batch_size, spec.model_args
+    gpu_memory_utilization, max_model_len = spec.gpu_memory_utilization, spec.max_model_len
     import importlib.util
 
     import torch

@@ -38,6 +38,11 @@ from prunekit.evaluation.forward import Batch, Callback, Consumer, as_weights, r
 
 log = logging.getLogger(__name__)
 
+# ``prunekit eval``'s perplexity window (EvaluationSpec's default); mC4 is scored on its first 256 windows by
+# default (the Wanda / SparseGPT C4 convention). Why other places differ: artifacts.PERPLEXITY_SETTINGS_NOTE.
+DEFAULT_SEQLEN = 2048
+MC4_DEFAULT_WINDOWS = 256
+
 
 @dataclass
 class Windows:

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 from prunekit.conventions import parse_conventions
 from prunekit.errors import ConfigError
+from prunekit.evaluation.perplexity import DEFAULT_SEQLEN
 
 DEFAULT_SNR_TOKENS = 4096
 # What changes no number of the results (left out of the fingerprint): where and how fast they are
@@ -93,7 +94,7 @@ class EvaluationSpec:
     ppl_source: str | None = "embedded"
     tasks: tuple[str, ...] | None = None
     limit: int | float | None = None
-    seqlen: int = 2048
+    seqlen: int = DEFAULT_SEQLEN
     dtype: str = "auto"
     device: str = "auto"
     batch_size: int = 4

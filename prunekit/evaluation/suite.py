@@ -27,7 +27,7 @@ from prunekit.evaluation.harness import partial_results_path, plan_tasks, resolv
 from prunekit.evaluation.lm_backend import BackendPlan, plan_backend
 from prunekit.evaluation.hidden_states import DenseReference, check_compatible, model_fingerprint, torch_dtype
 from prunekit.evaluation.passes import Language, measure
-from prunekit.evaluation.perplexity import make_windows
+from prunekit.evaluation.perplexity import MC4_DEFAULT_WINDOWS, make_windows
 from prunekit.evaluation.spec import DEFAULT_SNR_TOKENS, EvaluationSpec
 from prunekit.io import versioned
 from prunekit.models import ModelSource, load_model, load_tokenizer, resolve_device, resolve_model
@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_SNR_TOKENS", "RESULTS_KIND", "evaluate", "evaluate_loaded"]
 
-MC4_DEFAULT_WINDOWS = 256  # the Wanda / SparseGPT C4 convention: 256 windows of the validation split
 CHARS_PER_TOKEN_BUDGET = 8  # how much mC4 text to stream per token needed
 PPL_WINDOWING = ("documents joined with '\\n\\n', tokenized once without special tokens, non-overlapping "
                  "windows of seqlen-1 tokens each prefixed with BOS (BOS never scored; without a BOS token: "
@@ -101,30 +100,49 @@ def evaluate(
     progress: bool = True,
     revision: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a checkpoint and return the results dict (``prunekit eval``).
-
-    Args:
-        checkpoint (`str` or `Path`): a local dir (e.g. from ``prunekit prune``), Hub id, ``.gguf`` file or
-            ``embedded:NAME``.
-        spec (`EvaluationSpec`, *optional*): what to measure and how; default ``EvaluationSpec()``. Its
-            ``langs`` None: the study's seven plus the checkpoint's calibration languages.
-        dense (`str` or `DenseReference`, *optional*): the dense model the checkpoint was pruned from; enables
-            SNR / pruning error of hidden states (cached per dense model; a sweep passes one reference for all runs).
-        out (`str` or `Path`, *optional*): results.json to write atomically, the perplexity before the tasks.
-        progress (`bool`, defaults to `True`): progress bars.
-        revision (`str`, *optional*): the Hub revision of ``checkpoint``.
-
-    Returns:
-        `dict`: the results (schema in ``prunekit/evaluation/SCHEMA.md``).
-
-    Raises:
-        ConfigError: an option the spec refuses, or SNR asked for without evaluation text.
-        ModelError: a checkpoint and dense model of different architectures or tokenizers.
+    """Evaluate a checkpoint per language and return its results (what ``prunekit eval`` runs).
 
     Perplexity and SNR stream the checkpoint a decoder layer at a time from its safetensors shards, every
     language in one pass; the model is loaded whole only for lm-eval tasks.
 
-    Example: ``evaluate("gemma-sw", EvaluationSpec(langs="sw,en"), dense="embedded:gemma-3-270m", out="results.json")``
+    Args:
+        checkpoint (`str` or `Path`):
+            The model to evaluate: a local checkpoint dir (e.g. from ``prunekit prune``), a Hub id
+            (``org/name``, downloaded into the Hugging Face cache), a ``.gguf`` file, or ``embedded:NAME``.
+        spec (`EvaluationSpec`, *optional*, defaults to `EvaluationSpec()`):
+            What to measure and how: languages, perplexity text and windows (``seqlen`` 2048, all the embedded
+            held-out text), SNR tokens, lm-eval tasks and their backend. Its ``langs`` None means the study's
+            seven languages plus the checkpoint's calibration languages.
+        dense (`str` or `DenseReference`, *optional*, defaults to `None`):
+            The dense model the checkpoint was pruned from (a MODEL string as ``checkpoint``, or a reference a
+            sweep shares between runs). Enables SNR / pruning error of hidden states, its states cached per dense
+            model. None: no SNR (``prunekit eval`` defaults it to the recorded base model; this function does not).
+        out (`str` or `Path`, *optional*, defaults to `None`):
+            The results.json to write atomically: perplexity and SNR before the tasks start, each task as it
+            ends; a rerun with the same settings skips what it holds. None: nothing is written.
+        progress (`bool`, *optional*, defaults to `True`):
+            Show progress bars.
+        revision (`str`, *optional*, defaults to `None`):
+            The Hub revision (branch, tag or commit) of a Hub ``checkpoint``; None: its default branch.
+
+    Returns:
+        `dict`: the results (schema in ``prunekit/evaluation/SCHEMA.md``): ``model``, ``dense``, ``languages``,
+        ``perplexity`` and ``hidden_states`` per language, ``tasks``, ``settings``, ``versions``, ``created``.
+
+    Raises:
+        [`ConfigError`]: an option the spec refuses, or SNR asked for without evaluation text (``ppl_source`` none).
+        [`ModelError`]: a checkpoint that cannot be found or read, or a checkpoint and dense model of different
+            architectures or tokenizers.
+        [`DataError`]: evaluation text too short to score one window.
+        [`HubError`]: a Hub id that cannot be downloaded.
+
+    Example:
+
+    ```python
+    >>> from prunekit.evaluation import EvaluationSpec, evaluate
+    >>> results = evaluate("gemma-sw", EvaluationSpec(langs="sw,en"), dense="embedded:gemma-3-270m", out="results.json")
+    >>> results["perplexity"]["sw"]["ppl"], results["hidden_states"]["sw"]["snr_db"]
+    ```
     """
     spec = spec or EvaluationSpec()
     source = resolve_model(str(checkpoint), revision)
@@ -164,10 +182,8 @@ def _evaluate(subject: Subject, spec: EvaluationSpec, dense: DenseReference | No
         if spec.ppl_source is None:
             raise ConfigError("SNR / pruning error need evaluation text: give --ppl-source together with --dense")
     device = resolve_device(spec.device)
-    backend = plan_backend(spec.backend, spec.parallelize, device, spec.task_batch_size, spec.batch_size,
-                           path=None if subject.source is None else subject.source.path, dtype=subject.dtype,
-                           trust_remote_code=spec.trust_remote_code, gpu_memory_utilization=spec.gpu_memory_utilization,
-                           max_model_len=spec.max_model_len, model_args=spec.model_args) if cells else None
+    backend = plan_backend(spec, device, path=None if subject.source is None else subject.source.path,
+                           dtype=subject.dtype) if cells else None
     timings: dict[str, float] = {}
     results = _resumed(out, subject, spec, dense)
     if results is None:
@@ -247,9 +263,7 @@ def _tasks(subject: Subject, spec: EvaluationSpec, backend: BackendPlan, cells, 
         write_results(out, saved)
 
     return run_tasks(
-        backend.model(subject.task_model, device), subject.tokenizer, cells, limit=spec.limit,
-        task_data=spec.task_data, chat_template=spec.chat_template, num_fewshot=spec.num_fewshot,
-        batch_size=backend.batch_size, bootstrap_iters=spec.bootstrap_iters, seed=spec.seed,
+        backend.model(subject.task_model, device), subject.tokenizer, cells, spec,
         model_name=f"'{subject.name}'", backend=backend, partial=None if out is None else partial_results_path(out),
         identity={"model": subject.identity(), "dtype": str(subject.dtype)},
         on_task=save if out is not None and spec.ppl_source is not None else None,
