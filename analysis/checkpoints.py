@@ -1,8 +1,8 @@
 """Read a checkpoint's weights one tensor (or one block of rows) at a time.
 
 A checkpoint is anything :func:`prunekit.models.resolve_model` accepts. Its weights are
-``model.safetensors`` or a sharded ``model.safetensors.index.json``, opened with ``safe_open`` (only
-the requested rows are read). Pickle-only checkpoints (``pytorch_model.bin``) are refused at the door
+``model.safetensors`` or shards with their index, read through
+``prunekit.checkpoint_files.SafetensorsCheckpoint`` (only the requested rows are read). Pickle-only checkpoints (``pytorch_model.bin``) are refused at the door
 (``prunekit.models.check_model_files``), with how to convert them: prunekit loads no pickle.
 
 The analysis never imports prunekit.engine / pipeline / methods: it reads checkpoints and runs
@@ -20,7 +20,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from prunekit.artifacts import INDEX_FILE, overall_sparsity, read_record
+from prunekit.artifacts import overall_sparsity, read_record
+from prunekit.checkpoint_files import SafetensorsCheckpoint
 from prunekit.errors import ModelError
 from prunekit.models import MODULE_NAMES, ModelSource, resolve_model
 
@@ -65,6 +66,13 @@ class Checkpoint:
     fmt: str  # "safetensors" (the one format prunekit reads)
     config: dict[str, Any] = field(default_factory=dict)
     record: dict[str, Any] | None = None  # prunekit.json when prunekit wrote it
+    weights: SafetensorsCheckpoint | None = None  # the shards' reader (built from ``files`` when not given)
+
+    def reader(self) -> SafetensorsCheckpoint:
+        if self.weights is None:
+            path = self.source.path
+            self.weights = SafetensorsCheckpoint(path, {n: str(f.relative_to(path)) for n, f in self.files.items()}, None)
+        return self.weights
 
     @property
     def spec(self) -> str:
@@ -99,40 +107,21 @@ class Checkpoint:
 
 def open_checkpoint(spec: str | Path | ModelSource, label: str | None = None) -> Checkpoint:
     """Resolve ``spec`` (local dir or Hub id) and index its weights without reading them."""
-    from safetensors import safe_open
-
     source = spec if isinstance(spec, ModelSource) else resolve_model(str(spec))
     path = source.path
     label = label or source.spec
     config = {}
     if (path / "config.json").exists():
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    files: dict[str, Path] = {}
-    if (path / INDEX_FILE).exists():
-        index = json.loads((path / INDEX_FILE).read_text(encoding="utf-8"))
-        files = {name: path / file for name, file in index["weight_map"].items()}
-        fmt = "safetensors"
-    elif (path / "model.safetensors").exists():
-        fmt = "safetensors"
-        files = {}
-        with safe_open(str(path / "model.safetensors"), framework="numpy") as handle:
-            files = {name: path / "model.safetensors" for name in handle.keys()}
-    else:
-        raise ModelError(f"'{source.spec}' ({path}) has no model.safetensors or model.safetensors.index.json")
-    shapes: dict[str, tuple[int, ...]] = {}
-    dtypes: dict[str, str] = {}
-    for file in sorted(set(files.values())):
-        if not file.exists():
-            raise ModelError(f"'{source.spec}': shard {file.name} named in the index is missing")
-        with safe_open(str(file), framework="numpy") as handle:
-            for name in handle.keys():
-                sl = handle.get_slice(name)
-                shapes[name] = tuple(sl.get_shape())
-                dtypes[name] = sl.get_dtype()
-    missing = sorted(set(files) - set(shapes))
+    weights = SafetensorsCheckpoint.open(path, source.spec)
+    info = weights.tensor_info()  # from the headers: no weight is read
+    missing = [name for name in weights.names if name not in info]
     if missing:
         raise ModelError(f"'{source.spec}': tensor '{missing[0]}' is named in the index but not in its shard")
-    ckpt = Checkpoint(label, source, files, shapes, dtypes, fmt, config, read_record(path))
+    files = {name: weights.path(name) for name in weights.names}
+    shapes = {name: shape for name, (_, shape) in info.items()}
+    dtypes = {name: code for name, (code, _) in info.items()}
+    ckpt = Checkpoint(label, source, files, shapes, dtypes, "safetensors", config, read_record(path), weights)
     if not ckpt.linears():
         raise ModelError(
             f"'{source.spec}' has no decoder-layer linears named like 'layers.N.self_attn.q_proj.weight' / "
@@ -180,39 +169,16 @@ class TensorReader:
 
     def __init__(self, checkpoint: Checkpoint):
         self.checkpoint = checkpoint
-        self._handles: dict[Path, Any] = {}
+        self._shards = checkpoint.reader().open_shards()
 
-    def __enter__(self) -> "TensorReader":
+    def __enter__(self) -> TensorReader:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
     def close(self) -> None:
-        for handle in self._handles.values():
-            exit_ = getattr(handle, "__exit__", None)
-            if exit_ is not None:
-                exit_(None, None, None)
-        self._handles.clear()
-
-    def _safetensors(self, file: Path):
-        from safetensors import safe_open
-
-        if file not in self._handles:
-            handle = safe_open(str(file), framework="numpy")
-            handle.__enter__()
-            self._handles[file] = handle
-        return self._handles[file]
-
-    def _torch_safetensors(self, file: Path):
-        from safetensors import safe_open
-
-        key = file.with_name(file.name + "#pt")
-        if key not in self._handles:
-            handle = safe_open(str(file), framework="pt")
-            handle.__enter__()
-            self._handles[key] = handle
-        return self._handles[key]
+        self._shards.close()
 
     def zero_blocks(self, name: str, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> Iterator[np.ndarray]:
         """Yield ``W == 0`` as flat bool arrays, block of rows by block of rows (blocks hold a multiple of 8
@@ -223,20 +189,19 @@ class TensorReader:
         step = max(1, chunk_elements // max(cols, 1))
         align = 8 // math.gcd(cols, 8)
         step = max(align, step - step % align)
-        file = self.checkpoint.files[name]
         for start in range(0, rows, step):
             stop = min(rows, start + step)
-            yield self._zero_rows(file, name, start, stop)
+            yield self._zero_rows(name, start, stop)
 
-    def _zero_rows(self, file: Path, name: str, start: int, stop: int) -> np.ndarray:
+    def _zero_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         dtype = self.checkpoint.dtypes[name]
         if dtype in ("F64", "F32", "F16", "I64", "I32", "I16", "I8", "U8", "BOOL"):
-            block = self._safetensors(file).get_slice(name)[start:stop]
+            block = self._shards.slice(name)[start:stop]
             zero = np.equal(block, 0).reshape(-1)
             del block
             return zero
         # bfloat16 / float8: numpy has no such dtype; compare in torch
-        block = self._torch_safetensors(file).get_slice(name)[start:stop]
+        block = self._shards.slice(name, "pt")[start:stop]
         return (block == 0).reshape(-1).numpy()
 
 

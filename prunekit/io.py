@@ -316,20 +316,6 @@ def read_json(path: str | Path, what: str = "") -> Any:
         ) from None
 
 
-def check_safetensors(file: str | Path) -> None:
-    """Open a .safetensors file's header (no weights are read): a truncated or corrupt file fails here."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(file), framework="numpy") as handle:
-            handle.keys()
-    except (SafetensorError, OSError) as err:
-        reason = str(err).replace("Error while deserializing header: ", "")
-        raise ModelError(
-            f"{file} is damaged ({reason}: truncated or corrupt); download or write the checkpoint again"
-        ) from None
-
-
 def safetensors_header(file: str | Path) -> dict[str, Any]:
     """A .safetensors file's JSON header (tensor name -> dtype, shape, data_offsets; ``__metadata__``), read
     from its first bytes only, and checked against the file's size (8-byte length, JSON, then the data).
@@ -337,6 +323,12 @@ def safetensors_header(file: str | Path) -> dict[str, Any]:
     Raises:
         ModelError: a file cut short (an interrupted download or copy) or whose header is not JSON, naming it.
     """
+    return safetensors_layout(file)[1]
+
+
+def safetensors_layout(file: str | Path) -> tuple[int, dict[str, Any]]:
+    """(data start, header) of a .safetensors file, as :func:`safetensors_header` reads and checks it: the
+    header's ``data_offsets`` count from the data start (8 bytes of length + the JSON header)."""
     file = Path(file)
     size = file.stat().st_size
 
@@ -361,7 +353,7 @@ def safetensors_header(file: str | Path) -> dict[str, Any]:
             and len(entry["data_offsets"]) == 2 and isinstance(entry["data_offsets"][1], int)]
     if ends and 8 + length + max(ends) > size:
         raise damaged(f"its tensors end at byte {8 + length + max(ends)} but the file has {size}")
-    return header
+    return 8 + length, header
 
 
 def check_safetensors_size(file: str | Path) -> ModelError | None:

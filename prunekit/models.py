@@ -20,8 +20,9 @@ import torch
 from prunekit.artifacts import CHECKPOINT_PATTERNS as HUB_ALLOW_PATTERNS  # what a checkpoint repo on the Hub holds
 from prunekit.artifacts import INDEX_FILE
 from prunekit.errors import ConfigError, ModelError, SchemaError
+from prunekit.checkpoint_files import check_safetensors
 from prunekit.gguf_conversion import convert_gguf, gguf_source, has_config
-from prunekit.io import cache_dir, check_safetensors, check_safetensors_size, format_size, read_json, safetensors_header
+from prunekit.io import cache_dir, check_safetensors_size, format_size, read_json, safetensors_header
 from prunekit.recipe import AUTO_DTYPE, DTYPE_NAMES, check_dtype_name
 from prunekit.remote import download_snapshot, repository_size
 
@@ -320,8 +321,6 @@ def expected_checkpoint_bytes(spec: str, dtype: str) -> int:
     """About how many bytes a checkpoint of ``spec`` saved in ``dtype`` takes: its tensors' elements
     (from the safetensors headers, no weights read) × the dtype's size. 0 when that is unknown without
     downloading or converting (a Hub id or GGUF file not yet in the cache)."""
-    from safetensors import safe_open
-
     spec = str(spec)
     if spec.startswith(EMBEDDED_PREFIX):
         path = cache_dir("models") / f"embedded-{spec[len(EMBEDDED_PREFIX):]}"
@@ -340,10 +339,9 @@ def expected_checkpoint_bytes(spec: str, dtype: str) -> int:
     elements = 0
     for file in path.glob("*.safetensors"):
         check_safetensors(file)  # a damaged file is named here rather than failing the estimate
-        with safe_open(str(file), framework="numpy") as handle:
-            for name in handle.keys():
-                shape = handle.get_slice(name).get_shape()
-                elements += int(torch.Size(shape).numel())
+        for name, entry in safetensors_header(file).items():
+            if name != "__metadata__":
+                elements += int(torch.Size(entry["shape"]).numel())
     others = sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.suffix != ".safetensors")
     return elements * DTYPES[dtype].itemsize + others
 
@@ -354,8 +352,6 @@ SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 def checkpoint_dtype(path: str | Path) -> str:
     """The dtype a model directory holds: config.json's ``dtype``/``torch_dtype`` (the text config's for a
     multimodal config), else the dtype of its floating safetensors tensors; float32 when neither says."""
-    from safetensors import safe_open
-
     path = Path(path)
     config_file = path / "config.json"
     if config_file.exists():
@@ -365,11 +361,10 @@ def checkpoint_dtype(path: str | Path) -> str:
             if isinstance(name, str) and name in DTYPES:
                 return name
     for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():
-                found = SAFETENSORS_DTYPES.get(handle.get_slice(name).get_dtype())
-                if found is not None:
-                    return found
+        for name, entry in sorted(safetensors_header(file).items()):  # safe_open's order: by name
+            found = SAFETENSORS_DTYPES.get(entry.get("dtype")) if name != "__metadata__" else None
+            if found is not None:
+                return found
     return "float32"
 
 

@@ -34,7 +34,7 @@ from prunekit.models import find_decoder_layers, linear_sublayers
 from prunekit import packing
 from prunekit.packing import pack_linear, plan_packing, quantization_config, quantization_scheme, unpackable_reason
 from prunekit.recipe import Quantization
-from prunekit.streaming import SafetensorsCheckpoint
+from prunekit.checkpoint_files import SafetensorsCheckpoint
 
 PARTS_DIR = ".packed-parts"  # inside the staging directory; removed by ``close``
 

@@ -35,8 +35,9 @@ from prunekit.recipe import (  # noqa: F401 - OutputSpec and run_identity live b
 )
 from prunekit.staging import Staging, discard_staging, file_fingerprint, staging_path
 from prunekit.version import __version__
+from prunekit.checkpoint_files import SafetensorsCheckpoint
 from prunekit.streaming import (
-    ActivationPlan, MirrorWriter, SafetensorsCheckpoint, StreamedLayers, build_skeleton, device_available,
+    ActivationPlan, MirrorWriter, StreamedLayers, build_skeleton, device_available,
     host_available, layer_reserve, plan_activations,
 )
 

@@ -1,13 +1,13 @@
 """Layer streaming: a checkpoint's own dtype, its safetensors shards read one decoder layer at a time, and
 the pruned checkpoint written into a mirror of the base's shards.
 
-- ``SafetensorsCheckpoint`` reads named tensors with safetensors' own lazy reads (``safe_open``, opened per
-  read so the mapped pages leave the process's resident set once a layer is read).
+- The base is read through ``prunekit.checkpoint_files.SafetensorsCheckpoint`` (safetensors' own lazy reads,
+  opened per read so the mapped pages leave the process's resident set once a layer is read).
 - ``MirrorWriter`` copies the base's shard files and index into the output and overwrites each solved
   Linear's bytes in place: dtype, shape, tensor names, sharding and every other tensor are the base's.
-- ``StreamedLayers`` builds the model skeleton on the meta device (accelerate's ``init_empty_weights``
-  with buffers left to the model's own initialisation on the real device) and gives the engine each decoder
-  layer when it reaches it, the next one read from disk (into the page cache) by a thread meanwhile.
+- ``StreamedLayers`` builds the model skeleton on the meta device (``checkpoint_files.empty_model``:
+  accelerate's ``init_empty_weights``, buffers left to the model's own initialisation) and gives the
+  engine each decoder layer when it reaches it, the next one read from disk (into the page cache) by a thread meanwhile.
 - ``plan_activations`` decides where the calibration activations live, a pure function of sizes and free
   memory.
 """
@@ -15,10 +15,8 @@ the pruned checkpoint written into a mirror of the base's shards.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
-import struct
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,110 +25,13 @@ from typing import Any, Iterator
 import torch
 
 from prunekit.artifacts import INDEX_FILE
+from prunekit.checkpoint_files import SafetensorsCheckpoint, empty_model
 from prunekit.errors import ConfigError, ModelError
 from prunekit.models import find_decoder_layers, linear_sublayers
 
-SINGLE_FILE = "model.safetensors"
 # safetensors' dtype codes <-> torch (the ones a language model's weights come in)
 _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
-# ---------------------------------------------------------------------------------------------- dtype
-
-# ------------------------------------------------------------------------------------------- reading
-
-def _header(file: Path) -> tuple[int, dict[str, Any]]:
-    """(data start, header) of a safetensors file: an 8-byte little-endian length, then a JSON header whose
-    ``data_offsets`` count from the end of the header (the format's specification)."""
-    with open(file, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
-    header.pop("__metadata__", None)
-    return 8 + length, header
-
-
-class SafetensorsCheckpoint:
-    """The safetensors weights of a model directory: one file or shards with an index."""
-
-    def __init__(self, directory: Path, weight_map: dict[str, str], index_file: Path | None):
-        self.directory = directory
-        self.weight_map = weight_map  # tensor name -> file name
-        self.index_file = index_file
-
-    @classmethod
-    def find(cls, directory: str | Path) -> "SafetensorsCheckpoint | None":
-        directory = Path(directory)
-        index = directory / INDEX_FILE
-        if index.exists():
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            return cls(directory, dict(weight_map), index)
-        single = directory / SINGLE_FILE
-        if single.exists():
-            from safetensors import safe_open
-
-            with safe_open(single, "pt", device="cpu") as handle:
-                return cls(directory, {name: SINGLE_FILE for name in handle.keys()}, None)
-        return None
-
-    @property
-    def files(self) -> list[str]:
-        return sorted(set(self.weight_map.values()))
-
-    def tensor_info(self) -> dict[str, tuple[str, tuple[int, ...]]]:
-        """name -> (safetensors dtype code, shape), from the headers only."""
-        info = {}
-        for file in self.files:
-            _, header = _header(self.directory / file)
-            info.update({name: (meta["dtype"], tuple(meta["shape"])) for name, meta in header.items()})
-        return info
-
-    def read(self, names: list[str], materialise: bool = True) -> dict[str, torch.Tensor]:
-        """The named tensors, on the CPU. ``safe_open`` maps the file and returns views of the mapping;
-        with ``materialise`` each is copied into process memory and its file closed at once, so the mapped
-        pages leave the resident set one tensor at a time."""
-        from safetensors import safe_open
-
-        tensors = {}
-        if not materialise:
-            for name in names:
-                with safe_open(self.directory / self.weight_map[name], "pt", device="cpu") as handle:
-                    tensors[name] = handle.get_tensor(name)
-            return tensors
-        for name in names:
-            with safe_open(self.directory / self.weight_map[name], "pt", device="cpu") as handle:
-                view = handle.get_tensor(name)
-                tensors[name] = view.clone()
-                del view
-        return tensors
-
-    def byte_ranges(self, names: list[str]) -> dict[str, list[tuple[int, int]]]:
-        """file -> the (start, end) byte ranges the named tensors occupy in it."""
-        ranges: dict[str, list[tuple[int, int]]] = {}
-        headers: dict[str, tuple[int, dict[str, Any]]] = {}
-        for name in names:
-            file = self.weight_map[name]
-            if file not in headers:
-                headers[file] = _header(self.directory / file)
-            start, header = headers[file]
-            begin, end = header[name]["data_offsets"]
-            ranges.setdefault(file, []).append((start + begin, start + end))
-        return ranges
-
-    def warm(self, names: list[str], chunk: int = 8 << 20) -> None:
-        """Read the named tensors' bytes from disk into the page cache (not into this process: one small
-        buffer is reused), so that ``read`` copies them from memory. Run by a read-ahead thread."""
-        buffer = bytearray(chunk)
-        for file, ranges in self.byte_ranges(names).items():
-            fd = os.open(self.directory / file, os.O_RDONLY)
-            try:
-                for begin, end in ranges:
-                    if hasattr(os, "posix_fadvise"):
-                        os.posix_fadvise(fd, begin, end - begin, os.POSIX_FADV_WILLNEED)
-                    for offset in range(begin, end, chunk):
-                        os.preadv(fd, [memoryview(buffer)[: min(chunk, end - offset)]], offset)
-            finally:
-                os.close(fd)
 
 
 # ------------------------------------------------------------------------------------------- writing
@@ -153,12 +54,7 @@ class MirrorWriter:
     def __init__(self, base: SafetensorsCheckpoint, staging: Path):
         self.base = base
         self.staging = Path(staging)
-        self.layout: dict[str, tuple[str, int, int, str, tuple[int, ...]]] = {}  # name -> file, start, end, dtype, shape
-        for file in base.files:
-            data_start, header = _header(base.directory / file)
-            for name, meta in header.items():
-                begin, end = meta["data_offsets"]
-                self.layout[name] = (file, data_start + begin, data_start + end, meta["dtype"], tuple(meta["shape"]))
+        self.layout = base.layout()  # name -> file, start, end, dtype, shape
         self._handles: dict[str, int] = {}
 
     def start(self) -> None:
@@ -207,12 +103,10 @@ def build_skeleton(path: Path, dtype: torch.dtype, trust_remote_code: bool = Fal
     """The model with every parameter on the meta device; buffers (rotary ``inv_freq``, Gemma's
     ``embed_scale``; non-persistent, not in the checkpoint) are created by the model's own initialisation
     on the CPU, as ``from_pretrained`` creates them."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = empty_model(config, dtype, trust_remote_code)
     model.eval()
     model.config.use_cache = False
     model.config._name_or_path = str(path)

@@ -18,10 +18,11 @@ through :func:`run_forward`. It takes a batch list and runs the model layer-majo
 
 The weights come from a :class:`Weights`: :class:`ModelWeights` over an in-memory model (each layer
 moved to the compute device when reached and back after), or :class:`ShardWeights`, which builds the
-model skeleton on the meta device (accelerate's ``init_empty_weights``: non-persistent buffers such
-as rotary ``inv_freq`` are created by the model's own ``__init__``, then moved to the device; they are
-never read from the shards) and reads each layer's tensors from the checkpoint's safetensors shards
-only when the layer is reached. Tied embeddings stay tied: the LM head is read under the embedding's
+model skeleton on the meta device (``checkpoint_files.empty_model``, accelerate's
+``init_empty_weights``: non-persistent buffers such as rotary ``inv_freq`` are created by the model's
+own ``__init__``, then moved to the device; they are never read from the shards) and reads each
+layer's tensors from the checkpoint's shards (``checkpoint_files.SafetensorsCheckpoint``) only when
+the layer is reached. Tied embeddings stay tied: the LM head is read under the embedding's
 name. Peak memory is one layer (or the embedding, or the head) plus the activations of the batches.
 
 Layer-major order runs the same operations on the same shapes as a whole-model forward, so the
@@ -30,7 +31,6 @@ numbers equal it (the head's chunking aside, within float rounding).
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +39,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from prunekit.artifacts import INDEX_FILE
+from prunekit.checkpoint_files import SafetensorsCheckpoint, empty_model
 from prunekit.errors import ModelError
 from prunekit.evaluation.microbatches import MicroBatches
 from prunekit.layer_inputs import capture_inputs, decoder_of, layers_replaced
@@ -170,28 +170,13 @@ class ModelWeights(Weights):
         _move_outside_layers(self.model, self.layers, self.home)
 
 
-def _shard_map(path: Path) -> dict[str, Path] | None:
-    """Tensor name -> safetensors file of a model directory; None without safetensors weights."""
-    index = path / INDEX_FILE
-    if index.exists():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        return {name: path / file for name, file in weight_map.items()}
-    single = path / "model.safetensors"
-    if not single.exists():
-        return None
-    from safetensors import safe_open
-
-    with safe_open(str(single), framework="pt") as handle:
-        return {name: single for name in handle.keys()}
-
-
 class ShardWeights(Weights):
     """A checkpoint read lazily from its safetensors shards onto a meta-device skeleton."""
 
-    def __init__(self, model: torch.nn.Module, files: dict[str, Path], names: dict[str, str]):
+    def __init__(self, model: torch.nn.Module, checkpoint: SafetensorsCheckpoint, names: dict[str, str]):
         self.model = model
         self.path: Path | None = None  # the checkpoint directory (set by :meth:`open`)
-        self.files = files  # checkpoint tensor name -> file
+        self.checkpoint = checkpoint  # the shards (checkpoint tensor name -> file: ``checkpoint.weight_map``)
         self.names = names  # model tensor name -> checkpoint tensor name (tied names share one)
         self.layers_name, self.layers = find_decoder_layers(model)
         embedding = model.get_input_embeddings()
@@ -205,13 +190,13 @@ class ShardWeights(Weights):
     def open(cls, path: str | Path, dtype: torch.dtype | None, trust_remote_code: bool = False) -> "ShardWeights | None":
         """The skeleton of the model in ``path``; None when its weights are not safetensors whose names
         the model uses as they are (the caller then loads the model whole)."""
-        from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig
 
         path = Path(path)
-        files = _shard_map(path)
-        if files is None:
+        checkpoint = SafetensorsCheckpoint.find(path)
+        if checkpoint is None:
             return None
+        files = checkpoint.weight_map
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
         scheme = None
         if getattr(config, "quantization_config", None) is not None:
@@ -223,8 +208,7 @@ class ShardWeights(Weights):
             dtype = getattr(text_config(config), "dtype", None) or getattr(config, "dtype", None) or torch.float32
             dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         try:
-            with init_empty_weights(include_buffers=False):
-                model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+            model = empty_model(config, dtype, trust_remote_code)
         except ValueError as err:
             raise ModelError(f"cannot load '{path}' as a causal language model: {err}") from err
         model.tie_weights()  # from_config leaves tied embeddings untied on the meta device
@@ -243,48 +227,37 @@ class ShardWeights(Weights):
                 log.info("'%s' has no tensor '%s' in its shards; loading the model whole", path, name)
                 return None
             names[name] = stored
-        weights = cls(model, files, names)
+        weights = cls(model, checkpoint, names)
         weights.path, weights.scheme = path, scheme
         return weights
 
     def _read(self, names: Sequence[str], device: torch.device) -> None:
         from accelerate.utils import set_module_tensor_to_device
-        from safetensors import safe_open
 
-        by_file: dict[Path, list[str]] = {}
+        stored = list(dict.fromkeys(self.names[name] for name in names))  # tied names share one tensor
+        parts = {key: [f"{key[: -len('weight_packed')]}{part}" for part in PACKED_PARTS
+                       if f"{key[: -len('weight_packed')]}{part}" in self.checkpoint.weight_map]
+                 for key in stored if key.endswith("_packed")}
+        wanted = [key for key in stored if key not in parts] + [part for group in parts.values() for part in group]
+        # One handle per file and read: the pages it maps are given back when the views are.
+        views = self.checkpoint.read(wanted, materialise=False)
+        self.tensors_read += sum(view.numel() * view.element_size() for view in views.values())
+        read: dict[str, torch.Tensor] = {}
         for name in names:
-            by_file.setdefault(self.files[self.names[name]], []).append(name)
-        for file, wanted in by_file.items():
-            # One handle per read: the pages it maps are given back when it closes.
-            with safe_open(str(file), framework="pt", device="cpu") as handle:
-                read: dict[str, torch.Tensor] = {}
-                for name in wanted:
-                    stored = self.names[name]
-                    if stored not in read:
-                        target = _tensor_of(self.model, name)
-                        tensor = self._unpack(handle, stored) if stored.endswith("_packed") else handle.get_tensor(stored)
-                        if not stored.endswith("_packed"):
-                            self.tensors_read += tensor.numel() * tensor.element_size()
-                        read[stored] = tensor.to(device=device, dtype=target.dtype)
-                    set_module_tensor_to_device(self.model, name, device, value=read[stored])
+            key = self.names[name]
+            if key not in read:
+                target = _tensor_of(self.model, name)
+                tensor = self._unpack({p[len(key) - len("weight_packed"):]: views.pop(p) for p in parts[key]}) \
+                    if key in parts else views.pop(key)
+                read[key] = tensor.to(device=device, dtype=target.dtype)
+                del tensor
+            set_module_tensor_to_device(self.model, name, device, value=read[key])
 
-    def _unpack(self, handle, stored: str) -> torch.Tensor:
-        """One packed Linear's weight, decompressed by compressed-tensors (in the dtype of its scales)."""
+    def _unpack(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One packed Linear's weight (``weight_packed``, ``weight_scale``, ``weight_shape``, maybe
+        ``weight_zero_point``), decompressed by compressed-tensors (in the dtype of its scales)."""
         from compressed_tensors.compressors import BaseCompressor
 
-        prefix = stored[: -len("weight_packed")]
-        state = {}
-        for part in ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point"):
-            key = f"{prefix}{part}"
-            if key in self.files:
-                if self.files[key] == self.files[stored]:
-                    state[part] = handle.get_tensor(key)
-                else:  # a shard boundary fell inside the Linear's tensors
-                    from safetensors import safe_open
-
-                    with safe_open(str(self.files[key]), framework="pt", device="cpu") as other:
-                        state[part] = other.get_tensor(key)
-                self.tensors_read += state[part].numel() * state[part].element_size()
         compressor = BaseCompressor.get_value_from_registry(PACKED_FORMAT)
         return compressor.decompress(state, self.scheme)["weight"].to(state["weight_scale"].dtype)
 
@@ -328,6 +301,7 @@ class ShardWeights(Weights):
 
 
 PACKED_FORMAT = "pack-quantized"
+PACKED_PARTS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
 
 
 def packed_scheme(quantization_config: Any):
