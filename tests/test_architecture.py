@@ -393,7 +393,6 @@ MIN_REPEATED_KEYWORDS = 6
 PENDING = {
     "keywords cli/compare.py compare + prunekit/sweep/stages.py run_analysis",
     "keywords prunekit/evaluation/hidden_states.py hidden_state_errors + prunekit/evaluation/hidden_states.py perplexity_and_hidden_state_errors",
-    "keywords prunekit/hub/card.py _task_rows + prunekit/hub/card.py _text_dataset",
 }
 FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef)
 

@@ -11,7 +11,7 @@ import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from prunekit.artifacts import RESULTS_FILE, overall_sparsity, quantization_summary, record_kind, sparsity_summary
 from prunekit.errors import ConfigError, PrunekitError
@@ -198,7 +198,25 @@ def _metric_scale(name: str) -> float:
     return 1.0 if ("perplexity" in base or "bits_per_byte" in base or base.startswith(("bleu", "chrf", "ter"))) else 100.0
 
 
-def _text_dataset(source: str | None, lang: str) -> dict[str, str]:
+class Dataset(NamedTuple):
+    """What a model-index entry was measured on: its task and dataset, in huggingface_hub's ``EvalResult`` terms."""
+
+    task_type: str
+    task_name: str
+    dataset_type: str
+    dataset_name: str
+    dataset_config: str | None
+    dataset_split: str
+
+
+def _eval_result(dataset: Dataset, metric_type: str, metric_name: str, value: float):
+    """One model-index entry (huggingface_hub's ``EvalResult``): ``value`` of ``metric_type`` on ``dataset``."""
+    from huggingface_hub import EvalResult
+
+    return EvalResult(**dataset._asdict(), metric_type=metric_type, metric_name=metric_name, metric_value=float(value))
+
+
+def _text_dataset(source: str | None, lang: str) -> Dataset:
     """The model-index dataset of a perplexity text source."""
     source = str(source or "unknown")
     if source == "mc4":
@@ -207,8 +225,7 @@ def _text_dataset(source: str | None, lang: str) -> dict[str, str]:
         name, dataset_type, split = f"prunekit embedded texts ({lang})", "prunekit-embedded-texts", "evaluation"
     else:
         name, dataset_type, split = f"{Path(source).name or source} ({lang})", "local", "evaluation"
-    return dict(task_type="text-generation", task_name=TEXT_TASK, dataset_type=dataset_type, dataset_name=name,
-                dataset_config=lang, dataset_split=split)
+    return Dataset("text-generation", TEXT_TASK, dataset_type, name, lang, split)
 
 
 def _task_dataset(task: str, group: str | None, language: str | None) -> str:
@@ -219,8 +236,6 @@ def _task_dataset(task: str, group: str | None, language: str | None) -> str:
 
 
 def _perplexity_rows(res: dict[str, Any], dres: dict[str, Any], eval_results: list) -> list[dict[str, Any]]:
-    from huggingface_hub import EvalResult
-
     rows = []
     for lang, row in (res.get("perplexity") or {}).items():
         ppl, dense_ppl = row.get("ppl"), ((dres.get("perplexity") or {}).get(lang) or {}).get("ppl")
@@ -232,14 +247,11 @@ def _perplexity_rows(res: dict[str, Any], dres: dict[str, Any], eval_results: li
             "delta_pct": 100.0 * delta / dense_ppl if delta is not None and dense_ppl else None,
         })
         if _finite(ppl):
-            eval_results.append(EvalResult(**_text_dataset(row.get("source"), lang), metric_type="perplexity",
-                                           metric_name=f"Perplexity ({lang})", metric_value=float(ppl)))
+            eval_results.append(_eval_result(_text_dataset(row.get("source"), lang), "perplexity", f"Perplexity ({lang})", ppl))
     return rows
 
 
 def _hidden_rows(res: dict[str, Any], eval_results: list) -> list[dict[str, Any]]:
-    from huggingface_hub import EvalResult
-
     rows = []
     for lang, row in (res.get("hidden_states") or {}).items():
         layers = row.get("per_layer") or {}
@@ -249,8 +261,7 @@ def _hidden_rows(res: dict[str, Any], eval_results: list) -> list[dict[str, Any]
         dataset = _text_dataset(((res.get("perplexity") or {}).get(lang) or {}).get("source"), lang)
         for metric, key, label in (("snr", "snr_db", "Hidden-state SNR, dB"), ("pruning_error", "pruning_error", "Pruning error")):
             if _finite(row.get(key)):
-                eval_results.append(EvalResult(**dataset, metric_type=metric, metric_name=f"{label} ({lang})",
-                                               metric_value=float(row[key])))
+                eval_results.append(_eval_result(dataset, metric, f"{label} ({lang})", row[key]))
     return rows
 
 
@@ -266,8 +277,6 @@ def _at(values: list, index: int) -> Any:
 
 
 def _task_rows(res: dict[str, Any], dres: dict[str, Any], eval_results: list) -> list[dict[str, Any]]:
-    from huggingface_hub import EvalResult
-
     rows = []
     for task, row in (res.get("tasks") or {}).items():
         dense_metrics, metrics = (((dres.get("tasks") or {}).get(task) or {}).get("metrics") or {}), []
@@ -277,11 +286,10 @@ def _task_rows(res: dict[str, Any], dres: dict[str, Any], eval_results: list) ->
                             "scale": scale, "delta": scale * (value - dense) if _finite(value) and _finite(dense) else None})
             if row.get("status", "ok") == "ok" and _finite(value):
                 language = row.get("language")
-                eval_results.append(EvalResult(
-                    task_type="question-answering" if name.split(",")[0] in QA_METRICS else "multiple-choice",
-                    task_name=row.get("group") or task, dataset_type=_task_dataset(task, row.get("group"), language),
-                    dataset_name=task, dataset_config=language, dataset_split="test", metric_type=name,
-                    metric_name=f"{name} ({task})", metric_value=float(value)))
+                dataset = Dataset("question-answering" if name.split(",")[0] in QA_METRICS else "multiple-choice",
+                                  row.get("group") or task, _task_dataset(task, row.get("group"), language), task,
+                                  language, "test")
+                eval_results.append(_eval_result(dataset, name, f"{name} ({task})", value))
         rows.append({"task": task, "group": row.get("group"), "language": row.get("language"),
                      "status": row.get("status", "ok"), "note": row.get("note") or "", "samples": row.get("samples"),
                      "metrics": metrics})
