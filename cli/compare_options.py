@@ -7,11 +7,11 @@ first parameter. Each option has the spec field's name (``--lape-thresholds`` is
 
 from __future__ import annotations
 
-import functools
-import inspect
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import typer
+
+from prunekit.cli.spec_options import spec_options
 
 OPTIONS: dict[str, tuple[Any, Any]] = {
     "langs": (Optional[str], typer.Option(None, "--langs", "-l", help="Evaluation languages for LSAR/LAPE/drift, comma-separated (de,en,sw) or 'all'. Default: the study's seven (ar,de,en,es,ru,sw,zh).")),
@@ -31,23 +31,12 @@ OPTIONS: dict[str, tuple[Any, Any]] = {
 }
 
 
-def compare_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Add the options to ``command`` (before its ``out``); its first parameter receives them as a ``CompareSpec``."""
-    own = list(inspect.signature(command).parameters.values())[1:]  # the first is the spec
-    clash = {p.name for p in own} & set(OPTIONS)
-    if clash:
-        raise TypeError(f"{command.__name__} declares comparison options itself: {', '.join(sorted(clash))}")
-    kw = inspect.Parameter.KEYWORD_ONLY
-    own = [p.replace(kind=kw) for p in own]
-    at = next((i for i, p in enumerate(own) if p.name == "out"), len(own))
-    added = [inspect.Parameter(name, kw, annotation=annotation, default=default) for name, (annotation, default) in OPTIONS.items()]
+def _compare_spec() -> type:
+    from prunekit.analysis.spec import CompareSpec
 
-    @functools.wraps(command)
-    def with_options(**values: Any) -> Any:
-        from prunekit.analysis.spec import CompareSpec
+    return CompareSpec
 
-        spec = CompareSpec(**{name: values.pop(name) for name in OPTIONS})
-        return command(spec, **values)
 
-    with_options.__signature__ = inspect.signature(command).replace(parameters=[*own[:at], *added, *own[at:]])  # type: ignore[attr-defined]
-    return with_options
+# Add the options to a command, before its ``out``; its first parameter receives them as a ``CompareSpec``.
+compare_options = spec_options(OPTIONS, _compare_spec, "comparison",
+                               lambda own: next((i for i, p in enumerate(own) if p.name == "out"), len(own)))

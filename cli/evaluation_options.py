@@ -7,12 +7,12 @@ first parameter. Each option has the spec field's name (``--include-bos`` is ``i
 
 from __future__ import annotations
 
-import functools
-import inspect
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import typer
+
+from prunekit.cli.spec_options import spec_options
 
 from prunekit.conventions import HELP as CONVENTIONS_HELP
 
@@ -43,22 +43,12 @@ OPTIONS: dict[str, tuple[Any, Any]] = {
 }
 
 
-def evaluation_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Add the options to ``command``; its first parameter receives them as an ``EvaluationSpec``."""
-    own = list(inspect.signature(command).parameters.values())[1:]  # the first is the spec
-    clash = {p.name for p in own} & set(OPTIONS)
-    if clash:
-        raise TypeError(f"{command.__name__} declares evaluation options itself: {', '.join(sorted(clash))}")
-    kw = inspect.Parameter.KEYWORD_ONLY
-    first, *rest = [p.replace(kind=kw) for p in own]  # the command's argument (CHECKPOINT) stays first
-    added = [inspect.Parameter(name, kw, annotation=annotation, default=default) for name, (annotation, default) in OPTIONS.items()]
+def _evaluation_spec() -> type:
+    from prunekit.evaluation.spec import EvaluationSpec
 
-    @functools.wraps(command)
-    def with_options(**values: Any) -> Any:
-        from prunekit.evaluation.spec import EvaluationSpec
+    return EvaluationSpec
 
-        spec = EvaluationSpec(**{name: values.pop(name) for name in OPTIONS})
-        return command(spec, **values)
 
-    with_options.__signature__ = inspect.signature(command).replace(parameters=[first, *added, *rest])  # type: ignore[attr-defined]
-    return with_options
+# Add the options to a command, after its argument (CHECKPOINT); its first parameter receives them as an
+# ``EvaluationSpec``.
+evaluation_options = spec_options(OPTIONS, _evaluation_spec, "evaluation", lambda own: 1)
