@@ -14,23 +14,10 @@ from prunekit import packing
 from prunekit.packed_writer import PARTS_DIR, safetensors_header
 from prunekit.pipeline import prune
 from prunekit.recipe import CalibrationSpec, EngineSpec, OutputSpec, Quantization
-from tests.conftest import TATOEBA, build_tiny_model
+from tests.conftest import TATOEBA
+from tests.test_streaming import tiny
 
 CALIBRATION = CalibrationSpec("en", str(TATOEBA), nsamples=4, seqlen=24)
-
-
-def tiny(tokenizer, root: Path, name: str, dtype: torch.dtype, shard: str | None = None, **overrides) -> Path:
-    """A tiny random model saved in ``dtype`` (one file, or shards of at most ``shard``)."""
-    from transformers import AutoModelForCausalLM
-
-    path = root / name
-    if not path.exists():
-        build_tiny_model(overrides.pop("arch", "llama"), tokenizer, path, **overrides)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        for file in path.glob("*.safetensors"):
-            file.unlink()
-        model.save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +62,7 @@ CASES = [
 
 @pytest.mark.parametrize("method,quantization,dtype", CASES, ids=[f"{m}-{q.bits}bit-{str(d)[6:]}" for m, q, d in CASES])
 def test_streamed_packed_checkpoint_is_byte_identical_to_the_whole_model_path(method, quantization, dtype, tokenizer, root, tmp_path):
-    base = tiny(tokenizer, root, f"llama-{str(dtype)[6:]}", dtype)
+    base = tiny(tokenizer, root, "llama", dtype)
     streamed, whole = both_paths(base, tmp_path, method, quantization)
     names = assert_same_files(streamed.out, whole.out)
     assert "model.safetensors" in names and "config.json" in names and PARTS_DIR not in names
@@ -87,7 +74,7 @@ def test_streamed_packed_checkpoint_is_byte_identical_to_the_whole_model_path(me
 def test_tied_embeddings_skipped_layer_and_unpackable_widths(tokenizer, root, tmp_path):
     """Gemma 3 with tied embeddings (the LM head is not written), a skipped layer (kept dense from the base) and
     an MLP width the group size does not divide (down_proj kept dense, fake-quantized)."""
-    base = tiny(tokenizer, root, "gemma3-tied", torch.bfloat16, arch="gemma3", tie_word_embeddings=True, intermediate_size=96)
+    base = tiny(tokenizer, root, "gemma3", torch.bfloat16, tie_word_embeddings=True, intermediate_size=96)
     streamed, whole = both_paths(base, tmp_path, "rtn", Quantization(bits=4, group_size=64), skip_layers="last")
     assert_same_files(streamed.out, whole.out)
     kept = {entry["name"] for entry in streamed.record["quantization"]["kept_dense"]}
@@ -96,7 +83,7 @@ def test_tied_embeddings_skipped_layer_and_unpackable_widths(tokenizer, root, tm
 
 def test_sharded_base_and_sharded_output(tokenizer, root, tmp_path, monkeypatch):
     """A base in shards, an output over the shard size: the same shards and index as save_pretrained's."""
-    base = tiny(tokenizer, root, "llama-sharded", torch.bfloat16, shard="60KB")
+    base = tiny(tokenizer, root, "llama", torch.bfloat16, shard="60KB")
     monkeypatch.setattr(packing, "MAX_SHARD_SIZE", "40KB")
     streamed, whole = both_paths(base, tmp_path, "rtn", Quantization(bits=4, group_size=32))
     names = assert_same_files(streamed.out, whole.out)
@@ -123,7 +110,7 @@ def test_streamed_packed_run_holds_one_layer(tokenizer, root, tmp_path, monkeypa
     layer's parts are on disk and no later layer's are."""
     from prunekit.streaming import StreamedLayers
 
-    base = tiny(tokenizer, root, "llama-bfloat16", torch.bfloat16)
+    base = tiny(tokenizer, root, "llama", torch.bfloat16)
     seen = []
     original = StreamedLayers.load
 
