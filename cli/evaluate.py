@@ -88,7 +88,7 @@ def evaluate_command(
     from prunekit.evaluation import evaluate
     from prunekit.evaluation.defaults import default_results_path, recorded_dense
     from prunekit.io import check_output_location
-    from prunekit.models import check_task_memory, memory_check_forced, resolve_model
+    from prunekit.models import ModelSource, check_task_memory, memory_check_forced, resolve_model
 
     if no_save and out is not None:
         raise ConfigError("--no-save and --out contradict each other: give one")
@@ -103,6 +103,10 @@ def evaluate_command(
         dense, note = recorded_dense(checkpoint)
         if note:
             typer.echo(note, err=True)
+        if isinstance(dense, ModelSource):  # a Hub base in the cache: its snapshot as it is, no Hub call
+            from prunekit.evaluation.hidden_states import DenseReference
+
+            dense = DenseReference.from_source(dense, spec.dtype, spec.trust_remote_code)
     if spec.langs is None:
         from prunekit.artifacts import read_record
 

@@ -109,7 +109,8 @@ def gguf_quantization(gguf_path: str | Path) -> str | None:
 
 def gguf_source(model_dir: str | Path) -> dict[str, str | None]:
     """What a converted model dir came from: ``gguf_file`` and its ``gguf_quantization`` (read from the GGUF file
-    when the conversion, made by an older prunekit, did not record it); empty for another dir."""
+    when the conversion, made by an older prunekit, did not record it; left out when that file is gone too, so the
+    caller can find it again); empty for another dir."""
     try:
         data = json.loads((Path(model_dir) / SOURCE_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -117,7 +118,8 @@ def gguf_source(model_dir: str | Path) -> dict[str, str | None]:
     gguf_file = data.get("gguf") if isinstance(data, dict) else None
     if not isinstance(gguf_file, str):
         return {}
-    quantization = data.get("quantization")
-    if quantization is None and Path(gguf_file).is_file():
-        quantization = gguf_quantization(gguf_file)
-    return {"gguf_file": gguf_file, "gguf_quantization": quantization}
+    if "quantization" in data:
+        return {"gguf_file": gguf_file, "gguf_quantization": data["quantization"]}
+    if Path(gguf_file).is_file():
+        return {"gguf_file": gguf_file, "gguf_quantization": gguf_quantization(gguf_file)}
+    return {"gguf_file": gguf_file}

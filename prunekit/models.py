@@ -158,7 +158,7 @@ def resolve_model(spec: str, revision: str | None = None) -> ModelSource:
         name = spec[len(EMBEDDED_PREFIX):]
         directory = _embedded_model_dir(name)
         extra = gguf_source(directory)
-        if extra.get("gguf_quantization") is None:  # converted from a GGUF file since removed: assemble it again
+        if "gguf_quantization" not in extra:  # converted by an older prunekit from a GGUF file since removed
             from prunekit.embedded import embedded_gguf_file
             from prunekit.gguf_conversion import record_gguf_source
 
@@ -323,7 +323,9 @@ def expected_checkpoint_bytes(spec: str, dtype: str) -> int:
     downloading or converting (a Hub id or GGUF file not yet in the cache)."""
     spec = str(spec)
     if spec.startswith(EMBEDDED_PREFIX):
-        path = cache_dir("models") / f"embedded-{spec[len(EMBEDDED_PREFIX):]}"
+        from prunekit.embedded import embedded_model_path
+
+        path = embedded_model_path(spec[len(EMBEDDED_PREFIX):])
     else:
         path = Path(spec).expanduser()
     if not path.is_dir():

@@ -222,11 +222,14 @@ def test_recorded_dense_never_downloads(tmp_path, monkeypatch):
     checkpoint = tmp_path / "ckpt"
     checkpoint.mkdir()
     write_record(checkpoint, versioned(CHECKPOINT_KIND, {"base_model": {"spec": "org/base", "kind": "hub", "revision": "abc"}}))
-    monkeypatch.setattr(defaults, "_cached_on_hub", lambda repo, revision: False)
+    monkeypatch.setattr(defaults, "_hub_snapshot", lambda repo, revision: None)
     spec, note = defaults.recorded_dense(checkpoint)
     assert spec is None and "not in the Hugging Face cache; give --dense org/base to download it" in note
-    monkeypatch.setattr(defaults, "_cached_on_hub", lambda repo, revision: (repo, revision) == ("org/base", "abc"))
-    assert defaults.recorded_dense(checkpoint)[0] == "org/base"
+    snapshot = tmp_path / "snapshots" / "abc"
+    monkeypatch.setattr(defaults, "_hub_snapshot",
+                        lambda repo, revision: snapshot if (repo, revision) == ("org/base", "abc") else None)
+    source = defaults.recorded_dense(checkpoint)[0]  # the cached snapshot itself: using it asks the Hub nothing
+    assert (source.spec, source.path, source.kind, source.revision) == ("org/base", snapshot, "hub", "abc")
     write_record(checkpoint, versioned(CHECKPOINT_KIND, {"base_model": {"spec": "embedded:no-such", "kind": "embedded"}}))
     assert defaults.recorded_dense(checkpoint)[0] is None
     assert defaults.recorded_dense(tmp_path / "no-record") == (None, None)

@@ -17,12 +17,18 @@ def embedded_model_dir(name: str) -> Path:
     """Convert the packaged GGUF once into a safetensors model dir in the user cache and return it."""
     if name not in EMBEDDED_MODELS:
         raise ModelError(f"unknown embedded model '{name}'; available: {', '.join('embedded:' + n for n in EMBEDDED_MODELS)}")
-    target = cache_dir("models") / f"embedded-{name}"
+    target = embedded_model_path(name)
     if (target / "config.json").exists():
         return target
     from prunekit.gguf_conversion import convert_gguf
 
     return convert_gguf(embedded_gguf_file(name), target)
+
+
+def embedded_model_path(name: str) -> Path:
+    """Where the embedded model's safetensors conversion lives in the cache (it may not be there yet: its
+    ``config.json`` is written last)."""
+    return cache_dir("models") / f"embedded-{name}"
 
 
 def embedded_gguf_file(name: str) -> Path:

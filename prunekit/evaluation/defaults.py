@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from prunekit.artifacts import RESULTS_FILE, read_record
-from prunekit.models import EMBEDDED_PREFIX
+from prunekit.models import EMBEDDED_PREFIX, ModelSource
 
 __all__ = ["default_results_path", "recorded_dense"]
 
@@ -38,16 +38,18 @@ def default_results_path(checkpoint: str | Path) -> tuple[Path, str]:
     return target, f"results: {target} ({why}; --out to choose)"
 
 
-def _cached_on_hub(repo_id: str, revision: str | None) -> bool:
+def _hub_snapshot(repo_id: str, revision: str | None) -> Path | None:
+    """The Hugging Face cache's snapshot dir of ``repo_id`` at ``revision``, when its config is there; no network."""
     from huggingface_hub import try_to_load_from_cache
 
     found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
-    return isinstance(found, str)
+    return Path(found).parent if isinstance(found, str) else None
 
 
-def recorded_dense(checkpoint: str | Path) -> tuple[str | None, str | None]:
+def recorded_dense(checkpoint: str | Path) -> tuple[str | ModelSource | None, str | None]:
     """The dense model to compare ``checkpoint`` with when ``--dense`` is not given: the base its record names,
-    if that is available offline (see the module's docstring), and the line saying what was chosen and why.
+    if that is available offline (see the module's docstring), and the line saying what was chosen and why. A Hub
+    base comes as the ``ModelSource`` of its cached snapshot, so that using it asks the Hub nothing.
     (None, None) for a checkpoint with no record (a dense model itself, or one from elsewhere)."""
     path = Path(str(checkpoint)).expanduser()
     record: dict[str, Any] | None = read_record(path) if path.is_dir() else None
@@ -72,8 +74,9 @@ def recorded_dense(checkpoint: str | Path) -> tuple[str | None, str | None]:
         return None, f"no SNR / pruning error: the recorded base {spec} is no longer at {local}; give {tell.split()[0]} PATH"
     if kind == "hub":
         revision = base.get("revision")
-        if _cached_on_hub(spec, revision):
-            return spec, (f"dense reference: {spec} (in the Hugging Face cache), the base the checkpoint's record names "
+        snapshot = _hub_snapshot(spec, revision)
+        if snapshot is not None:
+            return ModelSource(spec, snapshot, "hub", revision=revision), (f"dense reference: {spec} (in the Hugging Face cache), the base the checkpoint's record names "
                           "(--dense to choose, --no-dense for none)")
         return None, f"no SNR / pruning error: the recorded base {spec} is not in the Hugging Face cache; give {tell} to download it"
     return None, None

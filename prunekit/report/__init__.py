@@ -54,7 +54,7 @@ class Report:
 
         runs = list(self.collected.runs) + list(self.collected.dense.values())
         lines = sorted({windows_perplexity_settings(r.results["settings"]) for r in runs
-                        if (getattr(r, "results", None) or {}).get("settings") and r.results.get("perplexity")})
+                        if r.results.get("settings") and r.results.get("perplexity")})
         return f"{'; '.join(lines)}. {PERPLEXITY_SETTINGS_NOTE}" if lines else None
 
     def table(self, metric: str) -> MetricTable:
