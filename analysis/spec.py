@@ -41,8 +41,11 @@ def _only(only: str | Sequence[str] | None) -> tuple[str, ...]:
     unknown = [p for p in items if p not in ANALYSES]
     if unknown or not items:
         shown = ",".join(unknown) or (only if isinstance(only, str) else ",".join(only))
-        raise _error("only", f"'{shown}' is not an analysis; choose from {','.join(ANALYSES)}",
-                          f"unknown analysis '{shown}' in --only; choose from {','.join(ANALYSES)}")
+        from prunekit.errors import did_you_mean
+
+        hint = did_you_mean(unknown[0], ANALYSES) if len(unknown) == 1 else ""
+        raise _error("only", f"'{shown}' is not an analysis; choose from {','.join(ANALYSES)}{hint}",
+                          f"unknown analysis '{shown}' in --only; choose from {','.join(ANALYSES)}{hint}")
     return tuple(a for a in ANALYSES if a in items)
 
 
