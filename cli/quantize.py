@@ -64,17 +64,14 @@ def print_quantize_summary(record: dict, out: Path | None) -> None:
         stdout.print(f"checkpoint written to [bold]{out}[/bold] ({what}; prunekit.json holds the quantization and the full record)")
 
 
-def weight_file_bytes(directory: str | Path) -> int:
-    """The bytes on disk of a checkpoint's weight files (its ``*.safetensors``)."""
-    return sum(file.stat().st_size for file in Path(directory).glob("*.safetensors"))
-
-
 def size_line(out: Path, base: str | Path, dtype: str, checkpoint_format: str) -> str:
     """What the written checkpoint's weight files take on disk, and their ratio to the base's weight files."""
-    written = weight_file_bytes(out)
+    from prunekit.artifacts import weight_bytes
+
+    written = weight_bytes(out) or 0
     what = f"fake-quantized weights in {dtype}" if checkpoint_format == "dense" else f"packed, the rest in {dtype}"
     line = f"weight files written: {written / 2**20:.2f} MiB on disk ({what})"
-    base_bytes = weight_file_bytes(base) if Path(base).is_dir() else 0
+    base_bytes = weight_bytes(base) or 0
     if base_bytes:
         line += f", {written / base_bytes:.3f}× the base's weight files ({base_bytes / 2**20:.2f} MiB)"
     return line
