@@ -115,6 +115,6 @@ def evaluate_command(
     with memory_check_forced(force):
         if spec.tasks:  # lm-eval holds the whole model: refuse now what cannot fit, not after perplexity
             check_task_memory(checkpoint, spec.dtype, spec.device, spec.backend, spec.parallelize)
-        results = evaluate(checkpoint, spec, dense=dense, out=out, progress=not quiet)
+        results = evaluate(source, spec, dense=dense, out=out, progress=not quiet)  # resolved once, above
     if not quiet:
         print_results(results, out)

@@ -92,7 +92,7 @@ def evaluate_loaded(
 
 
 def evaluate(
-    checkpoint: str | Path,
+    checkpoint: str | Path | ModelSource,
     spec: EvaluationSpec | None = None,
     *,
     dense: str | DenseReference | None = None,
@@ -106,9 +106,10 @@ def evaluate(
     language in one pass; the model is loaded whole only for lm-eval tasks.
 
     Args:
-        checkpoint (`str` or `Path`):
+        checkpoint (`str`, `Path` or `ModelSource`):
             The model to evaluate: a local checkpoint dir (e.g. from ``prunekit prune``), a Hub id
-            (``org/name``, downloaded into the Hugging Face cache), a ``.gguf`` file, or ``embedded:NAME``.
+            (``org/name``, downloaded into the Hugging Face cache), a ``.gguf`` file, or ``embedded:NAME``; or one
+            already resolved by ``prunekit.models.resolve_model`` (``revision`` is then ignored).
         spec (`EvaluationSpec`, *optional*, defaults to `EvaluationSpec()`):
             What to measure and how: languages, perplexity text and windows (``seqlen`` 2048, all the embedded
             held-out text), SNR tokens, lm-eval tasks and their backend. Its ``langs`` None means the study's
@@ -145,7 +146,7 @@ def evaluate(
     ```
     """
     spec = spec or EvaluationSpec()
-    source = resolve_model(str(checkpoint), revision)
+    source = checkpoint if isinstance(checkpoint, ModelSource) else resolve_model(str(checkpoint), revision)
     record = read_record(source.path)
     spec, _ = spec.with_default_languages(record)
     wanted = torch_dtype(spec.dtype)
