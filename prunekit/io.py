@@ -115,7 +115,12 @@ def atomic_directory(target: str | Path, overwrite: bool = False, staging: str |
                 shutil.rmtree(trash / target.name, ignore_errors=True)
             shutil.rmtree(trash, ignore_errors=True)
         else:
-            os.replace(staging, target)
+            try:
+                os.replace(staging, target)
+            except OSError as err:  # another process put a non-empty target there since the check: as above
+                if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                raise FileExistsError(target) from err
     except BaseException as err:
         if not given:
             shutil.rmtree(staging, ignore_errors=True)

@@ -312,3 +312,25 @@ def test_an_interrupted_quantize_writes_what_an_uninterrupted_one_writes(checkpo
     assert shard_bytes(out) == reference
     assert len(result.record["quantization"]["per_layer"]) == 4
     assert leftovers(tmp_path) == []
+
+
+def test_a_target_made_by_another_process_at_the_last_moment_is_a_file_exists_error(tmp_path, monkeypatch):
+    """Two sweeps creating one task dir: the other's rename lands between our check and ours. The loser gets
+    FileExistsError (what callers such as sweep.layout.ensure_task_dir expect), not ENOTEMPTY, and leaves nothing."""
+    import prunekit.io as io
+
+    target = tmp_path / "task"
+    real_replace = os.replace
+
+    def the_other_process_first(src, dst):
+        if Path(dst) == target and not target.exists():
+            target.mkdir()
+            (target / "run.json").write_text("{}")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", the_other_process_first)
+    with pytest.raises(FileExistsError):
+        with io.atomic_directory(target) as staging:
+            (staging / "run.json").write_text('{"mine": 1}')
+    assert (target / "run.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["task"]
