@@ -5,7 +5,8 @@
 - LAPE of FFN neurons, dense-sorted bins and neuron deactivation (``lape``);
 - per-layer hidden-state drift (``drift``).
 
-``compare(a, b, CompareSpec(...), dense=None, seeds_a=(), seeds_b=(), out=None)`` mirrors ``prunekit compare``;
+``compare(a, b, CompareSpec(...), dense=None, out=None)`` mirrors ``prunekit compare`` (``a`` / ``b`` a checkpoint,
+or a list of its seeds for mask intersections);
 the :class:`CompareSpec` (``analysis/spec.py``) holds what to measure and how, validated once. The analysis reads checkpoints and runs models; it does
 not import the pruning stack (prunekit.engine, prunekit.pipeline, prunekit.methods).
 """

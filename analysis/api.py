@@ -107,13 +107,11 @@ def _perplexity(result) -> dict[str, Any]:
 
 
 def compare(
-    a: str | Path,
-    b: str | Path,
+    a: str | Path | Sequence[str | Path],
+    b: str | Path | Sequence[str | Path],
     spec: CompareSpec | None = None,
     *,
     dense: str | Path | None = None,
-    seeds_a: Sequence[str | Path] = (),
-    seeds_b: Sequence[str | Path] = (),
     out: str | Path | None = None,
     overwrite: bool = False,
     figures: bool = True,
@@ -122,16 +120,15 @@ def compare(
     """Compare checkpoints ``a`` and ``b``: mask overlap, LSAR, LAPE and hidden-state drift (``prunekit compare``).
 
     Args:
-        a (`str` or `Path`): pruned checkpoint A, a local dir (e.g. from ``prunekit prune``) or a Hub id.
-        b (`str` or `Path`): pruned checkpoint B, likewise.
+        a (`str`, `Path`, or a sequence of them): pruned checkpoint A, a local dir (e.g. from ``prunekit prune``)
+            or a Hub id; or several checkpoints of A's calibration language (other seeds), A first: the mask
+            analysis uses their intersection, the model analyses the first.
+        b (`str`, `Path`, or a sequence of them): pruned checkpoint B, likewise.
         spec (`CompareSpec`, *optional*): what to compute and how (analyses, languages, text, LSAR / LAPE
             settings, dtype, device, ...); default ``CompareSpec()``: all four analyses over the study's seven
             languages of the embedded text.
         dense (`str` or `Path`, *optional*): the dense base model. Masks become ``A ∧ [W_dense ≠ 0]`` and
             LSAR / LAPE / drift compare A and B against it; without it, B is compared against A.
-        seeds_a (sequence of `str` or `Path`, defaults to `()`): more checkpoints of A's calibration language
-            (other seeds); the mask analysis uses their intersection.
-        seeds_b (sequence of `str` or `Path`, defaults to `()`): likewise for B.
         out (`str` or `Path`, *optional*): a directory that receives ``compare.json``, ``summary.md``,
             ``figures/*.png`` and ``lape.npz``, written atomically; None: nothing is written.
         overwrite (`bool`, defaults to `False`): replace a non-empty ``out``.
@@ -143,7 +140,8 @@ def compare(
         spec and its ``fingerprint`` the spec's.
 
     Raises:
-        ConfigError: ``out`` is not empty and ``overwrite`` is off (the spec's own checks ran when it was made).
+        ConfigError: ``out`` is not empty and ``overwrite`` is off, or a side is an empty list (the spec's own
+            checks ran when it was made).
         ModelError: checkpoints of different layouts, or (for LSAR / LAPE / drift) different tokenizers.
 
     Models are loaded one at a time and streamed a decoder layer at a time from their shards; the reference's
@@ -156,14 +154,16 @@ def compare(
     >>> result = compare("gemma-de", "gemma-sw", CompareSpec(langs="de,en,sw"), dense="embedded:gemma-3-270m",
     ...                  out="cmp-de-sw")
     >>> result["masks"]["comparisons"]["between"]["global"]["iou"]
+    >>> seeds = compare(["de-s0", "de-s1"], ["sw-s0", "sw-s1"], CompareSpec(only="masks"), out="iou")  # intersections
     ```
     """
     started = time.perf_counter()
     spec = spec or CompareSpec()
     out_path = None if out is None else Path(out)
     _check_out(out_path, overwrite)
-    roles = _resolve_roles(a, b, dense, seeds_a, seeds_b)
-    result = _new_result(spec, roles, seeded=bool(seeds_a or seeds_b))
+    side_a, side_b = _side(a, "a"), _side(b, "b")
+    roles = _resolve_roles(side_a, side_b, dense)
+    result = _new_result(spec, roles, seeded=len(side_a) + len(side_b) > 2)
     if "masks" in spec.only:
         _mask_analysis(result, roles, spec, progress)
     lape_arrays: dict[str, np.ndarray] = {}
@@ -180,11 +180,19 @@ def compare(
     return result
 
 
-def _resolve_roles(a, b, dense, seeds_a: Sequence, seeds_b: Sequence) -> dict[str, ModelSource]:
+def _side(checkpoints: str | Path | Sequence[str | Path], name: str) -> list[str]:
+    """One side of the comparison as a list: its checkpoint, then the other seeds of its calibration language."""
+    side = [str(checkpoints)] if isinstance(checkpoints, (str, Path)) else [str(c) for c in checkpoints]
+    if not side:
+        raise ConfigError(f"compare: side {name.upper()} names no checkpoint; give one, or a list of seeds")
+    return side
+
+
+def _resolve_roles(side_a: list[str], side_b: list[str], dense) -> dict[str, ModelSource]:
     """Every checkpoint by its role: a, b, a#2.. (seeds of a), b#2.., dense."""
-    roles: dict[str, ModelSource] = {"a": resolve_model(str(a)), "b": resolve_model(str(b))}
-    roles.update({f"a#{i + 2}": resolve_model(str(s)) for i, s in enumerate(seeds_a)})
-    roles.update({f"b#{i + 2}": resolve_model(str(s)) for i, s in enumerate(seeds_b)})
+    roles: dict[str, ModelSource] = {"a": resolve_model(side_a[0]), "b": resolve_model(side_b[0])}
+    roles.update({f"a#{i + 2}": resolve_model(s) for i, s in enumerate(side_a[1:])})
+    roles.update({f"b#{i + 2}": resolve_model(s) for i, s in enumerate(side_b[1:])})
     if dense is not None:
         roles["dense"] = resolve_model(str(dense))
     return roles

@@ -47,7 +47,7 @@ def compare(
     check_output_location(out)  # before the models load
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # warnings are collected into the result and printed below
-        result = run_compare(a, b, spec, dense=dense, seeds_a=_split(seeds_a), seeds_b=_split(seeds_b), out=out,
+        result = run_compare([a, *_split(seeds_a)], [b, *_split(seeds_b)], spec, dense=dense, out=out,
                              overwrite=overwrite, progress=not quiet)
     if not quiet:
         print_summary(result, stdout)

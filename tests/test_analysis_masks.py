@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from prunekit.analysis import masks as M
 from prunekit.analysis.checkpoints import TensorReader, linear_key, open_checkpoint
-from prunekit.errors import ModelError
+from prunekit.errors import ConfigError, ModelError
 
 LINEAR_SUFFIXES = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight",
                    "gate_proj.weight", "up_proj.weight", "down_proj.weight")
@@ -160,6 +160,16 @@ def test_seed_intersections_and_unions_match_constructed_masks(base, tmp_path):
     # three independent 50 % masks: chance |∩|/|∪| = 1/8 / (7/8) = 1/7
     assert comps["within_a"]["global"]["chance"] == pytest.approx(1 / 7, abs=0.01)
     assert comps["within_a"]["global"]["iou"] == pytest.approx(1 / 7, abs=0.01)
+
+    # The public compare takes each side as a list of its seeds (A first) and gives the same mask analysis.
+    from prunekit.analysis import CompareSpec, compare
+
+    public = compare([tmp_path / "a1", tmp_path / "a2", tmp_path / "a3"], [tmp_path / "b7", tmp_path / "b8"],
+                     CompareSpec(only="masks"), progress=False)
+    assert public["masks"]["comparisons"] == comps
+    assert set(public["models"]) == {"a", "a#2", "a#3", "b", "b#2"}
+    with pytest.raises(ConfigError, match="side A names no checkpoint"):
+        compare([], tmp_path / "b7", CompareSpec(only="masks"), progress=False)
 
 
 def test_dense_aware_masks_exclude_and_count_natively_zero_weights(base, tmp_path):

@@ -150,12 +150,11 @@ def test_cli_options_map_onto_the_spec(captured, tmp_path):
                     "--conventions", "study", "--out", str(out), "--overwrite", "-q"])
     assert done.exit_code == 0, done.output
     (a, b, spec, kwargs), = captured
-    assert (a, b) == ("A", "B")
+    assert (a, b) == (["A", "A2", "A3"], ["B", "B2"])
     assert spec == CompareSpec(langs="de,en,sw", text_source="mc4", only="masks,lsar", max_tokens=100, max_length=64,
                                lsar_rank=2, subspace="dense", lape_thresholds="tang", deactivate=True, dtype="float32",
                                device="cpu", batch_size=3, trust_remote_code=True, conventions="study")
-    assert kwargs == {"dense": "D", "seeds_a": ["A2", "A3"], "seeds_b": ["B2"], "out": out, "overwrite": True,
-                      "progress": False}
+    assert kwargs == {"dense": "D", "out": out, "overwrite": True, "progress": False}
 
 
 def test_cli_defaults_are_the_library_defaults(captured, tmp_path):
@@ -194,6 +193,5 @@ def test_the_sweep_analysis_stage_hands_compare_one_spec_from_its_section(captur
     (a, b, spec, kwargs), = captured
     assert spec == CompareSpec(langs="de,sw", text_source=config.ppl_source, only="masks,drift", max_tokens=32,
                                dtype=task.model.dtype, device="cpu")
-    assert Path(a).parent.name == task.runs_a[0] and Path(b).parent.name == task.runs_b[0]
-    assert [Path(s).parent.name for s in kwargs["seeds_a"]] == list(task.runs_a[1:])
+    assert [Path(c).parent.name for c in a] == list(task.runs_a) and [Path(c).parent.name for c in b] == list(task.runs_b)
     assert kwargs["dense"] == task.model.spec and kwargs["overwrite"] is True

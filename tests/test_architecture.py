@@ -388,12 +388,6 @@ def test_planning_a_sweep_imports_no_stage_work_pipeline_or_evaluation():
 MAX_PARAMETERS = 10
 MAX_FUNCTION_LINES = 100
 MIN_REPEATED_KEYWORDS = 6
-# Offenders of the three checks below being fixed on other branches (issue 27's reach), as the checks name
-# them. The lead empties this after merging them; do not add to it.
-PENDING = {
-    "keywords cli/compare.py compare + prunekit/sweep/stages.py run_analysis",
-    "keywords prunekit/evaluation/hidden_states.py hidden_state_errors + prunekit/evaluation/hidden_states.py perplexity_and_hidden_state_errors",
-}
 FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef)
 
 
@@ -464,11 +458,7 @@ def repeated_keyword_lists(trees: dict[str, ast.Module]) -> dict[str, list[str]]
 
 
 def _check(found: set[str], what: str, how: str) -> None:
-    new = sorted(found - PENDING)
-    assert not new, f"{what}; {how}:\n" + "\n".join(new)
-    ours = {entry for entry in PENDING if entry.startswith(what.split(":")[0] + " ")}
-    stale = sorted(ours - found)
-    assert not stale, "fixed: remove from PENDING:\n" + "\n".join(stale)
+    assert not found, f"{what}; {how}:\n" + "\n".join(sorted(found))
 
 
 def test_no_public_function_outside_cli_takes_more_than_ten_parameters():

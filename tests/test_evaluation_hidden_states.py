@@ -158,48 +158,56 @@ def test_pruned_checkpoint_carries_its_record_and_errs_in_every_layer(tiny_llama
 def test_one_scoring_pass_gives_exactly_the_numbers_of_separate_perplexity_and_hidden_state_passes(
     tiny_llama, perturbed_llama, texts_dir, tmp_path, monkeypatch
 ):
+    """evaluate's one pass (perplexity and SNR / PE together, ``passes.measure``) against the separate
+    per-language reference passes: ``perplexity``, ``collect_states`` and ``hidden_state_errors``."""
     from safetensors.torch import load_file
 
-    from prunekit.evaluation import hidden_state_errors, make_windows, perplexity, perplexity_and_hidden_state_errors
+    from prunekit.evaluation import hidden_state_errors, make_windows, perplexity
     from prunekit.evaluation.hidden_states import collect_states
+    from prunekit.textsources import load_texts
 
     monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path / "cache"))
     cpu = torch.device("cpu")
     dense_model, tok, source = load_model(str(tiny_llama))
     dense = DenseReference.from_loaded(dense_model, tok, source)
-    text = (texts_dir / "en.txt").read_text(encoding="utf-8")
-    windows = make_windows(tok, [text], 32, max_windows=3)
+    documents = [d.text for d in load_texts(str(texts_dir), "en", "evaluation").documents]
+    windows = make_windows(tok, documents, 32, 3)
     assert len(windows.windows) == 3
     everything = sum(len(w) for w in windows.windows)
+    spec = EvaluationSpec(langs="en", ppl_source=str(texts_dir), seqlen=32, max_windows=3, snr_tokens=everything,
+                          batch_size=2, device="cpu")
 
     # The dense model evaluating itself collects its states while it scores: the cache holds exactly
     # what a separate dense pass computes, and its perplexity is the plain one.
     before = COUNTERS["dense_passes"]
-    ppl, own = perplexity_and_hidden_state_errors(dense_model, dense, windows, snr_tokens=everything, device=cpu,
-                                                  batch_size=2, progress=False, lang="en")
+    res = evaluate(tiny_llama, spec, dense=str(tiny_llama), progress=False)
+    own, ppl = res["hidden_states"]["en"], res["perplexity"]["en"]
     assert COUNTERS["dense_passes"] == before + 1
     assert own["dense_cache"]["status"] == "computed" and own["pruning_error"] == 0.0 and own["snr_db"] == math.inf
-    assert ppl == perplexity(dense_model, windows, 2, progress=False)
+    reference = perplexity(dense_model, windows, 2, progress=False, device=cpu)
+    assert ppl["ppl"] == pytest.approx(reference.ppl, rel=1e-6) and ppl["tokens"] == reference.tokens
     cached = load_file(own["dense_cache"]["file"])
     separate_states = collect_states(dense_model, windows, 2, True, torch.float32, progress=False)
-    assert all(torch.equal(cached[f"layer.{i}"], s) for i, s in enumerate(separate_states))
-    assert own["per_layer"]["mu"] == hidden_state_errors(dense_model, dense, windows, device=cpu, batch_size=2,
-                                                         progress=False)["per_layer"]["mu"]
+    assert all(torch.allclose(cached[f"layer.{i}"], s, rtol=1e-5, atol=1e-6) for i, s in enumerate(separate_states))
+    separate_own = hidden_state_errors(dense_model, dense, windows, device=cpu, batch_size=2, progress=False)
+    assert own["per_layer"]["mu"] == pytest.approx(separate_own["per_layer"]["mu"], rel=1e-5)
 
-    # A pruned model: one pass against the cache gives bit-identical perplexity and D.1 numbers.
+    # A pruned model: one pass against the cache gives the perplexity and D.1 numbers of separate passes.
     pruned, _, _ = load_model(str(perturbed_llama))
-    merged_ppl, merged = perplexity_and_hidden_state_errors(pruned, dense, windows, snr_tokens=everything, device=cpu,
-                                                            batch_size=2, progress=False, lang="en")
+    merged = evaluate(perturbed_llama, spec, dense=str(tiny_llama), progress=False)
     separate = hidden_state_errors(pruned, dense, windows, device=cpu, batch_size=2, progress=False, lang="en")
-    assert merged_ppl == perplexity(pruned, windows, 2, progress=False)
-    assert merged["dense_cache"]["status"] == "hit" and merged["per_layer"] == separate["per_layer"]
-    assert merged["per_layer"]["pruning_error"][0] == 0.0 and merged["per_layer"]["pruning_error"][1] > 0
+    assert merged["perplexity"]["en"]["ppl"] == pytest.approx(perplexity(pruned, windows, 2, progress=False).ppl, rel=1e-6)
+    mine = merged["hidden_states"]["en"]
+    assert mine["dense_cache"]["status"] == "hit" and mine["tokens"] == separate["tokens"]
+    for key in ("pruning_error", "snr_db", "mu"):
+        assert mine["per_layer"][key] == pytest.approx(separate["per_layer"][key], rel=1e-5)
+    assert mine["per_layer"]["pruning_error"][0] == 0.0 and mine["per_layer"]["pruning_error"][1] > 0
 
-    # Fewer SNR positions than the windows hold: two passes, SNR on the truncated prefix only.
-    short_ppl, short = perplexity_and_hidden_state_errors(pruned, dense, windows, snr_tokens=40, device=cpu,
-                                                          batch_size=2, progress=False, lang="en")
-    assert short_ppl == merged_ppl
-    assert short["tokens"] == 40 - 2 and short["windows"] == 2  # a window of 32 and one of 8, BOS excluded
+    # Fewer SNR positions than the windows hold: SNR on the prefix only, the perplexity unchanged.
+    short = evaluate(perturbed_llama, EvaluationSpec(**(spec.to_settings() | {"snr_tokens": 40})), dense=str(tiny_llama),
+                     progress=False)
+    assert short["perplexity"]["en"]["ppl"] == merged["perplexity"]["en"]["ppl"]
+    assert short["hidden_states"]["en"]["tokens"] == 40 - 2 and short["hidden_states"]["en"]["windows"] == 2  # 32 + 8, BOS excluded
 
 
 def test_dense_cache_is_keyed_by_the_gpu_model_not_only_cuda(tiny_llama, texts_dir, monkeypatch):

@@ -14,7 +14,6 @@ from prunekit.evaluation.hidden_states import (
     DenseReference,
     check_compatible,
     hidden_state_errors,
-    perplexity_and_hidden_state_errors,
     pruning_error_and_snr,
 )
 from prunekit.evaluation.spec import EvaluationSpec
@@ -32,7 +31,6 @@ __all__ = [
     "evaluate",
     "evaluate_loaded",
     "hidden_state_errors",
-    "perplexity_and_hidden_state_errors",
     "make_windows",
     "perplexity",
     "plan_tasks",

@@ -39,10 +39,9 @@ import torch
 
 from prunekit.errors import ConfigError, ModelError
 from prunekit.evaluation.forward import Consumer, ModelWeights, Weights, as_weights, open_weights, run_forward
-from prunekit.evaluation.perplexity import PerplexityResult, Windows, perplexity, window_batches
+from prunekit.evaluation.perplexity import Windows, window_batches
 from prunekit.io import cache_dir
 from prunekit.models import DTYPES, ModelSource, text_config, tokenizer_fingerprint
-from prunekit.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -492,47 +491,3 @@ def hidden_state_errors(
                             device=device)
     exclude_first = bool(exclude_bos and windows.bos is not None)
     return errors_json(layers, int(states[0].shape[0]), exclude_first, windows, cache, path)
-
-
-def perplexity_and_hidden_state_errors(
-    model, dense: DenseReference, windows: Windows, *, snr_tokens: int, device: torch.device, batch_size: int = 4,
-    exclude_bos: bool = True, store_dtype: str | None = None, progress: bool = True, lang: str = "",
-) -> tuple[PerplexityResult, dict[str, Any]]:
-    """Perplexity of ``windows`` and SNR / PE against ``dense`` on their first ``snr_tokens`` positions.
-
-    When those positions are all of the windows (short evaluation texts, as in the demo), one forward
-    pass does both: the decoder layers' outputs are compared, or for the dense model itself collected
-    into the cache, while the windows are scored. The batches are the ones a separate pass would run,
-    so the numbers are identical to :func:`perplexity` followed by :func:`hidden_state_errors`."""
-    description = f"perplexity {lang}".strip()
-    snr_windows = windows.truncated(snr_tokens)
-    if snr_windows.windows != windows.windows:
-        result = perplexity(model, windows, batch_size, progress, description, device=device)
-        return result, hidden_state_errors(model, dense, snr_windows, device=device, batch_size=batch_size,
-                                           exclude_bos=exclude_bos, store_dtype=store_dtype, progress=progress, lang=lang)
-    entry = cache_entry(dense, windows, dtype=model_dtype(model), device=device, batch_size=batch_size,
-                        exclude_bos=exclude_bos, store_dtype=store_dtype)
-    states = _load_cache(entry.path, entry.tokens)
-    if states is None and dense.holds(model):
-        collector = StateCollector(entry.exclude_first, entry.store_dtype)
-        result = perplexity(model, windows, batch_size, progress, f"{description} + dense hidden states",
-                            device=device, consumers=[collector])
-        states = collector.states(len(collector.per_layer))
-        _store(entry, dense, states, lang)
-        layers = []
-        for layer_states in states:  # the model against its own states: PE 0, SNR +inf, μ and E as usual
-            acc = LayerError()
-            acc.update(layer_states, layer_states)
-            layers.append(acc.finish())
-        cache = "computed"
-    else:
-        cache = "hit"
-        if states is None:
-            states = _compute_dense_states(dense, windows, entry, device=device, batch_size=batch_size,
-                                           progress=progress, lang=lang)
-            cache = "computed"
-        comparer = StateComparer(states, entry.exclude_first)
-        result = perplexity(model, windows, batch_size, progress, f"{description} + hidden-state error",
-                            device=device, consumers=[comparer])
-        layers = comparer.finish()
-    return result, errors_json(layers, int(states[0].shape[0]), entry.exclude_first, windows, cache, entry.path)

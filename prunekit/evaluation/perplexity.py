@@ -167,7 +167,7 @@ def perplexity(
     ``model`` is an in-memory model or a :class:`prunekit.evaluation.forward.Weights` (a checkpoint
     streamed layer by layer); ``device`` defaults to where the model's parameters are.
     ``layer_callback(index, hidden)`` and ``consumers`` see every decoder layer's output of the same
-    forward, so hidden-state measurements ride on it (see ``perplexity_and_hidden_state_errors``)."""
+    forward, so hidden-state measurements ride on it (``passes.measure`` does that for every language at once)."""
     scorer = NllSum()
     extra = list(consumers) + ([Callback(layer_callback)] if layer_callback is not None else [])
     weights = as_weights(model)

@@ -74,7 +74,7 @@ class RunTask:
 @dataclass(frozen=True)
 class AnalysisTask:
     """Compare the checkpoints calibrated on ``pair[0]`` and ``pair[1]`` (first seed each; the other
-    seeds go to ``seeds_a`` / ``seeds_b`` of prunekit.analysis.compare for seed intersections)."""
+    seeds go with them, each side a list, to prunekit.analysis.compare for seed intersections)."""
 
     model: ModelEntry
     method: MethodEntry

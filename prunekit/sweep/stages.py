@@ -290,9 +290,8 @@ def run_analysis(config: SweepConfig, runs_dir: Path, task: AnalysisTask, progre
         from prunekit.analysis import compare
 
         spec = replace(config.compare, dtype=task.model.dtype)
-        comparison = compare(str(side_a[0]), str(side_b[0]), spec, dense=task.model.spec,
-                             seeds_a=[str(c) for c in side_a[1:]], seeds_b=[str(c) for c in side_b[1:]],
-                             out=directory / "compare", overwrite=True, progress=progress)
+        comparison = compare(side_a, side_b, spec, dense=task.model.spec, out=directory / "compare", overwrite=True,
+                             progress=progress)
         del comparison  # written to compare/compare.json (+ summary.md, figures/) by compare itself
         result = {"status": "ok", "compare": "compare/compare.json", "summary": "compare/summary.md"}
         write_json_atomic(directory / ANALYSIS_RESULT_FILE, versioned(SWEEP_ANALYSIS_RESULT_KIND, {"pair": list(task.pair), **result}))
