@@ -116,12 +116,12 @@ def publish_sweep_collection(sweep_name: str, repo_ids: list[str], namespace: st
     """
     from huggingface_hub import CommitOperationAdd
 
-    namespace, endpoint = validate_namespace(namespace), resolve_endpoint(endpoint)
-    repo_ids = [validate_repo_id(r) for r in dict.fromkeys(repo_ids)]
     explicit_title = bool(title)
     title = (title or default_title(sweep_name)).strip()
     if not title or len(title) > TITLE_MAX:
         raise ConfigError(f"the collection title '{title}' must have 1 to {TITLE_MAX} characters; shorten push.collection")
+    namespace, endpoint = validate_namespace(namespace), resolve_endpoint(endpoint)
+    repo_ids = [validate_repo_id(r) for r in dict.fromkeys(repo_ids)]
     leaderboard = validate_repo_id(leaderboard) if leaderboard else None
     api, token = hub_api(f"publishing the collection '{title}'", endpoint, token, offline_hint="unset HF_HUB_OFFLINE to publish")
 
@@ -166,9 +166,9 @@ def publish_sweep_collection(sweep_name: str, repo_ids: list[str], namespace: st
         path = call(f"reading {item.repo_id}'s card", lambda: api.hf_hub_download(
             item.repo_id, CARD_FILE, revision=item.sha), item.repo_id)
         card = Path(path).read_text(encoding="utf-8")
+        siblings = _siblings(item, published, endpoint)
         updated = with_related_section(card, title=title, count=len(published), collection_url=collection.url,
-                                       leaderboard=space, recipe=f"{item.method} {item.recipe}",
-                                       siblings=_siblings(item, published, endpoint))
+                                       leaderboard=space, recipe=f"{item.method} {item.recipe}", siblings=siblings)
         if updated == card:
             continue
         validate_model_card(updated)

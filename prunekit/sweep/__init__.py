@@ -19,7 +19,7 @@ _LAZY = {
     "run_sweep": "prunekit.sweep.orchestrate",
     "Plan": "prunekit.sweep.plan",
     "make_plan": "prunekit.sweep.plan",
-    "plan_table": "prunekit.sweep.plan",
+    "plan_table": "prunekit.sweep.table",
 }
 
 

@@ -1,5 +1,6 @@
 """``run_sweep``: validate, expand, plan, run the phases (dense -> runs -> analysis) through a backend,
-summarize. The plan is :mod:`prunekit.sweep.plan`'s (read through :mod:`prunekit.sweep.layout`), the work of one
+summarize. The plan is :mod:`prunekit.sweep.plan`'s (read through :mod:`prunekit.sweep.layout`; its table
+:mod:`prunekit.sweep.table`'s), the work of one
 task :mod:`prunekit.sweep.stages`'s, where it runs :mod:`prunekit.sweep.backends`'s."""
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from prunekit.io import versioned, write_json_atomic
 from prunekit.progress import stderr_console
 from prunekit.sweep.backends import choose_executor, describe
 from prunekit.sweep.config import SweepConfig, load_config
-from prunekit.sweep.grid import AnalysisTask, DenseTask, RunTask
+from prunekit.sweep.grid import AnalysisTask, DenseTask, RunTask, expand
 from prunekit.sweep.layout import write_snapshot
-from prunekit.sweep.plan import Plan, make_plan, plan_console, plan_table
+from prunekit.sweep.plan import Plan, read_plan
 from prunekit.sweep.stages import TaskOutcome, publish_collection
 from prunekit.sweep.state import now_iso
+from prunekit.sweep.table import plan_console, plan_table
 
 
 @dataclass
@@ -149,10 +151,11 @@ def run_sweep(
     if not dry_run and runs_dir.exists():
         for sub in ("runs", "dense", "analysis", "sweeps"):
             clean_partials_top(runs_dir / sub)
-    plan = make_plan(cfg, runs_dir)
+    grid = expand(cfg)  # what the sweep does; the plan is the state of each of its tasks, read again as they move
+    plan = read_plan(cfg, runs_dir, grid)
     if console is not None:
-        console.print(plan_table(plan, runs_dir))
-    counts = plan.counts()
+        console.print(plan_table(plan))
+    counts = plan.counts
     summary = SweepSummary(runs_dir, cfg.name, counts["tasks"], counts["runs"], counts["complete"], 0, dry_run=dry_run)
     if dry_run:
         summary.pending = sum(not row.complete for row in plan.rows)
@@ -170,9 +173,10 @@ def run_sweep(
     }))
     outcomes: list[TaskOutcome] = []
     for kind in (DenseTask, RunTask, AnalysisTask):
-        outcomes += run_phase(cfg, runs_dir, kind, run, progress, digest, max_parallel)
+        done, plan = run_phase(plan, kind, run, progress, digest, max_parallel)
+        outcomes += done
 
-    final = make_plan(cfg, runs_dir)
+    final = plan  # as the last phase last read it: nothing pending or running anywhere
     tally(summary, final, outcomes)
     summary.notes = dense_cache_notes(runs_dir, [o.task_id for o in outcomes if "eval" in o.ran])
     summary.notes += publish_collection(cfg, runs_dir, final.grid.runs) if cfg.push else []
@@ -189,7 +193,7 @@ def tally(summary: SweepSummary, final, outcomes: list[TaskOutcome]) -> None:
     summary.outcomes = outcomes
     # completed now: this process ran a stage of it (a task found done, run meanwhile elsewhere, is not counted)
     summary.completed = sum(1 for o in outcomes if o.state == "done" and (o.ran or not o.skipped) and final_complete(final, o.task_id))
-    summary.completed_elsewhere = max(0, final.counts()["complete"] - summary.already_done - summary.completed)
+    summary.completed_elsewhere = max(0, final.counts["complete"] - summary.already_done - summary.completed)
     summary.busy = [row.task.task_id for row in final.rows if "busy" in row.states.values()]
     for row in final.rows:
         if row.complete or row.task.task_id in summary.busy:
@@ -204,21 +208,24 @@ WAIT_POLL_S = 5.0
 MAX_BUSY_RETRIES = 720  # a task that keeps answering 'busy' although no live runner shows: left after ~1 h
 
 
-def run_phase(cfg: SweepConfig, runs_dir: Path, kind: type, run, progress: bool, digest: str, max_parallel: int) -> list[TaskOutcome]:
+def run_phase(plan: Plan, kind: type, run, progress: bool, digest: str,
+              max_parallel: int) -> tuple[list[TaskOutcome], Plan]:
     """Run the phase's pending tasks, then wait for those another process runs (a second sweep on this
     runs dir): a task whose runner dies meanwhile becomes pending again and runs here. Each task is run
     at most once by this sweep (a failure is not retried until the next sweep), and the phase ends when
-    none of its tasks is running anywhere, so the next phase finds its dependencies done."""
+    none of its tasks is running anywhere, so the next phase finds its dependencies done. Returns what ran here
+    and the plan as last read, after the phase's last change."""
     outcomes: dict[str, TaskOutcome] = {}
     attempted: set[str] = set()
     busy_retries: dict[str, int] = {}
     announced = False
     while True:
-        plan = make_plan(cfg, runs_dir)
+        plan = plan.refreshed()
         pending = [t for t in plan.pending(kind) if t.task_id not in attempted]
         claimed_elsewhere = []
         if pending:
-            for outcome in run(cfg, runs_dir, pending, progress, config_digest=digest, max_parallel=max_parallel):
+            for outcome in run(plan.config, plan.runs_dir, pending, progress, config_digest=digest,
+                               max_parallel=max_parallel):
                 retries = busy_retries[outcome.task_id] = busy_retries.get(outcome.task_id, 0) + (outcome.state == "busy")
                 if outcome.state == "busy" and retries < MAX_BUSY_RETRIES:
                     claimed_elsewhere.append(outcome.task_id)  # another process claimed it a moment before us
@@ -230,7 +237,7 @@ def run_phase(cfg: SweepConfig, runs_dir: Path, kind: type, run, progress: bool,
         busy = [row.task.task_id for row in plan.rows if isinstance(row.task, kind) and "busy" in row.states.values()]
         waiting = busy + claimed_elsewhere
         if not waiting:
-            return list(outcomes.values())
+            return list(outcomes.values()), plan
         if progress and not announced:
             stderr_console.print(f"waiting for {len(waiting)} task(s) that another process is running "
                                  f"({', '.join(waiting[:4])}{' …' if len(waiting) > 4 else ''})")
