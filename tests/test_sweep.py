@@ -137,11 +137,21 @@ def test_dense_work_ran_once_per_model_and_every_run_reused_it(killed_and_resume
         assert details["dense_hidden_states"] == {lang: "hit" for lang in LANGS}  # read from the dense stage's cache
 
 
-def test_rerunning_a_finished_sweep_does_nothing(killed_and_resumed):
+def test_rerunning_a_finished_sweep_does_nothing(killed_and_resumed, monkeypatch):
+    from prunekit.sweep import grid, orchestrate, plan
+
     runs_dir = killed_and_resumed["runs_dir"]
     executions = {p.name: status(p, "prune")["executions"] for p in (runs_dir / "runs").iterdir()}
+    expansions, reads = [], []
+    monkeypatch.setattr(orchestrate, "expand", lambda config: expansions.append(1) or grid.expand(config))
+    real_read = plan.read_plan
+    for module in (plan, orchestrate):
+        monkeypatch.setattr(module, "read_plan", lambda *a: reads.append(1) or real_read(*a))
     summary = run_sweep(killed_and_resumed["config"], runs_dir, progress=False)
     assert summary.ok and summary.completed == 0 and summary.already_done == summary.tasks == 13
+    # The grid is expanded once; the plan is read before the phases and again by each phase (once each
+    # here, as nothing is left), and the last phase's read is the final plan.
+    assert len(expansions) == 1 and len(reads) == 1 + 3
     assert {p.name: status(p, "prune")["executions"] for p in (runs_dir / "runs").iterdir()} == executions
 
 
