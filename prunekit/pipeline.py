@@ -148,6 +148,7 @@ class Run:
     skipped: set[int] = field(default_factory=set)
     calib_set: Any = None
     activations: torch.device | None = None
+    resumed_at: int | None = None  # the layer a resumed streamed run continued at (``prunekit.staging``)
 
     @property
     def quantize(self) -> bool:
@@ -342,6 +343,7 @@ def open_streamed_output(run: Run, identity: dict[str, Any], stack: contextlib.E
     directory = stack.enter_context(atomic_directory(run.out, overwrite=may_replace(run.out, run.output.overwrite),
                                                      staging=staging.path, kept=staging.kept))
     writer.resume() if staging.point is not None else writer.start()
+    run.resumed_at = None if staging.point is None else staging.point.next_layer
     staging.started(len(run.layers), gemm_plan(next(run.model.parameters()).dtype, run.device))
     return StreamedOutput(staging, directory, writer)
 
@@ -382,6 +384,9 @@ def build_record(run: Run, layer_results: list[LayerResult], grids: dict[str, An
             "device": str(run.device),
             "activations": None if run.activations is None else str(run.activations),
             "streamed": run.streamed is not None,
+            # a run resumed from an interrupted one's staging: the weights are the same bytes; its timings count
+            # the layers from ``at_layer`` on only
+            "resumed": None if run.resumed_at is None else {"at_layer": run.resumed_at, "of": len(run.layers)},
             summary_key(kind): summary,
             "timings": run.timings,
             "versions": library_versions(),

@@ -93,6 +93,8 @@ def test_an_interrupted_run_resumes_at_its_layer_byte_identical(method, base, re
     assert "resumed at layer 2 of 4" in err and ".out.partial" in err
     assert engines == [2, 3]  # layers 0 and 1 were neither read nor solved again
     assert shard_bytes(out) == reference[method]
+    assert result.record["resumed"] == {"at_layer": 2, "of": 4}
+    assert json.loads((out / "prunekit.json").read_text())["resumed"] == {"at_layer": 2, "of": 4}
     per_layer = result.record["sparsity"]["per_layer"]
     assert [layer["index"] for layer in per_layer] == [0, 1, 2, 3]
     if method != "magnitude":  # measured on calibration tokens
@@ -143,6 +145,7 @@ def test_no_resume_starts_fresh(base, reference, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "resumed" not in err and "--no-resume" in err and "removed .out.partial" in err
     assert shard_bytes(out) == reference["wanda"]
+    assert json.loads((out / "prunekit.json").read_text())["resumed"] is None
     assert leftovers(tmp_path) == []
 
 
