@@ -66,13 +66,32 @@ def _lm_eval_tasks_dir() -> Path:
     return Path(spec.origin).parent / "tasks"
 
 
+@dataclass(frozen=True)
+class OkapiFamily:
+    """A benchmark lm-eval has in English and, translated by Okapi, in some other languages."""
+
+    folder: str  # lm-eval's tasks/okapi/<folder>
+    prefix: str  # its tasks are <prefix><lang>
+    english: tuple[str, ...]  # lm-eval's English task(s)
+    missing: str  # the n/a note, with {language} and {languages} (those Okapi has)
+
+
+OKAPI = {
+    "arc": OkapiFamily("arc_multilingual", "arc_", ("arc_challenge", "arc_easy"),
+                       "no ARC in {language}: lm-eval has English ARC and Okapi's translated ARC-Challenge only in {languages}"),
+    "hellaswag": OkapiFamily("hellaswag_multilingual", "hellaswag_", ("hellaswag",),
+                             "no HellaSwag in {language}: lm-eval has English HellaSwag and Okapi's translations only in {languages}"),
+    "mmlu": OkapiFamily("mmlu_multilingual", "m_mmlu_", ("mmlu",),
+                        "no MMLU in {language}: lm-eval has English MMLU and Okapi's m_mmlu only in {languages}"),
+}
+
+
 @lru_cache(maxsize=None)
 def okapi_languages(kind: str) -> tuple[str, ...]:
     """Languages of an Okapi family in the installed lm-eval (kind: arc, hellaswag, mmlu)."""
-    folder = {"arc": "arc_multilingual", "hellaswag": "hellaswag_multilingual", "mmlu": "mmlu_multilingual"}[kind]
-    prefix = {"arc": "arc_", "hellaswag": "hellaswag_", "mmlu": "m_mmlu_"}[kind]
-    files = (_lm_eval_tasks_dir() / "okapi" / folder).glob(f"{prefix}*.yaml")
-    return tuple(sorted(f.stem[len(prefix):] for f in files))
+    family = OKAPI[kind]
+    files = (_lm_eval_tasks_dir() / "okapi" / family.folder).glob(f"{family.prefix}*.yaml")
+    return tuple(sorted(f.stem[len(family.prefix):] for f in files))
 
 
 def _name(code: str) -> str:
@@ -86,27 +105,15 @@ def _missing(group: str, name: str, lang: str, why: str) -> TaskCell:
 
 def cells_for(group: str, lang: str) -> list[TaskCell]:
     """The cells of ``group`` in language ``lang`` (n/a cells included)."""
-    if group == "arc":
+    if group in OKAPI:
+        family = OKAPI[group]
         if lang == "en":
-            return [TaskCell("arc_challenge", group, lang, "lm-eval"), TaskCell("arc_easy", group, lang, "lm-eval")]
-        if lang in okapi_languages("arc"):
-            return [TaskCell(f"arc_{lang}", group, lang, "lm-eval")]
-        return [_missing(group, f"arc_{lang}", lang, f"no ARC in {_name(lang)}: lm-eval has English ARC and Okapi's "
-                         f"translated ARC-Challenge only in {', '.join(okapi_languages('arc'))}")]
-    if group == "hellaswag":
-        if lang == "en":
-            return [TaskCell("hellaswag", group, lang, "lm-eval")]
-        if lang in okapi_languages("hellaswag"):
-            return [TaskCell(f"hellaswag_{lang}", group, lang, "lm-eval")]
-        return [_missing(group, f"hellaswag_{lang}", lang, f"no HellaSwag in {_name(lang)}: lm-eval has English HellaSwag "
-                         f"and Okapi's translations only in {', '.join(okapi_languages('hellaswag'))}")]
-    if group == "mmlu":
-        if lang == "en":
-            return [TaskCell("mmlu", group, lang, "lm-eval")]
-        if lang in okapi_languages("mmlu"):
-            return [TaskCell(f"m_mmlu_{lang}", group, lang, "lm-eval")]
-        return [_missing(group, f"m_mmlu_{lang}", lang, f"no MMLU in {_name(lang)}: lm-eval has English MMLU and Okapi's "
-                         f"m_mmlu only in {', '.join(okapi_languages('mmlu'))}")]
+            return [TaskCell(name, group, lang, "lm-eval") for name in family.english]
+        name = f"{family.prefix}{lang}"
+        if lang in okapi_languages(group):
+            return [TaskCell(name, group, lang, "lm-eval")]
+        return [_missing(group, name, lang, family.missing.format(language=_name(lang),
+                                                                  languages=", ".join(okapi_languages(group))))]
     if group == "belebele":
         code = get_language(lang).belebele
         if code:
