@@ -27,6 +27,14 @@ def _integer_ticks():
     return MaxNLocator(integer=True)
 
 
+def _save(plt, fig, path: Path) -> Path:
+    """Lay ``fig`` out, write it as ``path`` (PNG, 110 dpi) and close it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _fmt(x: Any, digits: int = 3) -> str:
     if x is None:
         return "–"
@@ -80,11 +88,7 @@ def _mask_heatmaps(result, folder: Path) -> list[Path]:
         glob = comp["global"]
         ax.set_title(f"{name}: IoU {_fmt(glob['iou'])} (chance {_fmt(glob['chance'])})", fontsize=9)
         fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    path = folder / "masks_iou.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [_save(plt, fig, folder / "masks_iou.png")]
 
 
 def _lsar_lines(result, folder: Path) -> Path:
@@ -106,11 +110,7 @@ def _lsar_lines(result, folder: Path) -> Path:
             ax.set_ylabel("mean ‖Δ‖₂")
             ax.set_yscale("log")
     axes[0, -1].legend(title="eval", fontsize=7)
-    fig.tight_layout()
-    path = folder / "lsar.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, folder / "lsar.png")
 
 
 def _lape_bins(result, folder: Path) -> Path:
@@ -146,11 +146,7 @@ def _lape_bins(result, folder: Path) -> Path:
     ax.set_ylabel("mean |output|")
     ax.set_xlabel("% of neurons (reference LAPE, ascending)")
     ax.set_title("mean absolute neuron output, averaged per bin", fontsize=9)
-    fig.tight_layout()
-    path = folder / "lape.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, folder / "lape.png")
 
 
 def _drift_lines(result, folder: Path) -> Path:
@@ -167,11 +163,7 @@ def _drift_lines(result, folder: Path) -> Path:
         ax.xaxis.set_major_locator(_integer_ticks())
         ax.set_yscale("log")
     axes[0, -1].legend(title="eval", fontsize=7)
-    fig.tight_layout()
-    path = folder / "drift.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, folder / "drift.png")
 
 
 # ------------------------------------------------------------------------------------------- tables
