@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from prunekit.analysis.spec import DEFAULT_CHUNK_ELEMENTS
 from prunekit.artifacts import overall_sparsity, read_record
 from prunekit.checkpoint_files import SafetensorsCheckpoint
 from prunekit.errors import ModelError
@@ -31,7 +32,6 @@ _LINEAR = re.compile(
 )
 # Tensors whose presence legitimately differs between saves of one architecture (tied embeddings).
 _OPTIONAL = re.compile(r"(^|\.)lm_head\.weight$")
-from prunekit.analysis.spec import DEFAULT_CHUNK_ELEMENTS  # noqa: E402  (one home: the spec)
 
 
 @dataclass(frozen=True)
@@ -64,15 +64,9 @@ class Checkpoint:
     shapes: dict[str, tuple[int, ...]]
     dtypes: dict[str, str]
     fmt: str  # "safetensors" (the one format prunekit reads)
+    weights: SafetensorsCheckpoint  # the shards' reader
     config: dict[str, Any] = field(default_factory=dict)
     record: dict[str, Any] | None = None  # prunekit.json when prunekit wrote it
-    weights: SafetensorsCheckpoint | None = None  # the shards' reader (built from ``files`` when not given)
-
-    def reader(self) -> SafetensorsCheckpoint:
-        if self.weights is None:
-            path = self.source.path
-            self.weights = SafetensorsCheckpoint(path, {n: str(f.relative_to(path)) for n, f in self.files.items()}, None)
-        return self.weights
 
     @property
     def spec(self) -> str:
@@ -121,7 +115,7 @@ def open_checkpoint(spec: str | Path | ModelSource, label: str | None = None) ->
     files = {name: weights.path(name) for name in weights.names}
     shapes = {name: shape for name, (_, shape) in info.items()}
     dtypes = {name: code for name, (code, _) in info.items()}
-    ckpt = Checkpoint(label, source, files, shapes, dtypes, "safetensors", config, read_record(path), weights)
+    ckpt = Checkpoint(label, source, files, shapes, dtypes, "safetensors", weights, config, read_record(path))
     if not ckpt.linears():
         raise ModelError(
             f"'{source.spec}' has no decoder-layer linears named like 'layers.N.self_attn.q_proj.weight' / "
@@ -169,7 +163,7 @@ class TensorReader:
 
     def __init__(self, checkpoint: Checkpoint):
         self.checkpoint = checkpoint
-        self._shards = checkpoint.reader().open_shards()
+        self._shards = checkpoint.weights.open_shards()
 
     def __enter__(self) -> TensorReader:
         return self

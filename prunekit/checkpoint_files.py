@@ -3,8 +3,8 @@ meta device.
 
 :class:`SafetensorsCheckpoint` opens a model directory (one ``model.safetensors`` or shards listed by the
 index, :data:`prunekit.artifacts.INDEX_FILE`): tensor names and the shard holding each, dtype and shape from
-the headers (no weight read), the total size, and lazy reads with safetensors' own ``safe_open``: named
-tensors, every tensor under a prefix (one decoder layer), or row blocks through :class:`OpenShards`.
+the headers (no weight read), and lazy reads with safetensors' own ``safe_open``: named tensors, or row
+blocks through :class:`OpenShards`.
 Streaming (prune), the evaluation forward and the analysis read checkpoints through it alone
 (tests/test_architecture.py checks that no other module opens a checkpoint's shards).
 
@@ -28,6 +28,9 @@ from prunekit.errors import ModelError
 from prunekit.io import safetensors_layout
 
 SINGLE_FILE = "model.safetensors"
+# safetensors' dtype codes (its headers' ``dtype``) -> torch, for the codes a model's tensors come in
+TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I64": torch.int64,
+                "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def check_safetensors(file: str | Path) -> None:
@@ -101,10 +104,6 @@ class SafetensorsCheckpoint:
         """The file holding tensor ``name``."""
         return self.directory / self.weight_map[name]
 
-    def with_prefix(self, prefix: str) -> list[str]:
-        """The tensor names under ``prefix`` (``model.layers.3.``: one decoder layer)."""
-        return [name for name in self.weight_map if name.startswith(prefix)]
-
     def _header(self, file: str) -> tuple[int, dict[str, Any]]:
         if file not in self._headers:
             start, header = safetensors_layout(self.directory / file)
@@ -132,11 +131,6 @@ class SafetensorsCheckpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._header(self.weight_map[name])[1][name]["shape"])
 
-    @property
-    def total_size(self) -> int:
-        """The bytes of every tensor's data (what an index's ``metadata.total_size`` says)."""
-        return sum(end - begin for _, begin, end, _, _ in self.layout().values())
-
     # -------------------------------------------------------------------------------- reading
 
     def read(self, names: list[str], materialise: bool = True) -> dict[str, torch.Tensor]:
@@ -162,10 +156,6 @@ class SafetensorsCheckpoint:
                 for name in wanted:
                     tensors[name] = handle.get_tensor(name)
         return {name: tensors[name] for name in names}
-
-    def read_prefix(self, prefix: str, materialise: bool = True) -> dict[str, torch.Tensor]:
-        """Every tensor under ``prefix`` (one decoder layer: ``model.layers.3.``); no other is read."""
-        return self.read(self.with_prefix(prefix), materialise)
 
     def open_shards(self) -> OpenShards:
         """Handles kept open on the shards, for reading row blocks of one tensor at a time."""

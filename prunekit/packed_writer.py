@@ -34,7 +34,7 @@ from prunekit.models import find_decoder_layers, linear_sublayers
 from prunekit import packing
 from prunekit.packing import pack_linear, plan_packing, quantization_config, quantization_scheme, unpackable_reason
 from prunekit.recipe import Quantization
-from prunekit.checkpoint_files import SafetensorsCheckpoint
+from prunekit.checkpoint_files import TORCH_DTYPES, SafetensorsCheckpoint
 
 PARTS_DIR = ".packed-parts"  # inside the staging directory; removed by ``close``
 
@@ -139,7 +139,7 @@ class PackedWriter:
             del state[f"{module}.weight"]
             for key in written[module]:
                 code, shape = info[key]
-                state[key] = torch.empty(shape, dtype=_DTYPES[code], device="meta")
+                state[key] = torch.empty(shape, dtype=TORCH_DTYPES[code], device="meta")
         had = getattr(self.model, "_weight_conversions", None)
         self.model._weight_conversions = [] if had is None else had  # from_pretrained keeps the conversions it used
         try:
@@ -196,10 +196,6 @@ def _spans(checkpoint: SafetensorsCheckpoint, names: list[str]) -> dict[str, tup
     for name in names:
         by_file.setdefault(checkpoint.weight_map[name], []).append(name)
     return {name: span for file, file_names in by_file.items() for name, span in zip(file_names, ranges[file])}
-
-
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I64": torch.int64,
-           "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def safetensors_header(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[bytes, list[str]]:

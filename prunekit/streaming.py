@@ -25,12 +25,10 @@ from typing import Any, Iterator
 import torch
 
 from prunekit.artifacts import INDEX_FILE
-from prunekit.checkpoint_files import SafetensorsCheckpoint, empty_model
+from prunekit.checkpoint_files import TORCH_DTYPES, SafetensorsCheckpoint, empty_model
 from prunekit.errors import ConfigError, ModelError
 from prunekit.models import find_decoder_layers, linear_sublayers
 
-# safetensors' dtype codes <-> torch (the ones a language model's weights come in)
-_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -79,7 +77,7 @@ class MirrorWriter:
     def write(self, name: str, tensor: torch.Tensor, grid: Any = None) -> None:
         """``grid``: a quantizer's grid, unused here (fake-quantized weights are written as they are)."""
         file, begin, end, code, shape = self.layout[name]
-        if _ST_DTYPES.get(code) != tensor.dtype or tuple(tensor.shape) != shape:
+        if TORCH_DTYPES.get(code) != tensor.dtype or tuple(tensor.shape) != shape:
             raise ModelError(f"internal: {name} is {tensor.dtype} {tuple(tensor.shape)}, the base holds {code} {shape}")
         data = tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy()
         if data.nbytes != end - begin:
@@ -167,7 +165,7 @@ class StreamedLayers:
         bad = []
         for key, param in wanted.items():
             code, shape = info.get(key, (None, None))
-            if _ST_DTYPES.get(code) != param.dtype or shape != tuple(param.shape):
+            if TORCH_DTYPES.get(code) != param.dtype or shape != tuple(param.shape):
                 bad.append(key)
         return bad
 

@@ -58,17 +58,6 @@ class Windows:
     def scored_tokens(self) -> int:
         return sum(len(w) - 1 for w in self.windows)
 
-    def truncated(self, max_positions: int) -> "Windows":
-        """The first ``max_positions`` token positions (windows in order; the last one cut short)."""
-        out, total = [], 0
-        for window in self.windows:
-            take = min(len(window), max_positions - total)
-            if take < 2:
-                break
-            out.append(window[:take])
-            total += take
-        return Windows(out, self.bos, self.seqlen, self.stream_tokens, self.conventions)
-
 
 def make_windows(
     tokenizer, texts: list[str], seqlen: int, max_windows: int | None = None, conventions: str = "prunekit"
