@@ -31,7 +31,6 @@ from typing import Any, Iterable
 import torch
 
 from prunekit.errors import ConfigError
-from prunekit.recipe import CHECKPOINT_FORMATS as FORMATS
 from prunekit.recipe import Quantization, check_format_name
 
 PACKED_FORMAT = "pack-quantized"  # compressed-tensors' name of the format

@@ -396,6 +396,7 @@ def build_record(run: Run, layer_results: list[LayerResult], grids: dict[str, An
         },
     )
 
+
 def say(message: str) -> None:
     """One line to the user (what was resumed or removed), whatever ``progress`` is."""
     print(message, file=sys.stderr)

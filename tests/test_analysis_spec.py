@@ -195,3 +195,28 @@ def test_the_sweep_analysis_stage_hands_compare_one_spec_from_its_section(captur
                                dtype=task.model.dtype, device="cpu")
     assert [Path(c).parent.name for c in a] == list(task.runs_a) and [Path(c).parent.name for c in b] == list(task.runs_b)
     assert kwargs["dense"] == task.model.spec and kwargs["overwrite"] is True
+
+
+def test_the_sweep_redoes_an_analysis_when_its_section_changes_what_it_measures(tiny_llama, tmp_path):
+    """The analysis stage's fingerprint is its CompareSpec's: another analysis or token budget runs it
+    again; where it runs (the device) does not."""
+    from prunekit.sweep.config import load_config
+    from prunekit.sweep.grid import expand
+    from prunekit.sweep.layout import analysis_fingerprint
+
+    def fingerprint(analysis: dict, device: str = "cpu") -> str:
+        config = load_config({
+            "name": "cmp", "models": [{"path": str(tiny_llama)}], "methods": ["wanda"],
+            "calibration": {"sets": ["de", "sw"], "source": str(TATOEBA), "nsamples": 2, "seqlen": 16},
+            "evaluation": {"languages": ["de", "sw"], "perplexity_source": str(TATOEBA), "seqlen": 16},
+            "analysis": {"pairs": [["de", "sw"]], **analysis},
+            "execution": {"device": device},
+        })
+        task, = expand(config).analysis
+        return analysis_fingerprint(config, tmp_path, task)
+
+    base = fingerprint({"only": ["masks", "drift"], "max_tokens": 32})
+    assert fingerprint({"only": ["masks", "drift"], "max_tokens": 32}) == base
+    assert fingerprint({"only": ["masks"], "max_tokens": 32}) != base
+    assert fingerprint({"only": ["masks", "drift"], "max_tokens": 64}) != base
+    assert fingerprint({"only": ["masks", "drift"], "max_tokens": 32}, device="auto") == base

@@ -43,7 +43,7 @@ from prunekit.checkpoint_files import SafetensorsCheckpoint, empty_model
 from prunekit.errors import ModelError
 from prunekit.evaluation.microbatches import MicroBatches
 from prunekit.layer_inputs import capture_inputs, decoder_of, layers_replaced
-from prunekit.models import find_decoder_layers, layer_output, text_config
+from prunekit.models import find_decoder_layers, text_config
 from prunekit.progress import progress_bar
 
 log = logging.getLogger(__name__)

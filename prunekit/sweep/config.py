@@ -9,6 +9,7 @@ wrong>")`` -- the path is pydantic's error location -- e.g.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import typing
@@ -143,6 +144,10 @@ class SweepConfig:
         """One point of the calibration grid: ``languages`` (one of ``calib_sets``, or None for a method
         that uses no text) with ``seed``, in this sweep's source, size and conventions."""
         return CalibrationSpec(languages, self.calib_source, self.nsamples, self.seqlen, 0 if seed is None else seed, self.conventions)
+
+    def compare_spec(self, dtype: str):
+        """The CompareSpec an analysis of a model loaded in ``dtype`` runs (the sweep's ``compare``, that dtype)."""
+        return dataclasses.replace(self.compare, dtype=dtype)
 
     @property
     def eval_settings(self) -> dict[str, Any]:

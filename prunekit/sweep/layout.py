@@ -80,20 +80,24 @@ def push_fingerprint(config: SweepConfig, directory: Path) -> str:
 
 
 def analysis_fingerprint(config: SweepConfig, runs_dir: Path, task: AnalysisTask) -> str:
+    """The comparison's own fingerprint (what changes its numbers: analyses, languages, text, sizes, ...) plus
+    the prune attempts it compares: a changed ``analysis:`` section or a re-pruned checkpoint runs it again."""
     finished = [(read_status(Path(runs_dir) / "runs" / rid, "prune") or {}).get("finished") for rid in task.runs]
-    return digest({"langs": config.eval_languages, "source": config.ppl_source, "seqlen": config.eval_seqlen, "runs": finished})
+    return digest({"compare": config.compare_spec(task.model.dtype).fingerprint(), "runs": finished})
 
 
 def fingerprints(config: SweepConfig, runs_dir: Path, task) -> dict[str, str | None]:
-    """Each stage of a task, in order, with what it depends on besides its inputs (None: nothing, the prune,
-    whose run hash names its directory): a stage done with another fingerprint is run again."""
-    if isinstance(task, DenseTask):
-        return {"dense": dense_fingerprint(config)}
-    if isinstance(task, AnalysisTask):
-        return {"analysis": analysis_fingerprint(config, runs_dir, task)}
+    """Each stage of a task (:func:`stage_names`) with what it depends on besides its inputs (None: nothing, the
+    prune, whose run hash names its directory): a stage done with another fingerprint is run again."""
     directory = task_dir(runs_dir, task)
-    prints = {"prune": None, "eval": eval_fingerprint(config, directory)}
-    return prints | ({"push": push_fingerprint(config, directory)} if config.push else {})
+    compute = {
+        "dense": lambda: dense_fingerprint(config),
+        "prune": lambda: None,
+        "eval": lambda: eval_fingerprint(config, directory),
+        "push": lambda: push_fingerprint(config, directory),
+        "analysis": lambda: analysis_fingerprint(config, runs_dir, task),
+    }
+    return {name: compute[name]() for name in stage_names(config, task)}
 
 
 def stage_names(config: SweepConfig, task) -> list[str]:

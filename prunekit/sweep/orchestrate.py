@@ -176,10 +176,9 @@ def run_sweep(
         done, plan = run_phase(plan, kind, run, progress, digest, max_parallel)
         outcomes += done
 
-    final = plan  # as the last phase last read it: nothing pending or running anywhere
-    tally(summary, final, outcomes)
+    tally(summary, plan, outcomes)  # the plan as the last phase last read it: nothing pending or running anywhere
     summary.notes = dense_cache_notes(runs_dir, [o.task_id for o in outcomes if "eval" in o.ran])
-    summary.notes += publish_collection(cfg, runs_dir, final.grid.runs) if cfg.push else []
+    summary.notes += publish_collection(cfg, runs_dir, plan.grid.runs) if cfg.push else []
     summary.seconds = round(time.perf_counter() - started, 3)
     write_json_atomic(runs_dir / SWEEP_SUMMARY_FILE, versioned(SWEEP_SUMMARY_KIND, summary.to_json() | {"finished": now_iso()}))
     return summary

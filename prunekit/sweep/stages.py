@@ -289,7 +289,7 @@ def run_analysis(config: SweepConfig, runs_dir: Path, task: AnalysisTask, progre
             raise PrunekitError(f"analysis needs the checkpoints of both calibration sets; missing: {', '.join(missing)}")
         from prunekit.analysis import compare
 
-        spec = replace(config.compare, dtype=task.model.dtype)
+        spec = config.compare_spec(task.model.dtype)
         comparison = compare(side_a, side_b, spec, dense=task.model.spec, out=directory / "compare", overwrite=True,
                              progress=progress)
         del comparison  # written to compare/compare.json (+ summary.md, figures/) by compare itself
