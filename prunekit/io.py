@@ -361,15 +361,6 @@ def safetensors_layout(file: str | Path) -> tuple[int, dict[str, Any]]:
     return 8 + length, header
 
 
-def check_safetensors_size(file: str | Path) -> ModelError | None:
-    """The error :func:`safetensors_header` raises for ``file`` (cut short, or a header that is not JSON), else None."""
-    try:
-        safetensors_header(file)
-    except ModelError as err:
-        return err
-    return None
-
-
 DISK_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
                errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "not permitted"}
 

@@ -22,7 +22,7 @@ from prunekit.artifacts import INDEX_FILE
 from prunekit.errors import ConfigError, ModelError, SchemaError
 from prunekit.checkpoint_files import check_safetensors
 from prunekit.gguf_conversion import convert_gguf, gguf_source, has_config
-from prunekit.io import cache_dir, check_safetensors_size, format_size, read_json, safetensors_header
+from prunekit.io import cache_dir, format_size, read_json, safetensors_header
 from prunekit.recipe import AUTO_DTYPE, DTYPE_NAMES, check_dtype_name
 from prunekit.remote import download_snapshot, repository_size
 
@@ -93,9 +93,7 @@ def check_model_files(directory: str | Path) -> Path:
                 "(for a Hub model: `prunekit pull` or `hf download`)"
             )
     for file in sorted(directory.glob("*.safetensors")):
-        problem = check_safetensors_size(file)
-        if problem is not None:
-            raise problem
+        safetensors_header(file)  # cut short (an interrupted download or copy), or a header that is not JSON
         check_safetensors(file)
     return directory
 

