@@ -151,11 +151,10 @@ def install_instructions(record: dict[str, Any]) -> dict[str, str]:
     versions = record.get("versions") or {}
     torch_version = str(versions.get("torch") or "").split("+")[0]
     base_kind = (record.get("base_model") or {}).get("kind")
-    extra = "[demo]" if base_kind in ("embedded", "gguf") else ""
+    package = '-e ".[demo]"' if base_kind in ("embedded", "gguf") else "-e ."
     pins = f"torch=={torch_version} " if torch_version else ""
     return {"version": str(versions.get("prunekit") or record.get("prunekit_version") or ""),
-            "command": f'python3 -m venv .venv && . .venv/bin/activate && pip install {pins}-e ".{extra}"'
-                       if extra else f"python3 -m venv .venv && . .venv/bin/activate && pip install {pins}-e ."}
+            "command": f"python3 -m venv .venv && . .venv/bin/activate && pip install {pins}{package}"}
 
 
 def check_results_belong(record: dict[str, Any], results: dict[str, Any], path: str) -> None:
