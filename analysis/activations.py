@@ -26,12 +26,11 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from prunekit.analysis.spec import DEFAULT_MAX_LENGTH
 from prunekit.errors import DataError, ModelError
 from prunekit.evaluation.forward import Batch, Consumer, as_weights, run_forward
 from prunekit.models import find_decoder_layers
 from prunekit.textsources import load_texts
-
-from prunekit.analysis.spec import DEFAULT_MAX_LENGTH  # noqa: E402  (one home: the spec)
 
 
 @dataclass

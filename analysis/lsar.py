@@ -19,9 +19,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from scipy.linalg import subspace_angles
 
+from prunekit.analysis.spec import SUBSPACES
 from prunekit.errors import ConfigError
-
-from prunekit.analysis.spec import SUBSPACES as SUBSPACE_MODES  # noqa: E402  (one home: the spec)
 
 
 @dataclass
@@ -105,8 +104,8 @@ def layer_drift(
     change). Also reports Δ of the whole embedding (study Fig. 5) and the principal angles between the
     two models' subspaces.
     """
-    if subspace not in SUBSPACE_MODES:
-        raise ConfigError(f"unknown LSAR subspace '{subspace}'; use one of {', '.join(SUBSPACE_MODES)}")
+    if subspace not in SUBSPACES:
+        raise ConfigError(f"unknown LSAR subspace '{subspace}'; use one of {', '.join(SUBSPACES)}")
     ref_space = fit_subspace(language_means(reference, langs), rank)
     tgt_space = fit_subspace(language_means(target, langs), rank)
     project = ref_space if subspace == "dense" else tgt_space
